@@ -1,0 +1,1 @@
+"""Shared utilities: metrics, the training engine, checkpoints, logging and options."""
