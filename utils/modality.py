@@ -18,8 +18,13 @@ class Modality(enum.IntEnum):
             return value
         if isinstance(value, str):
             key = value.strip().lower()
-            aliases = {"visible": cls.VISIBLE, "rgb": cls.VISIBLE, "infrared": cls.INFRARED,
-                       "ir": cls.INFRARED, "thermal": cls.INFRARED}
+            aliases = {
+                "visible": cls.VISIBLE,
+                "rgb": cls.VISIBLE,
+                "infrared": cls.INFRARED,
+                "ir": cls.INFRARED,
+                "thermal": cls.INFRARED,
+            }
             if key in aliases:
                 return aliases[key]
             raise ValueError(f"unknown modality {value!r}: expected 'visible' or 'infrared'")

@@ -1,0 +1,32 @@
+"""Networks of the codebase: modality BN slots, ResNet backbones, architectures, weights.
+
+Public API::
+
+    from model import load_arch, build_model, load_checkpoint
+    arch = load_arch("configs/two_stream.json")      # or an authors' config.cfg
+    model = build_model(arch, num_classes=395, last_stride=1, pretrained="imagenet")
+    load_checkpoint(model, "runs/sysu/checkpoint_latest.pth", ema=True)
+    pool, feat = model.eval()(images, "infrared")
+"""
+
+from model.arch import SHARED, SPLIT, Arch, load_arch, save_arch, slot_names
+from model.bn import ModalityBN, Routing
+from model.net import CMNASNet, build_model
+from model.weights import LoadReport, load_checkpoint, load_imagenet, read_checkpoint
+
+__all__ = [
+    "SHARED",
+    "SPLIT",
+    "Arch",
+    "CMNASNet",
+    "LoadReport",
+    "ModalityBN",
+    "Routing",
+    "build_model",
+    "load_arch",
+    "load_checkpoint",
+    "load_imagenet",
+    "read_checkpoint",
+    "save_arch",
+    "slot_names",
+]

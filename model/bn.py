@@ -1,0 +1,157 @@
+"""Modality-aware BatchNorm slots and the routing that tells them which sample is which.
+
+A *slot* replaces one ``BatchNorm2d`` of the backbone. A shared slot is a single BN; a split slot
+holds one BN per modality and normalises each sample with its own modality's BN. Samples are
+routed by a per-sample modality, so a batch may mix modalities in any order or hold only one; a
+BN whose modality is absent from the batch is not called, so its running statistics stay
+untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model.arch import SHARED, SPLIT
+from utils.modality import Modality
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which samples of a batch are visible and which infrared.
+
+    ``single`` is set when the whole batch has one modality (no indexing needed). Otherwise
+    ``visible_index`` / ``infrared_index`` hold the sample positions of each modality. When the
+    batch is the first ``n_visible`` samples visible and the rest infrared (the training layout),
+    ``halves`` is set and slots use cheap views instead of gathers.
+    """
+
+    batch_size: int
+    single: Modality | None = None
+    visible_index: torch.Tensor | None = None
+    infrared_index: torch.Tensor | None = None
+    halves: int | None = None
+
+    @classmethod
+    def of(
+        cls,
+        modality: str | Modality | torch.Tensor | Routing,
+        batch_size: int,
+        device: torch.device | None = None,
+    ) -> Routing:
+        """Build the routing for ``modality``: one name for the whole batch or per-sample ints."""
+        if isinstance(modality, Routing):
+            if modality.batch_size != batch_size:
+                raise ValueError(
+                    f"routing is for {modality.batch_size} samples, batch has {batch_size}"
+                )
+            return modality
+        if isinstance(modality, str | Modality):
+            return cls(batch_size, single=Modality.parse(modality))
+        if not isinstance(modality, torch.Tensor):
+            raise TypeError(f"modality must be a name or a tensor, got {type(modality).__name__}")
+        if modality.shape != (batch_size,):
+            raise ValueError(
+                f"per-sample modality has shape {tuple(modality.shape)}, expected ({batch_size},)"
+            )
+        # One host read per forward, never per slot.
+        codes = modality.detach().to("cpu", torch.long)
+        if not bool(((codes == Modality.VISIBLE) | (codes == Modality.INFRARED)).all()):
+            raise ValueError("per-sample modality values must be 0 (visible) or 1 (infrared)")
+        is_visible = codes == Modality.VISIBLE
+        n_visible = int(is_visible.sum())
+        if n_visible == batch_size:
+            return cls(batch_size, single=Modality.VISIBLE)
+        if n_visible == 0:
+            return cls(batch_size, single=Modality.INFRARED)
+        if bool(is_visible[:n_visible].all()):
+            return cls.from_halves(n_visible, batch_size - n_visible)
+        target = device if device is not None else modality.device
+        return cls(
+            batch_size,
+            visible_index=torch.nonzero(is_visible).flatten().to(target),
+            infrared_index=torch.nonzero(~is_visible).flatten().to(target),
+        )
+
+    @classmethod
+    def from_halves(cls, n_visible: int, n_infrared: int) -> Routing:
+        """Routing for a batch whose first ``n_visible`` samples are visible, the rest infrared."""
+        total = n_visible + n_infrared
+        if n_infrared == 0:
+            return cls(total, single=Modality.VISIBLE)
+        if n_visible == 0:
+            return cls(total, single=Modality.INFRARED)
+        return cls(total, halves=n_visible)
+
+    def modality_codes(self, device: torch.device | None = None) -> torch.Tensor:
+        """The per-sample modality as a long tensor (0 visible, 1 infrared)."""
+        codes = torch.empty(self.batch_size, dtype=torch.long, device=device)
+        if self.single is not None:
+            codes.fill_(int(self.single))
+        elif self.halves is not None:
+            codes[: self.halves] = int(Modality.VISIBLE)
+            codes[self.halves :] = int(Modality.INFRARED)
+        else:
+            assert self.visible_index is not None and self.infrared_index is not None
+            codes[self.visible_index.to(codes.device)] = int(Modality.VISIBLE)
+            codes[self.infrared_index.to(codes.device)] = int(Modality.INFRARED)
+        return codes
+
+
+def route_split(
+    x: torch.Tensor,
+    routing: Routing,
+    visible: Callable[[torch.Tensor], torch.Tensor],
+    infrared: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Apply ``visible`` to the visible samples of ``x`` and ``infrared`` to the others."""
+    if routing.single is Modality.VISIBLE:
+        return visible(x)
+    if routing.single is Modality.INFRARED:
+        return infrared(x)
+    if routing.halves is not None:
+        n = routing.halves
+        return torch.cat([visible(x[:n]), infrared(x[n:])], dim=0)
+    assert routing.visible_index is not None and routing.infrared_index is not None
+    out_visible = visible(x.index_select(0, routing.visible_index))
+    out_infrared = infrared(x.index_select(0, routing.infrared_index))
+    out = out_visible.new_empty((x.shape[0], *out_visible.shape[1:]))
+    out.index_copy_(0, routing.visible_index, out_visible)
+    out.index_copy_(0, routing.infrared_index, out_infrared)
+    return out
+
+
+class ModalityBN(nn.Module):
+    """One BN slot: ``shared`` (a single BatchNorm2d) or ``split`` (one per modality)."""
+
+    def __init__(self, num_features: int, choice: str = SHARED) -> None:
+        super().__init__()
+        if choice not in (SHARED, SPLIT):
+            raise ValueError(f"slot choice must be 'shared' or 'split', got {choice!r}")
+        self.choice = choice
+        self.num_features = num_features
+        if choice == SHARED:
+            self.shared = nn.BatchNorm2d(num_features)
+        else:
+            self.visible = nn.BatchNorm2d(num_features)
+            self.infrared = nn.BatchNorm2d(num_features)
+
+    def branches(self) -> dict[str, nn.BatchNorm2d]:
+        """The BNs this slot holds, by branch name (``shared`` or ``visible``/``infrared``)."""
+        return {name: module for name, module in self.named_children()}
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Normalise ``x``, each sample with its modality's BN when split."""
+        if self.choice == SHARED:
+            return self.shared(x)
+        return route_split(x, routing, self.visible, self.infrared)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, {self.choice}"
+
+
+NormFactory = Callable[[str, int], nn.Module]
+"""Builds the norm layer for a slot: ``factory(slot_name, num_features)``."""

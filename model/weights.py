@@ -1,0 +1,262 @@
+"""Loading weights: ImageNet initialisation, this project's checkpoints and the authors'.
+
+Every file is read with ``torch.load(..., weights_only=True)``: a file that carries arbitrary
+pickled Python objects is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import urllib.error
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from utils.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# torchvision's ImageNet files; ResNet-50 is the one the authors' published numbers started from.
+IMAGENET_URLS = {
+    18: "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    34: "https://download.pytorch.org/models/resnet34-b627a593.pth",
+    50: "https://download.pytorch.org/models/resnet50-19c8e357.pth",
+}
+CHECKPOINT_FORMAT = "cmnas-checkpoint"
+# The authors' three BN names per slot, and ours.
+_AUTHOR_BRANCHES = {"visible_bn": "visible", "thermal_bn": "infrared", "sharable_bn": "shared"}
+_BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+@dataclass
+class LoadReport:
+    """What a weight load did: how many tensors it set and which keys it left unused."""
+
+    source: str
+    layout: str
+    mapped: int = 0
+    dropped: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line for the log."""
+        text = f"{self.source}: loaded {self.mapped} tensors ({self.layout} layout)"
+        if self.dropped:
+            text += f", dropped {len(self.dropped)} unused ({_summarize_keys(self.dropped)})"
+        return text
+
+
+def _summarize_keys(keys: list[str], limit: int = 3) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def safe_load(path: str | os.PathLike[str]) -> Any:
+    """``torch.load`` with ``weights_only=True``, turning every failure into one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):
+            raise UserError(
+                f"{path}: refused: the file holds pickled Python objects other than tensors and "
+                "plain containers, which could run code when loaded (only weights are accepted)"
+            ) from None
+        raise UserError(
+            f"{path}: not a PyTorch checkpoint or corrupt ({_first_line(err)})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise UserError(
+            f"{path}: not a PyTorch checkpoint, or truncated/corrupt ({_first_line(err)})"
+        ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _slot_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The norm slots of ``model``'s backbone, by slot name."""
+    backbone = model.backbone if hasattr(model, "backbone") else model
+    return {
+        name: module
+        for name, module in backbone.named_modules()
+        if name and hasattr(module, "branches")
+    }
+
+
+def _assign(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    source: str,
+    layout: str,
+    dropped: list[str],
+    strict_head: bool = True,
+) -> LoadReport:
+    """Copy ``state`` (already in this project's key names) into ``model``, checking it fits."""
+    own = model.state_dict()
+    missing = [key for key in own if key not in state]
+    if not strict_head:
+        missing = [key for key in missing if not key.startswith(("bnneck.", "classifier."))]
+    if missing:
+        slots = sorted({_owner(key) for key in missing})
+        raise UserError(
+            f"{source}: does not fit this model: missing weights for {len(slots)} part(s): "
+            f"{_summarize_keys(slots, 6)} (a checkpoint of a different architecture or depth?)"
+        )
+    mismatched = [
+        f"{key} {tuple(state[key].shape)} vs {tuple(own[key].shape)}"
+        for key in own
+        if key in state and tuple(state[key].shape) != tuple(own[key].shape)
+    ]
+    if mismatched:
+        raise UserError(
+            f"{source}: shape mismatch (checkpoint vs model): {_summarize_keys(mismatched, 2)}"
+            " (a different class count or architecture?)"
+        )
+    extra = [key for key in state if key not in own]
+    with torch.no_grad():
+        for key, tensor in own.items():
+            if key in state:
+                tensor.copy_(state[key])
+    report = LoadReport(
+        source, layout, mapped=sum(key in state for key in own), dropped=dropped + extra
+    )
+    log.info(report.describe())
+    return report
+
+
+def _owner(key: str) -> str:
+    """The slot or layer a state-dict key belongs to, for error messages."""
+    parts = key.split(".")
+    for branch in ("shared", "visible", "infrared"):
+        if branch in parts:
+            return ".".join(parts[: parts.index(branch)])
+    return ".".join(parts[:-1])
+
+
+def _imagenet_state(depth: int, pretrained: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Fetch (or read) torchvision-layout ImageNet weights; return them and their source."""
+    if pretrained.lower() != "imagenet":
+        state = safe_load(pretrained)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise UserError(f"{pretrained}: expected a state dict in torchvision's ResNet layout")
+        return state, str(pretrained)
+    url = IMAGENET_URLS[depth]
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    if not cached.is_file():
+        try:
+            torch.hub.download_url_to_file(url, str(cached.with_suffix(".part")), progress=True)
+        except (urllib.error.URLError, OSError, TimeoutError) as err:
+            Path(cached.with_suffix(".part")).unlink(missing_ok=True)
+            raise UserError(
+                f"cannot download ImageNet weights ({_first_line(err)}): place {url} at "
+                f"{cached} or pass --pretrained PATH or --pretrained none"
+            ) from None
+        os.replace(cached.with_suffix(".part"), cached)
+    return safe_load(cached), str(cached)
+
+
+def load_imagenet(model: nn.Module, pretrained: str) -> LoadReport:
+    """Initialise ``model`` from torchvision-layout ResNet weights (``"imagenet"`` or a path).
+
+    Each BN's ImageNet parameters and statistics initialise every branch of its slot; the
+    ImageNet classifier ``fc`` is dropped; the head keeps its own initialisation.
+    """
+    depth = model.backbone.depth
+    state, source = _imagenet_state(depth, pretrained)
+    state = {key.removeprefix("module."): value for key, value in state.items()}
+    slots = _slot_modules(model)
+    mapped: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    for key, value in state.items():
+        name = re.sub(r"\.downsample\.0\.", ".downsample.conv.", key)
+        name = re.sub(r"\.downsample\.1\.", ".downsample.bn.", name)
+        slot, _, tensor_name = name.rpartition(".")
+        if slot in slots and tensor_name in _BN_TENSORS:
+            for branch in slots[slot].branches():
+                mapped[f"backbone.{slot}.{branch}.{tensor_name}"] = value
+        elif name.startswith("fc."):
+            dropped.append(key)
+        else:
+            mapped[f"backbone.{name}"] = value
+    backbone_state = {k: v for k, v in mapped.items() if k.startswith("backbone.")}
+    return _assign(
+        model, backbone_state, source, "torchvision ImageNet", dropped, strict_head=False
+    )
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Safely read a checkpoint file of this project or the authors' and check it is one."""
+    data = safe_load(path)
+    if not isinstance(data, dict) or "model" not in data or not isinstance(data["model"], dict):
+        raise UserError(
+            f"{path}: not a training checkpoint (expected a dict with a 'model' state dict)"
+        )
+    return data
+
+
+def is_authors_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether ``checkpoint`` is in the authors' layout (three BNs per slot, ``module.``)."""
+    return checkpoint.get("format") != CHECKPOINT_FORMAT
+
+
+def convert_authors_state(
+    state: Mapping[str, torch.Tensor], model: nn.Module
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename the authors' keys to ours and drop the BN branches ``model`` does not use."""
+    own = model.state_dict()
+    converted: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    for key, value in state.items():
+        name = key.removeprefix("module.")
+        for theirs, ours in _AUTHOR_BRANCHES.items():
+            name = name.replace(f".{theirs}.", f".{ours}.")
+        if name in own:
+            converted[name] = value
+        else:
+            dropped.append(key)
+    return converted, dropped
+
+
+def checkpoint_state(
+    checkpoint: Mapping[str, Any], ema: bool, source: str
+) -> Mapping[str, torch.Tensor]:
+    """Pick the live or EMA state dict out of a checkpoint."""
+    if not ema:
+        return checkpoint["model"]
+    state = checkpoint.get("ema")
+    if not isinstance(state, dict) or not state:
+        raise UserError(f"{source}: --ema asked for, but the checkpoint holds no EMA weights")
+    return state
+
+
+def load_checkpoint(
+    model: nn.Module, path: str | os.PathLike[str] | Mapping[str, Any], ema: bool = False
+) -> LoadReport:
+    """Load this project's or the authors' checkpoint into ``model`` (live or ``ema`` weights).
+
+    Unused BN branches of the authors' files (every slot stored three BNs) are dropped and
+    reported; anything missing or mis-shaped fails with the slots named.
+    """
+    if isinstance(path, Mapping):
+        checkpoint, source = path, "checkpoint"
+    else:
+        checkpoint, source = read_checkpoint(path), str(path)
+    state = checkpoint_state(checkpoint, ema, source)
+    if is_authors_checkpoint(checkpoint):
+        converted, dropped = convert_authors_state(state, model)
+        return _assign(model, converted, source, "authors'", dropped)
+    state = {key.removeprefix("module."): value for key, value in state.items()}
+    return _assign(model, state, source, "cmnas", [])

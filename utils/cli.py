@@ -1,0 +1,23 @@
+"""Entry-point plumbing shared by the command-line tools."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from utils.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run ``main(argv)``; a UserError becomes one ``error: ...`` line and exit status 2."""
+    try:
+        return main(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)  # noqa: T201 - the one line a user sees
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)  # noqa: T201
+        return 130
