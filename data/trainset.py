@@ -1,0 +1,203 @@
+"""The training set of either data set as decoded uint8 arrays, cached on disk."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data.images import (
+    CACHE_VERSION,
+    check_img_size,
+    default_cache_dir,
+    file_list_hash,
+    read_cache,
+    save_images,
+    write_cache,
+)
+from data.regdb import check_trial, regdb_split
+from data.sysu import sysu_train_files
+from utils.errors import UserError
+from utils.modality import Modality
+
+logger = logging.getLogger(__name__)
+
+DATASETS = ("sysu", "regdb")
+_ARRAYS = ("visible_images", "infrared_images")
+
+
+@dataclass
+class TrainSet:
+    """Training images of both modalities; label i is original identity ``pids[i]``."""
+
+    visible_images: np.ndarray  # (N_v, H, W, 3) uint8
+    visible_labels: np.ndarray  # (N_v,) int64 in 0..num_classes-1
+    infrared_images: np.ndarray
+    infrared_labels: np.ndarray
+    pids: list[int]
+    visible_paths: list[str]
+    infrared_paths: list[str]
+
+    def __post_init__(self) -> None:
+        for name in ("visible", "infrared"):
+            images = getattr(self, f"{name}_images")
+            labels = getattr(self, f"{name}_labels")
+            paths = getattr(self, f"{name}_paths")
+            if not len(images) == len(labels) == len(paths):
+                raise ValueError(
+                    f"{name}: {len(images)} images, {len(labels)} labels, {len(paths)} paths"
+                )
+
+    @property
+    def num_classes(self) -> int:
+        """Number of training identities (labels run 0..num_classes-1)."""
+        return len(self.pids)
+
+    def subset(self, pids: Sequence[int]) -> TrainSet:
+        """Keep the original identities ``pids``, relabelled 0..n-1 in ascending pid order."""
+        keep = sorted({int(p) for p in pids})
+        position = {pid: label for label, pid in enumerate(self.pids)}
+        unknown = [p for p in keep if p not in position]
+        if unknown:
+            raise ValueError(f"identities {unknown} are not in this training set")
+        # Old label -> new label; -1 marks identities that are dropped.
+        relabel = np.full(max(len(self.pids), 1), -1, dtype=np.int64)
+        for new, pid in enumerate(keep):
+            relabel[position[pid]] = new
+        parts = {}
+        for name in ("visible", "infrared"):
+            new_labels = relabel[getattr(self, f"{name}_labels")]
+            rows = np.flatnonzero(new_labels >= 0)
+            paths = getattr(self, f"{name}_paths")
+            parts[f"{name}_images"] = np.asarray(getattr(self, f"{name}_images")[rows])
+            parts[f"{name}_labels"] = new_labels[rows]
+            parts[f"{name}_paths"] = [paths[i] for i in rows]
+        return TrainSet(pids=keep, **parts)
+
+
+def _paired_identities(
+    visible_pids: Sequence[int], infrared_pids: Sequence[int], dataset: str
+) -> list[int]:
+    """Return the identities present in both modalities; warn about each one that is not."""
+    visible, infrared = set(visible_pids), set(infrared_pids)
+    for pid in sorted(visible ^ infrared):
+        missing = "infrared" if pid in visible else "visible"
+        logger.warning("%s: identity %d has no %s training images; skipped", dataset, pid, missing)
+    return sorted(visible & infrared)
+
+
+def load_train_set(
+    dataset: str,
+    root: str | os.PathLike,
+    img_size: Sequence[int] = (256, 128),
+    trial: int = 1,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    mmap: bool = False,
+) -> TrainSet:
+    """Load the "sysu" or "regdb" (``trial`` 1..10) training set resized to (height, width).
+
+    Decoded images are cached under ``cache_dir`` (default ``<root>/cache``, or ``./cache`` if
+    ``root`` is read-only), built on first use, reused while the size and file list match.
+    With ``mmap`` the image arrays are read-only memory maps of the cache.
+    """
+    height, width = check_img_size(img_size)
+    name = str(dataset).strip().lower()
+    root = os.fspath(root)
+    if name == "sysu":
+        title = "SYSU-MM01"
+        visible_paths, visible_pids, infrared_paths, infrared_pids = sysu_train_files(root)
+        cache_name = f"sysu_{height}x{width}"
+    elif name == "regdb":
+        title = "RegDB"
+        trial = check_trial(trial)
+        visible_paths, vis = regdb_split(root, trial, "train", Modality.VISIBLE)
+        infrared_paths, ir = regdb_split(root, trial, "train", Modality.INFRARED)
+        visible_pids, infrared_pids = vis.tolist(), ir.tolist()
+        cache_name = f"regdb_trial{trial}_{height}x{width}"
+    else:
+        raise UserError(f"--dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+
+    pids = _paired_identities(visible_pids, infrared_pids, title)
+    if not pids:
+        raise UserError(f"--data_root {root}: no {title} identity has images of both modalities")
+    kept = set(pids)
+    vis_rows = [i for i, p in enumerate(visible_pids) if p in kept]
+    ir_rows = [i for i, p in enumerate(infrared_pids) if p in kept]
+    visible_paths = [visible_paths[i] for i in vis_rows]
+    infrared_paths = [infrared_paths[i] for i in ir_rows]
+    pid_array = np.asarray(pids, dtype=np.int64)
+    visible_labels = np.searchsorted(pid_array, np.asarray(visible_pids, np.int64)[vis_rows])
+    infrared_labels = np.searchsorted(pid_array, np.asarray(infrared_pids, np.int64)[ir_rows])
+
+    # Relative paths: moving the data folder must not invalidate the cache.
+    entries = [f"visible {os.path.relpath(p, root)}" for p in visible_paths]
+    entries += [f"infrared {os.path.relpath(p, root)}" for p in infrared_paths]
+    meta = {
+        "version": CACHE_VERSION,
+        "dataset": name,
+        "img_size": [height, width],
+        "num_visible": len(visible_paths),
+        "num_infrared": len(infrared_paths),
+        "files_sha256": file_list_hash(entries),
+    }
+    if name == "regdb":
+        meta["trial"] = trial
+    cache_path = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
+    cache_path = cache_path / cache_name
+
+    arrays = read_cache(cache_path, meta, _ARRAYS, mmap=mmap)
+    if arrays is None or not _shapes_ok(arrays, meta):
+        logger.info(
+            "building %s training cache %s (%d visible + %d infrared images, %dx%d)",
+            title,
+            cache_path,
+            len(visible_paths),
+            len(infrared_paths),
+            height,
+            width,
+        )
+
+        def build(folder: Path) -> None:
+            save_images(folder, "visible_images", visible_paths, (height, width), progress)
+            save_images(folder, "infrared_images", infrared_paths, (height, width), progress)
+
+        write_cache(cache_path, meta, build)
+        arrays = read_cache(cache_path, meta, _ARRAYS, mmap=mmap)
+        if arrays is None:
+            raise UserError(f"--cache_dir {cache_path.parent}: cache {cache_path} unreadable")
+    else:
+        logger.info("using %s training cache %s", title, cache_path)
+
+    logger.info(
+        "%s training set: %d identities, %d visible and %d infrared images",
+        title,
+        len(pids),
+        len(visible_paths),
+        len(infrared_paths),
+    )
+    return TrainSet(
+        visible_images=arrays["visible_images"],
+        visible_labels=visible_labels.astype(np.int64),
+        infrared_images=arrays["infrared_images"],
+        infrared_labels=infrared_labels.astype(np.int64),
+        pids=pids,
+        visible_paths=visible_paths,
+        infrared_paths=infrared_paths,
+    )
+
+
+def _shapes_ok(arrays: dict[str, np.ndarray], meta: dict) -> bool:
+    """Guard against a cache whose arrays do not match its meta (e.g. edited by hand)."""
+    height, width = meta["img_size"]
+    expected = {
+        "visible_images": (meta["num_visible"], height, width, 3),
+        "infrared_images": (meta["num_infrared"], height, width, 3),
+    }
+    return all(
+        arrays[k].shape == shape and arrays[k].dtype == np.uint8 for k, shape in expected.items()
+    )

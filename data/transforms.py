@@ -1,0 +1,190 @@
+"""The paper's training augmentation, batched on any device, plus a per-image CPU version.
+
+Pipeline (torchvision order of the authors' code): zero-pad the uint8 image by ``pad``, random
+crop back to HxW, horizontal flip, to [0, 1], ImageNet normalisation, random erasing whose
+rectangle is filled with 0.485/0.456/0.406 written into the *normalised* tensor.
+
+``augment_batch`` draws every random number on the CPU from the given generator as a few small
+tensors, moves them to the images' device with ``non_blocking=True`` and then works with
+gathers and ``torch.where`` only, so a CUDA batch is augmented without a host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The classic random erasing fills with these numbers after normalisation (not with black).
+ERASE_FILL = (0.485, 0.456, 0.406)
+# Attempts per image to find an erasing rectangle that fits, as in Zhong et al.'s code.
+ERASE_ATTEMPTS = 100
+
+# Columns of the per-image parameter table: crop offsets, flip, erase flag and rectangle.
+_DY, _DX, _FLIP, _ERASE, _TOP, _LEFT, _EH, _EW = range(8)
+
+
+def _check_batch(images: torch.Tensor) -> None:
+    if images.dim() != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images (N, H, W, 3), got shape {tuple(images.shape)}")
+    if images.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images, got {images.dtype}")
+
+
+def _constants(device: torch.device) -> torch.Tensor:
+    """Return (3, 3) rows mean, std, fill on ``device`` without a blocking copy."""
+    table = torch.tensor([IMAGENET_MEAN, IMAGENET_STD, ERASE_FILL], dtype=torch.float32)
+    return _to_device(table, device)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small CPU tensor to ``device`` without making the host wait for the GPU."""
+    if device.type == "cpu":
+        return tensor
+    if device.type == "cuda":
+        # Pinned memory makes the non-blocking copy truly asynchronous.
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def _normalise(images: torch.Tensor, consts: torch.Tensor) -> torch.Tensor:
+    mean = consts[0].view(1, 3, 1, 1)
+    std = consts[1].view(1, 3, 1, 1)
+    # permute keeps NHWC strides, so the result is NCHW in channels_last memory format.
+    return (images.permute(0, 3, 1, 2).float().div(255.0) - mean) / std
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """Map uint8 (N,H,W,3) images to float (N,3,H,W) in [0,1] normalised with ImageNet stats."""
+    _check_batch(images)
+    return _normalise(images, _constants(images.device))
+
+
+def _erase_params(
+    area: torch.Tensor, ratio: torch.Tensor, height: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From (N, A) attempt draws return (fits, h, w) of the first attempt that fits."""
+    target = area * (height * width)
+    # torch.round rounds half to even like Python's round() in the classic code.
+    h = torch.round(torch.sqrt(target * ratio)).long()
+    w = torch.round(torch.sqrt(target / ratio)).long()
+    fits = (h < height) & (w < width)
+    first = fits.int().argmax(dim=1, keepdim=True)  # argmax returns the first maximum
+    return fits.any(dim=1), h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
+
+
+def _draw_params(
+    n: int,
+    height: int,
+    width: int,
+    generator: torch.Generator | None,
+    pad: int,
+    flip_p: float,
+    erase_p: float,
+    erase_area: tuple[float, float],
+    erase_ratio: tuple[float, float],
+) -> torch.Tensor:
+    """Draw the (N, 8) int64 parameter table on the CPU."""
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=generator, dtype=torch.float64)
+
+    crop = torch.floor(uniform(n, 2) * (2 * pad + 1)).long().clamp_(max=2 * pad)
+    flip = uniform(n) < flip_p
+    erase = uniform(n) < erase_p
+    area = erase_area[0] + (erase_area[1] - erase_area[0]) * uniform(n, ERASE_ATTEMPTS)
+    ratio = erase_ratio[0] + (erase_ratio[1] - erase_ratio[0]) * uniform(n, ERASE_ATTEMPTS)
+    fits, eh, ew = _erase_params(area, ratio, height, width)
+    corner = uniform(n, 2)
+    top = torch.floor(corner[:, 0] * (height - eh + 1)).long()
+    left = torch.floor(corner[:, 1] * (width - ew + 1)).long()
+    columns = [crop[:, 0], crop[:, 1], flip.long(), (erase & fits).long(), top, left, eh, ew]
+    return torch.stack(columns, dim=1)
+
+
+def _apply(images: torch.Tensor, params: torch.Tensor, pad: int) -> torch.Tensor:
+    """Apply a parameter table (already on the images' device) to a uint8 NHWC batch."""
+    n, height, width, _ = images.shape
+    device = images.device
+    rows = torch.arange(height, device=device)
+    cols = torch.arange(width, device=device)
+    # Output pixel (i, j) of the crop of the padded image is input pixel (i+dy-pad, j+dx-pad);
+    # a flip reads column width-1-j of the crop instead of j.
+    flip = params[:, _FLIP, None].bool()
+    src_cols = torch.where(flip, width - 1 - cols, cols) + params[:, _DX, None] - pad  # (N, W)
+    src_rows = rows + params[:, _DY, None] - pad  # (N, H)
+    inside = ((src_rows >= 0) & (src_rows < height))[:, :, None] & (
+        (src_cols >= 0) & (src_cols < width)
+    )[:, None, :]
+    batch = torch.arange(n, device=device)[:, None, None]
+    gathered = images[
+        batch, src_rows.clamp(0, height - 1)[:, :, None], src_cols.clamp(0, width - 1)[:, None, :]
+    ]
+    # The padding is zero in uint8, so it becomes (0 - mean) / std after normalisation.
+    cropped = gathered * inside[..., None].to(torch.uint8)
+    consts = _constants(device)
+    out = _normalise(cropped, consts)
+
+    top, left = params[:, _TOP, None], params[:, _LEFT, None]
+    in_rows = (rows >= top) & (rows < top + params[:, _EH, None])  # (N, H)
+    in_cols = (cols >= left) & (cols < left + params[:, _EW, None])  # (N, W)
+    erase = params[:, _ERASE, None, None].bool() & in_rows[:, :, None] & in_cols[:, None, :]
+    return torch.where(erase[:, None], consts[2].view(1, 3, 1, 1), out)
+
+
+def augment_batch(
+    images: torch.Tensor,
+    generator: torch.Generator | None = None,
+    pad: int = 10,
+    flip_p: float = 0.5,
+    erase_p: float = 0.5,
+    erase_area: tuple[float, float] = (0.02, 0.4),
+    erase_ratio: tuple[float, float] = (0.3, 3.33),
+) -> torch.Tensor:
+    """Augment uint8 (N,H,W,3) images on their device; return normalised float (N,3,H,W).
+
+    Random numbers come from the CPU ``generator`` (torch's default one when None).
+    """
+    _check_batch(images)
+    n, height, width, _ = images.shape
+    params = _draw_params(
+        n, height, width, generator, pad, flip_p, erase_p, erase_area, erase_ratio
+    )
+    return _apply(images, _to_device(params, images.device), pad)
+
+
+def augment_one(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    pad: int = 10,
+    flip_p: float = 0.5,
+    erase_p: float = 0.5,
+    erase_area: tuple[float, float] = (0.02, 0.4),
+    erase_ratio: tuple[float, float] = (0.3, 3.33),
+) -> torch.Tensor:
+    """Augment one uint8 HWC image on the CPU with ``rng``; return normalised float (3,H,W).
+
+    Same distribution as ``augment_batch``, drawn like the classic per-image transforms.
+    """
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.shape} {image.dtype}")
+    height, width, _ = image.shape
+    dy, dx = (int(v) for v in rng.integers(0, 2 * pad + 1, size=2))
+    flip = bool(rng.random() < flip_p)
+    erase, top, left, eh, ew = 0, 0, 0, 0, 0
+    if rng.random() < erase_p:
+        for _ in range(ERASE_ATTEMPTS):
+            target = rng.uniform(*erase_area) * height * width
+            ratio = rng.uniform(*erase_ratio)
+            h = round(math.sqrt(target * ratio))
+            w = round(math.sqrt(target / ratio))
+            if h < height and w < width:
+                top = int(rng.integers(0, height - h + 1))
+                left = int(rng.integers(0, width - w + 1))
+                erase, eh, ew = 1, h, w
+                break
+    params = torch.tensor([[dy, dx, int(flip), erase, top, left, eh, ew]], dtype=torch.int64)
+    return _apply(torch.from_numpy(np.ascontiguousarray(image))[None], params, pad)[0].contiguous()
