@@ -243,17 +243,21 @@ def checkpoint_state(
 
 
 def load_checkpoint(
-    model: nn.Module, path: str | os.PathLike[str] | Mapping[str, Any], ema: bool = False
+    model: nn.Module,
+    path: str | os.PathLike[str] | Mapping[str, Any],
+    ema: bool = False,
+    source: str | None = None,
 ) -> LoadReport:
     """Load this project's or the authors' checkpoint into ``model`` (live or ``ema`` weights).
 
-    Unused BN branches of the authors' files (every slot stored three BNs) are dropped and
-    reported; anything missing or mis-shaped fails with the slots named.
+    ``path`` is a file or an already-read checkpoint dict (then ``source`` names it in
+    messages). Unused BN branches of the authors' files (every slot stored three BNs) are
+    dropped and reported; anything missing or mis-shaped fails with the slots named.
     """
     if isinstance(path, Mapping):
-        checkpoint, source = path, "checkpoint"
+        checkpoint, source = path, source or "checkpoint"
     else:
-        checkpoint, source = read_checkpoint(path), str(path)
+        checkpoint, source = read_checkpoint(path), source or str(path)
     state = checkpoint_state(checkpoint, ema, source)
     if is_authors_checkpoint(checkpoint):
         converted, dropped = convert_authors_state(state, model)
