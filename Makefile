@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 DEMO_DIR ?= demo
 RUFF := $(PY) -m ruff
 RUFF_ARGS := --line-length 100
-LINT_RULES := E,F,W,I,B,UP,N,SIM
+LINT_RULES := E,F,W,I,B,UP,N,SIM --ignore N818 --config "lint.isort.known-first-party = ['data', 'model', 'utils']"
 
 .PHONY: all setup demo test lint format clean
 

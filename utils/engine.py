@@ -12,6 +12,7 @@ fused Adam and a ``foreach`` EMA on CUDA.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import random
@@ -28,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from data import CrossModalitySampler, TrainSet, augment_batch, load_train_set
-from model import Arch, CMNASNet, Routing, build_model, load_arch
+from model import Arch, Routing, build_model, load_arch
 from model.losses import cmmd_loss, cross_modality_triplet, identity_loss, sp_loss
 from model.weights import checkpoint_state, read_checkpoint
 from utils.checkpoint import (
@@ -37,7 +38,7 @@ from utils.checkpoint import (
     restore_rng_state,
     save_atomic,
 )
-from utils.distributed import DistInfo, barrier, broadcast_flag, cleanup, init_distributed
+from utils.distributed import barrier, broadcast_flag, cleanup, init_distributed
 from utils.ema import ModelEMA
 from utils.errors import UserError
 from utils.evaluation import autocast, evaluate_regdb, evaluate_sysu, format_table
@@ -540,10 +541,9 @@ class Trainer:
 
         previous = {}
         for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
+            # Outside the main thread signals cannot be caught: keep the defaults there.
+            with contextlib.suppress(ValueError):
                 previous[signum] = signal.signal(signum, request_stop)
-            except ValueError:  # not the main thread: leave the defaults
-                pass
         return previous
 
     @staticmethod
