@@ -112,17 +112,31 @@ class CrossModalitySampler:
         if p * w <= n:
             return rng.choice(n, size=p * w, replace=False).reshape(w, p)
         if p <= n:
-            # Not enough for all ranks: hand out disjoint slices of one permutation while it
-            # lasts, then give each remaining rank its own distinct draw.
-            perm = rng.permutation(n)
-            full = n // p
-            rows = [perm[r * p : (r + 1) * p] for r in range(full)]
-            rows += [rng.choice(n, size=p, replace=False) for _ in range(w - full)]
-            return np.stack(rows)
+            return self._spread(rng, n, p, w)
         # Fewer identities than P: every rank cycles through permutations of all of them.
         reps = -(-p // n)
         rows = [np.concatenate([rng.permutation(n) for _ in range(reps)])[:p] for _ in range(w)]
         return np.stack(rows)
+
+    @staticmethod
+    def _spread(rng: np.random.Generator, n: int, p: int, w: int) -> np.ndarray:
+        """Deal P distinct identities to each of W ranks from successive permutations.
+
+        Ranks take identities in turn from a queue of shuffled identities, each skipping any it
+        already holds, so identities are spread as evenly over the ranks as P*W > n allows.
+        """
+        queue: list[int] = rng.permutation(n).tolist()
+        rows = []
+        for _ in range(w):
+            row: list[int] = []
+            while len(row) < p:
+                pick = next((k for k, x in enumerate(queue) if x not in row), None)
+                if pick is None:
+                    queue += rng.permutation(n).tolist()
+                    continue
+                row.append(queue.pop(pick))
+            rows.append(row)
+        return np.asarray(rows, dtype=np.int64)
 
 
 def _group(labels: np.ndarray, identities: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -127,10 +127,13 @@ def test_too_few_identities_for_all_ranks() -> None:
         for r in range(2)
     ]
     for step in range(10):
+        ids = []
         for s in samplers:  # 4 per rank from only 6: distinct within each rank still
             vi, ii = s.batch(0, step)
-            assert len(set(visible[vi].tolist())) == 4
+            ids.append(set(visible[vi].tolist()))
             np.testing.assert_array_equal(visible[vi], infrared[ii])
+        assert [len(i) for i in ids] == [4, 4]
+        assert len(ids[0] | ids[1]) == 6  # as spread over the ranks as 6 identities allow
     tiny = CrossModalitySampler([0, 1, 1], [0, 1], batch_size=12, num_pos=2)  # P=6 > 2 ids
     vi, ii = tiny.batch(0, 0)
     counts = Counter(np.array([0, 1, 1])[vi].tolist())
