@@ -192,7 +192,10 @@ class Trainer:
     def build_data(self) -> TrainSet:
         """Load (and cache) the training images."""
         args = self.args
-        return load_train_set(
+        # Rank 0 builds the cache first so that the other ranks only read it.
+        if not self.dist.is_main:
+            barrier(self.dist)
+        train_set = load_train_set(
             args.dataset,
             args.data_root,
             self.img_size,
@@ -200,6 +203,9 @@ class Trainer:
             args.cache_dir,
             progress=self.dist.is_main,
         )
+        if self.dist.is_main:
+            barrier(self.dist)
+        return train_set
 
     def build_arch(self) -> Arch:
         """The architecture to train, from ``--config_path``."""
