@@ -1,0 +1,209 @@
+"""Rank lists as pictures: a query image next to its top-ranked gallery images.
+
+Each gallery thumbnail gets a green frame when it shows the query's identity and a red one when it
+does not, with its modality, identity, camera (when known) and rank written underneath. Ranking is
+the evaluation's (``pairwise_distance`` on one feature kind, ties broken by gallery order), with
+the SYSU-MM01 same-location rule available.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+
+from utils.errors import UserError
+from utils.evaluation import FEATURES, Features
+from utils.metrics import SYSU_INDOOR_INFRARED_CAM, SYSU_INDOOR_VISIBLE_CAM, pairwise_distance
+from utils.plot import font, text_size
+
+log = logging.getLogger(__name__)
+
+MATCH_COLOUR = (44, 160, 44)
+MISMATCH_COLOUR = (214, 39, 40)
+QUERY_COLOUR = (70, 70, 70)
+BACKGROUND = (255, 255, 255)
+PAD_COLOUR = (235, 235, 235)  # fills the sides of a thumbnail whose aspect differs
+INK = (30, 30, 30)
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class RankListLayout:
+    """Geometry of a rank-list picture; slot 0 is the query, slot i the i-th gallery result."""
+
+    thumb: tuple[int, int] = (96, 192)  # (width, height), the usual 1:2 person crop
+    frame: int = 5
+    gap: int = 8
+    query_gap: int = 30  # sets the query apart from its results
+    margin: int = 12
+    title_h: int = 30
+    caption_lines: int = 3
+    line_h: int = 15
+
+    def frame_box(self, slot: int) -> Box:
+        """Outer corners (left, top, right, bottom, inclusive) of the frame around ``slot``."""
+        cell_w = self.thumb[0] + 2 * self.frame
+        left = self.margin + slot * (cell_w + self.gap) + (self.query_gap - self.gap if slot else 0)
+        top = self.margin + self.title_h
+        return left, top, left + cell_w - 1, top + self.thumb[1] + 2 * self.frame - 1
+
+    def size(self, slots: int) -> tuple[int, int]:
+        """Picture (width, height) holding ``slots`` framed images and their captions."""
+        right, bottom = self.frame_box(max(slots, 1) - 1)[2:]
+        return right + 1 + self.margin, bottom + 6 + self.caption_lines * self.line_h + self.margin
+
+
+def spread_indices(n: int, k: int) -> list[int]:
+    """``k`` distinct indices spread evenly over ``range(n)`` (all of them when k >= n)."""
+    if k < 0:
+        raise UserError(f"the number of rank lists must be >= 0, got {k}")
+    if k >= n:
+        return list(range(n))
+    return [int(i) for i in np.linspace(0, n - 1, num=k).round()]
+
+
+def rank_gallery(
+    distances: np.ndarray,
+    query_camid: int | None = None,
+    gallery_camids: np.ndarray | None = None,
+    ignore_same_location: bool = False,
+) -> np.ndarray:
+    """Gallery indices by ascending distance (stable); optionally the SYSU cam3/cam2 rule."""
+    order = np.argsort(np.asarray(distances), kind="stable")
+    if not ignore_same_location:
+        return order
+    if query_camid is None or gallery_camids is None:
+        raise UserError("ignoring same-location images needs camera ids for query and gallery")
+    if int(query_camid) != SYSU_INDOOR_INFRARED_CAM:
+        return order
+    return order[np.asarray(gallery_camids)[order] != SYSU_INDOOR_VISIBLE_CAM]
+
+
+def _thumbnail(path: str, size: tuple[int, int]) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return ImageOps.pad(image.convert("RGB"), size, color=PAD_COLOUR)
+    except (OSError, UnidentifiedImageError) as err:
+        raise UserError(f"{path}: cannot read the image ({err})") from None
+
+
+def _caption(features: Features, index: int, modality: str, first: str) -> list[str]:
+    camera = ""
+    if features.camids is not None:
+        camera = f"  cam {int(features.camids[index])}"
+    return [first, modality, f"id {int(features.pids[index])}{camera}"]
+
+
+def rank_list_image(
+    query: Features,
+    gallery: Features,
+    index: int,
+    ranked: Sequence[int],
+    query_label: str = "infrared",
+    gallery_label: str = "visible",
+    title: str = "",
+    layout: RankListLayout | None = None,
+) -> Image.Image:
+    """The picture of query ``index`` followed by the gallery images ``ranked`` (best first)."""
+    layout = layout or RankListLayout()
+    title = title or f"query {index}"
+    title_font, caption_font = font(15), font(12)
+    slots = 1 + len(ranked)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width, height = layout.size(slots)
+    width = max(width, 2 * layout.margin + text_size(probe, title, title_font)[0])
+    image = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    draw.text((layout.margin, layout.margin), title, fill=INK, font=title_font)
+
+    query_pid = int(query.pids[index])
+    cells = [(query, index, QUERY_COLOUR, _caption(query, index, query_label, "query"))]
+    for rank, g in enumerate(ranked, start=1):
+        colour = MATCH_COLOUR if int(gallery.pids[g]) == query_pid else MISMATCH_COLOUR
+        cells.append(
+            (gallery, int(g), colour, _caption(gallery, int(g), gallery_label, f"rank {rank}"))
+        )
+    for slot, (features, i, colour, lines) in enumerate(cells):
+        box = layout.frame_box(slot)
+        draw.rectangle(box, fill=colour)
+        thumb = _thumbnail(features.paths[i], layout.thumb)
+        image.paste(thumb, (box[0] + layout.frame, box[1] + layout.frame))
+        for line_no, line in enumerate(lines):
+            text_w = text_size(draw, line, caption_font)[0]
+            x = (box[0] + box[2] + 1 - text_w) // 2
+            y = box[3] + 6 + line_no * layout.line_h
+            draw.text((x, y), line, fill=INK, font=caption_font)
+    return image
+
+
+def _check_features(features: Features, role: str) -> None:
+    count = len(features.pids)
+    if len(features.paths) != count:
+        raise UserError(
+            f"{role} features carry {len(features.paths)} image paths for {count} images"
+        )
+    if features.camids is not None and len(features.camids) != count:
+        raise UserError(
+            f"{role} features carry {len(features.camids)} camera ids for {count} images"
+        )
+
+
+def save_rank_lists(
+    query: Features,
+    gallery: Features,
+    out_dir: str | os.PathLike[str],
+    k: int,
+    query_label: str = "infrared",
+    gallery_label: str = "visible",
+    kind: str = "bnneck",
+    top: int = 10,
+    ignore_same_location: bool = False,
+) -> list[Path]:
+    """Write one rank-list PNG for each of ``k`` queries spread evenly over the query set."""
+    if k < 0:
+        raise UserError(f"the number of rank lists must be >= 0, got {k}")
+    if top < 1:
+        raise UserError(f"the rank list must show at least one gallery image, got top={top}")
+    if kind not in FEATURES:
+        raise UserError(f"unknown feature kind {kind!r}; expected one of {', '.join(FEATURES)}")
+    _check_features(query, "query")
+    _check_features(gallery, "gallery")
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{out_dir}: cannot create the output folder ({err.strerror})") from None
+    # Queries are usually sorted by identity, so the first k would show one or two people.
+    indices = spread_indices(len(query.pids), k)
+    if not indices:
+        return []
+    rows = torch.as_tensor(indices, dtype=torch.long, device=query.get(kind).device)
+    distmat = pairwise_distance(query.get(kind)[rows], gallery.get(kind))
+    rule = ", camera 2 ignored for camera-3 queries" if ignore_same_location else ""
+    written = []
+    for row, index in enumerate(indices):
+        camid = None if query.camids is None else int(query.camids[index])
+        order = rank_gallery(distmat[row], camid, gallery.camids, ignore_same_location)
+        title = (
+            f"query {index} ({query_label}, id {int(query.pids[index])}) against the "
+            f"{gallery_label} gallery: {kind} features{rule}"
+        )
+        image = rank_list_image(
+            query, gallery, index, order[:top].tolist(), query_label, gallery_label, title
+        )
+        path = out_dir / f"query{index:05d}_id{int(query.pids[index])}.png"
+        try:
+            image.save(path, format="PNG")
+        except OSError as err:
+            raise UserError(f"{path}: cannot write the rank list ({err.strerror or err})") from None
+        written.append(path)
+    log.info("%d rank lists (top %d, %s features) in %s", len(written), top, kind, out_dir)
+    return written
