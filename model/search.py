@@ -1,0 +1,219 @@
+"""The search supernet: every BN slot holds both choices, mixed by an architecture parameter.
+
+A :class:`SearchableBN` slot computes ``w_split * split(x) + w_shared * shared(x)`` with
+``w = softmax(alpha / tau)`` (or a Gumbel-softmax sample at temperature ``tau`` while training
+with the ``"gumbel"`` relaxation). Its BNs are named ``shared``, ``visible`` and ``infrared`` like
+:class:`~model.bn.ModalityBN`'s, so ImageNet initialisation fills all three and a supernet
+checkpoint loads into any derived architecture (the unused branches are dropped and reported).
+
+The supernet is an ordinary :class:`~model.net.CMNASNet` built with :func:`searchable_norm`;
+:func:`derive_arch` turns it into an :class:`~model.arch.Arch` (argmax per slot).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from model.arch import SHARED, SPLIT, Arch, slot_names
+from model.bn import NormFactory, Routing, route_split
+from model.net import CMNASNet
+
+RELAXATIONS = ("softmax", "gumbel")
+# Position of each choice in ``alpha``.
+CHOICE_INDEX = {SHARED: 0, SPLIT: 1}
+ALPHA = "alpha"
+
+
+def _check_relaxation(relaxation: str, tau: float) -> None:
+    if relaxation not in RELAXATIONS:
+        raise ValueError(f"relaxation must be one of {', '.join(RELAXATIONS)}, got {relaxation!r}")
+    if not tau > 0:
+        raise ValueError(f"temperature must be positive, got {tau}")
+
+
+class SearchableBN(nn.Module):
+    """A BN slot of the supernet: shared BN and split pair, mixed by ``softmax(alpha / tau)``."""
+
+    def __init__(self, num_features: int, relaxation: str = "softmax", tau: float = 1.0) -> None:
+        super().__init__()
+        _check_relaxation(relaxation, tau)
+        self.num_features = num_features
+        self.relaxation = relaxation
+        self.tau = float(tau)
+        # The choice a hard (derived-architecture) forward computes; None: the soft mixture.
+        self.hard_choice: str | None = None
+        self.shared = nn.BatchNorm2d(num_features)
+        self.visible = nn.BatchNorm2d(num_features)
+        self.infrared = nn.BatchNorm2d(num_features)
+        # Order [shared, split]; zeros = no preference (argmax ties resolve to shared).
+        self.alpha = nn.Parameter(torch.zeros(2))
+
+    def branches(self) -> dict[str, nn.BatchNorm2d]:
+        """All three BNs by branch name (``shared``, ``visible``, ``infrared``)."""
+        return {name: module for name, module in self.named_children()}
+
+    def mixing_weights(self) -> torch.Tensor:
+        """``[w_shared, w_split]``: a Gumbel-softmax sample in training, else the softmax."""
+        if self.relaxation == "gumbel" and self.training:
+            return F.gumbel_softmax(self.alpha.float(), tau=self.tau, hard=False)
+        return torch.softmax(self.alpha.float() / self.tau, dim=0)
+
+    def choice(self) -> str:
+        """The argmax choice (``"shared"`` on a tie)."""
+        alpha = self.alpha.detach()
+        return SPLIT if bool(alpha[1] > alpha[0]) else SHARED
+
+    def split_probability(self) -> float:
+        """The eval-mode weight of the split choice, ``softmax(alpha / tau)[split]``."""
+        with torch.no_grad():
+            return float(torch.softmax(self.alpha.float() / self.tau, dim=0)[1])
+
+    def set_hard(self, choice: str | None) -> None:
+        """Compute only ``choice`` from now on (None: back to the soft mixture)."""
+        if choice not in (None, SHARED, SPLIT):
+            raise ValueError(f"choice must be 'shared', 'split' or None, got {choice!r}")
+        self.hard_choice = choice
+
+    def _split(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        return route_split(x, routing, self.visible, self.infrared)
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Mix the shared and split outputs (or compute only the hard choice)."""
+        if self.hard_choice == SHARED:
+            return self.shared(x)
+        if self.hard_choice == SPLIT:
+            return self._split(x, routing)
+        shared = self.shared(x)
+        split = self._split(x, routing)
+        w_split = self.mixing_weights()[1].to(shared.dtype)
+        # The weights sum to one, so one lerp kernel forms w_shared*shared + w_split*split.
+        return torch.lerp(shared, split, w_split)
+
+    def extra_repr(self) -> str:
+        mode = f", hard={self.hard_choice}" if self.hard_choice else ""
+        return f"{self.num_features}, {self.relaxation}, tau={self.tau:g}{mode}"
+
+
+def searchable_norm(relaxation: str = "softmax", tau: float = 1.0) -> NormFactory:
+    """A norm factory building every slot as a :class:`SearchableBN`."""
+    _check_relaxation(relaxation, tau)
+
+    def factory(name: str, num_features: int) -> nn.Module:
+        return SearchableBN(num_features, relaxation, tau)
+
+    return factory
+
+
+def searchable_slots(model: nn.Module) -> dict[str, SearchableBN]:
+    """The supernet's slots by slot name, in the canonical order of :func:`slot_names`."""
+    backbone = model.backbone if hasattr(model, "backbone") else model
+    found = {
+        name: module
+        for name, module in backbone.named_modules()
+        if isinstance(module, SearchableBN)
+    }
+    # Module registration puts a block's shortcut after its BNs; the canonical order has it first.
+    order = slot_names(backbone.depth) if hasattr(backbone, "depth") else list(found)
+    return {name: found[name] for name in order if name in found}
+
+
+@contextlib.contextmanager
+def _alphas_hidden(model: nn.Module) -> Iterator[None]:
+    """Take the alphas out of the state dict for a while.
+
+    The ImageNet loader insists that every tensor of the model is in the file (to catch a wrong
+    depth); the alphas are the only ones that cannot be.
+    """
+    slots = list(searchable_slots(model).values())
+    saved = [slot._parameters.pop(ALPHA) for slot in slots]
+    try:
+        yield
+    finally:
+        for slot, alpha in zip(slots, saved, strict=True):
+            slot._parameters[ALPHA] = alpha
+
+
+def build_supernet(
+    depth: int,
+    num_classes: int,
+    last_stride: int = 1,
+    pretrained: str | None = None,
+    relaxation: str = "softmax",
+    tau: float = 1.0,
+) -> CMNASNet:
+    """The search supernet: a CMNASNet whose every slot is a :class:`SearchableBN`.
+
+    ``pretrained`` (None, ``"none"``, ``"imagenet"`` or a file) initialises the convolutions and
+    all three BNs of every slot, as for a trained network.
+    """
+    model = CMNASNet(depth, num_classes, searchable_norm(relaxation, tau), last_stride)
+    if pretrained is not None and pretrained.lower() != "none":
+        from model.weights import load_imagenet
+
+        with _alphas_hidden(model):
+            load_imagenet(model, pretrained)
+    return model
+
+
+def arch_parameter_names(model: nn.Module) -> set[str]:
+    """Fully qualified names of the architecture parameters (the slots' alphas)."""
+    owned = {id(slot.alpha) for slot in searchable_slots(model).values()}
+    return {name for name, param in model.named_parameters() if id(param) in owned}
+
+
+def arch_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The architecture parameters: one ``alpha`` per slot."""
+    return [slot.alpha for slot in searchable_slots(model).values()]
+
+
+def weight_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter that is not an architecture parameter (the network weights)."""
+    owned = {id(param) for param in arch_parameters(model)}
+    return [param for param in model.parameters() if id(param) not in owned]
+
+
+def set_temperature(model: nn.Module, tau: float) -> None:
+    """Set the softmax / Gumbel-softmax temperature of every slot."""
+    _check_relaxation(RELAXATIONS[0], tau)
+    for slot in searchable_slots(model).values():
+        slot.tau = float(tau)
+
+
+def split_probabilities(model: nn.Module) -> dict[str, float]:
+    """The split weight ``softmax(alpha / tau)[split]`` of every slot, by slot name."""
+    return {name: slot.split_probability() for name, slot in searchable_slots(model).items()}
+
+
+def derive_arch(model: nn.Module, provenance: dict[str, Any] | None = None) -> Arch:
+    """The derived architecture: each slot's argmax, with its split probabilities recorded."""
+    slots = searchable_slots(model)
+    if not slots:
+        raise ValueError("the model has no searchable slots (not a supernet)")
+    record = dict(provenance or {})
+    record["split_probability"] = {
+        name: round(slot.split_probability(), 6) for name, slot in slots.items()
+    }
+    return Arch(model.backbone.depth, {name: slot.choice() for name, slot in slots.items()}, record)
+
+
+@contextlib.contextmanager
+def hard_mode(model: nn.Module, arch: Arch | None = None) -> Iterator[Arch]:
+    """Run the supernet as ``arch`` (default: its derived architecture) inside the block.
+
+    The choices are read once on entry, so a forward never synchronises with the device.
+    """
+    arch = arch if arch is not None else derive_arch(model)
+    slots = searchable_slots(model)
+    for name, slot in slots.items():
+        slot.set_hard(arch.slots[name])
+    try:
+        yield arch
+    finally:
+        for slot in slots.values():
+            slot.set_hard(None)

@@ -1,0 +1,210 @@
+"""Heat map of the search: each slot's split probability per epoch, drawn with Pillow.
+
+Blue is shared (0), white undecided (0.5), red split (1). ``python -m utils.heatmap RUN_DIR``
+redraws ``RUN_DIR/search_heatmap.png`` from the run's ``log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from utils.errors import UserError
+
+log = logging.getLogger(__name__)
+
+HEATMAP_NAME = "search_heatmap.png"
+# ColorBrewer RdBu end points and centre: readable, and colour-blind safe.
+_BLUE = (33, 102, 172)
+_WHITE = (247, 247, 247)
+_RED = (178, 24, 43)
+_MISSING = (200, 200, 200)
+_INK = (30, 30, 30)
+_GRID = (255, 255, 255)
+_STAGE_LINE = (90, 90, 90)
+_MARGIN = 12
+
+
+def colour(value: float) -> tuple[int, int, int]:
+    """Blue (0, shared) -> white (0.5) -> red (1, split); grey for NaN."""
+    if not math.isfinite(value):
+        return _MISSING
+    value = min(max(value, 0.0), 1.0)
+    low, high, t = (_BLUE, _WHITE, value * 2) if value < 0.5 else (_WHITE, _RED, value * 2 - 1)
+    return tuple(round(a + (b - a) * t) for a, b in zip(low, high, strict=True))  # type: ignore[return-value]
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont) -> tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+def _group(label: str) -> str:
+    """The stage a slot belongs to (``layer2`` of ``layer2.0.bn1``), for separator lines."""
+    return label.split(".", 1)[0]
+
+
+def save_heatmap(
+    matrix: np.ndarray,
+    row_labels: Sequence[str],
+    path: str | os.PathLike[str],
+    title: str = "",
+    col_labels: Sequence[int | str] | None = None,
+) -> Path:
+    """Draw ``matrix`` (slots x epochs, values in [0, 1]) as a labelled PNG heat map."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[0] != len(row_labels) or 0 in matrix.shape:
+        raise ValueError(
+            f"matrix has shape {matrix.shape}, expected ({len(row_labels)}, epochs >= 1)"
+        )
+    rows, cols = matrix.shape
+    col_labels = [str(c) for c in (col_labels if col_labels is not None else range(1, cols + 1))]
+    if len(col_labels) != cols:
+        raise ValueError(f"{len(col_labels)} column labels for {cols} columns")
+    font, small, bold = _font(12), _font(11), _font(15)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    cell_h = 14
+    # Wide enough for the numbers when there are few epochs, narrower (down to 6 px) when many.
+    cell_w = int(min(24, max(6, 900 // cols)))
+    label_w = max(_text_size(probe, label, font)[0] for label in row_labels)
+    title_h = _text_size(probe, title or "Ag", bold)[1] + 14 if title else 4
+    number_w = max(_text_size(probe, c, small)[0] for c in col_labels)
+    needed = math.ceil((number_w + 6) / cell_w)
+    step = next(s for s in (1, 2, 5, 10, 20, 25, 50, 100, 200, 500, 10**9) if s >= needed)
+    legend_w = 110
+    grid_x = _MARGIN + label_w + 8
+    grid_y = _MARGIN + title_h
+    grid_w, grid_h = cols * cell_w, rows * cell_h
+    width = grid_x + grid_w + 24 + legend_w
+    height = max(grid_y + grid_h + 48, grid_y + 26 + 80 + 16)
+    width = max(width, _MARGIN * 2 + _text_size(probe, title, bold)[0]) if title else width
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    if title:
+        draw.text((_MARGIN, _MARGIN), title, fill=_INK, font=bold)
+
+    for r, label in enumerate(row_labels):
+        y = grid_y + r * cell_h
+        text_w, text_h = _text_size(draw, label, font)
+        draw.text(
+            (grid_x - 8 - text_w, y + (cell_h - text_h) // 2 - 1), label, fill=_INK, font=font
+        )
+        for c in range(cols):
+            x = grid_x + c * cell_w
+            # Narrow cells lose too much colour to an outline: separate rows only.
+            outline = _GRID if cell_w >= 10 else None
+            draw.rectangle(
+                (x, y, x + cell_w - 1, y + cell_h - 1), fill=colour(matrix[r, c]), outline=outline
+            )
+        if cell_w < 10:
+            draw.line((grid_x, y + cell_h - 1, grid_x + grid_w - 1, y + cell_h - 1), fill=_GRID)
+        if r and _group(label) != _group(row_labels[r - 1]):
+            draw.line((grid_x - 4, y, grid_x + grid_w, y), fill=_STAGE_LINE, width=1)
+
+    # Epoch numbers at a round spacing wide enough that they never overlap, plus the first.
+    shown = {0} | {c for c in range(cols) if (c + 1) % step == 0}
+    if 0 < step - 1 < needed:
+        shown.discard(step - 1)
+    axis_y = grid_y + grid_h + 4
+    for c in sorted(shown):
+        text = col_labels[c]
+        text_w, _ = _text_size(draw, text, small)
+        x = grid_x + c * cell_w + cell_w // 2
+        draw.line((x, axis_y - 3, x, axis_y), fill=_INK)
+        draw.text((x - text_w // 2, axis_y + 1), text, fill=_INK, font=small)
+    caption = "epoch"
+    caption_w, _ = _text_size(draw, caption, font)
+    draw.text((grid_x + (grid_w - caption_w) // 2, axis_y + 18), caption, fill=_INK, font=font)
+
+    # Legend: a vertical colour bar from shared (bottom) to split (top).
+    bar_x, bar_w = grid_x + grid_w + 24, 16
+    bar_top, bar_h = grid_y + 26, max(80, min(grid_h - 26, 220))
+    draw.text((bar_x, grid_y), "P(split)", fill=_INK, font=font)
+    for i in range(bar_h):
+        draw.line(
+            (bar_x, bar_top + i, bar_x + bar_w, bar_top + i), fill=colour(1 - i / (bar_h - 1))
+        )
+    draw.rectangle((bar_x, bar_top, bar_x + bar_w, bar_top + bar_h - 1), outline=_INK)
+    for value, name in ((1.0, "split"), (0.5, ""), (0.0, "shared")):
+        y = bar_top + round((1 - value) * (bar_h - 1))
+        draw.line((bar_x + bar_w, y, bar_x + bar_w + 4, y), fill=_INK)
+        text = f"{value:.1f} {name}".rstrip()
+        _, text_h = _text_size(draw, text, small)
+        draw.text((bar_x + bar_w + 7, y - text_h // 2 - 2), text, fill=_INK, font=small)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+    return path
+
+
+def read_split_history(run_dir: str | os.PathLike[str]) -> tuple[list[str], list[int], np.ndarray]:
+    """Slots, epochs and the (slots x epochs) split probabilities logged in ``log.jsonl``."""
+    source = Path(run_dir) / "log.jsonl"
+    try:
+        lines = source.read_text().splitlines()
+    except OSError as err:
+        raise UserError(f"{source}: cannot read the run's log ({err.strerror})") from None
+    by_epoch: dict[int, dict[str, float]] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{source}: line {number} is not JSON") from None
+        if isinstance(record, dict) and isinstance(record.get("split_probability"), dict):
+            # A resumed run logs an epoch again: the later record wins.
+            by_epoch[int(record["epoch"])] = record["split_probability"]
+    if not by_epoch:
+        raise UserError(f"{source}: no split_probability records (not a search run?)")
+    epochs = sorted(by_epoch)
+    slots = list(by_epoch[epochs[-1]])
+    matrix = np.array([[float(by_epoch[e].get(slot, math.nan)) for e in epochs] for slot in slots])
+    return slots, epochs, matrix
+
+
+def heatmap_from_jsonl(run_dir: str | os.PathLike[str], path: str | None = None) -> Path:
+    """Draw ``RUN_DIR/search_heatmap.png`` (or ``path``) from the run's ``log.jsonl``."""
+    run_dir = Path(run_dir)
+    slots, epochs, matrix = read_split_history(run_dir)
+    title = f"Split probability per BN slot - {run_dir.name}"
+    out = save_heatmap(matrix, slots, path or run_dir / HEATMAP_NAME, title, epochs)
+    log.info("heat map of %d slots x %d epochs: %s", len(slots), len(epochs), out)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Redraw the heat map of a search run."""
+    parser = argparse.ArgumentParser(description="Draw a search run's split-probability map.")
+    parser.add_argument("run_dir", help="search run folder holding log.jsonl")
+    parser.add_argument(
+        "--out", default=None, help=f"PNG to write (default RUN_DIR/{HEATMAP_NAME})"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    heatmap_from_jsonl(args.run_dir, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    from utils.cli import run_cli
+
+    sys.exit(run_cli(main))
