@@ -167,7 +167,8 @@ def arch_from_dict(data: Any, source: str = "architecture") -> Arch:
     depth = data.get("depth")
     if not isinstance(depth, int) or isinstance(depth, bool):
         raise UserError(f"{source}: 'depth' must be 18, 34 or 50, got {depth!r}")
-    _check_depth(depth)
+    if depth not in RESNET_LAYOUT:
+        raise UserError(f"{source}: unsupported ResNet depth {depth}: expected one of 18, 34, 50")
     slots = data.get("slots")
     if not isinstance(slots, dict):
         raise UserError(f"{source}: 'slots' must be an object mapping slot name to shared/split")

@@ -77,8 +77,8 @@ def build_model(
     of every BN slot; the classifier ``fc`` is dropped.
     """
     model = CMNASNet(arch.depth, num_classes, arch_norm(arch), last_stride)
-    if pretrained is not None and pretrained.lower() != "none":
+    if pretrained is not None and str(pretrained).lower() != "none":
         from model.weights import load_imagenet
 
-        load_imagenet(model, pretrained)
+        load_imagenet(model, str(pretrained))
     return model

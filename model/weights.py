@@ -62,18 +62,20 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint file not found")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    # torch.save writes a zip archive; files from before PyTorch 1.6 start with a pickle opcode.
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise UserError(f"{path}: not a PyTorch checkpoint (unrecognised file contents)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err):
+    except Exception as err:  # noqa: BLE001 - every failure becomes one line for the user
+        message = str(err)
+        if "Unsupported global" in message or "unsupported GLOBAL" in message:
             raise UserError(
                 f"{path}: refused: the file holds pickled Python objects other than tensors and "
                 "plain containers, which could run code when loaded (only weights are accepted)"
             ) from None
-        raise UserError(
-            f"{path}: not a PyTorch checkpoint or corrupt ({_first_line(err)})"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise UserError(
             f"{path}: not a PyTorch checkpoint, or truncated/corrupt ({_first_line(err)})"
         ) from None
@@ -124,13 +126,18 @@ def _assign(
             " (a different class count or architecture?)"
         )
     extra = [key for key in state if key not in own]
+    if extra:
+        parts = sorted({_owner(key) for key in extra})
+        raise UserError(
+            f"{source}: does not fit this model: weights for {len(parts)} part(s) the model "
+            f"does not have: {_summarize_keys(parts, 6)} (a checkpoint of a different "
+            "architecture or depth?)"
+        )
     with torch.no_grad():
         for key, tensor in own.items():
             if key in state:
                 tensor.copy_(state[key])
-    report = LoadReport(
-        source, layout, mapped=sum(key in state for key in own), dropped=dropped + extra
-    )
+    report = LoadReport(source, layout, mapped=sum(key in state for key in own), dropped=dropped)
     log.info(report.describe())
     return report
 
@@ -146,6 +153,7 @@ def _owner(key: str) -> str:
 
 def _imagenet_state(depth: int, pretrained: str) -> tuple[dict[str, torch.Tensor], str]:
     """Fetch (or read) torchvision-layout ImageNet weights; return them and their source."""
+    pretrained = str(pretrained)
     if pretrained.lower() != "imagenet":
         state = safe_load(pretrained)
         if isinstance(state, dict) and "state_dict" in state:
@@ -156,6 +164,7 @@ def _imagenet_state(depth: int, pretrained: str) -> tuple[dict[str, torch.Tensor
     url = IMAGENET_URLS[depth]
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
         try:
             torch.hub.download_url_to_file(url, str(cached.with_suffix(".part")), progress=True)
         except (urllib.error.URLError, OSError, TimeoutError) as err:
@@ -191,7 +200,11 @@ def load_imagenet(model: nn.Module, pretrained: str) -> LoadReport:
             dropped.append(key)
         else:
             mapped[f"backbone.{name}"] = value
-    backbone_state = {k: v for k, v in mapped.items() if k.startswith("backbone.")}
+    # Files saved before PyTorch 0.4 (like the authors' ResNet-50) lack num_batches_tracked.
+    for key in model.state_dict():
+        if key.startswith("backbone.") and key.endswith(".num_batches_tracked"):
+            mapped.setdefault(key, torch.zeros((), dtype=torch.long))
+    backbone_state = mapped
     return _assign(
         model, backbone_state, source, "torchvision ImageNet", dropped, strict_head=False
     )
@@ -215,18 +228,30 @@ def is_authors_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
 def convert_authors_state(
     state: Mapping[str, torch.Tensor], model: nn.Module
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Rename the authors' keys to ours and drop the BN branches ``model`` does not use."""
+    """Rename the authors' keys to ours and drop the BN branches ``model`` does not use.
+
+    Any other key the model lacks is kept in the result, so that loading reports it as a
+    mismatch instead of silently ignoring it.
+    """
     own = model.state_dict()
+    slots = _slot_modules(model)
     converted: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
     for key, value in state.items():
         name = key.removeprefix("module.")
         for theirs, ours in _AUTHOR_BRANCHES.items():
             name = name.replace(f".{theirs}.", f".{ours}.")
-        if name in own:
-            converted[name] = value
-        else:
+        slot_path, _, _ = name.rpartition(".")
+        slot, _, branch = slot_path.rpartition(".")
+        unused_branch = (
+            name not in own
+            and branch in _AUTHOR_BRANCHES.values()
+            and slot.removeprefix("backbone.") in slots
+        )
+        if unused_branch:
             dropped.append(key)
+        else:
+            converted[name] = value
     return converted, dropped
 
 

@@ -245,11 +245,6 @@ BAD_INPUTS = [
         None,
         ["101", "18, 34, 50"],
         id="json-unsupported-depth",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG model/arch.py arch_from_dict: _check_depth(depth) raises without the "
-            "file name (message is 'unsupported ResNet depth 101: ...')",
-        ),
     ),
 ]
 

@@ -273,11 +273,6 @@ def test_split_checkpoint_into_shared_model(tmp_path: Path) -> None:
     assert torch.equal(model.backbone.bn1.shared.running_mean, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG model/weights.py _assign: keys of the checkpoint that the model lacks are only "
-    "reported as dropped, so a ResNet-34 checkpoint silently loads into a ResNet-18 model",
-)
 @pytest.mark.parametrize("layout", ["ours", "authors"])
 def test_deeper_checkpoint_is_refused(tmp_path: Path, layout: str) -> None:
     """A ResNet-34 checkpoint must not load into a ResNet-18 model (extra blocks ignored)."""
@@ -351,13 +346,6 @@ def test_truncated_checkpoint_refused(tmp_path: Path, good_checkpoint: Path) -> 
         safe_load(empty)
 
 
-TEXT_REASON = (
-    "BUG model/weights.py safe_load: a text file either escapes as KeyError/IndexError from the "
-    "weights-only unpickler (not caught), or is misreported as 'refused: pickled Python objects'"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=TEXT_REASON)
 @pytest.mark.parametrize(
     "text", ["hello world\n", "this is not a checkpoint\n", "model weights\n"], ids=["h", "t", "m"]
 )
@@ -438,12 +426,6 @@ def test_pretrained_path_loads(tmp_path: Path) -> None:
     assert tuple(model.classifier.weight.shape) == (3, 512)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG model/weights.py load_imagenet/_assign: torchvision files saved before "
-    "PyTorch 0.4 (such as resnet50-19c8e357.pth, the authors' file) have no num_batches_tracked "
-    "and are refused as 'missing weights'",
-)
 def test_pretrained_without_num_batches_tracked(tmp_path: Path) -> None:
     """An ImageNet file without num_batches_tracked (the old torchvision files) still loads."""
     state = torchvision_state(18, seed=12, batches_tracked=False)
@@ -496,11 +478,6 @@ def test_imagenet_from_cache_never_downloads(offline_hub: tuple[Path, list[str]]
     assert calls == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG model/weights.py _imagenet_state: <hub>/checkpoints is never created, so a "
-    "download into a fresh hub dir fails (download_url_to_file opens a file in that dir)",
-)
 def test_imagenet_download_into_fresh_hub_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
