@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
 import urllib.error
 from collections.abc import Mapping
