@@ -1,0 +1,153 @@
+"""Losses of CM-NAS training and search: identity CE, batch-hard triplet, SP and CMMD.
+
+All losses are plain differentiable functions of features and labels; the training engine weighs
+and sums them (DESIGN section 2: CE + triplet + 5.0 * SP + 0.05 * CMMD). Anything that pairs
+samples of the same identity does so by comparing labels, never by assuming batch positions, except
+``sp_loss``, whose definition is positional (row k of both halves is the same identity).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+PAIRINGS = ("vv", "ii", "vi", "iv")
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the summed training loss; the defaults are the paper's."""
+
+    identity: float = 1.0
+    triplet: float = 1.0
+    sp: float = 5.0
+    cmmd: float = 0.05
+
+
+def identity_loss(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Cross entropy of classifier logits against identity labels."""
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+
+def euclidean_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise Euclidean distances (len(a), len(b)); squared distances are clamped at 1e-12."""
+    squared = a.pow(2).sum(dim=1, keepdim=True) + b.pow(2).sum(dim=1).unsqueeze(0) - 2.0 * (a @ b.T)
+    # The clamp keeps sqrt's gradient finite at zero distance and absorbs negative round-off.
+    return squared.clamp(min=1e-12).sqrt()
+
+
+def batch_hard_triplet(
+    anchors: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    candidates: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    margin: float = 0.4,
+) -> torch.Tensor:
+    """Batch-hard triplet loss: mean(relu(hardest positive - hardest negative + margin)).
+
+    For each anchor the hardest positive is the farthest candidate with its label and the hardest
+    negative the nearest candidate with another label. Anchors lacking either are left out of the
+    mean; if none remain the loss is a zero that still belongs to the graph.
+    """
+    dist = euclidean_dist(anchors, candidates)
+    same = anchor_labels.view(-1, 1) == candidate_labels.view(1, -1)
+    hardest_positive = dist.masked_fill(~same, float("-inf")).max(dim=1).values
+    hardest_negative = dist.masked_fill(same, float("inf")).min(dim=1).values
+    usable = same.any(dim=1) & (~same).any(dim=1)
+    if not bool(usable.any()):
+        return dist.sum() * 0.0
+    hinge = F.relu(hardest_positive[usable] - hardest_negative[usable] + margin)
+    return hinge.mean()
+
+
+def cross_modality_triplet(
+    visible_feats: torch.Tensor,
+    visible_labels: torch.Tensor,
+    infrared_feats: torch.Tensor,
+    infrared_labels: torch.Tensor,
+    margin: float = 0.4,
+    pairings: Sequence[str] = PAIRINGS,
+) -> torch.Tensor:
+    """Mean of batch_hard_triplet over anchor -> candidate pairings ("vv", "ii", "vi", "iv").
+
+    The full set is the training loss; ``pairings=("vi", "iv")`` is the cross-modality-only
+    variant used by the architecture search.
+    """
+    if not pairings:
+        raise ValueError("pairings must name at least one of 'vv', 'ii', 'vi', 'iv'")
+    sets = {"v": (visible_feats, visible_labels), "i": (infrared_feats, infrared_labels)}
+    losses = []
+    for pairing in pairings:
+        if pairing not in PAIRINGS:
+            raise ValueError(f"unknown pairing {pairing!r}: expected one of {PAIRINGS}")
+        anchors, anchor_labels = sets[pairing[0]]
+        candidates, candidate_labels = sets[pairing[1]]
+        losses.append(
+            batch_hard_triplet(anchors, anchor_labels, candidates, candidate_labels, margin)
+        )
+    return torch.stack(losses).mean()
+
+
+def sp_loss(visible_feats: torch.Tensor, infrared_feats: torch.Tensor) -> torch.Tensor:
+    """Correlation consistency: MSE between the row-normalised Gram matrices of the two halves.
+
+    Row k of both halves must be the same identity (the sampler's alignment).
+    """
+    if visible_feats.shape != infrared_feats.shape:
+        raise ValueError(
+            f"sp_loss needs aligned halves, got {tuple(visible_feats.shape)} and "
+            f"{tuple(infrared_feats.shape)}"
+        )
+    visible_gram = F.normalize(visible_feats @ visible_feats.T, dim=1)
+    infrared_gram = F.normalize(infrared_feats @ infrared_feats.T, dim=1)
+    return F.mse_loss(visible_gram, infrared_gram)
+
+
+def _mean_kernel(
+    left_weight: torch.Tensor,
+    left: torch.Tensor,
+    right_weight: torch.Tensor,
+    right: torch.Tensor,
+) -> torch.Tensor:
+    """Per identity, the weighted mean of k(a, b) = (a.b)^2 over its left and right samples."""
+    kernel = (left @ right.T).pow(2)
+    return ((left_weight @ kernel) * right_weight).sum(dim=1)
+
+
+def cmmd_loss(
+    visible_feats: torch.Tensor,
+    visible_labels: torch.Tensor,
+    infrared_feats: torch.Tensor,
+    infrared_labels: torch.Tensor,
+) -> torch.Tensor:
+    """Class-specific MMD^2 with kernel (a.b)^2 on L2-normalised features, averaged over identities.
+
+    Per identity present in both modalities: mean k(V,V) + mean k(I,I) - 2 mean k(V,I) over all
+    pairs, diagonal included. With no shared identity the loss is a graph-connected zero.
+    """
+    visible = F.normalize(visible_feats, dim=1)
+    infrared = F.normalize(infrared_feats, dim=1)
+    identities = torch.unique(torch.cat([visible_labels, infrared_labels]))
+    # Row k of each weight matrix averages the samples of identity k (zero where it is absent),
+    # so a quadratic form w K w^T is that identity's mean kernel value.
+    visible_onehot = (visible_labels.view(1, -1) == identities.view(-1, 1)).to(visible.dtype)
+    infrared_onehot = (infrared_labels.view(1, -1) == identities.view(-1, 1)).to(infrared.dtype)
+    visible_count = visible_onehot.sum(dim=1)
+    infrared_count = infrared_onehot.sum(dim=1)
+    shared = (visible_count > 0) & (infrared_count > 0)
+    if not bool(shared.any()):
+        return (visible.sum() + infrared.sum()) * 0.0
+    visible_weight = visible_onehot[shared] / visible_count[shared].unsqueeze(1)
+    infrared_weight = infrared_onehot[shared] / infrared_count[shared].unsqueeze(1)
+
+    mmd = (
+        _mean_kernel(visible_weight, visible, visible_weight, visible)
+        + _mean_kernel(infrared_weight, infrared, infrared_weight, infrared)
+        - 2.0 * _mean_kernel(visible_weight, visible, infrared_weight, infrared)
+    )
+    return mmd.mean()
