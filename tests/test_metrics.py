@@ -133,6 +133,15 @@ def test_ties_broken_by_gallery_index(evaluate) -> None:
     assert hit_first[0] == 1.0
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_negative_zero_ties_with_zero(dtype) -> None:
+    # -0.0 == 0.0, so gallery order decides: id 2 (index 0) first, then id 1.
+    dist = np.array([[0.0, -0.0, 1.0]], dtype=dtype)
+    for evaluate in (eval_regdb, eval_regdb_loop):
+        cmc, _, _ = evaluate(dist, [1], [2, 1, 3])
+        np.testing.assert_array_equal(cmc[:2], [0.0, 1.0])
+
+
 # --- RegDB hand-computed cases -----------------------------------------------------------------
 
 
@@ -214,11 +223,12 @@ def test_vectorised_matches_loop(num_query, num_gallery, num_ids, dtype) -> None
     assert_same(eval_regdb(dist, q_pids, g_pids), eval_regdb_loop(dist, q_pids, g_pids))
 
 
-def test_vectorised_matches_loop_with_ties_and_inf() -> None:
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vectorised_matches_loop_with_ties_and_inf(dtype) -> None:
     # Integer distances tie all the time; +inf means "never close". Ties follow gallery order.
     rng = np.random.default_rng(11)
     for _ in range(20):
-        dist, q_pids, g_pids, q_cams, g_cams = random_problem(rng, 25, 40, 5, np.float64)
+        dist, q_pids, g_pids, q_cams, g_cams = random_problem(rng, 25, 40, 5, dtype)
         dist = np.round(dist)
         dist[rng.random(dist.shape) < 0.1] = np.inf
         q_pids[0], q_cams[0] = g_pids[0], 6

@@ -217,6 +217,30 @@ class _QueryResults:
     inp: np.ndarray
 
 
+def _bucket_order(
+    buckets: np.ndarray, cols: np.ndarray, dists: np.ndarray, num_buckets: int, num_columns: int
+) -> np.ndarray:
+    """Permutation sorting entries by (bucket, distance, column); entries arrive column-ascending.
+
+    Buckets come first because ignored images sit in the overflow bucket whatever their distance.
+    """
+    bucket_bits = max(num_buckets - 1, 1).bit_length()
+    col_bits = max(num_columns - 1, 1).bit_length()
+    if dists.dtype == np.float32 and bucket_bits + 32 + col_bits <= 64:
+        # One distinct 64-bit key per entry, so a fast unstable sort is exact. Adding 0.0 turns
+        # -0.0 into +0.0 (equal distances); flipping negative floats entirely and setting the
+        # sign bit of the others makes the bit patterns sort like the values.
+        bits = (dists + np.float32(0.0)).view(np.uint32).astype(np.uint64)
+        ordered = np.where(bits >> np.uint64(31), bits ^ np.uint64(0xFFFFFFFF), bits | (1 << 31))
+        key = buckets.astype(np.uint64) << np.uint64(32 + col_bits)
+        key |= ordered << np.uint64(col_bits)
+        key |= cols.astype(np.uint64)
+        return np.argsort(key)
+    # Two stable sorts: equal distances keep the incoming column order.
+    order = np.argsort(dists, kind="stable")
+    return order[np.argsort(buckets[order], kind="stable")]
+
+
 def _rank_chunk(
     dist: np.ndarray,
     query_identity: np.ndarray,
@@ -304,13 +328,12 @@ def _rank_chunk(
     hit_row, hit_col = np.divmod(hit, num_columns)
     is_candidate = bucket.ravel()[hit] >= first_bucket[hit_row]
 
-    # Order candidates exactly by (bucket, distance, column): hits list columns ascending and both
-    # sorts are stable, so equal distances keep column order as a stable argsort would.
     cand_row, cand_col = hit_row[is_candidate], hit_col[is_candidate]
-    order = np.argsort(dist[cand_row, cand_col], kind="stable")
-    order = order[np.argsort(bucket[cand_row[order], cand_col[order]], kind="stable")]
-    cand_row, cand_col = cand_row[order], cand_col[order]
-    cand_bucket = bucket[cand_row, cand_col]
+    cand_bucket = bucket.ravel()[hit[is_candidate]]
+    order = _bucket_order(
+        cand_bucket, cand_col, dist[cand_row, cand_col], histogram.size, num_columns
+    )
+    cand_row, cand_col, cand_bucket = cand_row[order], cand_col[order], cand_bucket[order]
     cand_kept = ~(ignore_rows[cand_row] & ignored_column[cand_col])
     cand_is_positive = (
         (gallery.column_identity[cand_col] == query_identity[cand_row])
