@@ -4,7 +4,10 @@
     python test.py --dataset regdb --data_root DATA/RegDB --trial 3 --weights ckpt.pth.tar \
         --config_path config.cfg --ema
 
-SYSU: all 10 gallery trials in one run (query features extracted once). RegDB: both directions.
+This project's checkpoints carry their architecture, class count, image size and RegDB trial, so
+``--weights`` alone rebuilds the network; the authors' need their ``config.cfg``.
+SYSU: all 10 gallery trials in one run (query features extracted once), or ``--trial k``.
+RegDB: both directions.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,14 +24,16 @@ from typing import Any
 import torch
 
 from model import CMNASNet, build_model, load_arch, load_checkpoint, read_checkpoint
-from model.arch import arch_from_dict
+from model.arch import Arch, arch_from_dict
 from model.weights import is_authors_checkpoint
 from utils.cli import run_cli
 from utils.errors import UserError
 from utils.logger import setup_logging
-from utils.options import check_common, data_parser
+from utils.options import check_common, check_data_root, data_parser, select_device
 
 log = logging.getLogger("test")
+# Image size of the paper (and of the authors' checkpoints).
+DEFAULT_IMG_SIZE = (256, 128)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -77,14 +83,66 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="K",
-        help="write rank-list PNGs for K queries next to --save_json (or ./)",
+        help="write rank-list PNGs for K queries into rank_lists/ next to --save_json (or ./)",
     )
+    # None: the checkpoint's (this project's), else the paper's 256x128; --trial: SYSU gallery
+    # trial 0-9 (default all 10), RegDB split 1-10 (default the checkpoint's, else 1).
+    parser.set_defaults(img_h=None, img_w=None)
     return parser
 
 
-def build_from_checkpoint(args: argparse.Namespace) -> tuple[CMNASNet, dict[str, Any]]:
+def check_output_file(path: str, flag: str) -> None:
+    """Fail before any work unless ``path`` can be written (its folder exists and is writable)."""
+    out = Path(path)
+    folder = out.parent
+    if out.is_dir():
+        raise UserError(f"{flag} {out}: is a folder, expected a file name")
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise UserError(f"{flag} {out}: folder {folder} {what}")
+    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise UserError(f"{flag} {out}: not writable")
+
+
+def _slot_difference(given: Arch, stored: Arch) -> str:
+    """The slots where two architectures differ, for error messages."""
+    if given.depth != stored.depth:
+        return f"ResNet-{given.depth} vs ResNet-{stored.depth}"
+    differ = [name for name in stored.slots if given.slots[name] != stored.slots[name]]
+    shown = ", ".join(f"{n} ({given.slots[n]} vs {stored.slots[n]})" for n in differ[:4])
+    return f"{len(differ)} slot(s): {shown}{', ...' if len(differ) > 4 else ''}"
+
+
+def resolve_options(args: argparse.Namespace, checkpoint: dict[str, Any]) -> None:
+    """Fill image size and RegDB trial from the checkpoint's training options when not given."""
+    trained = checkpoint.get("args") if not is_authors_checkpoint(checkpoint) else None
+    trained = trained if isinstance(trained, dict) else {}
+    for flag, fallback in zip(("img_h", "img_w"), DEFAULT_IMG_SIZE, strict=True):
+        if getattr(args, flag) is None:
+            setattr(args, flag, int(trained.get(flag) or fallback))
+    if args.img_h < 32 or args.img_w < 16:
+        raise UserError(f"--img_h/--img_w {args.img_h}x{args.img_w}: expected at least 32x16")
+    if args.dataset != "regdb":
+        return
+    trained_trial = trained.get("trial") if trained.get("dataset") == "regdb" else None
+    if args.trial is None:
+        args.trial = int(trained_trial or 1)
+    elif trained_trial is not None and int(trained_trial) != args.trial:
+        log.warning(
+            "%s was trained on RegDB trial %s; the test identities of trial %d may include "
+            "its training identities",
+            args.weights,
+            trained_trial,
+            args.trial,
+        )
+
+
+def build_from_checkpoint(
+    args: argparse.Namespace, checkpoint: dict[str, Any] | None = None
+) -> tuple[CMNASNet, dict[str, Any]]:
     """Rebuild the network a checkpoint was trained with and load its weights."""
-    checkpoint = read_checkpoint(args.weights)
+    if checkpoint is None:
+        checkpoint = read_checkpoint(args.weights)
     if is_authors_checkpoint(checkpoint):
         if not args.config_path:
             raise UserError(
@@ -93,17 +151,26 @@ def build_from_checkpoint(args: argparse.Namespace) -> tuple[CMNASNet, dict[str,
             )
         arch = load_arch(args.config_path)
         classifier = checkpoint["model"].get("module.classifier.weight")
-        if classifier is None:
-            raise UserError(f"--weights {args.weights}: no module.classifier.weight entry")
+        if not isinstance(classifier, torch.Tensor) or classifier.dim() != 2:
+            raise UserError(f"--weights {args.weights}: no module.classifier.weight matrix")
         num_classes, last_stride = int(classifier.shape[0]), args.last_stride or 1
     else:
+        if isinstance(checkpoint.get("search"), dict):
+            raise UserError(
+                f"--weights {args.weights}: a search checkpoint (a supernet); train its "
+                "arch.json with train.py and test that checkpoint"
+            )
+        for key in ("arch", "num_classes"):
+            if key not in checkpoint:
+                raise UserError(f"--weights {args.weights}: checkpoint has no '{key}' entry")
         arch = arch_from_dict(checkpoint["arch"], f"{args.weights} (architecture)")
         if args.config_path:
             given = load_arch(args.config_path)
             if given.slots != arch.slots:
                 raise UserError(
-                    f"--config_path {args.config_path} differs from the "
-                    f"architecture stored in {args.weights}"
+                    f"--config_path {args.config_path} differs from the architecture stored in "
+                    f"{args.weights} in {_slot_difference(given, arch)} (config vs checkpoint); "
+                    "leave --config_path out for this project's checkpoints"
                 )
         num_classes = int(checkpoint["num_classes"])
         last_stride = args.last_stride or int(checkpoint.get("last_stride", 1))
@@ -114,7 +181,10 @@ def build_from_checkpoint(args: argparse.Namespace) -> tuple[CMNASNet, dict[str,
 
 
 def run_tests(
-    args: argparse.Namespace, model: CMNASNet, device: torch.device
+    args: argparse.Namespace,
+    model: CMNASNet,
+    device: torch.device,
+    keep: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[tuple[str, dict[str, float]]]]:
     """Run the protocol the options name; returns the results and the table rows."""
     from utils.evaluation import evaluate_regdb, evaluate_sysu
@@ -134,20 +204,66 @@ def run_tests(
             img_size,
             args.test_batch,
             amp,
+            keep=keep,
         )
         name = f"sysu {args.mode} {'single' if args.shot == 1 else 'multi'}-shot"
         results = {name: result}
         rows += [(f"{name} {kind}", result[kind]) for kind in ("pool", "bnneck")]
         return results, rows
-    trial = args.trial or 1
     direction = "i2v" if args.tvsearch else args.direction
     result = evaluate_regdb(
-        model, args.data_root, trial, direction, device, img_size, args.test_batch, amp
+        model,
+        args.data_root,
+        args.trial,
+        direction,
+        device,
+        img_size,
+        args.test_batch,
+        amp,
+        keep=keep,
     )
-    results = {f"regdb trial {trial} {d}": r for d, r in result.items()}
+    results = {f"regdb trial {args.trial} {d}": r for d, r in result.items()}
     for name, res in results.items():
         rows += [(f"{name} {kind}", res[kind]) for kind in ("pool", "bnneck")]
     return results, rows
+
+
+def write_rank_lists(args: argparse.Namespace, features: dict[str, Any]) -> None:
+    """Rank-list pictures of ``--visualize`` queries for each evaluated direction."""
+    from utils.visualize import save_rank_lists
+
+    root = Path(args.save_json).parent if args.save_json else Path(".")
+    if args.dataset == "sysu":
+        jobs = [("sysu", "query", "gallery", "infrared", "visible", True)]
+    else:
+        direction = "i2v" if args.tvsearch else args.direction
+        jobs = []
+        if direction in ("v2i", "both"):
+            jobs.append(("regdb_v2i", "visible", "infrared", "visible", "infrared", False))
+        if direction in ("i2v", "both"):
+            jobs.append(("regdb_i2v", "infrared", "visible", "infrared", "visible", False))
+    for name, query, gallery, query_label, gallery_label, same_location in jobs:
+        save_rank_lists(
+            features[query],
+            features[gallery],
+            root / "rank_lists" / name,
+            args.visualize,
+            query_label=query_label,
+            gallery_label=gallery_label,
+            ignore_same_location=same_location,
+        )
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+    """Write ``payload`` through a temporary file and a rename (never half a file)."""
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        os.replace(tmp, out)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"--save_json {out}: cannot write ({err.strerror})") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,24 +276,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.visualize < 0:
         raise UserError(f"--visualize {args.visualize}: expected a number of queries >= 0")
     if args.save_json:
-        out = Path(args.save_json)
-        if out.parent and not out.parent.exists():
-            raise UserError(f"--save_json {out}: folder {out.parent} does not exist")
-    from utils.engine import select_device
-    from utils.evaluation import format_table
-
+        check_output_file(args.save_json, "--save_json")
     device = select_device(args.device)
-    model, _ = build_from_checkpoint(args)
+    checkpoint = read_checkpoint(args.weights)
+    resolve_options(args, checkpoint)
+    check_data_root(args, splits=("test",))
+    model, _ = build_from_checkpoint(args, checkpoint)
     model.to(device).eval()
-    results, rows = run_tests(args, model, device)
-    table = format_table(rows, title=f"{args.weights}{' (EMA)' if args.ema else ''}")
+    features: dict[str, Any] | None = {} if args.visualize else None
+    results, rows = run_tests(args, model, device, features)
+    table = format_results(rows, args)
     log.info("results:\n%s", table)
     sys.stdout.write(table + "\n")
     if args.save_json:
-        payload = {"weights": args.weights, "ema": args.ema, "results": results}
-        Path(args.save_json).write_text(json.dumps(payload, indent=2) + "\n")
+        payload = {
+            "weights": args.weights,
+            "ema": args.ema,
+            "dataset": args.dataset,
+            "img_size": [args.img_h, args.img_w],
+            "results": results,
+        }
+        _write_json(args.save_json, payload)
         log.info("wrote %s", args.save_json)
+    if features:
+        write_rank_lists(args, features)
     return 0
+
+
+def format_results(rows: list[tuple[str, dict[str, float]]], args: argparse.Namespace) -> str:
+    """The printed table, titled with the weights it scored."""
+    from utils.evaluation import format_table
+
+    return format_table(rows, title=f"{args.weights}{' (EMA)' if args.ema else ''}")
 
 
 if __name__ == "__main__":

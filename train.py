@@ -13,7 +13,13 @@ import sys
 from collections.abc import Sequence
 
 from utils.cli import run_cli
-from utils.options import check_training, data_parser, model_parser, optim_parser
+from utils.options import (
+    check_data_root,
+    check_training,
+    data_parser,
+    model_parser,
+    optim_parser,
+)
 
 log = logging.getLogger("train")
 
@@ -31,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, train, and run the final evaluation."""
     args = get_args_parser().parse_args(argv)
     check_training(args)
+    check_data_root(args)
     from utils.engine import Interrupted, Trainer
 
     trainer = Trainer(args)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,31 @@ from model.weights import CHECKPOINT_FORMAT
 CHECKPOINT_VERSION = 1
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (not possible on every platform; best effort)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` to a temporary file, flush it to disk, then rename it over ``path``.
 
-    A kill at any moment leaves either the previous file or the new one, never half of one.
+    A kill at any moment leaves either the previous file or the new one, never half of one, and
+    a failure removes the temporary file.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -32,10 +54,57 @@ def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp creates the file readable by its owner only; give it the usual permissions.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def copy_atomic(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Make ``dst`` a copy of the finished file ``src``, atomically.
+
+    A hard link when the file system allows it (no second write of a large checkpoint; a later
+    :func:`save_atomic` over ``src`` replaces ``src``'s name, not the linked data), else a copy.
+    """
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(dst.parent)
+
+
+def plain(value: Any) -> Any:
+    """``value`` with str/int/float subclasses (e.g. ``torch.__version__``) made plain.
+
+    ``torch.load(..., weights_only=True)`` refuses such subclasses, so everything stored in a
+    checkpoint besides tensors goes through this.
+    """
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, dict):
+        return {plain(key): plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(item) for item in value]
+    return value
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -80,10 +149,10 @@ def checkpoint_header(
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
-        "arch": arch,
+        "arch": plain(arch),
         "num_classes": num_classes,
         "last_stride": last_stride,
-        "args": {key: value for key, value in args.items() if _plain(value)},
+        "args": {key: plain(value) for key, value in args.items() if _plain(value)},
     }
 
 

@@ -7,16 +7,26 @@ and reuses everything else.
 Speed: images stay uint8 (on the GPU when there is one) and are augmented in batch on the device;
 losses are read back to the host only every ``--log_freq`` steps; bf16 autocast, channels-last,
 fused Adam and a ``foreach`` EMA on CUDA.
+
+Safety: every option, the data, the architecture and a ``--resume`` checkpoint are checked
+before the run folder is created, so a rejected run leaves nothing behind. Checkpoints are
+written atomically; SIGINT/SIGTERM stop after the current step with a resumable checkpoint; a
+non-finite loss stops the run before it can overwrite the last good checkpoint. A resumed run
+(``--deterministic`` on the CPU) continues bit-exactly: model, optimizer, schedule, EMA, step
+and every random state come back, and the sampler regenerates any step of any epoch.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
+import os
 import random
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,14 +37,17 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data import CrossModalitySampler, TrainSet, augment_batch, load_train_set
-from model import Arch, Routing, build_model, load_arch
+from model import Arch, Routing, build_model, load_arch, load_checkpoint
 from model.losses import cmmd_loss, cross_modality_triplet, identity_loss, sp_loss
-from model.weights import checkpoint_state, read_checkpoint
+from model.weights import CHECKPOINT_FORMAT, read_checkpoint
 from utils.checkpoint import (
     capture_rng_state,
     checkpoint_header,
+    copy_atomic,
+    plain,
     restore_rng_state,
     save_atomic,
 )
@@ -43,10 +56,38 @@ from utils.ema import ModelEMA
 from utils.errors import UserError
 from utils.evaluation import autocast, evaluate_regdb, evaluate_sysu, format_table
 from utils.logger import append_json_line, log_run_header, setup_logging
-from utils.options import prepare_run_dir, run_dir
+from utils.options import (
+    check_data_root,
+    check_run_dir,
+    prepare_run_dir,
+    run_dir,
+    select_device,
+)
+
+__all__ = [
+    "LATEST",
+    "Batch",
+    "Interrupted",
+    "NonFiniteLoss",
+    "Trainer",
+    "lr_factor",
+    "reid_losses",
+    "seed_everything",
+    "select_device",
+]
 
 log = logging.getLogger(__name__)
 LATEST = "checkpoint_latest.pth"
+# Options a resumed run must share with its checkpoint: they fix the data, the batches and the
+# model, so a change would silently continue a different run.
+RESUME_FIXED = ("dataset", "img_h", "img_w", "batch_size", "num_pos", "last_stride", "seed")
+# Options that may change on a resume without comment (paths, bookkeeping, evaluation).
+RESUME_FREE = frozenset(
+    {
+        "data_root", "cache_dir", "save", "note", "resume", "device", "test_batch", "log_freq",
+        "save_freq", "test_freq", "epochs", "compile", "channels_last", "mode", "eval_arch",
+    }
+)  # fmt: skip
 
 
 class Interrupted(Exception):
@@ -58,6 +99,7 @@ class Interrupted(Exception):
             f"{checkpoint} (continue with --resume {checkpoint})"
         )
         self.signum = signum
+        self.checkpoint = checkpoint
 
 
 class NonFiniteLoss(UserError):
@@ -74,17 +116,34 @@ class Batch:
     n_visible: int
 
 
-def select_device(name: str | None) -> torch.device:
-    """``--device`` or CUDA when available, else the CPU; a bad name is a user error."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+class _RecordBuffer(logging.Handler):
+    """Holds the log records of the set-up until the run folder (and log.txt) exists."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` through a temporary file and a rename (no half-written file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name}: expected cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return device
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _index_tensor(index: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Indices on ``device`` without a host synchronisation (pinned, non-blocking on CUDA)."""
+    tensor = torch.from_numpy(index)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -93,6 +152,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if deterministic:
+        # cuBLAS needs a fixed workspace for deterministic results; set before it starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
@@ -152,17 +213,23 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         seed_everything(args.seed + self.dist.rank, args.deterministic)
         self.out = run_dir(args, self.kind)
-        if self.dist.is_main:
-            prepare_run_dir(self.out)
-        barrier(self.dist)
-        setup_logging(self.out / "log.txt", self.dist.rank)
-        self.env = log_run_header(args, self.device)
+        check_run_dir(self.out, args.resume or None)
+        # Until the run folder exists (it appears only once every check has passed), log
+        # records wait in memory; they open log.txt.
+        setup_logging(None, self.dist.rank)
+        early = _RecordBuffer()
+        logging.getLogger().addHandler(early)
+        self.env = plain(log_run_header(args, self.device))
         self.img_size = (args.img_h, args.img_w)
         self.amp = args.amp if self.device.type == "cuda" else "none"
+        # Channels-last pays on GPUs; on a CPU it made the steps slower.
+        self.channels_last = (
+            self.device.type == "cuda" if args.channels_last is None else args.channels_last
+        )
         self.train_set = self.build_data()
         self.model = self.build_model()
         self.model.to(self.device)
-        if args.channels_last:
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.ema = ModelEMA(self.model, args.ema_decay) if args.ema_decay > 0 else None
         self.optimizer = self.build_optimizer()
@@ -183,15 +250,25 @@ class Trainer:
         self.start_epoch, self.start_step, self.global_step = 0, 0, 0
         self.last_good: Path | None = None
         self._stop_signal: int | None = None
+        # Loss sums of a partly trained epoch: restored by a resume, saved by an interruption.
+        self._epoch_sums: dict[str, float] = {}
+        self._epoch_count = 0
         self._upload_images()
         if args.resume:
             self.resume(args.resume)
         self.net = self._wrap(self.model)
+        if self.dist.is_main:
+            prepare_run_dir(self.out)
+        barrier(self.dist)
+        self._open_run_log(early)
+        if args.resume and self.dist.is_main:
+            self._trim_epoch_log()
 
     # ----- set-up, overridable -------------------------------------------------------------
     def build_data(self) -> TrainSet:
-        """Load (and cache) the training images."""
+        """Check ``--data_root`` and load (and cache) the training images."""
         args = self.args
+        check_data_root(args)
         # Rank 0 builds the cache first so that the other ranks only read it.
         if not self.dist.is_main:
             barrier(self.dist)
@@ -201,7 +278,7 @@ class Trainer:
             self.img_size,
             args.trial,
             args.cache_dir,
-            progress=self.dist.is_main,
+            progress=self.dist.is_main and sys.stderr.isatty(),
         )
         if self.dist.is_main:
             barrier(self.dist)
@@ -277,6 +354,39 @@ class Trainer:
             self.images = {k: v.to(self.device) for k, v in self.images.items()}
             self.labels = {k: v.to(self.device) for k, v in self.labels.items()}
 
+    def _open_run_log(self, early: _RecordBuffer) -> None:
+        """Log to ``log.txt`` in the run folder (appending on a resume), set-up records first."""
+        setup_logging(self.out / "log.txt", self.dist.rank)
+        files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+        for record in early.records:
+            for handler in files:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+        early.records.clear()
+
+    def _trim_epoch_log(self) -> None:
+        """Drop log.jsonl records of epochs after the resume point (they are trained again)."""
+        path = self.out / "log.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        keep = []
+        for line in lines:
+            try:
+                epoch = int(json.loads(line).get("epoch", 0))
+            except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+                continue  # e.g. a line torn by a crash
+            if epoch <= self.start_epoch:
+                keep.append(line)
+        if len(keep) != len(lines):
+            _write_text_atomic(path, "".join(line + "\n" for line in keep))
+            log.warning(
+                "%s: dropped %d record(s) after epoch %d, which this run trains again",
+                path,
+                len(lines) - len(keep),
+                self.start_epoch,
+            )
+
     # ----- steps ---------------------------------------------------------------------------
     def make_batch(
         self,
@@ -290,18 +400,18 @@ class Trainer:
         images = images or self.images
         labels = labels or self.labels
         store = images["visible"].device
-        v_idx = torch.from_numpy(visible_idx).to(store, non_blocking=True)
-        i_idx = torch.from_numpy(infrared_idx).to(store, non_blocking=True)
+        v_idx = _index_tensor(visible_idx, store)
+        i_idx = _index_tensor(infrared_idx, store)
         raw = torch.cat(
             [images["visible"].index_select(0, v_idx), images["infrared"].index_select(0, i_idx)]
         )
         raw = raw.to(self.device, non_blocking=True)
         x = augment_batch(raw, generator or self.aug_generator)
-        if self.args.channels_last:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.cat(
             [labels["visible"].index_select(0, v_idx), labels["infrared"].index_select(0, i_idx)]
-        ).to(self.device)
+        ).to(self.device, non_blocking=True)
         n = len(visible_idx)
         return Batch(x, y, Routing.from_halves(n, len(infrared_idx)), n)
 
@@ -327,12 +437,9 @@ class Trainer:
 
     # ----- the loop ------------------------------------------------------------------------
     def batches(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """The sampler's batches of ``epoch``, skipping those done before a resume."""
-        self.sampler.set_epoch(epoch)
-        skip = self.start_step if epoch == self.start_epoch else 0
-        for step, (v_idx, i_idx) in enumerate(self.sampler):
-            if step >= skip:
-                yield v_idx, i_idx
+        """The sampler's batches of ``epoch``, from the resume step on in the resumed epoch."""
+        self.sampler.set_epoch(epoch, self.start_step if epoch == self.start_epoch else 0)
+        yield from self.sampler
 
     def steps_per_epoch(self) -> int:
         """Steps in one epoch (``--max_steps`` caps it for smoke runs)."""
@@ -340,77 +447,142 @@ class Trainer:
         return min(steps, self.args.max_steps) if self.args.max_steps else steps
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
-        """Run one epoch; returns the mean of each loss term over the steps read back."""
+        """Run one epoch; returns the mean of each loss term over its steps."""
         self.net.train()
         total = self.steps_per_epoch()
         first = self.start_step if epoch == self.start_epoch else 0
+        # Sums stay on the device: reading them back would synchronise every step.
         sums: dict[str, torch.Tensor] = {}
         count = 0
+        if first:
+            sums = {k: torch.tensor(v, device=self.device) for k, v in self._epoch_sums.items()}
+            count = self._epoch_count
         bar = tqdm(
             total=total,
             initial=first,
             desc=f"epoch {epoch + 1}/{self.args.epochs}",
             leave=False,
-            disable=not self.dist.is_main,
+            disable=not (self.dist.is_main and sys.stderr.isatty()),
         )
         for step, (v_idx, i_idx) in enumerate(self.batches(epoch), start=first):
             if step >= total:
                 break
             terms = self.training_step(v_idx, i_idx)
             for key, value in terms.items():
-                sums[key] = sums.get(key, torch.zeros((), device=value.device)) + value.float()
+                sums[key] = sums[key] + value.float() if key in sums else value.float()
             count += 1
             self.global_step += 1
             bar.update(1)
-            if (step + 1) % self.args.log_freq == 0 or step + 1 == total:
-                # The only host synchronisation of the loop.
-                loss = float(terms["loss"])
-                if not math.isfinite(loss):
-                    raise NonFiniteLoss(
-                        f"loss is {loss} at epoch {epoch + 1} step {step + 1}; last good "
-                        f"checkpoint: {self.last_good or 'none saved yet'}"
-                    )
-                bar.set_postfix(loss=f"{loss:.3f}")
-                if self.dist.enabled and broadcast_flag(
-                    self._stop_signal is not None, self.dist, self.device
-                ):
-                    self._save_interrupted(epoch, step + 1)
-            if not self.dist.enabled and self._stop_signal is not None:
-                self._save_interrupted(epoch, step + 1)
+            done = step + 1
+            stop = self._stop_signal is not None
+            if done % self.args.log_freq == 0 or done == total:
+                self._report(epoch, done, total, terms, sums, count, bar)
+                # Ranks agree on a stop at the log points only (one collective there).
+                stop = broadcast_flag(stop, self.dist, self.device)
+            elif self.dist.enabled:
+                stop = False
+            if stop:
+                self._save_interrupted(epoch, done, sums, count)
         bar.close()
         return {key: float(value) / max(count, 1) for key, value in sums.items()}
 
+    def _report(
+        self,
+        epoch: int,
+        done: int,
+        total: int,
+        terms: dict[str, torch.Tensor],
+        sums: dict[str, torch.Tensor],
+        count: int,
+        bar: tqdm,
+    ) -> None:
+        """The loop's only host synchronisation: check the loss and log progress."""
+        loss, mean = torch.stack([terms["loss"].float(), sums["loss"] / count]).tolist()
+        # The epoch's running sum is non-finite if any step since the epoch began was.
+        if not math.isfinite(mean):
+            bad = mean if math.isfinite(loss) else loss
+            self._non_finite(f"loss is {bad} in epoch {epoch + 1} (at or before step {done})")
+        bar.set_postfix(loss=f"{loss:.3f}")
+        log.info(
+            "epoch %d/%d step %d/%d: loss %.4f (epoch mean %.4f), lr %.3g",
+            epoch + 1,
+            self.args.epochs,
+            done,
+            total,
+            loss,
+            mean,
+            self.optimizer.param_groups[-1]["lr"],
+        )
+
+    def _non_finite(self, what: str) -> None:
+        """Stop the run: the weights may be ruined, so nothing is saved over the last good file."""
+        if self.last_good is None:
+            advice = "no checkpoint saved yet (lower --lr, or check the data)"
+        else:
+            advice = f"{self.last_good} (resume from it with a lower --lr, or check the data)"
+        raise NonFiniteLoss(f"{what}; stopped without saving. Last good checkpoint: {advice}")
+
     def run(self) -> dict[str, Any]:
         """Train from the start (or the resume point) to the last epoch; returns the results."""
-        args = self.args
         handlers = self._install_signal_handlers()
+        redirect = (
+            logging_redirect_tqdm()
+            if self.dist.is_main and sys.stderr.isatty()
+            else contextlib.nullcontext()
+        )
         try:
-            for epoch in range(self.start_epoch, args.epochs):
-                started = time.time()
-                losses = self.train_one_epoch(epoch)
-                self.scheduler.step()
-                self.start_step = 0
-                record: dict[str, Any] = {
-                    "epoch": epoch + 1,
-                    "step": self.global_step,
-                    "lr": self.optimizer.param_groups[-1]["lr"],
-                    "time_s": round(time.time() - started, 2),
-                    **losses,
-                }
-                last = epoch + 1 == args.epochs
-                if args.test_freq and (epoch + 1) % args.test_freq == 0 and not last:
-                    record.update(self.evaluate_and_log(final=False))
-                self.on_epoch_end(epoch, record)
-                self.save_checkpoint(epoch + 1, 0)
-                if self.dist.is_main:
-                    append_json_line(self.out / "log.jsonl", record)
-                    log.info("epoch %d: %s", epoch + 1, _brief(record))
-            results = self.evaluate_and_log(final=True)
-            self.on_train_end(results)
-            return results
+            with redirect:
+                return self._run_epochs()
         finally:
             self._restore_signal_handlers(handlers)
             cleanup(self.dist)
+
+    def _run_epochs(self) -> dict[str, Any]:
+        """The epochs of :meth:`run`: train, save, evaluate, log; stop when asked to."""
+        args = self.args
+        results: dict[str, Any] = {}
+        if self.start_epoch >= args.epochs:
+            log.info(
+                "%s has trained all %d epochs: running the final evaluation only",
+                self.last_good,
+                args.epochs,
+            )
+            results = self.evaluate_and_log(final=True)
+        for epoch in range(self.start_epoch, args.epochs):
+            started = time.time()
+            losses = self.train_one_epoch(epoch)
+            self.scheduler.step()
+            self.start_step = 0
+            record: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "step": self.global_step,
+                "lr": self.optimizer.param_groups[-1]["lr"],
+                "time_s": round(time.time() - started, 2),
+                **losses,
+            }
+            last = epoch + 1 == args.epochs
+            evaluated = bool(args.test_freq) and (epoch + 1) % args.test_freq == 0
+            if evaluated and self.ema is not None and args.ema_overwrite:
+                # The authors train on from the EMA weights after each evaluation. The
+                # evaluation reads the EMA copy only, so copying first changes no number and
+                # lets the checkpoint below hold the state the next epoch starts from.
+                self.ema.copy_to(self.model)
+            self.on_epoch_end(epoch, record)
+            # Saved before the evaluation: a failing evaluation cannot cost the epoch.
+            checkpoint = self.save_checkpoint(epoch + 1, 0)
+            if last:
+                results = self.evaluate_and_log(final=True)
+                record.update(results)
+            elif evaluated:
+                record.update(self.evaluate_and_log(final=False))
+            if self.dist.is_main:
+                append_json_line(self.out / "log.jsonl", record)
+                log.info("epoch %d: %s", epoch + 1, _brief(record))
+            stop = broadcast_flag(self._stop_signal is not None, self.dist, self.device)
+            if stop and not last:
+                raise Interrupted(self._stop_signal or signal.SIGTERM, checkpoint)
+        self.on_train_end(results)
+        return results
 
     def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
         """Hook for variants (the search logs its architecture probabilities here)."""
@@ -454,7 +626,10 @@ class Trainer:
         return {f"regdb_{k}": v for k, v in result.items()}
 
     def evaluate_and_log(self, final: bool) -> dict[str, Any]:
-        """Evaluate on rank 0, log a short summary; afterwards copy EMA into the live model."""
+        """Evaluate on rank 0 and log a summary; the final results also go to results.json/md.
+
+        Returns the flat Rank-1/mAP numbers for the epoch's log.jsonl record.
+        """
         flat: dict[str, Any] = {}
         if self.dist.is_main:
             results = self.evaluate(final)
@@ -466,13 +641,9 @@ class Trainer:
                     rows.append((f"{protocol} {kind}", result[kind]))
             log.info("evaluation%s:\n%s", " (final)" if final else "", format_table(rows))
             if final:
-                import json
-
-                (self.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-                (self.out / "results.md").write_text(format_table(rows) + "\n")
+                _write_text_atomic(self.out / "results.json", json.dumps(results, indent=2) + "\n")
+                _write_text_atomic(self.out / "results.md", format_table(rows) + "\n")
         barrier(self.dist)
-        if self.ema is not None and self.args.ema_overwrite and not final:
-            self.ema.copy_to(self.model)
         self.model.train()
         return flat
 
@@ -494,62 +665,148 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "rng": capture_rng_state(),
                 "aug_rng": self.aug_generator.get_state(),
-                "environment": self.env,
+                "environment": plain(self.env),
             }
         )
+        if step_in_epoch:
+            # The epoch's loss sums so far, so that its log record covers every step.
+            state["epoch_losses"] = {"sums": dict(self._epoch_sums), "count": self._epoch_count}
         return state
 
     def save_checkpoint(self, epoch: int, step_in_epoch: int) -> Path:
         """Write the latest checkpoint (and a periodic copy at ``--save_freq`` epochs)."""
+        self._check_finite_weights(epoch, step_in_epoch)
         path = self.out / LATEST
         if self.dist.is_main:
             state = self.checkpoint(epoch, step_in_epoch)
             save_atomic(state, path)
             if step_in_epoch == 0 and self.args.save_freq and epoch % self.args.save_freq == 0:
-                save_atomic(state, self.out / f"checkpoint_ep{epoch:03d}.pth")
+                copy_atomic(path, self.out / f"checkpoint_ep{epoch:03d}.pth")
         barrier(self.dist)
         self.last_good = path
         return path
 
+    def _check_finite_weights(self, epoch: int, step_in_epoch: int) -> None:
+        """Refuse to save non-finite weights over the last good checkpoint."""
+        params = [p.detach() for p in self.model.parameters() if p.dtype.is_floating_point]
+        if params and not bool(torch.stack([p.isfinite().all() for p in params]).all()):
+            where = (
+                f"epoch {epoch + 1} step {step_in_epoch}"
+                if step_in_epoch
+                else f"the end of epoch {epoch}"
+            )
+            self._non_finite(f"the weights became non-finite (at {where})")
+
     def resume(self, path: str) -> None:
         """Restore model, optimizer, scheduler, EMA, counters and every random state."""
         state = read_checkpoint(path)
-        if state.get("format") != "cmnas-checkpoint" or "optimizer" not in state:
-            raise UserError(f"--resume {path}: not a resumable checkpoint of this project")
-        if state["arch"] != self.arch.to_dict() and state["arch"]["slots"] != self.arch.slots:
+        if state.get("format") != CHECKPOINT_FORMAT or "optimizer" not in state:
             raise UserError(
-                f"--resume {path}: the checkpoint's architecture differs from "
-                f"--config_path {self.args.config_path}"
+                f"--resume {path}: not a resumable checkpoint of this project (test.py reads "
+                "the authors' checkpoints; they cannot be resumed)"
             )
-        self.model.load_state_dict(checkpoint_state(state, False, path))
+        self._check_resume_options(state, path)
+        slots = state.get("arch", {}).get("slots", {})
+        if slots != self.arch.slots:
+            differ = [name for name in self.arch.slots if slots.get(name) != self.arch.slots[name]]
+            differ += [name for name in slots if name not in self.arch.slots]
+            shown = ", ".join(
+                f"{n} ({slots.get(n, 'absent')} vs {self.arch.slots.get(n, 'absent')})"
+                for n in differ[:4]
+            )
+            raise UserError(
+                f"--resume {path}: the checkpoint's architecture differs from --config_path "
+                f"{self.args.config_path} in {len(differ)} slot(s): {shown}"
+                f"{', ...' if len(differ) > 4 else ''} (checkpoint vs config)"
+            )
+        epoch = int(state["epoch"])
+        if epoch > self.args.epochs:
+            raise UserError(
+                f"--resume {path}: the checkpoint is at epoch {epoch}, beyond --epochs "
+                f"{self.args.epochs}"
+            )
+        load_checkpoint(self.model, state, source=f"--resume {path}")
         if self.ema is not None:
-            if state.get("ema") is None:
+            if not state.get("ema"):
                 raise UserError(
-                    f"--resume {path}: the checkpoint has no EMA weights but --ema_decay > 0"
+                    f"--resume {path}: the checkpoint has no EMA weights but --ema_decay is "
+                    f"{self.args.ema_decay} (resume with --ema_decay 0)"
                 )
-            self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.start_epoch = int(state["epoch"])
+            load_checkpoint(self.ema.module, state, ema=True, source=f"--resume {path} (EMA)")
+        elif state.get("ema"):
+            log.warning("--resume %s: --ema_decay 0 drops the checkpoint's EMA weights", path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise UserError(
+                f"--resume {path}: the optimizer or schedule state does not fit this run "
+                f"({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+            ) from None
+        self.start_epoch = epoch
         self.start_step = int(state.get("step_in_epoch", 0))
         self.global_step = int(state.get("global_step", 0))
+        partial = state.get("epoch_losses") or {}
+        self._epoch_sums = {k: float(v) for k, v in partial.get("sums", {}).items()}
+        self._epoch_count = int(partial.get("count", 0))
         if self.dist.world_size == 1:
             restore_rng_state(state["rng"])
             self.aug_generator.set_state(state["aug_rng"])
+        else:
+            log.warning("multi-process resume: random states are reseeded, not restored")
         self.last_good = Path(path)
-        log.info("resumed from %s at epoch %d step %d", path, self.start_epoch + 1, self.start_step)
+        log.info(
+            "resumed from %s at epoch %d step %d (global step %d); run folder %s",
+            path,
+            self.start_epoch + 1,
+            self.start_step,
+            self.global_step,
+            self.out,
+        )
+
+    def _check_resume_options(self, state: dict[str, Any], path: str) -> None:
+        """Refuse a resume that changes the data or batches; name every other changed option."""
+        saved = state.get("args") or {}
+        now = {key: plain(value) for key, value in vars(self.args).items()}
+        fixed = list(RESUME_FIXED) + (["trial"] if self.args.dataset == "regdb" else [])
+        wrong = [key for key in fixed if key in saved and saved[key] != now.get(key)]
+        if wrong:
+            raise UserError(
+                f"--resume {path}: the checkpoint's run used "
+                + ", ".join(f"--{k} {saved[k]}" for k in wrong)
+                + "; this run has "
+                + ", ".join(f"--{k} {now.get(k)}" for k in wrong)
+                + " (a resumed run must keep them)"
+            )
+        changed = [
+            f"--{key} {saved[key]} -> {now[key]}"
+            for key in sorted(saved)
+            if key in now and key not in RESUME_FREE and saved[key] != now[key]
+        ]
+        if changed:
+            log.warning("--resume %s with changed options: %s", path, ", ".join(changed))
 
     # ----- signals -------------------------------------------------------------------------
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Stop after the current step with a resumable checkpoint (what SIGINT/SIGTERM do)."""
+        self._stop_signal = signum
+
     def _install_signal_handlers(self) -> dict[int, Any]:
-        def request_stop(signum: int, frame: Any) -> None:
-            self._stop_signal = signum
+        def on_signal(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt  # a second signal stops at once
+            self.request_stop(signum)
+            log.warning(
+                "%s: stopping after this step with a resumable checkpoint (again: stop now)",
+                signal.Signals(signum).name,
+            )
 
         previous = {}
         for signum in (signal.SIGINT, signal.SIGTERM):
             # Outside the main thread signals cannot be caught: keep the defaults there.
             with contextlib.suppress(ValueError):
-                previous[signum] = signal.signal(signum, request_stop)
+                previous[signum] = signal.signal(signum, on_signal)
         return previous
 
     @staticmethod
@@ -557,7 +814,14 @@ class Trainer:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
-    def _save_interrupted(self, epoch: int, step_in_epoch: int) -> None:
+    def _save_interrupted(
+        self, epoch: int, step_in_epoch: int, sums: dict[str, torch.Tensor], count: int
+    ) -> None:
+        """Save where the epoch stands (unless the loss went bad) and raise Interrupted."""
+        self._epoch_sums = {key: float(value) for key, value in sums.items()}
+        self._epoch_count = count
+        if not math.isfinite(self._epoch_sums.get("loss", 0.0)):
+            self._non_finite(f"loss is non-finite in epoch {epoch + 1}")
         path = self.save_checkpoint(epoch, step_in_epoch)
         raise Interrupted(self._stop_signal or signal.SIGTERM, path)
 

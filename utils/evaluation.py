@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -42,6 +43,11 @@ class Features:
         return self.pool if kind == "pool" else self.bnneck
 
 
+def _interactive() -> bool:
+    """Progress bars only on a terminal: in a log file they are noise."""
+    return sys.stderr.isatty()
+
+
 def autocast(device: torch.device, amp: str) -> Any:
     """The autocast context for ``amp`` ("bf16", "fp16", "none"); a no-op on the CPU."""
     if device.type != "cuda" or amp == "none":
@@ -64,7 +70,8 @@ def extract_features(
     model.eval()
     pools, feats = [], []
     steps = range(0, len(images), batch_size)
-    for start in tqdm(steps, desc=desc, leave=False, disable=len(steps) < 2):
+    bars = len(steps) > 1 and _interactive()
+    for start in tqdm(steps, desc=desc, leave=False, disable=not bars):
         batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
         batch = normalize(batch.to(device, non_blocking=True))
         with autocast(device, amp):
@@ -89,7 +96,7 @@ def features_of(
     desc: str,
 ) -> Features:
     """Load ``paths``, extract their features and bundle them with their labels."""
-    images = load_images(list(paths), img_size, progress=True, desc=f"loading {desc}")
+    images = load_images(list(paths), img_size, progress=_interactive(), desc=f"loading {desc}")
     pool, feat = extract_features(model, images, modality, device, batch_size, amp, desc)
     return Features(pool, feat, np.asarray(pids), camids, list(paths))
 
@@ -132,11 +139,13 @@ def evaluate_sysu(
     batch_size: int = 64,
     amp: str = "bf16",
     query: Features | None = None,
+    keep: dict[str, Features] | None = None,
 ) -> tuple[dict[str, Any], Features]:
     """The SYSU-MM01 protocol over ``trials``; returns the mean result and the query features.
 
     Query features are extracted once and reused for every trial (and may be passed in to be
-    reused across modes); the union of all trials' gallery images is extracted once.
+    reused across modes); the union of all trials' gallery images is extracted once. ``keep``,
+    when given, receives the query and the first trial's gallery features (for rank lists).
     """
     if query is None:
         paths, pids, camids = sysu_query(root, mode)
@@ -172,7 +181,8 @@ def evaluate_sysu(
         "gallery",
     )
     per_trial = []
-    for trial, (paths, _, _) in zip(tqdm(trials, desc="trials", leave=False), draws, strict=True):
+    bar = tqdm(trials, desc="trials", leave=False, disable=not _interactive())
+    for trial, (paths, _, _) in zip(bar, draws, strict=True):
         index = torch.tensor([position[p] for p in paths], device=everything.pool.device)
         picked = index.cpu().numpy()
         gallery = Features(
@@ -185,6 +195,8 @@ def evaluate_sysu(
         result = score(query, gallery, "sysu")
         log.debug("trial %d: %s", trial, result)
         per_trial.append(result)
+        if keep is not None and "gallery" not in keep:
+            keep.update(query=query, gallery=gallery)
     summary: dict[str, Any] = mean_std(per_trial)
     summary["trials"] = list(trials)
     summary["per_trial"] = per_trial
@@ -200,8 +212,12 @@ def evaluate_regdb(
     img_size: tuple[int, int],
     batch_size: int = 64,
     amp: str = "bf16",
+    keep: dict[str, Features] | None = None,
 ) -> dict[str, Any]:
-    """RegDB test split of ``trial``: ``direction`` is "v2i", "i2v" or "both"."""
+    """RegDB test split of ``trial``: ``direction`` is "v2i", "i2v" or "both".
+
+    ``keep``, when given, receives the "visible" and "infrared" features.
+    """
     sets = {}
     for modality in (Modality.VISIBLE, Modality.INFRARED):
         paths, pids = regdb_test(root, trial, modality)
@@ -217,6 +233,8 @@ def evaluate_regdb(
             amp,
             modality.name.lower(),
         )
+    if keep is not None:
+        keep.update(visible=sets[Modality.VISIBLE], infrared=sets[Modality.INFRARED])
     results: dict[str, Any] = {}
     if direction in ("v2i", "both"):
         results["v2i"] = score(sets[Modality.VISIBLE], sets[Modality.INFRARED], "regdb")

@@ -7,9 +7,15 @@ their commands keep working; the defaults are the paper's recipe (DESIGN section
 from __future__ import annotations
 
 import argparse
+import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
+from data.regdb import read_index
+from data.sysu import read_ids
 from utils.errors import UserError
 
 DATASETS = ("sysu", "regdb")
@@ -127,14 +133,23 @@ def optim_parser() -> argparse.ArgumentParser:
     )
     group = parser.add_argument_group("run")
     group.add_argument("--save", default="runs", help="folder holding run folders")
-    group.add_argument("--note", default="", help="run name (default: derived from the options)")
+    group.add_argument(
+        "--note",
+        default="",
+        help="run name (default: derived from the options; on --resume, the checkpoint's folder)",
+    )
     group.add_argument("--seed", type=int, default=0, help="random seed")
     group.add_argument(
         "--deterministic",
         action="store_true",
         help="deterministic algorithms (bit-exact resume on CPU; slower)",
     )
-    group.add_argument("--resume", default="", help="checkpoint to resume from")
+    group.add_argument(
+        "--resume",
+        default="",
+        help="checkpoint to resume from (model, optimizer, EMA, schedule, step and random "
+        "states); the run continues in the checkpoint's folder unless --note is given",
+    )
     group.add_argument(
         "--mode",
         choices=("all", "indoor"),
@@ -157,8 +172,8 @@ def optim_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--channels_last",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="channels-last memory format",
+        default=None,
+        help="channels-last memory format (default: on CUDA only; it slows CPU steps)",
     )
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
     group.add_argument(
@@ -170,63 +185,205 @@ def optim_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def select_device(name: str | None) -> torch.device:
+    """``--device`` or CUDA when available, else the CPU; a bad or absent device is a user error."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return device
+
+
+def expected_data_files(dataset: str, trial: int, splits: Sequence[str]) -> list[str]:
+    """The files and folders (relative to ``--data_root``) that a run on ``dataset`` reads."""
+    if dataset == "sysu":
+        return [f"cam{c}/" for c in range(1, 7)] + [
+            "exp/train_id.txt",
+            "exp/val_id.txt",
+            "exp/test_id.txt",
+        ]
+    return [
+        f"idx/{split}_{modality}_{trial}.txt"
+        for split in splits
+        for modality in ("visible", "thermal")
+    ]
+
+
+def check_data_root(args: argparse.Namespace, splits: Sequence[str] = ("train", "test")) -> None:
+    """Fail with one line naming what is absent unless ``--data_root`` has the data set's layout."""
+    title = "SYSU-MM01" if args.dataset == "sysu" else "RegDB"
+    expected = expected_data_files(args.dataset, args.trial or 1, splits)
+    root = args.data_root
+    if not os.path.isdir(root):
+        what = "is a file, not a folder" if os.path.exists(root) else "folder not found"
+        raise UserError(
+            f"--data_root {root}: {what} (expected the {title} root holding "
+            f"{', '.join(expected[:3])}{', ...' if len(expected) > 3 else ''})"
+        )
+    missing = [
+        name
+        for name in expected
+        if not (os.path.isdir if name.endswith("/") else os.path.isfile)(os.path.join(root, name))
+    ]
+    if missing:
+        raise UserError(
+            f"--data_root {root}: not a {title} folder (--dataset {args.dataset}): "
+            f"missing {', '.join(missing)}"
+        )
+    # The split files are small: parse them now, so a malformed line stops the run before
+    # anything is written (the readers name file and line).
+    if args.dataset == "sysu":
+        for name in expected:
+            if name.endswith(".txt"):
+                read_ids(os.path.join(root, name))
+    else:
+        for name in expected:
+            read_index(os.path.join(root, name))
+
+
 def check_common(args: argparse.Namespace) -> None:
-    """Reject flag values that are out of range or inconsistent, one line each."""
-    if not os.path.isdir(args.data_root):
-        raise UserError(f"--data_root {args.data_root}: folder not found")
-    if args.img_h < 32 or args.img_w < 16:
+    """Reject flag values that are out of range or inconsistent, one line each.
+
+    Only cheap checks: the data set's layout is checked by :func:`check_data_root` where the
+    data is read.
+    """
+    if args.trial is not None and args.dataset == "regdb" and not 1 <= args.trial <= 10:
+        raise UserError(f"--trial {args.trial}: RegDB trials are 1-10")
+    if args.img_h is not None and args.img_w is not None and (args.img_h < 32 or args.img_w < 16):
         raise UserError(f"--img_h/--img_w {args.img_h}x{args.img_w}: expected at least 32x16")
     if args.test_batch < 1:
         raise UserError(f"--test_batch {args.test_batch}: expected a positive integer")
-    if args.trial is not None and args.dataset == "regdb" and not 1 <= args.trial <= 10:
-        raise UserError(f"--trial {args.trial}: RegDB trials are 1-10")
+    select_device(args.device)
+    if not os.path.isdir(args.data_root):
+        check_data_root(args)  # names what the folder should hold
 
 
 def check_training(args: argparse.Namespace) -> None:
-    """Validate the training options (after :func:`check_common`)."""
-    check_common(args)
+    """Validate the training options (calls :func:`check_common`); fills data-set defaults."""
     if args.num_pos < 1 or args.batch_size < 1:
-        raise UserError("--batch_size and --num_pos must be positive")
+        raise UserError(
+            f"--batch_size {args.batch_size} / --num_pos {args.num_pos}: expected positive values"
+        )
     if args.batch_size % args.num_pos:
         raise UserError(
             f"--batch_size {args.batch_size} is not divisible by --num_pos {args.num_pos} "
             "(batch_size = identities x num_pos images per modality)"
         )
     if args.batch_size // args.num_pos < 2:
-        raise UserError("--batch_size / --num_pos must be at least 2 identities (triplet loss)")
-    for flag in ("epochs", "lr"):
-        if getattr(args, flag) <= 0:
-            raise UserError(f"--{flag} {getattr(args, flag)}: expected a positive value")
-    for flag in ("weight_decay", "sp_lambda", "cmmd_lambda", "margin", "label_smooth"):
-        if getattr(args, flag) < 0:
-            raise UserError(f"--{flag} {getattr(args, flag)}: expected a value >= 0")
+        raise UserError(
+            f"--batch_size {args.batch_size} / --num_pos {args.num_pos}: a batch needs at least "
+            "2 identities (triplet loss)"
+        )
+    if args.epochs < 1:
+        raise UserError(f"--epochs {args.epochs}: expected a positive integer")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UserError(f"--lr {args.lr}: expected a positive value")
+    for flag in ("weight_decay", "sp_lambda", "cmmd_lambda", "margin"):
+        value = getattr(args, flag)
+        if not (value >= 0 and math.isfinite(value)):
+            raise UserError(f"--{flag} {value}: expected a finite value >= 0")
     if not 0 <= args.label_smooth < 1:
         raise UserError(f"--label_smooth {args.label_smooth}: expected a value in [0, 1)")
+    for flag in ("beta1", "beta2"):
+        if not 0 <= getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)}: expected a value in [0, 1)")
     if args.ema_decay is None:
         args.ema_decay = EMA_DECAY[args.dataset]
     if not 0 <= args.ema_decay < 1:
-        raise UserError(f"--ema_decay {args.ema_decay}: expected a value in [0, 1)")
-    if args.warmup_epochs < 0 or any(m < 1 for m in args.milestones):
-        raise UserError("--warmup_epochs must be >= 0 and --milestones positive epochs")
+        raise UserError(
+            f"--ema_decay {args.ema_decay}: expected a value in [0, 1) (0 disables the EMA)"
+        )
+    if args.warmup_epochs < 0:
+        raise UserError(f"--warmup_epochs {args.warmup_epochs}: expected a value >= 0")
+    if any(m < 1 for m in args.milestones):
+        raise UserError(f"--milestones {args.milestones}: expected positive epoch numbers")
     for flag in ("test_freq", "save_freq", "max_steps"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} {getattr(args, flag)}: expected a value >= 0")
     if args.log_freq < 1:
         raise UserError(f"--log_freq {args.log_freq}: expected a positive integer")
+    if args.seed < 0:
+        raise UserError(f"--seed {args.seed}: expected a value >= 0")
+    if args.img_h is None or args.img_w is None:
+        raise UserError("--img_h and --img_w are required for training")
     if args.trial is None:
         args.trial = 1
+    pretrained = str(args.pretrained)
+    if pretrained.lower() not in ("imagenet", "none") and not os.path.isfile(pretrained):
+        raise UserError(
+            f"--pretrained {pretrained}: file not found (expected imagenet, none or a "
+            "torchvision-layout ResNet state-dict file)"
+        )
     if args.resume and not os.path.isfile(args.resume):
-        raise UserError(f"--resume {args.resume}: checkpoint file not found")
+        what = "is a folder, not a file" if os.path.isdir(args.resume) else "file not found"
+        raise UserError(f"--resume {args.resume}: checkpoint {what}")
+    check_common(args)
 
 
 def run_dir(args: argparse.Namespace, kind: str = "train") -> Path:
-    """The run folder: ``--save/--note``, or a name derived from data set, config and seed."""
+    """The run folder: ``--save/--note``; on ``--resume`` without ``--note``, the checkpoint's.
+
+    Without ``--note`` a new run's name is derived from data set, config and seed.
+    """
+    if getattr(args, "resume", "") and not args.note:
+        return Path(args.resume).parent
     name = args.note
     if not name:
         config = Path(args.config_path).stem if getattr(args, "config_path", None) else kind
         trial = f"_trial{args.trial}" if args.dataset == "regdb" else ""
         name = f"{kind}_{args.dataset}{trial}_{config}_seed{args.seed}"
     return Path(args.save) / name
+
+
+# Files whose presence means a folder already holds a run.
+RUN_MARKERS = ("log.jsonl", "checkpoint_latest.pth")
+
+
+def check_run_dir(path: Path, resume: str | os.PathLike[str] | None = None) -> None:
+    """Check, without creating anything, that the run folder ``path`` can be created and used.
+
+    A folder that already holds a run is refused, unless it is the folder of the checkpoint
+    being resumed (``resume``).
+    """
+    flag = "--save"
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"--save/--note: the run folder {path} is a file, not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UserError(f"--save/--note: the run folder {path} is not writable")
+        held = [name for name in RUN_MARKERS if (path / name).exists()]
+        own = resume is not None and path.resolve() == Path(resume).resolve().parent
+        if held and not own:
+            hint = (
+                "resume it with --resume PATH without --note"
+                if resume
+                else f"continue it with --resume {path / 'checkpoint_latest.pth'}"
+            )
+            raise UserError(
+                f"--save/--note: the run folder {path} already holds a run "
+                f"({', '.join(held)}); {hint}, or choose another --note or --save"
+            )
+        return
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(
+            f"{flag} {path}: cannot create the run folder: {parent} is a file, not a folder"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot create the run folder: {parent} is not writable")
 
 
 def prepare_run_dir(path: Path) -> Path:

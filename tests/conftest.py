@@ -1,0 +1,127 @@
+"""Fixtures shared by the train.py / test.py / resume / script tests.
+
+Tiny synthetic SYSU-MM01 and RegDB data sets (64x32 images) are written once per session, and
+tiny command lines keep every run to a couple of ResNet-18 steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+H, W = 64, 32
+REPO = Path(__file__).resolve().parent.parent
+SPLIT_CONFIG = REPO / "configs" / "resnet18_two_stream.json"  # split and shared slots
+
+
+@pytest.fixture(scope="session")
+def toy_sysu(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SYSU-MM01: 10 training identities (8 + 2 val), 4 test identities."""
+    from data.toy import make_sysu
+
+    root = tmp_path_factory.mktemp("toy") / "sysu"
+    make_sysu(root, 0, train_ids=8, val_ids=2, test_ids=4, images_per_camera=3, height=H, width=W)
+    return root
+
+
+@pytest.fixture(scope="session")
+def toy_regdb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny RegDB: 12 identities (6 train + 6 test per trial), 4 images per modality."""
+    from data.toy import make_regdb
+
+    root = tmp_path_factory.mktemp("toy") / "regdb"
+    make_regdb(root, 0, ids=12, images_per_id=4, height=H, width=W)
+    return root
+
+
+def tiny_train_argv(data: Path, save: Path, note: str, *extra: str) -> list[str]:
+    """A train.py command line for a tiny CPU run (ResNet-18, 64x32, 2 steps per epoch)."""
+    dataset = "regdb" if (data / "idx").is_dir() else "sysu"
+    return [
+        "--data_root", str(data), "--dataset", dataset, "--config_path", str(SPLIT_CONFIG),
+        "--img_h", str(H), "--img_w", str(W), "--batch_size", "8", "--num_pos", "4",
+        "--pretrained", "none", "--test_batch", "64", "--max_steps", "2", "--epochs", "1",
+        "--log_freq", "1", "--save", str(save), "--note", note, *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def train_argv() -> Callable[..., list[str]]:
+    """``train_argv(data, save, note, *extra)``: see :func:`tiny_train_argv`."""
+    return tiny_train_argv
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: tiny tensors gain nothing from more on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def restore_determinism() -> Iterator[None]:
+    """Undo ``--deterministic`` (a process-wide torch setting) after a test."""
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+@pytest.fixture(scope="session")
+def sysu_run(toy_sysu: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run folder of a tiny 2-epoch SYSU training (EMA, evaluation and a checkpoint per epoch)."""
+    from train import main
+    from utils.cli import run_cli
+
+    save = tmp_path_factory.mktemp("runs")
+    argv = tiny_train_argv(
+        toy_sysu, save, "sysu", "--epochs", "2", "--save_freq", "1", "--test_freq", "1",
+        "--ema_decay", "0.6",
+    )  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run_cli(main, argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return save / "sysu"
+
+
+@pytest.fixture(scope="session")
+def regdb_runs(toy_regdb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder holding ``regdb_trial1`` and ``regdb_trial2``: one tiny run per RegDB trial."""
+    from train import main
+    from utils.cli import run_cli
+
+    save = tmp_path_factory.mktemp("runs")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for trial in (1, 2):
+            argv = tiny_train_argv(toy_regdb, save, f"regdb_trial{trial}", "--trial", str(trial))
+            assert run_cli(main, argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return save
+
+
+def check_error(code: int, err: str, *fragments: str) -> str:
+    """Assert a user error: status 2, no traceback, one ``error:`` line, last; return it."""
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert err.rstrip().splitlines()[-1] == lines[0], err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def expect_error() -> Callable[..., str]:
+    """``expect_error(code, stderr, *fragments)``: see :func:`check_error`."""
+    return check_error
