@@ -571,11 +571,16 @@ def _check_sizes(height: int, width: int, seed: int, **counts: int) -> None:
 @contextlib.contextmanager
 def _staged(out: str | os.PathLike[str], overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder beside ``out`` that replaces ``out`` only if the block succeeds."""
-    target = Path(out)
+    # abspath, so that "." or "x/.." name a real folder with a parent to stage the data in.
+    target = Path(os.path.abspath(out))
     if target.exists() and not target.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise UserError(f"--out {out} exists and is not empty (pass --overwrite)")
+    with contextlib.suppress(OSError):
+        # Swapping out the folder we stand in would strand the shell in a deleted folder.
+        if Path.cwd().is_relative_to(target):
+            raise UserError(f"--out {out} holds the current folder; name another folder")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))

@@ -283,3 +283,16 @@ def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(KeyboardInterrupt):
         toy.make_regdb(tmp_path / "regdb", ids=4, images_per_id=2, height=32, width=16)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_current_folder_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--out naming the folder we stand in is refused, even with --overwrite."""
+    (tmp_path / "notes.txt").write_text("keep")
+    monkeypatch.chdir(tmp_path)
+    assert toy.main(["--dataset", "regdb", "--out", ".", "--overwrite"]) == 2
+    assert (
+        capsys.readouterr().err == "error: --out . holds the current folder; name another folder\n"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
