@@ -1,0 +1,141 @@
+"""The benchmark command and the authors'-style loader it measures against.
+
+Only the shape and sanity of the output are tested: speed is checked by running
+``python -m utils.benchmark``, never by timing assertions in unit tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data.plain import PairedBatchSampler, PairedImages, plain_loader
+from data.sampler import CrossModalitySampler
+from utils import benchmark
+from utils.errors import UserError
+
+H, W = 64, 32
+TINY = [
+    "--device", "cpu", "--threads", "1", "--depth", "18", "--img_h", str(H), "--img_w", str(W),
+    "--batch_size", "8", "--num_pos", "4", "--steps", "2", "--rounds", "1", "--warmup", "1",
+    "--workers", "1",
+    "--feature_images", "24", "--test_batch", "16", "--metrics_query", "200",
+    "--metrics_gallery", "150", "--search_steps", "4", "--search_rounds", "1",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def keep_threads() -> Iterator[None]:
+    """``--threads`` changes the process's torch threads: restore them afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def test_benchmark_writes_every_section(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A tiny run prints one JSON document with every section, positive figures, and --out."""
+    out, table = tmp_path / "bench.json", tmp_path / "bench.md"
+    assert benchmark.main([*TINY, "--out", str(out), "--markdown", str(table)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == doc
+    for section in ("machine", "settings", "fast", "plain", "speedup", "features", "metrics"):
+        assert section in doc, section
+    assert doc["machine"]["device_type"] == "cpu" and doc["machine"]["cpu_count"] >= 1
+    assert doc["settings"]["images_per_step"] == 16
+    for path in ("fast", "plain"):
+        figures = doc[path]
+        for key in ("images_per_s", "step_s", "peak_memory_mb"):
+            assert _positive(figures[key]), (path, key, figures[key])
+    assert doc["fast"]["settings"]["step"] == "utils.engine.Trainer.training_step"
+    assert doc["plain"]["settings"]["amp"] == "none" and not doc["plain"]["settings"]["compile"]
+    assert _positive(doc["plain"]["workers_peak_rss_mb"])
+    assert _positive(doc["speedup"])
+    assert _positive(doc["features"]["images_per_s"]) and doc["features"]["feature_dim"] == 512
+    metrics = doc["metrics"]
+    assert _positive(metrics["vectorised_s"]) and _positive(metrics["loop_s"])
+    # Same numbers from both implementations: the comparison is between equals.
+    assert metrics["max_abs_diff"] == 0.0
+    search = doc["search"]
+    assert search["status"] == "measured", search
+    assert _positive(search["ratio"]) and _positive(search["train_step_s"])
+    assert "| training images/s |" in table.read_text()
+
+
+def test_skipped_sections_are_marked(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--skip`` leaves sections out explicitly; no speed-up without both training paths."""
+    argv = [*TINY, "--skip", "fast", "plain", "features", "search"]
+    assert benchmark.main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    for section in ("fast", "plain", "features", "search"):
+        assert doc[section] == {"skipped": True}
+    assert doc["speedup"] is None
+    assert doc["metrics"]["num_query"] == 200
+
+
+def test_bad_sizes_are_user_errors() -> None:
+    """A batch that is not identities x num_pos is refused with one line."""
+    args = benchmark.get_args_parser().parse_args([*TINY, "--batch_size", "6"])
+    with pytest.raises(UserError, match="--batch_size 6"):
+        benchmark.resolve_options(args, torch.device("cpu"))
+
+
+def _tiny_images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, H, W, 3), dtype=np.uint8)
+
+
+def test_plain_loader_pairs_the_sampler_batches() -> None:
+    """Item k of a batch is the sampler's visible and infrared image k, augmented, as NCHW."""
+    labels_v = np.repeat(np.arange(6), 3)
+    labels_i = np.repeat(np.arange(6), 2)
+    dataset = PairedImages(_tiny_images(18, 0), labels_v, _tiny_images(12, 1), labels_i, seed=3)
+    sampler = CrossModalitySampler(labels_v, labels_i, batch_size=4, num_pos=2, seed=5)
+    loader = plain_loader(dataset, sampler, workers=0, num_batches=len(sampler) + 2)
+    batches = list(loader)
+    assert len(batches) == len(sampler) + 2
+    for position, (visible, infrared, v_labels, i_labels) in enumerate(batches):
+        epoch, step = divmod(position, len(sampler))
+        v_idx, i_idx = sampler.batch(epoch, step)
+        assert visible.shape == infrared.shape == (4, 3, H, W)
+        assert visible.dtype == torch.float32 and visible.is_contiguous()
+        np.testing.assert_array_equal(v_labels.numpy(), labels_v[v_idx])
+        np.testing.assert_array_equal(i_labels.numpy(), labels_i[i_idx])
+        np.testing.assert_array_equal(v_labels.numpy(), i_labels.numpy())
+    # Normalised ImageNet-style values, not raw bytes.
+    assert float(batches[0][0].abs().max()) < 3.0
+
+
+def test_plain_loader_workers_draw_their_own_augmentations() -> None:
+    """Each worker seeds its own generator: two workers never repeat each other's draws."""
+    n = 8
+    same = _tiny_images(1, 0).repeat(n, axis=0)
+    labels = np.repeat(np.arange(4), 2)
+    dataset = PairedImages(same, labels, same, labels, seed=0)
+    sampler = CrossModalitySampler(labels, labels, batch_size=4, num_pos=2, seed=0)
+    pairs = [[(k, k)] for k in range(4)]
+
+    class OnePerBatch(PairedBatchSampler):
+        def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+            return iter(pairs)
+
+        def __len__(self) -> int:
+            return len(pairs)
+
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=OnePerBatch(sampler),
+        num_workers=2,
+        generator=torch.Generator().manual_seed(0),
+    )
+    # Batches alternate between the two workers; the first draw of each must differ.
+    first, second = (batch[0] for batch in list(loader)[:2])
+    assert not torch.equal(first, second)
