@@ -6,6 +6,9 @@ tiny command lines keep every run to a couple of ResNet-18 steps.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -93,19 +96,28 @@ def sysu_run(toy_sysu: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def regdb_runs(toy_regdb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Folder holding ``regdb_trial1`` and ``regdb_trial2``: one tiny run per RegDB trial."""
-    from train import main
-    from utils.cli import run_cli
-
+    """``SAVE`` of ``train_regdb.sh`` run for real on trials 1 and 2 (``regdb_trial<t>``)."""
     save = tmp_path_factory.mktemp("runs")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for trial in (1, 2):
-            argv = tiny_train_argv(toy_regdb, save, f"regdb_trial{trial}", "--trial", str(trial))
-            assert run_cli(main, argv) == 0
-    finally:
-        torch.set_num_threads(threads)
+    flags = tiny_train_argv(toy_regdb, save, "unused")
+    flags = flags[flags.index("--img_h") : flags.index("--save")]  # the size/steps flags
+    env = {
+        **os.environ,
+        "DATA_ROOT": str(toy_regdb),
+        "SAVE": str(save),
+        "TRIALS": "1 2",
+        "CONFIG": str(SPLIT_CONFIG),
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+    }
+    done = subprocess.run(
+        ["bash", str(REPO / "train_regdb.sh"), *flags],
+        env=env,
+        cwd=save,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
     return save
 
 

@@ -272,6 +272,15 @@ def test_bad_resume_checkpoints(
     _refuses(argv, capsys, expect_error, "--batch_size 8; this run has --batch_size 12")
     argv = train_argv(toy_sysu, runs, "new", "--resume", str(sysu_run / LATEST))
     _refuses(argv, capsys, expect_error, "at epoch 2, beyond --epochs 1")
+    # A checkpoint whose classifier does not fit this data's identities: the shapes are named.
+    state = _load(good)
+    state["model"]["classifier.weight"] = state["model"]["classifier.weight"][:7]
+    torch.save(state, tmp_path / "other_ids.pth")
+    argv = train_argv(toy_sysu, runs, "new", "--resume", str(tmp_path / "other_ids.pth"))
+    _refuses(
+        argv, capsys, expect_error, "shape mismatch", "classifier.weight (7, 512) vs (10, 512)"
+    )
+    (tmp_path / "other_ids.pth").unlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.pth", "truncated.pth"]
 
 
@@ -329,6 +338,30 @@ def test_sigterm_stops_cleanly_with_a_resumable_checkpoint(
     assert state["global_step"] == state["step_in_epoch"]
     assert state["epoch_losses"]["count"] == state["step_in_epoch"]
     assert not list((tmp_path / "run").glob("*.tmp")) and not list((tmp_path / "run").glob(".*"))
+
+
+def test_a_second_signal_stops_at_once(
+    toy_sysu: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    train_argv: Callable[..., list[str]],
+) -> None:
+    step = engine.Trainer.training_step
+
+    def impatient(self: engine.Trainer, *batch: object) -> dict[str, torch.Tensor]:
+        terms = step(self, *batch)  # type: ignore[arg-type]
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        return terms
+
+    monkeypatch.setattr(engine.Trainer, "training_step", impatient)
+    assert run_cli(train.main, train_argv(toy_sysu, tmp_path, "twice")) == 130
+    err = capsys.readouterr().err
+    assert "SIGINT: stopping after this step" in err and err.rstrip().endswith("error: interrupted")
+    assert "Traceback" not in err
+    assert not (tmp_path / "twice" / LATEST).exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
 def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(

@@ -26,17 +26,21 @@ log = logging.getLogger(__name__)
 def load_results(paths: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
     """Read test.py JSON files and group their results by protocol, trial number removed."""
     groups: dict[str, list[dict[str, Any]]] = {}
+    ema = set()
     for path in paths:
         try:
             payload = json.loads(Path(path).read_text())
             results = payload["results"]
+            for name, result in results.items():
+                key = re.sub(r"\s*trial \d+", "", name)
+                groups.setdefault(key, []).append({kind: result[kind] for kind in FEATURES})
         except FileNotFoundError:
             raise UserError(f"{path}: results file not found") from None
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise UserError(f"{path}: not a test.py --save_json file") from None
-        for name, result in results.items():
-            key = re.sub(r"\s*trial \d+", "", name)
-            groups.setdefault(key, []).append({kind: result[kind] for kind in FEATURES})
+        ema.add(bool(payload.get("ema")))
+    if len(ema) > 1:
+        log.warning("the files mix EMA and live weights (test.py --ema in some runs only)")
     return groups
 
 
@@ -52,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, runs in groups.items():
         summary[name] = mean_std(runs) | {"runs": len(runs)}
         rows += [(f"{name} {kind} (n={len(runs)})", summary[name][kind]) for kind in FEATURES]
+    # std: the population standard deviation over the runs.
     sys.stdout.write(format_table(rows, title="mean ± std over runs") + "\n")
     if args.save_json:
         Path(args.save_json).write_text(json.dumps(summary, indent=2) + "\n")

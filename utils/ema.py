@@ -12,11 +12,15 @@ class ModelEMA:
     """An EMA copy of a model, updated with fused ``foreach`` operations every step.
 
     Floating-point parameters and buffers (BN running statistics included) are averaged;
-    integer buffers (``num_batches_tracked``) are copied.
+    integer buffers (``num_batches_tracked``) are copied. The pairs of tensors are collected
+    once: build the EMA after the model has its final device and memory format.
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0 <= decay < 1:
+            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
         self.decay = decay
+        self._live = model
         self.module = copy.deepcopy(model).eval()
         for param in self.module.parameters():
             param.requires_grad_(False)
@@ -48,7 +52,10 @@ class ModelEMA:
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
-        """Overwrite the live model with the averaged weights (the authors' loop does this)."""
+        """Overwrite ``model`` with the averaged weights (the authors' loop does this)."""
+        if model is not self._live:
+            model.load_state_dict(self.module.state_dict())
+            return
         float_ema, float_live, int_ema, int_live = self._pairs
         torch._foreach_copy_(float_live, float_ema)
         for ema_value, live in zip(int_ema, int_live, strict=True):

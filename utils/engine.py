@@ -28,6 +28,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,6 +232,12 @@ class Trainer:
         self.model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if self.dist.enabled:
+            # Each rank initialised its own weights (seed + rank): start every rank, and its
+            # EMA, from rank 0's (DDP would sync the live model only, after the EMA copy).
+            with torch.no_grad():
+                for tensor in self.model.state_dict().values():
+                    torch.distributed.broadcast(tensor, src=0)
         self.ema = ModelEMA(self.model, args.ema_decay) if args.ema_decay > 0 else None
         self.optimizer = self.build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -551,7 +558,11 @@ class Trainer:
         for epoch in range(self.start_epoch, args.epochs):
             started = time.time()
             losses = self.train_one_epoch(epoch)
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                # A run resumed at the end of an epoch steps the schedule before the optimizer
+                # in this process; torch warns although the restored schedule is right.
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
+                self.scheduler.step()
             self.start_step = 0
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
