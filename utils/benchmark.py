@@ -485,7 +485,8 @@ def run_plain(
     device = choose_device(options.device)
     windowed = reset_peak_memory(device)
     torch.manual_seed(args.seed)
-    # The authors' scripts set this too.
+    # Same cuDNN autotuning as the fast path: the comparison is about the input pipeline,
+    # precision and memory format, not about cuDNN's choice of algorithms.
     torch.backends.cudnn.benchmark = True
     model = build_model(arch, train_set.num_classes, options.last_stride).to(device)
     head = [p for n, p in model.named_parameters() if p.requires_grad and "backbone." not in n]
