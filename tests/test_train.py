@@ -246,6 +246,21 @@ def test_refuses_to_overwrite_an_existing_run(
     assert (sysu_run / "log.jsonl").read_text() == before
 
 
+def test_overwrite_starts_over_in_a_used_run_folder(
+    toy_sysu: Path, tmp_path: Path, train_argv: Callable[..., list[str]]
+) -> None:
+    run = tmp_path / "again"
+    run.mkdir()
+    (run / "log.jsonl").write_text('{"epoch": 7, "loss": 1.0}\n')
+    (run / "checkpoint_ep009.pth").write_bytes(b"stale")
+    (run / "notes.md").write_text("mine")
+    argv = train_argv(toy_sysu, tmp_path, "again", "--overwrite", "--max_steps", "1")
+    assert run_cli(train.main, argv) == 0
+    assert [r["epoch"] for r in _records(run)] == [1]
+    assert not (run / "checkpoint_ep009.pth").exists()
+    assert (run / "notes.md").read_text() == "mine"  # only the run's own files are removed
+
+
 def test_bad_resume_checkpoints(
     sysu_run: Path,
     toy_sysu: Path,

@@ -60,6 +60,7 @@ from utils.logger import append_json_line, log_run_header, setup_logging
 from utils.options import (
     check_data_root,
     check_run_dir,
+    clear_run_dir,
     prepare_run_dir,
     run_dir,
     select_device,
@@ -87,6 +88,7 @@ RESUME_FREE = frozenset(
     {
         "data_root", "cache_dir", "save", "note", "resume", "device", "test_batch", "log_freq",
         "save_freq", "test_freq", "epochs", "compile", "channels_last", "mode", "eval_arch",
+        "overwrite",
     }
 )  # fmt: skip
 
@@ -214,7 +216,8 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         seed_everything(args.seed + self.dist.rank, args.deterministic)
         self.out = run_dir(args, self.kind)
-        check_run_dir(self.out, args.resume or None)
+        overwrite = bool(getattr(args, "overwrite", False))
+        check_run_dir(self.out, args.resume or None, overwrite)
         # Until the run folder exists (it appears only once every check has passed), log
         # records wait in memory; they open log.txt.
         setup_logging(None, self.dist.rank)
@@ -266,6 +269,11 @@ class Trainer:
         self.net = self._wrap(self.model)
         if self.dist.is_main:
             prepare_run_dir(self.out)
+            own_folder = args.resume and self.out.resolve() == Path(args.resume).resolve().parent
+            if overwrite and not own_folder:
+                removed = clear_run_dir(self.out)
+                if removed:
+                    log.warning("--overwrite: removed %s from %s", ", ".join(removed), self.out)
         barrier(self.dist)
         self._open_run_log(early)
         if args.resume and self.dist.is_main:
@@ -471,26 +479,26 @@ class Trainer:
             leave=False,
             disable=not (self.dist.is_main and sys.stderr.isatty()),
         )
-        for step, (v_idx, i_idx) in enumerate(self.batches(epoch), start=first):
-            if step >= total:
-                break
-            terms = self.training_step(v_idx, i_idx)
-            for key, value in terms.items():
-                sums[key] = sums[key] + value.float() if key in sums else value.float()
-            count += 1
-            self.global_step += 1
-            bar.update(1)
-            done = step + 1
-            stop = self._stop_signal is not None
-            if done % self.args.log_freq == 0 or done == total:
-                self._report(epoch, done, total, terms, sums, count, bar)
-                # Ranks agree on a stop at the log points only (one collective there).
-                stop = broadcast_flag(stop, self.dist, self.device)
-            elif self.dist.enabled:
-                stop = False
-            if stop:
-                self._save_interrupted(epoch, done, sums, count)
-        bar.close()
+        with bar:
+            for step, (v_idx, i_idx) in enumerate(self.batches(epoch), start=first):
+                if step >= total:
+                    break
+                terms = self.training_step(v_idx, i_idx)
+                for key, value in terms.items():
+                    sums[key] = sums[key] + value.float() if key in sums else value.float()
+                count += 1
+                self.global_step += 1
+                bar.update(1)
+                done = step + 1
+                stop = self._stop_signal is not None
+                if done % self.args.log_freq == 0 or done == total:
+                    self._report(epoch, done, total, terms, sums, count, bar)
+                    # Ranks agree on a stop at the log points only (one collective there).
+                    stop = broadcast_flag(stop, self.dist, self.device)
+                elif self.dist.enabled:
+                    stop = False
+                if stop:
+                    self._save_interrupted(epoch, done, sums, count)
         return {key: float(value) / max(count, 1) for key, value in sums.items()}
 
     def _report(

@@ -138,6 +138,12 @@ def optim_parser() -> argparse.ArgumentParser:
         default="",
         help="run name (default: derived from the options; on --resume, the checkpoint's folder)",
     )
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a run folder that already holds a run (its logs, results and "
+        "checkpoints are removed first); without it such a folder is refused",
+    )
     group.add_argument("--seed", type=int, default=0, help="random seed")
     group.add_argument(
         "--deterministic",
@@ -350,11 +356,13 @@ def run_dir(args: argparse.Namespace, kind: str = "train") -> Path:
 RUN_MARKERS = ("log.jsonl", "checkpoint_latest.pth")
 
 
-def check_run_dir(path: Path, resume: str | os.PathLike[str] | None = None) -> None:
+def check_run_dir(
+    path: Path, resume: str | os.PathLike[str] | None = None, overwrite: bool = False
+) -> None:
     """Check, without creating anything, that the run folder ``path`` can be created and used.
 
     A folder that already holds a run is refused, unless it is the folder of the checkpoint
-    being resumed (``resume``).
+    being resumed (``resume``) or ``overwrite`` is set.
     """
     flag = "--save"
     if path.exists():
@@ -364,7 +372,7 @@ def check_run_dir(path: Path, resume: str | os.PathLike[str] | None = None) -> N
             raise UserError(f"--save/--note: the run folder {path} is not writable")
         held = [name for name in RUN_MARKERS if (path / name).exists()]
         own = resume is not None and path.resolve() == Path(resume).resolve().parent
-        if held and not own:
+        if held and not own and not overwrite:
             hint = (
                 "resume it with --resume PATH without --note"
                 if resume
@@ -372,7 +380,8 @@ def check_run_dir(path: Path, resume: str | os.PathLike[str] | None = None) -> N
             )
             raise UserError(
                 f"--save/--note: the run folder {path} already holds a run "
-                f"({', '.join(held)}); {hint}, or choose another --note or --save"
+                f"({', '.join(held)}); {hint}, choose another --note or --save, or start "
+                "over with --overwrite"
             )
         return
     parent = path.parent
@@ -384,6 +393,17 @@ def check_run_dir(path: Path, resume: str | os.PathLike[str] | None = None) -> N
         )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: cannot create the run folder: {parent} is not writable")
+
+
+def clear_run_dir(path: Path) -> list[str]:
+    """Remove a previous run's logs, results and checkpoints from ``path``; return their names."""
+    patterns = ("log.txt", "log.jsonl", "results.json", "results.md", "checkpoint_*.pth")
+    removed = []
+    for pattern in patterns:
+        for old in sorted(path.glob(pattern)):
+            old.unlink()
+            removed.append(old.name)
+    return removed
 
 
 def prepare_run_dir(path: Path) -> Path:
