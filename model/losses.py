@@ -58,11 +58,10 @@ def batch_hard_triplet(
     same = anchor_labels.view(-1, 1) == candidate_labels.view(1, -1)
     hardest_positive = dist.masked_fill(~same, float("-inf")).max(dim=1).values
     hardest_negative = dist.masked_fill(same, float("inf")).min(dim=1).values
+    # Masked mean instead of boolean indexing: no host synchronisation on the GPU.
     usable = same.any(dim=1) & (~same).any(dim=1)
-    if not bool(usable.any()):
-        return dist.sum() * 0.0
-    hinge = F.relu(hardest_positive[usable] - hardest_negative[usable] + margin)
-    return hinge.mean()
+    hinge = torch.where(usable, F.relu(hardest_positive - hardest_negative + margin), 0.0)
+    return hinge.sum() / usable.sum().clamp_min(1)
 
 
 def cross_modality_triplet(
@@ -132,22 +131,22 @@ def cmmd_loss(
     """
     visible = F.normalize(visible_feats, dim=1)
     infrared = F.normalize(infrared_feats, dim=1)
-    identities = torch.unique(torch.cat([visible_labels, infrared_labels]))
-    # Row k of each weight matrix averages the samples of identity k (zero where it is absent),
-    # so a quadratic form w K w^T is that identity's mean kernel value.
-    visible_onehot = (visible_labels.view(1, -1) == identities.view(-1, 1)).to(visible.dtype)
-    infrared_onehot = (infrared_labels.view(1, -1) == identities.view(-1, 1)).to(infrared.dtype)
+    # One row per sample of the batch (no torch.unique: it would synchronise with the host);
+    # each identity's rows are weighted by 1 / (its number of rows) so it counts once.
+    labels = torch.cat([visible_labels, infrared_labels])
+    visible_onehot = (labels.view(-1, 1) == visible_labels.view(1, -1)).to(visible.dtype)
+    infrared_onehot = (labels.view(-1, 1) == infrared_labels.view(1, -1)).to(infrared.dtype)
     visible_count = visible_onehot.sum(dim=1)
     infrared_count = infrared_onehot.sum(dim=1)
     shared = (visible_count > 0) & (infrared_count > 0)
-    if not bool(shared.any()):
-        return (visible.sum() + infrared.sum()) * 0.0
-    visible_weight = visible_onehot[shared] / visible_count[shared].unsqueeze(1)
-    infrared_weight = infrared_onehot[shared] / infrared_count[shared].unsqueeze(1)
+    multiplicity = (labels.view(-1, 1) == labels.view(1, -1)).sum(dim=1)
+    row_weight = shared.to(visible.dtype) / multiplicity.to(visible.dtype)
+    visible_weight = visible_onehot / visible_count.clamp_min(1).unsqueeze(1)
+    infrared_weight = infrared_onehot / infrared_count.clamp_min(1).unsqueeze(1)
 
     mmd = (
         _mean_kernel(visible_weight, visible, visible_weight, visible)
         + _mean_kernel(infrared_weight, infrared, infrared_weight, infrared)
         - 2.0 * _mean_kernel(visible_weight, visible, infrared_weight, infrared)
     )
-    return mmd.mean()
+    return (mmd * row_weight).sum() / row_weight.sum().clamp_min(1e-12)

@@ -84,6 +84,7 @@ def training_flags(args: argparse.Namespace, seed: int) -> list[str]:
         "10",
         "--ema_decay",
         "0.97",
+        "--overwrite",
     ]
 
 
@@ -180,6 +181,8 @@ def search(args: argparse.Namespace, data: Path, seed: int) -> Path:
             str(args.search_epochs),
             "--arch_warmup",
             str(args.arch_warmup),
+            "--arch_fraction",
+            "0.3",
             "--save",
             str(runs),
             "--note",

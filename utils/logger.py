@@ -60,7 +60,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     """Versions and device of this run, for the log and checkpoints."""
     info: dict[str, Any] = {
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "numpy": np.__version__,
         "device": str(device),
         "commit": git_commit(),
