@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +104,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--arch_freq",
         type=int,
-        default=4,
-        help="one architecture step every N weight steps (a search epoch costs <= 1.3x a "
-        "training epoch at 4)",
+        default=6,
+        help="one architecture step every N weight steps; a search epoch then costs about "
+        "1.26x a training epoch (measure_epoch_cost, CPU; 1.32x at 4)",
     )
     group.add_argument(
         "--eval_arch",
@@ -565,20 +566,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ----- cost ----------------------------------------------------------------------------------
-def _time_steps(trainer: Trainer, start: int, count: int) -> float:
-    """Seconds per ``training_step`` over ``count`` steps starting at sampler step ``start``."""
-    trainer.net.train()
-    started = time.perf_counter()
+def _time_block(
+    run_step: Callable[[int], dict[str, torch.Tensor]], steps: range, clock: str
+) -> float:
+    """Seconds per call of ``run_step(i)`` over ``steps``, waiting for the device at the end."""
+    timer = time.process_time if clock == "cpu" else time.perf_counter
+    started = timer()
     terms: dict[str, torch.Tensor] = {}
-    for step in range(start, start + count):
-        epoch, index = divmod(step, len(trainer.sampler))
-        if isinstance(trainer, SearchTrainer):
-            trainer.epoch_step = (epoch, index)
-        terms = trainer.training_step(*trainer.sampler.batch(epoch, index))
-        trainer.global_step += 1
+    for step in steps:
+        terms = run_step(step)
     if terms:
-        float(terms["loss"])  # wait for the device
-    return (time.perf_counter() - started) / count
+        float(terms["loss"])
+    return (timer() - started) / len(steps)
 
 
 def measure_epoch_cost(
@@ -588,21 +587,26 @@ def measure_epoch_cost(
     batch_size: int = 32,
     num_pos: int = 4,
     steps: int = 8,
-    rounds: int = 2,
+    rounds: int = 4,
     arch_freq: int | None = None,
     baseline: str = "shared",
     device: str | None = None,
-) -> dict[str, float]:
-    """Time training steps of a plain network against search steps (alpha steps included).
+    clock: str = "wall",
+) -> dict[str, Any]:
+    """Time a training step of a plain network against the search's two kinds of step.
 
-    Both use the same data, batch and image size; ``baseline`` ("shared"/"split") is the
-    trained network's every slot. Synthetic SYSU data is generated when ``data_root`` is None.
-    The search is timed after its first architecture step, over whole ``arch_freq`` cycles;
-    each side is timed ``rounds`` times, alternating, and the fastest round counts.
-    Returns ``{"train_step_s", "search_step_s", "ratio", ...}`` (ratio = search / train).
+    A search epoch is one supernet weights step per training step plus an architecture step
+    every ``arch_freq`` steps, so ``search_step_s = weights_step_s + arch_step_s / arch_freq``
+    and ``ratio = search_step_s / train_step_s`` (also given for every ``arch_freq`` 1..10).
+    All use the same data, batch and image size; ``baseline`` ("shared"/"split") is the trained
+    network's every slot; synthetic SYSU data is generated when ``data_root`` is None. Each
+    kind is timed in ``rounds`` interleaved blocks of ``steps`` steps (after one warm-up block)
+    and averaged. ``clock="cpu"`` counts this process's CPU time instead of wall time: with one
+    thread (``torch.set_num_threads(1)``) other programs on the machine disturb it far less.
     """
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
     freq = arch_freq or get_args_parser().get_default("arch_freq")
-    steps = max(freq, math.ceil(steps / freq) * freq)
     with tempfile.TemporaryDirectory(prefix="cmnas_cost_") as tmp:
         root = data_root
         if root is None:
@@ -611,22 +615,19 @@ def measure_epoch_cost(
             root = str(Path(tmp) / "sysu")
             ids = 5 * (batch_size // num_pos) + 2
             make_sysu(
-                root,
-                0,
-                train_ids=ids - 2,
-                val_ids=2,
-                test_ids=2,
-                images_per_camera=6,
-                height=img_size[0],
-                width=img_size[1],
-            )
+                root, 0, train_ids=ids - 2, val_ids=2, test_ids=2, images_per_camera=6,
+                height=img_size[0], width=img_size[1],
+            )  # fmt: skip
         config = Path(tmp) / "baseline.json"
         save_arch(Arch.uniform(depth, baseline), config)
+        # Channels-last helps GPUs only; on a CPU it made these steps several times slower.
+        on_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
         common = [
             "--data_root", root, "--img_h", str(img_size[0]), "--img_w", str(img_size[1]),
             "--batch_size", str(batch_size), "--num_pos", str(num_pos), "--pretrained", "none",
             "--save", str(Path(tmp) / "runs"), "--cache_dir", str(Path(tmp) / "cache"),
             "--epochs", "2", "--log_freq", "1000",
+            "--no-channels_last" if on_cpu else "--channels_last",
         ] + (["--device", device] if device else [])  # fmt: skip
         import train
 
@@ -634,32 +635,55 @@ def measure_epoch_cost(
             [*common, "--config_path", str(config), "--note", "train"]
         )
         check_training(train_args)
+        # The weights steps are timed alone (no architecture step ever due) and the
+        # architecture steps called directly.
         search_args = get_args_parser().parse_args(
-            [*common, "--depth", str(depth), "--arch_warmup", "0", "--arch_freq", str(freq),
+            [*common, "--depth", str(depth), "--arch_warmup", "0", "--arch_freq", str(10**9),
              "--no-eval_arch", "--note", "search"]
         )  # fmt: skip
         check_search(search_args)
-        trainers = (Trainer(train_args), SearchTrainer(search_args))
-        # Warm-up: allocator, kernels, and the search's first architecture step.
-        for trainer in trainers:
-            _time_steps(trainer, 0, freq)
-        best = [math.inf, math.inf]
-        position = freq
-        for _ in range(rounds):
-            for side, trainer in enumerate(trainers):
-                best[side] = min(best[side], _time_steps(trainer, position, steps))
-            position += steps
+        trainer, searcher = Trainer(train_args), SearchTrainer(search_args)
+        trainer.net.train()
+        searcher.net.train()
+
+        def batch(owner: Trainer, step: int) -> tuple[np.ndarray, np.ndarray]:
+            return owner.sampler.batch(*divmod(step, len(owner.sampler)))
+
+        kinds = {
+            "train": lambda i: trainer.training_step(*batch(trainer, i)),
+            "weights": lambda i: searcher.training_step(*batch(searcher, i)),
+            "arch": lambda i: searcher.architecture_step(*divmod(i, len(searcher.arch_sampler))),
+        }
+        for run_step in kinds.values():
+            _time_block(run_step, range(steps), clock)
+        seconds = dict.fromkeys(kinds, 0.0)
+        for round_ in range(rounds):
+            block = range(steps * (round_ + 1), steps * (round_ + 2))
+            # Rotate the order so a drifting machine load hits every kind alike.
+            names = list(kinds)[round_ % 3 :] + list(kinds)[: round_ % 3]
+            for name in names:
+                seconds[name] += _time_block(kinds[name], block, clock) / rounds
+
+    def ratio(every: int) -> float:
+        return (seconds["weights"] + seconds["arch"] / every) / seconds["train"]
+
     result = {
-        "train_step_s": best[0],
-        "search_step_s": best[1],
-        "ratio": best[1] / best[0],
+        "train_step_s": seconds["train"],
+        "search_step_s": seconds["weights"] + seconds["arch"] / freq,
+        "ratio": ratio(freq),
+        "weights_step_s": seconds["weights"],
+        "arch_step_s": seconds["arch"],
         "arch_freq": freq,
+        "ratio_by_arch_freq": {f: round(ratio(f), 3) for f in range(1, 11)},
         "depth": depth,
         "batch_size": batch_size,
-        "img_h": img_size[0],
-        "img_w": img_size[1],
+        "img_size": list(img_size),
+        "baseline": baseline,
+        "clock": clock,
+        "threads": torch.get_num_threads(),
+        "device": str(trainer.device),
     }
-    log.info("epoch cost: %s", result)
+    log.info("epoch cost: %s", json.dumps(result))
     return result
 
 

@@ -3,8 +3,7 @@
 A :class:`SearchableBN` slot computes ``w_split * split(x) + w_shared * shared(x)`` with
 ``w = softmax(alpha / tau)`` (or a Gumbel-softmax sample at temperature ``tau`` while training
 with the ``"gumbel"`` relaxation). Its BNs are named ``shared``, ``visible`` and ``infrared`` like
-:class:`~model.bn.ModalityBN`'s, so ImageNet initialisation fills all three and a supernet
-checkpoint loads into any derived architecture (the unused branches are dropped and reported).
+:class:`~model.bn.ModalityBN`'s, so ImageNet initialisation fills all three.
 
 The supernet is an ordinary :class:`~model.net.CMNASNet` built with :func:`searchable_norm`;
 :func:`derive_arch` turns it into an :class:`~model.arch.Arch` (argmax per slot).

@@ -14,7 +14,15 @@ from PIL import Image
 
 import search
 import train
-from model import SHARED, SPLIT, Arch, Routing, build_model, load_arch, slot_names
+from model import (
+    SHARED,
+    SPLIT,
+    Arch,
+    Routing,
+    build_model,
+    load_arch,
+    slot_names,
+)
 from model.bn import route_split
 from model.search import (
     SearchableBN,
@@ -306,7 +314,7 @@ def test_identity_sets_of_a_run_are_disjoint_and_cover(sysu: Path, searched: Pat
     assert sorted(arch_ids + weight_ids) == sorted(train_ids)
     assert len(arch_ids) == 4
     assert state["num_classes"] == len(weight_ids)
-    # The checkpoint's architecture is the derived one: test.py can rebuild it.
+    # The checkpoint's header names the derived architecture.
     assert state["arch"]["slots"] == load_arch(searched / search.ARCH_FILE).slots
 
 
@@ -328,6 +336,21 @@ def test_same_seed_same_search_and_resume_continues_exactly(
     resumed = [*argv, "--epochs", "3", "--note", "resumed", "--resume", str(checkpoint)]
     assert run_cli(search.main, resumed) == 0
     assert history(tmp_path / "resumed") == history(searched)[2:]
+
+
+def test_gumbel_search_anneals_the_temperature(sysu: Path, tmp_path: Path) -> None:
+    argv = search_argv(
+        sysu, tmp_path, "--relaxation", "gumbel", "--epochs", "3", "--arch_warmup", "1",
+        "--arch_freq", "1", "--max_steps", "1", "--no-eval_arch", "--note", "gumbel",
+    )  # fmt: skip
+    assert run_cli(search.main, argv) == 0
+    run = tmp_path / "gumbel"
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["tau"] for r in records] == [5.0, 5.0, 0.5]
+    assert [r["arch_steps"] for r in records] == [0, 1, 1]
+    provenance = load_arch(run / search.ARCH_FILE).provenance
+    assert provenance["relaxation"] == "gumbel" and provenance["tau"] == 0.5
+    assert (provenance["tau_max"], provenance["tau_min"]) == (5.0, 0.5)
 
 
 def test_derived_architecture_trains(sysu: Path, searched: Path, tmp_path: Path) -> None:
@@ -423,7 +446,7 @@ def test_parser_defaults() -> None:
     defaults = {
         "depth": 50, "epochs": 40, "arch_fraction": 0.2, "relaxation": "softmax", "tau": 1.0,
         "tau_max": 5.0, "tau_min": 0.5, "arch_lr": 3e-3, "arch_weight_decay": 1e-3,
-        "arch_warmup": 10, "arch_freq": 4, "eval_arch": True, "test_freq": 0,
+        "arch_warmup": 10, "arch_freq": 6, "eval_arch": True, "test_freq": 0,
         "config_path": None,
     }  # fmt: skip
     assert {k: parser.get_default(k) for k in defaults} == defaults
