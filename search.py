@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data import CrossModalitySampler, TrainSet, load_train_set
+from data import CrossModalitySampler, TrainSet
 from model.arch import Arch, arch_from_dict, save_arch
 from model.search import (
     RELAXATIONS,
@@ -46,12 +46,18 @@ from model.search import (
 )
 from model.weights import read_checkpoint
 from utils.cli import run_cli
-from utils.engine import Interrupted, NonFiniteLoss, Trainer, reid_losses
+from utils.engine import Interrupted, Trainer, reid_losses
 from utils.errors import UserError
 from utils.evaluation import Features, autocast, extract_features, score
 from utils.heatmap import HEATMAP_NAME, heatmap_from_jsonl
 from utils.modality import Modality
-from utils.options import check_training, data_parser, model_parser, optim_parser
+from utils.options import (
+    check_data_root,
+    check_training,
+    data_parser,
+    model_parser,
+    optim_parser,
+)
 
 log = logging.getLogger("search")
 
@@ -146,7 +152,7 @@ def check_search(args: argparse.Namespace) -> None:
         )
     if args.config_path is not None:
         log.warning("--config_path %s is ignored: the search builds a supernet", args.config_path)
-    if not args.note:
+    if not args.note and not args.resume:  # a resume without --note stays in its folder
         trial = f"_trial{args.trial}" if args.dataset == "regdb" else ""
         args.note = f"search_{args.dataset}{trial}_r{args.depth}_{args.relaxation}_seed{args.seed}"
 
@@ -224,6 +230,11 @@ class SearchTrainer(Trainer):
         self._arch_sums: dict[str, torch.Tensor] = {}
         self._arch_count = 0
         super().__init__(args)
+        own_folder = args.resume and self.out.resolve() == Path(args.resume).resolve().parent
+        if self.dist.is_main and getattr(args, "overwrite", False) and not own_folder:
+            # The engine clears logs and checkpoints; a stale result must not survive either.
+            for name in (ARCH_FILE, HEATMAP_NAME):
+                (self.out / name).unlink(missing_ok=True)
         # (epoch, step in epoch) of the batch being trained; set by batches().
         self.epoch_step = (self.start_epoch, self.start_step)
         set_temperature(self.model, self.temperature(self.start_epoch))
@@ -232,19 +243,11 @@ class SearchTrainer(Trainer):
     def build_data(self) -> TrainSet:
         """Load the training set and split its identities into weights and architecture sets."""
         args = self.args
-        # Memory-mapped: only the two subsets are ever held in memory.
-        full = load_train_set(
-            args.dataset,
-            args.data_root,
-            self.img_size,
-            args.trial,
-            args.cache_dir,
-            progress=self.dist.is_main,
-            mmap=True,
-        )
+        full = super().build_data()
         weight_ids, arch_ids = split_identities(
             full.pids, args.arch_fraction, args.seed, args.batch_size // args.num_pos
         )
+        # The full set is dropped on return: only the two subsets stay in memory.
         self.weight_set, self.arch_set = full.subset(weight_ids), full.subset(arch_ids)
         for name, part in (("weights", self.weight_set), ("architecture", self.arch_set)):
             log.info(
@@ -435,10 +438,7 @@ class SearchTrainer(Trainer):
             for key, value in self._arch_sums.items():
                 record[f"arch_{key}"] = float(value) / self._arch_count
             if not math.isfinite(record["arch_loss"]):
-                raise NonFiniteLoss(
-                    f"architecture loss is {record['arch_loss']} in epoch {epoch + 1}; last good "
-                    f"checkpoint: {self.last_good or 'none saved yet'}"
-                )
+                self._non_finite(f"architecture loss is {record['arch_loss']} in epoch {epoch + 1}")
         record["arch_steps"] = self._arch_count
         self._arch_sums, self._arch_count = {}, 0
         self.arch = derive_arch(self.model, self.provenance())
@@ -514,17 +514,17 @@ class SearchTrainer(Trainer):
         # The header's architecture is what test.py builds: the current derived one.
         self.arch = derive_arch(self.model, self.provenance())
         state = super().checkpoint(epoch, step_in_epoch)
-        # torch.__version__ is a str subclass that weights-only loading refuses: store plain str.
-        state["environment"] = {
-            key: str(value) if isinstance(value, str) else value
-            for key, value in state["environment"].items()
-        }
         state["search"] = {
             "arch_optimizer": self.arch_optimizer.state_dict(),
             "arch_scaler": self.arch_scaler.state_dict(),
             "arch_rng": self.arch_generator.get_state(),
             "arch_ids": list(self.arch_set.pids),
             "weight_ids": list(self.weight_set.pids),
+            # The architecture-loss sums of a partly trained epoch (like the engine's).
+            "arch_losses": {
+                "sums": {k: float(v) for k, v in self._arch_sums.items()},
+                "count": self._arch_count,
+            },
         }
         return state
 
@@ -549,12 +549,19 @@ class SearchTrainer(Trainer):
         self.arch_scaler.load_state_dict(search["arch_scaler"])
         if self.dist.world_size == 1:
             self.arch_generator.set_state(search["arch_rng"])
+        if self.start_step:
+            partial = search.get("arch_losses") or {}
+            self._arch_sums = {
+                k: torch.tensor(v, device=self.device) for k, v in partial.get("sums", {}).items()
+            }
+            self._arch_count = int(partial.get("count", 0))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, search, and write the derived architecture."""
     args = get_args_parser().parse_args(argv)
     check_search(args)
+    check_data_root(args)
     trainer = SearchTrainer(args)
     try:
         trainer.run()

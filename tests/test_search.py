@@ -427,6 +427,7 @@ def test_cli_rejects_a_split_with_too_few_identities(
     (line,) = _error_lines(capsys)
     assert "6 for the weights and 4 for the architecture" in line
     assert "at least --batch_size/--num_pos = 6" in line
+    assert not list(tmp_path.iterdir())  # rejected before the run folder was created
 
 
 def test_resume_refuses_a_training_checkpoint(
