@@ -451,7 +451,10 @@ def _render(
 
     # Legs, with skin below shorts or a skirt, then shoes.
     leg_len = ankle_v - hip_v
-    cover_v = hip_v + p.lower_len * leg_len if p.lower == "shorts" else ankle_v + 1.0
+    # Trousers cover the legs, shorts the thighs; a skirt (painted later) leaves them bare.
+    cover_v = {"trousers": ankle_v + 1.0, "shorts": hip_v + p.lower_len * leg_len}.get(
+        p.lower, hip_v
+    )
     for side, swing in ((-1.0, -pose.stride), (1.0, pose.stride)):
         hip_u = side * (p.gap / 2 + p.leg)
         ankle_u = hip_u + swing
