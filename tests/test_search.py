@@ -35,6 +35,7 @@ from model.search import (
     weight_parameters,
 )
 from utils.cli import run_cli
+from utils.engine import Interrupted
 from utils.heatmap import heatmap_from_jsonl, read_split_history
 
 H, W = 64, 32
@@ -336,6 +337,36 @@ def test_same_seed_same_search_and_resume_continues_exactly(
     resumed = [*argv, "--epochs", "3", "--note", "resumed", "--resume", str(checkpoint)]
     assert run_cli(search.main, resumed) == 0
     assert history(tmp_path / "resumed") == history(searched)[2:]
+
+
+def test_stop_mid_epoch_and_resume_continues_exactly(sysu: Path, tmp_path: Path) -> None:
+    extra = (
+        "--epochs", "2", "--arch_warmup", "0", "--arch_freq", "1", "--arch_lr", "0.05",
+        "--no-eval_arch",
+    )  # fmt: skip
+    assert run_cli(search.main, search_argv(sysu, tmp_path, *extra, "--note", "whole")) == 0
+    trainer = make_trainer(sysu, tmp_path, *extra, "--note", "stopped")
+    original = trainer.architecture_step
+
+    def stop_after(epoch: int, step: int) -> dict[str, torch.Tensor]:
+        out = original(epoch, step)
+        if (epoch, step) == (1, 0):
+            trainer.request_stop()
+        return out
+
+    trainer.architecture_step = stop_after  # type: ignore[method-assign]
+    with pytest.raises(Interrupted) as stopped:
+        trainer.run()
+    state = torch.load(stopped.value.checkpoint, weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 1)
+    assert state["search"]["arch_losses"]["count"] == 1
+    # Resumed without --note: the run continues in its own folder.
+    resume = search_argv(sysu, tmp_path, *extra, "--resume", str(stopped.value.checkpoint))
+    assert run_cli(search.main, resume) == 0
+    assert history(tmp_path / "stopped") == history(tmp_path / "whole")
+    lines = (tmp_path / "stopped" / "log.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert records[-1]["arch_steps"] == 2
 
 
 def test_gumbel_search_anneals_the_temperature(sysu: Path, tmp_path: Path) -> None:
