@@ -482,3 +482,16 @@ def test_parser_defaults() -> None:
         "config_path": None,
     }  # fmt: skip
     assert {k: parser.get_default(k) for k in defaults} == defaults
+
+
+def test_measure_epoch_cost_reports_both_kinds_of_step() -> None:
+    result = search.measure_epoch_cost(
+        depth=18, img_size=(H, W), batch_size=4, num_pos=2, steps=1, rounds=1, arch_freq=3
+    )
+    assert result["arch_freq"] == 3 and result["device"] == "cpu"
+    for key in ("train_step_s", "weights_step_s", "arch_step_s"):
+        assert result[key] > 0
+    expected = result["weights_step_s"] + result["arch_step_s"] / 3
+    assert result["search_step_s"] == pytest.approx(expected)
+    assert result["ratio"] == pytest.approx(expected / result["train_step_s"])
+    assert result["ratio_by_arch_freq"][3] == pytest.approx(result["ratio"], abs=1e-3)
