@@ -88,10 +88,12 @@ def save_heatmap(
     needed = math.ceil((number_w + 6) / cell_w)
     step = next(s for s in (1, 2, 5, 10, 20, 25, 50, 100, 200, 500, 10**9) if s >= needed)
     legend_w = 110
+    # The last column's values in figures: near 0.5 the colours alone hardly differ.
+    final_w = _text_size(probe, "0.00 shared", small)[0] + 12
     grid_x = _MARGIN + label_w + 8
     grid_y = _MARGIN + title_h
     grid_w, grid_h = cols * cell_w, rows * cell_h
-    width = grid_x + grid_w + 24 + legend_w
+    width = grid_x + grid_w + final_w + 24 + legend_w
     height = max(grid_y + grid_h + 48, grid_y + 26 + 80 + 16)
     width = max(width, _MARGIN * 2 + _text_size(probe, title, bold)[0]) if title else width
 
@@ -115,6 +117,13 @@ def save_heatmap(
             )
         if cell_w < 10:
             draw.line((grid_x, y + cell_h - 1, grid_x + grid_w - 1, y + cell_h - 1), fill=_GRID)
+        final = matrix[r, -1]
+        if math.isfinite(final):
+            text = f"{final:.2f} {'split' if final > 0.5 else 'shared'}"
+            _, text_h = _text_size(draw, text, small)
+            draw.text(
+                (grid_x + grid_w + 6, y + (cell_h - text_h) // 2 - 2), text, fill=_INK, font=small
+            )
         if r and _group(label) != _group(row_labels[r - 1]):
             draw.line((grid_x - 4, y, grid_x + grid_w, y), fill=_STAGE_LINE, width=1)
 
@@ -134,7 +143,7 @@ def save_heatmap(
     draw.text((grid_x + (grid_w - caption_w) // 2, axis_y + 18), caption, fill=_INK, font=font)
 
     # Legend: a vertical colour bar from shared (bottom) to split (top).
-    bar_x, bar_w = grid_x + grid_w + 24, 16
+    bar_x, bar_w = grid_x + grid_w + final_w + 24, 16
     bar_top, bar_h = grid_y + 26, max(80, min(grid_h - 26, 220))
     draw.text((bar_x, grid_y), "P(split)", fill=_INK, font=font)
     for i in range(bar_h):
