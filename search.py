@@ -52,6 +52,7 @@ from utils.evaluation import Features, autocast, extract_features, score
 from utils.heatmap import HEATMAP_NAME, heatmap_from_jsonl
 from utils.modality import Modality
 from utils.options import (
+    HelpFormatter,
     check_data_root,
     check_training,
     data_parser,
@@ -76,7 +77,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Search the BN separation scheme of a CM-NAS network (shared/split per slot).",
         parents=[data_parser(), model_parser(), optim_parser()],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     group = parser.add_argument_group("search")
     group.add_argument("--depth", type=int, choices=(18, 34, 50), default=50, help="ResNet depth")

@@ -29,7 +29,13 @@ from model.weights import is_authors_checkpoint
 from utils.cli import run_cli
 from utils.errors import UserError
 from utils.logger import setup_logging
-from utils.options import check_common, check_data_root, data_parser, select_device
+from utils.options import (
+    HelpFormatter,
+    check_common,
+    check_data_root,
+    data_parser,
+    select_device,
+)
 
 log = logging.getLogger("test")
 # Image size of the paper (and of the authors' checkpoints).
@@ -41,7 +47,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Evaluate a checkpoint with the SYSU-MM01 or RegDB protocol.",
         parents=[data_parser()],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--weights", required=True, help="checkpoint file (ours or the authors')")
     parser.add_argument(

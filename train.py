@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from utils.cli import run_cli
 from utils.options import (
+    HelpFormatter,
     check_data_root,
     check_training,
     data_parser,
@@ -33,7 +34,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
         description="Train a CM-NAS network for visible-infrared re-identification.",
         parents=[data_parser(), model_parser(), optim_parser()],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
 
 

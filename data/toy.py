@@ -190,6 +190,12 @@ def _colour(rng: np.random.Generator, exclude: int = -1) -> tuple[np.ndarray, in
     return np.clip(_PALETTE[index] + rng.uniform(-0.05, 0.05, 3), 0.0, 1.0), index
 
 
+def _infrared_level(colour: np.ndarray, rng: np.random.Generator) -> float:
+    """Infrared level of a fabric: a noisy monotonic function of its visible luminance."""
+    luminance = float(colour @ np.array([0.299, 0.587, 0.114]))
+    return float(np.clip(0.15 + 0.7 * luminance + rng.uniform(-0.06, 0.06), 0.08, 0.9))
+
+
 def _draw_garment(
     rng: np.random.Generator, patterns: Sequence[str], p: Sequence[float]
 ) -> _Garment:
@@ -197,12 +203,11 @@ def _draw_garment(
     pattern = str(rng.choice(patterns, p=p))
     colour_a, index = _colour(rng)
     colour_b, _ = _colour(rng, exclude=index)
-    # A few materials (thin, medium, thick) rather than a continuum: like the common colours,
-    # heat alone rarely tells two people apart, so a network must learn pattern and shape.
-    heat_a = float(rng.choice((0.35, 0.5, 0.65)) + rng.uniform(-0.03, 0.03))
-    # The heat contrast is independent of the colour contrast: a dark-on-light pattern may be
-    # hot-on-cold or cold-on-hot in infrared, so only its geometry crosses the modality gap.
-    heat_b = float(np.clip(heat_a + rng.choice((-1, 1)) * rng.uniform(0.2, 0.32), 0.12, 0.85))
+    # Near-infrared brightness follows the fabric's reflectance, which correlates with its
+    # visible luminance but not with its hue: the luminance layout of the clothes crosses the
+    # modality gap, the colours do not. A per-garment jitter keeps the mapping imperfect.
+    heat_a = _infrared_level(colour_a, rng)
+    heat_b = _infrared_level(colour_b, rng)
     return _Garment(
         pattern=pattern,
         angle=float(rng.choice((-1, 1)) * rng.uniform(0.6, 0.95)),

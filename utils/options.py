@@ -23,6 +23,16 @@ DATASETS = ("sysu", "regdb")
 EMA_DECAY = {"sysu": 0.997, "regdb": 0.968}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already explains it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, "", False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action) or text
+
+
 def data_parser() -> argparse.ArgumentParser:
     """Options every tool shares: data, image size, device and precision."""
     parser = argparse.ArgumentParser(add_help=False)
