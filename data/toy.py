@@ -2,8 +2,9 @@
 
 Every identity is a procedurally drawn, stylised pedestrian. Cues that survive the change of
 modality are the body shape and proportions, clothing cut (sleeves, shorts, skirt), hair length,
-bags and the clothing pattern. Colour exists only in visible images: infrared images are rendered
-in grey from a per-identity heat map (skin hot, hair and clothes by material, bags cold), with
+bags, the clothing pattern and the clothes' luminance layout. Colour exists only in visible images:
+infrared images are rendered in grey from a per-identity infrared map (skin bright, fabrics by a
+noisy function of their visible luminance, bags dark), in inverted (black-hot) polarity, with
 their own gain, gamma, blur and sensor noise, so low-level statistics differ strongly between the
 modalities, which is the gap that modality-specific BatchNorm is meant to absorb. Cameras differ in
 framing, shear, mirroring, scale, illumination and background; every image has its own pose.
@@ -555,7 +556,9 @@ def _render(
         image = ndimage.gaussian_filter(image, camera.blur)
         image = image * pose.brightness**0.5 + rng.standard_normal(image.shape) * camera.noise
         image = image + rng.standard_normal((height, 1)) * camera.row_noise
-        image = np.repeat(image[..., None], 3, axis=2)
+        # The infrared sensors run in inverted (black-hot) polarity: a per-modality affine change
+        # of intensity that a modality-specific BN can undo and a shared one cannot.
+        image = np.repeat(1.0 - image[..., None], 3, axis=2)
     else:
         image = canvas * (camera.gain * pose.brightness) * camera.cast
         image = ndimage.gaussian_filter(image, (camera.blur, camera.blur, 0.0))

@@ -74,8 +74,8 @@ def training_flags(args: argparse.Namespace, seed: int) -> list[str]:
         "--lr",
         str(args.lr),
         "--milestones",
-        str(int(args.epochs * 0.6)),
-        str(int(args.epochs * 0.85)),
+        str(int(args.epochs * 0.75)),
+        str(int(args.epochs * 0.9)),
         "--save_freq",
         "0",
         "--test_freq",
@@ -183,6 +183,10 @@ def search(args: argparse.Namespace, data: Path, seed: int) -> Path:
             str(args.arch_warmup),
             "--arch_fraction",
             "0.3",
+            "--arch_freq",
+            "2",
+            "--arch_lr",
+            "0.05",
             "--save",
             str(runs),
             "--note",
@@ -216,13 +220,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--compare", action="store_true", help="also train all-shared and all-split and compare"
     )
-    parser.add_argument("--epochs", type=int, default=14, help="training epochs")
-    parser.add_argument("--search_epochs", type=int, default=8, help="search epochs")
-    parser.add_argument("--arch_warmup", type=int, default=3, help="weights-only search epochs")
-    parser.add_argument("--img_h", type=int, default=128, help="image height")
-    parser.add_argument("--img_w", type=int, default=64, help="image width")
+    parser.add_argument("--epochs", type=int, default=12, help="training epochs")
+    parser.add_argument("--search_epochs", type=int, default=6, help="search epochs")
+    parser.add_argument("--arch_warmup", type=int, default=2, help="weights-only search epochs")
+    parser.add_argument("--img_h", type=int, default=64, help="image height")
+    parser.add_argument("--img_w", type=int, default=32, help="image width")
     parser.add_argument("--batch_size", type=int, default=32, help="images per modality")
-    parser.add_argument("--lr", type=float, default=0.01, help="head learning rate")
+    parser.add_argument("--lr", type=float, default=0.05, help="head learning rate")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s demo: %(message)s", datefmt="%H:%M:%S"
