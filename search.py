@@ -46,7 +46,7 @@ from model.search import (
 )
 from model.weights import read_checkpoint
 from utils.cli import run_cli
-from utils.engine import Interrupted, Trainer, reid_losses
+from utils.engine import Trainer, reid_losses, run_trainer
 from utils.errors import UserError
 from utils.evaluation import Features, autocast, extract_features, score
 from utils.heatmap import HEATMAP_NAME, heatmap_from_jsonl
@@ -563,14 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     check_search(args)
     check_data_root(args)
-    trainer = SearchTrainer(args)
-    try:
-        trainer.run()
-    except Interrupted as stop:
-        log.warning("%s", stop)
-        return 128 + stop.signum
-    log.info("run folder: %s", trainer.out)
-    return 0
+    return run_trainer(SearchTrainer(args))
 
 
 # ----- cost ----------------------------------------------------------------------------------

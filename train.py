@@ -43,16 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     check_training(args)
     check_data_root(args)
-    from utils.engine import Interrupted, Trainer
+    from utils.engine import Trainer, run_trainer
 
-    trainer = Trainer(args)
-    try:
-        trainer.run()
-    except Interrupted as stop:
-        log.warning("%s", stop)
-        return 128 + stop.signum
-    log.info("run folder: %s", trainer.out)
-    return 0
+    return run_trainer(Trainer(args))
 
 
 if __name__ == "__main__":

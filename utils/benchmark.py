@@ -57,7 +57,7 @@ from utils.evaluation import extract_features
 from utils.logger import git_commit, setup_logging
 from utils.metrics import benchmark_metrics
 from utils.modality import Modality
-from utils.options import EMA_DECAY, data_parser, model_parser, optim_parser
+from utils.options import EMA_DECAY, data_parser, model_parser, optim_parser, select_device
 
 log = logging.getLogger("benchmark")
 
@@ -241,21 +241,6 @@ def resolve_options(args: argparse.Namespace, device: torch.device) -> argparse.
             "with at least 2 identities"
         )
     return args
-
-
-def choose_device(name: str | None) -> torch.device:
-    """``--device``, or CUDA when there is one, else the CPU."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name}: expected cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: expected cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 # ----- measuring ---------------------------------------------------------------------------
@@ -451,7 +436,7 @@ def run_fast(
     args: argparse.Namespace, options: argparse.Namespace, train_set: TrainSet
 ) -> tuple[dict[str, Any], SyntheticTrainer]:
     """Time the engine's training step; returns the figures and the trainer (for features)."""
-    device = choose_device(options.device)
+    device = select_device(options.device)
     windowed = reset_peak_memory(device)
     trainer = SyntheticTrainer(options, train_set)
     sampler = trainer.sampler
@@ -482,7 +467,7 @@ def run_plain(
     args: argparse.Namespace, options: argparse.Namespace, train_set: TrainSet, arch: Arch
 ) -> dict[str, Any]:
     """Time the authors'-style step: per-image CPU augmentation in workers, fp32 NCHW eager."""
-    device = choose_device(options.device)
+    device = select_device(options.device)
     windowed = reset_peak_memory(device)
     torch.manual_seed(args.seed)
     # Same cuDNN autotuning as the fast path: the comparison is about the input pipeline,
@@ -617,7 +602,7 @@ def run_search(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Run every section not skipped; returns the JSON document as a dict."""
-    device = choose_device(args.device)
+    device = select_device(args.device)
     resolve_options(args, device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

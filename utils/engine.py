@@ -849,3 +849,14 @@ def _brief(record: dict[str, Any]) -> str:
     return ", ".join(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
     )
+
+
+def run_trainer(trainer: Trainer) -> int:
+    """Run ``trainer`` to the end; an interruption exits with 128 + the signal number."""
+    try:
+        trainer.run()
+    except Interrupted as stop:
+        log.warning("%s", stop)
+        return 128 + stop.signum
+    log.info("run folder: %s", trainer.out)
+    return 0
