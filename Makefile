@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet pytest ruff
+	$(PY) -m pip install --quiet pytest "ruff==0.17.6"
 	touch $@
 
 setup: $(VENV)/.installed
