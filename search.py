@@ -45,13 +45,10 @@ from model.search import (
     split_probabilities,
 )
 from model.weights import read_checkpoint
-from utils.cli import run_cli
-from utils.engine import Trainer, reid_losses, run_trainer
-from utils.errors import UserError
-from utils.evaluation import Features, autocast, extract_features, score
-from utils.heatmap import HEATMAP_NAME, heatmap_from_jsonl
-from utils.modality import Modality
-from utils.options import (
+from utils.base.cli import run_cli
+from utils.base.errors import UserError
+from utils.base.modality import Modality
+from utils.engine.options import (
     HelpFormatter,
     check_data_root,
     check_training,
@@ -59,6 +56,9 @@ from utils.options import (
     model_parser,
     optim_parser,
 )
+from utils.engine.trainer import Trainer, reid_losses, run_trainer
+from utils.evaluation.evaluate import Features, autocast, extract_features, score
+from utils.evaluation.heatmap import HEATMAP_NAME, heatmap_from_jsonl
 
 log = logging.getLogger("search")
 

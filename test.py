@@ -26,10 +26,11 @@ import torch
 from model import CMNASNet, build_model, load_arch, load_checkpoint, read_checkpoint
 from model.arch import Arch, arch_from_dict
 from model.weights import is_authors_checkpoint
-from utils.cli import run_cli
-from utils.errors import UserError
-from utils.logger import setup_logging
-from utils.options import (
+from utils.base.cli import run_cli
+from utils.base.errors import UserError
+from utils.base.io import write_text_atomic
+from utils.base.logger import setup_logging
+from utils.engine.options import (
     HelpFormatter,
     check_common,
     check_data_root,
@@ -193,7 +194,7 @@ def run_tests(
     keep: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[tuple[str, dict[str, float]]]]:
     """Run the protocol the options name; returns the results and the table rows."""
-    from utils.evaluation import evaluate_regdb, evaluate_sysu
+    from utils.evaluation.evaluate import evaluate_regdb, evaluate_sysu
 
     img_size = (args.img_h, args.img_w)
     amp = args.amp if device.type == "cuda" else "none"
@@ -236,7 +237,7 @@ def run_tests(
 
 def write_rank_lists(args: argparse.Namespace, features: dict[str, Any]) -> None:
     """Rank-list pictures of ``--visualize`` queries for each evaluated direction."""
-    from utils.visualize import save_rank_lists
+    from utils.evaluation.visualize import save_rank_lists
 
     root = Path(args.save_json).parent if args.save_json else Path(".")
     if args.dataset == "sysu":
@@ -262,14 +263,10 @@ def write_rank_lists(args: argparse.Namespace, features: dict[str, Any]) -> None
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:
     """Write ``payload`` through a temporary file and a rename (never half a file)."""
-    out = Path(path)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp, out)
+        write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
     except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"--save_json {out}: cannot write ({err.strerror})") from None
+        raise UserError(f"--save_json {path}: cannot write ({err.strerror})") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -311,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def format_results(rows: list[tuple[str, dict[str, float]]], args: argparse.Namespace) -> str:
     """The printed table, titled with the weights it scored."""
-    from utils.evaluation import format_table
+    from utils.evaluation.evaluate import format_table
 
     return format_table(rows, title=f"{args.weights}{' (EMA)' if args.ema else ''}")
 

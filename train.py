@@ -16,8 +16,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from utils.cli import run_cli
-from utils.options import (
+from utils.base.cli import run_cli
+from utils.engine.options import (
     HelpFormatter,
     check_data_root,
     check_training,
@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     check_training(args)
     check_data_root(args)
-    from utils.engine import Trainer, run_trainer
+    from utils.engine.trainer import Trainer, run_trainer
 
     return run_trainer(Trainer(args))
 

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from utils.errors import UserError
+from utils.base.errors import UserError
 
 logger = logging.getLogger(__name__)
 

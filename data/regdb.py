@@ -9,8 +9,8 @@ import os
 
 import numpy as np
 
-from utils.errors import UserError
-from utils.modality import Modality
+from utils.base.errors import UserError
+from utils.base.modality import Modality
 
 NUM_TRIALS = 10
 SPLITS = ("train", "test")

@@ -12,7 +12,7 @@ import random
 
 import numpy as np
 
-from utils.errors import UserError
+from utils.base.errors import UserError
 
 logger = logging.getLogger(__name__)
 

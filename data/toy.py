@@ -29,8 +29,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from utils.cli import run_cli
-from utils.errors import UserError
+from utils.base.cli import run_cli
+from utils.base.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from data.images import (
 )
 from data.regdb import check_trial, regdb_split
 from data.sysu import sysu_train_files
-from utils.errors import UserError
-from utils.modality import Modality
+from utils.base.errors import UserError
+from utils.base.modality import Modality
 
 logger = logging.getLogger(__name__)
 

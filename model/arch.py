@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from utils.errors import UserError
+from utils.base.errors import UserError
+from utils.base.io import write_text_atomic
 
 FORMAT_NAME = "cmnas-arch"
 FORMAT_VERSION = 1
@@ -201,25 +201,11 @@ def load_arch(path: str | os.PathLike[str], depth: int | None = None) -> Arch:
     return parse_cfg(text, str(path), depth)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write text to ``path`` through a temporary file so a failure leaves nothing behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_arch(arch: Arch, path: str | os.PathLike[str]) -> None:
     """Write ``arch`` as JSON, or as the authors' ``.cfg`` when the name ends in ``.cfg``."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".cfg":
-        _write_atomic(path, arch.to_cfg() + "\n")
+        write_text_atomic(path, arch.to_cfg() + "\n")
     else:
-        _write_atomic(path, json.dumps(arch.to_dict(), indent=2) + "\n")
+        write_text_atomic(path, json.dumps(arch.to_dict(), indent=2) + "\n")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from model.arch import SHARED, SPLIT
-from utils.modality import Modality
+from utils.base.modality import Modality
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from torch import nn
 from model.arch import Arch
 from model.bn import ModalityBN, NormFactory, Routing
 from model.resnet import ResNet
-from utils.modality import Modality
+from utils.base.modality import Modality
 
 
 class CMNASNet(nn.Module):
@@ -17,7 +17,7 @@ class CMNASNet(nn.Module):
     ``model(images, modality)`` returns ``(pool_feature, bnneck_feature)`` in eval mode and
     ``(pool_feature, bnneck_feature, logits)`` in training mode. ``modality`` is
     ``"visible"``/``"infrared"`` for the whole batch, a per-sample tensor of
-    :class:`~utils.modality.Modality` values, or a prepared :class:`~model.bn.Routing`.
+    :class:`~utils.base.modality.Modality` values, or a prepared :class:`~model.bn.Routing`.
     """
 
     def __init__(

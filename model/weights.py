@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from utils.errors import UserError
+from utils.base.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -78,7 +78,7 @@ def restore_determinism() -> Iterator[None]:
 def sysu_run(toy_sysu: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Run folder of a tiny 2-epoch SYSU training (EMA, evaluation and a checkpoint per epoch)."""
     from train import main
-    from utils.cli import run_cli
+    from utils.base.cli import run_cli
 
     save = tmp_path_factory.mktemp("runs")
     argv = tiny_train_argv(

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from model.arch import SHARED, SPLIT, Arch, load_arch, save_arch, slot_names
-from utils.cli import run_cli
+from utils.base.cli import run_cli
+from utils.base.errors import UserError
 from utils.convert_arch import main as convert_main
-from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -18,7 +18,7 @@ import torch
 from data.plain import PairedBatchSampler, PairedImages, plain_loader
 from data.sampler import CrossModalitySampler
 from utils import benchmark
-from utils.errors import UserError
+from utils.base.errors import UserError
 
 H, W = 64, 32
 TINY = [
@@ -56,7 +56,7 @@ def test_benchmark_writes_every_section(tmp_path: Path, capsys: pytest.CaptureFi
         figures = doc[path]
         for key in ("images_per_s", "step_s", "peak_memory_mb"):
             assert _positive(figures[key]), (path, key, figures[key])
-    assert doc["fast"]["settings"]["step"] == "utils.engine.Trainer.training_step"
+    assert doc["fast"]["settings"]["step"] == "utils.engine.trainer.Trainer.training_step"
     assert doc["plain"]["settings"]["amp"] == "none" and not doc["plain"]["settings"]["compile"]
     assert _positive(doc["plain"]["workers_peak_rss_mb"])
     assert _positive(doc["speedup"])

@@ -17,8 +17,8 @@ from data import TrainSet, load_images, load_train_set, regdb_test, sysu_gallery
 from data.regdb import regdb_split
 from data.sysu import sysu_root_check
 from utils import pre_process_sysu
-from utils.errors import UserError
-from utils.modality import Modality
+from utils.base.errors import UserError
+from utils.base.modality import Modality
 
 IMG = (8, 4)  # (height, width) of the small cached images used by these tests
 

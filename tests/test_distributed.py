@@ -36,8 +36,8 @@ import torch.distributed as dist
 from torch import nn
 
 import train
-from utils.cli import run_cli
-from utils.engine import Trainer
+from utils.base.cli import run_cli
+from utils.engine.trainer import Trainer
 
 REPORT = sys.argv.pop(1)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.metrics import (
+from utils.evaluation.metrics import (
     benchmark_metrics,
     eval_regdb,
     eval_regdb_loop,

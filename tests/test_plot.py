@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from utils.cli import run_cli
-from utils.errors import UserError
+from utils.base.cli import run_cli
+from utils.base.errors import UserError
 from utils.plot import (
     BACKGROUND,
     FIGURE_SIZE,

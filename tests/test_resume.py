@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import train
-from utils.cli import run_cli
-from utils.engine import LATEST, Trainer
+from utils.base.cli import run_cli
+from utils.engine.trainer import LATEST, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread", "restore_determinism")
 RUN = ("--deterministic", "--epochs", "2", "--max_steps", "3", "--test_freq", "1",

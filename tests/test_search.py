@@ -34,9 +34,9 @@ from model.search import (
     split_probabilities,
     weight_parameters,
 )
-from utils.cli import run_cli
-from utils.engine import Interrupted
-from utils.heatmap import heatmap_from_jsonl, read_split_history
+from utils.base.cli import run_cli
+from utils.engine.trainer import Interrupted
+from utils.evaluation.heatmap import heatmap_from_jsonl, read_split_history
 
 H, W = 64, 32
 TINY = [

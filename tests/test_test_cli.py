@@ -14,8 +14,8 @@ import torch
 
 from model import SHARED, Arch, save_arch
 from model.arch import arch_from_dict
-from utils.cli import run_cli
-from utils.engine import LATEST
+from utils.base.cli import run_cli
+from utils.engine.trainer import LATEST
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parent.parent

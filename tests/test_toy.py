@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from data import toy
-from utils.errors import UserError
+from utils.base.errors import UserError
 
 SYSU_SMALL = {"train_ids": 3, "val_ids": 2, "test_ids": 4, "height": 64, "width": 32}
 REGDB_SMALL = {"ids": 7, "images_per_id": 3, "height": 64, "width": 32}

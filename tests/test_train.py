@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import train
-from utils import engine
-from utils.checkpoint import save_atomic
-from utils.cli import run_cli
-from utils.engine import LATEST
+from utils.base.cli import run_cli
+from utils.engine import trainer as engine
+from utils.engine.checkpoint import save_atomic
+from utils.engine.trainer import LATEST
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parent.parent

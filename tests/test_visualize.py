@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.errors import UserError
-from utils.evaluation import Features
-from utils.visualize import (
+from utils.base.errors import UserError
+from utils.evaluation.evaluate import Features
+from utils.evaluation.visualize import (
     MATCH_COLOUR,
     MISMATCH_COLOUR,
     RankListLayout,

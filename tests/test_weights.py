@@ -12,7 +12,7 @@ import torch
 
 from model import SHARED, SPLIT, Arch, CMNASNet, build_model, load_arch, load_checkpoint
 from model.weights import read_checkpoint, safe_load
-from utils.errors import UserError
+from utils.base.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_STREAM_18 = ROOT / "configs" / "resnet18_two_stream.json"

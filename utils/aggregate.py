@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from utils.cli import run_cli
-from utils.errors import UserError
-from utils.evaluation import FEATURES, format_table, mean_std
+from utils.base.cli import run_cli
+from utils.base.errors import UserError
+from utils.evaluation.evaluate import FEATURES, format_table, mean_std
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@
 
 Sections of the JSON document (printed to stdout and written to ``--out``):
 
-- ``fast``: the engine's own training step (:meth:`utils.engine.Trainer.training_step`: uint8
+- ``fast``: the engine's own training step (:meth:`Trainer.training_step`: uint8
   images resident on the device, batched augmentation there, bf16 autocast on CUDA,
   channels-last, fused Adam, ``foreach`` EMA, no host synchronisation per step) on random
   in-memory images; ``--compile`` adds torch.compile.
@@ -14,7 +14,7 @@ Sections of the JSON document (printed to stdout and written to ``--out``):
   DataLoader workers (:mod:`data.plain`), the batch copied to the device, a for-loop Adam, a
   per-tensor EMA and the loss read back every step.
 - ``speedup``: fast images/s over plain images/s.
-- ``features``: :func:`utils.evaluation.extract_features` images/s (half precision on CUDA).
+- ``features``: :func:`extract_features` images/s (half precision on CUDA).
 - ``metrics``: vectorised SYSU metrics against the per-query loop at the SYSU multi-shot size.
 - ``search``: a search step against a training step (``search.measure_epoch_cost``).
 
@@ -50,14 +50,14 @@ from data.plain import PairedImages, plain_loader
 from data.sampler import CrossModalitySampler
 from data.trainset import TrainSet
 from model import Arch, Routing, build_model, load_arch, save_arch
-from utils.cli import run_cli
-from utils.engine import Trainer, reid_losses
-from utils.errors import UserError
-from utils.evaluation import extract_features
-from utils.logger import git_commit, setup_logging
-from utils.metrics import benchmark_metrics
-from utils.modality import Modality
-from utils.options import EMA_DECAY, data_parser, model_parser, optim_parser, select_device
+from utils.base.cli import run_cli
+from utils.base.errors import UserError
+from utils.base.logger import git_commit, setup_logging
+from utils.base.modality import Modality
+from utils.engine.options import EMA_DECAY, data_parser, model_parser, optim_parser, select_device
+from utils.engine.trainer import Trainer, reid_losses
+from utils.evaluation.evaluate import extract_features
+from utils.evaluation.metrics import benchmark_metrics
 
 log = logging.getLogger("benchmark")
 
@@ -449,7 +449,7 @@ def run_fast(
     figures = throughput(step, args.warmup, args.steps, args.rounds, 2 * args.batch_size, device)
     figures.update(peak_memory(device, windowed))
     figures["settings"] = {
-        "step": "utils.engine.Trainer.training_step",
+        "step": "utils.engine.trainer.Trainer.training_step",
         "amp": trainer.amp,
         "channels_last": options.channels_last,
         "compile": options.compile,
@@ -545,7 +545,7 @@ def run_plain(
 
 
 def run_features(args: argparse.Namespace, model: nn.Module, amp: str) -> dict[str, Any]:
-    """Time :func:`utils.evaluation.extract_features` on random uint8 images."""
+    """Time :func:`utils.evaluation.evaluate.extract_features` on random uint8 images."""
     device = next(model.parameters()).device
     rng = np.random.default_rng(args.seed + 1)
     shape = (args.feature_images, args.img_h, args.img_w, 3)
@@ -570,7 +570,7 @@ def run_features(args: argparse.Namespace, model: nn.Module, amp: str) -> dict[s
 
 
 def run_metrics(args: argparse.Namespace) -> dict[str, Any]:
-    """Vectorised SYSU metrics against the per-query loop (utils.metrics.benchmark_metrics)."""
+    """Vectorised SYSU metrics against the per-query loop (benchmark_metrics)."""
     result: dict[str, Any] = dict(
         benchmark_metrics(args.metrics_query, args.metrics_gallery, seed=args.seed)
     )

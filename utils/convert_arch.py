@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from model.arch import load_arch, save_arch
-from utils.cli import run_cli
+from utils.base.cli import run_cli
 
 log = logging.getLogger(__name__)
 

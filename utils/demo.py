@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from utils.cli import run_cli
-from utils.errors import UserError
+from utils.base.cli import run_cli
+from utils.base.errors import UserError
 
 log = logging.getLogger("demo")
 ROOT = Path(__file__).resolve().parent.parent

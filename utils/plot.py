@@ -22,8 +22,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from utils.cli import run_cli
-from utils.errors import UserError
+from utils.base.cli import run_cli
+from utils.base.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 
 from data.trainset import load_train_set
-from utils.errors import UserError
+from utils.base.errors import UserError
 
 logger = logging.getLogger("pre_process_sysu")
 

@@ -16,7 +16,7 @@ import torch
 
 from data.regdb import read_index
 from data.sysu import read_ids
-from utils.errors import UserError
+from utils.base.errors import UserError
 
 DATASETS = ("sysu", "regdb")
 # EMA decay the authors used per data set.

@@ -44,20 +44,19 @@ from data import CrossModalitySampler, TrainSet, augment_batch, load_train_set
 from model import Arch, Routing, build_model, load_arch, load_checkpoint
 from model.losses import cmmd_loss, cross_modality_triplet, identity_loss, sp_loss
 from model.weights import CHECKPOINT_FORMAT, read_checkpoint
-from utils.checkpoint import (
+from utils.base.distributed import barrier, broadcast_flag, cleanup, init_distributed
+from utils.base.errors import UserError
+from utils.base.io import copy_atomic, write_text_atomic
+from utils.base.logger import append_json_line, log_run_header, setup_logging
+from utils.engine.checkpoint import (
     capture_rng_state,
     checkpoint_header,
-    copy_atomic,
     plain,
     restore_rng_state,
     save_atomic,
 )
-from utils.distributed import barrier, broadcast_flag, cleanup, init_distributed
-from utils.ema import ModelEMA
-from utils.errors import UserError
-from utils.evaluation import autocast, evaluate_regdb, evaluate_sysu, format_table
-from utils.logger import append_json_line, log_run_header, setup_logging
-from utils.options import (
+from utils.engine.ema import ModelEMA
+from utils.engine.options import (
     check_data_root,
     check_run_dir,
     clear_run_dir,
@@ -65,6 +64,7 @@ from utils.options import (
     run_dir,
     select_device,
 )
+from utils.evaluation.evaluate import autocast, evaluate_regdb, evaluate_sysu, format_table
 
 __all__ = [
     "LATEST",
@@ -128,17 +128,6 @@ class _RecordBuffer(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file and a rename (no half-written file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _index_tensor(index: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -394,7 +383,7 @@ class Trainer:
             if epoch <= self.start_epoch:
                 keep.append(line)
         if len(keep) != len(lines):
-            _write_text_atomic(path, "".join(line + "\n" for line in keep))
+            write_text_atomic(path, "".join(line + "\n" for line in keep))
             log.warning(
                 "%s: dropped %d record(s) after epoch %d, which this run trains again",
                 path,
@@ -660,8 +649,8 @@ class Trainer:
                     rows.append((f"{protocol} {kind}", result[kind]))
             log.info("evaluation%s:\n%s", " (final)" if final else "", format_table(rows))
             if final:
-                _write_text_atomic(self.out / "results.json", json.dumps(results, indent=2) + "\n")
-                _write_text_atomic(self.out / "results.md", format_table(rows) + "\n")
+                write_text_atomic(self.out / "results.json", json.dumps(results, indent=2) + "\n")
+                write_text_atomic(self.out / "results.md", format_table(rows) + "\n")
         barrier(self.dist)
         self.model.train()
         return flat

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes and the random states needed for an exact resume.
+"""Checkpoints: atomic saves and the random states needed for an exact resume.
 
 A checkpoint holds only tensors, numbers, strings and plain containers, so it loads with
 ``torch.load(..., weights_only=True)``.
@@ -8,82 +8,20 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from model.weights import CHECKPOINT_FORMAT
+from utils.base.io import write_atomic
 
 CHECKPOINT_VERSION = 1
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (not possible on every platform; best effort)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temporary file, flush it to disk, then rename it over ``path``.
-
-    A kill at any moment leaves either the previous file or the new one, never half of one, and
-    a failure removes the temporary file.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp creates the file readable by its owner only; give it the usual permissions.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def copy_atomic(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-    """Make ``dst`` a copy of the finished file ``src``, atomically.
-
-    A hard link when the file system allows it (no second write of a large checkpoint; a later
-    :func:`save_atomic` over ``src`` replaces ``src``'s name, not the linked data), else a copy.
-    """
-    src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link.tmp")
-    try:
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(dst.parent)
+    """``torch.save`` ``obj`` to ``path`` atomically (see :func:`utils.base.io.write_atomic`)."""
+    write_atomic(path, lambda handle: torch.save(obj, handle))
 
 
 def plain(value: Any) -> Any:

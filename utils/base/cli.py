@@ -6,7 +6,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from utils.errors import UserError
+from utils.base.errors import UserError
 
 log = logging.getLogger(__name__)
 

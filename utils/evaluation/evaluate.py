@@ -20,8 +20,8 @@ from torch import nn
 from tqdm import tqdm
 
 from data import load_images, normalize, regdb_test, sysu_gallery, sysu_query
-from utils.metrics import eval_regdb, eval_sysu, pairwise_distance, summarize
-from utils.modality import Modality
+from utils.base.modality import Modality
+from utils.evaluation.metrics import eval_regdb, eval_sysu, pairwise_distance, summarize
 
 log = logging.getLogger(__name__)
 FEATURES = ("pool", "bnneck")

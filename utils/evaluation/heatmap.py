@@ -1,6 +1,7 @@
 """Heat map of the search: each slot's split probability per epoch, drawn with Pillow.
 
-Blue is shared (0), white undecided (0.5), red split (1). ``python -m utils.heatmap RUN_DIR``
+Blue is shared (0), white undecided (0.5), red split (1).
+``python -m utils.evaluation.heatmap RUN_DIR``
 redraws ``RUN_DIR/search_heatmap.png`` from the run's ``log.jsonl``.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from utils.errors import UserError
+from utils.base.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from utils.cli import run_cli
+    from utils.base.cli import run_cli
 
     sys.exit(run_cli(main))

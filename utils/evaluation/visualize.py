@@ -18,9 +18,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
-from utils.errors import UserError
-from utils.evaluation import FEATURES, Features
-from utils.metrics import SYSU_INDOOR_INFRARED_CAM, SYSU_INDOOR_VISIBLE_CAM, pairwise_distance
+from utils.base.errors import UserError
+from utils.evaluation.evaluate import FEATURES, Features
+from utils.evaluation.metrics import (
+    SYSU_INDOOR_INFRARED_CAM,
+    SYSU_INDOOR_VISIBLE_CAM,
+    pairwise_distance,
+)
 from utils.plot import font, text_size
 
 log = logging.getLogger(__name__)

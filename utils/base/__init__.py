@@ -1,0 +1,1 @@
+"""The base layer: small pieces that import nothing else of the project."""

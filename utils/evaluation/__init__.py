@@ -1,0 +1,1 @@
+"""Evaluation: metrics, re-ranking, the protocol runner and the pictures of results."""
