@@ -9,7 +9,6 @@ reads ``RUN_DIR/log.jsonl`` (one JSON record per epoch, written by the engine) a
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import math
@@ -20,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
+from utils.evaluation.draw import font, text_size
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +56,6 @@ _MAX_DOTS = 60  # above this many points a series is a line only; dots would mer
 
 Box = tuple[int, int, int, int]
 Series = dict[str, list[tuple[float, float]]]
-
-
-@functools.cache
-def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    """Pillow's built-in font at ``size`` px (the fixed bitmap font on Pillow < 10.1)."""
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:
-        return ImageFont.load_default()
-
-
-def text_size(draw: ImageDraw.ImageDraw, text: str, face: Any) -> tuple[int, int]:
-    """Width and height of ``text`` drawn in ``face``."""
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=face)
-    return int(right - left), int(bottom - top)
 
 
 def scale(value: float, lo: float, hi: float, start: float, end: float) -> float:

@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from utils.base.errors import UserError
+from utils.evaluation.draw import font, text_size
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +45,6 @@ def colour(value: float) -> tuple[int, int, int]:
     return tuple(round(a + (b - a) * t) for a, b in zip(low, high, strict=True))  # type: ignore[return-value]
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _text_size(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont) -> tuple[int, int]:
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    return right - left, bottom - top
-
-
 def _group(label: str) -> str:
     """The stage a slot belongs to (``layer2`` of ``layer2.0.bn1``), for separator lines."""
     return label.split(".", 1)[0]
@@ -78,25 +67,25 @@ def save_heatmap(
     col_labels = [str(c) for c in (col_labels if col_labels is not None else range(1, cols + 1))]
     if len(col_labels) != cols:
         raise ValueError(f"{len(col_labels)} column labels for {cols} columns")
-    font, small, bold = _font(12), _font(11), _font(15)
+    face, small, bold = font(12), font(11), font(15)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     cell_h = 14
     # Wide enough for the numbers when there are few epochs, narrower (down to 6 px) when many.
     cell_w = int(min(24, max(6, 900 // cols)))
-    label_w = max(_text_size(probe, label, font)[0] for label in row_labels)
-    title_h = _text_size(probe, title or "Ag", bold)[1] + 14 if title else 4
-    number_w = max(_text_size(probe, c, small)[0] for c in col_labels)
+    label_w = max(text_size(probe, label, face)[0] for label in row_labels)
+    title_h = text_size(probe, title or "Ag", bold)[1] + 14 if title else 4
+    number_w = max(text_size(probe, c, small)[0] for c in col_labels)
     needed = math.ceil((number_w + 6) / cell_w)
     step = next(s for s in (1, 2, 5, 10, 20, 25, 50, 100, 200, 500, 10**9) if s >= needed)
     legend_w = 110
     # The last column's values in figures: near 0.5 the colours alone hardly differ.
-    final_w = _text_size(probe, "0.00 shared", small)[0] + 12
+    final_w = text_size(probe, "0.00 shared", small)[0] + 12
     grid_x = _MARGIN + label_w + 8
     grid_y = _MARGIN + title_h
     grid_w, grid_h = cols * cell_w, rows * cell_h
     width = grid_x + grid_w + final_w + 24 + legend_w
     height = max(grid_y + grid_h + 48, grid_y + 26 + 80 + 16)
-    width = max(width, _MARGIN * 2 + _text_size(probe, title, bold)[0]) if title else width
+    width = max(width, _MARGIN * 2 + text_size(probe, title, bold)[0]) if title else width
 
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
@@ -105,9 +94,9 @@ def save_heatmap(
 
     for r, label in enumerate(row_labels):
         y = grid_y + r * cell_h
-        text_w, text_h = _text_size(draw, label, font)
+        text_w, text_h = text_size(draw, label, face)
         draw.text(
-            (grid_x - 8 - text_w, y + (cell_h - text_h) // 2 - 1), label, fill=_INK, font=font
+            (grid_x - 8 - text_w, y + (cell_h - text_h) // 2 - 1), label, fill=_INK, font=face
         )
         for c in range(cols):
             x = grid_x + c * cell_w
@@ -121,7 +110,7 @@ def save_heatmap(
         final = matrix[r, -1]
         if math.isfinite(final):
             text = f"{final:.2f} {'split' if final > 0.5 else 'shared'}"
-            _, text_h = _text_size(draw, text, small)
+            _, text_h = text_size(draw, text, small)
             draw.text(
                 (grid_x + grid_w + 6, y + (cell_h - text_h) // 2 - 2), text, fill=_INK, font=small
             )
@@ -135,18 +124,18 @@ def save_heatmap(
     axis_y = grid_y + grid_h + 4
     for c in sorted(shown):
         text = col_labels[c]
-        text_w, _ = _text_size(draw, text, small)
+        text_w, _ = text_size(draw, text, small)
         x = grid_x + c * cell_w + cell_w // 2
         draw.line((x, axis_y - 3, x, axis_y), fill=_INK)
         draw.text((x - text_w // 2, axis_y + 1), text, fill=_INK, font=small)
     caption = "epoch"
-    caption_w, _ = _text_size(draw, caption, font)
-    draw.text((grid_x + (grid_w - caption_w) // 2, axis_y + 18), caption, fill=_INK, font=font)
+    caption_w, _ = text_size(draw, caption, face)
+    draw.text((grid_x + (grid_w - caption_w) // 2, axis_y + 18), caption, fill=_INK, font=face)
 
     # Legend: a vertical colour bar from shared (bottom) to split (top).
     bar_x, bar_w = grid_x + grid_w + final_w + 24, 16
     bar_top, bar_h = grid_y + 26, max(80, min(grid_h - 26, 220))
-    draw.text((bar_x, grid_y), "P(split)", fill=_INK, font=font)
+    draw.text((bar_x, grid_y), "P(split)", fill=_INK, font=face)
     for i in range(bar_h):
         draw.line(
             (bar_x, bar_top + i, bar_x + bar_w, bar_top + i), fill=colour(1 - i / (bar_h - 1))
@@ -156,7 +145,7 @@ def save_heatmap(
         y = bar_top + round((1 - value) * (bar_h - 1))
         draw.line((bar_x + bar_w, y, bar_x + bar_w + 4, y), fill=_INK)
         text = f"{value:.1f} {name}".rstrip()
-        _, text_h = _text_size(draw, text, small)
+        _, text_h = text_size(draw, text, small)
         draw.text((bar_x + bar_w + 7, y - text_h // 2 - 2), text, fill=_INK, font=small)
 
     path = Path(path)
