@@ -1,0 +1,352 @@
+"""LLCM reader: training index files, query lists and the authors' per-trial gallery draw."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.llcm import (
+    INFRARED_CAMS,
+    NUM_TRIALS,
+    VISIBLE_CAMS,
+    llcm_gallery,
+    llcm_query,
+    llcm_root_check,
+    llcm_train_files,
+)
+from utils.base.errors import UserError
+from utils.base.modality import Modality
+
+# Test folders: {pid: {cam: number of images}} per modality. Id 12 has no visible cam3 folder
+# and id 5 has cam2 in both modalities; folders hold several images so that trials can differ.
+TEST_VISIBLE = {
+    5: {1: 4, 2: 3, 9: 5},
+    12: {1: 2, 2: 6, 4: 3},
+    40: {3: 5, 7: 4},
+}
+TEST_INFRARED = {
+    5: {2: 4, 8: 3},
+    12: {1: 5, 9: 2},
+    40: {4: 6},
+}
+TEST_ID_LINE = "40,5,12"  # unsorted on purpose: the protocol orders ids ascending
+TEST_IDS = [5, 12, 40]
+# Training images: (relative path, label) per modality, in file order.
+TRAIN_VISIBLE = [
+    (f"vis/{pid:04d}/{pid:04d}_c0{cam}_{n}_rgb.jpg", label)
+    for label, pid in enumerate((351, 7))
+    for cam in (1, 2)
+    for n in range(2)
+]
+TRAIN_INFRARED = [
+    (f"nir/{pid:04d}/{pid:04d}_c06_{n}_nir.jpg", label)
+    for label, pid in enumerate((351, 7))
+    for n in range(3)
+]
+FOLDERS = {Modality.VISIBLE: "test_vis", Modality.INFRARED: "test_nir"}
+
+
+def _image(path: Path, seed: int) -> None:
+    """Write a tiny random RGB JPEG (8x4)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (8, 4, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def make_llcm(root: Path) -> Path:
+    """Write a fake LLCM tree under ``root`` and return it."""
+    seed = 0
+    for modality, layout in ((Modality.VISIBLE, TEST_VISIBLE), (Modality.INFRARED, TEST_INFRARED)):
+        for pid, cams in layout.items():
+            for cam, count in cams.items():
+                for n in range(count):
+                    seed += 1
+                    name = f"{pid:04d}_c{cam:02d}_s{seed:06d}_f{n}.jpg"
+                    _image(root / FOLDERS[modality] / f"cam{cam}" / f"{pid:04d}" / name, seed)
+    (root / "idx").mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train_vis", TRAIN_VISIBLE), ("train_nir", TRAIN_INFRARED)):
+        for rel, _ in rows:
+            seed += 1
+            _image(root / rel, seed)
+        (root / "idx" / f"{name}.txt").write_text("".join(f"{r} {label}\n" for r, label in rows))
+    (root / "idx" / "test_id.txt").write_text(TEST_ID_LINE + "\n")
+    return root
+
+
+@pytest.fixture()
+def llcm(tmp_path: Path) -> Path:
+    return make_llcm(tmp_path / "LLCM")
+
+
+@pytest.fixture()
+def keep_global_random() -> Iterator[None]:
+    """Restore the global ``random`` state after a test that seeds it."""
+    state = random.getstate()
+    yield
+    random.setstate(state)
+
+
+def _layout(modality: Modality) -> dict:
+    return TEST_VISIBLE if modality is Modality.VISIBLE else TEST_INFRARED
+
+
+def _cams(modality: Modality) -> tuple[int, ...]:
+    return VISIBLE_CAMS if modality is Modality.VISIBLE else INFRARED_CAMS
+
+
+def _folder_of(root: Path, modality: Modality, pid: int, cam: int) -> Path:
+    return root / FOLDERS[modality] / f"cam{cam}" / f"{pid:04d}"
+
+
+def test_constants() -> None:
+    assert VISIBLE_CAMS == (1, 2, 3, 4, 5, 6, 7, 8, 9)
+    assert INFRARED_CAMS == (1, 2, 4, 5, 6, 7, 8, 9)
+    assert NUM_TRIALS == 10
+
+
+# --- training files --------------------------------------------------------------------------
+
+
+def test_train_files_follow_the_index_files(llcm: Path) -> None:
+    visible_paths, visible_pids, infrared_paths, infrared_pids = llcm_train_files(llcm)
+    assert visible_paths == [os.path.join(str(llcm), rel) for rel, _ in TRAIN_VISIBLE]
+    assert infrared_paths == [os.path.join(str(llcm), rel) for rel, _ in TRAIN_INFRARED]
+    assert visible_pids == [label for _, label in TRAIN_VISIBLE]
+    assert infrared_pids == [label for _, label in TRAIN_INFRARED]
+    assert all(isinstance(p, str) and os.path.isabs(p) for p in visible_paths + infrared_paths)
+    assert all(type(label) is int for label in visible_pids + infrared_pids)
+
+
+def test_train_line_naming_a_missing_image(llcm: Path) -> None:
+    index = llcm / "idx" / "train_nir.txt"
+    lines = index.read_text().splitlines()
+    lines.insert(2, "nir/0351/0351_c06_missing_nir.jpg 0")
+    index.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError) as err:
+        llcm_train_files(llcm)
+    message = str(err.value)
+    assert message.startswith(f"{index}:3: ")
+    assert "nir/0351/0351_c06_missing_nir.jpg does not exist" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("bad", ["vis/0351/a.jpg", "vis/0351/a.jpg one", "/abs/vis/0351/a.jpg 0"])
+def test_train_malformed_line(llcm: Path, bad: str) -> None:
+    index = llcm / "idx" / "train_vis.txt"
+    index.write_text("\n" + index.read_text() + bad + "\n")  # a leading blank line still counts
+    with pytest.raises(UserError) as err:
+        llcm_train_files(llcm)
+    line_no = len(TRAIN_VISIBLE) + 2
+    assert str(err.value) == (
+        f"{index}:{line_no}: expected 'relative/path.jpg label' with the path relative to the "
+        f"data root, found {bad!r}"
+    )
+
+
+def test_train_index_without_images(llcm: Path) -> None:
+    index = llcm / "idx" / "train_vis.txt"
+    index.write_text("\n")
+    with pytest.raises(UserError, match=r"train_vis\.txt: lists no images$"):
+        llcm_train_files(llcm)
+
+
+# --- root check ------------------------------------------------------------------------------
+
+
+def test_root_check_names_every_missing_entry(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError) as err:
+        llcm_root_check(empty)
+    assert str(err.value) == (
+        f"--data_root {empty}: not an LLCM folder: missing idx/train_vis.txt, idx/train_nir.txt, "
+        "idx/test_id.txt, test_vis/, test_nir/"
+    )
+    with pytest.raises(UserError, match="folder does not exist"):
+        llcm_root_check(tmp_path / "nowhere")
+
+
+def test_missing_index_file_is_named_by_every_reader(llcm: Path) -> None:
+    (llcm / "idx" / "train_nir.txt").unlink()
+    expected = f"--data_root {llcm}: not an LLCM folder: missing idx/train_nir.txt"
+    for call in (
+        lambda: llcm_train_files(llcm),
+        lambda: llcm_query(llcm, "visible"),
+        lambda: llcm_gallery(llcm, "infrared", 0),
+    ):
+        with pytest.raises(UserError) as err:
+            call()
+        assert str(err.value) == expected
+
+
+# --- queries ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("modality", [Modality.VISIBLE, Modality.INFRARED])
+def test_query_is_every_test_image_in_order(llcm: Path, modality: Modality) -> None:
+    paths, pids, cams = llcm_query(llcm, modality.name.lower())
+    layout = _layout(modality)
+    assert isinstance(paths, list) and all(isinstance(p, str) for p in paths)
+    assert pids.dtype == np.int64 and cams.dtype == np.int64
+    expected = []
+    for pid in TEST_IDS:
+        for cam in _cams(modality):
+            folder = _folder_of(llcm, modality, pid, cam)
+            if folder.is_dir():
+                expected += sorted(str(p) for p in folder.iterdir())
+    assert len(paths) == sum(sum(c.values()) for c in layout.values())
+    assert paths == expected
+    for path, pid, cam in zip(paths, pids, cams, strict=True):
+        assert Path(path).parent == _folder_of(llcm, modality, pid, cam)
+    # the enum member gives the same lists as its name
+    enum_paths, enum_pids, enum_cams = llcm_query(llcm, modality)
+    assert enum_paths == paths
+    assert np.array_equal(enum_pids, pids) and np.array_equal(enum_cams, cams)
+
+
+def test_query_counts_per_identity_and_camera(llcm: Path) -> None:
+    _, pids, cams = llcm_query(llcm, "visible")
+    pairs = list(zip(pids.tolist(), cams.tolist(), strict=True))
+    # ids ascending first, then the camera order
+    assert pairs == sorted(pairs)
+    assert pairs.count((12, 4)) == 3 and (12, 3) not in pairs
+    assert len(pairs) == 32
+    _, pids, cams = llcm_query(llcm, "infrared")
+    pairs = list(zip(pids.tolist(), cams.tolist(), strict=True))
+    assert pairs == sorted(pairs)
+    assert pairs.count((5, 2)) == 4 and len(pairs) == 20
+    assert 3 not in cams.tolist()
+
+
+def test_query_rejects_an_unknown_modality(llcm: Path) -> None:
+    with pytest.raises(UserError) as err:
+        llcm_query(llcm, "thermal-ish")
+    assert str(err.value) == "modality 'thermal-ish': expected 'visible' or 'infrared'"
+
+
+# --- gallery ---------------------------------------------------------------------------------
+
+
+def _reference_gallery(root: Path, modality: Modality, trial: int) -> list[str]:
+    """Independent re-statement of the authors' draw with the GLOBAL generator."""
+    ids = [int(t) for t in (root / "idx" / "test_id.txt").read_text().strip().split(",")]
+    folder = "test_vis" if modality is Modality.VISIBLE else "test_nir"
+    numbers = (1, 2, 3, 4, 5, 6, 7, 8, 9) if folder == "test_vis" else (1, 2, 4, 5, 6, 7, 8, 9)
+    cameras = [f"{folder}/cam{c}" for c in numbers]
+    random.seed(trial)
+    drawn = []
+    for pid in sorted(f"{i:04d}" for i in ids):  # ascending as 4-digit strings
+        for cam in cameras:
+            img_dir = os.path.join(str(root), cam, pid)
+            if os.path.isdir(img_dir):
+                drawn.append(random.choice(sorted(img_dir + "/" + n for n in os.listdir(img_dir))))
+    return drawn
+
+
+@pytest.mark.parametrize("modality", [Modality.VISIBLE, Modality.INFRARED])
+def test_gallery_is_one_image_per_existing_folder(llcm: Path, modality: Modality) -> None:
+    paths, pids, cams = llcm_gallery(llcm, modality, 0)
+    assert pids.dtype == np.int64 and cams.dtype == np.int64
+    folders = [(p, c) for p in TEST_IDS for c in _cams(modality) if c in _layout(modality)[p]]
+    assert list(zip(pids.tolist(), cams.tolist(), strict=True)) == folders
+    for path, pid, cam in zip(paths, pids, cams, strict=True):
+        assert Path(path).parent == _folder_of(llcm, modality, pid, cam)
+        assert Path(path).is_file()
+
+
+@pytest.mark.usefixtures("keep_global_random")
+@pytest.mark.parametrize("modality", ["visible", "infrared"])
+def test_gallery_reproduces_the_authors_draw(llcm: Path, modality: str) -> None:
+    galleries = []
+    for trial in range(NUM_TRIALS):
+        paths, _, _ = llcm_gallery(llcm, modality, trial)
+        assert paths == _reference_gallery(llcm, Modality.parse(modality), trial)
+        assert llcm_gallery(llcm, modality, trial)[0] == paths  # same trial, same gallery
+        galleries.append(tuple(paths))
+    # different trials differ for at least one folder (here: most pairs differ)
+    assert len(set(galleries)) > 1
+    assert galleries[0] != galleries[1]
+
+
+def test_gallery_leaves_the_global_generator_alone(llcm: Path, keep_global_random: None) -> None:
+    random.seed(123)
+    expected = random.random()
+    random.seed(123)
+    llcm_gallery(llcm, "visible", 4)
+    assert random.random() == expected
+
+
+@pytest.mark.parametrize("trial", [-1, 10, 1.5, "1", None])
+def test_gallery_rejects_trials_outside_0_to_9(llcm: Path, trial: object) -> None:
+    with pytest.raises(UserError) as err:
+        llcm_gallery(llcm, "visible", trial)  # type: ignore[arg-type]
+    assert str(err.value) == f"--trial {trial!r}: LLCM trials are numbered 0..9"
+
+
+# --- identities and cameras from the folders -------------------------------------------------
+
+
+@pytest.mark.usefixtures("keep_global_random")
+def test_root_path_containing_cam_reads_the_folders(tmp_path: Path) -> None:
+    root = make_llcm(tmp_path / "cam7_0099" / "cam_data" / "LLCM")
+    for modality in (Modality.VISIBLE, Modality.INFRARED):
+        paths, pids, cams = llcm_query(root, modality)
+        assert len(paths) == sum(sum(c.values()) for c in _layout(modality).values())
+        for path, pid, cam in zip(paths, pids, cams, strict=True):
+            assert Path(path).parent == _folder_of(root, modality, pid, cam)
+        paths, pids, cams = llcm_gallery(root, modality, 3)
+        assert paths == _reference_gallery(root, modality, 3)
+        assert set(pids.tolist()) == set(TEST_IDS)
+        assert set(cams.tolist()) == {c for cs in _layout(modality).values() for c in cs}
+    visible_paths, _, _, _ = llcm_train_files(root)
+    assert all(p.startswith(str(root) + os.sep) for p in visible_paths)
+
+
+# --- test id file ----------------------------------------------------------------------------
+
+
+def test_malformed_test_id_line(llcm: Path) -> None:
+    index = llcm / "idx" / "test_id.txt"
+    index.write_text("40,5\n12,x7\n")
+    with pytest.raises(UserError) as err:
+        llcm_query(llcm, "visible")
+    assert str(err.value) == f"{index}:2: expected comma-separated integer ids, found 'x7'"
+
+
+def test_test_id_without_image_folders(llcm: Path) -> None:
+    index = llcm / "idx" / "test_id.txt"
+    index.write_text("40,5,12,77,3\n")
+    with pytest.raises(UserError) as err:
+        llcm_gallery(llcm, "infrared", 0)
+    assert str(err.value) == f"{index}: test ids without images in test_vis/ or test_nir/: 3, 77"
+
+
+def test_test_id_with_folders_in_one_modality_only_is_kept(llcm: Path) -> None:
+    _image(llcm / "test_nir" / "cam6" / "0088" / "0088_c06_a.jpg", 1)
+    (llcm / "idx" / "test_id.txt").write_text("40,5,12,88\n")
+    _, pids, cams = llcm_query(llcm, "infrared")
+    assert pids.tolist()[-1] == 88 and cams.tolist()[-1] == 6
+    _, pids, _ = llcm_gallery(llcm, "visible", 0)
+    assert 88 not in pids.tolist()
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("40,5,12,5", "ids listed more than once: 5"),
+        ("40,5,-1", "ids outside 0..9999: -1"),
+        ("\n", "lists no test ids"),
+    ],
+)
+def test_bad_test_id_lists(llcm: Path, line: str, expected: str) -> None:
+    index = llcm / "idx" / "test_id.txt"
+    index.write_text(line + "\n")
+    with pytest.raises(UserError) as err:
+        llcm_query(llcm, "visible")
+    assert str(err.value) == f"{index}: {expected}"
