@@ -1,0 +1,99 @@
+"""Rebuild the network a checkpoint was trained with (this project's or the authors') and load it.
+
+This project's checkpoints carry their architecture, class count and last stride; the authors'
+carry none of these, so their ``config.cfg`` must be given, the class count comes from the
+classifier matrix and the last stride from the caller (default 1, as the authors trained).
+Messages name the ``--weights`` and ``--config_path`` flags of the commands that call this.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from model.arch import Arch, arch_from_dict, load_arch
+from model.net import CMNASNet, build_model
+from model.weights import is_authors_checkpoint, load_checkpoint, read_checkpoint
+from utils.base.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Restored:
+    """A network rebuilt from a checkpoint, with what it was rebuilt from."""
+
+    model: CMNASNet
+    arch: Arch
+    num_classes: int
+    last_stride: int
+    authors: bool
+    checkpoint: dict[str, Any]
+
+
+def slot_difference(given: Arch, stored: Arch) -> str:
+    """The slots where two architectures differ, for error messages."""
+    if given.depth != stored.depth:
+        return f"ResNet-{given.depth} vs ResNet-{stored.depth}"
+    differ = [name for name in stored.slots if given.slots[name] != stored.slots[name]]
+    shown = ", ".join(f"{n} ({given.slots[n]} vs {stored.slots[n]})" for n in differ[:4])
+    return f"{len(differ)} slot(s): {shown}{', ...' if len(differ) > 4 else ''}"
+
+
+def model_from_checkpoint(
+    weights: str | os.PathLike[str],
+    checkpoint: Mapping[str, Any] | None = None,
+    config_path: str | os.PathLike[str] | None = None,
+    last_stride: int | None = None,
+    ema: bool = False,
+) -> Restored:
+    """Rebuild and load the network of checkpoint file ``weights`` (already read: ``checkpoint``).
+
+    ``config_path`` is required for the authors' checkpoints and, for this project's, must match
+    the stored architecture when given; ``last_stride`` overrides the stored one (authors': 1);
+    ``ema`` loads the EMA weights.
+    """
+    if checkpoint is None:
+        checkpoint = read_checkpoint(weights)
+    checkpoint = dict(checkpoint)
+    authors = is_authors_checkpoint(checkpoint)
+    if authors:
+        if not config_path:
+            raise UserError(
+                f"--weights {weights}: an authors' checkpoint needs "
+                "--config_path (their config.cfg)"
+            )
+        arch = load_arch(config_path)
+        classifier = checkpoint["model"].get("module.classifier.weight")
+        if not isinstance(classifier, torch.Tensor) or classifier.dim() != 2:
+            raise UserError(f"--weights {weights}: no module.classifier.weight matrix")
+        num_classes, stride = int(classifier.shape[0]), last_stride or 1
+    else:
+        if isinstance(checkpoint.get("search"), dict):
+            raise UserError(
+                f"--weights {weights}: a search checkpoint (a supernet); train its "
+                "arch.json with train.py and use that checkpoint"
+            )
+        for key in ("arch", "num_classes"):
+            if key not in checkpoint:
+                raise UserError(f"--weights {weights}: checkpoint has no '{key}' entry")
+        arch = arch_from_dict(checkpoint["arch"], f"{weights} (architecture)")
+        if config_path:
+            given = load_arch(config_path)
+            if given.slots != arch.slots:
+                raise UserError(
+                    f"--config_path {config_path} differs from the architecture stored in "
+                    f"{weights} in {slot_difference(given, arch)} (config vs checkpoint); "
+                    "leave --config_path out for this project's checkpoints"
+                )
+        num_classes = int(checkpoint["num_classes"])
+        stride = last_stride or int(checkpoint.get("last_stride", 1))
+    model = build_model(arch, num_classes, stride)
+    load_checkpoint(model, checkpoint, ema=ema, source=str(weights))
+    log.info("model: %s, %d classes, last stride %d", arch.summary(), num_classes, stride)
+    return Restored(model, arch, num_classes, stride, authors, checkpoint)
