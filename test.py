@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data import TestSettings, get_dataset
+from data import ProtocolSettings, get_dataset
 from model import CMNASNet, build_model, load_arch, load_checkpoint, read_checkpoint
 from model.arch import Arch, arch_from_dict
 from model.weights import is_authors_checkpoint
@@ -220,7 +220,7 @@ def run_tests(
 
     dataset = get_dataset(args.dataset)
     direction = "i2v" if args.tvsearch else args.direction
-    protocols = dataset.protocols(TestSettings(args.mode, args.shot, direction))
+    protocols = dataset.protocols(ProtocolSettings(args.mode, args.shot, direction))
     split = dataset.split_of(args.trial)
     evaluated = evaluate_protocols(
         model,
@@ -280,8 +280,8 @@ def feature_arrays(kept: list[Any], flip: bool) -> dict[str, np.ndarray]:
                 arrays[prefix + kind] = part.get(kind).detach().float().cpu().numpy()
             arrays[prefix + "pids"] = np.asarray(part.pids, dtype=np.int64)
             arrays[prefix + "cams"] = np.asarray(part.camids, dtype=np.int64)
-            arrays[prefix + "modality"] = np.full(
-                len(part.pids), part.modality.name.lower(), dtype=np.str_
+            arrays[prefix + "modality"] = np.asarray(
+                [part.modality.name.lower()] * len(part.pids), dtype=np.str_
             )
             arrays[prefix + "paths"] = np.asarray(part.paths, dtype=np.str_).reshape(-1)
         arrays[f"{key}_gallery_trials"] = features.membership()

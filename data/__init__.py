@@ -7,7 +7,7 @@ from data.dataset import (
     ImageList,
     ListedImage,
     Protocol,
-    TestSettings,
+    ProtocolSettings,
     TrainFiles,
 )
 from data.images import load_images
@@ -25,7 +25,7 @@ __all__ = [
     "ImageList",
     "ListedImage",
     "Protocol",
-    "TestSettings",
+    "ProtocolSettings",
     "TrainFiles",
     "TrainSet",
     "augment_batch",

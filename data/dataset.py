@@ -17,7 +17,7 @@ attributes below and implements five methods:
     The training images as :class:`TrainFiles`: visible and infrared paths with their original
     identity numbers (any integers; labels 0..n-1 are assigned in ascending identity order).
 ``protocols(settings)``
-    The test protocols that :class:`TestSettings` select, as :class:`Protocol` values: a name,
+    The test protocols that :class:`ProtocolSettings` select, as :class:`Protocol` values: a name,
     the query list and the gallery list of a (split, draw) as functions returning
     :class:`ImageList`, the :class:`ExclusionRule` and the kind of CMC.
 ``test_images(root, split)``
@@ -159,7 +159,7 @@ class Protocol:
 
 
 @dataclass(frozen=True)
-class TestSettings:
+class ProtocolSettings:
     """The test options a data set may read to select its protocols (others are ignored)."""
 
     mode: str = "all"  # SYSU-MM01 search mode: "all" or "indoor"
@@ -198,7 +198,7 @@ class DataSet:
         """The training images of ``split`` and their original identity numbers."""
         raise NotImplementedError
 
-    def protocols(self, settings: TestSettings) -> tuple[Protocol, ...]:
+    def protocols(self, settings: ProtocolSettings) -> tuple[Protocol, ...]:
         """The test protocols ``settings`` select."""
         raise NotImplementedError
 

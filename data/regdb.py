@@ -11,7 +11,7 @@ from functools import partial
 
 import numpy as np
 
-from data.dataset import DataSet, ImageList, ListedImage, Protocol, TestSettings, TrainFiles
+from data.dataset import DataSet, ImageList, ListedImage, Protocol, ProtocolSettings, TrainFiles
 from utils.base.errors import UserError
 from utils.base.modality import Modality
 
@@ -153,7 +153,7 @@ class RegDB(DataSet):
             visible_paths, visible_pids.tolist(), infrared_paths, infrared_pids.tolist()
         )
 
-    def protocols(self, settings: TestSettings) -> tuple[Protocol, ...]:
+    def protocols(self, settings: ProtocolSettings) -> tuple[Protocol, ...]:
         """Visible-to-infrared and/or infrared-to-visible (``settings.direction``)."""
         if settings.direction not in (*DIRECTIONS, "both"):
             raise UserError(f"--direction {settings.direction!r}: expected v2i, i2v or both")

@@ -20,7 +20,7 @@ from data.dataset import (
     ImageList,
     ListedImage,
     Protocol,
-    TestSettings,
+    ProtocolSettings,
     TrainFiles,
 )
 from utils.base.errors import UserError
@@ -236,7 +236,7 @@ class SYSU(DataSet):
         """The train + val ids' images (``split`` is ignored: SYSU-MM01 has one split)."""
         return TrainFiles(*sysu_train_files(root))
 
-    def protocols(self, settings: TestSettings) -> tuple[Protocol, ...]:
+    def protocols(self, settings: ProtocolSettings) -> tuple[Protocol, ...]:
         """The one protocol of ``settings.mode`` and ``settings.shot`` (direction ignored)."""
         mode, shot = _check_mode(settings.mode), int(settings.shot)
         kind = "single" if shot == 1 else "multi"

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from data import get_dataset, load_images, normalize
-from data.dataset import NO_EXCLUSION, DataSet, ExclusionRule, ImageList, Protocol, TestSettings
+from data.dataset import NO_EXCLUSION, DataSet, ExclusionRule, ImageList, Protocol, ProtocolSettings
 from utils.base.modality import Modality
 from utils.evaluation.metrics import eval_ranking, pairwise_distance, summarize
 
@@ -200,12 +200,13 @@ class _ImageUnion:
         self.position: dict[str, int] = {}
         self.labels: list[tuple[int, int]] = []
 
-    def add(self, images: ImageList, sort: bool) -> None:
-        """Add the images of ``images`` not yet listed."""
-        new = {}
-        for path, pid, cam in zip(images.paths, images.pids, images.cams, strict=True):
-            if path not in self.position and path not in new:
-                new[path] = (int(pid), int(cam))
+    def add(self, lists: Sequence[ImageList], sort: bool) -> None:
+        """Add the images of ``lists`` not yet listed (all of them sorted by path if ``sort``)."""
+        new: dict[str, tuple[int, int]] = {}
+        for images in lists:
+            for path, pid, cam in zip(images.paths, images.pids, images.cams, strict=True):
+                if path not in self.position and path not in new:
+                    new[path] = (int(pid), int(cam))
         for path in sorted(new) if sort else new:
             self.position[path] = len(self.labels)
             self.labels.append(new[path])
@@ -243,17 +244,18 @@ def evaluate_protocols(
     """
     draws = list(draws)
     lists = []
-    unions: dict[Modality, _ImageUnion] = {}
     for protocol in protocols:
         query = protocol.query(root, split)
-        galleries = [protocol.gallery(root, split, draw) for draw in draws]
-        lists.append((protocol, query, galleries))
-        unions.setdefault(query.modality, _ImageUnion(query.modality)).add(query, sort=False)
+        lists.append((protocol, query, [protocol.gallery(root, split, draw) for draw in draws]))
+    unions: dict[Modality, _ImageUnion] = {}
+    for _, query, _ in lists:
+        unions.setdefault(query.modality, _ImageUnion(query.modality)).add([query], sort=False)
+    by_modality: dict[Modality, list[ImageList]] = {}
     for _, _, galleries in lists:
         for gallery in galleries:
-            unions.setdefault(gallery.modality, _ImageUnion(gallery.modality)).add(
-                gallery, sort=True
-            )
+            by_modality.setdefault(gallery.modality, []).append(gallery)
+    for modality, galleries in by_modality.items():
+        unions.setdefault(modality, _ImageUnion(modality)).add(galleries, sort=True)
     extracted = {
         modality: features_of(model, union.as_list(), device, img_size, batch_size, amp, flip)
         for modality, union in unions.items()
@@ -305,7 +307,7 @@ def evaluate_training_run(
     of the epoch records and of results.json.
     """
     dataset = get_dataset(args.dataset)
-    protocols = dataset.protocols(TestSettings(mode=args.mode, shot=1, direction="both"))
+    protocols = dataset.protocols(ProtocolSettings(mode=args.mode, shot=1, direction="both"))
     draws = dataset.draws_of(None) if final else dataset.draws_of(None)[:1]
     flip = bool(getattr(args, "flip", False))
     results = evaluate_protocols(
