@@ -4,8 +4,12 @@ Adding a data set
 -----------------
 Write one module ``data/<name>.py`` with a subclass of :class:`DataSet`, and add one instance of
 it to ``REGISTERED`` in ``data/registry.py``; ``--dataset <name>`` then trains, searches and
-tests on it, and nothing outside ``data/`` needs to know its name. A subclass sets the class
-attributes below and implements five methods:
+tests on it, and nothing outside ``data/`` needs to know its name.
+
+Class attributes: ``name`` (the ``--dataset`` value), ``title`` ("SYSU-MM01", in messages and
+logs), ``short_title`` (in short messages), ``ema_decay`` (the default ``--ema_decay``),
+``ema_overwrite_every`` (epochs between copies of the EMA weights into the live model),
+``num_splits`` and ``gallery_draws`` (below). Methods to implement:
 
 ``expected_files(split, parts)``
     Entries (relative to the root; folders end in ``/``) that must exist for ``parts`` ("train",
@@ -17,9 +21,11 @@ attributes below and implements five methods:
     The training images as :class:`TrainFiles`: visible and infrared paths with their original
     identity numbers (any integers; labels 0..n-1 are assigned in ascending identity order).
 ``protocols(settings)``
-    The test protocols that :class:`ProtocolSettings` select, as :class:`Protocol` values: a name,
-    the query list and the gallery list of a (split, draw) as functions returning
-    :class:`ImageList`, the :class:`ExclusionRule` and the kind of CMC.
+    The test protocols that :class:`ProtocolSettings` select (options a data set does not have are
+    ignored), as :class:`Protocol` values: a name, a short key, ``query(root, split)`` and
+    ``gallery(root, split, draw)`` returning :class:`ImageList` (paths, int64 identities and
+    cameras, one modality), the :class:`ExclusionRule` and the kind of CMC. Lists must be
+    deterministic: the same (split, draw) always gives the same images in the same order.
 ``test_images(root, split)``
     Every image any protocol of ``split`` may read, as :class:`ListedImage` values (with the index
     file line that names it, where there is one); they are checked before training starts.
@@ -28,6 +34,8 @@ Two numbers say what ``--trial`` means. ``num_splits`` > 1: the data set comes i
 splits 1..num_splits (RegDB) and ``--trial`` picks one in training and in testing.
 ``gallery_draws`` > 1: each protocol's gallery is drawn at random ``gallery_draws`` times and the
 results are averaged (SYSU-MM01); test.py's ``--trial`` then picks a single draw 0..n-1.
+``cache_name``, ``result_name``, ``record_key`` and ``rank_list_folder`` name outputs and have
+defaults that rarely need overriding.
 
 A minimal module (a data set with one test direction and index files)::
 

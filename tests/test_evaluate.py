@@ -1,17 +1,37 @@
-"""The evaluation routine: flip averaging, one extraction per image, results from the protocols."""
+"""The evaluation routine: flip averaging, one extraction per image, results from the protocols,
+and a data set added as one class."""
 
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Sequence
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from data import ProtocolSettings, get_dataset, normalize, sysu_gallery, sysu_query
+from data import (
+    DataSet,
+    ExclusionRule,
+    ImageList,
+    ListedImage,
+    Protocol,
+    ProtocolSettings,
+    TrainFiles,
+    get_dataset,
+    load_train_set,
+    normalize,
+    registry,
+    sysu_gallery,
+    sysu_query,
+)
+from data.sysu import image_files, read_ids, sysu_train_files
 from utils.base.modality import Modality
+from utils.engine.options import check_data_root, data_parser
 from utils.evaluation.evaluate import (
     ProtocolFeatures,
     evaluate_protocols,
@@ -149,3 +169,69 @@ def test_score_defaults_to_no_rule_and_standard_cmc(toy_regdb: Path, flip: bool)
     query, gallery = kept[0].query, kept[0].gallery_of(0)
     assert gallery.paths == protocols[0].gallery(str(toy_regdb), 1, 0).paths  # the index order
     assert {k: result[k] for k in ("pool", "bnneck")} == score(query, gallery)
+
+
+# ----- a new data set is one class and one registry entry ---------------------------------------
+def _visible_queries(root: str, split: int) -> ImageList:
+    paths, pids, cams = [], [], []
+    for pid in sorted(read_ids(os.path.join(root, "exp/test_id.txt"))):
+        for cam in (1, 2):
+            files = image_files(root, cam, pid)
+            paths += files
+            pids += [pid] * len(files)
+            cams += [cam] * len(files)
+    return ImageList(paths, np.asarray(pids), np.asarray(cams), Modality.VISIBLE)
+
+
+def _infrared_gallery(root: str, split: int, draw: int) -> ImageList:
+    paths, pids, cams = sysu_gallery(root, "all", 1, draw)  # any drawn list will do
+    return ImageList(paths, pids, cams % 3, Modality.INFRARED)  # cameras shared: 1, 2, 0
+
+
+class ToySet(DataSet):
+    """A data set written the way a new one would be: one class, nothing elsewhere."""
+
+    name, title, short_title = "toyset", "Toy set", "Toy"
+    ema_decay, ema_overwrite_every, gallery_draws = 0.9, 3, 2
+
+    def expected_files(self, split: int, parts: Sequence[str]) -> list[str]:
+        return ["cam1/", "cam2/", "exp/train_id.txt", "exp/test_id.txt"]
+
+    def check_lists(self, root: str, split: int, parts: Sequence[str]) -> None:
+        read_ids(os.path.join(root, "exp/test_id.txt"))
+
+    def train_files(self, root: str, split: int) -> TrainFiles:
+        return TrainFiles(*sysu_train_files(root))
+
+    def protocols(self, settings: ProtocolSettings) -> tuple[Protocol, ...]:
+        rule = ExclusionRule(same_identity_same_camera=True)
+        return (Protocol("v2i", "v2i", _visible_queries, _infrared_gallery, rule, True),)
+
+    def test_images(self, root: str, split: int) -> list[ListedImage]:
+        return [ListedImage(p) for p in _visible_queries(root, split).paths]
+
+
+def test_a_new_data_set_is_one_class_and_a_registry_entry(
+    toy_sysu: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registered = (*registry.REGISTERED, ToySet())
+    monkeypatch.setattr(registry, "REGISTERED", registered)
+    monkeypatch.setattr(registry, "_BY_NAME", MappingProxyType({d.name: d for d in registered}))
+    args = data_parser().parse_args(["--data_root", str(toy_sysu), "--dataset", "toyset"])
+    check_data_root(args)
+    train_set = load_train_set("toyset", toy_sysu, SIZE, cache_dir=tmp_path, progress=False)
+    assert (tmp_path / "toyset_16x8").is_dir() and train_set.num_classes == 10
+    args.test_batch, args.mode = 16, "all"
+    results = evaluate_training_run(HalvesModel(), args, True, CPU, SIZE, "none")
+    assert list(results) == ["toyset_v2i"] and results["toyset_v2i"]["trials"] == [0, 1]
+    # Its rule is applied: scoring without it gives other numbers.
+    kept: list[ProtocolFeatures] = []
+    dataset = get_dataset("toyset")
+    ((protocol, result),) = evaluate_protocols(
+        HalvesModel(), dataset, str(toy_sysu), dataset.protocols(ProtocolSettings()), 1, [0],
+        CPU, SIZE, keep=kept,
+    )  # fmt: skip
+    query, gallery = kept[0].query, kept[0].gallery_of(0)
+    (drawn,) = result["per_trial"]
+    assert drawn == score(query, gallery, protocol.exclusion, dedup_cmc=True)
+    assert drawn != score(query, gallery, dedup_cmc=True)
