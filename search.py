@@ -471,11 +471,13 @@ class SearchTrainer(Trainer):
                     args.test_batch,
                     self.amp,
                     f"arch-set {name}",
+                    flip=args.flip,
                 )
                 labels = getattr(self.arch_set, f"{name}_labels")
                 sets[modality] = Features(pool, feat, np.asarray(labels))
         self.model.train()
-        result = score(sets[Modality.INFRARED], sets[Modality.VISIBLE], "regdb")
+        # Standard CMC, nothing ignored: the architecture set has no camera protocol.
+        result = score(sets[Modality.INFRARED], sets[Modality.VISIBLE])
         self._arch_eval = (self.global_step, result)
         return result
 

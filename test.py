@@ -1,4 +1,4 @@
-"""Score a checkpoint with the SYSU-MM01 or RegDB protocol (this project's or the authors').
+"""Score a checkpoint with a data set's test protocols (this project's checkpoint or the authors').
 
     python test.py --dataset sysu --data_root DATA/SYSU-MM01 --weights runs/x/checkpoint_latest.pth
     python test.py --dataset regdb --data_root DATA/RegDB --trial 3 --weights ckpt.pth.tar \
@@ -6,8 +6,15 @@
 
 This project's checkpoints carry their architecture, class count, image size and RegDB trial, so
 ``--weights`` alone rebuilds the network; the authors' need their ``config.cfg``.
-SYSU: all 10 gallery trials in one run (query features extracted once), or ``--trial k``.
-RegDB: both directions.
+SYSU: all 10 gallery draws in one run (query features extracted once), or ``--trial k``.
+RegDB: both directions of the split ``--trial`` (default: the checkpoint's).
+
+``--save_features FILE`` writes one ``.npz`` (read with ``np.load(FILE, allow_pickle=False)``):
+``protocols`` (the protocol keys, e.g. ``all`` or ``v2i``/``i2v``), ``flip``, ``trials`` (the
+gallery draws), and for each protocol key P: ``P_query_*`` and ``P_gallery_*`` with ``pool`` and
+``bnneck`` (L2-normalised float32 features), ``pids``, ``cams``, ``modality`` and ``paths``
+(unicode strings). The gallery is the union of all draws' galleries; ``P_gallery_trials`` is the
+(draws, gallery images) boolean mask of the images each draw holds.
 """
 
 from __future__ import annotations
@@ -21,14 +28,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from data import ProtocolSettings, get_dataset
 from model import CMNASNet, build_model, load_arch, load_checkpoint, read_checkpoint
 from model.arch import Arch, arch_from_dict
 from model.weights import is_authors_checkpoint
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
-from utils.base.io import write_text_atomic
+from utils.base.io import write_atomic, write_text_atomic
 from utils.base.logger import setup_logging
 from utils.engine.options import (
     HelpFormatter,
@@ -46,7 +55,7 @@ DEFAULT_IMG_SIZE = (256, 128)
 def get_args_parser() -> argparse.ArgumentParser:
     """The test.py parser (the authors' flag names plus a few of this project's)."""
     parser = argparse.ArgumentParser(
-        description="Evaluate a checkpoint with the SYSU-MM01 or RegDB protocol.",
+        description="Evaluate a checkpoint with a data set's test protocols.",
         parents=[data_parser()],
         formatter_class=HelpFormatter,
     )
@@ -86,14 +95,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--save_json", default=None, help="also write the results to this file")
     parser.add_argument(
+        "--save_features",
+        default=None,
+        metavar="FILE",
+        help="write query and gallery features, ids, cameras, modalities and paths to this "
+        ".npz file (no pickle; the union of all gallery draws with a per-draw mask)",
+    )
+    parser.add_argument(
         "--visualize",
         type=int,
         default=0,
         metavar="K",
         help="write rank-list PNGs for K queries into rank_lists/ next to --save_json (or ./)",
     )
-    # None: the checkpoint's (this project's), else the paper's 256x128; --trial: SYSU gallery
-    # trial 0-9 (default all 10), RegDB split 1-10 (default the checkpoint's, else 1).
+    # None: the checkpoint's (this project's), else the paper's 256x128. --trial names a split
+    # where the data set has splits (default: the checkpoint's, else 1), otherwise a gallery draw
+    # (default: all draws).
     parser.set_defaults(img_h=None, img_w=None)
     return parser
 
@@ -121,7 +138,7 @@ def _slot_difference(given: Arch, stored: Arch) -> str:
 
 
 def resolve_options(args: argparse.Namespace, checkpoint: dict[str, Any]) -> None:
-    """Fill image size and RegDB trial from the checkpoint's training options when not given."""
+    """Fill image size and split (``--trial``) from the checkpoint's training options."""
     trained = checkpoint.get("args") if not is_authors_checkpoint(checkpoint) else None
     trained = trained if isinstance(trained, dict) else {}
     for flag, fallback in zip(("img_h", "img_w"), DEFAULT_IMG_SIZE, strict=True):
@@ -129,17 +146,19 @@ def resolve_options(args: argparse.Namespace, checkpoint: dict[str, Any]) -> Non
             setattr(args, flag, int(trained.get(flag) or fallback))
     if args.img_h < 32 or args.img_w < 16:
         raise UserError(f"--img_h/--img_w {args.img_h}x{args.img_w}: expected at least 32x16")
-    if args.dataset != "regdb":
+    dataset = get_dataset(args.dataset)
+    if dataset.num_splits == 1:
         return
-    trained_trial = trained.get("trial") if trained.get("dataset") == "regdb" else None
+    trained_split = trained.get("trial") if trained.get("dataset") == dataset.name else None
     if args.trial is None:
-        args.trial = int(trained_trial or 1)
-    elif trained_trial is not None and int(trained_trial) != args.trial:
+        args.trial = int(trained_split or 1)
+    elif trained_split is not None and int(trained_split) != args.trial:
         log.warning(
-            "%s was trained on RegDB trial %s; the test identities of trial %d may include "
+            "%s was trained on %s trial %s; the test identities of trial %d may include "
             "its training identities",
             args.weights,
-            trained_trial,
+            dataset.title,
+            trained_split,
             args.trial,
         )
 
@@ -191,74 +210,91 @@ def run_tests(
     args: argparse.Namespace,
     model: CMNASNet,
     device: torch.device,
-    keep: dict[str, Any] | None = None,
+    keep: list[Any] | None = None,
 ) -> tuple[dict[str, Any], list[tuple[str, dict[str, float]]]]:
-    """Run the protocol the options name; returns the results and the table rows."""
-    from utils.evaluation.evaluate import evaluate_regdb, evaluate_sysu
+    """Run the protocols the options select; returns the results and the table rows.
 
-    img_size = (args.img_h, args.img_w)
-    amp = args.amp if device.type == "cuda" else "none"
-    rows: list[tuple[str, dict[str, float]]] = []
-    if args.dataset == "sysu":
-        trials = list(range(10)) if args.trial is None else [args.trial]
-        result, _ = evaluate_sysu(
-            model,
-            args.data_root,
-            args.mode,
-            args.shot,
-            trials,
-            device,
-            img_size,
-            args.test_batch,
-            amp,
-            keep=keep,
-        )
-        name = f"sysu {args.mode} {'single' if args.shot == 1 else 'multi'}-shot"
-        results = {name: result}
-        rows += [(f"{name} {kind}", result[kind]) for kind in ("pool", "bnneck")]
-        return results, rows
+    ``keep``, when given, receives each protocol's features (``ProtocolFeatures``).
+    """
+    from utils.evaluation.evaluate import FEATURES, evaluate_protocols
+
+    dataset = get_dataset(args.dataset)
     direction = "i2v" if args.tvsearch else args.direction
-    result = evaluate_regdb(
+    protocols = dataset.protocols(ProtocolSettings(args.mode, args.shot, direction))
+    split = dataset.split_of(args.trial)
+    evaluated = evaluate_protocols(
         model,
+        dataset,
         args.data_root,
-        args.trial,
-        direction,
+        protocols,
+        split,
+        dataset.draws_of(args.trial),
         device,
-        img_size,
+        (args.img_h, args.img_w),
         args.test_batch,
-        amp,
-        keep=keep,
+        args.amp if device.type == "cuda" else "none",
+        args.flip,
+        keep,
     )
-    results = {f"regdb trial {args.trial} {d}": r for d, r in result.items()}
-    for name, res in results.items():
-        rows += [(f"{name} {kind}", res[kind]) for kind in ("pool", "bnneck")]
+    results = {dataset.result_name(protocol, split): result for protocol, result in evaluated}
+    rows = [
+        (f"{name} {kind}", result[kind]) for name, result in results.items() for kind in FEATURES
+    ]
     return results, rows
 
 
-def write_rank_lists(args: argparse.Namespace, features: dict[str, Any]) -> None:
-    """Rank-list pictures of ``--visualize`` queries for each evaluated direction."""
+def write_rank_lists(args: argparse.Namespace, kept: list[Any]) -> None:
+    """Rank-list pictures of ``--visualize`` queries for each evaluated protocol."""
     from utils.evaluation.visualize import save_rank_lists
 
+    dataset = get_dataset(args.dataset)
     root = Path(args.save_json).parent if args.save_json else Path(".")
-    if args.dataset == "sysu":
-        jobs = [("sysu", "query", "gallery", "infrared", "visible", True)]
-    else:
-        direction = "i2v" if args.tvsearch else args.direction
-        jobs = []
-        if direction in ("v2i", "both"):
-            jobs.append(("regdb_v2i", "visible", "infrared", "visible", "infrared", False))
-        if direction in ("i2v", "both"):
-            jobs.append(("regdb_i2v", "infrared", "visible", "infrared", "visible", False))
-    for name, query, gallery, query_label, gallery_label, same_location in jobs:
+    for features in kept:
+        protocol = features.protocol
         save_rank_lists(
-            features[query],
-            features[gallery],
-            root / "rank_lists" / name,
+            features.query,
+            features.gallery_of(0),
+            root / "rank_lists" / dataset.rank_list_folder(protocol),
             args.visualize,
-            query_label=query_label,
-            gallery_label=gallery_label,
-            ignore_same_location=same_location,
+            query_label=features.query.modality.name.lower(),
+            gallery_label=features.gallery.modality.name.lower(),
+            exclusion=protocol.exclusion,
         )
+
+
+def feature_arrays(kept: list[Any], flip: bool) -> dict[str, np.ndarray]:
+    """The arrays of ``--save_features``: see the module docstring for the names."""
+    from utils.evaluation.evaluate import FEATURES
+
+    arrays: dict[str, np.ndarray] = {
+        "protocols": np.asarray([f.protocol.key for f in kept], dtype=np.str_),
+        "flip": np.asarray(flip),
+        "trials": np.asarray(kept[0].draws if kept else [], dtype=np.int64),
+    }
+    for features in kept:
+        key = features.protocol.key
+        for role in ("query", "gallery"):
+            part = getattr(features, role)
+            prefix = f"{key}_{role}_"
+            for kind in FEATURES:
+                arrays[prefix + kind] = part.get(kind).detach().float().cpu().numpy()
+            arrays[prefix + "pids"] = np.asarray(part.pids, dtype=np.int64)
+            arrays[prefix + "cams"] = np.asarray(part.camids, dtype=np.int64)
+            arrays[prefix + "modality"] = np.asarray(
+                [part.modality.name.lower()] * len(part.pids), dtype=np.str_
+            )
+            arrays[prefix + "paths"] = np.asarray(part.paths, dtype=np.str_).reshape(-1)
+        arrays[f"{key}_gallery_trials"] = features.membership()
+    return arrays
+
+
+def save_features(path: str, kept: list[Any], flip: bool) -> None:
+    """Write ``--save_features`` atomically (never half a file)."""
+    arrays = feature_arrays(kept, flip)
+    try:
+        write_atomic(path, lambda handle: np.savez(handle, **arrays))
+    except OSError as err:
+        raise UserError(f"--save_features {path}: cannot write ({err.strerror})") from None
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:
@@ -274,20 +310,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     setup_logging()
     check_common(args)
-    if args.dataset == "sysu" and args.trial is not None and not 0 <= args.trial <= 9:
-        raise UserError(f"--trial {args.trial}: SYSU gallery trials are 0-9 (default: all 10)")
+    get_dataset(args.dataset).check_trial(args.trial, testing=True)
     if args.visualize < 0:
         raise UserError(f"--visualize {args.visualize}: expected a number of queries >= 0")
     if args.save_json:
         check_output_file(args.save_json, "--save_json")
+    if args.save_features:
+        check_output_file(args.save_features, "--save_features")
     device = select_device(args.device)
     checkpoint = read_checkpoint(args.weights)
     resolve_options(args, checkpoint)
-    check_data_root(args, splits=("test",))
+    check_data_root(args, parts=("test",))
     model, _ = build_from_checkpoint(args, checkpoint)
     model.to(device).eval()
-    features: dict[str, Any] | None = {} if args.visualize else None
-    results, rows = run_tests(args, model, device, features)
+    kept: list[Any] | None = [] if args.visualize or args.save_features else None
+    results, rows = run_tests(args, model, device, kept)
     table = format_results(rows, args)
     log.info("results:\n%s", table)
     sys.stdout.write(table + "\n")
@@ -295,22 +332,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         payload = {
             "weights": args.weights,
             "ema": args.ema,
+            "flip": args.flip,
             "dataset": args.dataset,
             "img_size": [args.img_h, args.img_w],
             "results": results,
         }
         _write_json(args.save_json, payload)
         log.info("wrote %s", args.save_json)
-    if features:
-        write_rank_lists(args, features)
+    if args.save_features:
+        save_features(args.save_features, kept or [], args.flip)
+        log.info("wrote %s", args.save_features)
+    if args.visualize:
+        write_rank_lists(args, kept or [])
     return 0
 
 
 def format_results(rows: list[tuple[str, dict[str, float]]], args: argparse.Namespace) -> str:
-    """The printed table, titled with the weights it scored."""
+    """The printed table, titled with the weights it scored and how (EMA, flip averaging)."""
     from utils.evaluation.evaluate import format_table
 
-    return format_table(rows, title=f"{args.weights}{' (EMA)' if args.ema else ''}")
+    marks = (" (EMA)" if args.ema else "") + (" (flip)" if args.flip else "")
+    return format_table(rows, title=f"{args.weights}{marks}")
 
 
 if __name__ == "__main__":

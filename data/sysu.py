@@ -9,10 +9,22 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 
+from data.dataset import (
+    DataSet,
+    ExclusionRule,
+    ImageList,
+    ListedImage,
+    Protocol,
+    ProtocolSettings,
+    TrainFiles,
+)
 from utils.base.errors import UserError
+from utils.base.modality import Modality
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +33,12 @@ INFRARED_CAMS = (3, 6)
 # Gallery cameras per search mode, in the order the authors drew from them.
 GALLERY_CAMS = {"all": (1, 2, 4, 5), "indoor": (1, 2)}
 ID_FILES = ("exp/train_id.txt", "exp/val_id.txt", "exp/test_id.txt")
+# The id files each part of a run reads.
+PART_ID_FILES = {"train": ID_FILES[:2], "test": ID_FILES[2:]}
+CAMERAS = tuple(range(1, 7))
+# Cameras 2 (visible) and 3 (infrared) watch the same place: a camera-3 query does not rank
+# camera-2 images, which would make the task easy.
+SAME_LOCATION = ExclusionRule(ignored_camera_pairs=((3, 2),))
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
@@ -58,6 +76,28 @@ def read_ids(path: str | os.PathLike) -> list[int]:
     return ids
 
 
+def check_ids_have_images(root: str | os.PathLike, name: str, ids: Sequence[int]) -> None:
+    """Raise UserError naming the ids of id file ``name`` that have no image in any camera.
+
+    Such an id would silently drop out of training or of the test protocol (a partly extracted
+    data set); an id with images in one modality only is reported later, by the training set.
+    """
+    absent = sorted({pid for pid in ids if not any(image_files(root, c, pid) for c in CAMERAS)})
+    if absent:
+        shown = ", ".join(str(pid) for pid in absent[:10]) + (", ..." if len(absent) > 10 else "")
+        raise UserError(
+            f"{os.path.join(os.fspath(root), name)}: {len(absent)} id(s) without any image in "
+            f"cam1..cam6 (partly extracted data set?): {shown}"
+        )
+
+
+def read_checked_ids(root: str | os.PathLike, name: str) -> list[int]:
+    """Read the id file ``name`` (relative to ``root``); every id must have images."""
+    ids = read_ids(os.path.join(os.fspath(root), name))
+    check_ids_have_images(root, name, ids)
+    return ids
+
+
 def image_files(root: str | os.PathLike, cam: int, pid: int) -> list[str]:
     """Return the sorted full paths of the images in ``cam<cam>/<pid:04d>`` ([] if no folder).
 
@@ -79,7 +119,7 @@ def _check_mode(mode: str) -> str:
 
 def _test_ids(root: str | os.PathLike) -> list[int]:
     sysu_root_check(root)
-    return sorted(set(read_ids(os.path.join(os.fspath(root), "exp/test_id.txt"))))
+    return sorted(set(read_checked_ids(root, "exp/test_id.txt")))
 
 
 def sysu_train_files(
@@ -91,8 +131,8 @@ def sysu_train_files(
     """
     sysu_root_check(root)
     root = os.fspath(root)
-    ids = set(read_ids(os.path.join(root, "exp/train_id.txt")))
-    ids |= set(read_ids(os.path.join(root, "exp/val_id.txt")))
+    ids = set(read_checked_ids(root, "exp/train_id.txt"))
+    ids |= set(read_checked_ids(root, "exp/val_id.txt"))
     visible_paths, visible_pids, infrared_paths, infrared_pids = [], [], [], []
     for pid in sorted(ids):
         for cam in VISIBLE_CAMS:
@@ -159,3 +199,67 @@ def sysu_gallery(
             pids += [pid] * len(chosen)
             camids += [cam] * len(chosen)
     return paths, np.asarray(pids, dtype=np.int64), np.asarray(camids, dtype=np.int64)
+
+
+def _query_list(root: str, split: int, mode: str) -> ImageList:
+    paths, pids, cams = sysu_query(root, mode)
+    return ImageList(paths, pids, cams, Modality.INFRARED)
+
+
+def _gallery_list(root: str, split: int, draw: int, mode: str, shot: int) -> ImageList:
+    paths, pids, cams = sysu_gallery(root, mode, shot, draw)
+    return ImageList(paths, pids, cams, Modality.VISIBLE)
+
+
+class SYSU(DataSet):
+    """SYSU-MM01: infrared queries, visible galleries drawn 10 times (all or indoor search)."""
+
+    name = "sysu"
+    title = "SYSU-MM01"
+    short_title = "SYSU"
+    ema_decay = 0.997
+    ema_overwrite_every = 2
+    gallery_draws = 10
+
+    def expected_files(self, split: int, parts: Sequence[str]) -> list[str]:
+        """The six camera folders and the three id files (whatever the parts)."""
+        return [f"cam{c}/" for c in CAMERAS] + list(ID_FILES)
+
+    def check_lists(self, root: str, split: int, parts: Sequence[str]) -> None:
+        """Parse all three id files, then check that the ids of ``parts`` have images."""
+        ids = {name: read_ids(os.path.join(root, name)) for name in ID_FILES}
+        for part in parts:
+            for name in PART_ID_FILES[part]:
+                check_ids_have_images(root, name, ids[name])
+
+    def train_files(self, root: str, split: int) -> TrainFiles:
+        """The train + val ids' images (``split`` is ignored: SYSU-MM01 has one split)."""
+        return TrainFiles(*sysu_train_files(root))
+
+    def protocols(self, settings: ProtocolSettings) -> tuple[Protocol, ...]:
+        """The one protocol of ``settings.mode`` and ``settings.shot`` (direction ignored)."""
+        mode, shot = _check_mode(settings.mode), int(settings.shot)
+        kind = "single" if shot == 1 else "multi"
+        return (
+            Protocol(
+                name=f"{mode} {kind}-shot",
+                key=mode,
+                query=partial(_query_list, mode=mode),
+                gallery=partial(_gallery_list, mode=mode, shot=shot),
+                exclusion=SAME_LOCATION,
+                dedup_cmc=True,
+            ),
+        )
+
+    def test_images(self, root: str, split: int) -> list[ListedImage]:
+        """Every image of the test ids, in every camera (any mode, shot or draw may read it)."""
+        return [
+            ListedImage(path)
+            for pid in _test_ids(root)
+            for cam in CAMERAS
+            for path in image_files(root, cam, pid)
+        ]
+
+    def rank_list_folder(self, protocol: Protocol) -> str:
+        """One folder whatever the mode: both modes share their queries."""
+        return self.name

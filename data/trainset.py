@@ -1,4 +1,4 @@
-"""The training set of either data set as decoded uint8 arrays, cached on disk."""
+"""The training set of a registered data set as decoded uint8 arrays, cached on disk."""
 
 from __future__ import annotations
 
@@ -19,14 +19,11 @@ from data.images import (
     save_images,
     write_cache,
 )
-from data.regdb import check_trial, regdb_split
-from data.sysu import sysu_train_files
+from data.registry import get_dataset
 from utils.base.errors import UserError
-from utils.base.modality import Modality
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("sysu", "regdb")
 _ARRAYS = ("visible_images", "infrared_images")
 
 
@@ -99,28 +96,20 @@ def load_train_set(
     progress: bool = True,
     mmap: bool = False,
 ) -> TrainSet:
-    """Load the "sysu" or "regdb" (``trial`` 1..10) training set resized to (height, width).
+    """Load the training set of ``dataset`` (``trial``: its split, where it has splits).
 
-    Decoded images are cached under ``cache_dir`` (default ``<root>/cache``, or ``./cache`` if
-    ``root`` is read-only), built on first use, reused while the size and file list match.
-    With ``mmap`` the image arrays are read-only memory maps of the cache.
+    Images are resized to (height, width). Decoded images are cached under ``cache_dir``
+    (default ``<root>/cache``, or ``./cache`` if ``root`` is read-only), built on first use,
+    reused while the size and file list match. With ``mmap`` the image arrays are read-only
+    memory maps of the cache.
     """
     height, width = check_img_size(img_size)
-    name = str(dataset).strip().lower()
+    plugin = get_dataset(dataset)
+    name, title = plugin.name, plugin.title
     root = os.fspath(root)
-    if name == "sysu":
-        title = "SYSU-MM01"
-        visible_paths, visible_pids, infrared_paths, infrared_pids = sysu_train_files(root)
-        cache_name = f"sysu_{height}x{width}"
-    elif name == "regdb":
-        title = "RegDB"
-        trial = check_trial(trial)
-        visible_paths, vis = regdb_split(root, trial, "train", Modality.VISIBLE)
-        infrared_paths, ir = regdb_split(root, trial, "train", Modality.INFRARED)
-        visible_pids, infrared_pids = vis.tolist(), ir.tolist()
-        cache_name = f"regdb_trial{trial}_{height}x{width}"
-    else:
-        raise UserError(f"--dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+    split = plugin.split_of(trial)
+    visible_paths, visible_pids, infrared_paths, infrared_pids = plugin.train_files(root, split)
+    cache_name = f"{plugin.cache_name(split)}_{height}x{width}"
 
     pids = _paired_identities(visible_pids, infrared_pids, title)
     if not pids:
@@ -145,8 +134,8 @@ def load_train_set(
         "num_infrared": len(infrared_paths),
         "files_sha256": file_list_hash(entries),
     }
-    if name == "regdb":
-        meta["trial"] = trial
+    if plugin.num_splits > 1:
+        meta["trial"] = split
     cache_path = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
     cache_path = cache_path / cache_name
 

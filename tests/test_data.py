@@ -1,4 +1,5 @@
-"""SYSU-MM01 and RegDB readers, the protocol lists, the training set and its cache."""
+"""SYSU-MM01 and RegDB readers, the data-set interface and registry, the protocol lists, the
+training set and its cache."""
 
 from __future__ import annotations
 
@@ -13,9 +14,23 @@ import pytest
 from PIL import Image
 
 import data.images
-from data import TrainSet, load_images, load_train_set, regdb_test, sysu_gallery, sysu_query
+from data import (
+    DataSet,
+    ImageList,
+    Protocol,
+    ProtocolSettings,
+    TrainSet,
+    dataset_names,
+    get_dataset,
+    load_images,
+    load_train_set,
+    regdb_test,
+    sysu_gallery,
+    sysu_query,
+)
 from data.regdb import regdb_split
-from data.sysu import sysu_root_check
+from data.registry import REGISTERED
+from data.sysu import SAME_LOCATION, sysu_root_check, sysu_train_files
 from utils import pre_process_sysu
 from utils.base.errors import UserError
 from utils.base.modality import Modality
@@ -368,6 +383,146 @@ def test_regdb_train_set_relabels_and_caches_per_trial(
     np.testing.assert_array_equal(again.infrared_images, ts.infrared_images)
     with pytest.raises(UserError, match="--trial 0"):
         load_train_set("regdb", root, trial=0)
+
+
+# --- the data-set interface and registry ---------------------------------------------------------
+
+
+def test_registry_names_and_lookup() -> None:
+    assert dataset_names() == ("sysu", "regdb")
+    assert get_dataset(" SYSU ").title == "SYSU-MM01" and get_dataset("regdb").title == "RegDB"
+    with pytest.raises(UserError, match="--dataset 'llcm2': expected one of sysu, regdb"):
+        get_dataset("llcm2")
+
+
+@pytest.mark.parametrize("dataset", REGISTERED, ids=lambda d: d.name)
+def test_every_data_set_fills_the_contract(dataset: DataSet) -> None:
+    for attribute in ("name", "title", "short_title", "ema_decay", "ema_overwrite_every"):
+        assert getattr(dataset, attribute) not in (None, "")
+    assert 0 < dataset.ema_decay < 1 and dataset.ema_overwrite_every >= 1
+    assert dataset.num_splits >= 1 and dataset.gallery_draws >= 1
+    assert dataset.expected_files(1, ("train", "test"))
+    protocols = dataset.protocols(ProtocolSettings())
+    assert protocols and all(isinstance(p, Protocol) for p in protocols)
+    assert len({p.name for p in protocols}) == len(protocols)
+
+
+def test_per_data_set_defaults_live_with_the_data_set() -> None:
+    sysu, regdb = get_dataset("sysu"), get_dataset("regdb")
+    assert (sysu.ema_decay, sysu.ema_overwrite_every) == (0.997, 2)
+    assert (regdb.ema_decay, regdb.ema_overwrite_every) == (0.968, 10)
+    # --trial: a RegDB split (1..10, in training and test), a SYSU gallery draw (test only).
+    assert (regdb.num_splits, regdb.gallery_draws) == (10, 1)
+    assert (sysu.num_splits, sysu.gallery_draws) == (1, 10)
+    assert regdb.split_of(None) == 1 and regdb.split_of(4) == 4 and regdb.draws_of(4) == [0]
+    assert sysu.split_of(4) == 1 and sysu.draws_of(4) == [4]
+    assert sysu.draws_of(None) == list(range(10))
+    assert sysu.cache_name(1) == "sysu" and regdb.cache_name(3) == "regdb_trial3"
+    with pytest.raises(UserError, match="--trial 10: SYSU gallery trials are 0-9"):
+        sysu.check_trial(10, testing=True)
+    sysu.check_trial(10, testing=False)  # training ignores --trial on SYSU-MM01
+    with pytest.raises(UserError, match="--trial 0: RegDB trials are 1-10"):
+        regdb.check_trial(0, testing=False)
+
+
+def _same_list(got: ImageList, expected: tuple, modality: Modality) -> None:
+    assert got.paths == expected[0] and got.modality == modality
+    np.testing.assert_array_equal(got.pids, expected[1])
+    if len(expected) > 2:
+        np.testing.assert_array_equal(got.cams, expected[2])
+
+
+def test_sysu_protocols_are_the_authors_lists(sysu: Path) -> None:
+    dataset = get_dataset("sysu")
+    root = str(sysu)
+    (single,) = dataset.protocols(ProtocolSettings(mode="all", shot=1, direction="v2i"))
+    (multi,) = dataset.protocols(ProtocolSettings(mode="indoor", shot=10))
+    assert (single.name, single.key, multi.name, multi.key) == (
+        "all single-shot",
+        "all",
+        "indoor multi-shot",
+        "indoor",
+    )
+    for protocol, mode, shot in ((single, "all", 1), (multi, "indoor", 10)):
+        assert protocol.exclusion == SAME_LOCATION and protocol.dedup_cmc
+        assert SAME_LOCATION.ignored_camera_pairs == ((3, 2),)
+        _same_list(protocol.query(root, 1), sysu_query(sysu, mode), Modality.INFRARED)
+        for draw in (0, 3):
+            _same_list(
+                protocol.gallery(root, 1, draw),
+                sysu_gallery(sysu, mode, shot, draw),
+                Modality.VISIBLE,
+            )
+    assert dataset.result_name(single, 1) == "sysu all single-shot"
+    assert dataset.record_key(single) == "sysu_all" and dataset.rank_list_folder(single) == "sysu"
+    assert dataset.train_files(root, 1) == sysu_train_files(sysu)
+
+
+def test_regdb_protocols_are_both_directions(tmp_path: Path) -> None:
+    root = make_regdb(tmp_path / "RegDB", trial=2)
+    dataset = get_dataset("regdb")
+    v2i, i2v = dataset.protocols(ProtocolSettings(mode="indoor", shot=10, direction="both"))
+    assert [p.name for p in (v2i, i2v)] == ["v2i", "i2v"]
+    assert [p.name for p in dataset.protocols(ProtocolSettings(direction="i2v"))] == ["i2v"]
+    visible, thermal = regdb_test(root, 2, "visible"), regdb_test(root, 2, "thermal")
+    for protocol, query, gallery, modality in (
+        (v2i, visible, thermal, Modality.VISIBLE),
+        (i2v, thermal, visible, Modality.INFRARED),
+    ):
+        assert not protocol.exclusion.needs_cameras and not protocol.dedup_cmc
+        _same_list(protocol.query(str(root), 2), query, modality)
+        _same_list(protocol.gallery(str(root), 2, 5), gallery, Modality(1 - modality))
+    assert dataset.result_name(v2i, 2) == "regdb trial 2 v2i"
+    assert dataset.record_key(i2v) == "regdb_i2v"
+    with pytest.raises(UserError, match="--direction 'up'"):
+        dataset.protocols(ProtocolSettings(direction="up"))
+
+
+def test_sysu_ids_without_images_are_named(tmp_path: Path) -> None:
+    # Ids 13 and 14 are listed but have no image in any camera (a partly extracted data set).
+    root = make_sysu(tmp_path / "s")
+    (root / "exp/test_id.txt").write_text("12,10,14,11,13\n")
+    test_file = root / "exp" / "test_id.txt"
+    message = (
+        f"{test_file}: 2 id(s) without any image in cam1..cam6 (partly extracted data set?): 13, 14"
+    )
+    for call in (
+        lambda: sysu_query(root, "all"),
+        lambda: sysu_gallery(root, "all"),
+        lambda: get_dataset("sysu").check_root(root, 1, ("test",)),
+    ):
+        with pytest.raises(UserError, match=re.escape(message)):
+            call()
+    get_dataset("sysu").check_root(root, 1, ("train",))  # the training ids are complete
+    load_train_set("sysu", root, img_size=IMG, progress=False)
+    (root / "exp/val_id.txt").write_text("4,77\n")
+    with pytest.raises(UserError, match=re.escape(f"{root / 'exp' / 'val_id.txt'}: 1 id(s)")):
+        load_train_set("sysu", root, img_size=IMG, progress=False)
+    # An empty folder is no better than none.
+    (root / "exp/val_id.txt").write_text("4\n")
+    (root / "cam1" / "0099").mkdir()
+    (root / "exp/train_id.txt").write_text("3,1,2,99\n")
+    with pytest.raises(UserError, match="99"):
+        get_dataset("sysu").check_root(root, 1, ("train",))
+
+
+def test_test_images_are_checked_by_header(tmp_path: Path) -> None:
+    sysu = make_sysu(tmp_path / "s")
+    dataset = get_dataset("sysu")
+    assert dataset.check_test_images(sysu) == _count(TEST_IDS, (1, 2, 3, 4, 5, 6))
+    broken = sysu / "cam2" / "0011" / "0003.jpg"
+    broken.write_bytes(b"GIF89a not really")
+    with pytest.raises(UserError, match=re.escape(f"test image {broken} is not a readable image")):
+        dataset.check_test_images(sysu)
+    regdb = make_regdb(tmp_path / "RegDB")
+    assert get_dataset("regdb").check_test_images(regdb, 1) == 8
+    index = regdb / "idx" / "test_thermal_1.txt"
+    lines = index.read_text().splitlines()
+    lines[2] = "Thermal/3/gone.bmp 3"
+    index.write_text("\n".join(lines) + "\n")
+    missing = os.path.join(str(regdb), "Thermal/3/gone.bmp")
+    with pytest.raises(UserError, match=re.escape(f"{index}:3: test image {missing} not found")):
+        get_dataset("regdb").check_test_images(regdb, 1)
 
 
 # --- pre_process_sysu CLI --------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Metrics: hand-computed SYSU-MM01 and RegDB cases, and vectorised == per-query loop."""
+"""Metrics: hand-computed SYSU-MM01, RegDB and LLCM cases, and vectorised == per-query loop."""
 
 from __future__ import annotations
 
@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from data import ExclusionRule
 from utils.evaluation.metrics import (
     benchmark_metrics,
+    eval_llcm,
+    eval_llcm_loop,
+    eval_ranking,
+    eval_ranking_loop,
     eval_regdb,
     eval_regdb_loop,
     eval_sysu,
@@ -18,6 +23,7 @@ from utils.evaluation.metrics import (
 
 SYSU = (eval_sysu, eval_sysu_loop)
 REGDB = (eval_regdb, eval_regdb_loop)
+LLCM = (eval_llcm, eval_llcm_loop)
 
 
 def assert_same(got: tuple, expected: tuple) -> None:
@@ -180,6 +186,71 @@ def test_sysu_and_regdb_differ_only_by_rules() -> None:
     )
 
 
+# --- LLCM hand-computed cases ------------------------------------------------------------------
+#
+# Gallery in distance order: g0 = id 1 cam 4, g1 = id 2 cam 4, g2 = id 1 cam 2, g3 = id 3 cam 2,
+# g4 = id 1 cam 7.
+LLCM_DIST = np.array([[0.1, 0.2, 0.3, 0.4, 0.5]])
+LLCM_G_PIDS = np.array([1, 2, 1, 3, 1])
+LLCM_G_CAMS = np.array([4, 4, 2, 2, 7])
+
+
+@pytest.mark.parametrize("evaluate", LLCM)
+def test_llcm_ignores_own_identity_in_own_camera(evaluate) -> None:
+    # A cam4 query of id 1 drops g0 only (id 1, cam 4); g1 (id 2, cam 4) stays.
+    # Kept ranking: g1 (id 2), g2 (id 1), g3 (id 3), g4 (id 1): positives at 2 and 4.
+    cmc, m_ap, m_inp = evaluate(LLCM_DIST, [1], LLCM_G_PIDS, [4], LLCM_G_CAMS)
+    np.testing.assert_allclose(cmc[:3], [0.0, 1.0, 1.0])
+    assert m_ap == pytest.approx((1 / 2 + 2 / 4) / 2)
+    assert m_inp == pytest.approx(2 / 4)
+    # A cam2 query of id 1 drops g2: kept g0 (id 1), g1, g3, g4 (id 1): positives at 1 and 4.
+    cmc, m_ap, m_inp = evaluate(LLCM_DIST, [1], LLCM_G_PIDS, [2], LLCM_G_CAMS)
+    assert cmc[0] == 1.0
+    assert m_ap == pytest.approx((1 / 1 + 2 / 4) / 2)
+    assert m_inp == pytest.approx(2 / 4)
+
+
+@pytest.mark.parametrize("evaluate", LLCM)
+def test_llcm_cmc_is_deduplicated_and_other_identities_kept(evaluate) -> None:
+    # A cam7 query of id 3 keeps everything but nothing of id 3 in cam 7 exists: ranked ids
+    # 1, 2, 1, 3, 1 -> distinct 1, 2, 3: rank 3 (the standard CMC would say 4).
+    cmc, m_ap, m_inp = evaluate(LLCM_DIST, [3], LLCM_G_PIDS, [7], LLCM_G_CAMS)
+    np.testing.assert_allclose(cmc[:3], [0.0, 0.0, 1.0])
+    assert m_ap == pytest.approx(1 / 4)
+    assert m_inp == pytest.approx(1 / 4)
+    # Identity 2 seen only by camera 4: a cam4 query of id 2 has nothing left and is skipped.
+    two = np.vstack([LLCM_DIST, LLCM_DIST])
+    assert_same(
+        evaluate(two, [2, 3], LLCM_G_PIDS, [4, 7], LLCM_G_CAMS),
+        evaluate(LLCM_DIST, [3], LLCM_G_PIDS, [7], LLCM_G_CAMS),
+    )
+
+
+def test_camera_rules_are_data() -> None:
+    # eval_ranking with SYSU's table and dedup is eval_sysu; several pairs combine.
+    rng = np.random.default_rng(8)
+    dist, q_pids, g_pids, q_cams, g_cams = random_problem(rng, 50, 70, 8, np.float64)
+    q_pids[0], q_cams[0] = g_pids[0], 6
+    rule = ExclusionRule(ignored_camera_pairs=((3, 2),))
+    assert_same(
+        eval_ranking(dist, q_pids, g_pids, q_cams, g_cams, rule, dedup_cmc=True),
+        eval_sysu(dist, q_pids, g_pids, q_cams, g_cams),
+    )
+    wider = ExclusionRule(ignored_camera_pairs=((3, 2), (3, 1), (6, 5)))
+    got = eval_ranking(dist, q_pids, g_pids, q_cams, g_cams, wider)
+    # The reference: drop the ignored columns by hand, then rank as RegDB does, query by query.
+    rows = []
+    for i in range(dist.shape[0]):
+        banned = {3: (2, 1), 6: (5,)}[int(q_cams[i])]
+        keep = ~np.isin(g_cams, banned)
+        if q_pids[i] in g_pids[keep]:
+            rows.append(eval_regdb_loop(dist[i : i + 1, keep], q_pids[i : i + 1], g_pids[keep]))
+    cmc = np.mean([row[0] for row in rows], axis=0)
+    assert_same(got, (cmc, np.mean([r[1] for r in rows]), np.mean([r[2] for r in rows])))
+    with pytest.raises(ValueError, match="camera ids"):
+        eval_ranking(dist, q_pids, g_pids, exclusion=wider)
+
+
 # --- vectorised == per-query loop ----------------------------------------------------------------
 
 
@@ -221,6 +292,28 @@ def test_vectorised_matches_loop(num_query, num_gallery, num_ids, dtype) -> None
         eval_sysu_loop(dist, q_pids, g_pids, q_cams, g_cams),
     )
     assert_same(eval_regdb(dist, q_pids, g_pids), eval_regdb_loop(dist, q_pids, g_pids))
+    _check_llcm(rng, dist, q_pids, g_pids)
+
+
+def _check_llcm(
+    rng: np.random.Generator, dist: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray
+) -> None:
+    """eval_llcm == its loop with camera numbers shared by queries and gallery (LLCM's 9)."""
+    q_cams = rng.integers(1, 4, q_pids.size)  # few cameras: many same-camera matches
+    g_cams = rng.integers(1, 4, g_pids.size)
+    # Query 0 keeps a match under both rules below: its identity in another camera.
+    q_pids[0], q_cams[0], g_cams[0] = g_pids[0], 2, 1
+    assert_same(
+        eval_llcm(dist, q_pids, g_pids, q_cams, g_cams),
+        eval_llcm_loop(dist, q_pids, g_pids, q_cams, g_cams),
+    )
+    # Both kinds of rule at once, with either CMC.
+    rules = ExclusionRule(ignored_camera_pairs=((1, 3),), same_identity_same_camera=True)
+    for dedup in (True, False):
+        assert_same(
+            eval_ranking(dist, q_pids, g_pids, q_cams, g_cams, rules, dedup),
+            eval_ranking_loop(dist, q_pids, g_pids, q_cams, g_cams, rules, dedup),
+        )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -237,6 +330,7 @@ def test_vectorised_matches_loop_with_ties_and_inf(dtype) -> None:
             eval_sysu_loop(dist, q_pids, g_pids, q_cams, g_cams),
         )
         assert_same(eval_regdb(dist, q_pids, g_pids), eval_regdb_loop(dist, q_pids, g_pids))
+        _check_llcm(rng, dist, q_pids, g_pids)
 
 
 def test_torch_inputs_are_accepted() -> None:

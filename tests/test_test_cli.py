@@ -9,13 +9,16 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from data import regdb_test, sysu_gallery, sysu_query
 from model import SHARED, Arch, save_arch
 from model.arch import arch_from_dict
 from utils.base.cli import run_cli
 from utils.engine.trainer import LATEST
+from utils.evaluation.metrics import eval_regdb, eval_sysu, pairwise_distance, summarize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parent.parent
@@ -187,6 +190,88 @@ def test_visualize_writes_rank_lists(
     assert len(list((tmp_path / "rank_lists" / "sysu").glob("*.png"))) == 2
 
 
+def test_flip_is_marked_in_table_and_json(
+    sysu_run: Path, toy_sysu: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--data_root", str(toy_sysu), "--weights", str(sysu_run / LATEST), "--trial", "0"]
+    plain, flipped = tmp_path / "plain.json", tmp_path / "flip.json"
+    code, out, err = run_test([*argv, "--save_json", str(plain)], capsys)
+    assert code == 0, err
+    assert "(flip)" not in out and json.loads(plain.read_text())["flip"] is False
+    code, out, err = run_test([*argv, "--flip", "--save_json", str(flipped)], capsys)
+    assert code == 0, err
+    assert out.splitlines()[0] == f"{sysu_run / LATEST} (flip)"
+    payload = json.loads(flipped.read_text())
+    assert payload["flip"] is True
+    assert payload["results"]["sysu all single-shot"]["flip"] is True
+    assert json.loads(plain.read_text())["results"]["sysu all single-shot"]["flip"] is False
+
+
+def test_save_features_sysu_union_gallery_with_draw_mask(
+    sysu_run: Path, toy_sysu: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, out_json = tmp_path / "features.npz", tmp_path / "r.json"
+    argv = ["--data_root", str(toy_sysu), "--weights", str(sysu_run / LATEST), "--ema"]
+    code, _, err = run_test(
+        [*argv, "--save_features", str(out), "--save_json", str(out_json)], capsys
+    )
+    assert code == 0, err
+    saved = np.load(out, allow_pickle=False)
+    assert saved["protocols"].tolist() == ["all"] and not saved["flip"]
+    assert saved["trials"].tolist() == list(range(10))
+    query_paths = sysu_query(toy_sysu, "all")[0]
+    assert saved["all_query_paths"].tolist() == query_paths
+    assert saved["all_query_paths"].dtype.kind == "U"
+    assert set(saved["all_query_modality"].tolist()) == {"infrared"}
+    assert set(saved["all_gallery_modality"].tolist()) == {"visible"}
+    assert set(saved["all_query_cams"].tolist()) == {3, 6}
+    mask = saved["all_gallery_trials"]
+    gallery_paths = saved["all_gallery_paths"]
+    assert mask.shape == (10, gallery_paths.size) and mask.any(axis=0).all()
+    for kind in ("pool", "bnneck"):
+        norms = np.linalg.norm(saved[f"all_query_{kind}"], axis=1)
+        np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+        assert saved[f"all_gallery_{kind}"].shape[0] == gallery_paths.size
+    # The saved features reproduce the reported numbers of every draw.
+    per_trial = json.loads(out_json.read_text())["results"]["sysu all single-shot"]["per_trial"]
+    for draw in (0, 7):
+        drawn = sysu_gallery(toy_sysu, "all", 1, draw)[0]
+        rows = [gallery_paths.tolist().index(p) for p in drawn]
+        assert sorted(rows) == np.flatnonzero(mask[draw]).tolist()
+        for kind in ("pool", "bnneck"):
+            dist = pairwise_distance(saved[f"all_query_{kind}"], saved[f"all_gallery_{kind}"][rows])
+            metrics = eval_sysu(
+                dist,
+                saved["all_query_pids"],
+                saved["all_gallery_pids"][rows],
+                saved["all_query_cams"],
+                saved["all_gallery_cams"][rows],
+            )
+            got = summarize(*metrics)
+            assert got == pytest.approx(per_trial[draw][kind], abs=1e-4)
+
+
+def test_save_features_regdb_both_directions(
+    regdb_runs: Path, toy_regdb: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "regdb.npz"
+    argv = ["--dataset", "regdb", "--data_root", str(toy_regdb)]
+    argv += ["--weights", str(regdb_runs / "regdb_trial2" / LATEST), "--flip"]
+    code, _, err = run_test([*argv, "--save_features", str(out)], capsys)
+    assert code == 0, err
+    saved = np.load(out, allow_pickle=False)
+    assert saved["protocols"].tolist() == ["v2i", "i2v"] and saved["flip"]
+    visible = regdb_test(toy_regdb, 2, "visible")
+    assert saved["v2i_query_paths"].tolist() == visible[0]
+    assert saved["i2v_gallery_paths"].tolist() == visible[0]
+    assert saved["v2i_query_pids"].tolist() == visible[1].tolist()
+    assert set(saved["v2i_query_modality"].tolist()) == {"visible"}
+    assert saved["v2i_gallery_trials"].shape == (1, len(visible[0]))
+    np.testing.assert_array_equal(saved["v2i_query_bnneck"], saved["i2v_gallery_bnneck"])
+    dist = pairwise_distance(saved["i2v_query_bnneck"], saved["i2v_gallery_bnneck"])
+    assert eval_regdb(dist, saved["i2v_query_pids"], saved["i2v_gallery_pids"])[1] > 0
+
+
 # ----- bad input ----------------------------------------------------------------------------
 def _refused(
     argv: list[str],
@@ -295,6 +380,12 @@ def test_bad_data_and_output(
         (blocker / "r.json", "is a file, not a folder"),
     ):
         _refused([*argv, "--save_json", str(target)], capsys, expect_error, message)
+        npz = target.with_suffix(".npz")
+        line = _refused([*argv, "--save_features", str(npz)], capsys, expect_error, message)
+        assert line.startswith(f"error: --save_features {npz}: ")
+    _refused(
+        [*argv, "--save_features", str(tmp_path)], capsys, expect_error, "is a folder", alone=True
+    )
     data = tmp_path / "sysu"
     shutil.copytree(toy_sysu, data, ignore=shutil.ignore_patterns("cache"))
     (data / "exp" / "test_id.txt").write_text("4;6,11,12\n")

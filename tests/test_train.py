@@ -174,6 +174,73 @@ def test_corrupt_image_is_named(
     assert not list((data / "cache").glob("sysu*"))  # no half-built image cache either
 
 
+def test_bad_test_images_stop_training_before_the_run_folder(
+    toy_sysu: Path,
+    toy_regdb: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    train_argv: Callable[..., list[str]],
+    expect_error: Callable[..., str],
+) -> None:
+    # A RegDB test index naming an image that is not there: file and index line are named.
+    regdb = tmp_path / "regdb"
+    shutil.copytree(toy_regdb, regdb, ignore=shutil.ignore_patterns("cache"))
+    index = regdb / "idx" / "test_visible_1.txt"
+    lines = index.read_text().splitlines()
+    label = lines[3].rsplit(None, 1)[1]
+    lines[3] = f"Visible/{label}/missing.bmp {label}"
+    index.write_text("\n".join(lines) + "\n")
+    missing = regdb / "Visible" / label / "missing.bmp"
+    _refuses(
+        train_argv(regdb, tmp_path / "runs", "x"),
+        capsys,
+        expect_error,
+        f"{index}:4: test image {missing} not found",
+    )
+    # A corrupt SYSU query image (infrared camera of a test id).
+    sysu = tmp_path / "sysu"
+    shutil.copytree(toy_sysu, sysu, ignore=shutil.ignore_patterns("cache"))
+    test_ids = (sysu / "exp" / "test_id.txt").read_text().strip().split(",")
+    queries = [
+        p for i in test_ids for c in (3, 6) for p in (sysu / f"cam{c}" / f"{int(i):04d}").glob("*")
+    ]
+    broken = sorted(queries)[0]
+    broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    line = _refuses(train_argv(sysu, tmp_path / "runs", "x"), capsys, expect_error, str(broken))
+    assert "test image" in line
+    assert not (tmp_path / "runs").exists()
+    assert not list((sysu / "cache").glob("sysu*")) and not (regdb / "cache").exists()
+
+
+def test_sysu_ids_without_images_stop_training(
+    toy_sysu: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    train_argv: Callable[..., list[str]],
+    expect_error: Callable[..., str],
+) -> None:
+    sysu = tmp_path / "sysu"
+    shutil.copytree(toy_sysu, sysu, ignore=shutil.ignore_patterns("cache"))
+    ids = sysu / "exp" / "test_id.txt"
+    ids.write_text(ids.read_text().strip() + ",901,902\n")
+    _refuses(
+        train_argv(sysu, tmp_path / "runs", "x"),
+        capsys,
+        expect_error,
+        f"{ids}: 2 id(s) without any image in cam1..cam6",
+        "901, 902",
+    )
+    assert not (tmp_path / "runs").exists()
+
+
+def test_flip_is_an_option_of_every_script() -> None:
+    import search
+
+    args = train.get_args_parser().parse_args(["--data_root", "d", "--flip"])
+    assert args.flip and not train.get_args_parser().parse_args(["--data_root", "d"]).flip
+    assert search.get_args_parser().parse_args(["--data_root", "d", "--flip"]).flip
+
+
 def test_malformed_id_and_index_files_name_file_and_line(
     toy_sysu: Path,
     toy_regdb: Path,

@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from data import ExclusionRule
+from data.sysu import SAME_LOCATION
 from utils.base.errors import UserError
 from utils.evaluation.evaluate import Features
 from utils.evaluation.visualize import (
@@ -72,12 +74,12 @@ def test_first_result_red_when_identity_differs(tmp_path: Path) -> None:
 def test_same_location_rule_skips_camera_2_for_camera_3_queries(tmp_path: Path) -> None:
     query, gallery = _query(tmp_path, pid=5, camid=3), _gallery(tmp_path)
     plain = save_rank_lists(query, gallery, tmp_path / "plain", k=1)
-    ruled = save_rank_lists(query, gallery, tmp_path / "ruled", k=1, ignore_same_location=True)
+    ruled = save_rank_lists(query, gallery, tmp_path / "ruled", k=1, exclusion=SAME_LOCATION)
     assert _first_slot(plain[0]) == (MISMATCH_COLOUR, COLOURS[0])
     assert _first_slot(ruled[0]) == (MATCH_COLOUR, COLOURS[1])
     # A camera-1 query is not at the indoor infrared location: the rule leaves it alone.
     other = save_rank_lists(
-        _query(tmp_path, pid=5, camid=1), gallery, tmp_path / "other", 1, ignore_same_location=True
+        _query(tmp_path, pid=5, camid=1), gallery, tmp_path / "other", 1, exclusion=SAME_LOCATION
     )
     assert _first_slot(other[0]) == (MISMATCH_COLOUR, COLOURS[0])
 
@@ -117,9 +119,16 @@ def test_spread_indices_and_ranking() -> None:
     distances = np.array([0.5, 0.1, 0.1, 0.0])
     assert rank_gallery(distances).tolist() == [3, 1, 2, 0]  # ties keep gallery order
     camids = np.array([1, 2, 2, 2])
-    assert rank_gallery(distances, 3, camids, ignore_same_location=True).tolist() == [0]
+    assert rank_gallery(distances, 3, camids, exclusion=SAME_LOCATION).tolist() == [0]
     with pytest.raises(UserError, match="camera ids"):
-        rank_gallery(distances, None, camids, ignore_same_location=True)
+        rank_gallery(distances, None, camids, exclusion=SAME_LOCATION)
+    # Same identity and same camera (LLCM): only the query's own identity in its camera goes.
+    same = ExclusionRule(same_identity_same_camera=True)
+    pids = np.array([4, 4, 5, 4])
+    assert rank_gallery(distances, 2, camids, same, 4, pids).tolist() == [2, 0]
+    assert rank_gallery(distances, 2, camids, same, 5, pids).tolist() == [3, 1, 0]
+    with pytest.raises(UserError, match="identities"):
+        rank_gallery(distances, 2, camids, same)
 
 
 def test_errors(tmp_path: Path) -> None:

@@ -11,16 +11,32 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
-from data.regdb import read_index
-from data.sysu import read_ids
+from data.registry import REGISTERED, dataset_names, get_dataset
 from utils.base.errors import UserError
 
-DATASETS = ("sysu", "regdb")
-# EMA decay the authors used per data set.
-EMA_DECAY = {"sysu": 0.997, "regdb": 0.968}
+# The EMA decay each data set's authors used, by --dataset name (each data set declares its own).
+EMA_DECAY = MappingProxyType({dataset.name: dataset.ema_decay for dataset in REGISTERED})
+
+
+def _trial_help() -> str:
+    """What --trial means for each registered data set."""
+    parts = []
+    for dataset in REGISTERED:
+        if dataset.num_splits > 1:
+            parts.append(
+                f"{dataset.title}: the train/test split 1-{dataset.num_splits} of training, "
+                "search and test.py (default 1; test.py: the checkpoint's)"
+            )
+        elif dataset.gallery_draws > 1:
+            parts.append(
+                f"{dataset.title}: test.py only, one gallery draw "
+                f"0-{dataset.gallery_draws - 1} (default: all {dataset.gallery_draws})"
+            )
+    return "; ".join(parts)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -37,14 +53,10 @@ def data_parser() -> argparse.ArgumentParser:
     """Options every tool shares: data, image size, device and precision."""
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("data")
-    group.add_argument("--data_root", required=True, help="SYSU-MM01 or RegDB root folder")
-    group.add_argument("--dataset", choices=DATASETS, default="sysu", help="data set")
-    group.add_argument(
-        "--trial",
-        type=int,
-        default=None,
-        help="RegDB split 1-10 (training/search; default 1); test: see test.py",
-    )
+    titles = " or ".join(d.title for d in REGISTERED)
+    group.add_argument("--data_root", required=True, help=f"{titles} root folder")
+    group.add_argument("--dataset", choices=dataset_names(), default="sysu", help="data set")
+    group.add_argument("--trial", type=int, default=None, help=_trial_help())
     group.add_argument("--img_h", type=int, default=256, help="image height")
     group.add_argument("--img_w", type=int, default=128, help="image width")
     group.add_argument(
@@ -64,6 +76,13 @@ def data_parser() -> argparse.ArgumentParser:
         help="mixed precision on CUDA (ignored on CPU)",
     )
     group.add_argument("--test_batch", type=int, default=64, help="batch size for features")
+    group = parser.add_argument_group("evaluation")
+    group.add_argument(
+        "--flip",
+        action="store_true",
+        help="flip averaging at test time: the features of each image and of its horizontal "
+        "mirror are summed, then L2-normalised (results are marked as such)",
+    )
     return parser
 
 
@@ -127,7 +146,9 @@ def optim_parser() -> argparse.ArgumentParser:
         "--ema_decay",
         type=float,
         default=None,
-        help="EMA decay (default 0.997 SYSU, 0.968 RegDB; 0 disables EMA)",
+        help="EMA decay (default: the data set's, "
+        + ", ".join(f"{d.ema_decay} {d.title}" for d in REGISTERED)
+        + "; 0 disables EMA)",
     )
     group.add_argument(
         "--ema_overwrite",
@@ -221,51 +242,18 @@ def select_device(name: str | None) -> torch.device:
     return device
 
 
-def expected_data_files(dataset: str, trial: int, splits: Sequence[str]) -> list[str]:
-    """The files and folders (relative to ``--data_root``) that a run on ``dataset`` reads."""
-    if dataset == "sysu":
-        return [f"cam{c}/" for c in range(1, 7)] + [
-            "exp/train_id.txt",
-            "exp/val_id.txt",
-            "exp/test_id.txt",
-        ]
-    return [
-        f"idx/{split}_{modality}_{trial}.txt"
-        for split in splits
-        for modality in ("visible", "thermal")
-    ]
+def check_data_root(args: argparse.Namespace, parts: Sequence[str] = ("train", "test")) -> None:
+    """Fail with one line naming what is absent or broken before any work is done.
 
-
-def check_data_root(args: argparse.Namespace, splits: Sequence[str] = ("train", "test")) -> None:
-    """Fail with one line naming what is absent unless ``--data_root`` has the data set's layout."""
-    title = "SYSU-MM01" if args.dataset == "sysu" else "RegDB"
-    expected = expected_data_files(args.dataset, args.trial or 1, splits)
-    root = args.data_root
-    if not os.path.isdir(root):
-        what = "is a file, not a folder" if os.path.exists(root) else "folder not found"
-        raise UserError(
-            f"--data_root {root}: {what} (expected the {title} root holding "
-            f"{', '.join(expected[:3])}{', ...' if len(expected) > 3 else ''})"
-        )
-    missing = [
-        name
-        for name in expected
-        if not (os.path.isdir if name.endswith("/") else os.path.isfile)(os.path.join(root, name))
-    ]
-    if missing:
-        raise UserError(
-            f"--data_root {root}: not a {title} folder (--dataset {args.dataset}): "
-            f"missing {', '.join(missing)}"
-        )
-    # The split files are small: parse them now, so a malformed line stops the run before
-    # anything is written (the readers name file and line).
-    if args.dataset == "sysu":
-        for name in expected:
-            if name.endswith(".txt"):
-                read_ids(os.path.join(root, name))
-    else:
-        for name in expected:
-            read_index(os.path.join(root, name))
+    Checks that ``--data_root`` has the data set's layout for ``parts`` ("train", "test"), parses
+    its list files, and, when "test" is among ``parts``, that every test image exists and has a
+    readable header (a bad test image would otherwise stop training at its first evaluation).
+    """
+    dataset = get_dataset(args.dataset)
+    split = dataset.split_of(args.trial)
+    dataset.check_root(args.data_root, split, parts)
+    if "test" in parts:
+        dataset.check_test_images(args.data_root, split)
 
 
 def check_common(args: argparse.Namespace) -> None:
@@ -274,8 +262,7 @@ def check_common(args: argparse.Namespace) -> None:
     Only cheap checks: the data set's layout is checked by :func:`check_data_root` where the
     data is read.
     """
-    if args.trial is not None and args.dataset == "regdb" and not 1 <= args.trial <= 10:
-        raise UserError(f"--trial {args.trial}: RegDB trials are 1-10")
+    get_dataset(args.dataset).check_trial(args.trial, testing=False)
     if args.img_h is not None and args.img_w is not None and (args.img_h < 32 or args.img_w < 16):
         raise UserError(f"--img_h/--img_w {args.img_h}x{args.img_w}: expected at least 32x16")
     if args.test_batch < 1:
@@ -315,7 +302,7 @@ def check_training(args: argparse.Namespace) -> None:
         if not 0 <= getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)}: expected a value in [0, 1)")
     if args.ema_decay is None:
-        args.ema_decay = EMA_DECAY[args.dataset]
+        args.ema_decay = get_dataset(args.dataset).ema_decay
     if not 0 <= args.ema_decay < 1:
         raise UserError(
             f"--ema_decay {args.ema_decay}: expected a value in [0, 1) (0 disables the EMA)"
@@ -357,7 +344,7 @@ def run_dir(args: argparse.Namespace, kind: str = "train") -> Path:
     name = args.note
     if not name:
         config = Path(args.config_path).stem if getattr(args, "config_path", None) else kind
-        trial = f"_trial{args.trial}" if args.dataset == "regdb" else ""
+        trial = f"_trial{args.trial}" if get_dataset(args.dataset).num_splits > 1 else ""
         name = f"{kind}_{args.dataset}{trial}_{config}_seed{args.seed}"
     return Path(args.save) / name
 

@@ -64,7 +64,7 @@ from utils.engine.options import (
     run_dir,
     select_device,
 )
-from utils.evaluation.evaluate import autocast, evaluate_regdb, evaluate_sysu, format_table
+from utils.evaluation.evaluate import autocast, evaluate_training_run, format_table
 
 __all__ = [
     "LATEST",
@@ -605,33 +605,9 @@ class Trainer:
 
     def evaluate(self, final: bool) -> dict[str, Any]:
         """Monitoring evaluation on the test protocol (no model selection is made with it)."""
-        args = self.args
-        model = self.eval_model()
-        if args.dataset == "sysu":
-            trials = list(range(10)) if final else [0]
-            result, _ = evaluate_sysu(
-                model,
-                args.data_root,
-                args.mode,
-                1,
-                trials,
-                self.device,
-                self.img_size,
-                args.test_batch,
-                self.amp,
-            )
-            return {f"sysu_{args.mode}": result}
-        result = evaluate_regdb(
-            model,
-            args.data_root,
-            args.trial,
-            "both",
-            self.device,
-            self.img_size,
-            args.test_batch,
-            self.amp,
+        return evaluate_training_run(
+            self.eval_model(), self.args, final, self.device, self.img_size, self.amp
         )
-        return {f"regdb_{k}": v for k, v in result.items()}
 
     def evaluate_and_log(self, final: bool) -> dict[str, Any]:
         """Evaluate on rank 0 and log a summary; the final results also go to results.json/md.

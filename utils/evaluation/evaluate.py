@@ -1,11 +1,15 @@
-"""Feature extraction and the SYSU-MM01 / RegDB protocols, shared by training and test.py.
+"""Feature extraction and the one evaluation routine, shared by training, test.py and the search.
 
-Features are extracted once per image set (queries once for all trials), on the GPU in half
-precision when there is one, L2-normalised and ranked with one matrix product per protocol.
+:func:`evaluate_protocols` runs any data set's protocols from their description
+(``data.Protocol``): every image is extracted once per call (a query set shared by several
+protocols, and the union of all draws' galleries, once), on the GPU in half precision when there
+is one, optionally averaged with its mirror image, L2-normalised and ranked with one matrix
+product per protocol and draw.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import statistics
 import sys
@@ -19,9 +23,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from data import load_images, normalize, regdb_test, sysu_gallery, sysu_query
+from data import get_dataset, load_images, normalize
+from data.dataset import NO_EXCLUSION, DataSet, ExclusionRule, ImageList, Protocol, ProtocolSettings
 from utils.base.modality import Modality
-from utils.evaluation.metrics import eval_regdb, eval_sysu, pairwise_distance, summarize
+from utils.evaluation.metrics import eval_ranking, pairwise_distance, summarize
 
 log = logging.getLogger(__name__)
 FEATURES = ("pool", "bnneck")
@@ -37,10 +42,48 @@ class Features:
     pids: np.ndarray
     camids: np.ndarray | None = None
     paths: list[str] = field(default_factory=list)
+    modality: Modality | None = None
 
     def get(self, kind: str) -> torch.Tensor:
         """The features of ``kind`` ("pool" or "bnneck")."""
         return self.pool if kind == "pool" else self.bnneck
+
+    def take(self, index: np.ndarray) -> Features:
+        """The images at positions ``index``, in that order."""
+        rows = torch.as_tensor(index, dtype=torch.long, device=self.pool.device)
+        return Features(
+            self.pool[rows],
+            self.bnneck[rows],
+            self.pids[index],
+            None if self.camids is None else self.camids[index],
+            [self.paths[i] for i in index] if self.paths else [],
+            self.modality,
+        )
+
+
+@dataclass
+class ProtocolFeatures:
+    """A protocol's query features and the union of its draws' galleries, for export and pictures.
+
+    ``members[i]`` lists the gallery rows of draw ``draws[i]`` in the order the draw gave them.
+    """
+
+    protocol: Protocol
+    query: Features
+    gallery: Features
+    draws: list[int]
+    members: list[np.ndarray]
+
+    def gallery_of(self, position: int) -> Features:
+        """The gallery of the ``position``-th draw, in its own order."""
+        return self.gallery.take(self.members[position])
+
+    def membership(self) -> np.ndarray:
+        """(draws, gallery images) boolean mask: which union images each draw holds."""
+        mask = np.zeros((len(self.members), len(self.gallery.pids)), dtype=bool)
+        for row, index in enumerate(self.members):
+            mask[row, index] = True
+        return mask
 
 
 def _interactive() -> bool:
@@ -65,8 +108,13 @@ def extract_features(
     batch_size: int = 64,
     amp: str = "bf16",
     desc: str = "features",
+    flip: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``model`` in eval mode over uint8 NHWC ``images``; return L2-normalised features."""
+    """Run ``model`` in eval mode over uint8 NHWC ``images``; return L2-normalised features.
+
+    With ``flip`` the features of each image and of its horizontal mirror are summed before the
+    normalisation (test-time flip averaging).
+    """
     model.eval()
     pools, feats = [], []
     steps = range(0, len(images), batch_size)
@@ -76,8 +124,13 @@ def extract_features(
         batch = normalize(batch.to(device, non_blocking=True))
         with autocast(device, amp):
             pool, feat = model(batch, modality)[:2]
-        pools.append(pool.float())
-        feats.append(feat.float())
+            if flip:
+                mirror_pool, mirror_feat = model(batch.flip(3), modality)[:2]
+        pool, feat = pool.float(), feat.float()
+        if flip:
+            pool, feat = pool + mirror_pool.float(), feat + mirror_feat.float()
+        pools.append(pool)
+        feats.append(feat)
     pool = torch.nn.functional.normalize(torch.cat(pools), dim=1)
     feat = torch.nn.functional.normalize(torch.cat(feats), dim=1)
     return pool, feat
@@ -85,33 +138,40 @@ def extract_features(
 
 def features_of(
     model: nn.Module,
-    paths: Sequence[str],
-    pids: np.ndarray,
-    camids: np.ndarray | None,
-    modality: Modality,
+    images: ImageList,
     device: torch.device,
     img_size: tuple[int, int],
     batch_size: int,
     amp: str,
-    desc: str,
+    flip: bool = False,
 ) -> Features:
-    """Load ``paths``, extract their features and bundle them with their labels."""
-    images = load_images(list(paths), img_size, progress=_interactive(), desc=f"loading {desc}")
-    pool, feat = extract_features(model, images, modality, device, batch_size, amp, desc)
-    return Features(pool, feat, np.asarray(pids), camids, list(paths))
+    """Load the images of ``images``, extract their features and bundle them with their labels."""
+    desc = f"{images.modality.name.lower()} images"
+    pixels = load_images(images.paths, img_size, progress=_interactive(), desc=f"loading {desc}")
+    pool, feat = extract_features(
+        model, pixels, images.modality, device, batch_size, amp, desc, flip
+    )
+    return Features(
+        pool, feat, np.asarray(images.pids), np.asarray(images.cams), images.paths, images.modality
+    )
 
 
-def score(query: Features, gallery: Features, protocol: str) -> dict[str, dict[str, float]]:
-    """Rank-k / mAP / mINP (percent) of ``query`` against ``gallery`` for pool and BNNeck."""
+def score(
+    query: Features,
+    gallery: Features,
+    exclusion: ExclusionRule = NO_EXCLUSION,
+    dedup_cmc: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Rank-k / mAP / mINP (percent) of ``query`` against ``gallery`` for pool and BNNeck.
+
+    Defaults: nothing ignored and the standard CMC (position of the first correct match).
+    """
     results = {}
     for kind in FEATURES:
         distmat = pairwise_distance(query.get(kind), gallery.get(kind))
-        if protocol == "sysu":
-            cmc, m_ap, m_inp = eval_sysu(
-                distmat, query.pids, gallery.pids, query.camids, gallery.camids
-            )
-        else:
-            cmc, m_ap, m_inp = eval_regdb(distmat, query.pids, gallery.pids)
+        cmc, m_ap, m_inp = eval_ranking(
+            distmat, query.pids, gallery.pids, query.camids, gallery.camids, exclusion, dedup_cmc
+        )
         results[kind] = summarize(cmc, m_ap, m_inp)
     return results
 
@@ -128,119 +188,143 @@ def mean_std(runs: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str,
     return out
 
 
-def evaluate_sysu(
+class _ImageUnion:
+    """The distinct images of one modality that an evaluation needs, each listed once.
+
+    Queries keep their list order; gallery images come after them, sorted by path, so that a
+    gallery drawn ten times is extracted in one deterministic pass.
+    """
+
+    def __init__(self, modality: Modality) -> None:
+        self.modality = modality
+        self.position: dict[str, int] = {}
+        self.labels: list[tuple[int, int]] = []
+
+    def add(self, lists: Sequence[ImageList], sort: bool) -> None:
+        """Add the images of ``lists`` not yet listed (all of them sorted by path if ``sort``)."""
+        new: dict[str, tuple[int, int]] = {}
+        for images in lists:
+            for path, pid, cam in zip(images.paths, images.pids, images.cams, strict=True):
+                if path not in self.position and path not in new:
+                    new[path] = (int(pid), int(cam))
+        for path in sorted(new) if sort else new:
+            self.position[path] = len(self.labels)
+            self.labels.append(new[path])
+
+    def index(self, images: ImageList) -> np.ndarray:
+        """Rows of ``images`` in the union, in list order."""
+        return np.asarray([self.position[path] for path in images.paths], dtype=np.int64)
+
+    def as_list(self) -> ImageList:
+        """The union as one image list."""
+        labels = np.asarray(self.labels, dtype=np.int64).reshape(-1, 2)
+        return ImageList(list(self.position), labels[:, 0], labels[:, 1], self.modality)
+
+
+def evaluate_protocols(
     model: nn.Module,
+    dataset: DataSet,
     root: str,
-    mode: str,
-    shot: int,
-    trials: Sequence[int],
+    protocols: Sequence[Protocol],
+    split: int,
+    draws: Sequence[int],
     device: torch.device,
     img_size: tuple[int, int],
     batch_size: int = 64,
     amp: str = "bf16",
-    query: Features | None = None,
-    keep: dict[str, Features] | None = None,
-) -> tuple[dict[str, Any], Features]:
-    """The SYSU-MM01 protocol over ``trials``; returns the mean result and the query features.
+    flip: bool = False,
+    keep: list[ProtocolFeatures] | None = None,
+) -> list[tuple[Protocol, dict[str, Any]]]:
+    """Score ``model`` on ``protocols`` of ``split``, each gallery drawn as ``draws`` say.
 
-    Query features are extracted once and reused for every trial (and may be passed in to be
-    reused across modes); the union of all trials' gallery images is extracted once. ``keep``,
-    when given, receives the query and the first trial's gallery features (for rank lists).
+    Returns (protocol, result) pairs. Where the data set draws its galleries at random, a result
+    is the mean and std over the draws with ``trials`` (the draws) and ``per_trial``; otherwise
+    the one gallery's numbers. Every result says whether flip averaging was used. ``keep``, when
+    given, receives each protocol's features (queries and the union of its galleries).
     """
-    if query is None:
-        paths, pids, camids = sysu_query(root, mode)
-        query = features_of(
-            model,
-            paths,
-            pids,
-            camids,
-            Modality.INFRARED,
-            device,
-            img_size,
-            batch_size,
-            amp,
-            "query",
-        )
-    draws = [sysu_gallery(root, mode, shot, trial) for trial in trials]
-    union = sorted({path for paths, _, _ in draws for path in paths})
-    position = {path: i for i, path in enumerate(union)}
-    label = {}
-    for paths, pids, camids in draws:
-        for path, pid, camid in zip(paths, pids, camids, strict=True):
-            label[path] = (pid, camid)
-    everything = features_of(
+    draws = list(draws)
+    lists = []
+    for protocol in protocols:
+        query = protocol.query(root, split)
+        lists.append((protocol, query, [protocol.gallery(root, split, draw) for draw in draws]))
+    unions: dict[Modality, _ImageUnion] = {}
+    for _, query, _ in lists:
+        unions.setdefault(query.modality, _ImageUnion(query.modality)).add([query], sort=False)
+    by_modality: dict[Modality, list[ImageList]] = {}
+    for _, _, galleries in lists:
+        for gallery in galleries:
+            by_modality.setdefault(gallery.modality, []).append(gallery)
+    for modality, galleries in by_modality.items():
+        unions.setdefault(modality, _ImageUnion(modality)).add(galleries, sort=True)
+    extracted = {
+        modality: features_of(model, union.as_list(), device, img_size, batch_size, amp, flip)
+        for modality, union in unions.items()
+    }
+
+    results = []
+    for protocol, query_list, galleries in lists:
+        query = extracted[query_list.modality].take(unions[query_list.modality].index(query_list))
+        gallery_union = unions[galleries[0].modality]
+        rows = [gallery_union.index(gallery) for gallery in galleries]
+        # The protocol's own gallery union, in extraction order.
+        union_rows = np.unique(np.concatenate(rows))
+        gallery = extracted[galleries[0].modality].take(union_rows)
+        members = [np.searchsorted(union_rows, index) for index in rows]
+        features = ProtocolFeatures(protocol, query, gallery, draws, members)
+        per_draw = []
+        bar = tqdm(draws, desc="trials", leave=False, disable=not _interactive())
+        for position, draw in enumerate(bar):
+            result = score(
+                query, features.gallery_of(position), protocol.exclusion, protocol.dedup_cmc
+            )
+            log.debug("%s %s draw %d: %s", dataset.name, protocol.name, draw, result)
+            per_draw.append(result)
+        summary: dict[str, Any]
+        if dataset.gallery_draws > 1:
+            summary = mean_std(per_draw)
+            summary["trials"] = draws
+            summary["per_trial"] = per_draw
+        else:
+            summary = dict(per_draw[0])
+        summary["flip"] = flip
+        results.append((protocol, summary))
+        if keep is not None:
+            keep.append(features)
+    return results
+
+
+def evaluate_training_run(
+    model: nn.Module,
+    args: argparse.Namespace,
+    final: bool,
+    device: torch.device,
+    img_size: tuple[int, int],
+    amp: str,
+) -> dict[str, Any]:
+    """The training-time evaluation: every draw at the end, the first one for monitoring.
+
+    Results are keyed ``<data set>_<protocol key>`` (with ``_flip`` under ``--flip``), the names
+    of the epoch records and of results.json.
+    """
+    dataset = get_dataset(args.dataset)
+    protocols = dataset.protocols(ProtocolSettings(mode=args.mode, shot=1, direction="both"))
+    draws = dataset.draws_of(None) if final else dataset.draws_of(None)[:1]
+    flip = bool(getattr(args, "flip", False))
+    results = evaluate_protocols(
         model,
-        union,
-        np.array([label[p][0] for p in union]),
-        np.array([label[p][1] for p in union]),
-        Modality.VISIBLE,
+        dataset,
+        args.data_root,
+        protocols,
+        dataset.split_of(args.trial),
+        draws,
         device,
         img_size,
-        batch_size,
+        args.test_batch,
         amp,
-        "gallery",
+        flip,
     )
-    per_trial = []
-    bar = tqdm(trials, desc="trials", leave=False, disable=not _interactive())
-    for trial, (paths, _, _) in zip(bar, draws, strict=True):
-        index = torch.tensor([position[p] for p in paths], device=everything.pool.device)
-        picked = index.cpu().numpy()
-        gallery = Features(
-            everything.pool[index],
-            everything.bnneck[index],
-            everything.pids[picked],
-            everything.camids[picked],
-            list(paths),
-        )
-        result = score(query, gallery, "sysu")
-        log.debug("trial %d: %s", trial, result)
-        per_trial.append(result)
-        if keep is not None and "gallery" not in keep:
-            keep.update(query=query, gallery=gallery)
-    summary: dict[str, Any] = mean_std(per_trial)
-    summary["trials"] = list(trials)
-    summary["per_trial"] = per_trial
-    return summary, query
-
-
-def evaluate_regdb(
-    model: nn.Module,
-    root: str,
-    trial: int,
-    direction: str,
-    device: torch.device,
-    img_size: tuple[int, int],
-    batch_size: int = 64,
-    amp: str = "bf16",
-    keep: dict[str, Features] | None = None,
-) -> dict[str, Any]:
-    """RegDB test split of ``trial``: ``direction`` is "v2i", "i2v" or "both".
-
-    ``keep``, when given, receives the "visible" and "infrared" features.
-    """
-    sets = {}
-    for modality in (Modality.VISIBLE, Modality.INFRARED):
-        paths, pids = regdb_test(root, trial, modality)
-        sets[modality] = features_of(
-            model,
-            paths,
-            pids,
-            None,
-            modality,
-            device,
-            img_size,
-            batch_size,
-            amp,
-            modality.name.lower(),
-        )
-    if keep is not None:
-        keep.update(visible=sets[Modality.VISIBLE], infrared=sets[Modality.INFRARED])
-    results: dict[str, Any] = {}
-    if direction in ("v2i", "both"):
-        results["v2i"] = score(sets[Modality.VISIBLE], sets[Modality.INFRARED], "regdb")
-    if direction in ("i2v", "both"):
-        results["i2v"] = score(sets[Modality.INFRARED], sets[Modality.VISIBLE], "regdb")
-    return results
+    suffix = "_flip" if flip else ""
+    return {dataset.record_key(protocol) + suffix: result for protocol, result in results}
 
 
 def format_table(rows: Sequence[tuple[str, dict[str, float]]], title: str = "") -> str:

@@ -1,16 +1,18 @@
-"""Re-identification metrics: CMC, mAP and mINP under the SYSU-MM01 and RegDB protocols.
+"""Re-identification metrics: CMC, mAP and mINP under a protocol's exclusion rule.
 
-Both protocols rank the gallery by ascending distance with ties broken by gallery index (a stable
-sort). SYSU-MM01 adds two rules: a query from camera 3 ignores gallery images from camera 2 (same
-location), and its CMC is identity-deduplicated (only the first image of each identity in the
-ranked gallery counts). RegDB uses the standard CMC (position of the first correct match). In both,
-mAP is the usual mean average precision over every kept gallery image, mINP the mean of
-(number of positives) / (position of the last positive), and queries whose identity has no kept
-gallery image are skipped.
+Every protocol ranks the gallery by ascending distance with ties broken by gallery index (a
+stable sort), after removing the gallery images its exclusion rule (``data.ExclusionRule``) makes
+a query ignore: SYSU-MM01 removes camera-2 images from camera-3 queries (same location), LLCM the
+images of the query's identity taken by the query's camera. SYSU-MM01 and LLCM use the
+identity-deduplicated CMC (only the first image of each identity in the ranked gallery counts),
+RegDB the standard CMC (position of the first correct match). In all, mAP is the usual mean
+average precision over every kept gallery image, mINP the mean of (number of positives) /
+(position of the last positive), and queries whose identity has no kept gallery image are skipped.
 
-``eval_sysu`` and ``eval_regdb`` are vectorised over queries; ``eval_sysu_loop`` and
-``eval_regdb_loop`` are per-query reference implementations of the same definitions, kept for tests
-and as the benchmark baseline.
+``eval_ranking`` is vectorised over queries and takes the rule as data; ``eval_sysu``,
+``eval_regdb`` and ``eval_llcm`` fix the rule of their data set. ``eval_ranking_loop`` and its
+``*_loop`` wrappers are per-query reference implementations of the same definitions, kept for
+tests and as the benchmark baseline.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from data.dataset import NO_EXCLUSION, ExclusionRule
+from data.sysu import SAME_LOCATION
+
 logger = logging.getLogger(__name__)
 
-# SYSU-MM01 camera numbers behind the "same location" rule.
-SYSU_INDOOR_INFRARED_CAM = 3
-SYSU_INDOOR_VISIBLE_CAM = 2
+# LLCM shares camera numbers across modalities: a query ignores its own identity seen by its own
+# camera number.
+SAME_IDENTITY_AND_CAMERA = ExclusionRule(same_identity_same_camera=True)
 
 
 def _as_numpy(array: Any) -> np.ndarray:
@@ -54,6 +59,21 @@ def _check_inputs(
     if dist.shape[1] == 0:
         raise ValueError("the gallery is empty; nothing to evaluate")
     return dist, q, g
+
+
+def _check_cameras(
+    exclusion: ExclusionRule, q_camids: Any, g_camids: Any, num_query: int, num_gallery: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Camera numbers as int64 arrays (zeros when the rule needs none and none are given)."""
+    if q_camids is None or g_camids is None:
+        if exclusion.needs_cameras:
+            raise ValueError("this exclusion rule needs query and gallery camera ids")
+        return np.zeros(num_query, dtype=np.int64), np.zeros(num_gallery, dtype=np.int64)
+    q_cams = _as_numpy(q_camids).reshape(-1).astype(np.int64)
+    g_cams = _as_numpy(g_camids).reshape(-1).astype(np.int64)
+    if q_cams.size != num_query or g_cams.size != num_gallery:
+        raise ValueError("camera ids must match the query and gallery identities in length")
+    return q_cams, g_cams
 
 
 def _reject_undefined(dist: np.ndarray) -> None:
@@ -88,6 +108,41 @@ def _ap_inp(matches: np.ndarray) -> tuple[float, float]:
     return ap, inp
 
 
+def eval_ranking_loop(
+    distmat: Any,
+    q_pids: Any,
+    g_pids: Any,
+    q_camids: Any = None,
+    g_camids: Any = None,
+    exclusion: ExclusionRule = NO_EXCLUSION,
+    dedup_cmc: bool = False,
+    max_rank: int = 20,
+) -> tuple[np.ndarray, float, float]:
+    """(cmc, mAP, mINP) computed one query at a time; the reference for eval_ranking."""
+    dist, q_pids, g_pids = _check_inputs(distmat, q_pids, g_pids)
+    _reject_undefined(dist)
+    q_cams, g_cams = _check_cameras(exclusion, q_camids, g_camids, q_pids.size, g_pids.size)
+    ranks, aps, inps = [], [], []
+    for i in range(dist.shape[0]):
+        order = np.argsort(dist[i], kind="stable")
+        ignored = exclusion.ignored(q_pids[i], q_cams[i], g_pids[order], g_cams[order])
+        ranked_pids = g_pids[order[~ignored]]
+        matches = ranked_pids == q_pids[i]
+        if not matches.any():
+            continue
+        if dedup_cmc:
+            # np.unique gives each identity's first index; sorting those restores the order.
+            _, first_index = np.unique(ranked_pids, return_index=True)
+            distinct_pids = ranked_pids[np.sort(first_index)]
+            ranks.append(int(np.flatnonzero(distinct_pids == q_pids[i])[0]))
+        else:
+            ranks.append(int(np.flatnonzero(matches)[0]))
+        ap, inp = _ap_inp(matches)
+        aps.append(ap)
+        inps.append(inp)
+    return _finish(np.asarray(ranks, dtype=np.int64), np.asarray(aps), np.asarray(inps), max_rank)
+
+
 def eval_sysu_loop(
     distmat: Any,
     q_pids: Any,
@@ -97,47 +152,30 @@ def eval_sysu_loop(
     max_rank: int = 20,
 ) -> tuple[np.ndarray, float, float]:
     """SYSU-MM01 (cmc, mAP, mINP) computed one query at a time; the reference for eval_sysu."""
-    dist, q_pids, g_pids = _check_inputs(distmat, q_pids, g_pids)
-    _reject_undefined(dist)
-    q_camids = _as_numpy(q_camids).reshape(-1)
-    g_camids = _as_numpy(g_camids).reshape(-1)
-    ranks, aps, inps = [], [], []
-    for i in range(dist.shape[0]):
-        order = np.argsort(dist[i], kind="stable")
-        ignored = (q_camids[i] == SYSU_INDOOR_INFRARED_CAM) & (
-            g_camids[order] == SYSU_INDOOR_VISIBLE_CAM
-        )
-        ranked_pids = g_pids[order[~ignored]]
-        matches = ranked_pids == q_pids[i]
-        if not matches.any():
-            continue
-        # np.unique gives each identity's first index; sorting those restores the ranked order.
-        _, first_index = np.unique(ranked_pids, return_index=True)
-        distinct_pids = ranked_pids[np.sort(first_index)]
-        ranks.append(int(np.flatnonzero(distinct_pids == q_pids[i])[0]))
-        ap, inp = _ap_inp(matches)
-        aps.append(ap)
-        inps.append(inp)
-    return _finish(np.asarray(ranks, dtype=np.int64), np.asarray(aps), np.asarray(inps), max_rank)
+    return eval_ranking_loop(
+        distmat, q_pids, g_pids, q_camids, g_camids, SAME_LOCATION, True, max_rank
+    )
+
+
+def eval_llcm_loop(
+    distmat: Any,
+    q_pids: Any,
+    g_pids: Any,
+    q_camids: Any,
+    g_camids: Any,
+    max_rank: int = 20,
+) -> tuple[np.ndarray, float, float]:
+    """LLCM (cmc, mAP, mINP) computed one query at a time; the reference for eval_llcm."""
+    return eval_ranking_loop(
+        distmat, q_pids, g_pids, q_camids, g_camids, SAME_IDENTITY_AND_CAMERA, True, max_rank
+    )
 
 
 def eval_regdb_loop(
     distmat: Any, q_pids: Any, g_pids: Any, max_rank: int = 20
 ) -> tuple[np.ndarray, float, float]:
     """RegDB (cmc, mAP, mINP) computed one query at a time; the reference for eval_regdb."""
-    dist, q_pids, g_pids = _check_inputs(distmat, q_pids, g_pids)
-    _reject_undefined(dist)
-    ranks, aps, inps = [], [], []
-    for i in range(dist.shape[0]):
-        order = np.argsort(dist[i], kind="stable")
-        matches = g_pids[order] == q_pids[i]
-        if not matches.any():
-            continue
-        ranks.append(int(np.flatnonzero(matches)[0]))
-        ap, inp = _ap_inp(matches)
-        aps.append(ap)
-        inps.append(inp)
-    return _finish(np.asarray(ranks, dtype=np.int64), np.asarray(aps), np.asarray(inps), max_rank)
+    return eval_ranking_loop(distmat, q_pids, g_pids, max_rank=max_rank)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +190,51 @@ def eval_regdb_loop(
 # few images that share a bucket with a positive are ordered exactly (small stable sorts). The
 # deduplicated rank is the number of distinct identities among the kept images ranked before the
 # first positive, found the same way. Everything runs on chunks of query rows to bound memory.
+#
+# Ignored images are moved to an overflow bucket past every positive, so they never count. The
+# camera-pair part of a rule is applied per query camera (a handful of values) to whole column
+# sets; the same-identity-same-camera part can only hit the query's own identity, whose columns
+# the positives block already holds.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Exclusion:
+    """An exclusion rule prepared for one problem: camera codes and per-code ignored columns."""
+
+    query_code: np.ndarray  # camera code of each query
+    query_cam: np.ndarray  # camera number of each query
+    gallery_code: np.ndarray  # camera code of each gallery column
+    gallery_cam: np.ndarray
+    table: np.ndarray  # (codes, codes): a query of code a ignores gallery images of code b
+    ignored_columns: tuple[np.ndarray, ...]  # per query code, the gallery columns it ignores
+    same_camera: bool  # same identity and same camera ignored
+
+    @property
+    def active(self) -> bool:
+        """Whether any gallery image may be ignored."""
+        return self.same_camera or any(cols.size for cols in self.ignored_columns)
+
+    @classmethod
+    def of(cls, rule: ExclusionRule, q_cams: np.ndarray, g_cams: np.ndarray) -> _Exclusion:
+        """Prepare ``rule`` for queries from ``q_cams`` against a gallery from ``g_cams``."""
+        cameras, codes = np.unique(np.concatenate([q_cams, g_cams]), return_inverse=True)
+        codes = codes.reshape(-1)
+        query_code, gallery_code = codes[: q_cams.size], codes[q_cams.size :]
+        table = np.zeros((max(cameras.size, 1),) * 2, dtype=bool)
+        position = {int(cam): code for code, cam in enumerate(cameras)}
+        for query_cam, gallery_cam in rule.ignored_camera_pairs:
+            if query_cam in position and gallery_cam in position:
+                table[position[query_cam], position[gallery_cam]] = True
+        ignored_columns = tuple(np.flatnonzero(row[gallery_code]) for row in table)
+        return cls(
+            query_code,
+            q_cams,
+            gallery_code,
+            g_cams,
+            table,
+            ignored_columns,
+            rule.same_identity_same_camera,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,15 +326,17 @@ def _bucket_order(
 
 def _rank_chunk(
     dist: np.ndarray,
+    rows: slice,
     query_identity: np.ndarray,
     present: np.ndarray,
-    ignore_rows: np.ndarray,
-    ignored_column: np.ndarray,
+    exclusion: _Exclusion,
     gallery: _Gallery,
     dedup: bool,
     work: _Workspace,
 ) -> _QueryResults:
-    """Rank one chunk of query rows against the whole gallery (``dist`` is not modified)."""
+    """Rank the query rows ``rows`` against the whole gallery (``dist`` is not modified)."""
+    dist, query_identity, present = dist[rows], query_identity[rows], present[rows]
+    query_code, query_cam = exclusion.query_code[rows], exclusion.query_cam[rows]
     num_rows, num_columns = dist.shape
     num_buckets = num_columns  # about one image per bucket
     row_index = np.arange(num_rows)
@@ -259,7 +344,14 @@ def _rank_chunk(
     # Positives: kept gallery images of the query identity, gathered as a small (rows, k) block.
     columns = gallery.members[query_identity]
     in_block = np.arange(columns.shape[1])[None, :] < gallery.counts[query_identity][:, None]
-    is_positive = in_block & ~(ignore_rows[:, None] & ignored_column[columns]) & present[:, None]
+    in_block &= present[:, None]
+    hidden = np.zeros(columns.shape, dtype=bool)  # positives the rule removes
+    if exclusion.active:
+        hidden = exclusion.table[query_code[:, None], exclusion.gallery_code[columns]]
+        if exclusion.same_camera:
+            hidden |= exclusion.gallery_cam[columns] == query_cam[:, None]
+        hidden &= in_block
+    is_positive = in_block & ~hidden
     num_positive = is_positive.sum(axis=1)
     valid = num_positive > 0
     positive_dist = dist[row_index[:, None], columns]
@@ -295,11 +387,14 @@ def _rank_chunk(
     )
     bucket = work.bucket[:num_rows]
     np.copyto(bucket, scaled, casting="unsafe")  # truncation is floor: values are >= 0
-    masked_rows = np.flatnonzero(ignore_rows)
-    ignore_columns = np.flatnonzero(ignored_column)
-    if masked_rows.size and ignore_columns.size:
-        overflow_id = row_start[masked_rows] + overflow
-        bucket[masked_rows[:, None], ignore_columns[None, :]] = overflow_id[:, None]
+    for code, ignored in enumerate(exclusion.ignored_columns):
+        masked_rows = np.flatnonzero(query_code == code) if ignored.size else ignored
+        if masked_rows.size:
+            overflow_id = row_start[masked_rows] + overflow
+            bucket[masked_rows[:, None], ignored[None, :]] = overflow_id[:, None]
+    if exclusion.same_camera:
+        hidden_row, hidden_slot = np.nonzero(hidden)
+        bucket[hidden_row, columns[hidden_row, hidden_slot]] = row_start[hidden_row] + overflow
 
     histogram = np.bincount(bucket.ravel(), minlength=num_rows * buckets_per_row)
     before = work.before[: histogram.size]
@@ -334,12 +429,14 @@ def _rank_chunk(
         cand_bucket, cand_col, dist[cand_row, cand_col], histogram.size, num_columns
     )
     cand_row, cand_col, cand_bucket = cand_row[order], cand_col[order], cand_bucket[order]
-    cand_kept = ~(ignore_rows[cand_row] & ignored_column[cand_col])
-    cand_is_positive = (
-        (gallery.column_identity[cand_col] == query_identity[cand_row])
-        & present[cand_row]
-        & cand_kept
-    )
+    cand_own = (gallery.column_identity[cand_col] == query_identity[cand_row]) & present[cand_row]
+    cand_kept = np.ones(cand_col.size, dtype=bool)
+    if exclusion.active:
+        cand_kept = ~exclusion.table[query_code[cand_row], exclusion.gallery_code[cand_col]]
+        if exclusion.same_camera:
+            same_camera = exclusion.gallery_cam[cand_col] == query_cam[cand_row]
+            cand_kept &= ~(cand_own & same_camera)
+    cand_is_positive = cand_own & cand_kept
     # Kept candidates ahead of each candidate inside its own bucket.
     sequence = np.arange(cand_bucket.size)
     new_bucket = np.ones(cand_bucket.size, dtype=bool)
@@ -387,8 +484,7 @@ def _rank_queries(
     dist: np.ndarray,
     q_pids: np.ndarray,
     g_pids: np.ndarray,
-    ignore_rows: np.ndarray,
-    ignore_gallery: np.ndarray,
+    exclusion: _Exclusion,
     dedup: bool,
     chunk_elements: int = 1 << 18,
 ) -> _QueryResults:
@@ -402,11 +498,11 @@ def _rank_queries(
     work = _Workspace.of(chunk, num_gallery, dist.dtype)
     parts = [
         _rank_chunk(
-            dist[start : start + chunk],
-            identity[start : start + chunk],
-            present[start : start + chunk],
-            ignore_rows[start : start + chunk],
-            ignore_gallery,
+            dist,
+            slice(start, start + chunk),
+            identity,
+            present,
+            exclusion,
             gallery,
             dedup,
             work,
@@ -421,6 +517,30 @@ def _rank_queries(
     )
 
 
+def eval_ranking(
+    distmat: Any,
+    q_pids: Any,
+    g_pids: Any,
+    q_camids: Any = None,
+    g_camids: Any = None,
+    exclusion: ExclusionRule = NO_EXCLUSION,
+    dedup_cmc: bool = False,
+    max_rank: int = 20,
+) -> tuple[np.ndarray, float, float]:
+    """(cmc, mAP, mINP) with ``exclusion``'s ignored images removed from each query's ranking.
+
+    ``dedup_cmc``: the CMC counts distinct identities (the SYSU-MM01 authors' rule); otherwise it
+    is the position of the first correct match. Camera ids are needed when the rule reads them.
+    """
+    dist, q_pids, g_pids = _check_inputs(distmat, q_pids, g_pids)
+    q_cams, g_cams = _check_cameras(exclusion, q_camids, g_camids, q_pids.size, g_pids.size)
+    prepared = _Exclusion.of(exclusion, q_cams, g_cams)
+    result = _rank_queries(dist, q_pids, g_pids, prepared, dedup=dedup_cmc)
+    valid = result.valid
+    ranks = result.dedup_rank if dedup_cmc else result.first_rank
+    return _finish(ranks[valid], result.ap[valid], result.inp[valid], max_rank)
+
+
 def eval_sysu(
     distmat: Any,
     q_pids: Any,
@@ -430,38 +550,28 @@ def eval_sysu(
     max_rank: int = 20,
 ) -> tuple[np.ndarray, float, float]:
     """SYSU-MM01 (cmc, mAP, mINP): cam3 queries ignore cam2, identity-deduplicated CMC."""
-    dist, q_pids, g_pids = _check_inputs(distmat, q_pids, g_pids)
-    q_camids = _as_numpy(q_camids).reshape(-1)
-    g_camids = _as_numpy(g_camids).reshape(-1)
-    if q_camids.size != q_pids.size or g_camids.size != g_pids.size:
-        raise ValueError("camera ids must match the query and gallery identities in length")
-    result = _rank_queries(
-        dist,
-        q_pids,
-        g_pids,
-        q_camids == SYSU_INDOOR_INFRARED_CAM,
-        g_camids == SYSU_INDOOR_VISIBLE_CAM,
-        dedup=True,
+    return eval_ranking(distmat, q_pids, g_pids, q_camids, g_camids, SAME_LOCATION, True, max_rank)
+
+
+def eval_llcm(
+    distmat: Any,
+    q_pids: Any,
+    g_pids: Any,
+    q_camids: Any,
+    g_camids: Any,
+    max_rank: int = 20,
+) -> tuple[np.ndarray, float, float]:
+    """LLCM (cmc, mAP, mINP): a query ignores its identity in its camera; deduplicated CMC."""
+    return eval_ranking(
+        distmat, q_pids, g_pids, q_camids, g_camids, SAME_IDENTITY_AND_CAMERA, True, max_rank
     )
-    valid = result.valid
-    return _finish(result.dedup_rank[valid], result.ap[valid], result.inp[valid], max_rank)
 
 
 def eval_regdb(
     distmat: Any, q_pids: Any, g_pids: Any, max_rank: int = 20
 ) -> tuple[np.ndarray, float, float]:
     """RegDB (cmc, mAP, mINP) with the standard CMC (position of the first correct match)."""
-    dist, q_pids, g_pids = _check_inputs(distmat, q_pids, g_pids)
-    result = _rank_queries(
-        dist,
-        q_pids,
-        g_pids,
-        np.zeros(q_pids.size, dtype=bool),
-        np.zeros(g_pids.size, dtype=bool),
-        dedup=False,
-    )
-    valid = result.valid
-    return _finish(result.first_rank[valid], result.ap[valid], result.inp[valid], max_rank)
+    return eval_ranking(distmat, q_pids, g_pids, max_rank=max_rank)
 
 
 def pairwise_distance(query_feats: Any, gallery_feats: Any, normalize: bool = True) -> np.ndarray:

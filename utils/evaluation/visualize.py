@@ -3,7 +3,7 @@
 Each gallery thumbnail gets a green frame when it shows the query's identity and a red one when it
 does not, with its modality, identity, camera (when known) and rank written underneath. Ranking is
 the evaluation's (``pairwise_distance`` on one feature kind, ties broken by gallery order), with
-the SYSU-MM01 same-location rule available.
+the protocol's exclusion rule applied when given.
 """
 
 from __future__ import annotations
@@ -18,13 +18,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
+from data.dataset import ExclusionRule
 from utils.base.errors import UserError
 from utils.evaluation.evaluate import FEATURES, Features
-from utils.evaluation.metrics import (
-    SYSU_INDOOR_INFRARED_CAM,
-    SYSU_INDOOR_VISIBLE_CAM,
-    pairwise_distance,
-)
+from utils.evaluation.metrics import pairwise_distance
 from utils.plot import font, text_size
 
 log = logging.getLogger(__name__)
@@ -78,17 +75,22 @@ def rank_gallery(
     distances: np.ndarray,
     query_camid: int | None = None,
     gallery_camids: np.ndarray | None = None,
-    ignore_same_location: bool = False,
+    exclusion: ExclusionRule | None = None,
+    query_pid: int | None = None,
+    gallery_pids: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Gallery indices by ascending distance (stable); optionally the SYSU cam3/cam2 rule."""
+    """Gallery indices by ascending distance (stable), without those ``exclusion`` ignores."""
     order = np.argsort(np.asarray(distances), kind="stable")
-    if not ignore_same_location:
+    if exclusion is None or not exclusion.needs_cameras:
         return order
     if query_camid is None or gallery_camids is None:
-        raise UserError("ignoring same-location images needs camera ids for query and gallery")
-    if int(query_camid) != SYSU_INDOOR_INFRARED_CAM:
-        return order
-    return order[np.asarray(gallery_camids)[order] != SYSU_INDOOR_VISIBLE_CAM]
+        raise UserError("the exclusion rule needs camera ids for query and gallery")
+    if exclusion.same_identity_same_camera and (query_pid is None or gallery_pids is None):
+        raise UserError("the exclusion rule needs identities for query and gallery")
+    g_pids = np.asarray(gallery_pids) if gallery_pids is not None else np.zeros(order.size)
+    pid = -1 if query_pid is None else int(query_pid)
+    ignored = exclusion.ignored(pid, int(query_camid), g_pids, np.asarray(gallery_camids))
+    return order[~ignored[order]]
 
 
 def _thumbnail(path: str, size: tuple[int, int]) -> Image.Image:
@@ -169,7 +171,7 @@ def save_rank_lists(
     gallery_label: str = "visible",
     kind: str = "bnneck",
     top: int = 10,
-    ignore_same_location: bool = False,
+    exclusion: ExclusionRule | None = None,
 ) -> list[Path]:
     """Write one rank-list PNG for each of ``k`` queries spread evenly over the query set."""
     if k < 0:
@@ -191,11 +193,18 @@ def save_rank_lists(
         return []
     rows = torch.as_tensor(indices, dtype=torch.long, device=query.get(kind).device)
     distmat = pairwise_distance(query.get(kind)[rows], gallery.get(kind))
-    rule = ", camera 2 ignored for camera-3 queries" if ignore_same_location else ""
+    rule = f", {exclusion.describe()}" if exclusion is not None and exclusion.needs_cameras else ""
     written = []
     for row, index in enumerate(indices):
         camid = None if query.camids is None else int(query.camids[index])
-        order = rank_gallery(distmat[row], camid, gallery.camids, ignore_same_location)
+        order = rank_gallery(
+            distmat[row],
+            camid,
+            gallery.camids,
+            exclusion,
+            int(query.pids[index]),
+            gallery.pids,
+        )
         title = (
             f"query {index} ({query_label}, id {int(query.pids[index])}) against the "
             f"{gallery_label} gallery: {kind} features{rule}"
