@@ -20,9 +20,9 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from data.dataset import ExclusionRule
 from utils.base.errors import UserError
+from utils.evaluation.draw import font, text_size
 from utils.evaluation.evaluate import FEATURES, Features
 from utils.evaluation.metrics import pairwise_distance
-from utils.plot import font, text_size
 
 log = logging.getLogger(__name__)
 
