@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from data import ProtocolSettings, get_dataset
-from model import CMNASNet, build_model, load_arch, load_checkpoint, read_checkpoint
-from model.arch import Arch, arch_from_dict
+from model import CMNASNet, read_checkpoint
+from model.restore import model_from_checkpoint
 from model.weights import is_authors_checkpoint
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
@@ -128,15 +128,6 @@ def check_output_file(path: str, flag: str) -> None:
         raise UserError(f"{flag} {out}: not writable")
 
 
-def _slot_difference(given: Arch, stored: Arch) -> str:
-    """The slots where two architectures differ, for error messages."""
-    if given.depth != stored.depth:
-        return f"ResNet-{given.depth} vs ResNet-{stored.depth}"
-    differ = [name for name in stored.slots if given.slots[name] != stored.slots[name]]
-    shown = ", ".join(f"{n} ({given.slots[n]} vs {stored.slots[n]})" for n in differ[:4])
-    return f"{len(differ)} slot(s): {shown}{', ...' if len(differ) > 4 else ''}"
-
-
 def resolve_options(args: argparse.Namespace, checkpoint: dict[str, Any]) -> None:
     """Fill image size and split (``--trial``) from the checkpoint's training options."""
     trained = checkpoint.get("args") if not is_authors_checkpoint(checkpoint) else None
@@ -161,49 +152,6 @@ def resolve_options(args: argparse.Namespace, checkpoint: dict[str, Any]) -> Non
             trained_split,
             args.trial,
         )
-
-
-def build_from_checkpoint(
-    args: argparse.Namespace, checkpoint: dict[str, Any] | None = None
-) -> tuple[CMNASNet, dict[str, Any]]:
-    """Rebuild the network a checkpoint was trained with and load its weights."""
-    if checkpoint is None:
-        checkpoint = read_checkpoint(args.weights)
-    if is_authors_checkpoint(checkpoint):
-        if not args.config_path:
-            raise UserError(
-                f"--weights {args.weights}: an authors' checkpoint needs "
-                "--config_path (their config.cfg)"
-            )
-        arch = load_arch(args.config_path)
-        classifier = checkpoint["model"].get("module.classifier.weight")
-        if not isinstance(classifier, torch.Tensor) or classifier.dim() != 2:
-            raise UserError(f"--weights {args.weights}: no module.classifier.weight matrix")
-        num_classes, last_stride = int(classifier.shape[0]), args.last_stride or 1
-    else:
-        if isinstance(checkpoint.get("search"), dict):
-            raise UserError(
-                f"--weights {args.weights}: a search checkpoint (a supernet); train its "
-                "arch.json with train.py and test that checkpoint"
-            )
-        for key in ("arch", "num_classes"):
-            if key not in checkpoint:
-                raise UserError(f"--weights {args.weights}: checkpoint has no '{key}' entry")
-        arch = arch_from_dict(checkpoint["arch"], f"{args.weights} (architecture)")
-        if args.config_path:
-            given = load_arch(args.config_path)
-            if given.slots != arch.slots:
-                raise UserError(
-                    f"--config_path {args.config_path} differs from the architecture stored in "
-                    f"{args.weights} in {_slot_difference(given, arch)} (config vs checkpoint); "
-                    "leave --config_path out for this project's checkpoints"
-                )
-        num_classes = int(checkpoint["num_classes"])
-        last_stride = args.last_stride or int(checkpoint.get("last_stride", 1))
-    model = build_model(arch, num_classes, last_stride)
-    load_checkpoint(model, checkpoint, ema=args.ema, source=args.weights)
-    log.info("model: %s, %d classes, last stride %d", arch.summary(), num_classes, last_stride)
-    return model, checkpoint
 
 
 def run_tests(
@@ -321,7 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoint = read_checkpoint(args.weights)
     resolve_options(args, checkpoint)
     check_data_root(args, parts=("test",))
-    model, _ = build_from_checkpoint(args, checkpoint)
+    model = model_from_checkpoint(
+        args.weights, checkpoint, args.config_path, args.last_stride, args.ema
+    ).model
     model.to(device).eval()
     kept: list[Any] | None = [] if args.visualize or args.save_features else None
     results, rows = run_tests(args, model, device, kept)
