@@ -3,15 +3,18 @@
     python test.py --dataset sysu --data_root DATA/SYSU-MM01 --weights runs/x/checkpoint_latest.pth
     python test.py --dataset regdb --data_root DATA/RegDB --trial 3 --weights ckpt.pth.tar \
         --config_path config.cfg --ema
+    python test.py --dataset llcm --data_root DATA/LLCM --weights runs/y/checkpoint_latest.pth
 
 This project's checkpoints carry their architecture, class count, image size and RegDB trial, so
 ``--weights`` alone rebuilds the network; the authors' need their ``config.cfg``.
-SYSU: all 10 gallery draws in one run (query features extracted once), or ``--trial k``.
-RegDB: both directions of the split ``--trial`` (default: the checkpoint's).
+SYSU and LLCM: all 10 gallery draws in one run (query features extracted once), or
+``--trial k``; LLCM in both directions. RegDB: both directions of the split ``--trial`` (default:
+the checkpoint's). ``--rerank`` re-ranks each draw; its results and tables say so.
 
 ``--save_features FILE`` writes one ``.npz`` (read with ``np.load(FILE, allow_pickle=False)``):
 ``protocols`` (the protocol keys, e.g. ``all`` or ``v2i``/``i2v``), ``flip``, ``trials`` (the
-gallery draws), and for each protocol key P: ``P_query_*`` and ``P_gallery_*`` with ``pool`` and
+gallery draws), and for each protocol key P: ``P_swap_roles`` (True where each gallery image
+ranks the queries), ``P_query_*`` and ``P_gallery_*`` with ``pool`` and
 ``bnneck`` (L2-normalised float32 features), ``pids``, ``cams``, ``modality`` and ``paths``
 (unicode strings). The gallery is the union of all draws' galleries; ``P_gallery_trials`` is the
 (draws, gallery images) boolean mask of the images each draw holds.
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 
 from data import ProtocolSettings, get_dataset
+from data.dataset import V2I_ROLES
 from model import CMNASNet, read_checkpoint
 from model.restore import model_from_checkpoint
 from model.weights import is_authors_checkpoint
@@ -86,7 +90,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--direction",
         choices=("both", "v2i", "i2v"),
         default="both",
-        help="RegDB query -> gallery direction(s)",
+        help="RegDB and LLCM query -> gallery direction(s)",
+    )
+    parser.add_argument(
+        "--v2i_roles",
+        choices=V2I_ROLES,
+        default="defined",
+        help="LLCM visible-to-infrared: 'defined' ranks the drawn infrared gallery for every "
+        "visible query; 'swapped' instead lets each drawn infrared image rank all visible "
+        "images, as a widely copied test script does (reported as 'v2i roles-swapped'); "
+        "'both' reports the two",
     )
     parser.add_argument(
         "--tvsearch",
@@ -128,6 +141,19 @@ def check_output_file(path: str, flag: str) -> None:
         raise UserError(f"{flag} {out}: not writable")
 
 
+def protocol_settings(args: argparse.Namespace) -> ProtocolSettings:
+    """The protocol options; a --v2i_roles variant the data set does not have is an error."""
+    direction = "i2v" if args.tvsearch else args.direction
+    settings = ProtocolSettings(args.mode, args.shot, direction, args.v2i_roles)
+    dataset = get_dataset(args.dataset)
+    protocols = dataset.protocols(settings)
+    if args.v2i_roles != "defined" and not any(p.swap_roles for p in protocols):
+        raise UserError(
+            f"--v2i_roles {args.v2i_roles}: {dataset.title} has no swapped-roles protocol"
+        )
+    return settings
+
+
 def resolve_options(args: argparse.Namespace, checkpoint: dict[str, Any]) -> None:
     """Fill image size and split (``--trial``) from the checkpoint's training options."""
     trained = checkpoint.get("args") if not is_authors_checkpoint(checkpoint) else None
@@ -164,11 +190,10 @@ def run_tests(
 
     ``keep``, when given, receives each protocol's features (``ProtocolFeatures``).
     """
-    from utils.evaluation.evaluate import FEATURES, evaluate_protocols
+    from utils.evaluation.evaluate import FEATURES, evaluate_protocols, rerank_settings
 
     dataset = get_dataset(args.dataset)
-    direction = "i2v" if args.tvsearch else args.direction
-    protocols = dataset.protocols(ProtocolSettings(args.mode, args.shot, direction))
+    protocols = dataset.protocols(protocol_settings(args))
     split = dataset.split_of(args.trial)
     evaluated = evaluate_protocols(
         model,
@@ -183,6 +208,7 @@ def run_tests(
         args.amp if device.type == "cuda" else "none",
         args.flip,
         keep,
+        rerank_settings(args),
     )
     results = {dataset.result_name(protocol, split): result for protocol, result in evaluated}
     rows = [
@@ -199,13 +225,16 @@ def write_rank_lists(args: argparse.Namespace, kept: list[Any]) -> None:
     root = Path(args.save_json).parent if args.save_json else Path(".")
     for features in kept:
         protocol = features.protocol
+        query, gallery = features.query, features.gallery_of(0)
+        if protocol.swap_roles:
+            query, gallery = gallery, query
         save_rank_lists(
-            features.query,
-            features.gallery_of(0),
+            query,
+            gallery,
             root / "rank_lists" / dataset.rank_list_folder(protocol),
             args.visualize,
-            query_label=features.query.modality.name.lower(),
-            gallery_label=features.gallery.modality.name.lower(),
+            query_label=query.modality.name.lower(),
+            gallery_label=gallery.modality.name.lower(),
             exclusion=protocol.exclusion,
         )
 
@@ -233,6 +262,7 @@ def feature_arrays(kept: list[Any], flip: bool) -> dict[str, np.ndarray]:
             )
             arrays[prefix + "paths"] = np.asarray(part.paths, dtype=np.str_).reshape(-1)
         arrays[f"{key}_gallery_trials"] = features.membership()
+        arrays[f"{key}_swap_roles"] = np.asarray(features.protocol.swap_roles)
     return arrays
 
 
@@ -259,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     check_common(args)
     get_dataset(args.dataset).check_trial(args.trial, testing=True)
+    protocol_settings(args)
     if args.visualize < 0:
         raise UserError(f"--visualize {args.visualize}: expected a number of queries >= 0")
     if args.save_json:
@@ -279,10 +310,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("results:\n%s", table)
     sys.stdout.write(table + "\n")
     if args.save_json:
+        from utils.evaluation.evaluate import rerank_settings
+
+        rerank = rerank_settings(args)
         payload = {
             "weights": args.weights,
             "ema": args.ema,
             "flip": args.flip,
+            "rerank": rerank.as_dict() if rerank is not None else False,
             "dataset": args.dataset,
             "img_size": [args.img_h, args.img_w],
             "results": results,
@@ -298,10 +333,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def format_results(rows: list[tuple[str, dict[str, float]]], args: argparse.Namespace) -> str:
-    """The printed table, titled with the weights it scored and how (EMA, flip averaging)."""
-    from utils.evaluation.evaluate import format_table
+    """The printed table, titled with the weights it scored and how (EMA, flip, re-ranking)."""
+    from utils.evaluation.evaluate import format_table, rerank_settings
 
+    rerank = rerank_settings(args)
     marks = (" (EMA)" if args.ema else "") + (" (flip)" if args.flip else "")
+    marks += f" ({rerank.describe()})" if rerank is not None else ""
     return format_table(rows, title=f"{args.weights}{marks}")
 
 

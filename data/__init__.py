@@ -1,4 +1,4 @@
-"""Data sets (SYSU-MM01, RegDB) behind one interface, the cross-modality sampler and the
+"""Data sets (SYSU-MM01, RegDB, LLCM) behind one interface, the cross-modality sampler and the
 augmentation; no models."""
 
 from data.dataset import (
@@ -11,6 +11,7 @@ from data.dataset import (
     TrainFiles,
 )
 from data.images import load_images
+from data.llcm import llcm_gallery, llcm_query
 from data.regdb import regdb_test
 from data.registry import dataset_names, get_dataset
 from data.sampler import CrossModalitySampler
@@ -31,6 +32,8 @@ __all__ = [
     "augment_batch",
     "dataset_names",
     "get_dataset",
+    "llcm_gallery",
+    "llcm_query",
     "load_images",
     "load_train_set",
     "normalize",

@@ -24,7 +24,8 @@ logs), ``short_title`` (in short messages), ``ema_decay`` (the default ``--ema_d
     The test protocols that :class:`ProtocolSettings` select (options a data set does not have are
     ignored), as :class:`Protocol` values: a name, a short key, ``query(root, split)`` and
     ``gallery(root, split, draw)`` returning :class:`ImageList` (paths, int64 identities and
-    cameras, one modality), the :class:`ExclusionRule` and the kind of CMC. Lists must be
+    cameras, one modality), the :class:`ExclusionRule`, the kind of CMC and whether the roles are
+    swapped in scoring (each drawn gallery image ranking the queries). Lists must be
     deterministic: the same (split, draw) always gives the same images in the same order.
 ``test_images(root, split)``
     Every image any protocol of ``split`` may read, as :class:`ListedImage` values (with the index
@@ -164,6 +165,14 @@ class Protocol:
     gallery: Callable[[str, int, int], ImageList]
     exclusion: ExclusionRule = NO_EXCLUSION
     dedup_cmc: bool = False  # CMC over distinct identities (the SYSU-MM01 authors' rule)
+    # Score with the roles swapped: each image of a drawn gallery ranks the query list. Only to
+    # reproduce numbers of test code that did so; such a protocol must carry its own name.
+    swap_roles: bool = False
+
+
+# ProtocolSettings.v2i_roles: the visible-to-infrared protocol as defined, its swapped-roles
+# variant (where a data set has one), or both.
+V2I_ROLES = ("defined", "swapped", "both")
 
 
 @dataclass(frozen=True)
@@ -173,6 +182,7 @@ class ProtocolSettings:
     mode: str = "all"  # SYSU-MM01 search mode: "all" or "indoor"
     shot: int = 1  # gallery images per (identity, camera) folder
     direction: str = "both"  # "v2i", "i2v" or "both"
+    v2i_roles: str = "defined"  # one of V2I_ROLES
 
 
 class ListedImage(NamedTuple):

@@ -5,6 +5,11 @@ relative to the root), ``idx/test_id.txt`` (comma-separated ids), ``test_vis/cam
 and ``test_nir/{cam1,cam2,cam4..cam9}/<pid:04d>/``. Camera and identity are always taken from
 these folder names, never found by searching a path for "cam", so a root whose own path contains
 "cam" reads correctly.
+
+Test protocol, per direction and for each of 10 gallery draws: every test image of the query
+modality is a query; the gallery is one image drawn per (identity, camera) folder of the other
+modality. Camera numbers are shared across the modalities, so a query ignores the gallery images
+of its own identity taken by its own camera number; the CMC counts distinct identities.
 """
 
 from __future__ import annotations
@@ -12,9 +17,21 @@ from __future__ import annotations
 import os
 import random
 from collections import Counter
+from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 
+from data.dataset import (
+    V2I_ROLES,
+    DataSet,
+    ExclusionRule,
+    ImageList,
+    ListedImage,
+    Protocol,
+    ProtocolSettings,
+    TrainFiles,
+)
 from data.sysu import image_files, read_ids
 from utils.base.errors import UserError
 from utils.base.modality import Modality
@@ -29,6 +46,14 @@ TEST_FOLDERS = {Modality.VISIBLE: "test_vis", Modality.INFRARED: "test_nir"}
 TEST_CAMS = {Modality.VISIBLE: VISIBLE_CAMS, Modality.INFRARED: INFRARED_CAMS}
 # Ids are written as 4-digit folder names; in this range ascending numbers sort like the names.
 MAX_ID = 9999
+# Camera numbers are shared across modalities: a query ignores its own identity seen by its own
+# camera number.
+SAME_IDENTITY_AND_CAMERA = ExclusionRule(same_identity_same_camera=True)
+# Test directions: (query modality, gallery modality).
+DIRECTIONS = {
+    "v2i": (Modality.VISIBLE, Modality.INFRARED),
+    "i2v": (Modality.INFRARED, Modality.VISIBLE),
+}
 
 
 def llcm_root_check(root: str | os.PathLike) -> None:
@@ -197,3 +222,98 @@ def llcm_gallery(
                 pids.append(pid)
                 cams.append(cam)
     return paths, np.asarray(pids, dtype=np.int64), np.asarray(cams, dtype=np.int64)
+
+
+def _query_list(root: str, split: int, modality: Modality) -> ImageList:
+    """Every test image of ``modality`` (LLCM has one split)."""
+    return ImageList(*llcm_query(root, modality), modality)
+
+
+def _gallery_list(root: str, split: int, draw: int, modality: Modality) -> ImageList:
+    """One test image of ``modality`` per (identity, camera) folder, drawn as draw ``draw``."""
+    return ImageList(*llcm_gallery(root, modality, draw), modality)
+
+
+def _direction(name: str, suffix: str = "", swap_roles: bool = False) -> Protocol:
+    """The protocol of direction ``name`` ("v2i" or "i2v")."""
+    query, gallery = DIRECTIONS[name]
+    return Protocol(
+        name=name + (f" {suffix}" if suffix else ""),
+        key=name + (f"_{suffix.replace('-', '_')}" if suffix else ""),
+        query=partial(_query_list, modality=query),
+        gallery=partial(_gallery_list, modality=gallery),
+        exclusion=SAME_IDENTITY_AND_CAMERA,
+        dedup_cmc=True,
+        swap_roles=swap_roles,
+    )
+
+
+class LLCM(DataSet):
+    """LLCM (Zhang and Wang, CVPR 2023): both directions, galleries drawn 10 times.
+
+    The authors train at 384x144 (``--img_h 384 --img_w 144``). They published no EMA recipe:
+    the EMA decay (0.997) and the copy into the live model every 2 epochs follow SYSU-MM01's,
+    the other data set of many identities and cameras.
+
+    ``--v2i_roles swapped`` adds the visible-to-infrared variant of a widely copied test script,
+    which builds the v2i lists (visible queries, drawn infrared gallery) but scores gallery x
+    query: each drawn infrared image then ranks the full visible set. It is reported as its own
+    protocol ("v2i roles-swapped") so that its numbers are never taken for v2i's.
+    """
+
+    name = "llcm"
+    title = "LLCM"
+    short_title = "LLCM"
+    ema_decay = 0.997
+    ema_overwrite_every = 2
+    gallery_draws = NUM_TRIALS
+
+    def expected_files(self, split: int, parts: Sequence[str]) -> list[str]:
+        """The training index files for "train"; the id file and both test folders for "test"."""
+        expected = []
+        if "train" in parts:
+            expected += list(TRAIN_FILES.values())
+        if "test" in parts:
+            expected += [TEST_ID_FILE, *(f"{folder}/" for folder in TEST_FOLDERS.values())]
+        return expected
+
+    def check_lists(self, root: str, split: int, parts: Sequence[str]) -> None:
+        """Parse the index files of ``parts`` (each training image must exist) and the test ids."""
+        if "train" in parts:
+            for name in TRAIN_FILES.values():
+                read_train_index(os.path.join(root, name), root)
+        if "test" in parts:
+            llcm_test_ids(root)
+
+    def train_files(self, root: str, split: int) -> TrainFiles:
+        """The images and labels of the two training index files."""
+        return TrainFiles(*llcm_train_files(root))
+
+    def protocols(self, settings: ProtocolSettings) -> tuple[Protocol, ...]:
+        """Visible-to-infrared and/or infrared-to-visible, and the swapped-roles variant."""
+        if settings.direction not in (*DIRECTIONS, "both"):
+            raise UserError(f"--direction {settings.direction!r}: expected v2i, i2v or both")
+        if settings.v2i_roles not in V2I_ROLES:
+            raise UserError(f"--v2i_roles {settings.v2i_roles!r}: expected {', '.join(V2I_ROLES)}")
+        if settings.v2i_roles != "defined" and settings.direction == "i2v":
+            raise UserError(
+                f"--v2i_roles {settings.v2i_roles}: a visible-to-infrared variant, but "
+                "--direction i2v leaves that direction out"
+            )
+        protocols = []
+        if settings.direction != "i2v":
+            if settings.v2i_roles != "swapped":
+                protocols.append(_direction("v2i"))
+            if settings.v2i_roles != "defined":
+                protocols.append(_direction("v2i", "roles-swapped", swap_roles=True))
+        if settings.direction != "v2i":
+            protocols.append(_direction("i2v"))
+        return tuple(protocols)
+
+    def test_images(self, root: str, split: int) -> list[ListedImage]:
+        """Every image of the test ids in both test folders."""
+        return [
+            ListedImage(path)
+            for modality in (Modality.VISIBLE, Modality.INFRARED)
+            for path in llcm_query(root, modality)[0]
+        ]

@@ -5,12 +5,13 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from data.dataset import DataSet
+from data.llcm import LLCM
 from data.regdb import RegDB
 from data.sysu import SYSU
 from utils.base.errors import UserError
 
 # A new data set is one module under data/ and one entry here.
-REGISTERED: tuple[DataSet, ...] = (SYSU(), RegDB())
+REGISTERED: tuple[DataSet, ...] = (SYSU(), RegDB(), LLCM())
 _BY_NAME = MappingProxyType({dataset.name: dataset for dataset in REGISTERED})
 
 

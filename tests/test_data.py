@@ -389,9 +389,10 @@ def test_regdb_train_set_relabels_and_caches_per_trial(
 
 
 def test_registry_names_and_lookup() -> None:
-    assert dataset_names() == ("sysu", "regdb")
+    assert dataset_names() == ("sysu", "regdb", "llcm")
     assert get_dataset(" SYSU ").title == "SYSU-MM01" and get_dataset("regdb").title == "RegDB"
-    with pytest.raises(UserError, match="--dataset 'llcm2': expected one of sysu, regdb"):
+    assert get_dataset("LLCM").title == "LLCM"
+    with pytest.raises(UserError, match="--dataset 'llcm2': expected one of sysu, regdb, llcm"):
         get_dataset("llcm2")
 
 

@@ -155,7 +155,9 @@ def test_training_evaluation_keys_and_draws(toy_sysu: Path, toy_regdb: Path) -> 
     assert final["sysu_all_flip"]["flip"] is True
     regdb = evaluate_training_run(model, _args(toy_regdb, "regdb", False), True, CPU, SIZE, "none")
     assert list(regdb) == ["regdb_v2i", "regdb_i2v"]
-    assert set(regdb["regdb_v2i"]) == {"pool", "bnneck", "flip"}  # one fixed gallery: no draws
+    # One fixed gallery: no draws.
+    assert set(regdb["regdb_v2i"]) == {"pool", "bnneck", "flip", "rerank"}
+    assert regdb["regdb_v2i"]["rerank"] is False  # never re-ranked unless asked
 
 
 @pytest.mark.parametrize("flip", [False, True])

@@ -83,6 +83,25 @@ def data_parser() -> argparse.ArgumentParser:
         help="flip averaging at test time: the features of each image and of its horizontal "
         "mirror are summed, then L2-normalised (results are marked as such)",
     )
+    group.add_argument(
+        "--rerank",
+        action="store_true",
+        help="k-reciprocal re-ranking (Zhong et al., CVPR 2017) of each gallery draw, from the "
+        "Euclidean distances of the L2-normalised features (results are marked as such; "
+        "never on by default)",
+    )
+    group.add_argument(
+        "--k1", type=int, default=20, help="re-ranking: k of the k-reciprocal neighbour sets"
+    )
+    group.add_argument(
+        "--k2", type=int, default=6, help="re-ranking: neighbours of the local query expansion"
+    )
+    group.add_argument(
+        "--lambda_value",
+        type=float,
+        default=0.3,
+        help="re-ranking: weight of the original distance against the Jaccard distance",
+    )
     return parser
 
 
@@ -267,6 +286,11 @@ def check_common(args: argparse.Namespace) -> None:
         raise UserError(f"--img_h/--img_w {args.img_h}x{args.img_w}: expected at least 32x16")
     if args.test_batch < 1:
         raise UserError(f"--test_batch {args.test_batch}: expected a positive integer")
+    for flag in ("k1", "k2"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)}: expected an integer >= 1")
+    if not 0 <= args.lambda_value <= 1:
+        raise UserError(f"--lambda_value {args.lambda_value}: expected a value in [0, 1]")
     select_device(args.device)
     if not os.path.isdir(args.data_root):
         check_data_root(args)  # names what the folder should hold

@@ -4,7 +4,8 @@
 (``data.Protocol``): every image is extracted once per call (a query set shared by several
 protocols, and the union of all draws' galleries, once), on the GPU in half precision when there
 is one, optionally averaged with its mirror image, L2-normalised and ranked with one matrix
-product per protocol and draw.
+product per protocol and draw, or, when asked, by k-reciprocal re-ranking of the queries and that
+draw's gallery.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from data import get_dataset, load_images, normalize
 from data.dataset import NO_EXCLUSION, DataSet, ExclusionRule, ImageList, Protocol, ProtocolSettings
 from utils.base.modality import Modality
 from utils.evaluation.metrics import eval_ranking, pairwise_distance, summarize
+from utils.evaluation.rerank import RerankSettings, rerank_features
 
 log = logging.getLogger(__name__)
 FEATURES = ("pool", "bnneck")
@@ -161,14 +163,21 @@ def score(
     gallery: Features,
     exclusion: ExclusionRule = NO_EXCLUSION,
     dedup_cmc: bool = False,
+    rerank: RerankSettings | None = None,
 ) -> dict[str, dict[str, float]]:
     """Rank-k / mAP / mINP (percent) of ``query`` against ``gallery`` for pool and BNNeck.
 
     Defaults: nothing ignored and the standard CMC (position of the first correct match).
+    With ``rerank`` the ranking is by k-reciprocal re-ranked distances of these queries and
+    this gallery (computed on the features' device).
     """
     results = {}
     for kind in FEATURES:
-        distmat = pairwise_distance(query.get(kind), gallery.get(kind))
+        if rerank is None:
+            distmat = pairwise_distance(query.get(kind), gallery.get(kind))
+        else:
+            device = query.get(kind).device
+            distmat = rerank_features(query.get(kind), gallery.get(kind), rerank, device)
         cmc, m_ap, m_inp = eval_ranking(
             distmat, query.pids, gallery.pids, query.camids, gallery.camids, exclusion, dedup_cmc
         )
@@ -234,13 +243,17 @@ def evaluate_protocols(
     amp: str = "bf16",
     flip: bool = False,
     keep: list[ProtocolFeatures] | None = None,
+    rerank: RerankSettings | None = None,
 ) -> list[tuple[Protocol, dict[str, Any]]]:
     """Score ``model`` on ``protocols`` of ``split``, each gallery drawn as ``draws`` say.
 
     Returns (protocol, result) pairs. Where the data set draws its galleries at random, a result
     is the mean and std over the draws with ``trials`` (the draws) and ``per_trial``; otherwise
-    the one gallery's numbers. Every result says whether flip averaging was used. ``keep``, when
-    given, receives each protocol's features (queries and the union of its galleries).
+    the one gallery's numbers. Every result says whether flip averaging was used (``flip``) and
+    whether and how it was re-ranked (``rerank``: the parameters, or False); ``rerank`` re-ranks
+    each draw on its own queries and gallery. A protocol with swapped roles is scored with each
+    drawn gallery image as a query against the query list. ``keep``, when given, receives each
+    protocol's features (queries and the union of its galleries).
     """
     draws = list(draws)
     lists = []
@@ -274,9 +287,10 @@ def evaluate_protocols(
         per_draw = []
         bar = tqdm(draws, desc="trials", leave=False, disable=not _interactive())
         for position, draw in enumerate(bar):
-            result = score(
-                query, features.gallery_of(position), protocol.exclusion, protocol.dedup_cmc
-            )
+            ranking, ranked = query, features.gallery_of(position)
+            if protocol.swap_roles:
+                ranking, ranked = ranked, ranking
+            result = score(ranking, ranked, protocol.exclusion, protocol.dedup_cmc, rerank)
             log.debug("%s %s draw %d: %s", dataset.name, protocol.name, draw, result)
             per_draw.append(result)
         summary: dict[str, Any]
@@ -287,6 +301,7 @@ def evaluate_protocols(
         else:
             summary = dict(per_draw[0])
         summary["flip"] = flip
+        summary["rerank"] = rerank.as_dict() if rerank is not None else False
         results.append((protocol, summary))
         if keep is not None:
             keep.append(features)
@@ -303,13 +318,14 @@ def evaluate_training_run(
 ) -> dict[str, Any]:
     """The training-time evaluation: every draw at the end, the first one for monitoring.
 
-    Results are keyed ``<data set>_<protocol key>`` (with ``_flip`` under ``--flip``), the names
-    of the epoch records and of results.json.
+    Results are keyed ``<data set>_<protocol key>`` (with ``_flip`` under ``--flip`` and then
+    ``_rerank`` under ``--rerank``), the names of the epoch records and of results.json.
     """
     dataset = get_dataset(args.dataset)
     protocols = dataset.protocols(ProtocolSettings(mode=args.mode, shot=1, direction="both"))
     draws = dataset.draws_of(None) if final else dataset.draws_of(None)[:1]
     flip = bool(getattr(args, "flip", False))
+    rerank = rerank_settings(args)
     results = evaluate_protocols(
         model,
         dataset,
@@ -322,9 +338,17 @@ def evaluate_training_run(
         args.test_batch,
         amp,
         flip,
+        rerank=rerank,
     )
-    suffix = "_flip" if flip else ""
+    suffix = ("_flip" if flip else "") + ("_rerank" if rerank is not None else "")
     return {dataset.record_key(protocol) + suffix: result for protocol, result in results}
+
+
+def rerank_settings(args: argparse.Namespace) -> RerankSettings | None:
+    """The re-ranking ``--rerank``, ``--k1``, ``--k2`` and ``--lambda_value`` ask for (or None)."""
+    if not getattr(args, "rerank", False):
+        return None
+    return RerankSettings(int(args.k1), int(args.k2), float(args.lambda_value))
 
 
 def format_table(rows: Sequence[tuple[str, dict[str, float]]], title: str = "") -> str:

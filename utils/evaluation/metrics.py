@@ -26,13 +26,10 @@ import numpy as np
 import torch
 
 from data.dataset import NO_EXCLUSION, ExclusionRule
+from data.llcm import SAME_IDENTITY_AND_CAMERA
 from data.sysu import SAME_LOCATION
 
 logger = logging.getLogger(__name__)
-
-# LLCM shares camera numbers across modalities: a query ignores its own identity seen by its own
-# camera number.
-SAME_IDENTITY_AND_CAMERA = ExclusionRule(same_identity_same_camera=True)
 
 
 def _as_numpy(array: Any) -> np.ndarray:

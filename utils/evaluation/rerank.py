@@ -433,6 +433,54 @@ def rerank(
     return final.cpu().numpy()
 
 
+@dataclass(frozen=True)
+class RerankSettings:
+    """The parameters of a re-ranked evaluation (the paper's by default)."""
+
+    k1: int = 20
+    k2: int = 6
+    lambda_value: float = 0.3
+
+    def __post_init__(self) -> None:
+        for name in ("k1", "k2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not 0.0 <= float(self.lambda_value) <= 1.0:
+            raise ValueError(f"lambda_value must lie in [0, 1], got {self.lambda_value!r}")
+
+    def as_dict(self) -> dict[str, float]:
+        """The parameters by name, as results record them."""
+        return {"k1": int(self.k1), "k2": int(self.k2), "lambda_value": float(self.lambda_value)}
+
+    def describe(self) -> str:
+        """A short phrase for titles: "re-ranked k1=20 k2=6 lambda=0.3"."""
+        return f"re-ranked k1={self.k1} k2={self.k2} lambda={self.lambda_value:g}"
+
+
+def rerank_features(
+    query: Any, gallery: Any, settings: RerankSettings, device: str | torch.device | None = None
+) -> np.ndarray:
+    """Re-ranked (query x gallery) distances of L2-normalised feature rows (arrays or tensors).
+
+    The three blocks are the Euclidean distances of the features (non-negative, smaller is
+    closer), as the re-ranking's definition expects.
+    """
+    q, g = (
+        x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        for x in (query, gallery)
+    )
+    return rerank(
+        euclidean_distances(q, g),
+        euclidean_distances(q, q),
+        euclidean_distances(g, g),
+        settings.k1,
+        settings.k2,
+        settings.lambda_value,
+        device=device,
+    )
+
+
 def euclidean_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Euclidean distances between the rows of ``a`` and ``b`` (float32), the usual input here."""
     squared = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
