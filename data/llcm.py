@@ -269,13 +269,8 @@ class LLCM(DataSet):
     gallery_draws = NUM_TRIALS
 
     def expected_files(self, split: int, parts: Sequence[str]) -> list[str]:
-        """The training index files for "train"; the id file and both test folders for "test"."""
-        expected = []
-        if "train" in parts:
-            expected += list(TRAIN_FILES.values())
-        if "test" in parts:
-            expected += [TEST_ID_FILE, *(f"{folder}/" for folder in TEST_FOLDERS.values())]
-        return expected
+        """The three index files and both test folders (whatever the parts, as the readers)."""
+        return [*TRAIN_FILES.values(), TEST_ID_FILE, *(f"{f}/" for f in TEST_FOLDERS.values())]
 
     def check_lists(self, root: str, split: int, parts: Sequence[str]) -> None:
         """Parse the index files of ``parts`` (each training image must exist) and the test ids."""

@@ -1,10 +1,11 @@
-"""The evaluation routine: flip averaging, one extraction per image, results from the protocols,
-and a data set added as one class."""
+"""The evaluation routine: flip averaging, re-ranking, one extraction per image, results from the
+protocols, and a data set added as one class."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -38,8 +39,11 @@ from utils.evaluation.evaluate import (
     evaluate_training_run,
     extract_features,
     mean_std,
+    rerank_settings,
     score,
 )
+from utils.evaluation.metrics import eval_ranking, summarize
+from utils.evaluation.rerank import RerankSettings, euclidean_distances, rerank
 
 CPU = torch.device("cpu")
 SIZE = (16, 8)
@@ -139,9 +143,15 @@ def test_each_image_is_extracted_once_and_draws_are_scored_apart(toy_sysu: Path)
     assert flipped[0][1]["flip"] is True
 
 
-def _args(root: Path, dataset: str, flip: bool) -> argparse.Namespace:
+def _args(root: Path, dataset: str, flip: bool, **extra: object) -> argparse.Namespace:
     return argparse.Namespace(
-        dataset=dataset, data_root=str(root), mode="all", trial=None, test_batch=16, flip=flip
+        dataset=dataset,
+        data_root=str(root),
+        mode="all",
+        trial=None,
+        test_batch=16,
+        flip=flip,
+        **extra,
     )
 
 
@@ -158,6 +168,65 @@ def test_training_evaluation_keys_and_draws(toy_sysu: Path, toy_regdb: Path) -> 
     # One fixed gallery: no draws.
     assert set(regdb["regdb_v2i"]) == {"pool", "bnneck", "flip", "rerank"}
     assert regdb["regdb_v2i"]["rerank"] is False  # never re-ranked unless asked
+
+
+def test_rerank_scores_each_draw_on_its_own_queries_and_gallery(toy_sysu: Path) -> None:
+    settings = RerankSettings(k1=4, k2=2, lambda_value=0.5)
+    results, kept = _run(toy_sysu, HalvesModel(), [0, 5], rerank=settings)
+    ((protocol, result),) = results
+    assert result["rerank"] == {"k1": 4, "k2": 2, "lambda_value": 0.5}
+    features = kept[0]
+    query = features.query
+    for position in (0, 1):
+        gallery = features.gallery_of(position)
+        expected = {}
+        for kind in ("pool", "bnneck"):
+            q, g = query.get(kind).numpy(), gallery.get(kind).numpy()
+            distances = rerank(
+                euclidean_distances(q, g), euclidean_distances(q, q), euclidean_distances(g, g),
+                k1=4, k2=2, lambda_value=0.5,
+            )  # fmt: skip
+            expected[kind] = summarize(
+                *eval_ranking(
+                    distances,
+                    query.pids,
+                    gallery.pids,
+                    query.camids,
+                    gallery.camids,
+                    protocol.exclusion,
+                    True,
+                )  # fmt: skip
+            )
+        assert result["per_trial"][position] == expected
+        plain = score(query, gallery, protocol.exclusion, dedup_cmc=True)
+        assert result["per_trial"][position] != plain
+    # Not asked, not done.
+    ((_, plain_result),), _ = _run(toy_sysu, HalvesModel(), [0])
+    assert plain_result["rerank"] is False
+
+
+def test_training_evaluation_marks_rerank_in_its_keys(toy_regdb: Path) -> None:
+    args = _args(toy_regdb, "regdb", True, rerank=True, k1=3, k2=1, lambda_value=0.2)
+    assert rerank_settings(args) == RerankSettings(3, 1, 0.2)
+    results = evaluate_training_run(HalvesModel(), args, True, CPU, SIZE, "none")
+    assert list(results) == ["regdb_v2i_flip_rerank", "regdb_i2v_flip_rerank"]
+    assert results["regdb_i2v_flip_rerank"]["rerank"] == {"k1": 3, "k2": 1, "lambda_value": 0.2}
+    assert rerank_settings(_args(toy_regdb, "regdb", False, rerank=False)) is None
+    assert rerank_settings(_args(toy_regdb, "regdb", False)) is None  # parsers without the flag
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"k1": 0}, "k1 must be an integer >= 1, got 0"),
+        ({"k2": 1.5}, "k2 must be an integer >= 1, got 1.5"),
+        ({"lambda_value": 1.01}, "lambda_value must lie in [0, 1], got 1.01"),
+    ],
+)
+def test_rerank_settings_are_checked(values: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RerankSettings(**values)
+    assert RerankSettings().describe() == "re-ranked k1=20 k2=6 lambda=0.3"
 
 
 @pytest.mark.parametrize("flip", [False, True])

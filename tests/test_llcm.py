@@ -1,4 +1,5 @@
-"""LLCM reader: training index files, query lists and the authors' per-trial gallery draw."""
+"""LLCM reader: training index files, query lists and the authors' per-trial gallery draw; the
+LLCM data-set plug-in: its protocols (both directions, the swapped-roles variant) and checks."""
 
 from __future__ import annotations
 
@@ -9,11 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch import nn
 
+from data import ProtocolSettings, get_dataset
+from data import llcm_gallery as exported_gallery
+from data import llcm_query as exported_query
 from data.llcm import (
     INFRARED_CAMS,
     NUM_TRIALS,
+    SAME_IDENTITY_AND_CAMERA,
     VISIBLE_CAMS,
     llcm_gallery,
     llcm_query,
@@ -22,6 +29,8 @@ from data.llcm import (
 )
 from utils.base.errors import UserError
 from utils.base.modality import Modality
+from utils.evaluation.evaluate import ProtocolFeatures, evaluate_protocols, score
+from utils.evaluation.metrics import eval_llcm, pairwise_distance, summarize
 
 # Test folders: {pid: {cam: number of images}} per modality. Id 12 has no visible cam3 folder
 # and id 5 has cam2 in both modalities; folders hold several images so that trials can differ.
@@ -350,3 +359,142 @@ def test_bad_test_id_lists(llcm: Path, line: str, expected: str) -> None:
     with pytest.raises(UserError) as err:
         llcm_query(llcm, "visible")
     assert str(err.value) == f"{index}: {expected}"
+
+
+# --- the data-set plug-in --------------------------------------------------------------------
+
+
+def _same_list(got, expected: tuple, modality: Modality) -> None:
+    assert got.paths == expected[0] and got.modality is modality
+    np.testing.assert_array_equal(got.pids, expected[1])
+    np.testing.assert_array_equal(got.cams, expected[2])
+
+
+def test_plugin_defaults_and_public_imports() -> None:
+    dataset = get_dataset("llcm")
+    assert (dataset.name, dataset.title) == ("llcm", "LLCM")
+    assert (dataset.ema_decay, dataset.ema_overwrite_every) == (0.997, 2)
+    assert (dataset.num_splits, dataset.gallery_draws) == (1, NUM_TRIALS)
+    assert dataset.draws_of(None) == list(range(10)) and dataset.draws_of(3) == [3]
+    assert dataset.split_of(7) == 1
+    with pytest.raises(UserError, match=r"^--trial 10: LLCM gallery trials are 0-9"):
+        dataset.check_trial(10, testing=True)
+    assert exported_query is llcm_query and exported_gallery is llcm_gallery
+
+
+def test_protocols_are_both_directions_with_the_camera_rule(llcm: Path) -> None:
+    dataset = get_dataset("llcm")
+    root = str(llcm)
+    v2i, i2v = dataset.protocols(ProtocolSettings(mode="indoor", shot=10))
+    assert [(p.name, p.key) for p in (v2i, i2v)] == [("v2i", "v2i"), ("i2v", "i2v")]
+    for protocol, query, gallery in (
+        (v2i, Modality.VISIBLE, Modality.INFRARED),
+        (i2v, Modality.INFRARED, Modality.VISIBLE),
+    ):
+        assert protocol.exclusion == SAME_IDENTITY_AND_CAMERA and protocol.dedup_cmc
+        assert not protocol.swap_roles
+        _same_list(protocol.query(root, 1), llcm_query(llcm, query), query)
+        for draw in (0, 9):
+            _same_list(protocol.gallery(root, 1, draw), llcm_gallery(llcm, gallery, draw), gallery)
+    assert dataset.result_name(v2i, 1) == "llcm v2i" and dataset.record_key(i2v) == "llcm_i2v"
+    only = dataset.protocols(ProtocolSettings(direction="i2v"))
+    assert [p.name for p in only] == ["i2v"]
+    with pytest.raises(UserError, match="^--direction 'up': expected v2i, i2v or both$"):
+        dataset.protocols(ProtocolSettings(direction="up"))
+
+
+def test_swapped_roles_variant_is_its_own_protocol(llcm: Path) -> None:
+    dataset = get_dataset("llcm")
+    (swapped,) = dataset.protocols(ProtocolSettings(direction="v2i", v2i_roles="swapped"))
+    assert (swapped.name, swapped.key, swapped.swap_roles) == (
+        "v2i roles-swapped",
+        "v2i_roles_swapped",
+        True,
+    )
+    # The lists are v2i's; only the scoring swaps them.
+    _same_list(swapped.query(str(llcm), 1), llcm_query(llcm, "visible"), Modality.VISIBLE)
+    _same_list(
+        swapped.gallery(str(llcm), 1, 4), llcm_gallery(llcm, "infrared", 4), Modality.INFRARED
+    )
+    assert swapped.exclusion == SAME_IDENTITY_AND_CAMERA and swapped.dedup_cmc
+    assert dataset.result_name(swapped, 1) == "llcm v2i roles-swapped"
+    assert dataset.record_key(swapped) == "llcm_v2i_roles_swapped"
+    names = [p.name for p in dataset.protocols(ProtocolSettings(v2i_roles="both"))]
+    assert names == ["v2i", "v2i roles-swapped", "i2v"]
+    with pytest.raises(UserError, match="^--v2i_roles swapped: .* --direction i2v leaves"):
+        dataset.protocols(ProtocolSettings(direction="i2v", v2i_roles="swapped"))
+    with pytest.raises(UserError, match="^--v2i_roles 'up': expected defined, swapped, both$"):
+        dataset.protocols(ProtocolSettings(v2i_roles="up"))
+    # The other data sets have no such variant.
+    for name in ("sysu", "regdb"):
+        settings = ProtocolSettings(v2i_roles="swapped")
+        assert not any(p.swap_roles for p in get_dataset(name).protocols(settings))
+
+
+def test_root_check_and_lists_through_the_plugin(llcm: Path) -> None:
+    dataset = get_dataset("llcm")
+    dataset.check_root(llcm, 1, ("train", "test"))
+    expected = sum(sum(c.values()) for c in (*TEST_VISIBLE.values(), *TEST_INFRARED.values()))
+    assert dataset.check_test_images(llcm) == expected
+    train = dataset.train_files(str(llcm), 1)
+    assert train == llcm_train_files(llcm)
+    (llcm / "idx" / "train_vis.txt").unlink()
+    (llcm / "test_nir").rename(llcm / "test_ir")
+    with pytest.raises(UserError) as err:
+        dataset.check_root(llcm, 1, ("test",))
+    assert str(err.value) == (
+        f"--data_root {llcm}: not a LLCM folder (--dataset llcm): missing idx/train_vis.txt, "
+        "test_nir/"
+    )
+
+
+def test_check_root_names_index_lines(llcm: Path) -> None:
+    dataset = get_dataset("llcm")
+    index = llcm / "idx" / "train_nir.txt"
+    index.write_text(index.read_text() + "nir/0007/gone.jpg 1\n")
+    with pytest.raises(UserError, match=rf"^{index}:7: image nir/0007/gone.jpg does not exist"):
+        dataset.check_root(llcm, 1, ("train",))
+    ids = llcm / "idx" / "test_id.txt"
+    ids.write_text("5,x\n")
+    with pytest.raises(UserError, match=rf"^{ids}:1: expected comma-separated integer ids"):
+        dataset.check_root(llcm, 1, ("test",))
+    broken = next((llcm / "test_nir" / "cam2" / "0005").iterdir())
+    ids.write_text(TEST_ID_LINE + "\n")
+    broken.write_bytes(b"not an image")
+    with pytest.raises(UserError, match=rf"^test image {broken} is not a readable image"):
+        dataset.check_test_images(llcm)
+
+
+class ColourModel(nn.Module):
+    """Channel means of four horizontal bands (pool) and of the whole image (bnneck)."""
+
+    def forward(self, x: torch.Tensor, modality: Modality) -> tuple[torch.Tensor, torch.Tensor]:
+        bands = x.reshape(x.shape[0], x.shape[1], 4, -1).mean(dim=3).flatten(1)
+        return bands, x.mean(dim=(2, 3)) + float(modality)
+
+
+def test_swapped_roles_rank_each_drawn_image_against_all_queries(llcm: Path) -> None:
+    dataset = get_dataset("llcm")
+    protocols = dataset.protocols(ProtocolSettings(direction="v2i", v2i_roles="both"))
+    kept: list[ProtocolFeatures] = []
+    results = evaluate_protocols(
+        ColourModel(), dataset, str(llcm), protocols, 1, [0, 3], torch.device("cpu"), (16, 8),
+        keep=kept,
+    )  # fmt: skip
+    (v2i, defined), (swapped_protocol, swapped) = results
+    assert swapped_protocol.swap_roles and not v2i.swap_roles
+    for position, draw in enumerate((0, 3)):
+        features = kept[1]
+        visible, infrared = features.query, features.gallery_of(position)
+        assert infrared.paths == llcm_gallery(llcm, "infrared", draw)[0]
+        for kind in ("pool", "bnneck"):
+            # The reference script's arithmetic: gallery x query, then the gallery as queries.
+            dist = pairwise_distance(infrared.get(kind), visible.get(kind))
+            expected = summarize(
+                *eval_llcm(dist, infrared.pids, visible.pids, infrared.camids, visible.camids)
+            )
+            assert swapped["per_trial"][position][kind] == pytest.approx(expected, abs=1e-9)
+        assert defined["per_trial"][position] == score(
+            visible, infrared, SAME_IDENTITY_AND_CAMERA, dedup_cmc=True
+        )
+    assert defined["per_trial"] != swapped["per_trial"]

@@ -207,6 +207,27 @@ def test_flip_is_marked_in_table_and_json(
     assert json.loads(plain.read_text())["results"]["sysu all single-shot"]["flip"] is False
 
 
+def test_rerank_is_marked_in_table_and_json(
+    sysu_run: Path, toy_sysu: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--data_root", str(toy_sysu), "--weights", str(sysu_run / LATEST), "--trial", "2"]
+    plain, reranked = tmp_path / "plain.json", tmp_path / "rerank.json"
+    code, out, err = run_test([*argv, "--save_json", str(plain)], capsys)
+    assert code == 0, err
+    assert "re-ranked" not in out and json.loads(plain.read_text())["rerank"] is False
+    flags = ["--rerank", "--k1", "6", "--k2", "2", "--lambda_value", "0.25", "--flip"]
+    code, out, err = run_test([*argv, *flags, "--save_json", str(reranked)], capsys)
+    assert code == 0, err
+    assert out.splitlines()[0] == f"{sysu_run / LATEST} (flip) (re-ranked k1=6 k2=2 lambda=0.25)"
+    payload = json.loads(reranked.read_text())
+    expected = {"k1": 6, "k2": 2, "lambda_value": 0.25}
+    assert payload["rerank"] == expected
+    result = payload["results"]["sysu all single-shot"]
+    assert result["rerank"] == expected and result["flip"] is True
+    assert json.loads(plain.read_text())["results"]["sysu all single-shot"]["rerank"] is False
+    assert table_rows(out)["sysu all single-shot bnneck"] == table_cells(result["bnneck"])
+
+
 def test_save_features_sysu_union_gallery_with_draw_mask(
     sysu_run: Path, toy_sysu: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -218,7 +239,7 @@ def test_save_features_sysu_union_gallery_with_draw_mask(
     assert code == 0, err
     saved = np.load(out, allow_pickle=False)
     assert saved["protocols"].tolist() == ["all"] and not saved["flip"]
-    assert saved["trials"].tolist() == list(range(10))
+    assert saved["trials"].tolist() == list(range(10)) and not saved["all_swap_roles"]
     query_paths = sysu_query(toy_sysu, "all")[0]
     assert saved["all_query_paths"].tolist() == query_paths
     assert saved["all_query_paths"].dtype.kind == "U"
@@ -301,6 +322,19 @@ def _refused(
         (["--test_batch", "0"], "--test_batch 0"),
         (["--visualize", "-1"], "--visualize -1"),
         (["--img_h", "8"], "--img_h/--img_w 8x32"),
+        (["--rerank", "--k1", "0"], "--k1 0: expected an integer >= 1"),
+        (["--k2", "-1"], "--k2 -1: expected an integer >= 1"),
+        (["--rerank", "--lambda_value", "1.5"], "--lambda_value 1.5: expected a value in [0, 1]"),
+        (["--lambda_value", "nan"], "--lambda_value nan: expected a value in [0, 1]"),
+        (["--v2i_roles", "swapped"], "--v2i_roles swapped: SYSU-MM01 has no swapped-roles"),
+        (
+            ["--dataset", "regdb", "--trial", "1", "--v2i_roles", "both"],
+            "--v2i_roles both: RegDB has no swapped-roles protocol",
+        ),
+        (
+            ["--dataset", "llcm", "--direction", "i2v", "--v2i_roles", "swapped"],
+            "--v2i_roles swapped: a visible-to-infrared variant, but --direction i2v",
+        ),
     ],
 )
 def test_flag_errors(
