@@ -14,7 +14,7 @@ from data.images import (
     CACHE_VERSION,
     check_img_size,
     default_cache_dir,
-    file_list_hash,
+    image_signature,
     read_cache,
     save_images,
     write_cache,
@@ -134,16 +134,13 @@ def load_train_set(
     visible_labels = np.searchsorted(pid_array, np.asarray(visible_pids, np.int64)[vis_rows])
     infrared_labels = np.searchsorted(pid_array, np.asarray(infrared_pids, np.int64)[ir_rows])
 
-    # Relative paths: moving the data folder must not invalidate the cache.
-    entries = [f"visible {os.path.relpath(p, root)}" for p in visible_paths]
-    entries += [f"infrared {os.path.relpath(p, root)}" for p in infrared_paths]
     meta = {
         "version": CACHE_VERSION,
         "dataset": name,
         "img_size": [height, width],
         "num_visible": len(visible_paths),
         "num_infrared": len(infrared_paths),
-        "files_sha256": file_list_hash(entries),
+        "images": image_signature(root, {"visible": visible_paths, "infrared": infrared_paths}),
     }
     if name == "regdb":
         meta["trial"] = trial
