@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.base.errors import UserError
+from utils.base.io import MB, check_free_space, disk_full
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ META_FILE = "meta.json"
 # rebuild. 2: keyed by the data root and each image's size and modification time.
 CACHE_VERSION = 2
 _MAX_WORKERS = 8
+# Free space asked for beyond the arrays themselves (meta.json, headers, and some room to spare).
+_SPACE_MARGIN = 16 * MB
 
 
 def check_img_size(img_size: Sequence[int]) -> tuple[int, int]:
@@ -192,15 +195,33 @@ def read_cache(
     return arrays
 
 
-def write_cache(path: str | os.PathLike, meta: dict, build: Callable[[Path], None]) -> None:
+def image_bytes(count: int, img_size: Sequence[int]) -> int:
+    """Bytes that ``count`` uint8 RGB images of (height, width) take in the cache."""
+    height, width = check_img_size(img_size)
+    return count * height * width * 3
+
+
+def write_cache(
+    path: str | os.PathLike, meta: dict, build: Callable[[Path], None], need_bytes: int = 0
+) -> None:
     """Build a cache at ``path``: ``build(tmp_dir)`` writes the arrays, then one atomic move.
 
-    If another process finished the same cache first, its copy is kept and ours dropped.
+    ``need_bytes`` (what the arrays will take) is checked against the free space first. Any
+    failure removes the half-built folder; a full disk, an unwritable folder or a cache folder
+    deleted meanwhile is a one-line UserError. If another process finished the same cache
+    first, its copy is kept and ours dropped.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(path)
+    except OSError as exc:
+        raise UserError(
+            f"--cache_dir {path.parent}: cannot write the image cache ({exc})"
+        ) from None
+    need = need_bytes + need_bytes // 100 + _SPACE_MARGIN
+    check_free_space(path.parent, need)
+    try:
         tmp = path.parent / f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{_tag()}"
         tmp.mkdir()
     except OSError as exc:
@@ -214,7 +235,14 @@ def write_cache(path: str | os.PathLike, meta: dict, build: Callable[[Path], Non
         _replace_dir(tmp, path)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(path.parent, need) from None
+        if isinstance(exc, FileNotFoundError) and not tmp.is_dir():
+            raise UserError(
+                f"--cache_dir {path.parent}: the cache folder disappeared while {path.name} was "
+                "being built (deleted by another process?); run again"
+            ) from None
+        if exc.errno in (errno.EACCES, errno.EROFS):
             raise UserError(
                 f"--cache_dir {path.parent}: cannot write the image cache ({exc})"
             ) from None
@@ -290,9 +318,35 @@ def save_images(
         # numpy cannot memory-map a zero-sized array.
         np.save(target, np.empty((0, height, width, 3), dtype=np.uint8))
         return
-    array = np.lib.format.open_memmap(
-        target, mode="w+", dtype=np.uint8, shape=(len(paths), height, width, 3)
-    )
+    shape = (len(paths), height, width, 3)
+    # Create the file (header and a sparse body), reserve its disk blocks, then map it for
+    # writing: on a full disk the reservation fails with ENOSPC instead of a write to the map
+    # killing the process with SIGBUS.
+    array = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=shape)
+    offset, size = array.offset, array.nbytes
+    del array
+    _reserve(target, offset, size)
+    array = np.lib.format.open_memmap(target, mode="r+")
     load_images(paths, (height, width), progress=progress, desc=name, out=array)
     array.flush()
     del array
+
+
+def _reserve(path: Path, offset: int, size: int) -> None:
+    """Allocate the disk blocks of ``path``'s bytes [offset, offset + size) now."""
+    with open(path, "r+b") as handle:
+        if hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(handle.fileno(), offset, size)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+        # No fallocate on this platform or file system: writing zeros reserves the blocks too.
+        handle.seek(offset)
+        chunk = bytes(min(size, 16 * MB))
+        left = size
+        while left > 0:
+            left -= handle.write(chunk[: min(left, len(chunk))])
+        handle.flush()
+        os.fsync(handle.fileno())

@@ -14,6 +14,7 @@ from data.images import (
     CACHE_VERSION,
     check_img_size,
     default_cache_dir,
+    image_bytes,
     image_signature,
     read_cache,
     save_images,
@@ -163,7 +164,8 @@ def load_train_set(
             save_images(folder, "visible_images", visible_paths, (height, width), progress)
             save_images(folder, "infrared_images", infrared_paths, (height, width), progress)
 
-        write_cache(cache_path, meta, build)
+        need = image_bytes(len(visible_paths) + len(infrared_paths), (height, width))
+        write_cache(cache_path, meta, build, need_bytes=need)
         arrays = read_cache(cache_path, meta, _ARRAYS, mmap=mmap)
         if arrays is None:
             raise UserError(f"--cache_dir {cache_path.parent}: cache {cache_path} unreadable")

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import data.images
 from data import load_images, load_train_set
+from utils import pre_process_sysu
 from utils.base.errors import UserError
+from utils.base.io import DiskFull
 
 IMG = (8, 4)  # (height, width) of the cached images
 CACHE = "sysu_8x4"
@@ -129,3 +135,116 @@ def test_an_older_cache_format_is_rebuilt(tmp_path: Path, caplog: pytest.LogCapt
     with caplog.at_level(logging.INFO):
         _load(root, cache)
     assert f"rebuilding cache {cache / CACHE}: written in cache format 1, not 2" in caplog.text
+
+
+# --- a full disk, a folder deleted mid-build --------------------------------------------------
+
+
+class _Usage(NamedTuple):
+    total: int
+    used: int
+    free: int
+
+
+def test_too_little_free_space_is_one_line_before_any_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _sysu(tmp_path / "sysu", 0)
+    cache = tmp_path / "c"
+    decoded = []
+    monkeypatch.setattr(data.images, "load_images", lambda *a, **k: decoded.append(a))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: _Usage(10**9, 10**9 - 4096, 4096))
+    argv = ["--data_root", str(root), "--img_h", "8", "--img_w", "4", "--cache_dir", str(cache)]
+    assert pre_process_sysu.main([*argv, "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    # 12 images of 8x4x3 bytes, plus the margin for the meta and headers
+    expected = f"no space left on {cache}, need about 16 MB (free some space and run again)"
+    assert err == f"error: {expected}\n"
+    assert decoded == [] and os.listdir(cache) == []
+    with pytest.raises(DiskFull, match=f"no space left on {cache}, need about 16 MB"):
+        _load(root, cache)
+
+
+@pytest.mark.parametrize("where", ["reserving", "writing"])
+def test_a_disk_filling_up_mid_build_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    root = _sysu(tmp_path / "sysu", 0)
+    cache = tmp_path / "c"
+    full = OSError(errno.ENOSPC, "No space left on device")
+    if where == "reserving":
+        real = os.posix_fallocate
+        calls = []
+
+        def fallocate(fd: int, offset: int, length: int) -> None:
+            calls.append(length)
+            if len(calls) == 2:  # the infrared array, after the visible one was written
+                raise full
+            real(fd, offset, length)
+
+        monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    else:
+        real_load = data.images.load_images
+
+        def load(paths, *args, **kwargs):
+            if kwargs.get("desc") == "infrared_images":
+                raise full
+            return real_load(paths, *args, **kwargs)
+
+        monkeypatch.setattr(data.images, "load_images", load)
+    with pytest.raises(DiskFull, match=f"^no space left on {cache}, need about 16 MB"):
+        _load(root, cache)
+    assert os.listdir(cache) == []
+    monkeypatch.undo()
+    train = _load(root, cache)  # once there is room, the build succeeds
+    np.testing.assert_array_equal(
+        train.infrared_images, load_images(train.infrared_paths, IMG, progress=False)
+    )
+
+
+@pytest.mark.parametrize("errno_value", [None, errno.EOPNOTSUPP])
+def test_without_fallocate_the_blocks_are_reserved_by_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, errno_value: int | None
+) -> None:
+    root = _sysu(tmp_path / "sysu", 0)
+    if errno_value is None:
+        monkeypatch.delattr(os, "posix_fallocate")
+    else:
+
+        def unsupported(*args: int) -> None:
+            raise OSError(errno_value, "Operation not supported")
+
+        monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    train = _load(root, tmp_path / "c")
+    np.testing.assert_array_equal(
+        train.visible_images, load_images(train.visible_paths, IMG, progress=False)
+    )
+
+
+@pytest.mark.parametrize("deleted", ["cache_dir", "staging folder"])
+def test_a_cache_folder_deleted_during_the_build_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deleted: str
+) -> None:
+    root = _sysu(tmp_path / "sysu", 0)
+    cache = tmp_path / "c"
+    real = data.images.load_images
+
+    def load(paths, *args, **kwargs):
+        out = real(paths, *args, **kwargs)
+        if kwargs.get("desc") == "visible_images":
+            if deleted == "cache_dir":
+                shutil.rmtree(cache)
+            else:
+                (staging,) = cache.glob(f".{CACHE}.tmp-*")
+                shutil.rmtree(staging)
+        return out
+
+    monkeypatch.setattr(data.images, "load_images", load)
+    message = (
+        f"--cache_dir {cache}: the cache folder disappeared while {CACHE} was being built "
+        "(deleted by another process?); run again"
+    )
+    with pytest.raises(UserError) as caught:
+        _load(root, cache)
+    assert str(caught.value) == message
+    assert not cache.exists() or os.listdir(cache) == []
