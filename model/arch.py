@@ -40,6 +40,8 @@ RESNET_LAYOUT: dict[int, tuple[str, tuple[int, int, int, int]]] = {
 # The authors' .cfg codes.
 _CFG_CODE = {SPLIT: 0, SHARED: 1}
 _CFG_CHOICE = {code: choice for choice, code in _CFG_CODE.items()}
+# The top-level keys of this project's JSON; anything else is a typo or another tool's file.
+JSON_KEYS = ("format", "version", "depth", "slots", "provenance")
 
 
 def _check_depth(depth: int) -> None:
@@ -164,6 +166,12 @@ def arch_from_dict(data: Any, source: str = "architecture") -> Arch:
     version = data.get("version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
         raise UserError(f"{source}: version {version!r} is not supported (expected 1)")
+    unknown = [key for key in data if key not in JSON_KEYS]
+    if unknown:
+        raise UserError(
+            f"{source}: unknown key(s) {', '.join(map(repr, unknown))} "
+            f"(expected {', '.join(JSON_KEYS)})"
+        )
     depth = data.get("depth")
     if not isinstance(depth, int) or isinstance(depth, bool):
         raise UserError(f"{source}: 'depth' must be 18, 34 or 50, got {depth!r}")
@@ -180,10 +188,13 @@ def arch_from_dict(data: Any, source: str = "architecture") -> Arch:
 
 
 def load_arch(path: str | os.PathLike[str], depth: int | None = None) -> Arch:
-    """Read an architecture from this project's JSON or the authors' ``config.cfg``."""
+    """Read an architecture from this project's JSON or the authors' ``config.cfg``.
+
+    Both are read as UTF-8; a byte-order mark (as some Windows editors write) is skipped.
+    """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise UserError(f"{path}: architecture file not found") from None
     except (OSError, UnicodeDecodeError) as err:
