@@ -32,7 +32,6 @@ from model.search import (
     derive_arch,
     hard_mode,
     split_probabilities,
-    weight_parameters,
 )
 from utils.base.cli import run_cli
 from utils.engine.trainer import Interrupted
@@ -176,7 +175,7 @@ def test_supernet_parameters_and_imagenet_initialisation(tmp_path: Path) -> None
     alphas = arch_parameters(net)
     names = arch_parameter_names(net)
     assert len(alphas) == len(names) == 20 and all(n.endswith(".alpha") for n in names)
-    weights = weight_parameters(net)
+    weights = [p for n, p in net.named_parameters() if n not in names]
     assert len(alphas) + len(weights) == len(list(net.parameters()))
     assert not {id(p) for p in alphas} & {id(p) for p in weights}
     # A torchvision-layout file fills every branch of every slot; the alphas stay at zero.

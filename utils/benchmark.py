@@ -50,12 +50,13 @@ from data.plain import PairedImages, plain_loader
 from data.sampler import CrossModalitySampler
 from data.trainset import TrainSet
 from model import Arch, Routing, build_model, load_arch, save_arch
+from model.losses import LossRecipe
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
 from utils.base.logger import git_commit, setup_logging
 from utils.base.modality import Modality
 from utils.engine.options import EMA_DECAY, data_parser, model_parser, optim_parser, select_device
-from utils.engine.trainer import Trainer, reid_losses
+from utils.engine.trainer import Trainer
 from utils.evaluation.evaluate import extract_features
 from utils.evaluation.metrics import benchmark_metrics
 
@@ -440,7 +441,7 @@ def run_fast(
     windowed = reset_peak_memory(device)
     trainer = SyntheticTrainer(options, train_set)
     sampler = trainer.sampler
-    trainer.net.train()
+    trainer.model.train()
 
     def step(index: int) -> None:
         epoch, position = divmod(index, len(sampler))
@@ -514,7 +515,7 @@ def run_plain(
         labels = torch.cat([visible_labels, infrared_labels]).to(device)
         n = len(visible)
         pool, feat, logits = model(images, Routing.from_halves(n, len(infrared)))
-        terms = reid_losses(pool, feat, logits, labels, n, options)
+        terms = LossRecipe.from_args(options)(pool, feat, logits, labels, n)
         optimizer.zero_grad()
         terms["loss"].backward()
         optimizer.step()
