@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.checkpoint import load_state, plain
+from model.arch import Arch
+from model.checkpoint import is_resumable, load_state, plain, read_checkpoint
 from utils.base.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -249,3 +250,45 @@ def check_resume_options(
     ]
     if changed:
         log.warning("%s with changed options: %s", source, ", ".join(changed))
+
+
+def read_resume_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
+    """Read ``--resume`` and check that this run may continue it: format, options, epochs, EMA."""
+    source = f"--resume {args.resume}"
+    checkpoint = read_checkpoint(args.resume)
+    if not is_resumable(checkpoint):
+        raise UserError(
+            f"{source}: not a resumable checkpoint of this project (test.py reads the "
+            "authors' checkpoints; they cannot be resumed)"
+        )
+    check_resume_options(checkpoint.get("args"), args, source)
+    epoch = int(checkpoint["epoch"])
+    if epoch > args.epochs:
+        raise UserError(
+            f"{source}: the checkpoint is at epoch {epoch}, beyond --epochs {args.epochs}"
+        )
+    if args.ema_decay > 0 and not checkpoint.get("ema"):
+        raise UserError(
+            f"{source}: the checkpoint has no EMA weights but --ema_decay is "
+            f"{args.ema_decay} (resume with --ema_decay 0)"
+        )
+    if args.ema_decay == 0 and checkpoint.get("ema"):
+        log.warning("%s: --ema_decay 0 drops the checkpoint's EMA weights", source)
+    return checkpoint
+
+
+def check_same_arch(checkpoint: Mapping[str, Any], arch: Arch, source: str, given: str) -> None:
+    """Refuse a checkpoint whose architecture is not ``arch`` (read from ``given``)."""
+    saved = checkpoint.get("arch", {}).get("slots", {})
+    slots = arch.slots
+    if saved == slots:
+        return
+    differ = [name for name in slots if saved.get(name) != slots[name]]
+    differ += [name for name in saved if name not in slots]
+    shown = ", ".join(
+        f"{n} ({saved.get(n, 'absent')} vs {slots.get(n, 'absent')})" for n in differ[:4]
+    )
+    raise UserError(
+        f"{source}: the checkpoint's architecture differs from {given} in {len(differ)} "
+        f"slot(s): {shown}{', ...' if len(differ) > 4 else ''} (checkpoint vs config)"
+    )

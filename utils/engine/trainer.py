@@ -28,8 +28,6 @@ import contextlib
 import json
 import logging
 import math
-import os
-import random
 import signal
 import sys
 import time
@@ -43,13 +41,11 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from data import CrossModalitySampler, TrainSet, load_train_set
+from data import CrossModalitySampler, TrainSet
 from model import Arch, build_model, load_arch
 from model.checkpoint import (
     checkpoint_header,
-    is_resumable,
     plain,
-    read_checkpoint,
     write_checkpoint,
 )
 from model.losses import LossRecipe
@@ -58,8 +54,15 @@ from utils.base.errors import UserError
 from utils.base.io import copy_atomic, write_text_atomic
 from utils.base.logger import append_json_line, log_run_header
 from utils.engine.batch import ResidentImages
+from utils.engine.build import (
+    build_optimizer,
+    build_schedule,
+    load_training_data,
+    seed_everything,
+    wrap_model,
+)
 from utils.engine.ema import ModelEMA
-from utils.engine.options import check_data_root, select_device
+from utils.engine.options import select_device
 from utils.engine.rundir import (
     LATEST,
     RUN_FILES,
@@ -77,39 +80,18 @@ from utils.engine.state import (
     LossMeter,
     ProcessRandomState,
     RunState,
-    check_resume_options,
+    check_same_arch,
+    read_resume_checkpoint,
 )
 from utils.evaluation.evaluate import autocast, evaluate_regdb, evaluate_sysu, format_table
 
-__all__ = ["LATEST", "Interrupted", "NonFiniteLoss", "Trainer", "lr_factor", "run_trainer"]
+__all__ = ["LATEST", "Interrupted", "NonFiniteLoss", "Trainer", "run_trainer"]
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(UserError):
     """The loss became NaN or infinite; the run stops and names its last good checkpoint."""
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed Python, NumPy and torch; optionally force deterministic algorithms."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        # cuBLAS needs a fixed workspace for deterministic results; set before it starts.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-    else:
-        torch.backends.cudnn.benchmark = True
-
-
-def lr_factor(epoch: int, warmup: int, milestones: list[int]) -> float:
-    """The paper's schedule: linear warm-up from 0.01, then x0.1 at each milestone."""
-    if epoch < warmup:
-        return 0.01 + (1.0 - 0.01) * epoch / warmup
-    return 0.1 ** sum(epoch >= m for m in milestones)
 
 
 class Trainer:
@@ -149,9 +131,7 @@ class Trainer:
         self.ema = ModelEMA(self.model_without_ddp, args.ema_decay) if args.ema_decay > 0 else None
         self.loss = LossRecipe.from_args(args)
         self.optimizer = self.build_optimizer()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda e: lr_factor(e, args.warmup_epochs, args.milestones)
-        )
+        self.scheduler = build_schedule(self.optimizer, args)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         self.sampler = CrossModalitySampler(
             self.train_set.visible_labels,
@@ -164,7 +144,7 @@ class Trainer:
         )
         self.aug_generator = torch.Generator().manual_seed(args.seed * 1000 + self.dist.rank)
         self.images = ResidentImages.upload(self.train_set, self.device)
-        self.model = self.wrap(self.model_without_ddp)
+        self.model = wrap_model(self.model_without_ddp, self.dist, args.compile)
         self.state = RunState(
             model=self.model_without_ddp,
             ema=self.ema.module if self.ema is not None else None,
@@ -185,23 +165,8 @@ class Trainer:
 
     # ----- set-up, overridable -------------------------------------------------------------
     def build_data(self) -> TrainSet:
-        """Check ``--data_root`` and load (and cache) the training images."""
-        args = self.args
-        check_data_root(args)
-        # Rank 0 builds the cache first so that the other ranks only read it.
-        if not self.dist.is_main:
-            barrier(self.dist)
-        train_set = load_train_set(
-            args.dataset,
-            args.data_root,
-            self.img_size,
-            args.trial,
-            args.cache_dir,
-            progress=self.dist.is_main and sys.stderr.isatty(),
-        )
-        if self.dist.is_main:
-            barrier(self.dist)
-        return train_set
+        """The training set: check ``--data_root``, load (and cache) the images."""
+        return load_training_data(self.args, self.img_size, self.dist)
 
     def build_model(self) -> nn.Module:
         """The network of ``--config_path``, initialised from ``--pretrained``."""
@@ -211,33 +176,9 @@ class Trainer:
             self.arch, self.train_set.num_classes, self.args.last_stride, self.args.pretrained
         )
 
-    def is_weight(self, name: str) -> bool:
-        """Whether parameter ``name`` is a network weight (not an architecture parameter)."""
-        return True
-
     def build_optimizer(self) -> torch.optim.Optimizer:
-        """Adam (or SGD): backbone at lr/10, BNNeck and classifier at lr (the paper's recipe)."""
-        args = self.args
-        head, backbone = [], []
-        for name, param in self.model_without_ddp.named_parameters():
-            if param.requires_grad and self.is_weight(name):
-                (backbone if name.startswith("backbone.") else head).append(param)
-        groups = [{"params": backbone, "lr": 0.1 * args.lr}, {"params": head, "lr": args.lr}]
-        fused = {"fused": True} if self.device.type == "cuda" else {}
-        if args.optim == "adam":
-            betas = (args.beta1, args.beta2)
-            return torch.optim.Adam(groups, betas=betas, weight_decay=args.weight_decay, **fused)
-        return torch.optim.SGD(
-            groups, momentum=0.9, nesterov=True, weight_decay=args.weight_decay, **fused
-        )
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """DDP and/or torch.compile around the model the training steps run."""
-        if self.dist.enabled:
-            model = nn.parallel.DistributedDataParallel(model, device_ids=None)
-        if self.args.compile:
-            model = torch.compile(model)  # type: ignore[assignment]
-        return model
+        """Adam (or SGD) over the network weights, in the paper's two learning-rate groups."""
+        return build_optimizer(self.model_without_ddp.named_parameters(), self.args, self.device)
 
     def architecture(self) -> Arch:
         """The architecture a checkpoint records (``test.py`` rebuilds the network from it)."""
@@ -249,39 +190,20 @@ class Trainer:
 
         Without ``--resume`` nothing changes: the run starts at epoch 0.
         """
-        path = self.args.resume
-        if not path:
+        if not self.args.resume:
             return
-        source = f"--resume {path}"
-        checkpoint = read_checkpoint(path)
-        if not is_resumable(checkpoint):
-            raise UserError(
-                f"{source}: not a resumable checkpoint of this project (test.py reads the "
-                "authors' checkpoints; they cannot be resumed)"
-            )
-        check_resume_options(checkpoint.get("args"), self.args, source)
+        source = f"--resume {self.args.resume}"
+        checkpoint = read_resume_checkpoint(self.args)
         self.check_checkpoint(checkpoint, source)
-        epoch = int(checkpoint["epoch"])
-        if epoch > self.args.epochs:
-            raise UserError(
-                f"{source}: the checkpoint is at epoch {epoch}, beyond --epochs {self.args.epochs}"
-            )
-        if self.ema is not None and not checkpoint.get("ema"):
-            raise UserError(
-                f"{source}: the checkpoint has no EMA weights but --ema_decay is "
-                f"{self.args.ema_decay} (resume with --ema_decay 0)"
-            )
-        if self.ema is None and checkpoint.get("ema"):
-            log.warning("%s: --ema_decay 0 drops the checkpoint's EMA weights", source)
         self.state.load_state_dict(checkpoint, source, self.dist.world_size == 1)
         self.losses.load_state_dict(checkpoint.get("epoch_losses") or {})
-        self.start_epoch = self.epoch = epoch
+        self.start_epoch = self.epoch = int(checkpoint["epoch"])
         self.start_step = int(checkpoint.get("step_in_epoch", 0))
         self.global_step = int(checkpoint.get("global_step", 0))
-        self.last_good = Path(path)
+        self.last_good = Path(self.args.resume)
         log.info(
             "resumed from %s at epoch %d step %d (global step %d); run folder %s",
-            path,
+            self.args.resume,
             self.start_epoch + 1,
             self.start_step,
             self.global_step,
@@ -289,21 +211,9 @@ class Trainer:
         )
 
     def check_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
-        """Refuse a checkpoint of another architecture than ``--config_path``."""
-        saved = checkpoint.get("arch", {}).get("slots", {})
-        slots = self.arch.slots
-        if saved == slots:
-            return
-        differ = [name for name in slots if saved.get(name) != slots[name]]
-        differ += [name for name in saved if name not in slots]
-        shown = ", ".join(
-            f"{n} ({saved.get(n, 'absent')} vs {slots.get(n, 'absent')})" for n in differ[:4]
-        )
-        raise UserError(
-            f"{source}: the checkpoint's architecture differs from --config_path "
-            f"{self.args.config_path} in {len(differ)} slot(s): {shown}"
-            f"{', ...' if len(differ) > 4 else ''} (checkpoint vs config)"
-        )
+        """Refuse a checkpoint this run cannot continue: one of another architecture."""
+        given = f"--config_path {self.args.config_path}"
+        check_same_arch(checkpoint, self.arch, source, given)
 
     # ----- the loop -------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
