@@ -39,7 +39,8 @@ RESNET_LAYOUT: dict[int, tuple[str, tuple[int, int, int, int]]] = {
 }
 # The supported ResNet depths (the choices of every --depth flag).
 DEPTHS = tuple(RESNET_LAYOUT)
-_DEPTH_LIST = ", ".join(map(str, DEPTHS))
+_DEPTH_LIST = ", ".join(map(str, DEPTHS))  # "18, 34, 50"
+_DEPTH_CHOICE = f"{', '.join(map(str, DEPTHS[:-1]))} or {DEPTHS[-1]}"  # "18, 34 or 50"
 # The authors' .cfg codes.
 _CFG_CODE = {SPLIT: 0, SHARED: 1}
 _CFG_CHOICE = {code: choice for choice, code in _CFG_CODE.items()}
@@ -169,7 +170,7 @@ def arch_from_dict(data: Any, source: str = "architecture") -> Arch:
         raise UserError(f"{source}: version {version!r} is not supported (expected 1)")
     depth = data.get("depth")
     if not isinstance(depth, int) or isinstance(depth, bool):
-        raise UserError(f"{source}: 'depth' must be one of {_DEPTH_LIST}, got {depth!r}")
+        raise UserError(f"{source}: 'depth' must be {_DEPTH_CHOICE}, got {depth!r}")
     if depth not in RESNET_LAYOUT:
         raise UserError(
             f"{source}: unsupported ResNet depth {depth}: expected one of {_DEPTH_LIST}"

@@ -9,7 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from model import SHARED, SPLIT, Arch, CMNASNet, ModalityBN, Routing, build_model, slot_names
+from model import (
+    SHARED,
+    SPLIT,
+    Arch,
+    CMNASNet,
+    ModalityBN,
+    Routing,
+    build_model,
+    find_slots,
+    slot_names,
+)
 from model.checkpoint import load_imagenet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -433,3 +443,5 @@ def test_slot_names_match_built_model(
     for model in models:
         assert sorted(model.slots()) == sorted(names)
         assert len(model.slots()) == count
+        # One finder for every caller, in the canonical (.cfg) order, from model or backbone.
+        assert list(find_slots(model)) == names == list(find_slots(model.backbone))

@@ -49,7 +49,7 @@ from torch import nn
 from data.plain import PairedImages, plain_loader
 from data.sampler import CrossModalitySampler
 from data.trainset import TrainSet
-from model import Arch, Routing, build_model, load_arch, save_arch
+from model import DEPTHS, Arch, Routing, build_model, load_arch, save_arch
 from model.losses import LossRecipe
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
@@ -116,7 +116,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if any)")
     parser.add_argument(
-        "--depth", type=int, choices=(18, 34, 50), default=None, help=f"ResNet {preset('depth')}"
+        "--depth", type=int, choices=DEPTHS, default=None, help=f"ResNet {preset('depth')}"
     )
     parser.add_argument("--img_h", type=int, default=None, help=f"image height {preset('img_h')}")
     parser.add_argument("--img_w", type=int, default=None, help=f"image width {preset('img_w')}")
