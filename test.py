@@ -34,7 +34,7 @@ import torch
 from data import ProtocolSettings, get_dataset
 from model import CMNASNet, build_model, load_arch, load_checkpoint, read_checkpoint
 from model.arch import Arch, arch_from_dict
-from model.weights import is_authors_checkpoint
+from model.checkpoint import is_authors_checkpoint, is_search_checkpoint
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
 from utils.base.io import write_atomic, write_text_atomic
@@ -181,7 +181,7 @@ def build_from_checkpoint(
             raise UserError(f"--weights {args.weights}: no module.classifier.weight matrix")
         num_classes, last_stride = int(classifier.shape[0]), args.last_stride or 1
     else:
-        if isinstance(checkpoint.get("search"), dict):
+        if is_search_checkpoint(checkpoint):
             raise UserError(
                 f"--weights {args.weights}: a search checkpoint (a supernet); train its "
                 "arch.json with train.py and test that checkpoint"
