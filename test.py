@@ -37,8 +37,8 @@ import torch
 from data import ProtocolSettings, get_dataset
 from data.dataset import V2I_ROLES
 from model import CMNASNet, read_checkpoint
+from model.checkpoint import is_authors_checkpoint
 from model.restore import model_from_checkpoint
-from model.weights import is_authors_checkpoint
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
 from utils.base.io import write_atomic, write_text_atomic

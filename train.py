@@ -45,7 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_data_root(args)
     from utils.engine.trainer import Trainer, run_trainer
 
-    return run_trainer(Trainer(args))
+    trainer = Trainer(args)
+    trainer.resume()
+    return run_trainer(trainer)
 
 
 if __name__ == "__main__":

@@ -3,19 +3,21 @@
 A cache is one folder holding ``<name>.npy`` arrays and a ``meta.json``. It is built in a
 temporary sibling folder and moved into place with one ``os.replace``, so a reader sees either a
 complete cache or none: an interrupted build (Ctrl-C, crash, full disk) leaves no cache behind.
+The meta records what the images are (data root, and each file's name, size and modification
+time), so a replaced image or another data root with the same file names rebuilds the cache,
+and the log says why.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
 import shutil
 import socket
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,13 +26,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.base.errors import UserError
+from utils.base.io import MB, check_free_space, disk_full
 
 logger = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
-# Bump when the cache contents change meaning (e.g. a different resize), so old caches rebuild.
-CACHE_VERSION = 1
+# Bump when the cache contents or its meta change meaning (e.g. a different resize), so old caches
+# rebuild. 2: keyed by the data root and each image's size and modification time.
+CACHE_VERSION = 2
 _MAX_WORKERS = 8
+# Free space asked for beyond the arrays themselves (meta.json, headers, and some room to spare).
+_SPACE_MARGIN = 16 * MB
 
 
 def check_img_size(img_size: Sequence[int]) -> tuple[int, int]:
@@ -98,13 +104,69 @@ def default_cache_dir(root: str | os.PathLike) -> Path:
     return Path("cache").absolute()
 
 
-def file_list_hash(entries: Iterable[str]) -> str:
-    """Return the SHA-256 hex digest of ``entries`` joined by newlines (order matters)."""
-    digest = hashlib.sha256()
-    for entry in entries:
-        digest.update(entry.encode("utf-8"))
-        digest.update(b"\n")
-    return digest.hexdigest()
+def image_signature(root: str | os.PathLike, groups: Mapping[str, Sequence[str]]) -> dict:
+    """Describe what the images are: the resolved ``root`` and each file's size and mtime.
+
+    ``groups`` maps a name (e.g. "visible") to image paths under ``root``. Each file becomes one
+    ``"<size> <mtime_ns> <path relative to root>"`` line, so a file replaced or rewritten under the
+    same name changes the signature, and so does another data root with the same file names.
+    """
+    files = {}
+    for group, paths in groups.items():
+        lines = []
+        for path in paths:
+            try:
+                stat = os.stat(path)
+            except OSError as exc:
+                raise UserError(f"{path}: cannot read image ({exc.strerror})") from None
+            lines.append(f"{stat.st_size} {stat.st_mtime_ns} {os.path.relpath(path, root)}")
+        files[group] = lines
+    return {"root": str(Path(root).resolve()), "files": files}
+
+
+def cache_mismatch(stored: dict, wanted: dict) -> str | None:
+    """Say in a few words why a cache whose meta is ``stored`` cannot serve ``wanted``, or None."""
+    stored, wanted = _jsonable(stored), _jsonable(wanted)
+    try:
+        return _mismatch(stored, wanted)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return "its meta.json is malformed"
+
+
+def _mismatch(stored: dict, wanted: dict) -> str | None:
+    if stored.get("version") != wanted.get("version"):
+        return f"written in cache format {stored.get('version')}, not {wanted.get('version')}"
+    if stored.get("img_size") != wanted.get("img_size"):
+        old_size, new_size = (
+            "x".join(str(v) for v in meta.get("img_size") or ["?"]) for meta in (stored, wanted)
+        )
+        return f"image size changed ({old_size} -> {new_size})"
+    old, new = stored.get("images") or {}, wanted.get("images") or {}
+    if old.get("root") != new.get("root"):
+        return f"built for another data root {old.get('root')}"
+    old_files, new_files = old.get("files") or {}, new.get("files") or {}
+    changed = []
+    for group in sorted(set(old_files) | set(new_files)):
+        before, after = old_files.get(group, []), new_files.get(group, [])
+        old_names = [_file_name(line) for line in before]
+        names = [_file_name(line) for line in after]
+        if old_names != names:
+            known = set(old_names)
+            added = [name for name in names if name not in known]
+            first = f"; first new: {added[0]}" if added else ""
+            return f"the list of {group} image files changed ({len(before)} -> {len(after)}{first})"
+        changed += [_file_name(y) for x, y in zip(before, after, strict=True) if x != y]
+    if changed:
+        return f"{len(changed)} image files changed since it was built (first: {changed[0]})"
+    different = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+    if different:
+        return f"built with other settings ({', '.join(different)})"
+    return None
+
+
+def _file_name(line: str) -> str:
+    """The relative path of one ``image_signature`` line."""
+    return line.split(" ", 2)[-1]
 
 
 def read_cache(
@@ -119,8 +181,9 @@ def read_cache(
         stored = json.loads((path / META_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if stored != _jsonable(meta):
-        logger.info("cache %s is stale (different size or file list); rebuilding", path)
+    reason = cache_mismatch(stored, meta)
+    if reason is not None:
+        logger.info("rebuilding cache %s: %s", path, reason)
         return None
     arrays = {}
     for name in names:
@@ -132,15 +195,33 @@ def read_cache(
     return arrays
 
 
-def write_cache(path: str | os.PathLike, meta: dict, build: Callable[[Path], None]) -> None:
+def image_bytes(count: int, img_size: Sequence[int]) -> int:
+    """Bytes that ``count`` uint8 RGB images of (height, width) take in the cache."""
+    height, width = check_img_size(img_size)
+    return count * height * width * 3
+
+
+def write_cache(
+    path: str | os.PathLike, meta: dict, build: Callable[[Path], None], need_bytes: int = 0
+) -> None:
     """Build a cache at ``path``: ``build(tmp_dir)`` writes the arrays, then one atomic move.
 
-    If another process finished the same cache first, its copy is kept and ours dropped.
+    ``need_bytes`` (what the arrays will take) is checked against the free space first. Any
+    failure removes the half-built folder; a full disk, an unwritable folder or a cache folder
+    deleted meanwhile is a one-line UserError. If another process finished the same cache
+    first, its copy is kept and ours dropped.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(path)
+    except OSError as exc:
+        raise UserError(
+            f"--cache_dir {path.parent}: cannot write the image cache ({exc})"
+        ) from None
+    need = need_bytes + need_bytes // 100 + _SPACE_MARGIN
+    check_free_space(path.parent, need)
+    try:
         tmp = path.parent / f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{_tag()}"
         tmp.mkdir()
     except OSError as exc:
@@ -154,7 +235,14 @@ def write_cache(path: str | os.PathLike, meta: dict, build: Callable[[Path], Non
         _replace_dir(tmp, path)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(path.parent, need) from None
+        if isinstance(exc, FileNotFoundError) and not tmp.is_dir():
+            raise UserError(
+                f"--cache_dir {path.parent}: the cache folder disappeared while {path.name} was "
+                "being built (deleted by another process?); run again"
+            ) from None
+        if exc.errno in (errno.EACCES, errno.EROFS):
             raise UserError(
                 f"--cache_dir {path.parent}: cannot write the image cache ({exc})"
             ) from None
@@ -230,9 +318,35 @@ def save_images(
         # numpy cannot memory-map a zero-sized array.
         np.save(target, np.empty((0, height, width, 3), dtype=np.uint8))
         return
-    array = np.lib.format.open_memmap(
-        target, mode="w+", dtype=np.uint8, shape=(len(paths), height, width, 3)
-    )
+    shape = (len(paths), height, width, 3)
+    # Create the file (header and a sparse body), reserve its disk blocks, then map it for
+    # writing: on a full disk the reservation fails with ENOSPC instead of a write to the map
+    # killing the process with SIGBUS.
+    array = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=shape)
+    offset, size = array.offset, array.nbytes
+    del array
+    _reserve(target, offset, size)
+    array = np.lib.format.open_memmap(target, mode="r+")
     load_images(paths, (height, width), progress=progress, desc=name, out=array)
     array.flush()
     del array
+
+
+def _reserve(path: Path, offset: int, size: int) -> None:
+    """Allocate the disk blocks of ``path``'s bytes [offset, offset + size) now."""
+    with open(path, "r+b") as handle:
+        if hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(handle.fileno(), offset, size)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+        # No fallocate on this platform or file system: writing zeros reserves the blocks too.
+        handle.seek(offset)
+        chunk = bytes(min(size, 16 * MB))
+        left = size
+        while left > 0:
+            left -= handle.write(chunk[: min(left, len(chunk))])
+        handle.flush()
+        os.fsync(handle.fileno())

@@ -14,7 +14,8 @@ from data.images import (
     CACHE_VERSION,
     check_img_size,
     default_cache_dir,
-    file_list_hash,
+    image_bytes,
+    image_signature,
     read_cache,
     save_images,
     write_cache,
@@ -123,16 +124,13 @@ def load_train_set(
     visible_labels = np.searchsorted(pid_array, np.asarray(visible_pids, np.int64)[vis_rows])
     infrared_labels = np.searchsorted(pid_array, np.asarray(infrared_pids, np.int64)[ir_rows])
 
-    # Relative paths: moving the data folder must not invalidate the cache.
-    entries = [f"visible {os.path.relpath(p, root)}" for p in visible_paths]
-    entries += [f"infrared {os.path.relpath(p, root)}" for p in infrared_paths]
     meta = {
         "version": CACHE_VERSION,
         "dataset": name,
         "img_size": [height, width],
         "num_visible": len(visible_paths),
         "num_infrared": len(infrared_paths),
-        "files_sha256": file_list_hash(entries),
+        "images": image_signature(root, {"visible": visible_paths, "infrared": infrared_paths}),
     }
     if plugin.num_splits > 1:
         meta["trial"] = split
@@ -155,7 +153,8 @@ def load_train_set(
             save_images(folder, "visible_images", visible_paths, (height, width), progress)
             save_images(folder, "infrared_images", infrared_paths, (height, width), progress)
 
-        write_cache(cache_path, meta, build)
+        need = image_bytes(len(visible_paths) + len(infrared_paths), (height, width))
+        write_cache(cache_path, meta, build, need_bytes=need)
         arrays = read_cache(cache_path, meta, _ARRAYS, mmap=mmap)
         if arrays is None:
             raise UserError(f"--cache_dir {cache_path.parent}: cache {cache_path} unreadable")

@@ -2,7 +2,8 @@
 
 Pipeline (torchvision order of the authors' code): zero-pad the uint8 image by ``pad``, random
 crop back to HxW, horizontal flip, to [0, 1], ImageNet normalisation, random erasing whose
-rectangle is filled with 0.485/0.456/0.406 written into the *normalised* tensor.
+rectangle (area 0.02-0.4 of the image, height/width ratio 0.3-1/0.3) is filled with
+0.485/0.456/0.406 written into the *normalised* tensor.
 
 ``augment_batch`` draws every random number on the CPU from the given generator as a few small
 tensors, moves them to the images' device with ``non_blocking=True`` and then works with
@@ -22,6 +23,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ERASE_FILL = (0.485, 0.456, 0.406)
 # Attempts per image to find an erasing rectangle that fits, as in Zhong et al.'s code.
 ERASE_ATTEMPTS = 100
+# The erased area as a fraction of the image, and the rectangle's height/width ratio, both drawn
+# uniformly. The ratio range is symmetric under h <-> w: its upper end is exactly 1/0.3, not 3.33.
+ERASE_AREA = (0.02, 0.4)
+ERASE_RATIO = (0.3, 1 / 0.3)
 
 # Columns of the per-image parameter table: crop offsets, flip, erase flag and rectangle.
 _DY, _DX, _FLIP, _ERASE, _TOP, _LEFT, _EH, _EW = range(8)
@@ -141,8 +146,8 @@ def augment_batch(
     pad: int = 10,
     flip_p: float = 0.5,
     erase_p: float = 0.5,
-    erase_area: tuple[float, float] = (0.02, 0.4),
-    erase_ratio: tuple[float, float] = (0.3, 3.33),
+    erase_area: tuple[float, float] = ERASE_AREA,
+    erase_ratio: tuple[float, float] = ERASE_RATIO,
 ) -> torch.Tensor:
     """Augment uint8 (N,H,W,3) images on their device; return normalised float (N,3,H,W).
 
@@ -162,8 +167,8 @@ def augment_one(
     pad: int = 10,
     flip_p: float = 0.5,
     erase_p: float = 0.5,
-    erase_area: tuple[float, float] = (0.02, 0.4),
-    erase_ratio: tuple[float, float] = (0.3, 3.33),
+    erase_area: tuple[float, float] = ERASE_AREA,
+    erase_ratio: tuple[float, float] = ERASE_RATIO,
 ) -> torch.Tensor:
     """Augment one uint8 HWC image on the CPU with ``rng``; return normalised float (3,H,W).
 

@@ -1,4 +1,4 @@
-"""Networks of the codebase: modality BN slots, ResNet backbones, architectures, weights.
+"""Networks of the codebase: modality BN slots, ResNet backbones, architectures, checkpoints.
 
 Public API::
 
@@ -9,12 +9,13 @@ Public API::
     pool, feat = model.eval()(images, "infrared")
 """
 
-from model.arch import SHARED, SPLIT, Arch, load_arch, save_arch, slot_names
-from model.bn import ModalityBN, Routing
+from model.arch import DEPTHS, SHARED, SPLIT, Arch, load_arch, save_arch, slot_names
+from model.bn import ModalityBN, Routing, find_slots
+from model.checkpoint import LoadReport, load_checkpoint, load_imagenet, read_checkpoint
 from model.net import CMNASNet, build_model
-from model.weights import LoadReport, load_checkpoint, load_imagenet, read_checkpoint
 
 __all__ = [
+    "DEPTHS",
     "SHARED",
     "SPLIT",
     "Arch",
@@ -23,6 +24,7 @@ __all__ = [
     "ModalityBN",
     "Routing",
     "build_model",
+    "find_slots",
     "load_arch",
     "load_checkpoint",
     "load_imagenet",

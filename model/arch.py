@@ -37,14 +37,20 @@ RESNET_LAYOUT: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     34: ("basic", (3, 4, 6, 3)),
     50: ("bottleneck", (3, 4, 6, 3)),
 }
+# The supported ResNet depths (the choices of every --depth flag).
+DEPTHS = tuple(RESNET_LAYOUT)
+_DEPTH_LIST = ", ".join(map(str, DEPTHS))  # "18, 34, 50"
+_DEPTH_CHOICE = f"{', '.join(map(str, DEPTHS[:-1]))} or {DEPTHS[-1]}"  # "18, 34 or 50"
 # The authors' .cfg codes.
 _CFG_CODE = {SPLIT: 0, SHARED: 1}
 _CFG_CHOICE = {code: choice for choice, code in _CFG_CODE.items()}
+# The top-level keys of this project's JSON; anything else is a typo or another tool's file.
+JSON_KEYS = ("format", "version", "depth", "slots", "provenance")
 
 
 def _check_depth(depth: int) -> None:
     if depth not in RESNET_LAYOUT:
-        raise UserError(f"unsupported ResNet depth {depth}: expected one of 18, 34, 50")
+        raise UserError(f"unsupported ResNet depth {depth}: expected one of {_DEPTH_LIST}")
 
 
 def has_downsample(depth: int, stage: int) -> bool:
@@ -137,10 +143,10 @@ def parse_cfg(text: str, source: str = "config.cfg", depth: int | None = None) -
     counts = {len(slot_names(d)): d for d in RESNET_LAYOUT}
     if depth is None:
         if len(tokens) not in counts:
-            raise UserError(
-                f"{source}: {len(tokens)} values, expected 53 (ResNet-50), 36 (ResNet-34) "
-                f"or 20 (ResNet-18) integers 0/1"
+            expected = ", ".join(
+                f"{count} (ResNet-{d})" for count, d in sorted(counts.items(), reverse=True)
             )
+            raise UserError(f"{source}: {len(tokens)} values, expected {expected} integers 0/1")
         depth = counts[len(tokens)]
     names = slot_names(depth)
     if len(tokens) != len(names):
@@ -164,11 +170,19 @@ def arch_from_dict(data: Any, source: str = "architecture") -> Arch:
     version = data.get("version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
         raise UserError(f"{source}: version {version!r} is not supported (expected 1)")
+    unknown = [key for key in data if key not in JSON_KEYS]
+    if unknown:
+        raise UserError(
+            f"{source}: unknown key(s) {', '.join(map(repr, unknown))} "
+            f"(expected {', '.join(JSON_KEYS)})"
+        )
     depth = data.get("depth")
     if not isinstance(depth, int) or isinstance(depth, bool):
-        raise UserError(f"{source}: 'depth' must be 18, 34 or 50, got {depth!r}")
+        raise UserError(f"{source}: 'depth' must be {_DEPTH_CHOICE}, got {depth!r}")
     if depth not in RESNET_LAYOUT:
-        raise UserError(f"{source}: unsupported ResNet depth {depth}: expected one of 18, 34, 50")
+        raise UserError(
+            f"{source}: unsupported ResNet depth {depth}: expected one of {_DEPTH_LIST}"
+        )
     slots = data.get("slots")
     if not isinstance(slots, dict):
         raise UserError(f"{source}: 'slots' must be an object mapping slot name to shared/split")
@@ -180,10 +194,13 @@ def arch_from_dict(data: Any, source: str = "architecture") -> Arch:
 
 
 def load_arch(path: str | os.PathLike[str], depth: int | None = None) -> Arch:
-    """Read an architecture from this project's JSON or the authors' ``config.cfg``."""
+    """Read an architecture from this project's JSON or the authors' ``config.cfg``.
+
+    Both are read as UTF-8; a byte-order mark (as some Windows editors write) is skipped.
+    """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise UserError(f"{path}: architecture file not found") from None
     except (OSError, UnicodeDecodeError) as err:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model.arch import SHARED, SPLIT
+from model.arch import SHARED, SPLIT, slot_names
 from utils.base.modality import Modality
 
 
@@ -86,20 +86,6 @@ class Routing:
             return cls(total, single=Modality.INFRARED)
         return cls(total, halves=n_visible)
 
-    def modality_codes(self, device: torch.device | None = None) -> torch.Tensor:
-        """The per-sample modality as a long tensor (0 visible, 1 infrared)."""
-        codes = torch.empty(self.batch_size, dtype=torch.long, device=device)
-        if self.single is not None:
-            codes.fill_(int(self.single))
-        elif self.halves is not None:
-            codes[: self.halves] = int(Modality.VISIBLE)
-            codes[self.halves :] = int(Modality.INFRARED)
-        else:
-            assert self.visible_index is not None and self.infrared_index is not None
-            codes[self.visible_index.to(codes.device)] = int(Modality.VISIBLE)
-            codes[self.infrared_index.to(codes.device)] = int(Modality.INFRARED)
-        return codes
-
 
 def route_split(
     x: torch.Tensor,
@@ -155,3 +141,22 @@ class ModalityBN(nn.Module):
 
 NormFactory = Callable[[str, int], nn.Module]
 """Builds the norm layer for a slot: ``factory(slot_name, num_features)``."""
+
+
+def find_slots(model: nn.Module) -> dict[str, nn.Module]:
+    """The norm slots of ``model``'s backbone by slot name (e.g. ``layer1.0.bn1``).
+
+    A slot is any module with ``branches()`` (:class:`ModalityBN`, the search's
+    ``SearchableBN``). A ResNet's slots come in the canonical order of
+    :func:`~model.arch.slot_names` (module registration puts a block's shortcut after its BNs);
+    other modules' in registration order.
+    """
+    backbone = model.backbone if hasattr(model, "backbone") else model
+    found = {
+        name: module
+        for name, module in backbone.named_modules()
+        if name and hasattr(module, "branches")
+    }
+    if not hasattr(backbone, "depth"):
+        return found
+    return {name: found[name] for name in slot_names(backbone.depth) if name in found}

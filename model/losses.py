@@ -1,30 +1,27 @@
 """Losses of CM-NAS training and search: identity CE, batch-hard triplet, SP and CMMD.
 
-All losses are plain differentiable functions of features and labels; the training engine weighs
-and sums them (DESIGN section 2: CE + triplet + 5.0 * SP + 0.05 * CMMD). Anything that pairs
+Each loss is a plain differentiable function of features and labels; :class:`LossRecipe` weighs
+and sums them (the paper's recipe: CE + triplet + 5.0 * SP + 0.05 * CMMD). Anything that pairs
 samples of the same identity does so by comparing labels, never by assuming batch positions, except
 ``sp_loss``, whose definition is positional (row k of both halves is the same identity).
+
+A new loss is its function below plus one line in :meth:`LossRecipe.__call__` (and a weight
+field); it joins training when its name is in ``LossRecipe.terms``, and the search's
+architecture step only if that step names it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 
 PAIRINGS = ("vv", "ii", "vi", "iv")
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    """Weights of the summed training loss; the defaults are the paper's."""
-
-    identity: float = 1.0
-    triplet: float = 1.0
-    sp: float = 5.0
-    cmmd: float = 0.05
+# Every term of the training loss, in the order they are summed.
+TERMS = ("ce", "triplet", "sp", "cmmd")
 
 
 def identity_loss(
@@ -150,3 +147,73 @@ def cmmd_loss(
         - 2.0 * _mean_kernel(visible_weight, visible, infrared_weight, infrared)
     )
     return (mmd * row_weight).sum() / row_weight.sum().clamp_min(1e-12)
+
+
+@dataclass(frozen=True)
+class LossRecipe:
+    """The loss terms a step uses and their weights; the defaults are the paper's recipe.
+
+    Calling the recipe on a batch whose first ``n_visible`` samples are visible returns the
+    weighted terms by name and their sum under ``"loss"``. A term whose weight is 0 is left out.
+    """
+
+    label_smooth: float = 0.0
+    margin: float = 0.4
+    sp_lambda: float = 5.0
+    cmmd_lambda: float = 0.05
+    # Anchor -> candidate modality pairings of the triplet loss.
+    pairings: tuple[str, ...] = PAIRINGS
+    terms: tuple[str, ...] = TERMS
+
+    @classmethod
+    def from_args(cls, args: Any) -> LossRecipe:
+        """The recipe of the command-line options (``--label_smooth``, ``--margin``, ...)."""
+        return cls(args.label_smooth, args.margin, args.sp_lambda, args.cmmd_lambda)
+
+    def __call__(
+        self,
+        pool: torch.Tensor,
+        bnneck: torch.Tensor,
+        logits: torch.Tensor | None,
+        labels: torch.Tensor,
+        n_visible: int,
+    ) -> dict[str, torch.Tensor]:
+        """The weighted terms named in ``terms`` and their sum under ``"loss"``.
+
+        Triplet runs on the pooled features, SP and CMMD on the BNNeck features (the paper's
+        choice); CE needs ``logits``, which the search's architecture step does not have.
+        """
+        pool, bnneck = pool.float(), bnneck.float()
+        n = n_visible
+        v_labels, i_labels = labels[:n], labels[n:]
+        # name: (weight, loss); a new loss is one line here.
+        recipe: dict[str, tuple[float, Callable[[], torch.Tensor]]] = {
+            "ce": (1.0, lambda: identity_loss(_need(logits).float(), labels, self.label_smooth)),
+            "triplet": (
+                1.0,
+                lambda: cross_modality_triplet(
+                    pool[:n], v_labels, pool[n:], i_labels, self.margin, self.pairings
+                ),
+            ),
+            "sp": (self.sp_lambda, lambda: sp_loss(bnneck[:n], bnneck[n:])),
+            "cmmd": (
+                self.cmmd_lambda,
+                lambda: cmmd_loss(bnneck[:n], v_labels, bnneck[n:], i_labels),
+            ),
+        }
+        unknown = [name for name in self.terms if name not in recipe]
+        if unknown:
+            raise ValueError(f"unknown loss term(s) {unknown}: expected some of {list(recipe)}")
+        out: dict[str, torch.Tensor] = {}
+        for name in self.terms:
+            weight, loss = recipe[name]
+            if weight > 0:
+                out[name] = loss() if weight == 1.0 else weight * loss()
+        out["loss"] = sum(out.values())  # type: ignore[assignment]
+        return out
+
+
+def _need(logits: torch.Tensor | None) -> torch.Tensor:
+    if logits is None:
+        raise ValueError("the 'ce' term needs classifier logits (leave it out of terms without)")
+    return logits

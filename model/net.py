@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from model.arch import Arch
-from model.bn import ModalityBN, NormFactory, Routing
+from model.bn import ModalityBN, NormFactory, Routing, find_slots
+from model.checkpoint import load_imagenet
 from model.resnet import ResNet
 from utils.base.modality import Modality
 
@@ -39,12 +40,8 @@ class CMNASNet(nn.Module):
         nn.init.normal_(self.classifier.weight, 0.0, 0.001)
 
     def slots(self) -> dict[str, nn.Module]:
-        """The backbone's norm slots by slot name (e.g. ``layer1.0.bn1``)."""
-        return {
-            name: module
-            for name, module in self.backbone.named_modules()
-            if hasattr(module, "branches") and name
-        }
+        """The backbone's norm slots by slot name (e.g. ``layer1.0.bn1``), in canonical order."""
+        return find_slots(self)
 
     def forward(
         self, images: torch.Tensor, modality: str | Modality | torch.Tensor | Routing
@@ -78,7 +75,5 @@ def build_model(
     """
     model = CMNASNet(arch.depth, num_classes, arch_norm(arch), last_stride)
     if pretrained is not None and str(pretrained).lower() != "none":
-        from model.weights import load_imagenet
-
         load_imagenet(model, str(pretrained))
     return model

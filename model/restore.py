@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from model.arch import Arch, arch_from_dict, load_arch
+from model.checkpoint import is_authors_checkpoint, load_checkpoint, read_checkpoint
 from model.net import CMNASNet, build_model
-from model.weights import is_authors_checkpoint, load_checkpoint, read_checkpoint
 from utils.base.errors import UserError
 
 log = logging.getLogger(__name__)

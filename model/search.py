@@ -12,20 +12,19 @@ The supernet is an ordinary :class:`~model.net.CMNASNet` built with :func:`searc
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from model.arch import SHARED, SPLIT, Arch, slot_names
-from model.bn import NormFactory, Routing, route_split
+from model.arch import SHARED, SPLIT, Arch
+from model.bn import NormFactory, Routing, find_slots, route_split
+from model.checkpoint import load_imagenet
 from model.net import CMNASNet
 
 RELAXATIONS = ("softmax", "gumbel")
-# Position of each choice in ``alpha``.
-CHOICE_INDEX = {SHARED: 0, SPLIT: 1}
 ALPHA = "alpha"
 
 
@@ -111,15 +110,9 @@ def searchable_norm(relaxation: str = "softmax", tau: float = 1.0) -> NormFactor
 
 def searchable_slots(model: nn.Module) -> dict[str, SearchableBN]:
     """The supernet's slots by slot name, in the canonical order of :func:`slot_names`."""
-    backbone = model.backbone if hasattr(model, "backbone") else model
-    found = {
-        name: module
-        for name, module in backbone.named_modules()
-        if isinstance(module, SearchableBN)
+    return {
+        name: slot for name, slot in find_slots(model).items() if isinstance(slot, SearchableBN)
     }
-    # Module registration puts a block's shortcut after its BNs; the canonical order has it first.
-    order = slot_names(backbone.depth) if hasattr(backbone, "depth") else list(found)
-    return {name: found[name] for name in order if name in found}
 
 
 @contextlib.contextmanager
@@ -153,8 +146,6 @@ def build_supernet(
     """
     model = CMNASNet(depth, num_classes, searchable_norm(relaxation, tau), last_stride)
     if pretrained is not None and pretrained.lower() != "none":
-        from model.weights import load_imagenet
-
         with _alphas_hidden(model):
             load_imagenet(model, pretrained)
     return model
@@ -169,12 +160,6 @@ def arch_parameter_names(model: nn.Module) -> set[str]:
 def arch_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The architecture parameters: one ``alpha`` per slot."""
     return [slot.alpha for slot in searchable_slots(model).values()]
-
-
-def weight_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every parameter that is not an architecture parameter (the network weights)."""
-    owned = {id(param) for param in arch_parameters(model)}
-    return [param for param in model.parameters() if id(param) not in owned]
 
 
 def set_temperature(model: nn.Module, tau: float) -> None:
@@ -216,3 +201,41 @@ def hard_mode(model: nn.Module, arch: Arch | None = None) -> Iterator[Arch]:
     finally:
         for slot in slots.values():
             slot.set_hard(None)
+
+
+@contextlib.contextmanager
+def requires_grad(params: Iterable[nn.Parameter], flag: bool) -> Iterator[None]:
+    """Set ``requires_grad`` of ``params`` inside the block, restoring each one's flag after.
+
+    A parameter that does not require grad gets no gradient at all, so a step cannot move it,
+    and autograd skips computing it (the weight gradients of the architecture step).
+    """
+    params = list(params)
+    before = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(flag)
+    try:
+        yield
+    finally:
+        for p, value in zip(params, before, strict=True):
+            p.requires_grad_(value)
+
+
+@contextlib.contextmanager
+def frozen_bn_statistics(model: nn.Module) -> Iterator[None]:
+    """Normalise with batch statistics inside the block but leave the running ones untouched.
+
+    The architecture step must not change the network: its batches come from other identities.
+    """
+    bns = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) and m.track_running_stats
+    ]
+    for bn in bns:
+        bn.track_running_stats = False
+    try:
+        yield
+    finally:
+        for bn in bns:
+            bn.track_running_stats = True

@@ -240,6 +240,13 @@ BAD_INPUTS = [
         "slots.json", _arch_json(slots=["bn1"]), None, ["'slots' must be an object"], id="slots"
     ),
     pytest.param(
+        "typo.json",
+        {**_arch_json(), "slot": {}, "notes": "x"},
+        None,
+        ["unknown key(s) 'slot', 'notes'", "expected format, version, depth, slots, provenance"],
+        id="json-unknown-keys",
+    ),
+    pytest.param(
         "depth101.json",
         _arch_json(depth=101, slots={}),
         None,
@@ -262,6 +269,27 @@ def test_bad_architecture_files_name_file_and_expectation(
     for fragment in expected:
         assert fragment in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("kind", ["json", "cfg"])
+def test_a_byte_order_mark_is_skipped(tmp_path: Path, kind: str) -> None:
+    """A file saved with a UTF-8 byte-order mark (Windows editors) reads as without one."""
+    arch = Arch.uniform(50, SHARED)
+    arch.slots["layer3.1.bn2"] = SPLIT
+    plain = tmp_path / f"plain.{kind}"
+    save_arch(arch, plain)
+    marked = tmp_path / f"marked.{kind}"
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert load_arch(marked).slots == load_arch(plain).slots == arch.slots
+
+
+def test_every_written_architecture_has_only_known_keys(tmp_path: Path) -> None:
+    """What this project writes (configs/, save_arch, checkpoints) passes the key check."""
+    for config in sorted(CONFIGS.glob("*.json")):
+        load_arch(config)
+    saved = tmp_path / "arch.json"
+    save_arch(Arch.uniform(18, SPLIT, source="search", split_probability=[0.5] * 20), saved)
+    assert load_arch(saved).provenance["source"] == "search"
 
 
 def test_unsupported_depth_is_a_user_error(tmp_path: Path) -> None:

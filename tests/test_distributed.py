@@ -56,7 +56,7 @@ def weight_diffs(trainer):
     """Largest difference of any rank's parameters/buffers (model and EMA) from rank 0's."""
     world = trainer.dist.world_size
     diffs = {}
-    for name, module in (("model", trainer.model), ("ema", trainer.ema.module)):
+    for name, module in (("model", trainer.model_without_ddp), ("ema", trainer.ema.module)):
         for kind, tensors in (("params", module.parameters()), ("buffers", module.buffers())):
             copies = gather(flat(tensors), world)
             diffs[f"{name}_{kind}"] = max(float((c - copies[0]).abs().max()) for c in copies)
@@ -81,7 +81,7 @@ def compare_ranks(self, results):
     dist.all_gather_object(identities, self.sampler.batch_identities(0, 0).tolist())
     REPORT_DATA.update(
         world_size=self.dist.world_size,
-        ddp=isinstance(self.net, nn.parallel.DistributedDataParallel),
+        ddp=isinstance(self.model, nn.parallel.DistributedDataParallel),
         backend=dist.get_backend(),
         first_batch_identities=identities,
     )

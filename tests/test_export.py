@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from model import SHARED, SPLIT, Arch, CMNASNet, build_model, slot_names
+from model.checkpoint import checkpoint_header
 from model.restore import model_from_checkpoint
 from utils.base.cli import run_cli
-from utils.engine.checkpoint import checkpoint_header
 from utils.export import main, plain_state
 
 AUTHOR_BRANCH = {"visible": "visible_bn", "infrared": "thermal_bn", "shared": "sharable_bn"}
@@ -206,7 +206,7 @@ def test_resnet50_last_stride_2() -> None:
 # The command line: this project's checkpoints, the authors', errors
 # --------------------------------------------------------------------------------------------
 def save_ours(path: Path, model: CMNASNet, ema: CMNASNet) -> Path:
-    header = checkpoint_header(mixed_arch(18).to_dict(), model.num_classes, 1, {"dataset": "sysu"})
+    header = checkpoint_header(mixed_arch(18), model.num_classes, 1, {"dataset": "sysu"})
     torch.save({**header, "epoch": 1, "model": model.state_dict(), "ema": ema.state_dict()}, path)
     return path
 

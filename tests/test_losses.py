@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.losses import (
-    LossWeights,
+    LossRecipe,
     batch_hard_triplet,
     cmmd_loss,
     cross_modality_triplet,
@@ -39,10 +39,6 @@ def test_identity_loss_by_hand() -> None:
     # Label smoothing 0.1 over 2 classes: target (0.05, 0.95).
     smoothed = 0.05 * math.log(4) + 0.95 * math.log(4 / 3)
     assert identity_loss(logits, labels(1), 0.1).item() == pytest.approx(smoothed)
-
-
-def test_loss_weights_default_to_the_paper() -> None:
-    assert LossWeights() == LossWeights(identity=1.0, triplet=1.0, sp=5.0, cmmd=0.05)
 
 
 # --- distances and triplets ----------------------------------------------------------------------
@@ -224,3 +220,56 @@ def test_every_loss_has_gradients() -> None:
         for grad in grads:
             assert torch.isfinite(grad).all(), name
             assert grad.abs().sum() > 0, name
+
+
+# --- the recipe ----------------------------------------------------------------------------------
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pool and BNNeck features, logits and labels of 8 visible + 8 infrared samples."""
+    gen = torch.Generator().manual_seed(5)
+    ys = labels(0, 0, 1, 1, 2, 2, 3, 3)
+    pool = torch.randn(16, 6, generator=gen)
+    bnneck = torch.randn(16, 6, generator=gen)
+    logits = torch.randn(16, 4, generator=gen)
+    return pool, bnneck, logits, torch.cat([ys, ys])
+
+
+def test_recipe_weighs_and_sums_the_paper_terms() -> None:
+    pool, bnneck, logits, ys = _batch()
+    recipe = LossRecipe(label_smooth=0.1, margin=0.3, sp_lambda=2.0, cmmd_lambda=0.5)
+    terms = recipe(pool, bnneck, logits, ys, 8)
+    want = {
+        "ce": identity_loss(logits, ys, 0.1),
+        "triplet": cross_modality_triplet(pool[:8], ys[:8], pool[8:], ys[8:], margin=0.3),
+        "sp": 2.0 * sp_loss(bnneck[:8], bnneck[8:]),
+        "cmmd": 0.5 * cmmd_loss(bnneck[:8], ys[:8], bnneck[8:], ys[8:]),
+    }
+    assert list(terms) == ["ce", "triplet", "sp", "cmmd", "loss"]
+    for name, value in want.items():
+        assert torch.equal(terms[name], value), name
+    assert torch.equal(terms["loss"], want["ce"] + want["triplet"] + want["sp"] + want["cmmd"])
+    paper = LossRecipe()
+    assert (paper.margin, paper.sp_lambda, paper.cmmd_lambda, paper.label_smooth) == (
+        0.4,
+        5.0,
+        0.05,
+        0.0,
+    )
+
+
+def test_recipe_leaves_out_zero_weights_and_unnamed_terms() -> None:
+    pool, bnneck, logits, ys = _batch()
+    assert set(LossRecipe(sp_lambda=0.0)(pool, bnneck, logits, ys, 8)) == {
+        "ce", "triplet", "cmmd", "loss"
+    }  # fmt: skip
+    # The search's architecture step: no classifier, cross-modality triplet pairings only.
+    arch = LossRecipe(terms=("triplet", "sp", "cmmd"), pairings=("vi", "iv"))
+    terms = arch(pool, bnneck, None, ys, 8)
+    assert list(terms) == ["triplet", "sp", "cmmd", "loss"]
+    cross = cross_modality_triplet(pool[:8], ys[:8], pool[8:], ys[8:], 0.4, ("vi", "iv"))
+    assert torch.equal(terms["triplet"], cross)
+    with pytest.raises(ValueError, match="'ce' term needs classifier logits"):
+        LossRecipe()(pool, bnneck, None, ys, 8)
+    with pytest.raises(ValueError, match="unknown loss term"):
+        LossRecipe(terms=("center",))(pool, bnneck, logits, ys, 8)

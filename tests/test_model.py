@@ -9,8 +9,18 @@ import pytest
 import torch
 from torch import nn
 
-from model import SHARED, SPLIT, Arch, CMNASNet, ModalityBN, Routing, build_model, slot_names
-from model.weights import load_imagenet
+from model import (
+    SHARED,
+    SPLIT,
+    Arch,
+    CMNASNet,
+    ModalityBN,
+    Routing,
+    build_model,
+    find_slots,
+    slot_names,
+)
+from model.checkpoint import load_imagenet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -191,7 +201,7 @@ def test_imagenet_fc_reported_dropped(
     """The ImageNet classifier fc is not loaded: the load report lists it as dropped."""
     path, _ = imagenet50
     head_before = split50.classifier.weight.detach().clone()
-    with caplog.at_level(logging.INFO, logger="model.weights"):
+    with caplog.at_level(logging.INFO, logger="model.checkpoint"):
         report = load_imagenet(split50, str(path))
     assert sorted(report.dropped) == ["fc.bias", "fc.weight"]
     assert "dropped 2 unused" in report.describe()
@@ -290,7 +300,8 @@ def test_halves_and_index_layouts_agree(split18: CMNASNet) -> None:
     shuffled = halves[order]
     routing = Routing.of(shuffled, 6)
     assert routing.halves is None and routing.visible_index is not None
-    assert torch.equal(routing.modality_codes(), shuffled)
+    assert torch.equal(routing.visible_index, torch.nonzero(shuffled == 0).flatten())
+    assert torch.equal(routing.infrared_index, torch.nonzero(shuffled == 1).flatten())
 
     split18.eval()
     with torch.no_grad():
@@ -432,3 +443,5 @@ def test_slot_names_match_built_model(
     for model in models:
         assert sorted(model.slots()) == sorted(names)
         assert len(model.slots()) == count
+        # One finder for every caller, in the canonical (.cfg) order, from model or backbone.
+        assert list(find_slots(model)) == names == list(find_slots(model.backbone))

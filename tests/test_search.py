@@ -32,10 +32,10 @@ from model.search import (
     derive_arch,
     hard_mode,
     split_probabilities,
-    weight_parameters,
 )
 from utils.base.cli import run_cli
-from utils.engine.trainer import Interrupted
+from utils.engine.search import ARCH_FILE, SearchTrainer, split_identities
+from utils.engine.signals import Interrupted
 from utils.evaluation.heatmap import heatmap_from_jsonl, read_split_history
 
 H, W = 64, 32
@@ -89,11 +89,11 @@ def searched(sysu: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "first"
 
 
-def make_trainer(sysu: Path, out: Path, *extra: str) -> search.SearchTrainer:
-    """A SearchTrainer built as search.main builds it."""
+def make_trainer(sysu: Path, out: Path, *extra: str) -> SearchTrainer:
+    """A SearchTrainer built as search.main builds it (a fresh run: nothing to resume)."""
     args = search.get_args_parser().parse_args(search_argv(sysu, out, *extra))
     search.check_search(args)
-    return search.SearchTrainer(args)
+    return SearchTrainer(args)
 
 
 def history(run: Path) -> list[dict[str, float]]:
@@ -170,13 +170,13 @@ def test_gumbel_samples_in_training_and_uses_the_softmax_in_eval() -> None:
 def test_supernet_parameters_and_imagenet_initialisation(tmp_path: Path) -> None:
     net = build_supernet(18, 5)
     slots = net.slots()
-    assert sorted(slots) == sorted(slot_names(18))
+    assert list(slots) == slot_names(18)
     assert list(split_probabilities(net)) == slot_names(18)
     assert all(isinstance(s, SearchableBN) for s in slots.values())
     alphas = arch_parameters(net)
     names = arch_parameter_names(net)
     assert len(alphas) == len(names) == 20 and all(n.endswith(".alpha") for n in names)
-    weights = weight_parameters(net)
+    weights = [p for n, p in net.named_parameters() if n not in names]
     assert len(alphas) + len(weights) == len(list(net.parameters()))
     assert not {id(p) for p in alphas} & {id(p) for p in weights}
     # A torchvision-layout file fills every branch of every slot; the alphas stay at zero.
@@ -198,16 +198,16 @@ def test_supernet_parameters_and_imagenet_initialisation(tmp_path: Path) -> None
 # ----- the search loop -----------------------------------------------------------------------
 def test_identity_split_is_disjoint_covering_and_seeded() -> None:
     pids = list(range(100, 140))
-    weights, arch = search.split_identities(pids, 0.2, seed=3, min_ids=4)
+    weights, arch = split_identities(pids, 0.2, seed=3, min_ids=4)
     assert len(arch) == 8 and len(weights) == 32
     assert not set(weights) & set(arch) and sorted(weights + arch) == pids
-    assert search.split_identities(pids, 0.2, 3, 4) == (weights, arch)
-    assert search.split_identities(pids, 0.2, 4, 4) != (weights, arch)
+    assert split_identities(pids, 0.2, 3, 4) == (weights, arch)
+    assert split_identities(pids, 0.2, 4, 4) != (weights, arch)
 
 
-def _snapshot(trainer: search.SearchTrainer) -> dict[str, dict[str, torch.Tensor]]:
+def _snapshot(trainer: SearchTrainer) -> dict[str, dict[str, torch.Tensor]]:
     """Copies of the alphas, the network weights, their gradients and the BN statistics."""
-    model = trainer.model
+    model = trainer.model_without_ddp
     alpha_names = arch_parameter_names(model)
     params = dict(model.named_parameters())
     return {
@@ -231,7 +231,7 @@ def test_alphas_change_only_in_arch_steps_and_weights_only_in_weight_steps(
 ) -> None:
     trainer = make_trainer(sysu, tmp_path, "--arch_warmup", "1", "--arch_freq", "1")
     in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    assert not in_optimizer & {id(p) for p in arch_parameters(trainer.model)}
+    assert not in_optimizer & {id(p) for p in arch_parameters(trainer.model_without_ddp)}
     seen = []
     original = trainer.architecture_step
 
@@ -242,11 +242,11 @@ def test_alphas_change_only_in_arch_steps_and_weights_only_in_weight_steps(
         return out
 
     trainer.architecture_step = spy  # type: ignore[method-assign]
-    trainer.net.train()
+    trainer.model.train()
     batch = trainer.sampler.batch(0, 0)
 
     # Warm-up epoch: a weights step only.
-    trainer.epoch_step = (0, 0)
+    trainer.epoch, trainer.step = 0, 0
     before = _snapshot(trainer)
     trainer.training_step(*batch)
     trainer.global_step += 1
@@ -256,7 +256,7 @@ def test_alphas_change_only_in_arch_steps_and_weights_only_in_weight_steps(
     assert not _same(before["weights"], after["weights"])
 
     # After the warm-up: the weights step, then an architecture step.
-    trainer.epoch_step = (1, 0)
+    trainer.epoch, trainer.step = 1, 0
     trainer.training_step(*batch)
     entry, exit_ = seen
     assert _same(after["alpha"], entry["alpha"])
@@ -264,17 +264,17 @@ def test_alphas_change_only_in_arch_steps_and_weights_only_in_weight_steps(
     assert not _same(entry["alpha"], exit_["alpha"])
     for part in ("weights", "grads", "buffers"):
         assert _same(entry[part], exit_[part]), part
-    assert all(p.grad is not None for p in arch_parameters(trainer.model))
+    assert all(p.grad is not None for p in arch_parameters(trainer.model_without_ddp))
 
 
 def test_temperature_schedule() -> None:
     args = SimpleNamespace(relaxation="gumbel", tau=1.0, tau_max=5.0, tau_min=0.5)
     fake = SimpleNamespace(args=SimpleNamespace(**vars(args), epochs=11, arch_warmup=1))
-    taus = [search.SearchTrainer.temperature(fake, e) for e in range(11)]  # type: ignore[arg-type]
+    taus = [SearchTrainer.temperature(fake, e) for e in range(11)]  # type: ignore[arg-type]
     assert taus[0] == taus[1] == 5.0 and taus[-1] == pytest.approx(0.5)
     assert all(a > b for a, b in zip(taus[1:], taus[2:], strict=False))
     fake.args.relaxation = "softmax"
-    assert search.SearchTrainer.temperature(fake, 7) == 1.0  # type: ignore[arg-type]
+    assert SearchTrainer.temperature(fake, 7) == 1.0  # type: ignore[arg-type]
 
 
 def test_tiny_search_writes_arch_log_and_heatmap(searched: Path) -> None:
@@ -287,7 +287,7 @@ def test_tiny_search_writes_arch_log_and_heatmap(searched: Path) -> None:
     assert records[-1]["arch_steps"] == 2 and "arch_loss" in records[-1]
     assert 0 <= records[-1]["arch_rank1"] <= 100 and 0 < records[-1]["arch_mAP"] <= 100
 
-    arch = load_arch(searched / search.ARCH_FILE)
+    arch = load_arch(searched / ARCH_FILE)
     assert arch.depth == 18 and list(arch.slots) == slot_names(18)
     probabilities = arch.provenance["split_probability"]
     for name, choice in arch.slots.items():
@@ -316,7 +316,7 @@ def test_identity_sets_of_a_run_are_disjoint_and_cover(sysu: Path, searched: Pat
     assert len(arch_ids) == 4
     assert state["num_classes"] == len(weight_ids)
     # The checkpoint's header names the derived architecture.
-    assert state["arch"]["slots"] == load_arch(searched / search.ARCH_FILE).slots
+    assert state["arch"]["slots"] == load_arch(searched / ARCH_FILE).slots
 
 
 def _ids(root: Path, split: str) -> list[str]:
@@ -356,7 +356,7 @@ def test_stop_mid_epoch_and_resume_continues_exactly(sysu: Path, tmp_path: Path)
 
     trainer.architecture_step = stop_after  # type: ignore[method-assign]
     with pytest.raises(Interrupted) as stopped:
-        trainer.run()
+        trainer.train()
     state = torch.load(stopped.value.checkpoint, weights_only=True)
     assert (state["epoch"], state["step_in_epoch"]) == (1, 1)
     assert state["search"]["arch_losses"]["count"] == 1
@@ -379,7 +379,7 @@ def test_gumbel_search_anneals_the_temperature(sysu: Path, tmp_path: Path) -> No
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["tau"] for r in records] == [5.0, 5.0, 0.5]
     assert [r["arch_steps"] for r in records] == [0, 1, 1]
-    provenance = load_arch(run / search.ARCH_FILE).provenance
+    provenance = load_arch(run / ARCH_FILE).provenance
     assert provenance["relaxation"] == "gumbel" and provenance["tau"] == 0.5
     assert (provenance["tau_max"], provenance["tau_min"]) == (5.0, 0.5)
 
@@ -387,7 +387,7 @@ def test_gumbel_search_anneals_the_temperature(sysu: Path, tmp_path: Path) -> No
 def test_derived_architecture_trains(sysu: Path, searched: Path, tmp_path: Path) -> None:
     argv = [
         "--data_root", str(sysu), "--cache_dir", str(sysu.parent / "cache"),
-        "--save", str(tmp_path), "--config_path", str(searched / search.ARCH_FILE),
+        "--save", str(tmp_path), "--config_path", str(searched / ARCH_FILE),
         "--img_h", str(H), "--img_w", str(W), "--batch_size", "4", "--num_pos", "2",
         "--pretrained", "none", "--epochs", "1", "--max_steps", "1", "--test_batch", "64",
         "--no-channels_last", "--note", "derived",
@@ -482,16 +482,3 @@ def test_parser_defaults() -> None:
         "config_path": None,
     }  # fmt: skip
     assert {k: parser.get_default(k) for k in defaults} == defaults
-
-
-def test_measure_epoch_cost_reports_both_kinds_of_step() -> None:
-    result = search.measure_epoch_cost(
-        depth=18, img_size=(H, W), batch_size=4, num_pos=2, steps=1, rounds=1, arch_freq=3
-    )
-    assert result["arch_freq"] == 3 and result["device"] == "cpu"
-    for key in ("train_step_s", "weights_step_s", "arch_step_s"):
-        assert result[key] > 0
-    expected = result["weights_step_s"] + result["arch_step_s"] / 3
-    assert result["search_step_s"] == pytest.approx(expected)
-    assert result["ratio"] == pytest.approx(expected / result["train_step_s"])
-    assert result["ratio_by_arch_freq"][3] == pytest.approx(result["ratio"], abs=1e-3)

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import train
+from model.checkpoint import write_checkpoint
 from utils.base.cli import run_cli
 from utils.engine import trainer as engine
-from utils.engine.checkpoint import save_atomic
 from utils.engine.trainer import LATEST
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -368,11 +368,11 @@ def test_bad_resume_checkpoints(
 
 # ----- crash safety -------------------------------------------------------------------------
 @pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
-def test_save_atomic_failure_keeps_the_previous_file(
+def test_write_checkpoint_failure_keeps_the_previous_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException
 ) -> None:
     path = tmp_path / "checkpoint_latest.pth"
-    save_atomic({"epoch": 1, "w": torch.ones(3)}, path)
+    write_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
 
     def broken_save(obj: object, handle: object, *args: object, **kwargs: object) -> None:
         handle.write(b"PK\x03\x04 half a checkpoint")  # type: ignore[attr-defined]
@@ -380,7 +380,7 @@ def test_save_atomic_failure_keeps_the_previous_file(
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(type(failure)):
-        save_atomic({"epoch": 2, "w": torch.zeros(3)}, path)
+        write_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
     state = torch.load(path, weights_only=True)
     assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import data.transforms as transforms
 from data import augment_batch, normalize
 from data.transforms import ERASE_FILL, IMAGENET_MEAN, IMAGENET_STD, augment_one
 
@@ -121,6 +122,45 @@ def test_augment_one_matches_the_batch_semantics() -> None:
         ]
     )
     assert sum(f > 0 for f in _check_erased(outs, normalize(batch))) >= 28
+
+
+def test_erasing_ratio_reaches_one_over_0_3_in_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The recipe draws the height/width ratio uniformly in (0.3, 1/0.3); 3.33 cuts it short.
+    assert transforms.ERASE_RATIO == (0.3, 1 / 0.3)
+    assert transforms.ERASE_AREA == (0.02, 0.4)
+    seen: list[torch.Tensor] = []
+    original = transforms._erase_params
+
+    def recording(area: torch.Tensor, ratio: torch.Tensor, height: int, width: int):
+        seen.append(ratio)
+        return original(area, ratio, height, width)
+
+    monkeypatch.setattr(transforms, "_erase_params", recording)
+    augment_batch(_images(n=512), _gen(7), erase_p=1.0)
+    ratios = torch.cat(seen).flatten()
+    assert ratios.numel() == 512 * transforms.ERASE_ATTEMPTS
+    assert ratios.min() >= 0.3 and ratios.max() < 1 / 0.3
+    assert (ratios > 3.33).sum() > 10  # about 0.1% of 51,200 uniform draws lie above 3.33
+
+
+def test_erasing_ratio_reaches_one_over_0_3_per_image() -> None:
+    class Recording:
+        """A numpy generator that remembers the bounds of every uniform draw."""
+
+        def __init__(self, seed: int) -> None:
+            self.rng = np.random.default_rng(seed)
+            self.bounds: list[tuple[float, float]] = []
+
+        def uniform(self, low: float, high: float) -> float:
+            self.bounds.append((low, high))
+            return self.rng.uniform(low, high)
+
+        def __getattr__(self, name: str):
+            return getattr(self.rng, name)
+
+    rng = Recording(0)
+    augment_one(_images(n=1)[0].numpy(), rng, erase_p=1.0)  # type: ignore[arg-type]
+    assert (0.3, 1 / 0.3) in rng.bounds and (0.02, 0.4) in rng.bounds
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -16,7 +16,7 @@ Sections of the JSON document (printed to stdout and written to ``--out``):
 - ``speedup``: fast images/s over plain images/s.
 - ``features``: :func:`extract_features` images/s (half precision on CUDA).
 - ``metrics``: vectorised SYSU metrics against the per-query loop at the SYSU multi-shot size.
-- ``search``: a search step against a training step (``search.measure_epoch_cost``).
+- ``search``: a search step against a training step (the search's two steps timed apart).
 
 Images/s count both modalities: ``2 * batch_size * steps / seconds`` of the fastest of
 ``--rounds`` timed windows, after ``--warmup`` untimed steps.
@@ -49,13 +49,15 @@ from torch import nn
 from data.plain import PairedImages, plain_loader
 from data.sampler import CrossModalitySampler
 from data.trainset import TrainSet
-from model import Arch, Routing, build_model, load_arch, save_arch
+from model import DEPTHS, Arch, Routing, build_model, load_arch, save_arch
+from model.losses import LossRecipe
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
 from utils.base.logger import git_commit, setup_logging
 from utils.base.modality import Modality
 from utils.engine.options import EMA_DECAY, data_parser, model_parser, optim_parser, select_device
-from utils.engine.trainer import Trainer, reid_losses
+from utils.engine.search import SearchTrainer, search_parser
+from utils.engine.trainer import Trainer
 from utils.evaluation.evaluate import extract_features
 from utils.evaluation.metrics import benchmark_metrics
 
@@ -114,7 +116,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if any)")
     parser.add_argument(
-        "--depth", type=int, choices=(18, 34, 50), default=None, help=f"ResNet {preset('depth')}"
+        "--depth", type=int, choices=DEPTHS, default=None, help=f"ResNet {preset('depth')}"
     )
     parser.add_argument("--img_h", type=int, default=None, help=f"image height {preset('img_h')}")
     parser.add_argument("--img_w", type=int, default=None, help=f"image width {preset('img_w')}")
@@ -440,7 +442,7 @@ def run_fast(
     windowed = reset_peak_memory(device)
     trainer = SyntheticTrainer(options, train_set)
     sampler = trainer.sampler
-    trainer.net.train()
+    trainer.model.train()
 
     def step(index: int) -> None:
         epoch, position = divmod(index, len(sampler))
@@ -514,7 +516,7 @@ def run_plain(
         labels = torch.cat([visible_labels, infrared_labels]).to(device)
         n = len(visible)
         pool, feat, logits = model(images, Routing.from_halves(n, len(infrared)))
-        terms = reid_losses(pool, feat, logits, labels, n, options)
+        terms = LossRecipe.from_args(options)(pool, feat, logits, labels, n)
         optimizer.zero_grad()
         terms["loss"].backward()
         optimizer.step()
@@ -579,25 +581,61 @@ def run_metrics(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_search(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """A search step against a training step, with search.py's ``measure_epoch_cost``."""
-    try:
-        from search import measure_epoch_cost
-    except ImportError as err:
-        return {"status": "unavailable", "reason": f"search.measure_epoch_cost: {err}"}
-    result: dict[str, Any] = dict(
-        measure_epoch_cost(
-            depth=args.depth,
-            img_size=(args.img_h, args.img_w),
-            batch_size=args.batch_size,
-            num_pos=args.num_pos,
-            steps=args.search_steps,
-            rounds=args.search_rounds,
-            device=str(device),
-        )
-    )
-    result["status"] = "measured"
-    result["source"] = "search.measure_epoch_cost (synthetic SYSU data)"
-    return result
+    """A search step against a training step, on synthetic SYSU-MM01 written to disk.
+
+    A search epoch is one supernet weights step per training step plus an architecture step
+    every ``--arch_freq`` steps: ``search_step_s = weights_step_s + arch_step_s / arch_freq``.
+    """
+    from data.toy import make_sysu
+
+    with tempfile.TemporaryDirectory(prefix="cmnas_search_") as tmp:
+        root = Path(tmp) / "sysu"
+        ids = 5 * (args.batch_size // args.num_pos)
+        make_sysu(
+            root, args.seed, train_ids=ids, val_ids=2, test_ids=2, images_per_camera=6,
+            height=args.img_h, width=args.img_w,
+        )  # fmt: skip
+        options = training_options(args, Path(tmp), Arch.uniform(args.depth, "shared"), device)
+        options.data_root, options.cache_dir = str(root), str(Path(tmp) / "cache")
+        search_defaults = vars(search_parser().parse_args([]))
+        # Weights steps timed alone (no architecture step ever due); architecture steps direct.
+        search_options = argparse.Namespace(**{
+            **vars(options), **search_defaults, "depth": args.depth, "config_path": None,
+            "arch_warmup": 0, "arch_freq": 10**9, "eval_arch": False, "note": "search",
+        })  # fmt: skip
+        trainer, searcher = Trainer(options), SearchTrainer(search_options)
+
+        def batch(owner: Trainer, index: int) -> tuple[np.ndarray, np.ndarray]:
+            return owner.sampler.batch(*divmod(index, len(owner.sampler)))
+
+        kinds: dict[str, Callable[[int], Any]] = {
+            "train": lambda i: trainer.training_step(*batch(trainer, i)),
+            "weights": lambda i: searcher.training_step(*batch(searcher, i)),
+            "arch": lambda i: searcher.architecture_step(*divmod(i, len(searcher.arch_sampler))),
+        }
+        seconds = {}
+        for name, step in kinds.items():
+            figures = throughput(
+                step,
+                args.warmup,
+                args.search_steps,
+                args.search_rounds,
+                2 * args.batch_size,
+                device,
+            )
+            seconds[name] = figures["step_s"]
+    freq = search_defaults["arch_freq"]
+    search_step = seconds["weights"] + seconds["arch"] / freq
+    return {
+        "status": "measured",
+        "train_step_s": seconds["train"],
+        "search_step_s": round(search_step, 5),
+        "ratio": round(search_step / seconds["train"], 3) if seconds["train"] else None,
+        "weights_step_s": seconds["weights"],
+        "arch_step_s": seconds["arch"],
+        "arch_freq": freq,
+        "source": "utils.engine.search.SearchTrainer (synthetic SYSU data)",
+    }
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:

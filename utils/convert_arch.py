@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from model.arch import load_arch, save_arch
+from model.arch import DEPTHS, load_arch, save_arch
 from utils.base.cli import run_cli
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--depth",
         type=int,
-        choices=(18, 34, 50),
+        choices=DEPTHS,
         default=None,
         help="expected ResNet depth (default: inferred)",
     )

@@ -1,7 +1,7 @@
 """Command-line options, built from parent parsers shared by train.py, search.py and test.py.
 
 Flag names follow the authors' scripts (``--data_root``, ``--config_path``, ``--num_pos``, ...) so
-their commands keep working; the defaults are the paper's recipe (DESIGN section 2).
+their commands keep working; the defaults are the paper's training recipe.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import argparse
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from types import MappingProxyType
 
 import torch
@@ -356,84 +355,3 @@ def check_training(args: argparse.Namespace) -> None:
         what = "is a folder, not a file" if os.path.isdir(args.resume) else "file not found"
         raise UserError(f"--resume {args.resume}: checkpoint {what}")
     check_common(args)
-
-
-def run_dir(args: argparse.Namespace, kind: str = "train") -> Path:
-    """The run folder: ``--save/--note``; on ``--resume`` without ``--note``, the checkpoint's.
-
-    Without ``--note`` a new run's name is derived from data set, config and seed.
-    """
-    if getattr(args, "resume", "") and not args.note:
-        return Path(args.resume).parent
-    name = args.note
-    if not name:
-        config = Path(args.config_path).stem if getattr(args, "config_path", None) else kind
-        trial = f"_trial{args.trial}" if get_dataset(args.dataset).num_splits > 1 else ""
-        name = f"{kind}_{args.dataset}{trial}_{config}_seed{args.seed}"
-    return Path(args.save) / name
-
-
-# Files whose presence means a folder already holds a run.
-RUN_MARKERS = ("log.jsonl", "checkpoint_latest.pth")
-
-
-def check_run_dir(
-    path: Path, resume: str | os.PathLike[str] | None = None, overwrite: bool = False
-) -> None:
-    """Check, without creating anything, that the run folder ``path`` can be created and used.
-
-    A folder that already holds a run is refused, unless it is the folder of the checkpoint
-    being resumed (``resume``) or ``overwrite`` is set.
-    """
-    flag = "--save"
-    if path.exists():
-        if not path.is_dir():
-            raise UserError(f"--save/--note: the run folder {path} is a file, not a folder")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise UserError(f"--save/--note: the run folder {path} is not writable")
-        held = [name for name in RUN_MARKERS if (path / name).exists()]
-        own = resume is not None and path.resolve() == Path(resume).resolve().parent
-        if held and not own and not overwrite:
-            hint = (
-                "resume it with --resume PATH without --note"
-                if resume
-                else f"continue it with --resume {path / 'checkpoint_latest.pth'}"
-            )
-            raise UserError(
-                f"--save/--note: the run folder {path} already holds a run "
-                f"({', '.join(held)}); {hint}, choose another --note or --save, or start "
-                "over with --overwrite"
-            )
-        return
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(
-            f"{flag} {path}: cannot create the run folder: {parent} is a file, not a folder"
-        )
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: cannot create the run folder: {parent} is not writable")
-
-
-def clear_run_dir(path: Path) -> list[str]:
-    """Remove a previous run's logs, results and checkpoints from ``path``; return their names."""
-    patterns = ("log.txt", "log.jsonl", "results.json", "results.md", "checkpoint_*.pth")
-    removed = []
-    for pattern in patterns:
-        for old in sorted(path.glob(pattern)):
-            old.unlink()
-            removed.append(old.name)
-    return removed
-
-
-def prepare_run_dir(path: Path) -> Path:
-    """Create ``path`` and check it is writable, or fail with one line naming it."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"--save {path}: cannot write the run folder ({err.strerror})") from None
-    return path

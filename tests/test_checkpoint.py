@@ -1,4 +1,4 @@
-"""Weight loading: the authors' checkpoints, ours, ImageNet files, mismatches and safe loading."""
+"""Checkpoint I/O: the authors' checkpoints, ours, ImageNet files, mismatches and safe loading."""
 
 from __future__ import annotations
 
@@ -11,24 +11,24 @@ import pytest
 import torch
 
 from model import SHARED, SPLIT, Arch, CMNASNet, build_model, load_arch, load_checkpoint
-from model.weights import read_checkpoint, safe_load
+from model.arch import RESNET_LAYOUT
+from model.checkpoint import read_checkpoint, safe_load
 from utils.base.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_STREAM_18 = ROOT / "configs" / "resnet18_two_stream.json"
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
 
 # --------------------------------------------------------------------------------------------
-# Key layouts, written out from DESIGN section 1 (basic-block ResNets: 18 and 34)
+# Key layouts of torchvision-style basic-block ResNets (18 and 34), as the authors' files hold them
 # --------------------------------------------------------------------------------------------
 def basic_resnet_layout(depth: int) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
     """Conv weight shapes and BN widths of a basic-block ResNet, keyed by module path."""
     convs: dict[str, tuple[int, ...]] = {"conv1": (64, 3, 7, 7)}
     bns: dict[str, int] = {"bn1": 64}
     inplanes = 64
-    for stage, count in enumerate(BLOCKS[depth], start=1):
+    for stage, count in enumerate(RESNET_LAYOUT[depth][1], start=1):
         planes = 64 * 2 ** (stage - 1)
         for block in range(count):
             prefix = f"layer{stage}.{block}"

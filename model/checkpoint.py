@@ -1,7 +1,25 @@
-"""Loading weights: ImageNet initialisation, this project's checkpoints and the authors'.
+"""Checkpoint I/O: this project's checkpoint format, the authors' checkpoints, ImageNet weights.
 
 Every file is read with ``torch.load(..., weights_only=True)``: a file that carries arbitrary
-pickled Python objects is refused, never executed.
+pickled Python objects is refused, never executed. A checkpoint therefore holds only tensors,
+numbers, strings and plain containers (:func:`plain` makes sure of it).
+
+This project's checkpoint is one dict:
+
+* the header, written by :func:`checkpoint_header`, which lets ``test.py`` rebuild the network
+  from the file alone: ``format`` (``"cmnas-checkpoint"``), ``version``, ``arch`` (the
+  architecture JSON), ``num_classes``, ``last_stride`` and ``args`` (the run's options);
+* the weights: ``model`` (state dict) and ``ema`` (state dict, or None without an EMA);
+* what a resumed run needs besides (written by the training engine's run state): ``epoch``
+  (epochs completed), ``step_in_epoch`` (steps of the next epoch already trained),
+  ``global_step``, ``optimizer``, ``scheduler``, ``scaler``, ``rng`` (Python, NumPy and torch
+  random states), ``aug_rng`` (the augmentation generator), ``environment`` (versions, device,
+  commit), ``epoch_losses`` (loss sums of a partly trained epoch, only when ``step_in_epoch``
+  is not 0), and ``search`` (only in a search's checkpoints: see :data:`SEARCH_KEY`).
+
+The authors' checkpoints (``checkpointNNN.pth.tar``) are dicts with ``epoch``, ``model``, ``ema``
+and ``optimizer``; their keys carry a ``module.`` prefix and every slot holds three BNs
+(``visible_bn``, ``thermal_bn``, ``sharable_bn``) whatever the architecture.
 """
 
 from __future__ import annotations
@@ -18,7 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from model.arch import Arch
+from model.bn import find_slots
 from utils.base.errors import UserError
+from utils.base.io import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +50,10 @@ IMAGENET_URLS = {
     50: "https://download.pytorch.org/models/resnet50-19c8e357.pth",
 }
 CHECKPOINT_FORMAT = "cmnas-checkpoint"
+CHECKPOINT_VERSION = 1
+# The entry a search adds to its checkpoints (the alphas' optimizer, the identity split, ...);
+# such a checkpoint holds a supernet, which test.py cannot score.
+SEARCH_KEY = "search"
 # The authors' three BN names per slot, and ours.
 _AUTHOR_BRANCHES = {"visible_bn": "visible", "thermal_bn": "infrared", "sharable_bn": "shared"}
 _BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -83,16 +108,6 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
-
-
-def _slot_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The norm slots of ``model``'s backbone, by slot name."""
-    backbone = model.backbone if hasattr(model, "backbone") else model
-    return {
-        name: module
-        for name, module in backbone.named_modules()
-        if name and hasattr(module, "branches")
-    }
 
 
 def _assign(
@@ -185,7 +200,7 @@ def load_imagenet(model: nn.Module, pretrained: str) -> LoadReport:
     depth = model.backbone.depth
     state, source = _imagenet_state(depth, pretrained)
     state = {key.removeprefix("module."): value for key, value in state.items()}
-    slots = _slot_modules(model)
+    slots = find_slots(model)
     mapped: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
     for key, value in state.items():
@@ -209,6 +224,55 @@ def load_imagenet(model: nn.Module, pretrained: str) -> LoadReport:
     )
 
 
+def plain(value: Any) -> Any:
+    """``value`` with str/int/float subclasses (e.g. ``torch.__version__``) made plain.
+
+    ``torch.load(..., weights_only=True)`` refuses such subclasses, so everything stored in a
+    checkpoint besides tensors goes through this.
+    """
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, dict):
+        return {plain(key): plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(item) for item in value]
+    return value
+
+
+def _is_plain(value: Any) -> bool:
+    """Whether ``value`` is a plain JSON-like value that weights-only loading accepts."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_is_plain(item) for item in value)
+    return False
+
+
+def checkpoint_header(
+    arch: Arch, num_classes: int, last_stride: int, args: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The fields that let ``test.py`` rebuild the model from the checkpoint alone."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "arch": plain(arch.to_dict()),
+        "num_classes": num_classes,
+        "last_stride": last_stride,
+        "args": {key: plain(value) for key, value in args.items() if _is_plain(value)},
+    }
+
+
+def write_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """``torch.save`` ``checkpoint`` to ``path`` atomically (a kill leaves the old or the new)."""
+    write_atomic(path, lambda handle: torch.save(checkpoint, handle))
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Safely read a checkpoint file of this project or the authors' and check it is one."""
     data = safe_load(path)
@@ -224,6 +288,16 @@ def is_authors_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
     return checkpoint.get("format") != CHECKPOINT_FORMAT
 
 
+def is_resumable(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether ``checkpoint`` is this project's and holds the optimizer state a resume needs."""
+    return checkpoint.get("format") == CHECKPOINT_FORMAT and "optimizer" in checkpoint
+
+
+def is_search_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether ``checkpoint`` was written by a search (its ``model`` is a supernet)."""
+    return isinstance(checkpoint.get(SEARCH_KEY), dict)
+
+
 def convert_authors_state(
     state: Mapping[str, torch.Tensor], model: nn.Module
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -233,7 +307,7 @@ def convert_authors_state(
     mismatch instead of silently ignoring it.
     """
     own = model.state_dict()
-    slots = _slot_modules(model)
+    slots = find_slots(model)
     converted: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
     for key, value in state.items():
@@ -286,5 +360,10 @@ def load_checkpoint(
     if is_authors_checkpoint(checkpoint):
         converted, dropped = convert_authors_state(state, model)
         return _assign(model, converted, source, "authors'", dropped)
+    return load_state(model, state, source)
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> LoadReport:
+    """Load a state dict of this project's layout into ``model``, every key and shape checked."""
     state = {key.removeprefix("module."): value for key, value in state.items()}
     return _assign(model, state, source, "cmnas", [])

@@ -1,0 +1,103 @@
+"""The parts a training run is built from: seeds, data, optimizer, schedule, model wrapping."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from data import TrainSet, load_train_set
+from utils.base.distributed import DistInfo, barrier
+from utils.engine.options import check_data_root
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and torch; optionally force deterministic algorithms."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        # cuBLAS needs a fixed workspace for deterministic results; set before it starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def lr_factor(epoch: int, warmup: int, milestones: list[int]) -> float:
+    """The paper's schedule: linear warm-up from 0.01, then x0.1 at each milestone."""
+    if epoch < warmup:
+        return 0.01 + (1.0 - 0.01) * epoch / warmup
+    return 0.1 ** sum(epoch >= m for m in milestones)
+
+
+def build_schedule(
+    optimizer: torch.optim.Optimizer, args: argparse.Namespace
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule of :func:`lr_factor`, stepped once per epoch."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda e: lr_factor(e, args.warmup_epochs, args.milestones)
+    )
+
+
+def load_training_data(
+    args: argparse.Namespace, img_size: tuple[int, int], dist: DistInfo
+) -> TrainSet:
+    """Check ``--data_root`` and load (and cache) the training images."""
+    check_data_root(args)
+    # Rank 0 builds the cache first so that the other ranks only read it.
+    if not dist.is_main:
+        barrier(dist)
+    train_set = load_train_set(
+        args.dataset,
+        args.data_root,
+        img_size,
+        args.trial,
+        args.cache_dir,
+        progress=dist.is_main and sys.stderr.isatty(),
+    )
+    if dist.is_main:
+        barrier(dist)
+    return train_set
+
+
+def build_optimizer(
+    named_parameters: Iterable[tuple[str, nn.Parameter]],
+    args: argparse.Namespace,
+    device: torch.device,
+    is_weight: Callable[[str], bool] = lambda name: True,
+) -> torch.optim.Optimizer:
+    """Adam (or SGD) over the weights: backbone at lr/10, BNNeck and classifier at lr.
+
+    Parameters that do not require grad, or for which ``is_weight`` is false (the search's
+    alphas), are left out.
+    """
+    head, backbone = [], []
+    for name, param in named_parameters:
+        if param.requires_grad and is_weight(name):
+            (backbone if name.startswith("backbone.") else head).append(param)
+    groups = [{"params": backbone, "lr": 0.1 * args.lr}, {"params": head, "lr": args.lr}]
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if args.optim == "adam":
+        betas = (args.beta1, args.beta2)
+        return torch.optim.Adam(groups, betas=betas, weight_decay=args.weight_decay, **fused)
+    return torch.optim.SGD(
+        groups, momentum=0.9, nesterov=True, weight_decay=args.weight_decay, **fused
+    )
+
+
+def wrap_model(model: nn.Module, dist: DistInfo, compile_model: bool) -> nn.Module:
+    """DDP (in a multi-process run) and/or torch.compile around the model the steps run."""
+    if dist.enabled:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=None)
+    if compile_model:
+        model = torch.compile(model)  # type: ignore[assignment]
+    return model

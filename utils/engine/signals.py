@@ -1,0 +1,77 @@
+"""SIGINT/SIGTERM as a request to stop after the current step with a resumable checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(Exception):
+    """Raised after a stop signal once a resumable checkpoint is on disk."""
+
+    def __init__(self, signum: int, checkpoint: Path) -> None:
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name}; resumable checkpoint: "
+            f"{checkpoint} (continue with --resume {checkpoint})"
+        )
+        self.signum = signum
+        self.checkpoint = checkpoint
+
+
+class StopRequest:
+    """Whether the run was asked to stop; inside ``with`` it listens to SIGINT and SIGTERM.
+
+    The first signal asks the loop to stop after its current step; a second one stops at once
+    (KeyboardInterrupt). The previous handlers come back on exit.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        """Whether a stop was requested."""
+        return self.signum is not None
+
+    def request(self, signum: int = signal.SIGTERM) -> None:
+        """Ask the loop to stop after the current step (what a stop signal does)."""
+        self.signum = signum
+
+    def interrupted(self, checkpoint: Path) -> Interrupted:
+        """The exception that ends the run once ``checkpoint`` is saved."""
+        return Interrupted(self.signum or signal.SIGTERM, checkpoint)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt  # a second signal stops at once
+        self.request(signum)
+        log.warning(
+            "%s: stopping after this step with a resumable checkpoint (again: stop now)",
+            signal.Signals(signum).name,
+        )
+
+    def __enter__(self) -> StopRequest:
+        for signum in STOP_SIGNALS:
+            # Outside the main thread signals cannot be caught: keep the defaults there.
+            with contextlib.suppress(ValueError):
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()

@@ -1,0 +1,295 @@
+"""The run state: what a checkpoint holds besides its header, and the rules for resuming it.
+
+:class:`RunState` maps checkpoint entry names to the objects they save and restore: the network,
+its EMA, optimizer, schedule, gradient scaler, random states, and whatever a variant of the
+training loop registers (the search adds its alphas' optimizer). An entry is
+
+* an object with ``state_dict()`` / ``load_state_dict()`` (optimizers, schedules, scalers,
+  :class:`LossMeter`, :class:`GeneratorState`, :class:`ProcessRandomState`);
+* an ``nn.Module``, loaded through :func:`model.checkpoint.load_state` so that a mismatch names
+  the parts that do not fit;
+* a dict of entries (saved as a nested dict);
+* a plain value (a list, a string, None), saved to describe the run and never loaded back.
+
+Random states are restored only in single-process runs: each rank of a multi-process run has
+its own, and the checkpoint holds rank 0's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from data.registry import get_dataset
+from model.arch import Arch
+from model.checkpoint import is_resumable, load_state, plain, read_checkpoint
+from utils.base.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Options a resumed run must share with its checkpoint: they fix the data, the batches and the
+# model, so a change would silently continue a different run.
+RESUME_FIXED = ("dataset", "img_h", "img_w", "batch_size", "num_pos", "last_stride", "seed")
+# Options that may change on a resume without comment (paths, bookkeeping, evaluation).
+RESUME_FREE = frozenset(
+    {
+        "data_root", "cache_dir", "save", "note", "resume", "device", "test_batch", "log_freq",
+        "save_freq", "test_freq", "epochs", "compile", "channels_last", "mode", "eval_arch",
+        "overwrite",
+    }
+)  # fmt: skip
+
+
+class Checkpointable(Protocol):
+    """Anything that saves and restores its state as weights-only-loadable values."""
+
+    def state_dict(self) -> Any:
+        """The state to save."""
+
+    def load_state_dict(self, state: Any) -> None:
+        """Restore a saved state."""
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and CUDA) random states as weights-only-loadable values."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": list(random.getstate()[1]) + [random.getstate()[2]],
+        "python_version": random.getstate()[0],
+        "numpy": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_gauss": [int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`capture_rng_state` captured."""
+    python = state["python"]
+    random.setstate((state["python_version"], tuple(python[:-1]), python[-1]))
+    gauss = state["numpy_gauss"]
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            gauss[0],
+            gauss[1],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ProcessRandomState:
+    """The process-wide random states (Python, NumPy, torch) as a checkpoint entry."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """See :func:`capture_rng_state`."""
+        return capture_rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """See :func:`restore_rng_state`."""
+        restore_rng_state(state)
+
+
+class GeneratorState:
+    """A ``torch.Generator`` (e.g. the augmentation's) as a checkpoint entry."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def state_dict(self) -> torch.Tensor:
+        """The generator's state."""
+        return self.generator.get_state()
+
+    def load_state_dict(self, state: torch.Tensor) -> None:
+        """Continue the generator where it was saved."""
+        self.generator.set_state(state)
+
+
+_RANDOM = (ProcessRandomState, GeneratorState)
+
+
+class LossMeter:
+    """Per-term loss sums over the steps of an epoch, kept on the device.
+
+    Reading a sum back would synchronise with the device, so the loop reads them only at its
+    log points and the end of the epoch. A checkpoint taken mid-epoch saves the sums, so the
+    resumed epoch's record covers every step.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, terms: Mapping[str, torch.Tensor]) -> None:
+        """Add one step's terms."""
+        for key, value in terms.items():
+            self.sums[key] = self.sums[key] + value.float() if key in self.sums else value.float()
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        """The mean of each term over the steps added so far."""
+        return {key: float(value) / max(self.count, 1) for key, value in self.sums.items()}
+
+    def finite(self) -> bool:
+        """Whether every sum is finite (a non-finite step makes its epoch's sum non-finite)."""
+        return all(math.isfinite(float(value)) for value in self.sums.values())
+
+    def reset(self) -> None:
+        """Start a new epoch."""
+        self.sums, self.count = {}, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sums as floats and the step count."""
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "count": self.count}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from saved sums (an empty state starts from zero)."""
+        self.sums = {
+            key: torch.tensor(value, device=self.device)
+            for key, value in state.get("sums", {}).items()
+        }
+        self.count = int(state.get("count", 0))
+
+
+class RunState:
+    """The checkpoint entries of a run by name (see the module docstring for what an entry is)."""
+
+    def __init__(self, **entries: Any) -> None:
+        self.entries: dict[str, Any] = dict(entries)
+
+    def register(self, name: str, entry: Any) -> None:
+        """Add an entry that checkpoints save and a resume restores (e.g. a variant's optimizer)."""
+        if name in self.entries:
+            raise ValueError(f"checkpoint entry {name!r} is already registered")
+        self.entries[name] = entry
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every entry's saved form, by name."""
+        return {name: _save(entry) for name, entry in self.entries.items()}
+
+    def load_state_dict(
+        self, checkpoint: Mapping[str, Any], source: str, restore_random: bool = True
+    ) -> None:
+        """Restore every entry from ``checkpoint``; ``source`` names the file in errors.
+
+        Random states are skipped unless ``restore_random``; plain values are not loaded.
+        """
+        if not restore_random:
+            log.warning("multi-process resume: random states are reseeded, not restored")
+        for name, entry in self.entries.items():
+            _load(name, entry, checkpoint.get(name), source, restore_random)
+
+
+def _save(entry: Any) -> Any:
+    if isinstance(entry, Mapping):
+        return {key: _save(value) for key, value in entry.items()}
+    if hasattr(entry, "state_dict"):
+        return entry.state_dict()
+    return plain(entry)
+
+
+def _load(name: str, entry: Any, saved: Any, source: str, restore_random: bool) -> None:
+    if isinstance(entry, Mapping):
+        saved = saved if isinstance(saved, Mapping) else {}
+        for key, value in entry.items():
+            _load(f"{name}.{key}", value, saved.get(key), source, restore_random)
+        return
+    if not hasattr(entry, "load_state_dict"):
+        return  # a plain value describes the run; it is not restored
+    if isinstance(entry, _RANDOM) and not restore_random:
+        return
+    if saved is None:
+        raise UserError(f"{source}: the checkpoint has no '{name}' entry")
+    if isinstance(entry, nn.Module):
+        load_state(entry, saved, source if name == "model" else f"{source} ({name})")
+        return
+    try:
+        entry.load_state_dict(saved)
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(
+            f"{source}: the saved '{name}' state does not fit this run ({first})"
+        ) from None
+
+
+def check_resume_options(
+    saved: Mapping[str, Any] | None, args: argparse.Namespace, source: str
+) -> None:
+    """Refuse a resume that changes the data or batches; warn of every other changed option."""
+    saved = saved or {}
+    now = {key: plain(value) for key, value in vars(args).items()}
+    fixed = list(RESUME_FIXED) + (["trial"] if get_dataset(args.dataset).num_splits > 1 else [])
+    wrong = [key for key in fixed if key in saved and saved[key] != now.get(key)]
+    if wrong:
+        raise UserError(
+            f"{source}: the checkpoint's run used "
+            + ", ".join(f"--{k} {saved[k]}" for k in wrong)
+            + "; this run has "
+            + ", ".join(f"--{k} {now.get(k)}" for k in wrong)
+            + " (a resumed run must keep them)"
+        )
+    changed = [
+        f"--{key} {saved[key]} -> {now[key]}"
+        for key in sorted(saved)
+        if key in now and key not in RESUME_FREE and saved[key] != now[key]
+    ]
+    if changed:
+        log.warning("%s with changed options: %s", source, ", ".join(changed))
+
+
+def read_resume_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
+    """Read ``--resume`` and check that this run may continue it: format, options, epochs, EMA."""
+    source = f"--resume {args.resume}"
+    checkpoint = read_checkpoint(args.resume)
+    if not is_resumable(checkpoint):
+        raise UserError(
+            f"{source}: not a resumable checkpoint of this project (test.py reads the "
+            "authors' checkpoints; they cannot be resumed)"
+        )
+    check_resume_options(checkpoint.get("args"), args, source)
+    epoch = int(checkpoint["epoch"])
+    if epoch > args.epochs:
+        raise UserError(
+            f"{source}: the checkpoint is at epoch {epoch}, beyond --epochs {args.epochs}"
+        )
+    if args.ema_decay > 0 and not checkpoint.get("ema"):
+        raise UserError(
+            f"{source}: the checkpoint has no EMA weights but --ema_decay is "
+            f"{args.ema_decay} (resume with --ema_decay 0)"
+        )
+    if args.ema_decay == 0 and checkpoint.get("ema"):
+        log.warning("%s: --ema_decay 0 drops the checkpoint's EMA weights", source)
+    return checkpoint
+
+
+def check_same_arch(checkpoint: Mapping[str, Any], arch: Arch, source: str, given: str) -> None:
+    """Refuse a checkpoint whose architecture is not ``arch`` (read from ``given``)."""
+    saved = checkpoint.get("arch", {}).get("slots", {})
+    slots = arch.slots
+    if saved == slots:
+        return
+    differ = [name for name in slots if saved.get(name) != slots[name]]
+    differ += [name for name in saved if name not in slots]
+    shown = ", ".join(
+        f"{n} ({saved.get(n, 'absent')} vs {slots.get(n, 'absent')})" for n in differ[:4]
+    )
+    raise UserError(
+        f"{source}: the checkpoint's architecture differs from {given} in {len(differ)} "
+        f"slot(s): {shown}{', ...' if len(differ) > 4 else ''} (checkpoint vs config)"
+    )
