@@ -1,7 +1,7 @@
 """Fixtures shared by the train.py / test.py / resume / script tests.
 
-Tiny synthetic SYSU-MM01 and RegDB data sets (64x32 images) are written once per session, and
-tiny command lines keep every run to a couple of ResNet-18 steps.
+Tiny synthetic SYSU-MM01, RegDB and LLCM data sets are written once per session, and tiny command
+lines (64x32 images) keep every run to a couple of ResNet-18 steps.
 """
 
 from __future__ import annotations
@@ -40,9 +40,20 @@ def toy_regdb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def toy_llcm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LLCM in its real layout: 2 training identities, 3 test identities."""
+    from llcm_tree import make_llcm_tree
+
+    return make_llcm_tree(tmp_path_factory.mktemp("toy") / "llcm")
+
+
 def tiny_train_argv(data: Path, save: Path, note: str, *extra: str) -> list[str]:
     """A train.py command line for a tiny CPU run (ResNet-18, 64x32, 2 steps per epoch)."""
-    dataset = "regdb" if (data / "idx").is_dir() else "sysu"
+    if (data / "test_vis").is_dir():
+        dataset = "llcm"
+    else:
+        dataset = "regdb" if (data / "idx").is_dir() else "sysu"
     return [
         "--data_root", str(data), "--dataset", dataset, "--config_path", str(SPLIT_CONFIG),
         "--img_h", str(H), "--img_w", str(W), "--batch_size", "8", "--num_pos", "4",

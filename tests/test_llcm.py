@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 from data import ProtocolSettings, get_dataset
@@ -32,65 +31,22 @@ from utils.base.modality import Modality
 from utils.evaluation.evaluate import ProtocolFeatures, evaluate_protocols, score
 from utils.evaluation.metrics import eval_llcm, pairwise_distance, summarize
 
-# Test folders: {pid: {cam: number of images}} per modality. Id 12 has no visible cam3 folder
-# and id 5 has cam2 in both modalities; folders hold several images so that trials can differ.
-TEST_VISIBLE = {
-    5: {1: 4, 2: 3, 9: 5},
-    12: {1: 2, 2: 6, 4: 3},
-    40: {3: 5, 7: 4},
-}
-TEST_INFRARED = {
-    5: {2: 4, 8: 3},
-    12: {1: 5, 9: 2},
-    40: {4: 6},
-}
-TEST_ID_LINE = "40,5,12"  # unsorted on purpose: the protocol orders ids ascending
-TEST_IDS = [5, 12, 40]
-# Training images: (relative path, label) per modality, in file order.
-TRAIN_VISIBLE = [
-    (f"vis/{pid:04d}/{pid:04d}_c0{cam}_{n}_rgb.jpg", label)
-    for label, pid in enumerate((351, 7))
-    for cam in (1, 2)
-    for n in range(2)
-]
-TRAIN_INFRARED = [
-    (f"nir/{pid:04d}/{pid:04d}_c06_{n}_nir.jpg", label)
-    for label, pid in enumerate((351, 7))
-    for n in range(3)
-]
-FOLDERS = {Modality.VISIBLE: "test_vis", Modality.INFRARED: "test_nir"}
-
-
-def _image(path: Path, seed: int) -> None:
-    """Write a tiny random RGB JPEG (8x4)."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (8, 4, 3), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)
-
-
-def make_llcm(root: Path) -> Path:
-    """Write a fake LLCM tree under ``root`` and return it."""
-    seed = 0
-    for modality, layout in ((Modality.VISIBLE, TEST_VISIBLE), (Modality.INFRARED, TEST_INFRARED)):
-        for pid, cams in layout.items():
-            for cam, count in cams.items():
-                for n in range(count):
-                    seed += 1
-                    name = f"{pid:04d}_c{cam:02d}_s{seed:06d}_f{n}.jpg"
-                    _image(root / FOLDERS[modality] / f"cam{cam}" / f"{pid:04d}" / name, seed)
-    (root / "idx").mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train_vis", TRAIN_VISIBLE), ("train_nir", TRAIN_INFRARED)):
-        for rel, _ in rows:
-            seed += 1
-            _image(root / rel, seed)
-        (root / "idx" / f"{name}.txt").write_text("".join(f"{r} {label}\n" for r, label in rows))
-    (root / "idx" / "test_id.txt").write_text(TEST_ID_LINE + "\n")
-    return root
+from llcm_tree import (  # isort: skip
+    FOLDERS,
+    TEST_ID_LINE,
+    TEST_IDS,
+    TEST_INFRARED,
+    TEST_VISIBLE,
+    TRAIN_INFRARED,
+    TRAIN_VISIBLE,
+    make_llcm_tree,
+    write_image,
+)
 
 
 @pytest.fixture()
 def llcm(tmp_path: Path) -> Path:
-    return make_llcm(tmp_path / "LLCM")
+    return make_llcm_tree(tmp_path / "LLCM")
 
 
 @pytest.fixture()
@@ -132,7 +88,7 @@ def test_train_files_follow_the_index_files(llcm: Path) -> None:
     assert all(type(label) is int for label in visible_pids + infrared_pids)
 
 
-def test_train_line_naming_a_missing_image(llcm: Path) -> None:
+def test_train_line_naming_a_missingwrite_image(llcm: Path) -> None:
     index = llcm / "idx" / "train_nir.txt"
     lines = index.read_text().splitlines()
     lines.insert(2, "nir/0351/0351_c06_missing_nir.jpg 0")
@@ -303,7 +259,7 @@ def test_gallery_rejects_trials_outside_0_to_9(llcm: Path, trial: object) -> Non
 
 @pytest.mark.usefixtures("keep_global_random")
 def test_root_path_containing_cam_reads_the_folders(tmp_path: Path) -> None:
-    root = make_llcm(tmp_path / "cam7_0099" / "cam_data" / "LLCM")
+    root = make_llcm_tree(tmp_path / "cam7_0099" / "cam_data" / "LLCM")
     for modality in (Modality.VISIBLE, Modality.INFRARED):
         paths, pids, cams = llcm_query(root, modality)
         assert len(paths) == sum(sum(c.values()) for c in _layout(modality).values())
@@ -337,7 +293,7 @@ def test_test_id_without_image_folders(llcm: Path) -> None:
 
 
 def test_test_id_with_folders_in_one_modality_only_is_kept(llcm: Path) -> None:
-    _image(llcm / "test_nir" / "cam6" / "0088" / "0088_c06_a.jpg", 1)
+    write_image(llcm / "test_nir" / "cam6" / "0088" / "0088_c06_a.jpg", 1)
     (llcm / "idx" / "test_id.txt").write_text("40,5,12,88\n")
     _, pids, cams = llcm_query(llcm, "infrared")
     assert pids.tolist()[-1] == 88 and cams.tolist()[-1] == 6

@@ -56,7 +56,12 @@ def data_parser() -> argparse.ArgumentParser:
     group.add_argument("--data_root", required=True, help=f"{titles} root folder")
     group.add_argument("--dataset", choices=dataset_names(), default="sysu", help="data set")
     group.add_argument("--trial", type=int, default=None, help=_trial_help())
-    group.add_argument("--img_h", type=int, default=256, help="image height")
+    group.add_argument(
+        "--img_h",
+        type=int,
+        default=256,
+        help="image height (the paper's 256x128; LLCM's authors train at 384x144)",
+    )
     group.add_argument("--img_w", type=int, default=128, help="image width")
     group.add_argument(
         "--cache_dir",
