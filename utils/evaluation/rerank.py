@@ -27,15 +27,11 @@ benchmark baseline.
 
 from __future__ import annotations
 
-import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-
-logger = logging.getLogger(__name__)
 
 # Elements (of the largest temporary) one chunk may hold: 2**25 float32 values are 128 MiB.
 DEFAULT_CHUNK_ELEMENTS = 2**25
@@ -455,31 +451,4 @@ def feature_distances(
     )
 
 
-def benchmark_rerank(
-    num_query: int = 3803, num_gallery: int = 3010, dim: int = 2048, seed: int = 0
-) -> dict[str, float]:
-    """Time rerank against rerank_reference once each on random features of the given size.
-
-    The default size is the SYSU-MM01 multi-shot test (3,803 queries, 3,010 gallery images).
-    Distances are Euclidean between L2-normalised random features.
-    """
-    q_g, q_q, g_g = feature_distances(num_query, num_gallery, dim, seed)
-    start = time.perf_counter()
-    fast = rerank(q_g, q_q, g_g)
-    vectorised_s = time.perf_counter() - start
-    start = time.perf_counter()
-    slow = rerank_reference(q_g, q_q, g_g)
-    reference_s = time.perf_counter() - start
-    result = {
-        "vectorised_s": vectorised_s,
-        "reference_s": reference_s,
-        "speedup": reference_s / vectorised_s,
-        "max_abs_diff": float(np.abs(fast - slow).max()),
-        "num_query": float(num_query),
-        "num_gallery": float(num_gallery),
-    }
-    logger.info("re-ranking benchmark: %s", result)
-    return result
-
-
-__all__ = ["benchmark_rerank", "rerank", "rerank_reference"]
+__all__ = ["rerank", "rerank_reference"]
