@@ -110,9 +110,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         text += f" (default: {cuda} on CUDA, {cpu} on the CPU)"
         parser.add_argument(f"--{key}", type=int, choices=choices, default=None, help=text)
     for key, default, text in INTEGERS:
-        parser.add_argument(f"--{key}", type=int, default=default, help=f"{text} ({default})")
+        text += "" if default is None else f" (default: {default})"
+        parser.add_argument(f"--{key}", type=int, default=default, help=text)
     parser.add_argument("--arch", default="split", help="shared, split or an architecture file")
-    parser.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16", help="on CUDA")
+    parser.add_argument(
+        "--amp", choices=("bf16", "fp16", "none"), default="bf16", help="fast path, CUDA"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the fast path")
     parser.add_argument(
         "--channels_last", action=argparse.BooleanOptionalAction, help="default: on CUDA only"
@@ -235,7 +238,9 @@ def training_options(args: argparse.Namespace, workdir: Path, arch: Arch) -> arg
     ])  # fmt: skip
 
 
-def in_memory(options: argparse.Namespace, note: str, train_set: TrainSet, search: bool = False):
+def in_memory(
+    options: argparse.Namespace, note: str, train_set: TrainSet, search: bool = False
+) -> Trainer:
     """A Trainer (or SearchTrainer) on ``train_set`` instead of a data set, run folder ``note``."""
 
     class Given(Trainer):
@@ -293,7 +298,9 @@ def run_fast(args: argparse.Namespace, trainer: Trainer) -> dict[str, Any]:
     return figures
 
 
-def run_plain(args: argparse.Namespace, options: argparse.Namespace, data: TrainSet, arch: Arch):
+def run_plain(
+    args: argparse.Namespace, options: argparse.Namespace, data: TrainSet, arch: Arch
+) -> dict[str, Any]:
     """Time the authors'-style step: per-image CPU augmentation in workers, fp32 NCHW eager."""
     device = select_device(args.device)
     windowed = reset_peak_memory(device)
@@ -361,7 +368,12 @@ def run_features(args: argparse.Namespace, trainer: Trainer) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def ranking_problem(protocol: tuple, num_query: int, num_gallery: int, seed: int) -> tuple:
+def ranking_problem(
+    protocol: tuple[int, tuple[int, ...], tuple[int, ...]],
+    num_query: int,
+    num_gallery: int,
+    seed: int,
+) -> tuple[np.ndarray, ...]:
     """Random (distmat, q_pids, g_pids, q_cams, g_cams); same identities closer on average."""
     rng = np.random.default_rng(seed)
     ids, query_cams, gallery_cams = protocol
@@ -413,7 +425,9 @@ def run_llcm(args: argparse.Namespace) -> dict[str, Any]:
     return dict(eval_s=eval_s, rerank_s=rerank_s, **sizes)
 
 
-def run_search(args: argparse.Namespace, options: argparse.Namespace, data: TrainSet):
+def run_search(
+    args: argparse.Namespace, options: argparse.Namespace, data: TrainSet
+) -> dict[str, Any]:
     """A search step against a training step: ``weights_step + arch_step / arch_freq``."""
     defaults = vars(search_parser().parse_args([]))
     # Weights steps timed alone (no architecture step is ever due); architecture steps directly.
