@@ -1,4 +1,4 @@
-"""The paper's training augmentation, batched on any device, plus a per-image CPU version.
+"""The paper's training augmentation, batched on any device.
 
 Pipeline (torchvision order of the authors' code): zero-pad the uint8 image by ``pad``, random
 crop back to HxW, horizontal flip, to [0, 1], ImageNet normalisation, random erasing whose
@@ -12,9 +12,6 @@ gathers and ``torch.where`` only, so a CUDA batch is augmented without a host sy
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -159,37 +156,3 @@ def augment_batch(
         n, height, width, generator, pad, flip_p, erase_p, erase_area, erase_ratio
     )
     return _apply(images, _to_device(params, images.device), pad)
-
-
-def augment_one(
-    image: np.ndarray,
-    rng: np.random.Generator,
-    pad: int = 10,
-    flip_p: float = 0.5,
-    erase_p: float = 0.5,
-    erase_area: tuple[float, float] = ERASE_AREA,
-    erase_ratio: tuple[float, float] = ERASE_RATIO,
-) -> torch.Tensor:
-    """Augment one uint8 HWC image on the CPU with ``rng``; return normalised float (3,H,W).
-
-    Same distribution as ``augment_batch``, drawn like the classic per-image transforms.
-    """
-    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.shape} {image.dtype}")
-    height, width, _ = image.shape
-    dy, dx = (int(v) for v in rng.integers(0, 2 * pad + 1, size=2))
-    flip = bool(rng.random() < flip_p)
-    erase, top, left, eh, ew = 0, 0, 0, 0, 0
-    if rng.random() < erase_p:
-        for _ in range(ERASE_ATTEMPTS):
-            target = rng.uniform(*erase_area) * height * width
-            ratio = rng.uniform(*erase_ratio)
-            h = round(math.sqrt(target * ratio))
-            w = round(math.sqrt(target / ratio))
-            if h < height and w < width:
-                top = int(rng.integers(0, height - h + 1))
-                left = int(rng.integers(0, width - w + 1))
-                erase, eh, ew = 1, h, w
-                break
-    params = torch.tensor([[dy, dx, int(flip), erase, top, left, eh, ew]], dtype=torch.int64)
-    return _apply(torch.from_numpy(np.ascontiguousarray(image))[None], params, pad)[0].contiguous()

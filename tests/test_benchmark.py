@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.plain import PairedBatchSampler, PairedImages, plain_loader
 from data.sampler import CrossModalitySampler
+from data.trainset import TrainSet
 from utils import benchmark
 from utils.base.errors import UserError
 
@@ -26,7 +26,8 @@ TINY = [
     "--batch_size", "8", "--num_pos", "4", "--steps", "2", "--rounds", "1", "--warmup", "1",
     "--workers", "1",
     "--feature_images", "24", "--test_batch", "16", "--metrics_query", "200",
-    "--metrics_gallery", "150", "--search_steps", "4", "--search_rounds", "1",
+    "--metrics_gallery", "150", "--llcm_query", "120", "--llcm_gallery", "90",
+    "--search_steps", "4", "--search_rounds", "1",
 ]  # fmt: skip
 
 
@@ -48,7 +49,8 @@ def test_benchmark_writes_every_section(tmp_path: Path, capsys: pytest.CaptureFi
     assert benchmark.main([*TINY, "--out", str(out), "--markdown", str(table)]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert json.loads(out.read_text()) == doc
-    for section in ("machine", "settings", "fast", "plain", "speedup", "features", "metrics"):
+    sections = ("machine", "settings", "fast", "plain", "speedup", "features", "metrics")
+    for section in (*sections, "rerank", "llcm", "search"):
         assert section in doc, section
     assert doc["machine"]["device_type"] == "cpu" and doc["machine"]["cpu_count"] >= 1
     assert doc["settings"]["images_per_step"] == 16
@@ -65,18 +67,29 @@ def test_benchmark_writes_every_section(tmp_path: Path, capsys: pytest.CaptureFi
     assert _positive(metrics["vectorised_s"]) and _positive(metrics["loop_s"])
     # Same numbers from both implementations: the comparison is between equals.
     assert metrics["max_abs_diff"] == 0.0
+    assert metrics["speedup"] == pytest.approx(metrics["loop_s"] / metrics["vectorised_s"], 0.01)
+    rerank = doc["rerank"]
+    assert _positive(rerank["vectorised_s"]) and _positive(rerank["reference_s"])
+    assert rerank["max_abs_diff"] < 1e-5 and rerank["threads"] == 1
+    assert (rerank["num_query"], rerank["num_gallery"]) == (200, 150)
+    llcm = doc["llcm"]
+    assert _positive(llcm["eval_s"]) and _positive(llcm["rerank_s"])
+    assert (llcm["num_query"], llcm["num_gallery"]) == (120, 90)
     search = doc["search"]
     assert search["status"] == "measured", search
     assert _positive(search["ratio"]) and _positive(search["train_step_s"])
-    assert "| training images/s |" in table.read_text()
+    text = table.read_text()
+    assert "| training images/s |" in text
+    assert "| re-ranking 200 x 150, 1 thread (s): vectorised / reference |" in text
+    assert "| LLCM 120 x 90 (s): eval_llcm / re-ranking |" in text
 
 
 def test_skipped_sections_are_marked(capsys: pytest.CaptureFixture[str]) -> None:
     """``--skip`` leaves sections out explicitly; no speed-up without both training paths."""
-    argv = [*TINY, "--skip", "fast", "plain", "features", "search"]
+    argv = [*TINY, "--skip", "fast", "plain", "features", "search", "rerank", "llcm"]
     assert benchmark.main(argv) == 0
     doc = json.loads(capsys.readouterr().out)
-    for section in ("fast", "plain", "features", "search"):
+    for section in ("fast", "plain", "features", "search", "rerank", "llcm"):
         assert doc[section] == {"skipped": True}
     assert doc["speedup"] is None
     assert doc["metrics"]["num_query"] == 200
@@ -89,6 +102,14 @@ def test_bad_sizes_are_user_errors() -> None:
         benchmark.resolve_options(args, torch.device("cpu"))
 
 
+def _tiny_set(visible: np.ndarray, infrared: np.ndarray, labels_v, labels_i) -> TrainSet:
+    paths_v, paths_i = [str(k) for k in range(len(visible))], [str(k) for k in range(len(infrared))]
+    pids = list(range(int(max(labels_v)) + 1))
+    return TrainSet(
+        visible, np.asarray(labels_v), infrared, np.asarray(labels_i), pids, paths_v, paths_i
+    )
+
+
 def _tiny_images(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, H, W, 3), dtype=np.uint8)
 
@@ -97,9 +118,9 @@ def test_plain_loader_pairs_the_sampler_batches() -> None:
     """Item k of a batch is the sampler's visible and infrared image k, augmented, as NCHW."""
     labels_v = np.repeat(np.arange(6), 3)
     labels_i = np.repeat(np.arange(6), 2)
-    dataset = PairedImages(_tiny_images(18, 0), labels_v, _tiny_images(12, 1), labels_i, seed=3)
+    data = _tiny_set(_tiny_images(18, 0), _tiny_images(12, 1), labels_v, labels_i)
     sampler = CrossModalitySampler(labels_v, labels_i, batch_size=4, num_pos=2, seed=5)
-    loader = plain_loader(dataset, sampler, workers=0, num_batches=len(sampler) + 2)
+    loader = benchmark.plain_loader(data, sampler, workers=0, batches=len(sampler) + 2, seed=3)
     batches = list(loader)
     assert len(batches) == len(sampler) + 2
     for position, (visible, infrared, v_labels, i_labels) in enumerate(batches):
@@ -116,26 +137,20 @@ def test_plain_loader_pairs_the_sampler_batches() -> None:
 
 def test_plain_loader_workers_draw_their_own_augmentations() -> None:
     """Each worker seeds its own generator: two workers never repeat each other's draws."""
-    n = 8
-    same = _tiny_images(1, 0).repeat(n, axis=0)
+    same = _tiny_images(1, 0).repeat(8, axis=0)
     labels = np.repeat(np.arange(4), 2)
-    dataset = PairedImages(same, labels, same, labels, seed=0)
     sampler = CrossModalitySampler(labels, labels, batch_size=4, num_pos=2, seed=0)
-    pairs = [[(k, k)] for k in range(4)]
-
-    class OnePerBatch(PairedBatchSampler):
-        def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-            return iter(pairs)
-
-        def __len__(self) -> int:
-            return len(pairs)
-
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=OnePerBatch(sampler),
-        num_workers=2,
-        generator=torch.Generator().manual_seed(0),
-    )
+    loader = benchmark.plain_loader(_tiny_set(same, same, labels, labels), sampler, 2, 2)
     # Batches alternate between the two workers; the first draw of each must differ.
-    first, second = (batch[0] for batch in list(loader)[:2])
+    first, second = (batch[0][0] for batch in loader)
     assert not torch.equal(first, second)
+
+
+def test_non_positive_sizes_are_user_errors() -> None:
+    """A size below its minimum is refused with one line naming the flag."""
+    args = benchmark.get_args_parser().parse_args([*TINY, "--steps", "0"])
+    with pytest.raises(UserError, match=r"^--steps 0: expected an integer >= 1$"):
+        benchmark.resolve_options(args, torch.device("cpu"))
+    args = benchmark.get_args_parser().parse_args([*TINY, "--workers", "-1"])
+    with pytest.raises(UserError, match=r"^--workers -1: expected an integer >= 0$"):
+        benchmark.resolve_options(args, torch.device("cpu"))

@@ -8,7 +8,6 @@ import torch
 
 from data import ExclusionRule
 from utils.evaluation.metrics import (
-    benchmark_metrics,
     eval_llcm,
     eval_llcm_loop,
     eval_ranking,
@@ -386,9 +385,3 @@ def test_summarize_reports_percentages() -> None:
         }
     )
     assert set(summarize(cmc[:5], 0.0, 0.0)) == {"rank1", "rank5", "mAP", "mINP"}
-
-
-def test_benchmark_runs_and_agrees() -> None:
-    result = benchmark_metrics(num_query=60, num_gallery=80, num_ids=6, seed=1)
-    assert set(result) == {"vectorised_s", "loop_s", "speedup", "max_abs_diff"}
-    assert result["max_abs_diff"] < 1e-12

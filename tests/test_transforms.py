@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 import data.transforms as transforms
 from data import augment_batch, normalize
-from data.transforms import ERASE_FILL, IMAGENET_MEAN, IMAGENET_STD, augment_one
+from data.transforms import ERASE_FILL, IMAGENET_MEAN, IMAGENET_STD
 
 H, W = 16, 8
 
@@ -107,23 +106,6 @@ def test_erasing_fills_one_rectangle_with_the_values() -> None:
     assert 15 <= erased <= 49
 
 
-def test_augment_one_matches_the_batch_semantics() -> None:
-    image = _images(n=1)[0].numpy()
-    a = augment_one(image, np.random.default_rng(3))
-    assert a.shape == (3, H, W) and a.dtype == torch.float32
-    torch.testing.assert_close(a, augment_one(image, np.random.default_rng(3)), rtol=0, atol=0)
-    flipped = augment_one(image, np.random.default_rng(0), pad=0, flip_p=1.0, erase_p=0.0)
-    torch.testing.assert_close(flipped, normalize(torch.from_numpy(image)[None])[0].flip(-1))
-    batch = torch.from_numpy(np.stack([image] * 32))
-    outs = torch.stack(
-        [
-            augment_one(image, np.random.default_rng(s), pad=0, flip_p=0, erase_p=1)
-            for s in range(32)
-        ]
-    )
-    assert sum(f > 0 for f in _check_erased(outs, normalize(batch))) >= 28
-
-
 def test_erasing_ratio_reaches_one_over_0_3_in_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     # The recipe draws the height/width ratio uniformly in (0.3, 1/0.3); 3.33 cuts it short.
     assert transforms.ERASE_RATIO == (0.3, 1 / 0.3)
@@ -141,26 +123,6 @@ def test_erasing_ratio_reaches_one_over_0_3_in_the_batch(monkeypatch: pytest.Mon
     assert ratios.numel() == 512 * transforms.ERASE_ATTEMPTS
     assert ratios.min() >= 0.3 and ratios.max() < 1 / 0.3
     assert (ratios > 3.33).sum() > 10  # about 0.1% of 51,200 uniform draws lie above 3.33
-
-
-def test_erasing_ratio_reaches_one_over_0_3_per_image() -> None:
-    class Recording:
-        """A numpy generator that remembers the bounds of every uniform draw."""
-
-        def __init__(self, seed: int) -> None:
-            self.rng = np.random.default_rng(seed)
-            self.bounds: list[tuple[float, float]] = []
-
-        def uniform(self, low: float, high: float) -> float:
-            self.bounds.append((low, high))
-            return self.rng.uniform(low, high)
-
-        def __getattr__(self, name: str):
-            return getattr(self.rng, name)
-
-    rng = Recording(0)
-    augment_one(_images(n=1)[0].numpy(), rng, erase_p=1.0)  # type: ignore[arg-type]
-    assert (0.3, 1 / 0.3) in rng.bounds and (0.02, 0.4) in rng.bounds
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -1,35 +1,31 @@
-"""Speed benchmark of the training, feature-extraction, metrics and search paths (JSON output).
+"""Speed benchmark: training paths, feature extraction, metrics, re-ranking, search (JSON).
 
     python -m utils.benchmark                       # paper sizes on CUDA, small sizes on a CPU
-    python -m utils.benchmark --device cuda --depth 50 --img_h 256 --img_w 128 --batch_size 64 \
-        --steps 50 --warmup 10 --workers 4 --out bench.json
+    python -m utils.benchmark --threads 1 --out bench.json --markdown bench.md
 
-Sections of the JSON document (printed to stdout and written to ``--out``):
+Sections of the JSON document (printed to stdout, written to ``--out``):
 
-- ``fast``: the engine's own training step (:meth:`Trainer.training_step`: uint8
-  images resident on the device, batched augmentation there, bf16 autocast on CUDA,
-  channels-last, fused Adam, ``foreach`` EMA, no host synchronisation per step) on random
-  in-memory images; ``--compile`` adds torch.compile.
-- ``plain``: the authors' style: fp32, NCHW, eager, every image augmented on its own on the CPU in
-  DataLoader workers (:mod:`data.plain`), the batch copied to the device, a for-loop Adam, a
-  per-tensor EMA and the loss read back every step.
+- ``fast``: the engine's own :meth:`Trainer.training_step` (uint8 images resident on the device,
+  batched augmentation there, bf16, channels-last and fused Adam on CUDA, no host sync per step).
+- ``plain``: the authors' style: fp32, NCHW, every image augmented alone on the CPU in DataLoader
+  workers, the batch copied to the device, for-loop Adam and EMA, the loss read back every step.
 - ``speedup``: fast images/s over plain images/s.
-- ``features``: :func:`extract_features` images/s (half precision on CUDA).
-- ``metrics``: vectorised SYSU metrics against the per-query loop at the SYSU multi-shot size.
-- ``search``: a search step against a training step (the search's two steps timed apart).
+- ``features``: :func:`extract_features` images/s.
+- ``metrics``: ``eval_sysu`` against its per-query loop at the SYSU multi-shot size.
+- ``rerank``: ``rerank`` against ``rerank_reference`` at the same size, both on one thread.
+- ``llcm``: ``eval_llcm`` and ``rerank`` at the size of LLCM's infrared-to-visible test.
+- ``search``: a search step against a training step.
 
-Images/s count both modalities: ``2 * batch_size * steps / seconds`` of the fastest of
-``--rounds`` timed windows, after ``--warmup`` untimed steps.
-Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU it is the process's
-maximum resident set size (``resource.getrusage``), reset before each path where Linux allows.
-Timings are for the benchmark command only; no unit test asserts a speed.
+Images/s count both modalities, ``2 * batch_size * steps / seconds``, for the fastest of
+``--rounds`` windows after ``--warmup`` untimed steps (the best window filters out other programs'
+bursts on a shared machine). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the
+process's maximum resident set size on the CPU. No unit test asserts a speed.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import logging
 import os
@@ -44,199 +40,103 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-from data.plain import PairedImages, plain_loader
 from data.sampler import CrossModalitySampler
 from data.trainset import TrainSet
+from data.transforms import augment_batch
 from model import DEPTHS, Arch, Routing, build_model, load_arch, save_arch
 from model.losses import LossRecipe
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
-from utils.base.logger import git_commit, setup_logging
+from utils.base.logger import environment, setup_logging
 from utils.base.modality import Modality
 from utils.engine.options import EMA_DECAY, data_parser, model_parser, optim_parser, select_device
 from utils.engine.search import SearchTrainer, search_parser
 from utils.engine.trainer import Trainer
 from utils.evaluation.evaluate import extract_features
-from utils.evaluation.metrics import benchmark_metrics
+from utils.evaluation.metrics import eval_llcm, eval_sysu, eval_sysu_loop
+from utils.evaluation.rerank import feature_distances, rerank, rerank_reference
 
 log = logging.getLogger("benchmark")
 
-SECTIONS = ("fast", "plain", "features", "metrics", "search")
-# Default sizes per device type: the paper's on CUDA, a run of a few minutes on a small CPU.
-PRESETS: dict[str, dict[str, int]] = {
-    "cuda": {
-        "depth": 50,
-        "img_h": 256,
-        "img_w": 128,
-        "batch_size": 64,
-        "steps": 30,
-        "rounds": 3,
-        "warmup": 10,
-        "feature_images": 4096,
-        "test_batch": 256,
-        "search_steps": 16,
-    },
-    "cpu": {
-        "depth": 18,
-        "img_h": 128,
-        "img_w": 64,
-        "batch_size": 16,
-        "steps": 4,
-        "rounds": 3,
-        "warmup": 2,
-        "feature_images": 256,
-        "test_batch": 64,
-        "search_steps": 4,
-    },
-}
-# The synthetic training set: SYSU's 395 training identities, a few images each per modality.
-TRAIN_IDS = 395
-IMAGES_PER_ID = 2
-# The SYSU-MM01 multi-shot all-search problem: every infrared test image against 10 images
-# per (identity, visible camera) folder.
-SYSU_QUERIES = 3803
-SYSU_MULTISHOT_GALLERY = 3010
-MB = 2**20
+SECTIONS = ("fast", "plain", "features", "metrics", "rerank", "llcm", "search")
+# (option, CUDA default, CPU default, help): the paper's sizes on CUDA, minutes on a small CPU.
+PRESETS = (
+    ("depth", 50, 18, "ResNet depth"),
+    ("img_h", 256, 128, "image height"),
+    ("img_w", 128, 64, "image width"),
+    ("batch_size", 64, 16, "images per modality per step"),
+    ("steps", 30, 4, "timed training steps per round"),
+    ("rounds", 3, 3, "timed rounds per training path (the fastest counts)"),
+    ("warmup", 10, 2, "untimed steps first"),
+    ("feature_images", 4096, 256, "images of the feature extraction"),
+    ("test_batch", 256, 64, "feature-extraction batch"),
+    ("search_steps", 16, 4, "timed steps per round of the search comparison"),
+)
+# (option, default, help) of the other integer options.
+INTEGERS = (
+    ("num_pos", 4, "images per identity and modality in a batch"),
+    ("workers", None, "DataLoader workers of the plain path (default: min(4, CPUs))"),
+    ("search_rounds", 2, "rounds of the search comparison"),
+    # SYSU-MM01 multi-shot all-search: 3,803 infrared queries, 10 images per visible folder.
+    ("metrics_query", 3803, "queries of the SYSU multi-shot problem (metrics, re-ranking)"),
+    ("metrics_gallery", 3010, "gallery images of the SYSU multi-shot problem"),
+    # LLCM infrared-to-visible: its 7,166 infrared test images against one image per (identity,
+    # visible camera) folder, at most 351 identities x 9 cameras.
+    ("llcm_query", 7166, "queries of the LLCM problem"),
+    ("llcm_gallery", 3159, "gallery images of the LLCM problem"),
+    ("threads", None, "torch threads (default: torch's; 1 keeps threads from spin-waiting for "
+     "each other on a CPU shared with other programs)"),
+    ("seed", 0, "random seed"),
+)  # fmt: skip
+# Identities, query cameras and gallery cameras of the two test problems.
+SYSU = (96, (3, 6), (1, 2, 4, 5))
+LLCM = (351, (1, 2, 4, 5, 6, 7, 8, 9), tuple(range(1, 10)))
+# The synthetic training set: SYSU-MM01's 395 training identities, 2 images each per modality.
+TRAIN_IDS, IMAGES_PER_ID = 395, 2
+FEATURE_DIM = 2048  # a ResNet-50's pool features, the usual input of re-ranking
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    """The benchmark's options; size options left out take the device's preset."""
+    """The benchmark's options; sizes left out take the device's preset."""
     parser = argparse.ArgumentParser(
         prog="python -m utils.benchmark",
-        description="Benchmark the fast and the plain training paths, feature extraction, the "
-        "metrics and the search; prints one JSON document.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Benchmark training, features, metrics, re-ranking and the search (JSON).",
     )
-    cuda, cpu = PRESETS["cuda"], PRESETS["cpu"]
-
-    def preset(key: str) -> str:
-        return f"(default: {cuda[key]} on CUDA, {cpu[key]} on the CPU)"
-
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if any)")
+    for key, cuda, cpu, text in PRESETS:
+        choices = DEPTHS if key == "depth" else None
+        text += f" (default: {cuda} on CUDA, {cpu} on the CPU)"
+        parser.add_argument(f"--{key}", type=int, choices=choices, default=None, help=text)
+    for key, default, text in INTEGERS:
+        text += "" if default is None else f" (default: {default})"
+        parser.add_argument(f"--{key}", type=int, default=default, help=text)
+    parser.add_argument("--arch", default="split", help="shared, split or an architecture file")
     parser.add_argument(
-        "--depth", type=int, choices=DEPTHS, default=None, help=f"ResNet {preset('depth')}"
-    )
-    parser.add_argument("--img_h", type=int, default=None, help=f"image height {preset('img_h')}")
-    parser.add_argument("--img_w", type=int, default=None, help=f"image width {preset('img_w')}")
-    parser.add_argument(
-        "--batch_size",
-        type=int,
-        default=None,
-        help=f"images per modality per step {preset('batch_size')}",
-    )
-    parser.add_argument("--num_pos", type=int, default=4, help="images per identity and modality")
-    parser.add_argument(
-        "--steps", type=int, default=None, help=f"timed training steps {preset('steps')}"
-    )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=None,
-        help=f"timed windows of --steps steps per path, the best counts {preset('rounds')}",
-    )
-    parser.add_argument(
-        "--warmup", type=int, default=None, help=f"untimed steps first {preset('warmup')}"
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="DataLoader workers of the plain path (default: min(4, CPU count))",
-    )
-    parser.add_argument(
-        "--arch",
-        default="split",
-        help="network: 'shared' or 'split' in every slot, or an architecture file",
-    )
-    parser.add_argument(
-        "--amp",
-        choices=("bf16", "fp16", "none"),
-        default="bf16",
-        help="fast path precision on CUDA (fp16 adds a gradient scaler; CPU: always fp32)",
+        "--amp", choices=("bf16", "fp16", "none"), default="bf16", help="fast path, CUDA"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the fast path")
     parser.add_argument(
-        "--channels_last",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="channels-last memory format on the fast path (default: on CUDA only)",
+        "--channels_last", action=argparse.BooleanOptionalAction, help="default: on CUDA only"
     )
-    parser.add_argument(
-        "--feature_images",
-        type=int,
-        default=None,
-        help=f"images of the feature-extraction run {preset('feature_images')}",
-    )
-    parser.add_argument(
-        "--test_batch",
-        type=int,
-        default=None,
-        help=f"feature-extraction batch {preset('test_batch')}",
-    )
-    parser.add_argument(
-        "--metrics_query", type=int, default=SYSU_QUERIES, help="queries of the metrics problem"
-    )
-    parser.add_argument(
-        "--metrics_gallery",
-        type=int,
-        default=SYSU_MULTISHOT_GALLERY,
-        help="gallery images of the metrics problem",
-    )
-    parser.add_argument(
-        "--search_steps",
-        type=int,
-        default=None,
-        help=f"timed steps per round of the search comparison {preset('search_steps')}",
-    )
-    parser.add_argument(
-        "--search_rounds", type=int, default=2, help="rounds of the search comparison (best kept)"
-    )
-    parser.add_argument(
-        "--skip", nargs="*", choices=SECTIONS, default=[], help="sections to leave out"
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads of the main process (default: torch's; 1 avoids OpenMP threads "
-        "spin-waiting for each other on a CPU shared with other programs)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--skip", nargs="*", choices=SECTIONS, default=[], help="sections to skip")
     parser.add_argument("--out", default=None, help="also write the JSON document here")
-    parser.add_argument(
-        "--markdown", default=None, help="also write a Markdown table of the figures here"
-    )
+    parser.add_argument("--markdown", default=None, help="also write a Markdown table here")
     return parser
 
 
 def resolve_options(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
-    """Fill the size options the user left out from the device's preset; validate them."""
-    for key, value in PRESETS[device.type].items():
+    """Fill the sizes left out from the device's preset; validate them."""
+    for key, cuda, cpu, _ in PRESETS:
         if getattr(args, key) is None:
-            setattr(args, key, value)
+            setattr(args, key, cuda if device.type == "cuda" else cpu)
     if args.workers is None:
         args.workers = min(4, os.cpu_count() or 1)
-    if args.channels_last is None:
-        # Channels-last pays on GPUs; on a CPU it slows the convolutions down.
-        args.channels_last = device.type == "cuda"
-    positive = (
-        "batch_size",
-        "num_pos",
-        "steps",
-        "rounds",
-        "feature_images",
-        "test_batch",
-        "search_steps",
-    )
-    for key in (*positive, "search_rounds", "metrics_query", "metrics_gallery"):
-        if getattr(args, key) < 1:
-            raise UserError(f"--{key} {getattr(args, key)}: expected a positive integer")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads {args.threads}: expected a positive integer")
-    if args.warmup < 0 or args.workers < 0:
-        raise UserError("--warmup and --workers must be >= 0")
+    at_least = {key: 1 for key, *_ in PRESETS + INTEGERS} | {"warmup": 0, "workers": 0, "seed": 0}
+    for key, low in at_least.items():
+        if getattr(args, key) is not None and getattr(args, key) < low:
+            raise UserError(f"--{key} {getattr(args, key)}: expected an integer >= {low}")
     if args.batch_size % args.num_pos or args.batch_size // args.num_pos < 2:
         raise UserError(
             f"--batch_size {args.batch_size} must be a multiple of --num_pos {args.num_pos} "
@@ -246,19 +146,36 @@ def resolve_options(args: argparse.Namespace, device: torch.device) -> argparse.
 
 
 # ----- measuring ---------------------------------------------------------------------------
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (timing boundaries only)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def throughput(
+    step: Callable[[int], Any], args: argparse.Namespace, steps: int, rounds: int
+) -> dict[str, Any]:
+    """``--warmup`` untimed steps, then ``rounds`` timed windows of ``steps`` steps each."""
+    cuda = select_device(args.device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    for index in range(args.warmup):
+        step(index)
+    windows = []
+    for first in range(args.warmup, args.warmup + rounds * steps, steps):
+        sync()
+        started = time.perf_counter()
+        for index in range(first, first + steps):
+            step(index)
+        sync()
+        windows.append(time.perf_counter() - started)
+    images = 2 * args.batch_size * steps
+    return {
+        "images_per_s": round(images / min(windows), 2),
+        "step_s": round(min(windows) / steps, 5),
+        "images_per_s_per_round": [round(images / window, 2) for window in windows],
+    }
 
 
 def reset_peak_memory(device: torch.device) -> bool:
-    """Start a new peak-memory window; returns whether the window really restarted."""
+    """Start a new peak-memory window; returns whether it really restarted."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return True
-    try:
-        # Linux: "5" resets the peak RSS to the current RSS (also seen by getrusage).
+    try:  # Linux: "5" resets the peak resident set size to the current one.
         Path("/proc/self/clear_refs").write_text("5")
         return True
     except OSError:
@@ -266,500 +183,369 @@ def reset_peak_memory(device: torch.device) -> bool:
 
 
 def peak_memory(device: torch.device, windowed: bool) -> dict[str, Any]:
-    """The peak memory of the window started by :func:`reset_peak_memory`, in MiB."""
+    """The peak memory since :func:`reset_peak_memory` in MiB, and how it was measured."""
     if device.type == "cuda":
-        return {
-            "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / MB, 1),
-            "memory": "torch.cuda.max_memory_allocated",
-        }
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    what = "max RSS of the process (getrusage)"
-    return {
-        "peak_memory_mb": round(rss_kb / 1024, 1),
-        "memory": what + (" during this path" if windowed else " since start (cumulative)"),
-    }
+        peak, how = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        how = "max RSS of the process" + (" during this path" if windowed else " since start")
+    return {"peak_memory_mb": round(peak / 2**20, 1), "memory": how}
+
+
+def timed(function: Callable[[], Any]) -> tuple[Any, float]:
+    """``function()`` and the seconds it took."""
+    started = time.perf_counter()
+    return function(), time.perf_counter() - started
 
 
 def machine(device: torch.device) -> dict[str, Any]:
     """What the figures were measured on."""
-    info: dict[str, Any] = {
-        "device_type": device.type,
-        "device": _cpu_name(),
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["device"] = torch.cuda.get_device_name(device)
-        info["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
-        info["cuda"] = torch.version.cuda
-        info["cudnn"] = torch.backends.cudnn.version()
+    info = environment(device)
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line]
+    info["cpu"] = names[0] if names else platform.processor() or platform.machine()
+    info.update(device_type=device.type, device=info.get("gpu", info["cpu"]))
+    info.update(cpu_count=os.cpu_count(), platform=platform.platform())
+    info["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     return info
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def throughput(
-    run_step: Callable[[int], Any],
-    warmup: int,
-    steps: int,
-    rounds: int,
-    images: int,
-    device: torch.device,
-) -> dict[str, Any]:
-    """``warmup`` untimed steps, then ``rounds`` timed windows of ``steps`` steps; best counts.
-
-    The best window filters out bursts of work from other programs sharing the machine.
-    """
-    for index in range(warmup):
-        run_step(index)
-    index = warmup
-    windows = []
-    for _ in range(rounds):
-        synchronize(device)
-        started = time.perf_counter()
-        for _ in range(steps):
-            run_step(index)
-            index += 1
-        synchronize(device)
-        windows.append(time.perf_counter() - started)
-    best = min(windows)
-    return {
-        "images_per_s": round(images * steps / best, 2),
-        "step_s": round(best / steps, 5),
-        "images_per_s_per_round": [round(images * steps / w, 2) for w in windows],
-    }
-
-
 # ----- set-up ------------------------------------------------------------------------------
-def synthetic_train_set(
-    img_size: tuple[int, int], ids: int = TRAIN_IDS, per_id: int = IMAGES_PER_ID, seed: int = 0
-) -> TrainSet:
-    """Random uint8 images, ``per_id`` per identity and modality; nothing read from disk."""
+def synthetic_train_set(img_size: tuple[int, int], seed: int = 0) -> TrainSet:
+    """Random uint8 images of ``TRAIN_IDS`` identities; nothing read from disk."""
     rng = np.random.default_rng(seed)
-    n = ids * per_id
-    labels = np.repeat(np.arange(ids, dtype=np.int64), per_id)
-    shape = (n, *img_size, 3)
-    return TrainSet(
-        visible_images=rng.integers(0, 256, size=shape, dtype=np.uint8),
-        visible_labels=labels,
-        infrared_images=rng.integers(0, 256, size=shape, dtype=np.uint8),
-        infrared_labels=labels.copy(),
-        pids=list(range(1, ids + 1)),
-        visible_paths=[f"synthetic/visible/{k}" for k in range(n)],
-        infrared_paths=[f"synthetic/infrared/{k}" for k in range(n)],
-    )
+    labels = np.repeat(np.arange(TRAIN_IDS, dtype=np.int64), IMAGES_PER_ID)
+    images = [rng.integers(0, 256, size=(len(labels), *img_size, 3), dtype=np.uint8) for _ in "vi"]
+    paths = [f"synthetic/{k}" for k in range(len(labels))]
+    pids = list(range(1, TRAIN_IDS + 1))
+    return TrainSet(images[0], labels, images[1], labels.copy(), pids, paths, list(paths))
 
 
-def benchmark_arch(spec: str, depth: int) -> Arch:
-    """``shared``/``split`` in every slot of a ResNet-``depth``, or an architecture file."""
-    if spec in ("shared", "split"):
-        return Arch.uniform(depth, spec)
-    arch = load_arch(spec)
-    if arch.depth != depth:
-        raise UserError(f"--arch {spec} is a ResNet-{arch.depth}; --depth is {depth}")
-    return arch
-
-
-def training_options(
-    args: argparse.Namespace, workdir: Path, arch: Arch, device: torch.device
-) -> argparse.Namespace:
-    """train.py's options for the benchmark sizes (the paper's recipe otherwise).
-
-    Every value the training checks would fill in is given explicitly, so the options are
-    complete without a data set on disk (only the data checks are left out).
-    """
-    config = workdir / "arch.json"
-    save_arch(arch, config)
+def training_options(args: argparse.Namespace, workdir: Path, arch: Arch) -> argparse.Namespace:
+    """train.py's options (the paper's recipe) at the benchmark's sizes; runs go to ``workdir``."""
+    save_arch(arch, workdir / "arch.json")
     parser = argparse.ArgumentParser(parents=[data_parser(), model_parser(), optim_parser()])
-    argv = [
-        "--data_root", str(workdir), "--dataset", "sysu", "--trial", "1",
-        "--config_path", str(config), "--img_h", str(args.img_h), "--img_w", str(args.img_w),
-        "--batch_size", str(args.batch_size), "--num_pos", str(args.num_pos),
-        "--pretrained", "none", "--amp", args.amp, "--device", str(device),
-        "--ema_decay", str(EMA_DECAY["sysu"]), "--save", str(workdir / "runs"),
-        "--note", "fast", "--seed", str(args.seed), "--test_batch", str(args.test_batch),
-        "--log_freq", str(10**9),
-        "--channels_last" if args.channels_last else "--no-channels_last",
-    ] + (["--compile"] if args.compile else [])  # fmt: skip
-    return parser.parse_args(argv)
+    channels_last = {True: ["--channels_last"], False: ["--no-channels_last"], None: []}
+    return parser.parse_args([
+        "--data_root", str(workdir), "--dataset", "sysu", "--config_path",
+        str(workdir / "arch.json"), "--img_h", str(args.img_h), "--img_w", str(args.img_w),
+        "--batch_size", str(args.batch_size), "--num_pos", str(args.num_pos), "--pretrained",
+        "none", "--amp", args.amp,
+        "--device", str(select_device(args.device)), "--ema_decay", str(EMA_DECAY["sysu"]),
+        "--save", str(workdir / "runs"), "--seed", str(args.seed), "--test_batch",
+        str(args.test_batch), "--log_freq", str(10**9), *channels_last[args.channels_last],
+        *(["--compile"] if args.compile else []),
+    ])  # fmt: skip
 
 
-class SyntheticTrainer(Trainer):
-    """The engine's Trainer with its training set given in memory instead of read from disk."""
+def in_memory(
+    options: argparse.Namespace, note: str, train_set: TrainSet, search: bool = False
+) -> Trainer:
+    """A Trainer (or SearchTrainer) on ``train_set`` instead of a data set, run folder ``note``."""
 
-    kind = "benchmark"
+    class Given(Trainer):
+        def build_data(self) -> TrainSet:
+            return train_set
 
-    def __init__(self, args: argparse.Namespace, train_set: TrainSet) -> None:
-        """Build everything as train.py does, around ``train_set``."""
-        self._given = train_set
-        super().__init__(args)
-
-    def build_data(self) -> TrainSet:
-        """The training set given to the constructor."""
-        return self._given
+    # The search splits what Trainer.build_data returns into its weights and architecture sets.
+    kind = type("GivenSearch", (SearchTrainer, Given), {}) if search else Given
+    return kind(argparse.Namespace(**{**vars(options), "note": note}))
 
 
-class LoopEMA:
-    """The authors' EMA: one multiply-add per state tensor, in a Python loop."""
+class PairedImages(Dataset):
+    """Item ``(v, i)``: visible image v and infrared image i, each augmented alone, and labels."""
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        """Copy the model's state as the first average."""
-        self.decay = decay
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    def __init__(self, train_set: TrainSet) -> None:
+        """Keep the arrays (worker processes share them copy-on-write)."""
+        self.data = train_set
 
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """ema = decay * ema + (1 - decay) * live, tensor by tensor."""
-        for key, live in model.state_dict().items():
-            average = self.state[key]
-            if average.dtype.is_floating_point:
-                average.mul_(self.decay).add_(live.detach(), alpha=1.0 - self.decay)
-            else:
-                average.copy_(live)
+    def __len__(self) -> int:
+        """Visible images (items are index pairs)."""
+        return len(self.data.visible_labels)
+
+    def __getitem__(self, pair: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Both as normalised float (3, H, W), drawn from torch's generator (seeded per worker)."""
+        (v, i), data = pair, self.data
+        visible = augment_batch(torch.from_numpy(data.visible_images[v : v + 1]))[0]
+        infrared = augment_batch(torch.from_numpy(data.infrared_images[i : i + 1]))[0]
+        return visible, infrared, int(data.visible_labels[v]), int(data.infrared_labels[i])
+
+
+def plain_loader(
+    train_set: TrainSet, sampler: CrossModalitySampler, workers: int, batches: int, seed: int = 0
+) -> DataLoader:
+    """The sampler's first ``batches`` batches: (visible, infrared, labels, labels) on the CPU."""
+    steps = (sampler.batch(*divmod(b, len(sampler))) for b in range(batches))
+    pairs = [list(zip(v.tolist(), i.tolist(), strict=True)) for v, i in steps]
+    generator = torch.Generator().manual_seed(seed)
+    dataset = PairedImages(train_set)
+    return DataLoader(dataset, batch_sampler=pairs, num_workers=workers, generator=generator)
 
 
 # ----- sections ----------------------------------------------------------------------------
-def run_fast(
-    args: argparse.Namespace, options: argparse.Namespace, train_set: TrainSet
-) -> tuple[dict[str, Any], SyntheticTrainer]:
-    """Time the engine's training step; returns the figures and the trainer (for features)."""
-    device = select_device(options.device)
-    windowed = reset_peak_memory(device)
-    trainer = SyntheticTrainer(options, train_set)
+def run_fast(args: argparse.Namespace, trainer: Trainer) -> dict[str, Any]:
+    """Time the engine's own training step."""
+    windowed = reset_peak_memory(trainer.device)
     sampler = trainer.sampler
-    trainer.model.train()
-
-    def step(index: int) -> None:
-        epoch, position = divmod(index, len(sampler))
-        trainer.training_step(*sampler.batch(epoch, position))
-
-    figures = throughput(step, args.warmup, args.steps, args.rounds, 2 * args.batch_size, device)
-    figures.update(peak_memory(device, windowed))
-    figures["settings"] = {
-        "step": "utils.engine.trainer.Trainer.training_step",
-        "amp": trainer.amp,
-        "channels_last": options.channels_last,
-        "compile": options.compile,
-        "cudnn_benchmark": torch.backends.cudnn.benchmark,
-        "augmentation": f"batched on the {device.type} (data.transforms.augment_batch)",
-        "images": f"uint8, resident on the {device.type}",
-        "optimizer": "Adam (fused)" if device.type == "cuda" else "Adam",
-        "ema": "ModelEMA (foreach)",
-        "loss_readback": "none per step",
-    }
-    return figures, trainer
-
-
-def run_plain(
-    args: argparse.Namespace, options: argparse.Namespace, train_set: TrainSet, arch: Arch
-) -> dict[str, Any]:
-    """Time the authors'-style step: per-image CPU augmentation in workers, fp32 NCHW eager."""
-    device = select_device(options.device)
-    windowed = reset_peak_memory(device)
-    torch.manual_seed(args.seed)
-    # Same cuDNN autotuning as the fast path: the comparison is about the input pipeline,
-    # precision and memory format, not about cuDNN's choice of algorithms.
-    torch.backends.cudnn.benchmark = True
-    model = build_model(arch, train_set.num_classes, options.last_stride).to(device)
-    head = [p for n, p in model.named_parameters() if p.requires_grad and "backbone." not in n]
-    backbone = [p for n, p in model.named_parameters() if p.requires_grad and "backbone." in n]
-    optimizer = torch.optim.Adam(
-        [{"params": backbone, "lr": 0.1 * options.lr}, {"params": head, "lr": options.lr}],
-        betas=(options.beta1, options.beta2),
-        weight_decay=options.weight_decay,
-        foreach=False,
-    )
-    ema = LoopEMA(model, options.ema_decay)
-    sampler = CrossModalitySampler(
-        train_set.visible_labels,
-        train_set.infrared_labels,
-        args.batch_size,
-        args.num_pos,
-        args.seed,
-    )
-    dataset = PairedImages(
-        train_set.visible_images,
-        train_set.visible_labels,
-        train_set.infrared_images,
-        train_set.infrared_labels,
-        args.seed,
-    )
-    loader = plain_loader(
-        dataset,
-        sampler,
-        args.workers,
-        num_batches=args.warmup + args.rounds * args.steps,
-        seed=args.seed,
-    )
-    batches = iter(loader)
-    model.train()
-    losses: list[float] = []
-
-    def step(index: int) -> None:
-        visible, infrared, visible_labels, infrared_labels = next(batches)
-        images = torch.cat([visible, infrared]).to(device)
-        labels = torch.cat([visible_labels, infrared_labels]).to(device)
-        n = len(visible)
-        pool, feat, logits = model(images, Routing.from_halves(n, len(infrared)))
-        terms = LossRecipe.from_args(options)(pool, feat, logits, labels, n)
-        optimizer.zero_grad()
-        terms["loss"].backward()
-        optimizer.step()
-        ema.update(model)
-        # The authors' loop reads the loss every step (a host synchronisation).
-        losses.append(terms["loss"].item())
-
-    figures = throughput(step, args.warmup, args.steps, args.rounds, 2 * args.batch_size, device)
-    # Reaching the loader's end joins its workers, so their peak RSS is counted below.
-    next(batches, None)
-    figures.update(peak_memory(device, windowed))
-    workers_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    figures["workers_peak_rss_mb"] = round(workers_kb / 1024, 1) if args.workers else 0.0
-    figures["settings"] = {
-        "step": "fp32, NCHW, eager",
-        "amp": "none",
-        "channels_last": False,
-        "compile": False,
-        "cudnn_benchmark": torch.backends.cudnn.benchmark,
-        "augmentation": f"per image on the CPU in {args.workers} DataLoader workers "
-        "(data.plain, data.transforms.augment_one)",
-        "images": "float NCHW batches copied to the device every step",
-        "optimizer": "Adam (for-loop)",
-        "ema": "per-tensor loop",
-        "loss_readback": "every step",
-    }
+    step = lambda k: trainer.training_step(*sampler.batch(*divmod(k, len(sampler))))  # noqa: E731
+    figures = throughput(step, args, args.steps, args.rounds)
+    figures |= peak_memory(trainer.device, windowed)
+    figures["settings"] = dict(
+        step="utils.engine.trainer.Trainer.training_step", amp=trainer.amp,
+        channels_last=trainer.channels_last, compile=args.compile, loss_readback="none",
+        augmentation=f"batched on the {trainer.device.type}", ema="ModelEMA (foreach)",
+    )  # fmt: skip
     return figures
 
 
-def run_features(args: argparse.Namespace, model: nn.Module, amp: str) -> dict[str, Any]:
-    """Time :func:`utils.evaluation.evaluate.extract_features` on random uint8 images."""
-    device = next(model.parameters()).device
-    rng = np.random.default_rng(args.seed + 1)
-    shape = (args.feature_images, args.img_h, args.img_w, 3)
-    images = rng.integers(0, 256, size=shape, dtype=np.uint8)
-    # Warm-up: kernels, cudnn autotuning and the allocator.
-    extract_features(
-        model, images[: args.test_batch], Modality.INFRARED, device, args.test_batch, amp
+def run_plain(
+    args: argparse.Namespace, options: argparse.Namespace, data: TrainSet, arch: Arch
+) -> dict[str, Any]:
+    """Time the authors'-style step: per-image CPU augmentation in workers, fp32 NCHW eager."""
+    device = select_device(args.device)
+    windowed = reset_peak_memory(device)
+    torch.manual_seed(args.seed)
+    model = build_model(arch, data.num_classes, options.last_stride).to(device).train()
+    groups: dict[bool, list[torch.nn.Parameter]] = {True: [], False: []}
+    for name, parameter in model.named_parameters():
+        groups[name.startswith("backbone.")].append(parameter)
+    optimizer = torch.optim.Adam(
+        [{"params": groups[True], "lr": 0.1 * options.lr}, {"params": groups[False]}],
+        options.lr,
+        (options.beta1, options.beta2),
+        weight_decay=options.weight_decay,
+        foreach=False,
     )
-    synchronize(device)
-    started = time.perf_counter()
-    pool, _ = extract_features(model, images, Modality.INFRARED, device, args.test_batch, amp)
-    synchronize(device)
-    seconds = time.perf_counter() - started
-    return {
-        "images_per_s": round(len(images) / seconds, 2),
-        "images": len(images),
-        "batch_size": args.test_batch,
-        "amp": amp,
-        "feature_dim": int(pool.shape[1]),
-        "timed_s": round(seconds, 3),
-    }
+    decay, average = options.ema_decay, {k: v.clone() for k, v in model.state_dict().items()}
+    loss = LossRecipe.from_args(options)
+    labels = (data.visible_labels, data.infrared_labels)
+    sampler = CrossModalitySampler(*labels, args.batch_size, args.num_pos, args.seed)
+    total = args.warmup + args.rounds * args.steps
+    batches = iter(plain_loader(data, sampler, args.workers, total, args.seed))
+
+    def step(_: int) -> None:
+        visible, infrared, visible_labels, infrared_labels = next(batches)
+        images = torch.cat([visible, infrared]).to(device)
+        targets = torch.cat([visible_labels, infrared_labels]).to(device)
+        pool, feat, logits = model(images, Routing.from_halves(len(visible), len(infrared)))
+        terms = loss(pool, feat, logits, targets, len(visible))
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        optimizer.step()
+        with torch.no_grad():  # the EMA one tensor at a time
+            for key, live in model.state_dict().items():
+                if live.dtype.is_floating_point:
+                    average[key].mul_(decay).add_(live, alpha=1 - decay)
+                else:
+                    average[key].copy_(live)
+        terms["loss"].item()  # the authors' loop reads the loss back every step
+
+    figures = throughput(step, args, args.steps, args.rounds)
+    next(batches, None)  # the loader's end joins its workers: their peak RSS is counted below
+    figures |= peak_memory(device, windowed)
+    workers_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if args.workers else 0
+    figures["workers_peak_rss_mb"] = round(workers_kb / 1024, 1)
+    figures["settings"] = dict(
+        step="fp32, NCHW, eager", amp="none", channels_last=False, compile=False,
+        loss_readback="every step", augmentation=f"per image in {args.workers} CPU workers",
+        ema="per-tensor loop", optimizer="Adam (for-loop)",
+    )  # fmt: skip
+    return figures
+
+
+def run_features(args: argparse.Namespace, trainer: Trainer) -> dict[str, Any]:
+    """Time :func:`extract_features` on random uint8 images, after a warm-up batch."""
+    model, batch, amp = trainer.eval_model(), args.test_batch, trainer.amp
+    shape = (args.feature_images, args.img_h, args.img_w, 3)
+    images = np.random.default_rng(args.seed + 1).integers(0, 256, size=shape, dtype=np.uint8)
+    extract_features(model, images[:batch], Modality.INFRARED, trainer.device, batch, amp)
+    (pool, _), seconds = timed(
+        lambda: extract_features(model, images, Modality.INFRARED, trainer.device, batch, amp)
+    )
+    return dict(
+        images_per_s=round(len(images) / seconds, 2), images=len(images), batch_size=batch,
+        amp=amp, feature_dim=int(pool.shape[1]), timed_s=round(seconds, 3),
+    )  # fmt: skip
+
+
+def ranking_problem(
+    protocol: tuple[int, tuple[int, ...], tuple[int, ...]],
+    num_query: int,
+    num_gallery: int,
+    seed: int,
+) -> tuple[np.ndarray, ...]:
+    """Random (distmat, q_pids, g_pids, q_cams, g_cams); same identities closer on average."""
+    rng = np.random.default_rng(seed)
+    ids, query_cams, gallery_cams = protocol
+    q_pids, g_pids = rng.integers(ids, size=num_query), rng.integers(ids, size=num_gallery)
+    distmat = rng.standard_normal((num_query, num_gallery), dtype=np.float32)
+    distmat -= 1.5 * (q_pids[:, None] == g_pids[None, :])
+    cams = rng.choice(query_cams, num_query), rng.choice(gallery_cams, num_gallery)
+    return distmat, q_pids, g_pids, *cams
 
 
 def run_metrics(args: argparse.Namespace) -> dict[str, Any]:
-    """Vectorised SYSU metrics against the per-query loop (benchmark_metrics)."""
-    result: dict[str, Any] = dict(
-        benchmark_metrics(args.metrics_query, args.metrics_gallery, seed=args.seed)
+    """``eval_sysu`` against ``eval_sysu_loop`` on one random SYSU multi-shot-sized problem."""
+    sizes = dict(num_query=args.metrics_query, num_gallery=args.metrics_gallery)
+    problem = ranking_problem(SYSU, *sizes.values(), args.seed)
+    fast, vectorised_s = timed(lambda: eval_sysu(*problem))
+    slow, loop_s = timed(lambda: eval_sysu_loop(*problem))
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(fast, slow, strict=True))
+    speedup = round(loop_s / vectorised_s, 2)
+    return dict(
+        vectorised_s=vectorised_s, loop_s=loop_s, speedup=speedup, max_abs_diff=diff, **sizes
     )
-    result.update({"num_query": args.metrics_query, "num_gallery": args.metrics_gallery})
-    return result
 
 
-def run_search(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """A search step against a training step, on synthetic SYSU-MM01 written to disk.
+def run_rerank(args: argparse.Namespace) -> dict[str, Any]:
+    """``rerank`` against ``rerank_reference`` on random features, both on one CPU thread.
 
-    A search epoch is one supernet weights step per training step plus an architecture step
-    every ``--arch_freq`` steps: ``search_step_s = weights_step_s + arch_step_s / arch_freq``.
+    The reference is NumPy on one core: one torch thread compares like with like.
     """
-    from data.toy import make_sysu
+    sizes = dict(num_query=args.metrics_query, num_gallery=args.metrics_gallery)
+    distances = feature_distances(*sizes.values(), FEATURE_DIM, args.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fast, vectorised_s = timed(lambda: rerank(*distances))
+        slow, reference_s = timed(lambda: rerank_reference(*distances))
+    finally:
+        torch.set_num_threads(threads)
+    speedup, diff = round(reference_s / vectorised_s, 2), float(np.abs(fast - slow).max())
+    times = dict(vectorised_s=vectorised_s, reference_s=reference_s, speedup=speedup)
+    return times | dict(max_abs_diff=diff, threads=1, **sizes)
 
-    with tempfile.TemporaryDirectory(prefix="cmnas_search_") as tmp:
-        root = Path(tmp) / "sysu"
-        ids = 5 * (args.batch_size // args.num_pos)
-        make_sysu(
-            root, args.seed, train_ids=ids, val_ids=2, test_ids=2, images_per_camera=6,
-            height=args.img_h, width=args.img_w,
-        )  # fmt: skip
-        options = training_options(args, Path(tmp), Arch.uniform(args.depth, "shared"), device)
-        options.data_root, options.cache_dir = str(root), str(Path(tmp) / "cache")
-        search_defaults = vars(search_parser().parse_args([]))
-        # Weights steps timed alone (no architecture step ever due); architecture steps direct.
-        search_options = argparse.Namespace(**{
-            **vars(options), **search_defaults, "depth": args.depth, "config_path": None,
-            "arch_warmup": 0, "arch_freq": 10**9, "eval_arch": False, "note": "search",
-        })  # fmt: skip
-        trainer, searcher = Trainer(options), SearchTrainer(search_options)
 
-        def batch(owner: Trainer, index: int) -> tuple[np.ndarray, np.ndarray]:
-            return owner.sampler.batch(*divmod(index, len(owner.sampler)))
+def run_llcm(args: argparse.Namespace) -> dict[str, Any]:
+    """``eval_llcm``, and ``rerank`` of random features, at the LLCM size."""
+    sizes = dict(num_query=args.llcm_query, num_gallery=args.llcm_gallery)
+    _, eval_s = timed(lambda: eval_llcm(*ranking_problem(LLCM, *sizes.values(), args.seed)))
+    distances = feature_distances(*sizes.values(), FEATURE_DIM, args.seed)
+    _, rerank_s = timed(lambda: rerank(*distances))
+    return dict(eval_s=eval_s, rerank_s=rerank_s, **sizes)
 
-        kinds: dict[str, Callable[[int], Any]] = {
-            "train": lambda i: trainer.training_step(*batch(trainer, i)),
-            "weights": lambda i: searcher.training_step(*batch(searcher, i)),
-            "arch": lambda i: searcher.architecture_step(*divmod(i, len(searcher.arch_sampler))),
-        }
-        seconds = {}
-        for name, step in kinds.items():
-            figures = throughput(
-                step,
-                args.warmup,
-                args.search_steps,
-                args.search_rounds,
-                2 * args.batch_size,
-                device,
-            )
-            seconds[name] = figures["step_s"]
-    freq = search_defaults["arch_freq"]
-    search_step = seconds["weights"] + seconds["arch"] / freq
-    return {
-        "status": "measured",
-        "train_step_s": seconds["train"],
-        "search_step_s": round(search_step, 5),
-        "ratio": round(search_step / seconds["train"], 3) if seconds["train"] else None,
-        "weights_step_s": seconds["weights"],
-        "arch_step_s": seconds["arch"],
-        "arch_freq": freq,
-        "source": "utils.engine.search.SearchTrainer (synthetic SYSU data)",
+
+def run_search(
+    args: argparse.Namespace, options: argparse.Namespace, data: TrainSet
+) -> dict[str, Any]:
+    """A search step against a training step: ``weights_step + arch_step / arch_freq``."""
+    defaults = vars(search_parser().parse_args([]))
+    # Weights steps timed alone (no architecture step is ever due); architecture steps directly.
+    search = {"depth": args.depth, "config_path": None, "arch_warmup": 0, "arch_freq": 10**9}
+    search = argparse.Namespace(**{**vars(options), **defaults, **search, "eval_arch": False})
+    trainer, searcher = in_memory(options, "train", data), in_memory(search, "search", data, True)
+
+    def batch(owner: Trainer, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return owner.sampler.batch(*divmod(k, len(owner.sampler)))
+
+    steps: dict[str, Callable[[int], Any]] = {
+        "train": lambda k: trainer.training_step(*batch(trainer, k)),
+        "weights": lambda k: searcher.training_step(*batch(searcher, k)),
+        "arch": lambda k: searcher.architecture_step(*divmod(k, len(searcher.arch_sampler))),
     }
+    rounds = (args.search_steps, args.search_rounds)
+    seconds = {name: throughput(step, args, *rounds)["step_s"] for name, step in steps.items()}
+    freq = defaults["arch_freq"]
+    search_step = seconds["weights"] + seconds["arch"] / freq
+    return dict(
+        status="measured", train_step_s=seconds["train"], search_step_s=round(search_step, 5),
+        ratio=round(search_step / seconds["train"], 3), weights_step_s=seconds["weights"],
+        arch_step_s=seconds["arch"], arch_freq=freq,
+    )  # fmt: skip
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """Run every section not skipped; returns the JSON document as a dict."""
+    """Run every section not skipped; returns the JSON document."""
     device = select_device(args.device)
     resolve_options(args, device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    arch = benchmark_arch(args.arch, args.depth)
-    skip = set(args.skip)
-    doc: dict[str, Any] = {
-        "machine": machine(device),
-        "settings": {
-            "depth": args.depth,
-            "arch": args.arch,
-            "img_h": args.img_h,
-            "img_w": args.img_w,
-            "batch_size_per_modality": args.batch_size,
-            "images_per_step": 2 * args.batch_size,
-            "num_pos": args.num_pos,
-            "steps": args.steps,
-            "rounds": args.rounds,
-            "warmup": args.warmup,
-            "workers": args.workers,
-            "threads": torch.get_num_threads(),
-            "train_ids": TRAIN_IDS,
-            "images_per_id_and_modality": IMAGES_PER_ID,
-        },
-    }
-    img_size = (args.img_h, args.img_w)
-    train_set = synthetic_train_set(img_size, seed=args.seed)
+    if args.arch in ("shared", "split"):
+        arch = Arch.uniform(args.depth, args.arch)
+    elif (arch := load_arch(args.arch)).depth != args.depth:
+        raise UserError(f"--arch {args.arch} is a ResNet-{arch.depth}; --depth is {args.depth}")
+    keys = [key for key, *_ in PRESETS + INTEGERS] + ["arch"]
+    settings = {key: getattr(args, key) for key in keys} | {"threads": torch.get_num_threads()}
+    settings.update(images_per_step=2 * args.batch_size, train_ids=TRAIN_IDS)
+    doc = {"machine": machine(device), "settings": settings}
+    doc |= {section: {"skipped": True} for section in args.skip}
+    wanted = [section for section in SECTIONS if section not in args.skip]
+    data = synthetic_train_set((args.img_h, args.img_w), args.seed)
     with tempfile.TemporaryDirectory(prefix="cmnas_bench_") as tmp:
-        options = training_options(args, Path(tmp), arch, device)
-        if "fast" in skip and "features" in skip:
-            doc["fast"] = doc["features"] = {"skipped": True}
-        else:
-            log.info("fast path: %d + %d steps", args.warmup, args.steps)
-            fast, trainer = run_fast(args, options, train_set)
-            doc["fast"] = {"skipped": True} if "fast" in skip else fast
-            if "features" in skip:
-                doc["features"] = {"skipped": True}
-            else:
-                log.info("feature extraction: %d images", args.feature_images)
-                doc["features"] = run_features(args, trainer.eval_model(), trainer.amp)
+        options = training_options(args, Path(tmp), arch)
+        if "fast" in wanted or "features" in wanted:
+            trainer = in_memory(options, "fast", data)
+            log.info("fast path: %d + %d x %d steps", args.warmup, args.rounds, args.steps)
+            if "fast" in wanted:
+                doc["fast"] = run_fast(args, trainer)
+            if "features" in wanted:
+                doc["features"] = run_features(args, trainer)
             del trainer
-            _release(device)
-        if "plain" in skip:
-            doc["plain"] = {"skipped": True}
-        else:
-            log.info("plain path: %d + %d steps, %d workers", args.warmup, args.steps, args.workers)
-            doc["plain"] = run_plain(args, options, train_set, arch)
-            _release(device)
-    fast_rate = doc["fast"].get("images_per_s")
-    plain_rate = doc["plain"].get("images_per_s")
-    doc["speedup"] = round(fast_rate / plain_rate, 3) if fast_rate and plain_rate else None
-    if "metrics" in skip:
-        doc["metrics"] = {"skipped": True}
-    else:
-        log.info("metrics: %d queries x %d gallery", args.metrics_query, args.metrics_gallery)
-        doc["metrics"] = run_metrics(args)
-    if "search" in skip:
-        doc["search"] = {"skipped": True}
-    else:
-        log.info("search step against training step")
-        doc["search"] = run_search(args, device)
+        if "plain" in wanted:
+            log.info("plain path: %d + %d x %d steps", args.warmup, args.rounds, args.steps)
+            doc["plain"] = run_plain(args, options, data, arch)
+        for section, run in (("metrics", run_metrics), ("rerank", run_rerank), ("llcm", run_llcm)):
+            if section in wanted:
+                log.info("%s", section)
+                doc[section] = run(args)
+        if "search" in wanted:
+            log.info("search step against training step")
+            doc["search"] = run_search(args, options, data)
+    rates = doc["fast"].get("images_per_s"), doc["plain"].get("images_per_s")
+    doc["speedup"] = round(rates[0] / rates[1], 3) if all(rates) else None
     return doc
 
 
-def _release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def markdown_table(doc: dict[str, Any]) -> str:
-    """The figures as a Markdown table for the README, with the machine they came from."""
+    """The figures as a Markdown table, under a line naming the machine they came from."""
     info, settings = doc["machine"], doc["settings"]
 
-    def figure(section: str, key: str, unit: str = "") -> str:
-        value = doc.get(section, {}).get(key)
-        return "-" if value is None else f"{value:,.1f}{unit}"
+    def get(section: str, key: str) -> Any:
+        return doc.get(section, {}).get(key)
 
-    search = doc.get("search", {})
-    metrics = doc.get("metrics", {})
-    lines = [
-        f"Measured on {info['device']} ({info['cpu_count']} CPUs), torch {info['torch']}, "
-        f"commit {info['commit']}, {info['date']}: ResNet-{settings['depth']} "
-        f"({settings['arch']}), {settings['img_h']}x{settings['img_w']}, "
+    def cell(value: Any, unit: str = "") -> str:
+        if value is None or value == "":
+            return "-" if value is None else ""
+        return f"{value:,.2f}{unit}" if unit or value < 100 else f"{value:,.0f}"
+
+    sysu = f"{settings['metrics_query']:,} x {settings['metrics_gallery']:,}"
+    llcm = f"{settings['llcm_query']:,} x {settings['llcm_gallery']:,}"
+    rows = [
+        ("training images/s", *(get(p, "images_per_s") for p in ("fast", "plain")), doc["speedup"]),
+        ("training peak memory (MiB)", *(get(p, "peak_memory_mb") for p in ("fast", "plain")), ""),
+        ("feature extraction images/s", get("features", "images_per_s"), "", ""),
+        (f"SYSU metrics {sysu} (s): vectorised / per-query loop",
+         *(get("metrics", k) for k in ("vectorised_s", "loop_s", "speedup"))),
+        (f"re-ranking {sysu}, 1 thread (s): vectorised / reference",
+         *(get("rerank", k) for k in ("vectorised_s", "reference_s", "speedup"))),
+        (f"LLCM {llcm} (s): eval_llcm / re-ranking",
+         *(get("llcm", k) for k in ("eval_s", "rerank_s")), ""),
+        ("step (s): search / training",
+         *(get("search", k) for k in ("search_step_s", "train_step_s", "ratio"))),
+    ]  # fmt: skip
+    return "\n".join([
+        f"Measured on {info['device']} ({info['cpu_count']} CPUs, {settings['threads']} torch "
+        f"threads), torch {info['torch']}, commit {info['commit']}, {info['date']}: ResNet-"
+        f"{settings['depth']} ({settings['arch']}), {settings['img_h']}x{settings['img_w']}, "
         f"{settings['images_per_step']} images per step.",
         "",
         "| measure | fast | plain | ratio |",
         "|---|---|---|---|",
-        f"| training images/s | {figure('fast', 'images_per_s')} | "
-        f"{figure('plain', 'images_per_s')} | {_ratio(doc.get('speedup'))} |",
-        f"| training peak memory (MiB) | {figure('fast', 'peak_memory_mb')} | "
-        f"{figure('plain', 'peak_memory_mb')} | |",
-        f"| feature extraction images/s | {figure('features', 'images_per_s')} | | |",
-        f"| SYSU multi-shot metrics (s): vectorised / per-query loop | "
-        f"{figure('metrics', 'vectorised_s')} | {figure('metrics', 'loop_s')} | "
-        f"{_ratio(metrics.get('speedup'))} |",
-        f"| step (s): search / training | {figure('search', 'search_step_s')} | "
-        f"{figure('search', 'train_step_s')} | {_ratio(search.get('ratio'))} |",
-    ]
-    return "\n".join(lines)
-
-
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
+        *(f"| {what} | {cell(a)} | {cell(b)} | {cell(r, 'x')} |" for what, a, b, r in rows),
+    ])  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse options, run the benchmark, print the JSON document (and write --out)."""
+    """Parse options, run the benchmark, print the JSON document (and write the files)."""
     args = get_args_parser().parse_args(argv)
     setup_logging()
     doc = run_benchmark(args)
-    # The Trainers of the run re-configure logging to their (deleted) run folders.
-    setup_logging()
+    setup_logging()  # the trainers pointed logging at their (deleted) run folders
     text = json.dumps(doc, indent=2) + "\n"
     if args.out:
         Path(args.out).write_text(text)
-        log.info("wrote %s", args.out)
     if args.markdown:
         Path(args.markdown).write_text(markdown_table(doc) + "\n")
-        log.info("wrote %s", args.markdown)
     log.info("summary:\n%s", markdown_table(doc))
     sys.stdout.write(text)
     return 0

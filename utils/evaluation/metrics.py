@@ -18,8 +18,6 @@ tests and as the benchmark baseline.
 from __future__ import annotations
 
 import dataclasses
-import logging
-import time
 from typing import Any
 
 import numpy as np
@@ -28,8 +26,6 @@ import torch
 from data.dataset import NO_EXCLUSION, ExclusionRule
 from data.llcm import SAME_IDENTITY_AND_CAMERA
 from data.sysu import SAME_LOCATION
-
-logger = logging.getLogger(__name__)
 
 
 def _as_numpy(array: Any) -> np.ndarray:
@@ -599,52 +595,3 @@ def summarize(cmc: np.ndarray, mAP: float, mINP: float) -> dict[str, float]:  # 
     out["mAP"] = 100.0 * float(mAP)
     out["mINP"] = 100.0 * float(mINP)
     return out
-
-
-def benchmark_metrics(
-    num_query: int = 3803, num_gallery: int = 3010, num_ids: int = 96, seed: int = 0
-) -> dict[str, float]:
-    """Time eval_sysu against eval_sysu_loop once each on a random SYSU-sized problem."""
-    rng = np.random.default_rng(seed)
-    visible_cams = np.array([1, 2, 4, 5])
-    shots = 10
-    # Like the multi-shot gallery: up to `shots` images per (identity, camera) folder, every
-    # identity present, folders drawn at random until the gallery is full.
-    folders = [(pid, cam) for pid in range(num_ids) for cam in visible_cams]
-    first = [
-        pid * visible_cams.size + int(rng.integers(visible_cams.size)) for pid in range(num_ids)
-    ]
-    rest = rng.permutation(np.setdiff1d(np.arange(len(folders)), first))
-    g_pids, g_cams = [], []
-    for folder in [*first, *rest]:
-        take = min(shots, num_gallery - len(g_pids))
-        if take <= 0:
-            break
-        pid, cam = folders[folder]
-        g_pids += [pid] * take
-        g_cams += [cam] * take
-    g_pids_arr, g_cams_arr = np.asarray(g_pids), np.asarray(g_cams)
-    q_pids = rng.integers(num_ids, size=num_query)
-    q_cams = rng.choice(np.array([3, 6]), size=num_query)
-    # float32 like pairwise_distance, with same-identity pairs closer on average. Built without a
-    # matrix product so that no BLAS threads are still spinning when the timing starts.
-    distmat = rng.standard_normal((num_query, g_pids_arr.size), dtype=np.float32)
-    distmat -= 1.5 * (q_pids[:, None] == g_pids_arr[None, :])
-
-    start = time.perf_counter()
-    fast = eval_sysu(distmat, q_pids, g_pids_arr, q_cams, g_cams_arr)
-    vectorised_s = time.perf_counter() - start
-    start = time.perf_counter()
-    slow = eval_sysu_loop(distmat, q_pids, g_pids_arr, q_cams, g_cams_arr)
-    loop_s = time.perf_counter() - start
-    max_abs_diff = max(
-        float(np.abs(fast[0] - slow[0]).max()), abs(fast[1] - slow[1]), abs(fast[2] - slow[2])
-    )
-    result = {
-        "vectorised_s": vectorised_s,
-        "loop_s": loop_s,
-        "speedup": loop_s / vectorised_s,
-        "max_abs_diff": max_abs_diff,
-    }
-    logger.info("metrics benchmark: %s", result)
-    return result

@@ -17,8 +17,9 @@ carry and whose numbers the field publishes:
 5. ``jaccard[i, j] = 1 - m / (2 - m)`` with ``m = sum_k min(V[i, k], V[j, k])``, and the result is
    ``(1 - lambda) * jaccard + lambda * original``, returned for query rows and gallery columns.
 
-``rerank`` computes this with batched tensor work: row blocks of the original matrix are ranked
-with a partial sort (a full stable sort only for rows whose leading values tie), the reciprocal
+``rerank`` computes this with batched tensor work: row blocks of the distances are ranked with a
+partial sort, only the picked values squared and normalised (a full stable sort only for rows
+whose leading normalised values tie), the reciprocal
 sets come from a mutual-neighbour mask, V is a sparse matrix (sorted coordinate lists), and the
 query expansion and the Jaccard overlaps are gathers and scatter-adds over its non-zeros.
 ``rerank_reference`` is a plain per-image loop over the same definition, kept for tests and as the
@@ -27,15 +28,11 @@ benchmark baseline.
 
 from __future__ import annotations
 
-import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-
-logger = logging.getLogger(__name__)
 
 # Elements (of the largest temporary) one chunk may hold: 2**25 float32 values are 128 MiB.
 DEFAULT_CHUNK_ELEMENTS = 2**25
@@ -169,18 +166,17 @@ class _Blocks:
     def count(self) -> int:
         return self.q_g.shape[0] + self.q_g.shape[1]
 
-    def squared_columns(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        """Columns ``start:stop`` of the full squared matrix as float32 rows, written to ``out``."""
+    def columns(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Columns ``start:stop`` of the (n x n) distance matrix as absolute values, into ``out``.
+
+        Squaring is monotone on absolute values: ranking them ranks the squared matrix.
+        """
         nq = self.num_query
         if stop <= nq:
             parts = (self.q_q[:, start:stop].T, self.q_g[start:stop])
         else:
             parts = (self.q_g[:, start - nq : stop - nq].T, self.g_g[:, start - nq : stop - nq].T)
-        if self.q_g.dtype == torch.float32:
-            torch.cat(parts, dim=1, out=out)
-            return out.mul_(out)
-        rows = torch.cat(parts, dim=1)
-        return torch.mul(rows, rows, out=rows).to(torch.float32, copy=False)
+        return torch.cat(parts, dim=1, out=out).abs_()
 
     def full_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Entries ``full[rows, cols]`` of the (n x n) distance matrix the blocks form."""
@@ -207,27 +203,36 @@ def _rank_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``width`` columns of every row's stable ascending order, and the column maxima.
 
-    A partial sort picks the ``width + 1`` smallest values; a row whose picked values hold a tie
-    (where the partial sort's order among equal values is unspecified) is sorted in full, stably.
+    A partial sort of the absolute distances picks the ``width + 1`` smallest; only those are
+    squared and normalised. Squaring and dividing by a row's constant keep the order but may
+    round distinct values to equal ones: a row whose picked normalised values hold a tie (where
+    the partial sort's order is unspecified) is normalised and sorted in full, stably.
     """
     count = blocks.count
-    ranks = torch.empty((count, width), dtype=torch.long, device=blocks.q_g.device)
-    col_max = torch.empty(count, dtype=torch.float32, device=blocks.q_g.device)
+    device, dtype = blocks.q_g.device, blocks.q_g.dtype
+    ranks = torch.empty((count, width), dtype=torch.long, device=device)
+    col_max = torch.empty(count, dtype=torch.float32, device=device)
     pick = min(width + 1, count)
+
+    def normalised(distances: torch.Tensor, maxima: torch.Tensor) -> torch.Tensor:
+        return (distances * distances).to(torch.float32) / maxima
+
     # One buffer for every chunk: a fresh (chunk x n) allocation per chunk costs more than the
     # arithmetic on it.
-    buffer = torch.empty((min(rows_per_chunk, count), count), device=blocks.q_g.device)
+    buffer = torch.empty((min(rows_per_chunk, count), count), dtype=dtype, device=device)
     for start, stop in _row_ranges(blocks, rows_per_chunk):
-        squared = blocks.squared_columns(start, stop, buffer[: stop - start])
-        col_max[start:stop] = squared.amax(dim=1)
-        original = squared.div_(col_max[start:stop, None])
-        values, order = torch.topk(original, pick, dim=1, largest=False, sorted=True)
+        distances = blocks.columns(start, stop, buffer[: stop - start])
+        largest = distances.amax(dim=1)
+        maxima = col_max[start:stop] = (largest * largest).to(torch.float32)
+        values, order = torch.topk(distances, pick, dim=1, largest=False, sorted=True)
+        values = normalised(values, maxima[:, None])
         ties = (values[:, 1:] == values[:, :-1]).any(dim=1)
         if pick == count:
             ties |= True
         tied = torch.nonzero(ties).flatten()
         if tied.numel():
-            order[tied] = torch.sort(original[tied], dim=1, stable=True).indices[:, :pick]
+            original = normalised(distances[tied], maxima[tied, None])
+            order[tied] = torch.sort(original, dim=1, stable=True).indices[:, :pick]
         ranks[start:stop] = order[:, :width]
     return ranks, col_max
 
@@ -354,10 +359,13 @@ def _jaccard(
     # The gallery rows of V by column (an inverted index): which gallery images weight column k.
     g_rows, g_cols, g_vals = rows[~is_query], cols[~is_query], vals[~is_query]
     by_col = torch.argsort(g_cols, stable=True)
-    g_rows, g_vals = g_rows[by_col] - num_query, g_vals[by_col]
+    # Pair indices in int32 halve most of the memory traffic; they stay far below 2**31 (a chunk's
+    # overlaps, V's non-zeros).
+    g_rows, g_vals = (g_rows[by_col] - num_query).int(), g_vals[by_col]
     col_len = torch.bincount(g_cols, minlength=count)
-    col_start = torch.cumsum(col_len, 0) - col_len
     pairs = col_len[q_cols]
+    pair_start = (torch.cumsum(col_len, 0) - col_len).int()[q_cols]
+    q_local = q_rows.int()
     per_query = torch.zeros(num_query, dtype=torch.int64, device=device)
     per_query.index_add_(0, q_rows, pairs)
     query_end = torch.cumsum(torch.bincount(q_rows, minlength=num_query), 0).cpu().numpy()
@@ -369,12 +377,14 @@ def _jaccard(
         last = int(query_end[stop - 1])
         counts = pairs[first:last]
         total = int(counts.sum())
-        offsets = torch.cumsum(counts, 0) - counts
+        offsets = (torch.cumsum(counts, 0) - counts).int()
         position = torch.repeat_interleave(
-            col_start[q_cols[first:last]] - offsets, counts, output_size=total
-        ) + torch.arange(total, device=device)
-        base = (q_rows[first:last] - start) * num_gallery
-        target = torch.repeat_interleave(base, counts, output_size=total) + g_rows[position]
+            pair_start[first:last] - offsets, counts, output_size=total
+        )
+        position += torch.arange(total, dtype=torch.int32, device=device)
+        base = (q_local[first:last] - start) * num_gallery
+        target = torch.repeat_interleave(base, counts, output_size=total)
+        target += g_rows[position]
         own = torch.repeat_interleave(q_vals[first:last], counts, output_size=total)
         overlap = torch.zeros((stop - start) * num_gallery, dtype=torch.float32, device=device)
         overlap.index_add_(0, target, torch.minimum(own, g_vals[position]))
@@ -503,31 +513,4 @@ def feature_distances(
     )
 
 
-def benchmark_rerank(
-    num_query: int = 3803, num_gallery: int = 3010, dim: int = 2048, seed: int = 0
-) -> dict[str, float]:
-    """Time rerank against rerank_reference once each on random features of the given size.
-
-    The default size is the SYSU-MM01 multi-shot test (3,803 queries, 3,010 gallery images).
-    Distances are Euclidean between L2-normalised random features.
-    """
-    q_g, q_q, g_g = feature_distances(num_query, num_gallery, dim, seed)
-    start = time.perf_counter()
-    fast = rerank(q_g, q_q, g_g)
-    vectorised_s = time.perf_counter() - start
-    start = time.perf_counter()
-    slow = rerank_reference(q_g, q_q, g_g)
-    reference_s = time.perf_counter() - start
-    result = {
-        "vectorised_s": vectorised_s,
-        "reference_s": reference_s,
-        "speedup": reference_s / vectorised_s,
-        "max_abs_diff": float(np.abs(fast - slow).max()),
-        "num_query": float(num_query),
-        "num_gallery": float(num_gallery),
-    }
-    logger.info("re-ranking benchmark: %s", result)
-    return result
-
-
-__all__ = ["benchmark_rerank", "rerank", "rerank_reference"]
+__all__ = ["rerank", "rerank_reference"]
