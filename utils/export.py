@@ -33,6 +33,7 @@ from utils.base.errors import UserError
 from utils.base.io import write_atomic, write_text_atomic
 from utils.base.logger import setup_logging
 from utils.base.modality import Modality
+from utils.engine.options import HelpFormatter
 
 log = logging.getLogger("export")
 MODALITIES = ("visible", "infrared")
@@ -42,8 +43,9 @@ BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_trac
 def get_args_parser() -> argparse.ArgumentParser:
     """The export parser."""
     parser = argparse.ArgumentParser(
+        prog="python -m utils.export",
         description="Export a checkpoint as one plain torchvision-layout ResNet per modality.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--weights", required=True, help="checkpoint file (ours or the authors')")
     parser.add_argument(
