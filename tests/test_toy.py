@@ -1,4 +1,4 @@
-"""Tests of the synthetic SYSU-MM01 / RegDB generator (data/toy.py)."""
+"""Tests of the synthetic SYSU-MM01 / RegDB / LLCM generator (the data.toy package)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ import pytest
 from PIL import Image
 
 from data import toy
+from data.toy import regdb as toy_regdb
 from utils.base.errors import UserError
 
 SYSU_SMALL = {"train_ids": 3, "val_ids": 2, "test_ids": 4, "height": 64, "width": 32}
 REGDB_SMALL = {"ids": 7, "images_per_id": 3, "height": 64, "width": 32}
+LLCM_SMALL = {"train_ids": 5, "test_ids": 6, "images_per_camera": 2, "height": 32, "width": 16}
+LLCM_NAME = re.compile(r"(\d{4})_c(\d{2})_s\d{6}_f\d+_(vis|nir)\.jpg")
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +32,15 @@ def regdb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small RegDB set with an odd number of identities."""
     out = tmp_path_factory.mktemp("regdb") / "RegDB"
     toy.make_regdb(out, seed=0, **REGDB_SMALL)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llcm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small LLCM set written through the command line."""
+    out = tmp_path_factory.mktemp("llcm") / "LLCM"
+    flags = [f"--{name}={value}" for name, value in LLCM_SMALL.items()]
+    assert toy.main(["--dataset", "llcm", "--out", str(out), *flags]) == 0
     return out
 
 
@@ -280,7 +292,7 @@ def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monk
             raise KeyboardInterrupt
         Image.fromarray(image).save(path)
 
-    monkeypatch.setattr(toy, "_save", failing_save)
+    monkeypatch.setattr(toy_regdb, "save", failing_save)
     with pytest.raises(KeyboardInterrupt):
         toy.make_regdb(tmp_path / "regdb", ids=4, images_per_id=2, height=32, width=16)
     assert list(tmp_path.iterdir()) == []
@@ -297,3 +309,111 @@ def test_current_folder_is_refused(
         capsys.readouterr().err == "error: --out . holds the current folder; name another folder\n"
     )
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def _llcm_test_folders(root: Path) -> dict[tuple[str, int, int], list[str]]:
+    """Map (modality, camera, pid) to the file names of each test folder."""
+    folders = {}
+    for modality in ("vis", "nir"):
+        for cam_dir in (root / f"test_{modality}").iterdir():
+            for pid_dir in cam_dir.iterdir():
+                key = (modality, int(cam_dir.name.removeprefix("cam")), int(pid_dir.name))
+                folders[key] = sorted(p.name for p in pid_dir.iterdir())
+    return folders
+
+
+def test_llcm_layout(llcm: Path) -> None:
+    """Folders, camera sets (no infrared cam3), file names and disjoint train/test identities."""
+    assert sorted(p.name for p in llcm.iterdir()) == ["idx", "nir", "test_nir", "test_vis", "vis"]
+    assert sorted(p.name for p in (llcm / "idx").iterdir()) == [
+        "test_id.txt",
+        "train_nir.txt",
+        "train_vis.txt",
+    ]
+    assert sorted(p.name for p in (llcm / "test_vis").iterdir()) == [
+        f"cam{c}" for c in range(1, 10)
+    ]
+    nir_cams = sorted(p.name for p in (llcm / "test_nir").iterdir())
+    assert nir_cams == ["cam1", "cam2", "cam4", "cam5", "cam6", "cam7", "cam8", "cam9"]
+    assert tuple(int(c[3:]) for c in nir_cams) == toy.LLCM_INFRARED_CAMERAS
+    test_ids = _read_ids(llcm / "idx" / "test_id.txt")
+    assert test_ids == sorted(test_ids) and len(test_ids) == 6
+    train_ids = {int(p.name) for modality in ("vis", "nir") for p in (llcm / modality).iterdir()}
+    assert len(train_ids) == 5 and train_ids.isdisjoint(test_ids)
+    assert train_ids | set(test_ids) == set(range(1, 12))
+    for modality in ("vis", "nir"):
+        for pid_dir in (llcm / modality).iterdir():
+            for name in (p.name for p in pid_dir.iterdir()):
+                match = LLCM_NAME.fullmatch(name)
+                assert match and match[1] == pid_dir.name and match[3] == modality
+    folders = _llcm_test_folders(llcm)
+    assert {pid for _, _, pid in folders} == set(test_ids)
+    for (modality, cam, pid), names in folders.items():
+        assert len(names) == 2
+        for name in names:
+            match = LLCM_NAME.fullmatch(name)
+            assert match and (int(match[1]), int(match[2]), match[3]) == (pid, cam, modality)
+    for pid in test_ids:
+        # Two cameras per modality: every query keeps a gallery image under another camera.
+        for modality in ("vis", "nir"):
+            assert len({c for m, c, p in folders if (m, p) == (modality, pid)}) >= 2
+    # Camera numbers are shared across modalities: some identity has both under one number.
+    both = {(c, p) for m, c, p in folders if m == "vis"} & {
+        (c, p) for m, c, p in folders if m == "nir"
+    }
+    assert both
+    with Image.open(next((llcm / "test_nir").rglob("*.jpg"))) as img:
+        assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (16, 32))
+
+
+def test_llcm_index_files(llcm: Path) -> None:
+    """Every training image is listed once, as `path label`, label 0..n-1 by ascending identity."""
+    train_ids = sorted(int(p.name) for p in (llcm / "vis").iterdir())
+    for modality in ("vis", "nir"):
+        lines = (llcm / "idx" / f"train_{modality}.txt").read_text().splitlines()
+        listed = []
+        for line in lines:
+            path, label = line.split(" ")
+            parts = path.split("/")
+            assert parts[0] == modality and (llcm / path).is_file()
+            assert int(label) == train_ids.index(int(parts[1]))
+            listed.append(path)
+        on_disk = sorted(str(p.relative_to(llcm)) for p in (llcm / modality).rglob("*.jpg"))
+        assert sorted(listed) == on_disk and len(set(listed)) == len(listed)
+
+
+def test_llcm_modalities_and_camera_count(llcm: Path) -> None:
+    """Infrared images are grey, visible ones colour; per-folder counts follow the flag."""
+    nir = _pixels(sorted((llcm / "test_nir").rglob("*.jpg")))
+    assert np.abs(nir[..., 0] - nir[..., 1]).max() == 0
+    vis = _pixels(sorted((llcm / "test_vis").rglob("*.jpg")))
+    assert np.abs(vis[..., 0] - vis[..., 2]).mean() > 0.01
+    out = llcm.parent / "bigger"
+    counts = toy.make_llcm(out, seed=0, **(LLCM_SMALL | {"images_per_camera": 5}))
+    sizes = {
+        modality: [len(list(d.iterdir())) for d in (out / modality).iterdir()]
+        for modality in ("vis", "nir")
+    }
+    assert min(sizes["vis"]) >= 5 * 2  # two or more cameras, five or six images each
+    assert counts["visible_images"] == len(list(out.rglob("*_vis.jpg")))
+    assert counts["infrared_images"] == len(list(out.rglob("*_nir.jpg")))
+
+
+def test_llcm_deterministic_per_seed(llcm: Path, tmp_path: Path) -> None:
+    """The same seed gives byte-identical files; another seed gives another data set."""
+    again = tmp_path / "again"
+    toy.make_llcm(again, seed=0, **LLCM_SMALL)
+    assert _all_files(again) == _all_files(llcm)
+    other = tmp_path / "other"
+    toy.make_llcm(other, seed=1, **LLCM_SMALL)
+    assert _all_files(other) != _all_files(llcm)
+
+
+def test_llcm_bad_counts_are_user_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A count the LLCM layout cannot honour is one error line naming the flag."""
+    out = tmp_path / "llcm"
+    assert toy.main(["--dataset", "llcm", "--out", str(out), "--test_ids", "0"]) == 2
+    assert capsys.readouterr().err == "error: --test_ids 0: expected a positive integer\n"
+    assert list(tmp_path.iterdir()) == []

@@ -4,9 +4,11 @@
     python -m utils.demo --out demo --compare --seeds 0 1 2
         # also trains all-shared and all-split and compares mAP over seeds
 
-Each step runs the real command-line tool (``search.py``, ``train.py``, ``test.py``) in a
-subprocess, exactly as a user would, with settings scaled down for a CPU: ResNet-18, small images,
-no ImageNet download, few epochs.
+Each step runs the real command-line tool (``search.py``, ``train.py``, ``test.py``,
+``utils.plot``) in a subprocess, exactly as a user would, with settings scaled down for a CPU:
+ResNet-18, small images, no ImageNet download, few epochs. The demo leaves, under ``--out``, the
+results table (``results.md``), the pictures (search heat map, training curves, rank lists) and a
+``README.md`` that shows them beside the table.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -28,13 +31,24 @@ from utils.base.errors import UserError
 log = logging.getLogger("demo")
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOLS = (("all", 1), ("indoor", 1), ("all", 10))
+# The synthetic SYSU-MM01's training split is the generator's default (24 train + 8 val ids).
+TRAIN_IDS, VAL_IDS = 24, 8
+TEST_IDS = 96
 
 
-def run_step(name: str, command: list[str]) -> float:
-    """Run one pipeline step as a subprocess; fail with its name if it fails."""
+def run_step(name: str, command: list[str], stdout: Path | None = None) -> float:
+    """Run one pipeline step as a subprocess; fail with its name if it fails.
+
+    With ``stdout``, the step's standard output goes to that file instead of the terminal (a
+    results table that the step also logs would otherwise be shown twice).
+    """
     log.info("[%s] %s", name, " ".join(command))
     started = time.time()
-    done = subprocess.run(command, cwd=ROOT, check=False)
+    if stdout is None:
+        done = subprocess.run(command, cwd=ROOT, check=False)
+    else:
+        with stdout.open("w") as sink:
+            done = subprocess.run(command, cwd=ROOT, check=False, stdout=sink)
     if done.returncode != 0:
         raise UserError(f"demo step '{name}' failed with exit status {done.returncode}")
     elapsed = time.time() - started
@@ -95,8 +109,12 @@ def train_and_test(
     note: str,
     seed: int,
     protocols: Sequence[tuple[str, int]],
+    rank_lists: int = 0,
 ) -> dict[str, Any]:
-    """Train one architecture and score it; returns {protocol: bnneck metrics}."""
+    """Train one architecture, draw its curves and score it; returns {protocol: bnneck metrics}.
+
+    The first protocol also draws ``rank_lists`` rank lists (``rank_lists/`` in the run folder).
+    """
     py = sys.executable
     runs = Path(args.out) / "runs"
     run_step(
@@ -116,10 +134,12 @@ def train_and_test(
             note,
         ],
     )
+    run_step(f"curves {note}", [py, "-m", "utils.plot", str(runs / note)])
     weights = runs / note / "checkpoint_latest.pth"
     results = {}
-    for mode, shot in protocols:
+    for number, (mode, shot) in enumerate(protocols):
         out = runs / note / f"test_{mode}_shot{shot}.json"
+        pictures = ["--visualize", str(rank_lists)] if number == 0 and rank_lists else []
         run_step(
             f"test {note} {mode} shot {shot}",
             [
@@ -135,17 +155,26 @@ def train_and_test(
                 str(shot),
                 "--save_json",
                 str(out),
+                *pictures,
             ],
+            # test.py logs its table and also prints it; the log shows it, the file keeps it.
+            stdout=out.with_suffix(".md"),
         )
         payload = json.loads(out.read_text())["results"]
         results[f"{mode} {'single' if shot == 1 else 'multi'}-shot"] = next(iter(payload.values()))
     return results
 
 
+def test_ids_of(data: Path) -> list[str]:
+    """The test identities of a SYSU-MM01 root (``exp/test_id.txt``); empty when it is missing."""
+    path = data / "exp" / "test_id.txt"
+    return path.read_text().strip().split(",") if path.is_file() else []
+
+
 def make_data(args: argparse.Namespace, seed: int) -> Path:
-    """Synthetic SYSU-MM01 for ``seed`` (reused when already there)."""
+    """Synthetic SYSU-MM01 for ``seed`` (reused when there with ``--test_ids`` test identities)."""
     data = Path(args.out) / f"data_seed{seed}"
-    if not (data / "exp" / "test_id.txt").is_file():
+    if len(test_ids_of(data)) != args.test_ids:
         run_step(
             "data",
             [
@@ -158,6 +187,12 @@ def make_data(args: argparse.Namespace, seed: int) -> Path:
                 str(data),
                 "--seed",
                 str(seed),
+                "--train_ids",
+                str(TRAIN_IDS),
+                "--val_ids",
+                str(VAL_IDS),
+                "--test_ids",
+                str(args.test_ids),
                 "--overwrite",
             ],
         )
@@ -165,7 +200,7 @@ def make_data(args: argparse.Namespace, seed: int) -> Path:
 
 
 def search(args: argparse.Namespace, data: Path, seed: int) -> Path:
-    """Run a short architecture search; returns the derived architecture's path."""
+    """Run a short architecture search and draw its curves; returns the architecture's path."""
     runs = Path(args.out) / "runs"
     note = f"search_seed{seed}"
     run_step(
@@ -193,27 +228,90 @@ def search(args: argparse.Namespace, data: Path, seed: int) -> Path:
             note,
         ],
     )
+    run_step("curves search", [sys.executable, "-m", "utils.plot", str(runs / note)])
     return runs / note / "arch.json"
 
 
 def chance_level(data: Path) -> float:
     """Rank-1 of a random ranking, in percent: one over the number of test identities."""
-    ids = (data / "exp" / "test_id.txt").read_text().strip().split(",")
-    return 100.0 / len(ids)
+    return 100.0 / len(test_ids_of(data))
+
+
+def _cell(metrics: dict[str, float], key: str) -> str:
+    """One metric, with its spread over the gallery trials when the result has one."""
+    spread = metrics.get(f"{key}_std")
+    return f"{metrics[key]:.2f}" + (f" ± {spread:.2f}" if spread is not None else "")
 
 
 def table(rows: list[tuple[str, str, dict[str, float]]]) -> str:
-    """Markdown table: architecture, protocol, Rank-1, mAP (bnneck features)."""
+    """Markdown table: architecture, protocol, Rank-1, mAP, mINP (mean ± std over trials)."""
     lines = ["| architecture | protocol | Rank-1 | mAP | mINP |", "|---|---|---|---|---|"]
     for arch, protocol, m in rows:
-        lines.append(
-            f"| {arch} | {protocol} | {m['rank1']:.2f} | {m['mAP']:.2f} | {m['mINP']:.2f} |"
-        )
+        cells = " | ".join(_cell(m, key) for key in ("rank1", "mAP", "mINP"))
+        lines.append(f"| {arch} | {protocol} | {cells} |")
+    return "\n".join(lines)
+
+
+def pictures_of(out: Path, seeds: Sequence[int], notes: Sequence[str]) -> list[tuple[str, Path]]:
+    """The demo's pictures that exist under ``out``, each with a heading: search, curves, lists."""
+    runs = out / "runs"
+    found: list[tuple[str, Path]] = []
+    for seed in seeds:
+        search_run = runs / f"search_seed{seed}"
+        found.append((f"Search heat map (seed {seed})", search_run / "search_heatmap.png"))
+        found.append((f"Search curves (seed {seed})", search_run / "curves.png"))
+    for note in notes:
+        found.append((f"Training curves: {note}", runs / note / "curves.png"))
+        for path in sorted((runs / note / "rank_lists").glob("*/*.png")):
+            found.append((f"Rank list: {note}, {path.stem}", path))
+    return [(title, path) for title, path in found if path.is_file()]
+
+
+# What each kind of picture shows, keyed by the start of its heading.
+_CAPTIONS = (
+    (
+        "Search heat map",
+        "Each BN slot's probability of being split per modality (rows, input to output) after "
+        "each search epoch (columns): blue shared, white undecided, red split. The derived "
+        "architecture splits the slots that end above one half.",
+    ),
+    (
+        "Search curves",
+        "The search run per epoch: training losses, learning rate, and Rank-1 / mAP of the "
+        "supernet on the identities held out for the architecture step (arch_*).",
+    ),
+    (
+        "Training curves",
+        "Training of the derived architecture per epoch: each loss term and their total, and "
+        "the learning rate (warm-up, then steps). The demo evaluates only at the end.",
+    ),
+    (
+        "Rank list",
+        "An infrared query (left) and its ten nearest visible gallery images in the first gallery "
+        "draw of all-search single-shot: green frame the query's identity, red another one.",
+    ),
+)
+
+
+def readme(text: str, pictures: Sequence[tuple[str, Path]], out: Path, intro: str) -> str:
+    """The demo's README.md: what ran, the results table, then each picture by relative link."""
+    lines = ["# CM-NAS demo on synthetic SYSU-MM01", "", intro, "", "## Results", "", text, ""]
+    lines += ["## Pictures", ""]
+    explained: set[str] = set()
+    for title, path in pictures:
+        lines += [f"### {title}", ""]
+        for kind, caption in _CAPTIONS:
+            # Explain a kind of picture once, at its first appearance.
+            if title.startswith(kind) and kind not in explained:
+                explained.add(kind)
+                lines += [caption, ""]
+        link = Path(os.path.relpath(path, out)).as_posix()
+        lines += [f"![{title}]({link})", ""]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the demo pipeline and print its results table."""
+    """Run the demo pipeline, print its results table and write its README.md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo", help="folder for data, runs and results")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="data/run seeds")
@@ -227,13 +325,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--img_w", type=int, default=32, help="image width")
     parser.add_argument("--batch_size", type=int, default=32, help="images per modality")
     parser.add_argument("--lr", type=float, default=0.05, help="head learning rate")
+    parser.add_argument("--test_ids", type=int, default=TEST_IDS, help="synthetic test identities")
+    parser.add_argument(
+        "--rank_lists", type=int, default=4, help="rank-list pictures of the first model"
+    )
     args = parser.parse_args(argv)
+    if args.test_ids < 2:
+        raise UserError(f"--test_ids {args.test_ids}: expected at least 2")
+    if args.rank_lists < 0:
+        raise UserError(f"--rank_lists {args.rank_lists}: expected a number >= 0")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s demo: %(message)s", datefmt="%H:%M:%S"
     )
     started = time.time()
     rows: list[tuple[str, str, dict[str, float]]] = []
     summary: dict[str, dict[str, list[float]]] = {}
+    notes: list[str] = []
     protocols = PROTOCOLS if not args.compare else (("all", 1),)
     chance = 0.0
     for seed in args.seeds:
@@ -246,7 +353,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ("all-split", ROOT / "configs" / "resnet18_all_split.json"),
             ]
         for name, config in candidates:
-            results = train_and_test(args, data, config, f"{name}_seed{seed}", seed, protocols)
+            note = f"{name}_seed{seed}"
+            pictures = args.rank_lists if not notes else 0
+            notes.append(note)
+            results = train_and_test(args, data, config, note, seed, protocols, pictures)
             for protocol, metrics in results.items():
                 rows.append((f"{name} (seed {seed})", protocol, metrics["bnneck"]))
                 entry = summary.setdefault(f"{name} | {protocol}", {"rank1": [], "mAP": []})
@@ -255,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = table(rows)
     if len(args.seeds) > 1:
         lines = [
+            "",
+            "Over seeds:",
             "",
             "| architecture | protocol | Rank-1 mean ± std | mAP mean ± std |",
             "|---|---|---|---|",
@@ -270,14 +382,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"\n\nChance level (all-search single-shot Rank-1): {chance:.2f}%. "
         f"Total time: {time.time() - started:.0f} s."
     )
-    Path(args.out, "results.md").write_text(text + "\n")
+    out = Path(args.out)
+    (out / "results.md").write_text(text + "\n")
+    intro = (
+        f"Written by `python -m utils.demo` (`make demo`): synthetic SYSU-MM01 data "
+        f"({TRAIN_IDS} training + {VAL_IDS} validation identities, {args.test_ids} test "
+        f"identities), a {args.search_epochs}-epoch architecture search, {args.epochs} epochs of "
+        f"training of the architecture found, and the SYSU-MM01 test protocols. ResNet-18 from "
+        f"scratch on {args.img_h}x{args.img_w} images, so these numbers show that the pipeline "
+        f"works, not what the method reaches on real data. Results use BNNeck features and EMA "
+        f"weights; each value is the mean over the protocol's 10 random gallery draws (trials), "
+        f"± their standard deviation."
+    )
+    pictures = pictures_of(out, args.seeds, notes)
+    (out / "README.md").write_text(readme(text, pictures, out, intro) + "\n")
     sys.stdout.write(
-        "\nSynthetic SYSU-MM01 results (bnneck features, EMA weights):\n" + text + "\n"
+        "\nSynthetic SYSU-MM01 results (bnneck features, EMA weights, mean ± std over the "
+        "10 gallery trials):\n" + text + f"\n\nPictures and this table: {out / 'README.md'}\n"
     )
     return 0
 
 
 def _mean_std(values: list[float]) -> str:
+    """Mean ± population standard deviation, two decimals."""
     spread = statistics.pstdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.2f} ± {spread:.2f}"
 

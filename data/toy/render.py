@@ -1,4 +1,4 @@
-"""Synthetic SYSU-MM01 and RegDB data sets, written in exactly the real on-disk layouts.
+"""Rendering of the synthetic pedestrians: identities, cameras, poses and the painting itself.
 
 Every identity is a procedurally drawn, stylised pedestrian. Cues that survive the change of
 modality are the body shape and proportions, clothing cut (sleeves, shorts, skirt), hair length,
@@ -9,45 +9,17 @@ their own gain, gamma, blur and sensor noise, so low-level statistics differ str
 modalities, which is the gap that modality-specific BatchNorm is meant to absorb. Cameras differ in
 framing, shear, mirroring, scale, illumination and background; every image has its own pose.
 
-Usage: ``python -m data.toy --dataset sysu|regdb --out DIR [--seed 0] [...]``.
+Nothing here knows a data set's layout: ``draw_person``, ``draw_camera`` and ``draw_pose`` turn a
+random generator into a description, and ``render`` paints one image from three descriptions.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import logging
-import os
-import shutil
-import tempfile
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
-
-from utils.base.cli import run_cli
-from utils.base.errors import UserError
-
-logger = logging.getLogger(__name__)
-
-SYSU_VISIBLE_CAMERAS = (1, 2, 4, 5)
-SYSU_INFRARED_CAMERAS = (3, 6)
-SYSU_OUTDOOR_CAMERAS = (4, 5, 6)
-REGDB_TRIALS = 10
-JPEG_QUALITY = 90
-MIN_HEIGHT, MIN_WIDTH = 32, 16
-
-# RegDB's two sensors, as camera numbers of the random streams.
-_REGDB_VISIBLE, _REGDB_THERMAL = 1, 2
-# A camera keeps an identity with this probability (SYSU ids are missing from some cameras).
-_CAMERA_PRESENCE = 0.8
-# Tags that keep the random streams of splits, identities, cameras and images apart.
-_DATASET_TAG = {"sysu": 1, "regdb": 2}
-_TAG_SPLIT, _TAG_IDENTITY, _TAG_PRESENCE, _TAG_CAMERA, _TAG_POSE, _TAG_IMAGE = range(1, 7)
 
 _TOP_PATTERNS = ("solid", "hstripes", "vstripes", "diagonal", "checks", "dots", "block")
 _TOP_PATTERN_P = (0.2, 0.2, 0.1, 0.1, 0.15, 0.1, 0.15)
@@ -106,7 +78,7 @@ class _Garment:
 
 
 @dataclass(frozen=True)
-class _Person:
+class Person:
     """One identity; lengths are fractions of the body height."""
 
     height: float
@@ -144,7 +116,7 @@ class _Person:
 
 
 @dataclass(frozen=True)
-class _Camera:
+class Camera:
     """Rendering style of one camera; ``background`` is larger than an image and gets cropped."""
 
     infrared: bool
@@ -164,7 +136,7 @@ class _Camera:
 
 
 @dataclass(frozen=True)
-class _Pose:
+class Pose:
     """Per-image jitter of framing and pose."""
 
     dx: float
@@ -177,11 +149,6 @@ class _Pose:
     bg_col: float
     brightness: float
     warmth: float
-
-
-def _rng(seed: int, dataset: str, tag: int, *keys: int) -> np.random.Generator:
-    """Return an independent generator for one (seed, data set, stream, keys) combination."""
-    return np.random.default_rng([seed, _DATASET_TAG[dataset], tag, *keys])
 
 
 def _colour(rng: np.random.Generator, exclude: int = -1) -> tuple[np.ndarray, int]:
@@ -222,13 +189,13 @@ def _draw_garment(
     )
 
 
-def _draw_person(rng: np.random.Generator) -> _Person:
+def draw_person(rng: np.random.Generator) -> Person:
     """Draw the body, clothing, colours and heat map of one identity."""
     lower = str(rng.choice(_LOWER_CUTS, p=_LOWER_CUT_P))
     lower_len = {"trousers": 1.0, "shorts": rng.uniform(0.35, 0.5), "skirt": rng.uniform(0.3, 0.6)}
     shoulder = rng.uniform(0.09, 0.14)
     tone = rng.uniform(0.0, 1.0)
-    return _Person(
+    return Person(
         height=float(rng.uniform(0.8, 0.92)),
         head=float(rng.uniform(0.055, 0.075)),
         neck=float(rng.uniform(0.015, 0.035)),
@@ -272,9 +239,9 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float
     return field / (field.std() + 1e-8)
 
 
-def _draw_camera(
+def draw_camera(
     rng: np.random.Generator, infrared: bool, outdoor: bool, height: int, width: int
-) -> _Camera:
+) -> Camera:
     """Draw one camera's style and paint its background, 1.5x taller and 2x wider than an image."""
     bh, bw = height * 3 // 2, width * 2
     rows = np.arange(bh, dtype=np.float64)[:, None] / bh
@@ -304,7 +271,7 @@ def _draw_camera(
                 1.0 + 0.05 * texture[r0 : r0 + dr, c0 : c0 + dc, None]
             )
         background = np.clip(field, 0.0, 1.0)
-    return _Camera(
+    return Camera(
         infrared=infrared,
         background=background,
         gain=float(rng.uniform(1.0, 1.2) if infrared else rng.uniform(0.8, 1.1)),
@@ -322,9 +289,9 @@ def _draw_camera(
     )
 
 
-def _draw_pose(rng: np.random.Generator) -> _Pose:
+def draw_pose(rng: np.random.Generator) -> Pose:
     """Draw the per-image jitter of framing, view (front/back), limbs and lighting."""
-    return _Pose(
+    return Pose(
         dx=float(rng.uniform(-0.06, 0.06)),
         dy=float(rng.uniform(-0.03, 0.03)),
         scale=float(rng.uniform(0.95, 1.05)),
@@ -389,8 +356,8 @@ def _pattern(garment: _Garment, u: np.ndarray, v: np.ndarray, px: float) -> np.n
     return _soft(v - (0.3 + 0.4 * garment.phase) * 0.3, px)
 
 
-def _render(
-    person: _Person, camera: _Camera, pose: _Pose, rng: np.random.Generator, height: int, width: int
+def render(
+    person: Person, camera: Camera, pose: Pose, rng: np.random.Generator, height: int, width: int
 ) -> np.ndarray:
     """Paint one image of ``person`` seen by ``camera``; return uint8 (height, width, 3)."""
     infrared = camera.infrared
@@ -564,287 +531,3 @@ def _render(
         image = ndimage.gaussian_filter(image, (camera.blur, camera.blur, 0.0))
         image = image + rng.standard_normal(image.shape) * camera.noise
     return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def _check_sizes(height: int, width: int, seed: int, **counts: int) -> None:
-    """Raise UserError for an image size, seed or count a data set cannot be built with."""
-    if height < MIN_HEIGHT or width < MIN_WIDTH:
-        raise UserError(
-            f"--height/--width {height}x{width}: expected at least {MIN_HEIGHT}x{MIN_WIDTH}"
-        )
-    if seed < 0:
-        raise UserError(f"--seed {seed}: expected a non-negative integer")
-    for name, count in counts.items():
-        if count < 1:
-            raise UserError(f"--{name} {count}: expected a positive integer")
-
-
-@contextlib.contextmanager
-def _staged(out: str | os.PathLike[str], overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out`` that replaces ``out`` only if the block succeeds."""
-    # abspath, so that "." or "x/.." name a real folder with a parent to stage the data in.
-    target = Path(os.path.abspath(out))
-    if target.exists() and not target.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise UserError(f"--out {out} exists and is not empty (pass --overwrite)")
-    with contextlib.suppress(OSError):
-        # Swapping out the folder we stand in would strand the shell in a deleted folder.
-        if Path.cwd().is_relative_to(target):
-            raise UserError(f"--out {out} holds the current folder; name another folder")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise UserError(f"--out {out}: cannot write to its parent folder ({reason})") from None
-    try:
-        yield stage
-        old = None
-        if target.is_dir():
-            # Move the old folder aside first, so that the swap itself is one rename.
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "data")
-        os.replace(stage, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-
-
-def _save(image: np.ndarray, path: Path) -> None:
-    """Write one image; JPEG for SYSU, BMP for RegDB, chosen by the file extension."""
-    if path.suffix == ".jpg":
-        Image.fromarray(image).save(path, quality=JPEG_QUALITY)
-    else:
-        Image.fromarray(image).save(path)
-
-
-def _sysu_cameras(seed: int, ids: Sequence[int], test: set[int]) -> dict[int, list[int]]:
-    """Pick the cameras each identity appears in, keeping the protocols answerable."""
-    cameras: dict[int, list[int]] = {}
-    for pid in ids:
-        rng = _rng(seed, "sysu", _TAG_PRESENCE, pid)
-        present = {cam for cam in range(1, 7) if rng.random() < _CAMERA_PRESENCE}
-        if not present & set(SYSU_INFRARED_CAMERAS):
-            present.add(int(rng.choice(SYSU_INFRARED_CAMERAS)))
-        if pid in test:
-            # Indoor search: a cam3 query ignores cam2, so it needs cam1; cam6 needs cam1 or 2.
-            if 3 in present:
-                present.add(1)
-            if not present & {1, 2}:
-                present.add(int(rng.choice((1, 2))))
-        elif not present & set(SYSU_VISIBLE_CAMERAS):
-            present.add(int(rng.choice(SYSU_VISIBLE_CAMERAS)))
-        cameras[pid] = sorted(present)
-    return cameras
-
-
-def make_sysu(
-    out: str | os.PathLike[str],
-    seed: int = 0,
-    *,
-    train_ids: int = 24,
-    val_ids: int = 8,
-    test_ids: int = 16,
-    images_per_camera: int = 10,
-    height: int = 128,
-    width: int = 64,
-    overwrite: bool = False,
-) -> dict:
-    """Write a synthetic SYSU-MM01 (cam1..cam6/<pid>/<n>.jpg, exp/*_id.txt); return counts."""
-    _check_sizes(
-        height,
-        width,
-        seed,
-        train_ids=train_ids,
-        val_ids=val_ids,
-        test_ids=test_ids,
-        images_per_camera=images_per_camera,
-    )
-    start = time.perf_counter()
-    total = train_ids + val_ids + test_ids
-    order = _rng(seed, "sysu", _TAG_SPLIT).permutation(np.arange(1, total + 1))
-    splits = {
-        "train": sorted(int(i) for i in order[:train_ids]),
-        "val": sorted(int(i) for i in order[train_ids : train_ids + val_ids]),
-        "test": sorted(int(i) for i in order[train_ids + val_ids :]),
-    }
-    presence = _sysu_cameras(seed, range(1, total + 1), set(splits["test"]))
-    cameras = {
-        cam: _draw_camera(
-            _rng(seed, "sysu", _TAG_CAMERA, cam),
-            infrared=cam in SYSU_INFRARED_CAMERAS,
-            outdoor=cam in SYSU_OUTDOOR_CAMERAS,
-            height=height,
-            width=width,
-        )
-        for cam in range(1, 7)
-    }
-    spread = images_per_camera // 5
-    counts = {"visible": 0, "infrared": 0}
-    with _staged(out, overwrite) as stage:
-        for cam in range(1, 7):
-            (stage / f"cam{cam}").mkdir()
-        for pid in range(1, total + 1):
-            person = _draw_person(_rng(seed, "sysu", _TAG_IDENTITY, pid))
-            for cam in presence[pid]:
-                camera = cameras[cam]
-                count_rng = _rng(seed, "sysu", _TAG_PRESENCE, pid, cam)
-                low = images_per_camera if not camera.infrared else images_per_camera - spread
-                n_images = int(count_rng.integers(max(1, low), images_per_camera + spread + 1))
-                folder = stage / f"cam{cam}" / f"{pid:04d}"
-                folder.mkdir()
-                for index in range(1, n_images + 1):
-                    rng = _rng(seed, "sysu", _TAG_IMAGE, pid, cam, index)
-                    image = _render(person, camera, _draw_pose(rng), rng, height, width)
-                    _save(image, folder / f"{index:04d}.jpg")
-                counts["infrared" if camera.infrared else "visible"] += n_images
-        (stage / "exp").mkdir()
-        for name, ids in splits.items():
-            (stage / "exp" / f"{name}_id.txt").write_text(",".join(str(i) for i in ids) + "\n")
-    seconds = time.perf_counter() - start
-    logger.info(
-        "sysu: %d identities (%d train, %d val, %d test), %d visible + %d infrared images "
-        "of %dx%d, seed %d -> %s in %.1f s",
-        total, train_ids, val_ids, test_ids, counts["visible"], counts["infrared"],
-        height, width, seed, out, seconds,
-    )  # fmt: skip
-    return {
-        "dataset": "sysu",
-        "identities": total,
-        "train_ids": train_ids,
-        "val_ids": val_ids,
-        "test_ids": test_ids,
-        "visible_images": counts["visible"],
-        "infrared_images": counts["infrared"],
-        "seconds": seconds,
-    }
-
-
-def make_regdb(
-    out: str | os.PathLike[str],
-    seed: int = 0,
-    *,
-    ids: int = 40,
-    images_per_id: int = 10,
-    height: int = 128,
-    width: int = 64,
-    overwrite: bool = False,
-) -> dict:
-    """Write a synthetic RegDB (Visible/, Thermal/, idx/*_<trial>.txt); return counts."""
-    _check_sizes(height, width, seed, images_per_id=images_per_id)
-    if ids < 2:
-        raise UserError(f"--ids {ids}: expected at least 2 (half train, half test)")
-    start = time.perf_counter()
-    cameras = {
-        cam: _draw_camera(
-            _rng(seed, "regdb", _TAG_CAMERA, cam),
-            infrared=cam == _REGDB_THERMAL,
-            outdoor=False,
-            height=height,
-            width=width,
-        )
-        for cam in (_REGDB_VISIBLE, _REGDB_THERMAL)
-    }
-    folders = {_REGDB_VISIBLE: ("Visible", "v"), _REGDB_THERMAL: ("Thermal", "t")}
-    files: dict[int, dict[int, list[str]]] = {cam: {} for cam in folders}
-    with _staged(out, overwrite) as stage:
-        for pid in range(1, ids + 1):
-            person = _draw_person(_rng(seed, "regdb", _TAG_IDENTITY, pid))
-            for index in range(1, images_per_id + 1):
-                # The two sensors of RegDB fire together: both images share one pose.
-                pose = _draw_pose(_rng(seed, "regdb", _TAG_POSE, pid, index))
-                for cam, (folder, letter) in folders.items():
-                    rng = _rng(seed, "regdb", _TAG_IMAGE, pid, cam, index)
-                    image = _render(person, cameras[cam], pose, rng, height, width)
-                    relative = f"{folder}/{pid}/{letter}_{pid:04d}_{index:02d}.bmp"
-                    (stage / folder / str(pid)).mkdir(parents=True, exist_ok=True)
-                    _save(image, stage / relative)
-                    files[cam].setdefault(pid, []).append(relative)
-        (stage / "idx").mkdir()
-        for trial in range(1, REGDB_TRIALS + 1):
-            order = _rng(seed, "regdb", _TAG_SPLIT, trial).permutation(np.arange(1, ids + 1))
-            halves = {"train": sorted(order[: ids // 2]), "test": sorted(order[ids // 2 :])}
-            for split, members in halves.items():
-                for cam, (folder, _) in folders.items():
-                    lines = [
-                        f"{path} {label}"
-                        for label, pid in enumerate(members)
-                        for path in files[cam][int(pid)]
-                    ]
-                    name = f"{split}_{folder.lower()}_{trial}.txt"
-                    (stage / "idx" / name).write_text("\n".join(lines) + "\n")
-    seconds = time.perf_counter() - start
-    logger.info(
-        "regdb: %d identities, %d visible + %d thermal images of %dx%d, %d trials, "
-        "seed %d -> %s in %.1f s",
-        ids, ids * images_per_id, ids * images_per_id, height, width, REGDB_TRIALS, seed, out,
-        seconds,
-    )  # fmt: skip
-    return {
-        "dataset": "regdb",
-        "identities": ids,
-        "train_ids": ids // 2,
-        "test_ids": ids - ids // 2,
-        "visible_images": ids * images_per_id,
-        "infrared_images": ids * images_per_id,
-        "trials": REGDB_TRIALS,
-        "seconds": seconds,
-    }
-
-
-def _parser() -> argparse.ArgumentParser:
-    """Build the command-line parser."""
-    parser = argparse.ArgumentParser(
-        prog="python -m data.toy",
-        description="Write a synthetic SYSU-MM01 or RegDB data set in the real on-disk layout.",
-    )
-    parser.add_argument("--dataset", required=True, choices=("sysu", "regdb"))
-    parser.add_argument("--out", required=True, help="folder to create (must be new or empty)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    parser.add_argument("--height", type=int, default=128, help="image height in pixels")
-    parser.add_argument("--width", type=int, default=64, help="image width in pixels")
-    sysu = parser.add_argument_group("SYSU-MM01")
-    sysu.add_argument("--train_ids", type=int, default=24)
-    sysu.add_argument("--val_ids", type=int, default=8)
-    sysu.add_argument("--test_ids", type=int, default=16)
-    sysu.add_argument(
-        "--images_per_camera", type=int, default=10, help="minimum per visible camera folder"
-    )
-    regdb = parser.add_argument_group("RegDB")
-    regdb.add_argument("--ids", type=int, default=40, help="identities, split in half per trial")
-    regdb.add_argument("--images_per_id", type=int, default=10, help="per modality")
-    return parser
-
-
-def _main(argv: Sequence[str] | None) -> int:
-    """Parse the arguments and write the data set; UserError propagates to run_cli."""
-    args = _parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    size = {"height": args.height, "width": args.width, "overwrite": args.overwrite}
-    if args.dataset == "sysu":
-        make_sysu(
-            args.out,
-            args.seed,
-            train_ids=args.train_ids,
-            val_ids=args.val_ids,
-            test_ids=args.test_ids,
-            images_per_camera=args.images_per_camera,
-            **size,
-        )
-    else:
-        make_regdb(args.out, args.seed, ids=args.ids, images_per_id=args.images_per_id, **size)
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (2 with one error line on bad input)."""
-    return run_cli(_main, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

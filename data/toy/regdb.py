@@ -1,0 +1,105 @@
+"""Synthetic RegDB in its real layout: ``Visible/``, ``Thermal/`` and ``idx/*_<trial>.txt``.
+
+Both sensors of RegDB fire together, so the visible and thermal image of one index share a pose;
+each of the ten trials splits the identities in half, training and test.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+
+from data.toy.common import (
+    TAG_CAMERA,
+    TAG_IDENTITY,
+    TAG_IMAGE,
+    TAG_POSE,
+    TAG_SPLIT,
+    check_sizes,
+    save,
+    staged,
+    stream,
+)
+from data.toy.render import draw_camera, draw_person, draw_pose, render
+from utils.base.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+REGDB_TRIALS = 10
+# RegDB's two sensors, as camera numbers of the random streams.
+_REGDB_VISIBLE, _REGDB_THERMAL = 1, 2
+
+
+def make_regdb(
+    out: str | os.PathLike[str],
+    seed: int = 0,
+    *,
+    ids: int = 40,
+    images_per_id: int = 10,
+    height: int = 128,
+    width: int = 64,
+    overwrite: bool = False,
+) -> dict:
+    """Write a synthetic RegDB (Visible/, Thermal/, idx/*_<trial>.txt); return counts."""
+    check_sizes(height, width, seed, images_per_id=images_per_id)
+    if ids < 2:
+        raise UserError(f"--ids {ids}: expected at least 2 (half train, half test)")
+    start = time.perf_counter()
+    cameras = {
+        cam: draw_camera(
+            stream(seed, "regdb", TAG_CAMERA, cam),
+            infrared=cam == _REGDB_THERMAL,
+            outdoor=False,
+            height=height,
+            width=width,
+        )
+        for cam in (_REGDB_VISIBLE, _REGDB_THERMAL)
+    }
+    folders = {_REGDB_VISIBLE: ("Visible", "v"), _REGDB_THERMAL: ("Thermal", "t")}
+    files: dict[int, dict[int, list[str]]] = {cam: {} for cam in folders}
+    with staged(out, overwrite) as stage:
+        for pid in range(1, ids + 1):
+            person = draw_person(stream(seed, "regdb", TAG_IDENTITY, pid))
+            for index in range(1, images_per_id + 1):
+                # The two sensors of RegDB fire together: both images share one pose.
+                pose = draw_pose(stream(seed, "regdb", TAG_POSE, pid, index))
+                for cam, (folder, letter) in folders.items():
+                    rng = stream(seed, "regdb", TAG_IMAGE, pid, cam, index)
+                    image = render(person, cameras[cam], pose, rng, height, width)
+                    relative = f"{folder}/{pid}/{letter}_{pid:04d}_{index:02d}.bmp"
+                    (stage / folder / str(pid)).mkdir(parents=True, exist_ok=True)
+                    save(image, stage / relative)
+                    files[cam].setdefault(pid, []).append(relative)
+        (stage / "idx").mkdir()
+        for trial in range(1, REGDB_TRIALS + 1):
+            order = stream(seed, "regdb", TAG_SPLIT, trial).permutation(np.arange(1, ids + 1))
+            halves = {"train": sorted(order[: ids // 2]), "test": sorted(order[ids // 2 :])}
+            for split, members in halves.items():
+                for cam, (folder, _) in folders.items():
+                    lines = [
+                        f"{path} {label}"
+                        for label, pid in enumerate(members)
+                        for path in files[cam][int(pid)]
+                    ]
+                    name = f"{split}_{folder.lower()}_{trial}.txt"
+                    (stage / "idx" / name).write_text("\n".join(lines) + "\n")
+    seconds = time.perf_counter() - start
+    logger.info(
+        "regdb: %d identities, %d visible + %d thermal images of %dx%d, %d trials, "
+        "seed %d -> %s in %.1f s",
+        ids, ids * images_per_id, ids * images_per_id, height, width, REGDB_TRIALS, seed, out,
+        seconds,
+    )  # fmt: skip
+    return {
+        "dataset": "regdb",
+        "identities": ids,
+        "train_ids": ids // 2,
+        "test_ids": ids - ids // 2,
+        "visible_images": ids * images_per_id,
+        "infrared_images": ids * images_per_id,
+        "trials": REGDB_TRIALS,
+        "seconds": seconds,
+    }
