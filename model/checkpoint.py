@@ -28,7 +28,7 @@ import logging
 import os
 import re
 import urllib.error
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,6 +266,41 @@ def checkpoint_header(
         "last_stride": last_stride,
         "args": {key: plain(value) for key, value in args.items() if _is_plain(value)},
     }
+
+
+def named_tensors(value: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor in a nested checkpoint value, named by its path (``model.bnneck.weight``).
+
+    Dicts are walked in key order and lists in index order, so the order is fixed for a
+    given checkpoint.
+    """
+    if isinstance(value, torch.Tensor):
+        yield prefix, value
+    elif isinstance(value, Mapping):
+        for key in sorted(value, key=str):
+            yield from named_tensors(value[key], f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from named_tensors(item, f"{prefix}.{index}" if prefix else str(index))
+
+
+def non_finite_tensors(checkpoint: Mapping[str, Any]) -> list[str]:
+    """The names of the floating-point tensors in ``checkpoint`` holding a NaN or infinity.
+
+    Weights, BN statistics, EMA and optimizer state alike: one such value makes the whole
+    checkpoint unusable. The test runs on each tensor's own device, with one read-back.
+    """
+    named = [(n, t) for n, t in named_tensors(checkpoint) if t.is_floating_point() and t.numel()]
+    if not named:
+        return []
+    by_device: dict[torch.device, list[int]] = {}
+    for index, (_, tensor) in enumerate(named):
+        by_device.setdefault(tensor.device, []).append(index)
+    bad: list[int] = []
+    for indices in by_device.values():
+        flags = torch.stack([named[i][1].detach().isfinite().all() for i in indices]).cpu()
+        bad += [i for i, finite in zip(indices, flags.tolist(), strict=True) if not finite]
+    return [named[i][0] for i in sorted(bad)]
 
 
 def write_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike[str]) -> None:

@@ -116,6 +116,14 @@ def search_parser() -> argparse.ArgumentParser:
 
 def check_search(args: argparse.Namespace) -> None:
     """Validate the search options (after the training ones)."""
+    # The EMA also averages the alphas: copying it into the supernet would pull the alphas
+    # back, so the search never overwrites (its default, whatever the data set's).
+    if args.ema_overwrite_every:
+        raise UserError(
+            f"--ema_overwrite_every {args.ema_overwrite_every}: the search never copies the EMA "
+            "into the supernet (it would reset the alphas)"
+        )
+    args.ema_overwrite_every = 0
     check_training(args)
     if not 0 < args.arch_fraction < 1:
         raise UserError(f"--arch_fraction {args.arch_fraction}: expected a value in (0, 1)")
@@ -283,6 +291,10 @@ class SearchTrainer(Trainer):
                 f"{source}: the checkpoint split the identities differently "
                 "(another --seed or --arch_fraction?)"
             )
+
+    def ema_overwrite_every(self) -> int:
+        """Never: the EMA averages the alphas too, and copying it back would reset them."""
+        return 0
 
     def temperature(self, epoch: int) -> float:
         """``--tau`` (softmax), or the Gumbel temperature of ``epoch``.
