@@ -141,6 +141,8 @@ class Trainer:
         self.channels_last = (
             self.device.type == "cuda" if args.channels_last is None else args.channels_last
         )
+        # Everything the flags name is read before the costly set-up (the image cache).
+        self.check_inputs()
         self.train_set = self.build_data()
         self.model_without_ddp = self.build_model().to(self.device)
         if self.channels_last:
@@ -169,6 +171,7 @@ class Trainer:
         self.images = ResidentImages.upload(self.train_set, self.device)
         self.model = wrap_model(self.model_without_ddp, self.dist, args.compile)
         self.state = RunState(
+            gather=_gather_objects if self.dist.enabled else None,
             model=self.model_without_ddp,
             ema=self.ema.module if self.ema is not None else None,
             optimizer=self.optimizer,
@@ -190,15 +193,29 @@ class Trainer:
         # A resume from the end of an overwrite epoch owes the overwrite that followed its save.
         self.overwrite_pending = False
         self.lock = RunLock(self.out)
+        if self.dist.is_main:
+            check_free_space(self.out, self.checkpoint_size())
 
     # ----- set-up, overridable -------------------------------------------------------------
     def build_data(self) -> TrainSet:
         """The training set: check ``--data_root``, load (and cache) the images."""
         return load_training_data(self.args, self.img_size, self.dist)
 
+    def check_inputs(self) -> None:
+        """Read the architecture file and the checkpoint to resume, and check they fit.
+
+        Runs before the training data is loaded, so that a bad flag costs seconds.
+        """
+        self.arch = load_arch(self.args.config_path)
+        self.resume_checkpoint = read_resume_checkpoint(self.args) if self.args.resume else None
+        if self.resume_checkpoint is not None:
+            given = f"--config_path {self.args.config_path}"
+            check_same_arch(
+                self.resume_checkpoint, self.arch, f"--resume {self.args.resume}", given
+            )
+
     def build_model(self) -> nn.Module:
         """The network of ``--config_path``, initialised from ``--pretrained``."""
-        self.arch = load_arch(self.args.config_path)
         log.info("architecture %s: %s", self.args.config_path, self.arch.summary())
         return build_model(
             self.arch, self.train_set.num_classes, self.args.last_stride, self.args.pretrained
@@ -227,9 +244,13 @@ class Trainer:
         if not self.args.resume:
             return
         source = f"--resume {self.args.resume}"
-        checkpoint = read_resume_checkpoint(self.args)
+        checkpoint, self.resume_checkpoint = self.resume_checkpoint, None
+        if checkpoint is None:
+            checkpoint = read_resume_checkpoint(self.args)
         self.check_checkpoint(checkpoint, source)
-        self.state.load_state_dict(checkpoint, source, self.dist.world_size == 1)
+        self.state.load_state_dict(
+            checkpoint, source, rank=self.dist.rank, world_size=self.dist.world_size
+        )
         self.losses.load_state_dict(checkpoint.get("epoch_losses") or {})
         self.start_epoch = self.epoch = int(checkpoint["epoch"])
         self.start_step = int(checkpoint.get("step_in_epoch", 0))
@@ -451,8 +472,7 @@ class Trainer:
 
         Rank 0 holds the folder's lock for the run's life (the kernel drops it when the process
         ends), taken before anything is written there; then an old run is cleared on
-        --overwrite, temporary files that killed writes left are removed, and the free space
-        for a checkpoint is checked.
+        --overwrite and temporary files that killed writes left are removed.
         """
         args = self.args
         if self.dist.is_main:
@@ -470,7 +490,6 @@ class Trainer:
                     self.out,
                     ", ".join(stale),
                 )
-            check_free_space(self.out, self.checkpoint_size())
         barrier(self.dist)
         self.early_log.open(self.out / "log.txt")
         if args.resume and self.dist.is_main:
@@ -582,9 +601,19 @@ class Trainer:
         results: dict[str, Any] = {}
         for label, model in self.evaluated_weights():
             suffix = "" if label == "live" else f"_{label}"
-            scored = evaluate_training_run(
-                model, self.args, final, self.device, self.img_size, self.amp
-            )
+            try:
+                scored = evaluate_training_run(
+                    model, self.args, final, self.device, self.img_size, self.amp
+                )
+            except ValueError as err:
+                if "NaN" not in str(err):
+                    raise
+                # Finite weights so large that the features overflow: the run diverged.
+                raise NonFiniteLoss(
+                    f"the {label} weights give non-finite features in the evaluation after "
+                    f"epoch {self.epoch + 1}: the run diverged (its checkpoints of the last "
+                    "epochs are finite but useless; train again with a lower --lr)"
+                ) from None
             for key, result in scored.items():
                 results[key + suffix] = {"weights": label, **result}
         return results
@@ -618,6 +647,13 @@ class Trainer:
             self.stop.phase = "step"
         self.model.train()
         return flat
+
+
+def _gather_objects(value: Any) -> list[Any]:
+    """``value`` of every rank, in rank order, on every rank."""
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 def _brief(record: dict[str, Any]) -> str:
