@@ -458,3 +458,27 @@ def test_bad_config_and_resume_are_reported_before_the_image_cache(
     code = run_cli(train.main, [*train_argv(data, tmp_path / "runs", "x"), *resume])
     expect_error(code, capsys.readouterr().err, "architecture differs from --config_path")
     assert not (data / "cache").exists() and not (tmp_path / "runs").exists()
+
+
+# ----- which weights each score is of ---------------------------------------------------------
+def test_final_results_are_test_py_scores_of_model_and_ema(
+    sysu_run: Path, toy_sysu: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """results.json's ``sysu_all`` is test.py on the checkpoint's `model`, ``sysu_all_ema``
+    is test.py --ema; the last epoch's overwrite (pending in the file) changed neither."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cmnas_test_script", REPO / "test.py")
+    assert spec is not None and spec.loader is not None
+    test_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(test_script)
+    trained = json.loads((sysu_run / "results.json").read_text())
+    for flags, key in (([], "sysu_all"), (["--ema"], "sysu_all_ema")):
+        out = tmp_path / f"{key}.json"
+        argv = ["--data_root", str(toy_sysu), "--weights", str(sysu_run / LATEST), *flags]
+        assert run_cli(test_script.main, [*argv, "--save_json", str(out)]) == 0
+        (result,) = json.loads(out.read_text())["results"].values()
+        assert trained[key]["weights"] == ("ema" if flags else "live")
+        for kind in ("pool", "bnneck"):
+            assert result[kind] == trained[key][kind], (key, kind)
+    capsys.readouterr()

@@ -14,11 +14,20 @@ Speed: images stay uint8 (on the GPU when there is one) and are augmented in bat
 losses are read back to the host only every ``--log_freq`` steps; bf16 autocast, channels-last,
 fused Adam and a ``foreach`` EMA on CUDA.
 
-Safety: checkpoints are written atomically; SIGINT/SIGTERM stop after the current step with a
-resumable checkpoint; a non-finite loss stops the run before it can overwrite the last good
-checkpoint. A resumed run (``--deterministic`` on the CPU) continues bit-exactly: model,
-optimizer, schedule, EMA, step and every random state come back, and the sampler regenerates any
-step of any epoch.
+The authors' schedule: every ``--ema_overwrite_every`` epochs (the data set's default) the EMA
+weights replace the live ones, after that epoch's checkpoint and evaluation, so the checkpoint's
+``model`` holds the live weights the evaluation scored and ``ema`` the average; the checkpoint
+records that the overwrite follows, and a resume from it applies it. Training-time evaluations
+score the live model and, beside it, the EMA (keys ending in ``_ema``).
+
+Safety: one run per folder (a lock held for the run's life); checkpoints are written atomically
+with a checksum of their tensors, after a check that every saved tensor is finite (else the run
+stops, naming the last good checkpoint); SIGINT/SIGTERM/SIGHUP stop after the current step (or
+evaluation) with a resumable checkpoint; an epoch's log record is written before its checkpoint
+and completed after its evaluation, so a resume completes an evaluation a kill cut short. A
+resumed run (``--deterministic`` on the CPU) continues bit-exactly: model, optimizer, schedule,
+EMA, step and every random state (each rank's in a multi-process run) come back, and the
+sampler regenerates any step of any epoch.
 """
 
 from __future__ import annotations
