@@ -4,9 +4,10 @@
 
 Defaults are the paper's recipe; ``--help`` lists every option. The run folder
 (``--save/--note``) gets log.txt, log.jsonl (one line per epoch), checkpoint_latest.pth and a
-checkpoint every ``--save_freq`` epochs, and the final results. Ctrl-C or SIGTERM stop after the
-current step with a resumable checkpoint (exit status 128 + signal); continue with
-``--resume RUN/checkpoint_latest.pth``, which picks up at that step in the same folder.
+checkpoint every ``--save_freq`` epochs, and the final results. Ctrl-C, SIGTERM or SIGHUP stop
+after the current step with a resumable checkpoint (exit status 128 + signal; a second signal
+stops at once); continue with ``--resume RUN/checkpoint_latest.pth``, which picks up at that
+step in the same folder.
 """
 
 from __future__ import annotations

@@ -497,3 +497,35 @@ def test_imagenet_download_into_fresh_hub_dir(
     model = build_model(Arch.uniform(18, SPLIT), 2, pretrained="imagenet")
     check_imagenet_loaded(model, state)
     assert (hub / "checkpoints" / IMAGENET18).is_file()
+
+
+def test_flipped_bytes_are_found_by_the_checksum(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A checkpoint of ours whose tensor bytes changed on disk is refused, naming the file."""
+    from model.checkpoint import write_checkpoint
+
+    marked = torch.arange(4096, dtype=torch.float32) + 0.5
+    state = {"format": "cmnas-checkpoint", "model": {"w": marked, "b": torch.zeros(3)}}
+    path = tmp_path / "ours.pth"
+    write_checkpoint(state, path)
+    assert read_checkpoint(path)["model"]["w"].equal(marked)  # intact: loads
+    data = bytearray(path.read_bytes())
+    where = data.find(marked.numpy().tobytes())
+    assert where > 0
+    data[where + 5000] ^= 0x10  # one bit, in the middle of the tensor
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(UserError) as info:
+        read_checkpoint(damaged)
+    message = str(info.value)
+    assert (
+        message.startswith(f"{damaged}: corrupt checkpoint: 1 tensor(s) differ")
+        and "model.w" in message
+    )
+    # Files without checksums (earlier versions, the authors') load as before, silently.
+    old = tmp_path / "old.pth"
+    torch.save(state, old)
+    with caplog.at_level("WARNING"):
+        assert read_checkpoint(old)["model"]["w"].equal(marked)
+    assert not caplog.records

@@ -244,3 +244,73 @@ def test_sampler_gives_each_rank_its_own_identities(seed: int) -> None:
                 expected = np.repeat(sampler_ids, 4)
                 np.testing.assert_array_equal(visible[v_idx], expected)
                 np.testing.assert_array_equal(infrared[i_idx], expected)
+
+
+# train.py's main, stopped right after the resume: each rank writes the random states it got.
+RESUME_CHECK = '''
+"""train.py --resume under torchrun; each rank writes its restored random states and exits."""
+import sys
+
+import torch
+import torch.distributed as dist
+
+import train
+from utils.base.cli import run_cli
+from utils.engine.trainer import Trainer
+
+OUT = sys.argv.pop(1)
+resume = Trainer.resume
+
+
+def resume_then_report(self):
+    resume(self)
+    torch.save(self.state.state_dict(), f"{OUT}.rank{self.dist.rank}")
+    dist.barrier()
+    sys.exit(0)
+
+
+Trainer.resume = resume_then_report
+sys.exit(run_cli(train.main))
+'''
+
+
+def test_ddp_resume_restores_each_ranks_own_random_states(
+    ddp_run: dict[str, Any], sysu: Path, tmp_path: Path
+) -> None:
+    """The checkpoint holds every rank's random states; a resume gives each rank its own."""
+    assert ddp_run["returncode"] == 0, ddp_run["output"]
+    checkpoint_path = ddp_run["run"] / "checkpoint_latest.pth"
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    by_rank = checkpoint["random_by_rank"]
+    assert len(by_rank) == WORLD
+    # Each rank's augmentation stream is its own (seeded with the rank), rank 0's the default.
+    assert not torch.equal(by_rank[0]["aug_rng"], by_rank[1]["aug_rng"])
+    assert torch.equal(by_rank[0]["aug_rng"], checkpoint["aug_rng"])
+    script = tmp_path / "resume_check.py"
+    script.write_text(RESUME_CHECK)
+    out = tmp_path / "restored"
+    # fmt: off
+    argv = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+        "--standalone", str(script), str(out),
+        "--data_root", str(sysu), "--dataset", "sysu", "--device", "cpu",
+        "--config_path", str(REPO / "configs" / "resnet18_two_stream.json"),
+        "--img_h", str(H), "--img_w", str(W), "--batch_size", "8", "--num_pos", "4",
+        "--epochs", "3", "--max_steps", "2", "--test_freq", "1", "--log_freq", "1",
+        "--pretrained", "none", "--test_batch", "64", "--no-channels_last",
+        "--resume", str(checkpoint_path), "--cache_dir", str(ddp_run["run"].parent / "cache"),
+    ]
+    # fmt: on
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for rank in range(WORLD):
+        restored = torch.load(f"{out}.rank{rank}", map_location="cpu", weights_only=True)
+        assert torch.equal(restored["aug_rng"], by_rank[rank]["aug_rng"]), rank
+        assert torch.equal(restored["rng"]["torch"], by_rank[rank]["rng"]["torch"]), rank
+        assert torch.equal(restored["rng"]["numpy"], by_rank[rank]["rng"]["numpy"]), rank
+        assert restored["rng"]["python"] == by_rank[rank]["rng"]["python"], rank

@@ -1,7 +1,8 @@
 """Exact resume: a run stopped anywhere and resumed ends bit-identical to an uninterrupted one.
 
 Every run here is ``--deterministic`` on the CPU, 2 epochs of 3 steps, with a monitoring
-evaluation after epoch 1 (whose EMA overwrite changes the live weights) and the final one.
+evaluation after epoch 1 and the final one, and an EMA overwrite after each epoch (the one of
+epoch 1 changes the live weights after epoch 1's checkpoint; a resume from it applies it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from utils.engine.trainer import LATEST, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread", "restore_determinism")
 RUN = ("--deterministic", "--epochs", "2", "--max_steps", "3", "--test_freq", "1",
-       "--save_freq", "1", "--ema_decay", "0.6")  # fmt: skip
+       "--save_freq", "1", "--ema_decay", "0.6", "--ema_overwrite_every", "1")  # fmt: skip
 
 
 def _load(path: Path) -> dict[str, Any]:

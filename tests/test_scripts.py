@@ -94,7 +94,8 @@ def test_test_regdb_runs_and_aggregates_trials(
             assert got["rank1_std"] == pytest.approx(statistics.pstdev(ranks))
         # Trial t was trained on trial t: each score is that run's own final evaluation.
         own = json.loads((regdb_runs / "regdb_trial2" / "results.json").read_text())
-        assert values[1]["bnneck"] == own[f"regdb_{direction}"]["bnneck"]
+        # (--ema: the EMA weights, which the final evaluation reports as regdb_<direction>_ema.)
+        assert values[1]["bnneck"] == own[f"regdb_{direction}_ema"]["bnneck"]
 
 
 def test_test_sysu_runs_four_protocols(sysu_run: Path, toy_sysu: Path, tmp_path: Path) -> None:

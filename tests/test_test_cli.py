@@ -114,7 +114,7 @@ def test_sysu_checkpoint_alone_all_trials_matches_training_and_json(
     assert result["trials"] == list(range(10)) and len(result["per_trial"]) == 10
     assert payload["img_size"] == [64, 32]  # from the checkpoint: no size flags given
     # The final evaluation of training scored the same EMA weights with the same protocol.
-    trained = json.loads((sysu_run / "results.json").read_text())["sysu_all"]
+    trained = json.loads((sysu_run / "results.json").read_text())["sysu_all_ema"]
     for kind in ("pool", "bnneck"):
         assert result[kind] == trained[kind]
     # The JSON holds the numbers of the printed table.
@@ -134,7 +134,7 @@ def test_sysu_single_trial(
     assert code == 0, err
     result = json.loads((tmp_path / "t.json").read_text())["results"]["sysu all single-shot"]
     assert result["trials"] == [3]
-    trained = json.loads((sysu_run / "results.json").read_text())["sysu_all"]
+    trained = json.loads((sysu_run / "results.json").read_text())["sysu_all_ema"]
     assert result["per_trial"][0] == trained["per_trial"][3]
     assert "±" not in out
 
@@ -153,7 +153,8 @@ def test_regdb_both_directions_on_the_checkpoints_trial(
     for direction in ("v2i", "i2v"):
         for kind in ("pool", "bnneck"):
             assert (
-                results[f"regdb trial 2 {direction}"][kind] == trained[f"regdb_{direction}"][kind]
+                results[f"regdb trial 2 {direction}"][kind]
+                == trained[f"regdb_{direction}_ema"][kind]
             )
     assert set(table_rows(out)) == {f"{name} {k}" for name in results for k in ("pool", "bnneck")}
 

@@ -57,9 +57,15 @@ def test_sysu_run_folder_holds_logs_checkpoints_and_results(sysu_run: Path) -> N
     assert latest["args"]["batch_size"] == 8 and latest["environment"]["device"] == "cpu"
     first = _load(sysu_run / "checkpoint_ep001.pth")
     assert first["epoch"] == 1
-    # The authors' loop trains on from the EMA weights after an evaluation: the checkpoint of
-    # epoch 1 (evaluated) holds that state.
-    assert all(torch.equal(first["model"][k], first["ema"][k]) for k in first["model"])
+    # SYSU's schedule overwrites the live weights with the EMA every 2 epochs, after the save:
+    # epoch 1's checkpoint holds live weights of their own, epoch 2's the live weights from
+    # before the overwrite, marked as owing it.
+    for state in (first, latest):
+        assert not all(torch.equal(state["model"][k], state["ema"][k]) for k in state["model"])
+    assert "ema_overwrite_pending" not in first and latest["ema_overwrite_pending"] is True
+    # The final results say which weights they scored: the live model, and the EMA beside it.
+    assert (results["sysu_all"]["weights"], results["sysu_all_ema"]["weights"]) == ("live", "ema")
+    assert "| sysu_all bnneck (live) |" in (sysu_run / "results.md").read_text()
     mode = (sysu_run / "checkpoint_latest.pth").stat().st_mode & 0o777
     umask = os.umask(0)
     os.umask(umask)
@@ -70,7 +76,8 @@ def test_regdb_runs_evaluate_both_directions(regdb_runs: Path) -> None:
     for trial in (1, 2):
         run = regdb_runs / f"regdb_trial{trial}"
         results = json.loads((run / "results.json").read_text())
-        assert set(results) == {"regdb_v2i", "regdb_i2v"}
+        # The live weights' results, and the EMA's beside them.
+        assert set(results) == {"regdb_v2i", "regdb_i2v", "regdb_v2i_ema", "regdb_i2v_ema"}
         assert {"rank1", "mAP", "mINP"} <= set(results["regdb_v2i"]["bnneck"])
         assert _load(run / "checkpoint_latest.pth")["args"]["trial"] == trial
         assert "regdb_i2v_pool_rank1" in _records(run)[-1]
@@ -419,7 +426,10 @@ def test_sigterm_stops_cleanly_with_a_resumable_checkpoint(
     assert state["epoch"] == 0 and 1 <= state["step_in_epoch"] < 13
     assert state["global_step"] == state["step_in_epoch"]
     assert state["epoch_losses"]["count"] == state["step_in_epoch"]
-    assert not list((tmp_path / "run").glob("*.tmp")) and not list((tmp_path / "run").glob(".*"))
+    assert not list((tmp_path / "run").glob("*.tmp"))
+    # No hidden file but the run folder's lock file (emptied: no holder once the run ended).
+    assert [p.name for p in (tmp_path / "run").glob(".*")] == [".lock"]
+    assert (tmp_path / "run" / ".lock").read_text() == ""
 
 
 def test_a_second_signal_stops_at_once(

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from utils.base.errors import UserError
+from utils.base.errors import StopNow, UserError
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +19,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)  # noqa: T201 - the one line a user sees
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)  # noqa: T201
-        return 130
+    except KeyboardInterrupt as err:
+        # Ctrl-C is SIGINT: 130; a StopNow carries the signal that ended the run.
+        signum = err.signum if isinstance(err, StopNow) else signal.SIGINT
+        name = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+        print(f"error: interrupted{name}", file=sys.stderr)  # noqa: T201
+        return 128 + signum

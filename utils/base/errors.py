@@ -1,4 +1,7 @@
-"""The one exception type for mistakes a user can fix (bad paths, flags, files)."""
+"""The exception for mistakes a user can fix (bad paths, flags, files), and the one for a stop
+signal that ends a program at once."""
+
+import signal
 
 
 class UserError(Exception):
@@ -7,3 +10,14 @@ class UserError(Exception):
     Command-line entry points catch it, log its message and exit with status 2.
     The message names the file or flag at fault and what was expected.
     """
+
+
+class StopNow(KeyboardInterrupt):
+    """A signal that ends the program at once; it exits with status 128 + ``signum``.
+
+    A KeyboardInterrupt, so that every clean-up written for Ctrl-C runs for it too.
+    """
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)

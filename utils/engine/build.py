@@ -85,7 +85,10 @@ def build_optimizer(
         if param.requires_grad and is_weight(name):
             (backbone if name.startswith("backbone.") else head).append(param)
     groups = [{"params": backbone, "lr": 0.1 * args.lr}, {"params": head, "lr": args.lr}]
-    fused = {"fused": True} if device.type == "cuda" else {}
+    use_fused = getattr(args, "fused", None)
+    if use_fused is None:
+        use_fused = device.type == "cuda"
+    fused = {"fused": True} if use_fused else {}
     if args.optim == "adam":
         betas = (args.beta1, args.beta2)
         return torch.optim.Adam(groups, betas=betas, weight_decay=args.weight_decay, **fused)

@@ -177,8 +177,17 @@ def optim_parser() -> argparse.ArgumentParser:
         "--ema_overwrite",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="copy the EMA weights into the live model after each evaluation, "
-        "as the authors' published runs did",
+        help="copy the EMA weights into the live model every --ema_overwrite_every epochs, as "
+        "the authors' published runs did (--no-ema_overwrite: never)",
+    )
+    group.add_argument(
+        "--ema_overwrite_every",
+        type=int,
+        default=None,
+        help="epochs between copies of the EMA weights into the live model, independent of "
+        "--test_freq (default: the data set's, "
+        + ", ".join(f"{d.ema_overwrite_every} {d.title}" for d in REGISTERED)
+        + "; 0: never)",
     )
     group.add_argument(
         "--pretrained",
@@ -234,6 +243,13 @@ def optim_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="channels-last memory format (default: on CUDA only; it slows CPU steps)",
+    )
+    group.add_argument(
+        "--fused",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fused optimizer kernels (default: on CUDA only; --no-fused: the plain "
+        "per-tensor optimizer, as the authors trained)",
     )
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
     group.add_argument(
@@ -300,6 +316,21 @@ def check_common(args: argparse.Namespace) -> None:
         check_data_root(args)  # names what the folder should hold
 
 
+def resolve_ema_overwrite(args: argparse.Namespace) -> None:
+    """Fill ``--ema_overwrite_every`` (the data set's default; 0 under --no-ema_overwrite)."""
+    every = args.ema_overwrite_every
+    if every is not None and every < 0:
+        raise UserError(f"--ema_overwrite_every {every}: expected a value >= 0 (0: never)")
+    if not args.ema_overwrite:
+        if every:
+            raise UserError(
+                f"--no-ema_overwrite contradicts --ema_overwrite_every {every} (give one of them)"
+            )
+        args.ema_overwrite_every = 0
+    elif every is None:
+        args.ema_overwrite_every = get_dataset(args.dataset).ema_overwrite_every
+
+
 def check_training(args: argparse.Namespace) -> None:
     """Validate the training options (calls :func:`check_common`); fills data-set defaults."""
     if args.num_pos < 1 or args.batch_size < 1:
@@ -335,6 +366,7 @@ def check_training(args: argparse.Namespace) -> None:
         raise UserError(
             f"--ema_decay {args.ema_decay}: expected a value in [0, 1) (0 disables the EMA)"
         )
+    resolve_ema_overwrite(args)
     if args.warmup_epochs < 0:
         raise UserError(f"--warmup_epochs {args.warmup_epochs}: expected a value >= 0")
     if any(m < 1 for m in args.milestones):

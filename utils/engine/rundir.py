@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from data.registry import get_dataset
 from utils.base.errors import UserError
@@ -129,6 +130,50 @@ def trim_epoch_log(path: Path, last_epoch: int) -> None:
             len(lines) - len(keep),
             last_epoch,
         )
+
+
+# The key an epoch record carries while its evaluation has not finished.
+PENDING = "evaluation"
+
+
+def read_epoch_log(path: Path) -> list[dict[str, Any]]:
+    """The records of ``log.jsonl`` (none when absent; a line torn by a crash is skipped)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def pending_evaluation(path: Path, epoch: int) -> bool:
+    """Whether ``epoch``'s record in ``log.jsonl`` still waits for its evaluation."""
+    return any(
+        r.get("epoch") == epoch and r.get(PENDING) == "pending" for r in read_epoch_log(path)
+    )
+
+
+def complete_epoch_record(path: Path, epoch: int, numbers: dict[str, Any]) -> bool:
+    """Merge an evaluation's ``numbers`` into ``epoch``'s record of ``log.jsonl``, atomically.
+
+    The record loses its pending mark; returns False when the log has no record of ``epoch``
+    (e.g. a run resumed into a new folder).
+    """
+    records = read_epoch_log(path)
+    found = False
+    for record in records:
+        if record.get("epoch") == epoch:
+            record.pop(PENDING, None)
+            record.update(numbers)
+            found = True
+    if found:
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    return found
 
 
 class EarlyLog(logging.Handler):

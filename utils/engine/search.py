@@ -47,7 +47,7 @@ from utils.engine.batch import ResidentImages
 from utils.engine.build import build_optimizer
 from utils.engine.options import check_training
 from utils.engine.rundir import RUN_FILES
-from utils.engine.state import GeneratorState, LossMeter
+from utils.engine.state import GeneratorState, LossMeter, read_resume_checkpoint
 from utils.engine.trainer import Trainer
 from utils.evaluation.evaluate import Features, autocast, extract_features, score
 from utils.evaluation.heatmap import HEATMAP_NAME, heatmap_from_jsonl
@@ -116,6 +116,14 @@ def search_parser() -> argparse.ArgumentParser:
 
 def check_search(args: argparse.Namespace) -> None:
     """Validate the search options (after the training ones)."""
+    # The EMA also averages the alphas: copying it into the supernet would pull the alphas
+    # back, so the search never overwrites (its default, whatever the data set's).
+    if args.ema_overwrite_every:
+        raise UserError(
+            f"--ema_overwrite_every {args.ema_overwrite_every}: the search never copies the EMA "
+            "into the supernet (it would reset the alphas)"
+        )
+    args.ema_overwrite_every = 0
     check_training(args)
     if not 0 < args.arch_fraction < 1:
         raise UserError(f"--arch_fraction {args.arch_fraction}: expected a value in (0, 1)")
@@ -270,19 +278,34 @@ class SearchTrainer(Trainer):
         params = self.model_without_ddp.named_parameters()
         return build_optimizer(params, self.args, self.device, lambda n: n not in self.arch_names)
 
-    def check_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
-        """Refuse a checkpoint that is not a search of this depth and identity split."""
+    def check_inputs(self) -> None:
+        """Read the checkpoint to resume and check it is a search of this depth (the identity
+        split is checked once the data is loaded)."""
+        self.resume_checkpoint = read_resume_checkpoint(self.args) if self.args.resume else None
+        if self.resume_checkpoint is not None:
+            self._check_search_checkpoint(self.resume_checkpoint, f"--resume {self.args.resume}")
+
+    def _check_search_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
         search = checkpoint.get(SEARCH_KEY)
         if not isinstance(search, dict):
             raise UserError(f"{source}: not a search checkpoint (resume it with train.py)")
         depth = checkpoint.get("arch", {}).get("depth")
         if depth != self.args.depth:
             raise UserError(f"{source}: the checkpoint is a ResNet-{depth} search")
+
+    def check_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
+        """Refuse a checkpoint that is not a search of this depth and identity split."""
+        self._check_search_checkpoint(checkpoint, source)
+        search = checkpoint[SEARCH_KEY]
         if list(search.get("arch_ids", [])) != list(self.arch_set.pids):
             raise UserError(
                 f"{source}: the checkpoint split the identities differently "
                 "(another --seed or --arch_fraction?)"
             )
+
+    def ema_overwrite_every(self) -> int:
+        """Never: the EMA averages the alphas too, and copying it back would reset them."""
+        return 0
 
     def temperature(self, epoch: int) -> float:
         """``--tau`` (softmax), or the Gumbel temperature of ``epoch``.

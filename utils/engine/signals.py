@@ -1,4 +1,5 @@
-"""SIGINT/SIGTERM as a request to stop after the current step with a resumable checkpoint."""
+"""SIGINT, SIGTERM and SIGHUP as a request to stop after the current step with a resumable
+checkpoint."""
 
 from __future__ import annotations
 
@@ -9,9 +10,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from utils.base.errors import StopNow
+
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP: the terminal was closed; the run saves as for SIGTERM.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# What the loop does after a stop request, by the phase it is in.
+_AFTER = {
+    "step": "stopping after this step with a resumable checkpoint",
+    "evaluation": "the checkpoint is saved; stopping after this evaluation",
+    "final evaluation": "the checkpoint is saved; finishing the final evaluation, then ending",
+}
 
 
 class Interrupted(Exception):
@@ -27,14 +37,17 @@ class Interrupted(Exception):
 
 
 class StopRequest:
-    """Whether the run was asked to stop; inside ``with`` it listens to SIGINT and SIGTERM.
+    """Whether the run was asked to stop; inside ``with`` it listens to :data:`STOP_SIGNALS`.
 
-    The first signal asks the loop to stop after its current step; a second one stops at once
-    (KeyboardInterrupt). The previous handlers come back on exit.
+    The first signal asks the loop to stop after its current step (or evaluation: see
+    ``phase``); a second one stops at once (:class:`StopNow`, exit status 128 + signal). The
+    previous handlers come back on exit.
     """
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        # What the loop is doing: "step", "evaluation" or "final evaluation" (for the message).
+        self.phase = "step"
         self._previous: dict[int, Any] = {}
 
     @property
@@ -52,11 +65,12 @@ class StopRequest:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.requested:
-            raise KeyboardInterrupt  # a second signal stops at once
+            raise StopNow(signum)  # a second signal stops at once
         self.request(signum)
         log.warning(
-            "%s: stopping after this step with a resumable checkpoint (again: stop now)",
+            "%s: %s (again: stop now)",
             signal.Signals(signum).name,
+            _AFTER.get(self.phase, _AFTER["step"]),
         )
 
     def __enter__(self) -> StopRequest:

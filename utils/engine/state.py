@@ -11,8 +11,9 @@ training loop registers (the search adds its alphas' optimizer). An entry is
 * a dict of entries (saved as a nested dict);
 * a plain value (a list, a string, None), saved to describe the run and never loaded back.
 
-Random states are restored only in single-process runs: each rank of a multi-process run has
-its own, and the checkpoint holds rank 0's.
+Random states are per process. The checkpoint holds rank 0's under their entry names and, when
+the run state is given a ``gather`` (a multi-process run), every rank's under
+:data:`RANDOM_BY_RANK`; a resume with the same number of processes gives each rank its own.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import argparse
 import logging
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -167,11 +168,20 @@ class LossMeter:
         self.count = int(state.get("count", 0))
 
 
-class RunState:
-    """The checkpoint entries of a run by name (see the module docstring for what an entry is)."""
+# The checkpoint entry holding every rank's random states (a list, one per rank).
+RANDOM_BY_RANK = "random_by_rank"
 
-    def __init__(self, **entries: Any) -> None:
+
+class RunState:
+    """The checkpoint entries of a run by name (see the module docstring for what an entry is).
+
+    ``gather`` (multi-process runs) collects one value from every rank, in rank order, on
+    every rank (e.g. ``torch.distributed.all_gather_object``).
+    """
+
+    def __init__(self, gather: Callable[[Any], list[Any]] | None = None, **entries: Any) -> None:
         self.entries: dict[str, Any] = dict(entries)
+        self.gather = gather
 
     def register(self, name: str, entry: Any) -> None:
         """Add an entry that checkpoints save and a resume restores (e.g. a variant's optimizer)."""
@@ -180,20 +190,71 @@ class RunState:
         self.entries[name] = entry
 
     def state_dict(self) -> dict[str, Any]:
-        """Every entry's saved form, by name."""
-        return {name: _save(entry) for name, entry in self.entries.items()}
+        """Every entry's saved form, by name (and every rank's random states, with ``gather``).
+
+        With ``gather`` every rank must call this (it is a collective).
+        """
+        state = {name: _save(entry) for name, entry in self.entries.items()}
+        if self.gather is not None:
+            state[RANDOM_BY_RANK] = self.gather(_random_part(self.entries, state))
+        return state
 
     def load_state_dict(
-        self, checkpoint: Mapping[str, Any], source: str, restore_random: bool = True
+        self,
+        checkpoint: Mapping[str, Any],
+        source: str,
+        restore_random: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         """Restore every entry from ``checkpoint``; ``source`` names the file in errors.
 
-        Random states are skipped unless ``restore_random``; plain values are not loaded.
+        Random states are skipped unless ``restore_random``. In a multi-process run
+        (``world_size`` > 1) rank ``rank`` gets its own saved random states, when the
+        checkpoint holds them for as many processes. Plain values are not loaded.
         """
-        if not restore_random:
-            log.warning("multi-process resume: random states are reseeded, not restored")
+        if restore_random and world_size > 1:
+            by_rank = checkpoint.get(RANDOM_BY_RANK)
+            if isinstance(by_rank, list) and len(by_rank) == world_size:
+                checkpoint = _merge(checkpoint, by_rank[rank])
+            else:
+                saved = f"{len(by_rank)} process(es)" if isinstance(by_rank, list) else "rank 0"
+                log.warning(
+                    "%s holds the random states of %s, not of these %d: random states are "
+                    "reseeded, not restored",
+                    source,
+                    saved,
+                    world_size,
+                )
+                restore_random = False
+        elif not restore_random:
+            log.warning("random states are reseeded, not restored")
         for name, entry in self.entries.items():
             _load(name, entry, checkpoint.get(name), source, restore_random)
+
+
+def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override``'s values put in, nested dicts merged key by key."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _random_part(entries: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[str, Any]:
+    """The saved states of the random entries among ``entries`` (nested dicts kept)."""
+    part: dict[str, Any] = {}
+    for name, entry in entries.items():
+        if isinstance(entry, Mapping):
+            inner = _random_part(entry, saved[name])
+            if inner:
+                part[name] = inner
+        elif isinstance(entry, _RANDOM):
+            part[name] = saved[name]
+    return part
 
 
 def _save(entry: Any) -> Any:
