@@ -56,10 +56,12 @@ def table_names(out: str) -> list[str]:
 
 def test_training_evaluates_both_directions_over_ten_draws(llcm_run: Path) -> None:
     results = json.loads((llcm_run / "results.json").read_text())
-    assert list(results) == ["llcm_v2i", "llcm_i2v"]
-    for result in results.values():
+    # The live model (test.py) and the EMA weights (test.py --ema) are both scored.
+    assert list(results) == ["llcm_v2i", "llcm_i2v", "llcm_v2i_ema", "llcm_i2v_ema"]
+    for key, result in results.items():
         assert result["trials"] == list(range(10)) and len(result["per_trial"]) == 10
         assert result["flip"] is False and result["rerank"] is False
+        assert result["weights"] == ("ema" if key.endswith("_ema") else "live")
     checkpoint = torch.load(llcm_run / LATEST, map_location="cpu", weights_only=False)
     assert checkpoint["args"]["dataset"] == "llcm" and checkpoint["args"]["ema_decay"] == 0.6
 
@@ -82,7 +84,7 @@ def test_numbers_equal_eval_llcm_from_saved_features(
     trained = json.loads((llcm_run / "results.json").read_text())
     for direction in ("v2i", "i2v"):
         for kind in KINDS:
-            assert results[f"llcm {direction}"][kind] == trained[f"llcm_{direction}"][kind]
+            assert results[f"llcm {direction}"][kind] == trained[f"llcm_{direction}_ema"][kind]
     saved = np.load(out_npz, allow_pickle=False)
     assert saved["protocols"].tolist() == ["v2i", "v2i_roles_swapped", "i2v"]
     assert saved["v2i_query_paths"].tolist() == llcm_query(toy_llcm, "visible")[0]
@@ -163,7 +165,7 @@ def test_training_with_rerank_marks_its_records(
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert list(results) == ["llcm_v2i_flip_rerank", "llcm_i2v_flip_rerank"]
     assert results["llcm_v2i_flip_rerank"]["rerank"] == {"k1": 4, "k2": 6, "lambda_value": 0.3}
-    assert "| llcm_i2v_flip_rerank bnneck |" in (tmp_path / "r" / "results.md").read_text()
+    assert "| llcm_i2v_flip_rerank bnneck (live) |" in (tmp_path / "r" / "results.md").read_text()
     records = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
     assert any("llcm_i2v_flip_rerank_bnneck_rank1" in record for record in records)
 
