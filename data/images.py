@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.base.errors import UserError
-from utils.base.io import MB, check_free_space, disk_full
+from utils.base.io import MB, check_free_space, disk_full, replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -262,24 +262,14 @@ def _jsonable(meta: dict) -> dict:
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
-    """Move folder ``src`` onto ``dst``, replacing an older ``dst``."""
-    old = None
-    if dst.exists():
-        # os.replace cannot overwrite a non-empty folder: move the old one aside first.
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}-{_tag()}"
-        try:
-            os.replace(dst, old)
-        except FileNotFoundError:
-            old = None
+    """Move the built cache ``src`` onto ``dst``; a concurrent build that got there first wins."""
     try:
-        os.replace(src, dst)
+        replace_dir(src, dst)
     except OSError:
         if not dst.exists():
             raise
         # A concurrent build (another rank) won the race; its cache is as good as ours.
         shutil.rmtree(src, ignore_errors=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove_leftovers(path: Path) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from utils.base.errors import UserError
+from utils.base.io import replace_dir
 
 JPEG_QUALITY = 90
 MIN_HEIGHT, MIN_WIDTH = 32, 16
@@ -65,14 +66,7 @@ def staged(out: str | os.PathLike[str], overwrite: bool) -> Iterator[Path]:
         raise UserError(f"--out {out}: cannot write to its parent folder ({reason})") from None
     try:
         yield stage
-        old = None
-        if target.is_dir():
-            # Move the old folder aside first, so that the swap itself is one rename.
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "data")
-        os.replace(stage, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(stage, target)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -10,6 +10,7 @@ import errno
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -140,3 +141,23 @@ def remove_temp_files(folder: str | os.PathLike[str]) -> list[str]:
             leftover.unlink(missing_ok=True)
             removed.append(leftover.name)
     return removed
+
+
+def replace_dir(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Move the finished folder ``src`` onto ``dst`` with one rename, replacing an older ``dst``.
+
+    ``os.replace`` cannot overwrite a non-empty folder, so an older ``dst`` is first renamed to
+    a hidden sibling (``.NAME.old-PID-TAG``) and deleted once the new one is in place. A reader
+    sees the old folder or the new one, never a mix.
+    """
+    src, dst = Path(src), Path(dst)
+    aside = dst.with_name(f"{temp_name(dst)}old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.replace(dst, aside)
+    except FileNotFoundError:
+        aside = None
+    try:
+        os.replace(src, dst)
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
