@@ -119,6 +119,14 @@ def test_resume_policy_refuses_fixed_options_and_names_changed_ones(
     with caplog.at_level(logging.WARNING):
         check_resume_options(saved, now, "--resume x")
     assert "--lr 0.01 -> 0.02" in caplog.text and "epochs" not in caplog.text
+    # The test-time tools change only how the run is scored: no warning for them.
+    caplog.clear()
+    saved.update(flip=False, rerank=False, k1=20)
+    now.lr = 0.01
+    now.flip, now.rerank, now.k1 = True, True, 10
+    with caplog.at_level(logging.WARNING):
+        check_resume_options(saved, now, "--resume x")
+    assert caplog.text == ""
     now.batch_size = 12
     with pytest.raises(UserError, match="--batch_size 8; this run has --batch_size 12"):
         check_resume_options(saved, now, "--resume x")

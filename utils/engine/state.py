@@ -44,7 +44,7 @@ RESUME_FREE = frozenset(
     {
         "data_root", "cache_dir", "save", "note", "resume", "device", "test_batch", "log_freq",
         "save_freq", "test_freq", "epochs", "compile", "channels_last", "mode", "eval_arch",
-        "overwrite",
+        "overwrite", "flip", "rerank", "k1", "k2", "lambda_value",
     }
 )  # fmt: skip
 
