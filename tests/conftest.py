@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -60,6 +61,34 @@ def tiny_train_argv(data: Path, save: Path, note: str, *extra: str) -> list[str]
         "--pretrained", "none", "--test_batch", "64", "--max_steps", "2", "--epochs", "1",
         "--log_freq", "1", "--save", str(save), "--note", note, *extra,
     ]  # fmt: skip
+
+
+def start_training_process(argv: list[str], cwd: Path) -> tuple[subprocess.Popen[str], list[str]]:
+    """Start train.py in another process; return it, and its stderr so far, once a step ran."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *argv],
+        cwd=cwd,
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:
+        lines.append(line)
+        if " step 1/" in line:
+            return proc, lines
+        assert time.monotonic() < deadline, "".join(lines)
+    raise AssertionError("".join(lines))
+
+
+@pytest.fixture(scope="session")
+def start_training() -> Callable[[list[str], Path], tuple[subprocess.Popen[str], list[str]]]:
+    """:func:`start_training_process`, for tests that stop or race a real training process."""
+    return start_training_process
 
 
 @pytest.fixture(scope="session")

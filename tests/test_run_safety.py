@@ -15,8 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -183,39 +181,18 @@ def test_non_finite_tensors_checks_buffers_ema_and_optimizer() -> None:
 
 
 # ----- one run per folder ---------------------------------------------------------------------
-def _start_training(argv: list[str], cwd: Path) -> tuple[subprocess.Popen[str], list[str]]:
-    """Start train.py in another process; return it once it has trained a step."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *argv],
-        cwd=cwd,
-        env=env,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stderr is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + 120
-    for line in proc.stderr:
-        lines.append(line)
-        if " step 1/" in line:
-            return proc, lines
-        assert time.monotonic() < deadline, "".join(lines)
-    raise AssertionError("".join(lines))
-
-
 def test_a_second_run_in_a_folder_in_use_is_refused(
     toy_sysu: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     train_argv: Callable[..., list[str]],
     expect_error: Callable[..., str],
+    start_training: Callable[..., tuple[subprocess.Popen[str], list[str]]],
 ) -> None:
     run = tmp_path / "busy"
     assert run_cli(train.main, train_argv(toy_sysu, tmp_path, "busy")) == 0
     resume = ["--note", "", "--resume", str(run / LATEST), "--max_steps", "0", "--epochs", "50"]
-    first, _ = _start_training([*train_argv(toy_sysu, tmp_path, "busy"), *resume], tmp_path)
+    first, _ = start_training([*train_argv(toy_sysu, tmp_path, "busy"), *resume], tmp_path)
     try:
         log_before = (run / "log.jsonl").read_text()
         # A second --resume of the same checkpoint (a scheduler's requeue) ...

@@ -8,8 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -394,27 +392,16 @@ def test_write_checkpoint_failure_keeps_the_previous_file(
 
 
 def test_sigterm_stops_cleanly_with_a_resumable_checkpoint(
-    toy_sysu: Path, tmp_path: Path, train_argv: Callable[..., list[str]]
+    toy_sysu: Path,
+    tmp_path: Path,
+    train_argv: Callable[..., list[str]],
+    start_training: Callable[..., tuple[subprocess.Popen[str], list[str]]],
 ) -> None:
     argv = train_argv(toy_sysu, tmp_path, "run", "--max_steps", "0", "--epochs", "50")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *argv],
-        cwd=tmp_path,
-        env=env,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
+    proc, lines = start_training(argv, tmp_path)
+    assert "epoch 1/50 step 1/" in lines[-1]
+    proc.send_signal(signal.SIGTERM)
     assert proc.stderr is not None
-    lines = []
-    deadline = time.monotonic() + 120
-    for line in proc.stderr:
-        lines.append(line)
-        if "epoch 1/50 step 1/" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-        assert time.monotonic() < deadline, "".join(lines)
     rest = proc.stderr.read()
     code = proc.wait(timeout=120)
     err = "".join(lines) + rest
