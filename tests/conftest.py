@@ -91,6 +91,25 @@ def start_training() -> Callable[[list[str], Path], tuple[subprocess.Popen[str],
     return start_training_process
 
 
+@pytest.fixture
+def read_only_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A folder nobody may write to, as a user sees it also when the tests run as root."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: make the permission check see what a user would
+        real_access = os.access
+        monkeypatch.setattr(
+            os,
+            "access",
+            lambda path, mode, **kw: (
+                not (mode & os.W_OK and Path(path) == locked) and real_access(path, mode, **kw)
+            ),
+        )
+    yield locked
+    locked.chmod(0o755)
+
+
 @pytest.fixture(scope="session")
 def train_argv() -> Callable[..., list[str]]:
     """``train_argv(data, save, note, *extra)``: see :func:`tiny_train_argv`."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -291,7 +290,7 @@ def test_model_from_checkpoint_checks_the_config(tmp_path, net18) -> None:
         model_from_checkpoint(checkpoint, config_path=other)
 
 
-def test_cli_errors(tmp_path, net18, capsys, monkeypatch) -> None:
+def test_cli_errors(tmp_path, net18, capsys, read_only_folder) -> None:
     missing = tmp_path / "missing.pth"
     code, err = run(["--weights", str(missing), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and err.strip() == f"error: {missing}: checkpoint file not found"
@@ -304,22 +303,8 @@ def test_cli_errors(tmp_path, net18, capsys, monkeypatch) -> None:
     a_file.write_text("")
     code, err = run(["--weights", str(checkpoint), "--out", str(a_file)], capsys)
     assert code == 2 and err.strip() == f"error: --out {a_file}: is a file, expected a folder"
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    if os.geteuid() == 0:  # root writes anywhere: make the permission check see what a user would
-        real_access = os.access
-        monkeypatch.setattr(
-            os,
-            "access",
-            lambda path, mode, **kw: (
-                not (mode & os.W_OK and Path(path) == locked) and real_access(path, mode, **kw)
-            ),
-        )
-    try:
-        code, err = run(["--weights", str(checkpoint), "--out", str(locked / "x")], capsys)
-    finally:
-        locked.chmod(0o700)
+    locked = read_only_folder
+    code, err = run(["--weights", str(checkpoint), "--out", str(locked / "x")], capsys)
     assert code == 2 and err.startswith(f"error: --out {locked / 'x'}: not writable")
     assert not (locked / "x").exists()
     code, err = run(["--weights", str(checkpoint), "--out", str(tmp_path / "o")], capsys)

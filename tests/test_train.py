@@ -279,7 +279,7 @@ def test_unwritable_output_folders(
     toy_sysu: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    read_only_folder: Path,
     train_argv: Callable[..., list[str]],
     expect_error: Callable[..., str],
 ) -> None:
@@ -287,21 +287,9 @@ def test_unwritable_output_folders(
     blocker.write_text("")
     argv = train_argv(toy_sysu, blocker / "runs", "x")
     _refuses(argv, capsys, expect_error, f"{blocker} is a file, not a folder")
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    if os.geteuid() == 0:  # root writes anywhere: make the permission check see what a user would
-        real_access = os.access
-        monkeypatch.setattr(
-            os,
-            "access",
-            lambda path, mode, **kw: (
-                not (mode & os.W_OK and Path(path) == locked) and real_access(path, mode, **kw)
-            ),
-        )
+    locked = read_only_folder
     argv = train_argv(toy_sysu, locked / "runs", "x")
     _refuses(argv, capsys, expect_error, f"{locked} is not writable")
-    locked.chmod(0o755)
     assert not (locked / "runs").exists() and not (blocker.parent / "runs").exists()
 
 
