@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from utils.base.cli import run_cli
 from utils.engine.options import (
     HelpFormatter,
-    check_data_root,
     data_parser,
     model_parser,
     optim_parser,
@@ -44,7 +43,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, search, and write the derived architecture."""
     args = get_args_parser().parse_args(argv)
     check_search(args)
-    check_data_root(args)
     trainer = SearchTrainer(args)
     trainer.resume()
     return run_trainer(trainer)

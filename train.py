@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from utils.base.cli import run_cli
 from utils.engine.options import (
     HelpFormatter,
-    check_data_root,
     check_training,
     data_parser,
     model_parser,
@@ -43,7 +42,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, train, and run the final evaluation."""
     args = get_args_parser().parse_args(argv)
     check_training(args)
-    check_data_root(args)
     from utils.engine.trainer import Trainer, run_trainer
 
     trainer = Trainer(args)
