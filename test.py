@@ -47,6 +47,7 @@ from utils.engine.options import (
     HelpFormatter,
     check_common,
     check_data_root,
+    checkpoint_parser,
     data_parser,
     select_device,
 )
@@ -60,24 +61,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     """The test.py parser (the authors' flag names plus a few of this project's)."""
     parser = argparse.ArgumentParser(
         description="Evaluate a checkpoint with a data set's test protocols.",
-        parents=[data_parser()],
+        parents=[data_parser(), checkpoint_parser("evaluate")],
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--weights", required=True, help="checkpoint file (ours or the authors')")
-    parser.add_argument(
-        "--config_path",
-        default=None,
-        help="architecture (.json or the authors' config.cfg); needed for the "
-        "authors' checkpoints, ours carry their architecture",
-    )
-    parser.add_argument(
-        "--last_stride",
-        type=int,
-        choices=(1, 2),
-        default=None,
-        help="layer4 stride for the authors' checkpoints (default 1)",
-    )
-    parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     parser.add_argument("--mode", choices=("all", "indoor"), default="all", help="SYSU mode")
     parser.add_argument(
         "--shot",

@@ -33,7 +33,7 @@ from utils.base.errors import UserError
 from utils.base.io import write_atomic, write_text_atomic
 from utils.base.logger import setup_logging
 from utils.base.modality import Modality
-from utils.engine.options import HelpFormatter
+from utils.engine.options import HelpFormatter, checkpoint_parser
 
 log = logging.getLogger("export")
 MODALITIES = ("visible", "infrared")
@@ -45,22 +45,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m utils.export",
         description="Export a checkpoint as one plain torchvision-layout ResNet per modality.",
+        parents=[checkpoint_parser("export")],
         formatter_class=HelpFormatter,
-    )
-    parser.add_argument("--weights", required=True, help="checkpoint file (ours or the authors')")
-    parser.add_argument(
-        "--config_path",
-        default=None,
-        help="architecture (.json or the authors' config.cfg); needed for the authors' "
-        "checkpoints, ours carry their architecture",
-    )
-    parser.add_argument("--ema", action="store_true", help="export the EMA weights")
-    parser.add_argument(
-        "--last_stride",
-        type=int,
-        choices=(1, 2),
-        default=None,
-        help="layer4 stride for the authors' checkpoints (default: the checkpoint's, else 1)",
     )
     parser.add_argument("--out", required=True, help="folder to write visible.pth, infrared.pth")
     parser.add_argument(

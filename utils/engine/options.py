@@ -109,6 +109,28 @@ def data_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def checkpoint_parser(use: str) -> argparse.ArgumentParser:
+    """Options of every tool that reads a trained checkpoint; ``use`` is what it does with it."""
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("checkpoint")
+    group.add_argument("--weights", required=True, help="checkpoint file (ours or the authors')")
+    group.add_argument(
+        "--config_path",
+        default=None,
+        help="architecture (.json or the authors' config.cfg); needed for the authors' "
+        "checkpoints, ours carry their architecture",
+    )
+    group.add_argument("--ema", action="store_true", help=f"{use} the EMA weights")
+    group.add_argument(
+        "--last_stride",
+        type=int,
+        choices=(1, 2),
+        default=None,
+        help="layer4 stride for the authors' checkpoints (default: the checkpoint's, else 1)",
+    )
+    return parser
+
+
 def model_parser() -> argparse.ArgumentParser:
     """Options that build the network."""
     parser = argparse.ArgumentParser(add_help=False)
