@@ -242,14 +242,8 @@ def in_memory(
     options: argparse.Namespace, note: str, train_set: TrainSet, search: bool = False
 ) -> Trainer:
     """A Trainer (or SearchTrainer) on ``train_set`` instead of a data set, run folder ``note``."""
-
-    class Given(Trainer):
-        def build_data(self) -> TrainSet:
-            return train_set
-
-    # The search splits what Trainer.build_data returns into its weights and architecture sets.
-    kind = type("GivenSearch", (SearchTrainer, Given), {}) if search else Given
-    return kind(argparse.Namespace(**{**vars(options), "note": note}))
+    kind = SearchTrainer if search else Trainer
+    return kind(argparse.Namespace(**{**vars(options), "note": note}), train_set)
 
 
 class PairedImages(Dataset):

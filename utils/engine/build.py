@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data import TrainSet, load_train_set
+from data import CrossModalitySampler, TrainSet, load_train_set
 from utils.base.distributed import DistInfo, barrier
 from utils.engine.options import check_data_root
 
@@ -67,6 +67,21 @@ def load_training_data(
     if dist.is_main:
         barrier(dist)
     return train_set
+
+
+def build_sampler(
+    train_set: TrainSet, args: argparse.Namespace, seed: int, dist: DistInfo
+) -> CrossModalitySampler:
+    """The batches of ``train_set`` (``--batch_size``, ``--num_pos``) this process trains on."""
+    return CrossModalitySampler(
+        train_set.visible_labels,
+        train_set.infrared_labels,
+        args.batch_size,
+        args.num_pos,
+        seed,
+        dist.rank,
+        dist.world_size,
+    )
 
 
 def build_optimizer(
