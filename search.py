@@ -16,13 +16,9 @@ import sys
 from collections.abc import Sequence
 
 from utils.base.cli import run_cli
-from utils.engine.options import (
-    HelpFormatter,
-    data_parser,
-    model_parser,
-    optim_parser,
-)
-from utils.engine.search import SearchTrainer, check_search, search_parser
+from utils.engine.options import HelpFormatter, data_parser, model_parser, optim_parser
+from utils.engine.search import SearchTrainer, search_parser
+from utils.engine.settings import search_settings
 from utils.engine.trainer import run_trainer
 
 
@@ -41,9 +37,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, search, and write the derived architecture."""
-    args = get_args_parser().parse_args(argv)
-    check_search(args)
-    trainer = SearchTrainer(args)
+    settings = search_settings(get_args_parser().parse_args(argv))
+    trainer = SearchTrainer(settings)
     trainer.resume()
     return run_trainer(trainer)
 

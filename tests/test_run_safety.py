@@ -8,7 +8,6 @@ run. Every run is a tiny ResNet-18 on 64x32 synthetic images.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import os
@@ -28,7 +27,7 @@ from utils.base.cli import run_cli
 from utils.engine import evaluation
 from utils.engine.ema import ModelEMA
 from utils.engine.evaluation import ProtocolEvaluation
-from utils.engine.options import check_training
+from utils.engine.settings import TrainSettings, training_settings
 from utils.engine.trainer import LATEST, Trainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,10 +43,8 @@ def _records(run: Path) -> list[dict[str, Any]]:
     return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in lines]
 
 
-def _parse(*argv: str) -> argparse.Namespace:
-    args = train.get_args_parser().parse_args(["--data_root", str(REPO), *argv])
-    check_training(args)
-    return args
+def _parse(*argv: str) -> TrainSettings:
+    return training_settings(train.get_args_parser().parse_args(["--data_root", str(REPO), *argv]))
 
 
 # ----- the authors' schedule ----------------------------------------------------------------
@@ -143,8 +140,7 @@ def test_fused_flag_chooses_the_optimizer_kernels() -> None:
     param = torch.nn.Parameter(torch.ones(3))
     cpu = torch.device("cpu")
     for flags, fused in (([], False), (["--fused"], True), (["--no-fused"], False)):
-        args = _parse(*flags)
-        optimizer = build_optimizer([("backbone.w", param)], args, cpu)
+        optimizer = build_optimizer([("backbone.w", param)], _parse(*flags).optim, cpu)
         assert bool(optimizer.defaults.get("fused")) is fused, flags
 
 

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +47,13 @@ from data.sampler import CrossModalitySampler
 from data.trainset import TrainSet
 from data.transforms import augment_batch
 from model import DEPTHS, Arch, Routing, build_model, load_arch, save_arch
-from model.losses import LossRecipe
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
 from utils.base.logger import environment, setup_logging
 from utils.base.modality import Modality
-from utils.engine.options import EMA_DECAY, data_parser, model_parser, optim_parser, select_device
-from utils.engine.search import SearchTrainer, search_parser
+from utils.engine.options import select_device
+from utils.engine.search import SearchTrainer
+from utils.engine.settings import DataSettings, EvalSettings, SearchSettings, TrainSettings
 from utils.engine.trainer import Trainer
 from utils.evaluation.evaluate import extract_features
 from utils.evaluation.metrics import eval_llcm, eval_sysu, eval_sysu_loop
@@ -221,29 +222,21 @@ def synthetic_train_set(img_size: tuple[int, int], seed: int = 0) -> TrainSet:
     return TrainSet(images[0], labels, images[1], labels.copy(), pids, paths, list(paths))
 
 
-def training_options(args: argparse.Namespace, workdir: Path, arch: Arch) -> argparse.Namespace:
-    """train.py's options (the paper's recipe) at the benchmark's sizes; runs go to ``workdir``."""
+def training_settings(args: argparse.Namespace, workdir: Path, arch: Arch) -> TrainSettings:
+    """train.py's defaults (the paper's recipe) at the benchmark's sizes; runs go to ``workdir``."""
     save_arch(arch, workdir / "arch.json")
-    parser = argparse.ArgumentParser(parents=[data_parser(), model_parser(), optim_parser()])
-    channels_last = {True: ["--channels_last"], False: ["--no-channels_last"], None: []}
-    return parser.parse_args([
-        "--data_root", str(workdir), "--dataset", "sysu", "--config_path",
-        str(workdir / "arch.json"), "--img_h", str(args.img_h), "--img_w", str(args.img_w),
-        "--batch_size", str(args.batch_size), "--num_pos", str(args.num_pos), "--pretrained",
-        "none", "--amp", args.amp,
-        "--device", str(select_device(args.device)), "--ema_decay", str(EMA_DECAY["sysu"]),
-        "--save", str(workdir / "runs"), "--seed", str(args.seed), "--test_batch",
-        str(args.test_batch), "--log_freq", str(10**9), *channels_last[args.channels_last],
-        *(["--compile"] if args.compile else []),
-    ])  # fmt: skip
+    data = DataSettings(str(workdir), "sysu", None, args.img_h, args.img_w)
+    evaluation = EvalSettings(str(select_device(args.device)), args.amp, args.test_batch)
+    return TrainSettings(
+        data, workdir / "runs" / "train", evaluation, config_path=str(workdir / "arch.json"),
+        pretrained="none", batch_size=args.batch_size, num_pos=args.num_pos, seed=args.seed,
+        log_freq=10**9, channels_last=args.channels_last, compile=args.compile,
+    )  # fmt: skip
 
 
-def in_memory(
-    options: argparse.Namespace, note: str, train_set: TrainSet, search: bool = False
-) -> Trainer:
-    """A Trainer (or SearchTrainer) on ``train_set`` instead of a data set, run folder ``note``."""
-    kind = SearchTrainer if search else Trainer
-    return kind(argparse.Namespace(**{**vars(options), "note": note}), train_set)
+def in_memory(settings: TrainSettings, note: str, train_set: TrainSet) -> Trainer:
+    """A Trainer on ``train_set`` instead of a data set, run folder ``note`` (never created)."""
+    return Trainer(replace(settings, folder=settings.folder.parent / note), train_set)
 
 
 class PairedImages(Dataset):
@@ -293,25 +286,26 @@ def run_fast(args: argparse.Namespace, trainer: Trainer) -> dict[str, Any]:
 
 
 def run_plain(
-    args: argparse.Namespace, options: argparse.Namespace, data: TrainSet, arch: Arch
+    args: argparse.Namespace, settings: TrainSettings, data: TrainSet, arch: Arch
 ) -> dict[str, Any]:
     """Time the authors'-style step: per-image CPU augmentation in workers, fp32 NCHW eager."""
     device = select_device(args.device)
     windowed = reset_peak_memory(device)
     torch.manual_seed(args.seed)
-    model = build_model(arch, data.num_classes, options.last_stride).to(device).train()
+    model = build_model(arch, data.num_classes, settings.last_stride).to(device).train()
+    optim = settings.optim
     groups: dict[bool, list[torch.nn.Parameter]] = {True: [], False: []}
     for name, parameter in model.named_parameters():
         groups[name.startswith("backbone.")].append(parameter)
     optimizer = torch.optim.Adam(
-        [{"params": groups[True], "lr": 0.1 * options.lr}, {"params": groups[False]}],
-        options.lr,
-        (options.beta1, options.beta2),
-        weight_decay=options.weight_decay,
+        [{"params": groups[True], "lr": 0.1 * optim.lr}, {"params": groups[False]}],
+        optim.lr,
+        (optim.beta1, optim.beta2),
+        weight_decay=optim.weight_decay,
         foreach=False,
     )
-    decay, average = options.ema_decay, {k: v.clone() for k, v in model.state_dict().items()}
-    loss = LossRecipe.from_args(options)
+    decay, average = settings.ema, {k: v.clone() for k, v in model.state_dict().items()}
+    loss = settings.loss
     labels = (data.visible_labels, data.infrared_labels)
     sampler = CrossModalitySampler(*labels, args.batch_size, args.num_pos, args.seed)
     total = args.warmup + args.rounds * args.steps
@@ -414,15 +408,13 @@ def run_llcm(args: argparse.Namespace) -> dict[str, Any]:
     return dict(eval_s=eval_s, rerank_s=rerank_s, **sizes)
 
 
-def run_search(
-    args: argparse.Namespace, options: argparse.Namespace, data: TrainSet
-) -> dict[str, Any]:
+def run_search(args: argparse.Namespace, settings: TrainSettings, data: TrainSet) -> dict[str, Any]:
     """A search step against a training step: ``weights_step + arch_step / arch_freq``."""
-    defaults = vars(search_parser().parse_args([]))
+    trainer = in_memory(settings, "train", data)
     # Weights steps timed alone (no architecture step is ever due); architecture steps directly.
-    search = {"depth": args.depth, "config_path": None, "arch_warmup": 0, "arch_freq": 10**9}
-    search = argparse.Namespace(**{**vars(options), **defaults, **search, "eval_arch": False})
-    trainer, searcher = in_memory(options, "train", data), in_memory(search, "search", data, True)
+    train = replace(settings, folder=settings.folder.parent / "search", ema_overwrite_every=0)
+    search = SearchSettings(train, args.depth, arch_warmup=0, arch_freq=10**9, eval_arch=False)
+    searcher = SearchTrainer(search, data)
 
     def batch(owner: Trainer, k: int) -> tuple[np.ndarray, np.ndarray]:
         return owner.sampler.batch(*divmod(k, len(owner.sampler)))
@@ -434,7 +426,8 @@ def run_search(
     }
     rounds = (args.search_steps, args.search_rounds)
     seconds = {name: throughput(step, args, *rounds)["step_s"] for name, step in steps.items()}
-    freq = defaults["arch_freq"]
+    searcher.close_log()
+    freq = SearchSettings(train).arch_freq
     search_step = seconds["weights"] + seconds["arch"] / freq
     return dict(
         status="measured", train_step_s=seconds["train"], search_step_s=round(search_step, 5),
@@ -461,25 +454,26 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     wanted = [section for section in SECTIONS if section not in args.skip]
     data = synthetic_train_set((args.img_h, args.img_w), args.seed)
     with tempfile.TemporaryDirectory(prefix="cmnas_bench_") as tmp:
-        options = training_options(args, Path(tmp), arch)
+        settings = training_settings(args, Path(tmp), arch)
         if "fast" in wanted or "features" in wanted:
-            trainer = in_memory(options, "fast", data)
+            trainer = in_memory(settings, "fast", data)
             log.info("fast path: %d + %d x %d steps", args.warmup, args.rounds, args.steps)
             if "fast" in wanted:
                 doc["fast"] = run_fast(args, trainer)
             if "features" in wanted:
                 doc["features"] = run_features(args, trainer)
+            trainer.close_log()
             del trainer
         if "plain" in wanted:
             log.info("plain path: %d + %d x %d steps", args.warmup, args.rounds, args.steps)
-            doc["plain"] = run_plain(args, options, data, arch)
+            doc["plain"] = run_plain(args, settings, data, arch)
         for section, run in (("metrics", run_metrics), ("rerank", run_rerank), ("llcm", run_llcm)):
             if section in wanted:
                 log.info("%s", section)
                 doc[section] = run(args)
         if "search" in wanted:
             log.info("search step against training step")
-            doc["search"] = run_search(args, options, data)
+            doc["search"] = run_search(args, settings, data)
     rates = doc["fast"].get("images_per_s"), doc["plain"].get("images_per_s")
     doc["speedup"] = round(rates[0] / rates[1], 3) if all(rates) else None
     return doc
@@ -531,7 +525,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     setup_logging()
     doc = run_benchmark(args)
-    setup_logging()  # the trainers pointed logging at their (deleted) run folders
     text = json.dumps(doc, indent=2) + "\n"
     if args.out:
         Path(args.out).write_text(text)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 from data import CrossModalitySampler, TrainSet, load_train_set
 from utils.base.distributed import DistInfo, barrier
 from utils.engine.options import check_data_root
+from utils.engine.settings import DataSettings, OptimSettings
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -40,28 +40,26 @@ def lr_factor(epoch: int, warmup: int, milestones: list[int]) -> float:
 
 
 def build_schedule(
-    optimizer: torch.optim.Optimizer, args: argparse.Namespace
+    optimizer: torch.optim.Optimizer, warmup: int, milestones: Sequence[int]
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The learning-rate schedule of :func:`lr_factor`, stepped once per epoch."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda e: lr_factor(e, args.warmup_epochs, args.milestones)
+        optimizer, lambda e: lr_factor(e, warmup, list(milestones))
     )
 
 
-def load_training_data(
-    args: argparse.Namespace, img_size: tuple[int, int], dist: DistInfo
-) -> TrainSet:
+def load_training_data(data: DataSettings, dist: DistInfo) -> TrainSet:
     """Check ``--data_root`` and load (and cache) the training images."""
-    check_data_root(args)
+    check_data_root(data.dataset, data.data_root, data.trial)
     # Rank 0 builds the cache first so that the other ranks only read it.
     if not dist.is_main:
         barrier(dist)
     train_set = load_train_set(
-        args.dataset,
-        args.data_root,
-        img_size,
-        args.trial,
-        args.cache_dir,
+        data.dataset,
+        data.data_root,
+        data.img_size,
+        data.trial,
+        data.cache_dir,
         progress=dist.is_main and sys.stderr.isatty(),
     )
     if dist.is_main:
@@ -70,14 +68,15 @@ def load_training_data(
 
 
 def build_sampler(
-    train_set: TrainSet, args: argparse.Namespace, seed: int, dist: DistInfo
+    train_set: TrainSet, batch_size: int, num_pos: int, seed: int, dist: DistInfo
 ) -> CrossModalitySampler:
-    """The batches of ``train_set`` (``--batch_size``, ``--num_pos``) this process trains on."""
+    """The batches of ``train_set`` this process trains on (``batch_size`` images per modality,
+    ``num_pos`` per identity)."""
     return CrossModalitySampler(
         train_set.visible_labels,
         train_set.infrared_labels,
-        args.batch_size,
-        args.num_pos,
+        batch_size,
+        num_pos,
         seed,
         dist.rank,
         dist.world_size,
@@ -86,7 +85,7 @@ def build_sampler(
 
 def build_optimizer(
     named_parameters: Iterable[tuple[str, nn.Parameter]],
-    args: argparse.Namespace,
+    optim: OptimSettings,
     device: torch.device,
     is_weight: Callable[[str], bool] = lambda name: True,
 ) -> torch.optim.Optimizer:
@@ -99,16 +98,14 @@ def build_optimizer(
     for name, param in named_parameters:
         if param.requires_grad and is_weight(name):
             (backbone if name.startswith("backbone.") else head).append(param)
-    groups = [{"params": backbone, "lr": 0.1 * args.lr}, {"params": head, "lr": args.lr}]
-    use_fused = getattr(args, "fused", None)
-    if use_fused is None:
-        use_fused = device.type == "cuda"
+    groups = [{"params": backbone, "lr": 0.1 * optim.lr}, {"params": head, "lr": optim.lr}]
+    use_fused = device.type == "cuda" if optim.fused is None else optim.fused
     fused = {"fused": True} if use_fused else {}
-    if args.optim == "adam":
-        betas = (args.beta1, args.beta2)
-        return torch.optim.Adam(groups, betas=betas, weight_decay=args.weight_decay, **fused)
+    if optim.optim == "adam":
+        betas = (optim.beta1, optim.beta2)
+        return torch.optim.Adam(groups, betas=betas, weight_decay=optim.weight_decay, **fused)
     return torch.optim.SGD(
-        groups, momentum=0.9, nesterov=True, weight_decay=args.weight_decay, **fused
+        groups, momentum=0.9, nesterov=True, weight_decay=optim.weight_decay, **fused
     )
 
 

@@ -11,7 +11,6 @@ these numbers: they monitor the run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -21,15 +20,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from data import ProtocolSettings, get_dataset
 from utils.base.distributed import DistInfo, barrier
 from utils.base.io import write_text_atomic
 from utils.base.logger import append_json_line
 from utils.engine.checkpointer import NonFiniteLoss
 from utils.engine.rundir import PENDING, complete_epoch_record, pending_evaluation
+from utils.engine.settings import DataSettings, EvalSettings
 from utils.engine.signals import StopRequest
-from utils.evaluation.evaluate import evaluate_training_run, format_table
+from utils.evaluation.evaluate import evaluate_protocols, format_table
 
-__all__ = ["WEIGHTS_NOTE", "Evaluation", "ProtocolEvaluation", "evaluated_weights"]
+__all__ = [
+    "WEIGHTS_NOTE",
+    "Evaluation",
+    "ProtocolEvaluation",
+    "evaluate_training_run",
+    "evaluated_weights",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,40 @@ WEIGHTS_NOTE = (
     "live: the live model (the checkpoint's `model`, scored by test.py); "
     "ema: the EMA weights (its `ema`, test.py --ema)"
 )
+
+
+def evaluate_training_run(
+    model: nn.Module,
+    data: DataSettings,
+    evaluation: EvalSettings,
+    final: bool,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The training-time evaluation: every draw at the end, the first one for monitoring.
+
+    Results are keyed ``<data set>_<protocol key>`` (with ``_flip`` under ``--flip`` and then
+    ``_rerank`` under ``--rerank``), the names of the epoch records and of results.json.
+    """
+    dataset = get_dataset(data.dataset)
+    protocols = dataset.protocols(ProtocolSettings(mode=evaluation.mode, shot=1, direction="both"))
+    draws = dataset.draws_of(None) if final else dataset.draws_of(None)[:1]
+    amp = evaluation.amp if device.type == "cuda" else "none"
+    results = evaluate_protocols(
+        model,
+        dataset,
+        data.data_root,
+        protocols,
+        data.split,
+        draws,
+        device,
+        data.img_size,
+        evaluation.test_batch,
+        amp,
+        evaluation.flip,
+        rerank=evaluation.rerank,
+    )
+    suffix = ("_flip" if evaluation.flip else "") + ("_rerank" if evaluation.rerank else "")
+    return {dataset.record_key(protocol) + suffix: result for protocol, result in results}
 
 
 def evaluated_weights(model: nn.Module, ema: nn.Module | None) -> list[tuple[str, nn.Module]]:
@@ -117,17 +158,15 @@ class ProtocolEvaluation(Evaluation):
         out: Path,
         dist: DistInfo,
         weights: list[tuple[str, nn.Module]],
-        args: argparse.Namespace,
+        data: DataSettings,
+        evaluation: EvalSettings,
         device: torch.device,
-        img_size: tuple[int, int],
-        amp: str,
     ) -> None:
         super().__init__(out, dist)
         self.weights = weights
-        self.args = args
+        self.data = data
+        self.evaluation = evaluation
         self.device = device
-        self.img_size = img_size
-        self.amp = amp
 
     def evaluate(self, final: bool, epoch: int) -> dict[str, Any]:
         """Monitoring evaluation on the test protocol (no model selection is made with it).
@@ -140,7 +179,7 @@ class ProtocolEvaluation(Evaluation):
             suffix = "" if label == "live" else f"_{label}"
             try:
                 scored = evaluate_training_run(
-                    model, self.args, final, self.device, self.img_size, self.amp
+                    model, self.data, self.evaluation, final, self.device
                 )
             except ValueError as err:
                 if "NaN" not in str(err):

@@ -7,8 +7,6 @@ their commands keep working; the defaults are the paper's training recipe.
 from __future__ import annotations
 
 import argparse
-import math
-import os
 from collections.abc import Sequence
 from types import MappingProxyType
 
@@ -303,114 +301,18 @@ def select_device(name: str | None) -> torch.device:
     return device
 
 
-def check_data_root(args: argparse.Namespace, parts: Sequence[str] = ("train", "test")) -> None:
+def check_data_root(
+    dataset_name: str, root: str, trial: int | None, parts: Sequence[str] = ("train", "test")
+) -> None:
     """Fail with one line naming what is absent or broken before any work is done.
 
-    Checks that ``--data_root`` has the data set's layout for ``parts`` ("train", "test"), parses
-    its list files, and, when "test" is among ``parts``, that every test image exists and has a
-    readable header (a bad test image would otherwise stop training at its first evaluation).
+    Checks that ``root`` has the layout of data set ``dataset_name`` for ``parts`` ("train",
+    "test") in the split ``trial`` selects, parses its list files, and, when "test" is among
+    ``parts``, that every test image exists and has a readable header (a bad test image would
+    otherwise stop training at its first evaluation).
     """
-    dataset = get_dataset(args.dataset)
-    split = dataset.split_of(args.trial)
-    dataset.check_root(args.data_root, split, parts)
+    dataset = get_dataset(dataset_name)
+    split = dataset.split_of(trial)
+    dataset.check_root(root, split, parts)
     if "test" in parts:
-        dataset.check_test_images(args.data_root, split)
-
-
-def check_common(args: argparse.Namespace) -> None:
-    """Reject flag values that are out of range or inconsistent, one line each.
-
-    Only cheap checks: the data set's layout is checked by :func:`check_data_root` where the
-    data is read.
-    """
-    get_dataset(args.dataset).check_trial(args.trial, testing=False)
-    if args.img_h is not None and args.img_w is not None and (args.img_h < 32 or args.img_w < 16):
-        raise UserError(f"--img_h/--img_w {args.img_h}x{args.img_w}: expected at least 32x16")
-    if args.test_batch < 1:
-        raise UserError(f"--test_batch {args.test_batch}: expected a positive integer")
-    for flag in ("k1", "k2"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} {getattr(args, flag)}: expected an integer >= 1")
-    if not 0 <= args.lambda_value <= 1:
-        raise UserError(f"--lambda_value {args.lambda_value}: expected a value in [0, 1]")
-    select_device(args.device)
-    if not os.path.isdir(args.data_root):
-        check_data_root(args)  # names what the folder should hold
-
-
-def resolve_ema_overwrite(args: argparse.Namespace) -> None:
-    """Fill ``--ema_overwrite_every`` (the data set's default; 0 under --no-ema_overwrite)."""
-    every = args.ema_overwrite_every
-    if every is not None and every < 0:
-        raise UserError(f"--ema_overwrite_every {every}: expected a value >= 0 (0: never)")
-    if not args.ema_overwrite:
-        if every:
-            raise UserError(
-                f"--no-ema_overwrite contradicts --ema_overwrite_every {every} (give one of them)"
-            )
-        args.ema_overwrite_every = 0
-    elif every is None:
-        args.ema_overwrite_every = get_dataset(args.dataset).ema_overwrite_every
-
-
-def check_training(args: argparse.Namespace) -> None:
-    """Validate the training options (calls :func:`check_common`); fills data-set defaults."""
-    if args.num_pos < 1 or args.batch_size < 1:
-        raise UserError(
-            f"--batch_size {args.batch_size} / --num_pos {args.num_pos}: expected positive values"
-        )
-    if args.batch_size % args.num_pos:
-        raise UserError(
-            f"--batch_size {args.batch_size} is not divisible by --num_pos {args.num_pos} "
-            "(batch_size = identities x num_pos images per modality)"
-        )
-    if args.batch_size // args.num_pos < 2:
-        raise UserError(
-            f"--batch_size {args.batch_size} / --num_pos {args.num_pos}: a batch needs at least "
-            "2 identities (triplet loss)"
-        )
-    if args.epochs < 1:
-        raise UserError(f"--epochs {args.epochs}: expected a positive integer")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise UserError(f"--lr {args.lr}: expected a positive value")
-    for flag in ("weight_decay", "sp_lambda", "cmmd_lambda", "margin"):
-        value = getattr(args, flag)
-        if not (value >= 0 and math.isfinite(value)):
-            raise UserError(f"--{flag} {value}: expected a finite value >= 0")
-    if not 0 <= args.label_smooth < 1:
-        raise UserError(f"--label_smooth {args.label_smooth}: expected a value in [0, 1)")
-    for flag in ("beta1", "beta2"):
-        if not 0 <= getattr(args, flag) < 1:
-            raise UserError(f"--{flag} {getattr(args, flag)}: expected a value in [0, 1)")
-    if args.ema_decay is None:
-        args.ema_decay = get_dataset(args.dataset).ema_decay
-    if not 0 <= args.ema_decay < 1:
-        raise UserError(
-            f"--ema_decay {args.ema_decay}: expected a value in [0, 1) (0 disables the EMA)"
-        )
-    resolve_ema_overwrite(args)
-    if args.warmup_epochs < 0:
-        raise UserError(f"--warmup_epochs {args.warmup_epochs}: expected a value >= 0")
-    if any(m < 1 for m in args.milestones):
-        raise UserError(f"--milestones {args.milestones}: expected positive epoch numbers")
-    for flag in ("test_freq", "save_freq", "max_steps"):
-        if getattr(args, flag) < 0:
-            raise UserError(f"--{flag} {getattr(args, flag)}: expected a value >= 0")
-    if args.log_freq < 1:
-        raise UserError(f"--log_freq {args.log_freq}: expected a positive integer")
-    if args.seed < 0:
-        raise UserError(f"--seed {args.seed}: expected a value >= 0")
-    if args.img_h is None or args.img_w is None:
-        raise UserError("--img_h and --img_w are required for training")
-    if args.trial is None:
-        args.trial = 1
-    pretrained = str(args.pretrained)
-    if pretrained.lower() not in ("imagenet", "none") and not os.path.isfile(pretrained):
-        raise UserError(
-            f"--pretrained {pretrained}: file not found (expected imagenet, none or a "
-            "torchvision-layout ResNet state-dict file)"
-        )
-    if args.resume and not os.path.isfile(args.resume):
-        what = "is a folder, not a file" if os.path.isdir(args.resume) else "file not found"
-        raise UserError(f"--resume {args.resume}: checkpoint {what}")
-    check_common(args)
+        dataset.check_test_images(root, split)

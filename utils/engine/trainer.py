@@ -1,8 +1,8 @@
 """The training loop shared by train.py and search.py.
 
-    trainer = Trainer(args)   # checks and builds everything; writes nothing
-    trainer.resume()          # continues from --resume, if given
-    trainer.train()           # creates the run folder, trains, evaluates; returns the results
+    trainer = Trainer(settings)   # checks and builds everything; writes nothing
+    trainer.resume()              # continues from --resume, if given
+    trainer.train()               # creates the run folder, trains, evaluates; returns the results
 
 :class:`Trainer` owns the fixed loop (epochs -> steps -> checkpoint -> evaluation); beside it,
 :class:`~utils.engine.checkpointer.Checkpointer` keeps the run folder and its checkpoints and
@@ -30,7 +30,6 @@ handlers a run opens are closed when it ends.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
@@ -51,7 +50,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from data import TrainSet
 from model import Arch, build_model, load_arch
 from model.checkpoint import checkpoint_header, plain
-from model.losses import LossRecipe
 from utils.base.distributed import broadcast_flag, cleanup, init_distributed
 from utils.base.io import check_free_space
 from utils.base.lock import LOCK_FILE, RunLock
@@ -68,16 +66,16 @@ from utils.engine.build import (
 from utils.engine.checkpointer import Checkpointer, NonFiniteLoss, checkpoint_size
 from utils.engine.ema import ModelEMA
 from utils.engine.evaluation import Evaluation, ProtocolEvaluation, evaluated_weights
-from utils.engine.options import resolve_ema_overwrite, select_device
+from utils.engine.options import select_device
 from utils.engine.rundir import (
     LATEST,
     RUN_FILES,
     EarlyLog,
     check_run_dir,
     is_own_folder,
-    run_dir,
     trim_epoch_log,
 )
+from utils.engine.settings import TrainSettings
 from utils.engine.signals import Interrupted, StopRequest
 from utils.engine.state import (
     GeneratorState,
@@ -108,9 +106,9 @@ class Trainer:
     # What --overwrite removes of an earlier run in the folder.
     run_files: tuple[str, ...] = RUN_FILES
 
-    def __init__(self, args: argparse.Namespace, train_set: TrainSet | None = None) -> None:
+    def __init__(self, settings: TrainSettings, train_set: TrainSet | None = None) -> None:
         """Check and build the run (``train_set``: train on these images, not the data set's)."""
-        self.args = args
+        self.settings = settings
         self._start_process()
         # Everything the flags name is read before the costly set-up (the image cache).
         self.arch = self.load_architecture()
@@ -125,15 +123,18 @@ class Trainer:
             with torch.no_grad():
                 for tensor in self.model_without_ddp.state_dict().values():
                     torch.distributed.broadcast(tensor, src=0)
-        self.ema = ModelEMA(self.model_without_ddp, args.ema_decay) if args.ema_decay > 0 else None
-        self.loss = LossRecipe.from_args(args)
+        decay = settings.ema
+        self.ema = ModelEMA(self.model_without_ddp, decay) if decay > 0 else None
+        self.loss = settings.loss
         self.optimizer = self.build_optimizer(self.model_without_ddp)
-        self.scheduler = build_schedule(self.optimizer, args)
+        optim = settings.optim
+        self.scheduler = build_schedule(self.optimizer, optim.warmup_epochs, optim.milestones)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
-        self.sampler = build_sampler(self.data.train, args, args.seed, self.dist)
-        self.aug_generator = torch.Generator().manual_seed(args.seed * 1000 + self.dist.rank)
+        batches = (settings.batch_size, settings.num_pos, settings.seed, self.dist)
+        self.sampler = build_sampler(self.data.train, *batches)
+        self.aug_generator = torch.Generator().manual_seed(settings.seed * 1000 + self.dist.rank)
         self.images = ResidentImages.upload(self.data.train, self.device)
-        self.model = wrap_model(self.model_without_ddp, self.dist, args.compile)
+        self.model = wrap_model(self.model_without_ddp, self.dist, settings.compile)
         self.state = RunState(
             gather=_gather_objects if self.dist.enabled else None,
             model=self.model_without_ddp,
@@ -146,7 +147,7 @@ class Trainer:
             environment=self.env,
         )
         self.checkpointer = Checkpointer(
-            self.out, self.state, self.checkpoint_header, args.save_freq, self.dist
+            self.out, self.state, self.checkpoint_header, settings.save_freq, self.dist
         )
         self.evaluation = self.build_evaluation()
         # Loss sums of the epoch being trained (restored by a resume, saved by an interruption).
@@ -156,7 +157,7 @@ class Trainer:
         self.start_epoch = self.start_step = 0
         self.stop = StopRequest()
         # Epochs between copies of the EMA into the live model (0: never).
-        self.overwrite_every = _overwrite_every(args) if self.ema is not None else 0
+        self.overwrite_every = settings.overwrite_every if self.ema is not None else 0
         # A resume from the end of an overwrite epoch owes the overwrite that followed its save.
         self.overwrite_pending = False
         if self.dist.is_main:
@@ -165,45 +166,46 @@ class Trainer:
 
     def _start_process(self) -> None:
         """Device, processes, seeds, the run folder's name and the early log, in that order."""
-        args = self.args
-        self.device = select_device(args.device)
+        settings = self.settings
+        self.device = select_device(settings.evaluation.device)
         self.dist = init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
-        seed_everything(args.seed + self.dist.rank, args.deterministic)
-        self.out = run_dir(args, self.kind)
-        check_run_dir(self.out, args.resume or None, args.overwrite)
+        seed_everything(settings.seed + self.dist.rank, settings.deterministic)
+        self.out = settings.folder
+        check_run_dir(self.out, settings.resume or None, settings.overwrite)
         if self.dist.is_main and (self.out / LOCK_FILE).exists():
             # A run still going in this folder is named now, before the costly set-up; the
             # lock is held from train() on.
             RunLock(self.out).acquire().release()
         self.early_log = EarlyLog(self.dist.rank)
-        self.env = plain(log_run_header(args, self.device))
-        self.img_size = (args.img_h, args.img_w)
-        self.amp = args.amp if self.device.type == "cuda" else "none"
+        self.env = plain(log_run_header(settings.flags(), self.device))
+        self.amp = settings.evaluation.amp if self.device.type == "cuda" else "none"
         # Channels-last pays on GPUs; on a CPU it made the steps slower.
-        self.channels_last = (
-            self.device.type == "cuda" if args.channels_last is None else args.channels_last
-        )
+        channels_last = settings.channels_last
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
 
     # ----- set-up, overridable: each returns what it builds ---------------------------------
     def load_architecture(self) -> Arch | None:
         """The architecture of ``--config_path`` (None: a variant derives it from its network)."""
-        return load_arch(self.args.config_path)
+        return load_arch(self.settings.config_path)
 
     def read_resume(self) -> dict[str, Any] | None:
         """The checkpoint to resume, read and checked before the training data is loaded (so
         that a bad flag costs seconds); None without ``--resume``."""
-        if not self.args.resume:
+        settings = self.settings
+        if not settings.resume:
             return None
-        checkpoint = read_resume_checkpoint(self.args)
-        self.check_checkpoint(checkpoint, f"--resume {self.args.resume}")
+        checkpoint = read_resume_checkpoint(
+            settings.resume, settings.flags(), settings.epochs, settings.ema
+        )
+        self.check_checkpoint(checkpoint, f"--resume {settings.resume}")
         return checkpoint
 
     def check_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
         """Refuse a checkpoint this run cannot continue: one of another architecture."""
         assert self.arch is not None
-        given = f"--config_path {self.args.config_path}"
+        given = f"--config_path {self.settings.config_path}"
         check_same_arch(checkpoint, self.arch, source, given)
 
     def check_data_fits(self, checkpoint: dict[str, Any], source: str) -> None:
@@ -212,26 +214,27 @@ class Trainer:
     def build_data(self, train_set: TrainSet | None) -> TrainingData:
         """``train_set`` if given, else the data set's: check ``--data_root``, load (and cache)."""
         if train_set is None:
-            train_set = load_training_data(self.args, self.img_size, self.dist)
+            train_set = load_training_data(self.settings.data, self.dist)
         return TrainingData(train_set)
 
     def build_model(self, train_set: TrainSet) -> nn.Module:
         """The network of ``--config_path``, initialised from ``--pretrained``."""
         assert self.arch is not None
-        log.info("architecture %s: %s", self.args.config_path, self.arch.summary())
-        args = self.args
-        return build_model(self.arch, train_set.num_classes, args.last_stride, args.pretrained)
+        settings = self.settings
+        log.info("architecture %s: %s", settings.config_path, self.arch.summary())
+        classes, stride = train_set.num_classes, settings.last_stride
+        return build_model(self.arch, classes, stride, settings.pretrained)
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """Adam (or SGD) over the network weights, in the paper's two learning-rate groups."""
-        return build_optimizer(model.named_parameters(), self.args, self.device)
+        return build_optimizer(model.named_parameters(), self.settings.optim, self.device)
 
     def build_evaluation(self) -> Evaluation:
         """The test protocol, scored with the live weights and the EMA."""
         ema = self.ema.module if self.ema is not None else None
         weights = evaluated_weights(self.model_without_ddp, ema)
-        args = (self.args, self.device, self.img_size, self.amp)
-        return ProtocolEvaluation(self.out, self.dist, weights, *args)
+        data, evaluation = self.settings.data, self.settings.evaluation
+        return ProtocolEvaluation(self.out, self.dist, weights, data, evaluation, self.device)
 
     def architecture(self) -> Arch:
         """The architecture a checkpoint records (``test.py`` rebuilds the network from it)."""
@@ -240,9 +243,10 @@ class Trainer:
 
     def checkpoint_header(self) -> dict[str, Any]:
         """What a checkpoint says of itself: architecture, classes, stride and options."""
-        classes = self.model_without_ddp.num_classes
-        args = self.args
-        return checkpoint_header(self.architecture(), classes, args.last_stride, vars(args))
+        classes, settings = self.model_without_ddp.num_classes, self.settings
+        return checkpoint_header(
+            self.architecture(), classes, settings.last_stride, settings.flags()
+        )
 
     def eval_model(self) -> nn.Module:
         """The EMA when there is one, else the live model (the search scores these)."""
@@ -254,21 +258,19 @@ class Trainer:
 
         Without ``--resume`` nothing changes: the run starts at epoch 0.
         """
-        if not self.args.resume:
+        path = self.settings.resume
+        if not path:
             return
-        source = f"--resume {self.args.resume}"
-        checkpoint, self.resume_checkpoint = self.resume_checkpoint, None
-        if checkpoint is None:
-            checkpoint = read_resume_checkpoint(self.args)
-        self.check_checkpoint(checkpoint, source)
-        self.check_data_fits(checkpoint, source)
-        point = self.checkpointer.restore(checkpoint, self.args.resume, self.losses)
+        checkpoint, self.resume_checkpoint = self.resume_checkpoint or self.read_resume(), None
+        assert checkpoint is not None
+        self.check_data_fits(checkpoint, f"--resume {path}")
+        point = self.checkpointer.restore(checkpoint, path, self.losses)
         self.start_epoch = self.epoch = point.epoch
         self.start_step, self.global_step = point.step_in_epoch, point.global_step
         self.overwrite_pending = point.overwrite_pending and self.ema is not None
         log.info(
             "resumed from %s at epoch %d step %d (global step %d); run folder %s",
-            self.args.resume,
+            path,
             self.start_epoch + 1,
             self.start_step,
             self.global_step,
@@ -294,9 +296,9 @@ class Trainer:
             self.close_log()
 
     def _train_epochs(self) -> dict[str, Any]:
-        args = self.args
+        epochs = self.settings.epochs
         results = self._finish_resumed_epoch()
-        for epoch in range(self.start_epoch, args.epochs):
+        for epoch in range(self.start_epoch, epochs):
             self.epoch = epoch
             started = time.time()
             losses = self.train_one_epoch(epoch)
@@ -312,7 +314,7 @@ class Trainer:
                 "time_s": round(time.time() - started, 2),
                 **losses,
             }
-            last = epoch + 1 == args.epochs
+            last = epoch + 1 == epochs
             evaluated = last or self.evaluates(epoch + 1)
             overwrite = self.overwrites(epoch + 1)
             self.on_epoch_end(epoch, record)
@@ -342,7 +344,8 @@ class Trainer:
 
     def evaluates(self, epochs_done: int) -> bool:
         """Whether the monitoring evaluation runs after ``epochs_done`` epochs."""
-        return bool(self.args.test_freq) and epochs_done % self.args.test_freq == 0
+        test_freq = self.settings.test_freq
+        return bool(test_freq) and epochs_done % test_freq == 0
 
     def overwrites(self, epochs_done: int) -> bool:
         """Whether the EMA weights replace the live ones after ``epochs_done`` epochs."""
@@ -361,16 +364,15 @@ class Trainer:
         when it was the final one, whose results a stop may have cut short), then the EMA
         overwrite that followed its checkpoint. Returns the final results, if it ran them.
         """
-        args = self.args
-        epoch, results = self.start_epoch, {}
+        epoch, results, epochs = self.start_epoch, {}, self.settings.epochs
         if epoch == 0 or self.start_step:
             return results
-        final = epoch >= args.epochs
+        final = epoch >= epochs
         if final:
             log.info(
                 "%s has trained all %d epochs: running the final evaluation only",
                 self.checkpointer.last_good,
-                args.epochs,
+                epochs,
             )
         pending = self.evaluation.pending(epoch)
         if final or broadcast_flag(pending, self.dist, self.device):
@@ -385,14 +387,14 @@ class Trainer:
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         """Run one epoch (a resumed one from its resume step); returns each loss term's mean."""
         self.model.train()
-        steps = len(self.sampler)
-        total = min(steps, self.args.max_steps) if self.args.max_steps else steps
+        steps, max_steps = len(self.sampler), self.settings.max_steps
+        total = min(steps, max_steps) if max_steps else steps
         first = self.start_step if epoch == self.start_epoch else 0
         self.sampler.set_epoch(epoch, first)
         bar = tqdm(
             total=total,
             initial=first,
-            desc=f"epoch {epoch + 1}/{self.args.epochs}",
+            desc=f"epoch {epoch + 1}/{self.settings.epochs}",
             leave=False,
             disable=not (self.dist.is_main and sys.stderr.isatty()),
         )
@@ -406,7 +408,7 @@ class Trainer:
                 self.global_step += 1
                 bar.update(1)
                 done, stop = step + 1, self.stop.requested
-                if done % self.args.log_freq == 0 or done == total:
+                if done % self.settings.log_freq == 0 or done == total:
                     self._report(epoch, done, total, terms, bar)
                     # Ranks agree on a stop at the log points only (one collective there).
                     stop = broadcast_flag(stop, self.dist, self.device)
@@ -453,7 +455,7 @@ class Trainer:
         log.info(
             "epoch %d/%d step %d/%d: loss %.4f (epoch mean %.4f), lr %.3g",
             epoch + 1,
-            self.args.epochs,
+            self.settings.epochs,
             done,
             total,
             loss,
@@ -475,11 +477,11 @@ class Trainer:
     def open_run_folder(self) -> None:
         """Lock, create and tidy the run folder (see :meth:`Checkpointer.open_folder`) and start
         its log.txt; a resumed run's log.jsonl loses the records after its checkpoint."""
-        args = self.args
-        clear = args.overwrite and not is_own_folder(self.out, args.resume)
+        settings = self.settings
+        clear = settings.overwrite and not is_own_folder(self.out, settings.resume)
         self.checkpointer.open_folder(clear, self.run_files)
         self.early_log.open(self.out / "log.txt")
-        if args.resume and self.dist.is_main:
+        if settings.resume and self.dist.is_main:
             trim_epoch_log(self.out / "log.jsonl", self.start_epoch)
 
     def close_log(self) -> None:
@@ -496,13 +498,6 @@ class Trainer:
         numbers = self.evaluation.run(final, self.epoch, epochs_done, self.stop)
         self.model.train()
         return numbers
-
-
-def _overwrite_every(args: argparse.Namespace) -> int:
-    """``--ema_overwrite_every`` (the data set's default when not given; 0: never)."""
-    if getattr(args, "ema_overwrite_every", None) is None:
-        resolve_ema_overwrite(args)
-    return int(args.ema_overwrite_every)
 
 
 def _gather_objects(value: Any) -> list[Any]:
