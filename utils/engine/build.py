@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from data import CrossModalitySampler, TrainSet, load_train_set
-from utils.base.distributed import DistInfo, barrier
-from utils.engine.options import check_data_root
+from utils.base.distributed import DistInfo, barrier, init_distributed
+from utils.engine.options import check_data_root, select_device
 from utils.engine.settings import DataSettings, OptimSettings
 
 
@@ -30,6 +30,30 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.deterministic = True
     else:
         torch.backends.cudnn.benchmark = True
+
+
+def start_process(
+    device_name: str | None, seed: int, deterministic: bool
+) -> tuple[torch.device, DistInfo]:
+    """This process's device and place among the run's processes; seeds it (``seed`` + rank)."""
+    device = select_device(device_name)
+    dist = init_distributed(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    seed_everything(seed + dist.rank, deterministic)
+    return device, dist
+
+
+def share_weights(model: nn.Module, dist: DistInfo) -> None:
+    """Start every rank from rank 0's weights (in a multi-process run).
+
+    Each rank initialised its own weights (seed + rank); the EMA copies them before DDP would
+    sync the live model, so they are shared here.
+    """
+    if dist.enabled:
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
 
 
 def lr_factor(epoch: int, warmup: int, milestones: list[int]) -> float:

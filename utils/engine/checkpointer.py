@@ -21,9 +21,15 @@ from torch import nn
 from model.checkpoint import non_finite_tensors, write_checkpoint
 from utils.base.distributed import DistInfo, barrier
 from utils.base.errors import UserError
-from utils.base.io import MB, copy_atomic, remove_temp_files
-from utils.base.lock import RunLock
-from utils.engine.rundir import LATEST, clear_run_dir, prepare_run_dir
+from utils.base.io import MB, check_free_space, copy_atomic, remove_temp_files
+from utils.base.lock import LOCK_FILE, RunLock
+from utils.engine.rundir import (
+    LATEST,
+    check_run_dir,
+    clear_run_dir,
+    prepare_run_dir,
+    trim_epoch_log,
+)
 from utils.engine.state import LossMeter, RunState
 
 __all__ = ["OVERWRITE_PENDING", "Checkpointer", "NonFiniteLoss", "ResumePoint", "checkpoint_size"]
@@ -88,12 +94,30 @@ class Checkpointer:
         # The last checkpoint known to hold finite weights (named when the run diverges).
         self.last_good: Path | None = None
 
-    def open_folder(self, clear: bool, run_files: Sequence[str]) -> None:
+    @staticmethod
+    def check_folder(out: Path, resume: str, overwrite: bool, dist: DistInfo) -> None:
+        """Refuse a run folder that holds another run (see :func:`check_run_dir`) or one that a
+        run still going holds, before the costly set-up; its lock is taken from the start."""
+        check_run_dir(out, resume or None, overwrite)
+        if dist.is_main and (out / LOCK_FILE).exists():
+            RunLock(out).acquire().release()
+
+    def check_space(
+        self, model: nn.Module, has_ema: bool, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Refuse a run whose folder's disk cannot hold one more checkpoint (rank 0)."""
+        if self.dist.is_main:
+            check_free_space(self.out, checkpoint_size(model, has_ema, optimizer))
+
+    def open_folder(
+        self, clear: bool, run_files: Sequence[str], resumed_at: int | None = None
+    ) -> None:
         """Lock and create the run folder and tidy it (``clear``: remove an old run's files).
 
         Rank 0 holds the folder's lock for the run's life (the kernel drops it when the process
         ends), taken before anything is written there; then an old run is cleared on
-        --overwrite and temporary files that killed writes left are removed.
+        --overwrite and temporary files that killed writes left are removed. A run resumed
+        after ``resumed_at`` epochs drops the later epochs' records from its log.jsonl.
         """
         if self.dist.is_main:
             self.lock.acquire()
@@ -110,6 +134,8 @@ class Checkpointer:
                     self.out,
                     ", ".join(stale),
                 )
+            if resumed_at is not None:
+                trim_epoch_log(self.out / "log.jsonl", resumed_at)
         barrier(self.dist)
 
     def restore(self, checkpoint: dict[str, Any], path: str, losses: LossMeter) -> ResumePoint:
@@ -121,12 +147,21 @@ class Checkpointer:
         )
         losses.load_state_dict(checkpoint.get("epoch_losses") or {})
         self.last_good = Path(path)
-        return ResumePoint(
+        point = ResumePoint(
             int(checkpoint["epoch"]),
             int(checkpoint.get("step_in_epoch", 0)),
             int(checkpoint.get("global_step", 0)),
             bool(checkpoint.get(OVERWRITE_PENDING)),
         )
+        log.info(
+            "resumed from %s at epoch %d step %d (global step %d); run folder %s",
+            path,
+            point.epoch + 1,
+            point.step_in_epoch,
+            point.global_step,
+            self.out,
+        )
+        return point
 
     def assemble(
         self,

@@ -215,6 +215,13 @@ def optim_parser() -> argparse.ArgumentParser:
         help="backbone initialisation: imagenet, none, or a torchvision-layout state-dict file",
     )
     group = parser.add_argument_group("run")
+    _run_folder_options(group)
+    _bookkeeping_options(group)
+    return parser
+
+
+def _run_folder_options(group: argparse._ArgumentGroup) -> None:
+    """The run's folder, seed and resume point."""
     group.add_argument("--save", default="runs", help="folder holding run folders")
     group.add_argument(
         "--note",
@@ -239,6 +246,10 @@ def optim_parser() -> argparse.ArgumentParser:
         help="checkpoint to resume from (model, optimizer, EMA, schedule, step and random "
         "states); the run continues in the checkpoint's folder unless --note is given",
     )
+
+
+def _bookkeeping_options(group: argparse._ArgumentGroup) -> None:
+    """How often the run evaluates, saves and logs, and how its steps run."""
     group.add_argument(
         "--mode",
         choices=("all", "indoor"),
@@ -278,7 +289,6 @@ def optim_parser() -> argparse.ArgumentParser:
         default=0,
         help="stop each epoch after this many steps (0: full epochs; for smoke runs)",
     )
-    return parser
 
 
 def select_device(name: str | None) -> torch.device:

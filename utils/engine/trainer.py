@@ -6,26 +6,18 @@
 
 :class:`Trainer` owns the fixed loop (epochs -> steps -> checkpoint -> evaluation); beside it,
 :class:`~utils.engine.checkpointer.Checkpointer` keeps the run folder and its checkpoints and
-:class:`~utils.engine.evaluation.Evaluation` scores the run and logs its record. A variant
+:class:`~utils.engine.evaluation.Evaluation` scores the run and keeps its ``log.jsonl``. A variant
 overrides :meth:`Trainer.training_step` and its set-up (the ``build_*`` methods, each returning
 what it builds from what it is given) and registers extra checkpointed state with
 ``self.state.register(name, object)``. ``self.model`` is the module the steps run (DDP or
 torch.compile when asked for); ``self.model_without_ddp`` is the network saved and evaluated.
 
 Speed: uint8 images resident on the device, augmented there in batch; losses read back every
-``--log_freq`` steps only; bf16 autocast, channels-last, fused Adam and a ``foreach`` EMA on CUDA.
-
-The authors' schedule: every ``--ema_overwrite_every`` epochs the EMA weights replace the live
-ones, after that epoch's checkpoint (``model`` live, ``ema`` averaged, and a note that the
-overwrite follows, which a resume applies) and evaluation. Evaluations score the live model
-and, beside it, the EMA (keys ending in ``_ema``).
-
-Safety: one run per folder (a lock held for the run's life); atomic checkpoints with checksums,
-refused when a tensor is non-finite (the run stops, naming the last good one); SIGINT/SIGTERM/
-SIGHUP stop after the current step (or evaluation) with a resumable checkpoint; an epoch's log
-record is written before its checkpoint and completed after its evaluation. A resumed run
-(``--deterministic`` on the CPU) continues bit-exactly, every random state included. The log
-handlers a run opens are closed when it ends.
+``--log_freq`` steps only. The authors' schedule: every ``--ema_overwrite_every`` epochs the EMA
+weights replace the live ones, after that epoch's checkpoint (which notes that the overwrite
+follows, for a resume to apply) and evaluation. Stop signals end the run after the current step
+(or evaluation) with a resumable checkpoint; a resumed run (``--deterministic`` on the CPU)
+continues bit-exactly. The log handlers a run opens are closed when it ends.
 """
 
 from __future__ import annotations
@@ -50,9 +42,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from data import TrainSet
 from model import Arch, build_model, load_arch
 from model.checkpoint import checkpoint_header, plain
-from utils.base.distributed import broadcast_flag, cleanup, init_distributed
-from utils.base.io import check_free_space
-from utils.base.lock import LOCK_FILE, RunLock
+from utils.base.distributed import broadcast_flag, cleanup
 from utils.base.logger import log_run_header, setup_logging
 from utils.engine.batch import ResidentImages
 from utils.engine.build import (
@@ -60,21 +50,14 @@ from utils.engine.build import (
     build_sampler,
     build_schedule,
     load_training_data,
-    seed_everything,
+    share_weights,
+    start_process,
     wrap_model,
 )
-from utils.engine.checkpointer import Checkpointer, NonFiniteLoss, checkpoint_size
+from utils.engine.checkpointer import Checkpointer, NonFiniteLoss
 from utils.engine.ema import ModelEMA
 from utils.engine.evaluation import Evaluation, ProtocolEvaluation, evaluated_weights
-from utils.engine.options import select_device
-from utils.engine.rundir import (
-    LATEST,
-    RUN_FILES,
-    EarlyLog,
-    check_run_dir,
-    is_own_folder,
-    trim_epoch_log,
-)
+from utils.engine.rundir import LATEST, RUN_FILES, EarlyLog, is_own_folder
 from utils.engine.settings import TrainSettings
 from utils.engine.signals import Interrupted, StopRequest
 from utils.engine.state import (
@@ -117,12 +100,7 @@ class Trainer:
         self.model_without_ddp = self.build_model(self.data.train).to(self.device)
         if self.channels_last:
             self.model_without_ddp.to(memory_format=torch.channels_last)
-        if self.dist.enabled:
-            # Each rank initialised its own weights (seed + rank): start every rank, and its
-            # EMA, from rank 0's (DDP would sync the live model only, after the EMA copy).
-            with torch.no_grad():
-                for tensor in self.model_without_ddp.state_dict().values():
-                    torch.distributed.broadcast(tensor, src=0)
+        share_weights(self.model_without_ddp, self.dist)
         decay = settings.ema
         self.ema = ModelEMA(self.model_without_ddp, decay) if decay > 0 else None
         self.loss = settings.loss
@@ -160,24 +138,15 @@ class Trainer:
         self.overwrite_every = settings.overwrite_every if self.ema is not None else 0
         # A resume from the end of an overwrite epoch owes the overwrite that followed its save.
         self.overwrite_pending = False
-        if self.dist.is_main:
-            size = checkpoint_size(self.model_without_ddp, self.ema is not None, self.optimizer)
-            check_free_space(self.out, size)
+        self.checkpointer.check_space(self.model_without_ddp, self.ema is not None, self.optimizer)
 
     def _start_process(self) -> None:
         """Device, processes, seeds, the run folder's name and the early log, in that order."""
         settings = self.settings
-        self.device = select_device(settings.evaluation.device)
-        self.dist = init_distributed(self.device.type)
-        if self.dist.enabled and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
-        seed_everything(settings.seed + self.dist.rank, settings.deterministic)
+        device, seed = settings.evaluation.device, settings.seed
+        self.device, self.dist = start_process(device, seed, settings.deterministic)
         self.out = settings.folder
-        check_run_dir(self.out, settings.resume or None, settings.overwrite)
-        if self.dist.is_main and (self.out / LOCK_FILE).exists():
-            # A run still going in this folder is named now, before the costly set-up; the
-            # lock is held from train() on.
-            RunLock(self.out).acquire().release()
+        Checkpointer.check_folder(self.out, settings.resume, settings.overwrite, self.dist)
         self.early_log = EarlyLog(self.dist.rank)
         self.env = plain(log_run_header(settings.flags(), self.device))
         self.amp = settings.evaluation.amp if self.device.type == "cuda" else "none"
@@ -268,14 +237,6 @@ class Trainer:
         self.start_epoch = self.epoch = point.epoch
         self.start_step, self.global_step = point.step_in_epoch, point.global_step
         self.overwrite_pending = point.overwrite_pending and self.ema is not None
-        log.info(
-            "resumed from %s at epoch %d step %d (global step %d); run folder %s",
-            path,
-            self.start_epoch + 1,
-            self.start_step,
-            self.global_step,
-            self.out,
-        )
 
     # ----- the loop -------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -475,14 +436,12 @@ class Trainer:
 
     # ----- the run folder, checkpoints, evaluation ------------------------------------------
     def open_run_folder(self) -> None:
-        """Lock, create and tidy the run folder (see :meth:`Checkpointer.open_folder`) and start
-        its log.txt; a resumed run's log.jsonl loses the records after its checkpoint."""
+        """Lock, create and tidy the run folder (:meth:`Checkpointer.open_folder`); log.txt."""
         settings = self.settings
         clear = settings.overwrite and not is_own_folder(self.out, settings.resume)
-        self.checkpointer.open_folder(clear, self.run_files)
+        resumed_at = self.start_epoch if settings.resume else None
+        self.checkpointer.open_folder(clear, self.run_files, resumed_at)
         self.early_log.open(self.out / "log.txt")
-        if settings.resume and self.dist.is_main:
-            trim_epoch_log(self.out / "log.jsonl", self.start_epoch)
 
     def close_log(self) -> None:
         """Close the log handlers the run opened (its log.txt); logging goes on to stderr."""
