@@ -16,9 +16,14 @@ import sys
 from collections.abc import Sequence
 
 from utils.base.cli import run_cli
-from utils.engine.options import HelpFormatter, data_parser, model_parser, optim_parser
+from utils.engine.options import (
+    HelpFormatter,
+    data_parser,
+    model_parser,
+    optim_parser,
+    search_settings,
+)
 from utils.engine.search import SearchTrainer, search_parser
-from utils.engine.settings import search_settings
 from utils.engine.trainer import run_trainer
 
 

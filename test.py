@@ -43,14 +43,15 @@ from utils.base.cli import run_cli
 from utils.base.errors import UserError
 from utils.base.io import write_atomic, write_text_atomic
 from utils.base.logger import setup_logging
+from utils.engine.build import check_data_root, select_device
 from utils.engine.options import (
     HelpFormatter,
-    check_data_root,
     checkpoint_parser,
     data_parser,
-    select_device,
+    data_settings,
+    evaluation_settings,
 )
-from utils.engine.settings import DataSettings, EvalSettings, data_settings, evaluation_settings
+from utils.engine.settings import DataSettings, EvalSettings
 
 log = logging.getLogger("test")
 # Image size of the paper (and of the authors' checkpoints).

@@ -18,8 +18,13 @@ import sys
 from collections.abc import Sequence
 
 from utils.base.cli import run_cli
-from utils.engine.options import HelpFormatter, data_parser, model_parser, optim_parser
-from utils.engine.settings import training_settings
+from utils.engine.options import (
+    HelpFormatter,
+    data_parser,
+    model_parser,
+    optim_parser,
+    training_settings,
+)
 
 log = logging.getLogger("train")
 

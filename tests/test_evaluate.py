@@ -32,9 +32,10 @@ from data import (
 )
 from data.sysu import image_files, read_ids, sysu_train_files
 from utils.base.modality import Modality
+from utils.engine.build import check_data_root
 from utils.engine.evaluation import evaluate_training_run
-from utils.engine.options import check_data_root, data_parser
-from utils.engine.settings import DataSettings, EvalSettings, evaluation_settings
+from utils.engine.options import data_parser, evaluation_settings
+from utils.engine.settings import DataSettings, EvalSettings
 from utils.evaluation.evaluate import (
     ProtocolFeatures,
     evaluate_protocols,

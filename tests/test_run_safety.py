@@ -27,7 +27,8 @@ from utils.base.cli import run_cli
 from utils.engine import evaluation
 from utils.engine.ema import ModelEMA
 from utils.engine.evaluation import ProtocolEvaluation
-from utils.engine.settings import TrainSettings, training_settings
+from utils.engine.options import training_settings
+from utils.engine.settings import TrainSettings
 from utils.engine.trainer import LATEST, Trainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,7 +141,7 @@ def test_fused_flag_chooses_the_optimizer_kernels() -> None:
     param = torch.nn.Parameter(torch.ones(3))
     cpu = torch.device("cpu")
     for flags, fused in (([], False), (["--fused"], True), (["--no-fused"], False)):
-        optimizer = build_optimizer([("backbone.w", param)], _parse(*flags).optim, cpu)
+        optimizer = build_optimizer([("backbone.w", param)], _parse(*flags).optimizer, cpu)
         assert bool(optimizer.defaults.get("fused")) is fused, flags
 
 

@@ -35,8 +35,9 @@ from model.search import (
     split_probabilities,
 )
 from utils.base.cli import run_cli
+from utils.engine.options import search_settings
 from utils.engine.search import ARCH_FILE, SearchTrainer, split_identities
-from utils.engine.settings import DataSettings, SearchSettings, TrainSettings, search_settings
+from utils.engine.settings import DataSettings, SearchSettings, TrainSettings
 from utils.engine.signals import Interrupted
 from utils.evaluation.heatmap import heatmap_from_jsonl, read_split_history
 

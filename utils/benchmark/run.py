@@ -23,7 +23,7 @@ from utils.benchmark.report import markdown_table
 from utils.benchmark.section import Bench
 from utils.benchmark.setup import TRAIN_IDS, synthetic_train_set, training_settings
 from utils.benchmark.training import speedup
-from utils.engine.options import select_device
+from utils.engine.build import select_device
 
 log = logging.getLogger("benchmark")
 

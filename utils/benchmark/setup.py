@@ -10,7 +10,7 @@ import numpy as np
 
 from data.trainset import TrainSet
 from model import Arch, save_arch
-from utils.engine.options import select_device
+from utils.engine.build import select_device
 from utils.engine.settings import DataSettings, EvalSettings, TrainSettings
 from utils.engine.trainer import Trainer
 

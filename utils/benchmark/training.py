@@ -73,7 +73,7 @@ def run_plain(bench: Bench) -> dict[str, Any]:
     windowed = reset_peak_memory(device)
     torch.manual_seed(args.seed)
     model = build_model(bench.arch, data.num_classes, settings.last_stride).to(device).train()
-    optim = settings.optim
+    optim = settings.optimizer
     groups: dict[bool, list[torch.nn.Parameter]] = {True: [], False: []}
     for name, parameter in model.named_parameters():
         groups[name.startswith("backbone.")].append(parameter)

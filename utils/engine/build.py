@@ -1,4 +1,5 @@
-"""The parts a training run is built from: seeds, data, optimizer, schedule, model wrapping."""
+"""The parts a training run is built from: device, seeds, data (after its root check), optimizer,
+schedule, model wrapping."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch
 from torch import nn
 
 from data import CrossModalitySampler, TrainSet, load_train_set
+from data.registry import get_dataset
 from utils.base.distributed import DistInfo, barrier, init_distributed
-from utils.engine.options import check_data_root, select_device
+from utils.base.errors import UserError
 from utils.engine.settings import DataSettings, OptimSettings
 
 
@@ -30,6 +32,43 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.deterministic = True
     else:
         torch.backends.cudnn.benchmark = True
+
+
+def select_device(name: str | None) -> torch.device:
+    """``--device`` or CUDA when available, else the CPU; a bad or absent device is a user error."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return device
+
+
+def check_data_root(
+    dataset_name: str, root: str, trial: int | None, parts: Sequence[str] = ("train", "test")
+) -> None:
+    """Fail with one line naming what is absent or broken before any work is done.
+
+    Checks that ``root`` has the layout of data set ``dataset_name`` for ``parts`` ("train",
+    "test") in the split ``trial`` selects, parses its list files, and, when "test" is among
+    ``parts``, that every test image exists and has a readable header (a bad test image would
+    otherwise stop training at its first evaluation).
+    """
+    dataset = get_dataset(dataset_name)
+    split = dataset.split_of(trial)
+    dataset.check_root(root, split, parts)
+    if "test" in parts:
+        dataset.check_test_images(root, split)
 
 
 def start_process(

@@ -266,7 +266,7 @@ class SearchTrainer(Trainer):
         """The weights' optimizer; the alphas are left out (they get their own Adam)."""
         arch_names = arch_parameter_names(model)
         params = model.named_parameters()
-        optim = self.settings.optim
+        optim = self.settings.optimizer
         return build_optimizer(params, optim, self.device, lambda n: n not in arch_names)
 
     def build_evaluation(self) -> Evaluation:

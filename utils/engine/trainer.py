@@ -105,7 +105,7 @@ class Trainer:
         self.ema = ModelEMA(self.model_without_ddp, decay) if decay > 0 else None
         self.loss = settings.loss
         self.optimizer = self.build_optimizer(self.model_without_ddp)
-        optim = settings.optim
+        optim = settings.optimizer
         self.scheduler = build_schedule(self.optimizer, optim.warmup_epochs, optim.milestones)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         batches = (settings.batch_size, settings.num_pos, settings.seed, self.dist)
@@ -196,7 +196,7 @@ class Trainer:
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """Adam (or SGD) over the network weights, in the paper's two learning-rate groups."""
-        return build_optimizer(model.named_parameters(), self.settings.optim, self.device)
+        return build_optimizer(model.named_parameters(), self.settings.optimizer, self.device)
 
     def build_evaluation(self) -> Evaluation:
         """The test protocol, scored with the live weights and the EMA."""
