@@ -29,6 +29,7 @@ from utils.engine.trainer import run_trainer
 def get_args_parser() -> argparse.ArgumentParser:
     """The search.py parser: the shared training parents plus the search options."""
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         description="Search the BN separation scheme of a CM-NAS network (shared/split per slot).",
         parents=[data_parser(), model_parser(), optim_parser(), search_parser()],
         formatter_class=HelpFormatter,

@@ -60,6 +60,7 @@ DEFAULT_IMG_SIZE = (256, 128)
 def get_args_parser() -> argparse.ArgumentParser:
     """The test.py parser (the authors' flag names plus a few of this project's)."""
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         description="Evaluate a checkpoint with a data set's test protocols.",
         parents=[data_parser(), checkpoint_parser("evaluate")],
         formatter_class=HelpFormatter,

@@ -32,6 +32,7 @@ log = logging.getLogger("train")
 def get_args_parser() -> argparse.ArgumentParser:
     """The train.py parser, built from the shared parent parsers."""
     return argparse.ArgumentParser(
+        allow_abbrev=False,
         description="Train a CM-NAS network for visible-infrared re-identification.",
         parents=[data_parser(), model_parser(), optim_parser()],
         formatter_class=HelpFormatter,

@@ -46,7 +46,7 @@ def load_results(paths: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print a Markdown table of mean +- std over the given result files."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+", help="test.py --save_json outputs")
     parser.add_argument("--save_json", default=None, help="write the summary here too")
     args = parser.parse_args(argv)

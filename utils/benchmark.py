@@ -101,6 +101,7 @@ FEATURE_DIM = 2048  # a ResNet-50's pool features, the usual input of re-ranking
 def get_args_parser() -> argparse.ArgumentParser:
     """The benchmark's options; sizes left out take the device's preset."""
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="python -m utils.benchmark",
         description="Benchmark training, features, metrics, re-ranking and the search (JSON).",
     )
@@ -224,7 +225,9 @@ def synthetic_train_set(img_size: tuple[int, int], seed: int = 0) -> TrainSet:
 def training_options(args: argparse.Namespace, workdir: Path, arch: Arch) -> argparse.Namespace:
     """train.py's options (the paper's recipe) at the benchmark's sizes; runs go to ``workdir``."""
     save_arch(arch, workdir / "arch.json")
-    parser = argparse.ArgumentParser(parents=[data_parser(), model_parser(), optim_parser()])
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, parents=[data_parser(), model_parser(), optim_parser()]
+    )
     channels_last = {True: ["--channels_last"], False: ["--no-channels_last"], None: []}
     return parser.parse_args([
         "--data_root", str(workdir), "--dataset", "sysu", "--config_path",

@@ -17,6 +17,8 @@ import torch
 from data.registry import REGISTERED, dataset_names, get_dataset
 from utils.base.errors import UserError
 
+# The re-ranking parameters of Zhong et al. (CVPR 2017), used when --rerank is given alone.
+RERANK_DEFAULTS = MappingProxyType({"k1": 20, "k2": 6, "lambda_value": 0.3})
 # The EMA decay each data set's authors used, by --dataset name (each data set declares its own).
 EMA_DECAY = MappingProxyType({dataset.name: dataset.ema_decay for dataset in REGISTERED})
 
@@ -50,7 +52,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def data_parser() -> argparse.ArgumentParser:
     """Options every tool shares: data, image size, device and precision."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
     group = parser.add_argument_group("data")
     titles = " or ".join(d.title for d in REGISTERED)
     group.add_argument("--data_root", required=True, help=f"{titles} root folder")
@@ -94,24 +96,32 @@ def data_parser() -> argparse.ArgumentParser:
         "Euclidean distances of the L2-normalised features (results are marked as such; "
         "never on by default)",
     )
+    # None: not given (refused without --rerank); RERANK_DEFAULTS fill them in.
     group.add_argument(
-        "--k1", type=int, default=20, help="re-ranking: k of the k-reciprocal neighbour sets"
+        "--k1",
+        type=int,
+        default=None,
+        help="re-ranking: k of the k-reciprocal neighbour sets (default 20)",
     )
     group.add_argument(
-        "--k2", type=int, default=6, help="re-ranking: neighbours of the local query expansion"
+        "--k2",
+        type=int,
+        default=None,
+        help="re-ranking: neighbours of the local query expansion, at most --k1 (default 6)",
     )
     group.add_argument(
         "--lambda_value",
         type=float,
-        default=0.3,
-        help="re-ranking: weight of the original distance against the Jaccard distance",
+        default=None,
+        help="re-ranking: weight of the original distance against the Jaccard distance "
+        "(default 0.3)",
     )
     return parser
 
 
 def checkpoint_parser(use: str) -> argparse.ArgumentParser:
     """Options of every tool that reads a trained checkpoint; ``use`` is what it does with it."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
     group = parser.add_argument_group("checkpoint")
     group.add_argument("--weights", required=True, help="checkpoint file (ours or the authors')")
     group.add_argument(
@@ -133,7 +143,7 @@ def checkpoint_parser(use: str) -> argparse.ArgumentParser:
 
 def model_parser() -> argparse.ArgumentParser:
     """Options that build the network."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
     group = parser.add_argument_group("model")
     group.add_argument(
         "--config_path",
@@ -148,7 +158,7 @@ def model_parser() -> argparse.ArgumentParser:
 
 def optim_parser() -> argparse.ArgumentParser:
     """Options of the training recipe shared by train.py and search.py."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
     group = parser.add_argument_group("training recipe (defaults: the paper's)")
     group.add_argument("--epochs", type=int, default=120, help="training epochs")
     group.add_argument(
@@ -317,6 +327,30 @@ def check_data_root(args: argparse.Namespace, parts: Sequence[str] = ("train", "
         dataset.check_test_images(args.data_root, split)
 
 
+def check_rerank_flags(args: argparse.Namespace) -> None:
+    """Check ``--k1``, ``--k2``, ``--lambda_value`` and fill in the defaults of those not given.
+
+    They take effect only with ``--rerank``: given without it, they are refused.
+    """
+    given = [flag for flag in RERANK_DEFAULTS if getattr(args, flag) is not None]
+    if given and not args.rerank:
+        shown = ", ".join(f"--{flag} {getattr(args, flag)}" for flag in given)
+        raise UserError(f"{shown}: takes effect only with --rerank (add it, or drop the flag)")
+    for flag, default in RERANK_DEFAULTS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
+    for flag in ("k1", "k2"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)}: expected an integer >= 1")
+    if "k2" in given and args.k2 > args.k1:
+        raise UserError(
+            f"--k2 {args.k2}: expected at most --k1 {args.k1} (the query expansion averages "
+            "neighbours among the k1 nearest)"
+        )
+    if not 0 <= args.lambda_value <= 1:
+        raise UserError(f"--lambda_value {args.lambda_value}: expected a value in [0, 1]")
+
+
 def check_common(args: argparse.Namespace) -> None:
     """Reject flag values that are out of range or inconsistent, one line each.
 
@@ -328,11 +362,7 @@ def check_common(args: argparse.Namespace) -> None:
         raise UserError(f"--img_h/--img_w {args.img_h}x{args.img_w}: expected at least 32x16")
     if args.test_batch < 1:
         raise UserError(f"--test_batch {args.test_batch}: expected a positive integer")
-    for flag in ("k1", "k2"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} {getattr(args, flag)}: expected an integer >= 1")
-    if not 0 <= args.lambda_value <= 1:
-        raise UserError(f"--lambda_value {args.lambda_value}: expected a value in [0, 1]")
+    check_rerank_flags(args)
     select_device(args.device)
     if not os.path.isdir(args.data_root):
         check_data_root(args)  # names what the folder should hold
@@ -387,6 +417,11 @@ def check_training(args: argparse.Namespace) -> None:
     if not 0 <= args.ema_decay < 1:
         raise UserError(
             f"--ema_decay {args.ema_decay}: expected a value in [0, 1) (0 disables the EMA)"
+        )
+    if args.ema_decay == 0 and args.ema_overwrite_every:
+        raise UserError(
+            f"--ema_overwrite_every {args.ema_overwrite_every}: takes effect only with an EMA "
+            "(--ema_decay 0 disables it; drop one of the two)"
         )
     resolve_ema_overwrite(args)
     if args.warmup_epochs < 0:

@@ -85,6 +85,7 @@ from utils.engine.rundir import (
     PENDING,
     RUN_FILES,
     EarlyLog,
+    check_not_held,
     check_run_dir,
     clear_run_dir,
     complete_epoch_record,
@@ -112,6 +113,8 @@ log = logging.getLogger(__name__)
 
 # The checkpoint entry saying that the EMA overwrite follows the save (see Trainer.train).
 OVERWRITE_PENDING = "ema_overwrite_pending"
+# The checkpoint entry of a mid-epoch save holding the seconds the epoch had run.
+EPOCH_TIME = "epoch_time_s"
 WEIGHTS_NOTE = (
     "live: the live model (the checkpoint's `model`, scored by test.py); "
     "ema: the EMA weights (its `ema`, test.py --ema)"
@@ -126,6 +129,8 @@ class Trainer:
     """Fixed training loop; subclasses override set-up or the step, never the loop."""
 
     kind = "train"
+    # The tool that runs this loop (its command line continues a stopped run).
+    script = "train.py"
     # What --overwrite removes of an earlier run in the folder.
     run_files: tuple[str, ...] = RUN_FILES
 
@@ -137,7 +142,7 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         seed_everything(args.seed + self.dist.rank, args.deterministic)
         self.out = run_dir(args, self.kind)
-        check_run_dir(self.out, args.resume or None, args.overwrite)
+        check_run_dir(self.out, args.resume or None, args.overwrite, self.script)
         if self.dist.is_main and (self.out / LOCK_FILE).exists():
             # A run still going in this folder is named now, before the costly set-up; the
             # lock is held from train() on.
@@ -195,15 +200,19 @@ class Trainer:
         # Where the run stands: the epoch and step being trained (0-based), steps so far.
         self.epoch = self.step = self.global_step = 0
         self.start_epoch = self.start_step = 0
+        # Seconds the epoch being trained had run before a resume (0 for a fresh epoch), and
+        # when the epoch being trained began (counting that time).
+        self.resumed_time = 0.0
+        self.epoch_started = time.time()
         self.last_good: Path | None = None
-        self.stop = StopRequest()
+        self.stop = StopRequest(self.script)
         # Epochs between copies of the EMA into the live model (0: never).
         self.overwrite_every = self.ema_overwrite_every() if self.ema is not None else 0
         # A resume from the end of an overwrite epoch owes the overwrite that followed its save.
         self.overwrite_pending = False
         self.lock = RunLock(self.out)
         if self.dist.is_main:
-            check_free_space(self.out, self.checkpoint_size())
+            check_free_space(self.out, self.checkpoint_size() * self.checkpoints_held())
 
     # ----- set-up, overridable -------------------------------------------------------------
     def build_data(self) -> TrainSet:
@@ -265,7 +274,11 @@ class Trainer:
         self.start_step = int(checkpoint.get("step_in_epoch", 0))
         self.global_step = int(checkpoint.get("global_step", 0))
         self.overwrite_pending = bool(checkpoint.get(OVERWRITE_PENDING)) and self.ema is not None
+        self.resumed_time = float(checkpoint.get(EPOCH_TIME, 0.0)) if self.start_step else 0.0
         self.last_good = Path(self.args.resume)
+        saved_lr = (checkpoint.get("args") or {}).get("lr")
+        if isinstance(saved_lr, (int, float)) and saved_lr > 0 and saved_lr != self.args.lr:
+            self.rescale_learning_rate(self.args.lr / saved_lr)
         log.info(
             "resumed from %s at epoch %d step %d (global step %d); run folder %s",
             self.args.resume,
@@ -273,6 +286,24 @@ class Trainer:
             self.start_step,
             self.global_step,
             self.out,
+        )
+
+    def rescale_learning_rate(self, scale: float) -> None:
+        """Continue the restored schedule at ``scale`` times its base rates (a changed ``--lr``).
+
+        The schedule's factor (warm-up, milestones) is kept; every parameter group's base rate
+        and current rate are multiplied.
+        """
+        self.scheduler.base_lrs = [base * scale for base in self.scheduler.base_lrs]
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["initial_lr"] = base
+            group["lr"] *= scale
+        log.warning(
+            "--lr %g applied to the resumed schedule: learning rate now %.4g (head), "
+            "%.4g (backbone)",
+            self.args.lr,
+            self.optimizer.param_groups[-1]["lr"],
+            self.optimizer.param_groups[0]["lr"],
         )
 
     def check_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
@@ -297,7 +328,11 @@ class Trainer:
         results = self._finish_resumed_epoch()
         for epoch in range(self.start_epoch, args.epochs):
             self.epoch = epoch
-            started = time.time()
+            # A resumed epoch's time counts the part trained before the stop too.
+            resumed = self.resumed_time if epoch == self.start_epoch else 0.0
+            self.epoch_started = time.time() - resumed
+            # The rate this epoch trains with (the schedule steps once per epoch, after it).
+            lr = self.optimizer.param_groups[-1]["lr"]
             losses = self.train_one_epoch(epoch)
             with warnings.catch_warnings():
                 # A run resumed at the end of an epoch steps the schedule before the optimizer
@@ -307,8 +342,8 @@ class Trainer:
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "step": self.global_step,
-                "lr": self.optimizer.param_groups[-1]["lr"],
-                "time_s": round(time.time() - started, 2),
+                "lr": lr,
+                "time_s": round(time.time() - self.epoch_started, 2),
                 **losses,
             }
             last = epoch + 1 == args.epochs
@@ -486,11 +521,16 @@ class Trainer:
         args = self.args
         if self.dist.is_main:
             self.lock.acquire()
+            # Another run may have used the folder between the start-up check and the lock.
+            check_not_held(self.out, args.resume or None, args.overwrite, self.script)
             prepare_run_dir(self.out)
-            if args.overwrite and not is_own_folder(self.out, args.resume):
+            if not is_own_folder(self.out, args.resume):
                 removed = clear_run_dir(self.out, self.run_files)
+                why = (
+                    "--overwrite" if args.overwrite else "a run stopped before its first checkpoint"
+                )
                 if removed:
-                    log.warning("--overwrite: removed %s from %s", ", ".join(removed), self.out)
+                    log.warning("%s: removed %s from %s", why, ", ".join(removed), self.out)
             stale = remove_temp_files(self.out)
             if stale:
                 log.warning(
@@ -520,6 +560,18 @@ class Trainer:
         size += per_weight * sum(p.numel() * p.element_size() for p in params)
         return size + MB
 
+    def checkpoints_held(self) -> int:
+        """How many checkpoints' worth of disk the run needs at its fullest.
+
+        The latest checkpoint and, while the next one is written, its temporary file (the
+        rename keeps the old file until the new one is complete), plus every periodic copy
+        still to be made (a hard link at first, it keeps its own data once the latest moves on).
+        """
+        first = int(self.resume_checkpoint["epoch"]) if self.resume_checkpoint else 0
+        every = self.args.save_freq
+        copies = sum(1 for e in range(first + 1, self.args.epochs + 1) if every and e % every == 0)
+        return 2 + copies
+
     def checkpoint_state(
         self, epoch: int, step_in_epoch: int, overwrite_pending: bool = False
     ) -> dict[str, Any]:
@@ -539,8 +591,9 @@ class Trainer:
         checkpoint.update(epoch=epoch, step_in_epoch=step_in_epoch)
         checkpoint.update(global_step=self.global_step, **self.state.state_dict())
         if step_in_epoch:
-            # The epoch's loss sums so far, so that its log record covers every step.
+            # The epoch's loss sums and time so far, so that its log record covers every step.
             checkpoint["epoch_losses"] = self.losses.state_dict()
+            checkpoint[EPOCH_TIME] = round(time.time() - self.epoch_started, 3)
         if overwrite_pending:
             checkpoint[OVERWRITE_PENDING] = True
         self._check_finite(checkpoint, epoch, step_in_epoch)
@@ -582,7 +635,10 @@ class Trainer:
         if self.last_good is None:
             advice = "none, no checkpoint saved yet (lower --lr, or check the data)"
         else:
-            advice = f"{self.last_good} (resume from it with a lower --lr, or check the data)"
+            advice = (
+                f"{self.last_good} (resume from it with a lower --lr, which the resumed schedule "
+                "takes, or check the data)"
+            )
         raise NonFiniteLoss(f"{what}; stopped without saving. Last good checkpoint: {advice}")
 
     # ----- evaluation -----------------------------------------------------------------------
