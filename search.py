@@ -12,9 +12,11 @@ on one part of the training identities, the alphas on the other (see
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 
+from data.registry import get_dataset
 from utils.base.cli import run_cli
 from utils.engine.options import (
     HelpFormatter,
@@ -22,7 +24,8 @@ from utils.engine.options import (
     model_parser,
     optim_parser,
 )
-from utils.engine.search import SearchTrainer, check_search, search_parser
+from utils.engine.search import ARCH_FILE, SearchTrainer, check_search, search_parser
+from utils.engine.stored_options import parse_resuming
 from utils.engine.trainer import run_trainer
 
 
@@ -42,11 +45,24 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, search, and write the derived architecture."""
-    args = get_args_parser().parse_args(argv)
+    args = parse_resuming(get_args_parser(), argv)
     check_search(args)
     trainer = SearchTrainer(args)
     trainer.resume()
-    return run_trainer(trainer)
+    code = run_trainer(trainer)
+    if code == 0 and (trainer.out / ARCH_FILE).is_file():
+        sys.stdout.write(f"train the architecture found with:\n  {train_command(args, trainer)}\n")
+    return code
+
+
+def train_command(args: argparse.Namespace, trainer: SearchTrainer) -> str:
+    """The train.py command line for the architecture the search wrote (same data and images)."""
+    words = ["python", "train.py", "--data_root", args.data_root, "--dataset", args.dataset]
+    if get_dataset(args.dataset).num_splits > 1:
+        words += ["--trial", str(args.trial)]
+    if (args.img_h, args.img_w) != (256, 128):
+        words += ["--img_h", str(args.img_h), "--img_w", str(args.img_w)]
+    return shlex.join([*words, "--config_path", str(trainer.out / ARCH_FILE)])
 
 
 if __name__ == "__main__":

@@ -36,12 +36,13 @@ import torch
 
 from data import ProtocolSettings, get_dataset
 from data.dataset import V2I_ROLES
+from data.registry import dataset_names
 from model import CMNASNet, read_checkpoint
 from model.checkpoint import is_authors_checkpoint
 from model.restore import model_from_checkpoint
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
-from utils.base.io import write_atomic, write_text_atomic
+from utils.base.io import DiskFull, write_atomic, write_text_atomic
 from utils.base.logger import setup_logging
 from utils.engine.options import (
     HelpFormatter,
@@ -51,6 +52,7 @@ from utils.engine.options import (
     data_parser,
     select_device,
 )
+from utils.engine.stored_options import stored_options
 
 log = logging.getLogger("test")
 # Image size of the paper (and of the authors' checkpoints).
@@ -111,8 +113,58 @@ def get_args_parser() -> argparse.ArgumentParser:
     # None: the checkpoint's (this project's), else the paper's 256x128. --trial names a split
     # where the data set has splits (default: the checkpoint's, else 1), otherwise a gallery draw
     # (default: all draws).
-    parser.set_defaults(img_h=None, img_w=None)
+    # --dataset None: the checkpoint's (this project's), else SYSU-MM01.
+    parser.set_defaults(img_h=None, img_w=None, dataset=None)
     return parser
+
+
+def resolve_dataset(args: argparse.Namespace) -> None:
+    """Fill ``--dataset`` from the checkpoint's training options (default: SYSU-MM01)."""
+    if args.dataset is not None:
+        return
+    try:
+        trained = stored_options(args.weights)
+    except UserError:
+        trained = {}  # the checkpoint's own check names the problem, after the flags'
+    name = trained.get("dataset")
+    args.dataset = name if name in dataset_names() else "sysu"
+    if name in dataset_names():
+        log.info("--dataset %s: the checkpoint's data set", name)
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Fail before any work unless every output can be written and none is the checkpoint."""
+    weights = Path(args.weights).resolve()
+    for flag, path in (("--save_json", args.save_json), ("--save_features", args.save_features)):
+        if not path:
+            continue
+        check_output_file(path, flag)
+        if Path(path).resolve() == weights:
+            raise UserError(
+                f"{flag} {path}: is the --weights checkpoint (it would be overwritten); "
+                "choose another file name"
+            )
+    if args.save_json and args.save_features:
+        if Path(args.save_json).resolve() == Path(args.save_features).resolve():
+            raise UserError(f"--save_features {args.save_features}: the same file as --save_json")
+    if args.visualize:
+        check_output_folder(rank_list_root(args) / "rank_lists", "--visualize")
+
+
+def check_output_folder(folder: Path, flag: str) -> None:
+    """Fail unless ``folder`` exists as a writable folder or can be created."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{flag}: cannot write {folder}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag}: cannot write {folder}: {probe} is not writable")
+
+
+def rank_list_root(args: argparse.Namespace) -> Path:
+    """Where ``--visualize`` writes its rank_lists/ folder: beside ``--save_json``, else ./."""
+    return Path(args.save_json).parent if args.save_json else Path(".")
 
 
 def check_output_file(path: str, flag: str) -> None:
@@ -145,11 +197,25 @@ def resolve_options(args: argparse.Namespace, checkpoint: dict[str, Any]) -> Non
     """Fill image size and split (``--trial``) from the checkpoint's training options."""
     trained = checkpoint.get("args") if not is_authors_checkpoint(checkpoint) else None
     trained = trained if isinstance(trained, dict) else {}
-    for flag, fallback in zip(("img_h", "img_w"), DEFAULT_IMG_SIZE, strict=True):
+    trained_size = [
+        int(trained.get(flag) or fallback)
+        for flag, fallback in zip(("img_h", "img_w"), DEFAULT_IMG_SIZE, strict=True)
+    ]
+    for flag, size in zip(flags, trained_size, strict=True):
         if getattr(args, flag) is None:
-            setattr(args, flag, int(trained.get(flag) or fallback))
+            setattr(args, flag, size)
     if args.img_h < 32 or args.img_w < 16:
         raise UserError(f"--img_h/--img_w {args.img_h}x{args.img_w}: expected at least 32x16")
+    if [args.img_h, args.img_w] != trained_size:
+        args.trained_size = tuple(trained_size)
+        log.warning(
+            "--img_h/--img_w %dx%d: %s was trained at %dx%d; features of another size "
+            "usually score lower",
+            args.img_h,
+            args.img_w,
+            args.weights,
+            *trained_size,
+        )
     dataset = get_dataset(args.dataset)
     if dataset.num_splits == 1:
         return
@@ -209,7 +275,7 @@ def write_rank_lists(args: argparse.Namespace, kept: list[Any]) -> None:
     from utils.evaluation.visualize import save_rank_lists
 
     dataset = get_dataset(args.dataset)
-    root = Path(args.save_json).parent if args.save_json else Path(".")
+    root = rank_list_root(args)
     for features in kept:
         protocol = features.protocol
         query, gallery = features.query, features.gallery_of(0)
@@ -258,6 +324,8 @@ def save_features(path: str, kept: list[Any], flip: bool) -> None:
     arrays = feature_arrays(kept, flip)
     try:
         write_atomic(path, lambda handle: np.savez(handle, **arrays))
+    except DiskFull as err:
+        raise UserError(f"--save_features {path}: {err}") from None
     except OSError as err:
         raise UserError(f"--save_features {path}: cannot write ({err.strerror})") from None
 
@@ -266,6 +334,8 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
     """Write ``payload`` through a temporary file and a rename (never half a file)."""
     try:
         write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
+    except DiskFull as err:
+        raise UserError(f"--save_json {path}: {err}") from None
     except OSError as err:
         raise UserError(f"--save_json {path}: cannot write ({err.strerror})") from None
 
@@ -274,15 +344,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, rebuild the model from its checkpoint, evaluate and report."""
     args = get_args_parser().parse_args(argv)
     setup_logging()
+    resolve_dataset(args)
     check_common(args)
     get_dataset(args.dataset).check_trial(args.trial, testing=True)
     protocol_settings(args)
     if args.visualize < 0:
         raise UserError(f"--visualize {args.visualize}: expected a number of queries >= 0")
-    if args.save_json:
-        check_output_file(args.save_json, "--save_json")
-    if args.save_features:
-        check_output_file(args.save_features, "--save_features")
+    check_outputs(args)
     device = select_device(args.device)
     checkpoint = read_checkpoint(args.weights)
     resolve_options(args, checkpoint)
@@ -293,9 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model.to(device).eval()
     kept: list[Any] | None = [] if args.visualize or args.save_features else None
     results, rows = run_tests(args, model, device, kept)
-    table = format_results(rows, args)
-    log.info("results:\n%s", table)
-    sys.stdout.write(table + "\n")
+    # The table goes to stdout only (the log on stderr would show it a second time).
+    sys.stdout.write(format_results(rows, args) + "\n")
     if args.save_json:
         from utils.evaluation.evaluate import rerank_settings
 
@@ -326,6 +393,9 @@ def format_results(rows: list[tuple[str, dict[str, float]]], args: argparse.Name
     rerank = rerank_settings(args)
     marks = (" (EMA)" if args.ema else "") + (" (flip)" if args.flip else "")
     marks += f" ({rerank.describe()})" if rerank is not None else ""
+    trained = getattr(args, "trained_size", None)
+    if trained is not None:
+        marks += f" (at {args.img_h}x{args.img_w}; trained at {trained[0]}x{trained[1]})"
     return format_table(rows, title=f"{args.weights}{marks}")
 
 

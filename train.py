@@ -25,6 +25,7 @@ from utils.engine.options import (
     model_parser,
     optim_parser,
 )
+from utils.engine.stored_options import parse_resuming
 
 log = logging.getLogger("train")
 
@@ -41,7 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, train, and run the final evaluation."""
-    args = get_args_parser().parse_args(argv)
+    args = parse_resuming(get_args_parser(), argv)
     check_training(args)
     from utils.engine.trainer import Trainer, run_trainer
 

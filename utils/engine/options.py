@@ -333,22 +333,22 @@ def check_rerank_flags(args: argparse.Namespace) -> None:
     They take effect only with ``--rerank``: given without it, they are refused.
     """
     given = [flag for flag in RERANK_DEFAULTS if getattr(args, flag) is not None]
-    if given and not args.rerank:
-        shown = ", ".join(f"--{flag} {getattr(args, flag)}" for flag in given)
-        raise UserError(f"{shown}: takes effect only with --rerank (add it, or drop the flag)")
     for flag, default in RERANK_DEFAULTS.items():
         if getattr(args, flag) is None:
             setattr(args, flag, default)
     for flag in ("k1", "k2"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)}: expected an integer >= 1")
+    if not 0 <= args.lambda_value <= 1:
+        raise UserError(f"--lambda_value {args.lambda_value}: expected a value in [0, 1]")
+    if given and not args.rerank:
+        shown = ", ".join(f"--{flag} {getattr(args, flag)}" for flag in given)
+        raise UserError(f"{shown}: takes effect only with --rerank (add it, or drop the flag)")
     if "k2" in given and args.k2 > args.k1:
         raise UserError(
             f"--k2 {args.k2}: expected at most --k1 {args.k1} (the query expansion averages "
             "neighbours among the k1 nearest)"
         )
-    if not 0 <= args.lambda_value <= 1:
-        raise UserError(f"--lambda_value {args.lambda_value}: expected a value in [0, 1]")
 
 
 def check_common(args: argparse.Namespace) -> None:

@@ -79,7 +79,7 @@ from utils.engine.build import (
     wrap_model,
 )
 from utils.engine.ema import ModelEMA
-from utils.engine.options import resolve_ema_overwrite, select_device
+from utils.engine.options import model_parser, resolve_ema_overwrite, select_device
 from utils.engine.rundir import (
     LATEST,
     PENDING,
@@ -121,6 +121,10 @@ WEIGHTS_NOTE = (
 )
 
 
+# The results' title when every slot is shared (train.py's default architecture).
+BASELINE_NOTE = "all-shared baseline (every BN slot shared)"
+
+
 class NonFiniteLoss(UserError):
     """The loss became NaN or infinite; the run stops and names its last good checkpoint."""
 
@@ -129,6 +133,8 @@ class Trainer:
     """Fixed training loop; subclasses override set-up or the step, never the loop."""
 
     kind = "train"
+    # Whether the network has no split slot (the all-shared baseline); set by build_model.
+    baseline = False
     # The tool that runs this loop (its command line continues a stopped run).
     script = "train.py"
     # What --overwrite removes of an earlier run in the folder.
@@ -235,6 +241,14 @@ class Trainer:
     def build_model(self) -> nn.Module:
         """The network of ``--config_path``, initialised from ``--pretrained``."""
         log.info("architecture %s: %s", self.args.config_path, self.arch.summary())
+        self.baseline = not self.arch.split_slots()
+        if self.baseline:
+            given = self.args.config_path != model_parser().get_default("config_path")
+            log.warning(
+                "%s: every BN slot is shared: this trains the all-shared baseline%s",
+                self.args.config_path,
+                "" if given else " (no --config_path given; pass a searched arch.json to train it)",
+            )
         return build_model(
             self.arch, self.train_set.num_classes, self.args.last_stride, self.args.pretrained
         )
@@ -701,6 +715,8 @@ class Trainer:
                         flat[f"{protocol}_{kind}_mAP"] = round(result[kind]["mAP"], 2)
                         rows.append((f"{protocol} {kind}{weights}", result[kind]))
                 title = WEIGHTS_NOTE if any("weights" in r for r in results.values()) else ""
+                if self.baseline:
+                    title = f"{BASELINE_NOTE}; {title}" if title else BASELINE_NOTE
                 table = format_table(rows, title)
                 log.info("evaluation%s:\n%s", " (final)" if final else "", table)
                 if final:
