@@ -144,9 +144,9 @@ def check_outputs(args: argparse.Namespace) -> None:
                 f"{flag} {path}: is the --weights checkpoint (it would be overwritten); "
                 "choose another file name"
             )
-    if args.save_json and args.save_features:
-        if Path(args.save_json).resolve() == Path(args.save_features).resolve():
-            raise UserError(f"--save_features {args.save_features}: the same file as --save_json")
+    same = args.save_json and args.save_features
+    if same and Path(args.save_json).resolve() == Path(args.save_features).resolve():
+        raise UserError(f"--save_features {args.save_features}: the same file as --save_json")
     if args.visualize:
         check_output_folder(rank_list_root(args) / "rank_lists", "--visualize")
 
@@ -197,9 +197,10 @@ def resolve_options(args: argparse.Namespace, checkpoint: dict[str, Any]) -> Non
     """Fill image size and split (``--trial``) from the checkpoint's training options."""
     trained = checkpoint.get("args") if not is_authors_checkpoint(checkpoint) else None
     trained = trained if isinstance(trained, dict) else {}
+    flags = ("img_h", "img_w")
     trained_size = [
         int(trained.get(flag) or fallback)
-        for flag, fallback in zip(("img_h", "img_w"), DEFAULT_IMG_SIZE, strict=True)
+        for flag, fallback in zip(flags, DEFAULT_IMG_SIZE, strict=True)
     ]
     for flag, size in zip(flags, trained_size, strict=True):
         if getattr(args, flag) is None:
