@@ -127,9 +127,8 @@ def resolve_dataset(args: argparse.Namespace) -> None:
     except UserError:
         trained = {}  # the checkpoint's own check names the problem, after the flags'
     name = trained.get("dataset")
+    # Said by the results' names (the table's rows start with the data set).
     args.dataset = name if name in dataset_names() else "sysu"
-    if name in dataset_names():
-        log.info("--dataset %s: the checkpoint's data set", name)
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -153,6 +152,7 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 def check_output_folder(folder: Path, flag: str) -> None:
     """Fail unless ``folder`` exists as a writable folder or can be created."""
+    folder = folder.absolute()
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
