@@ -30,9 +30,9 @@ import train
 from model import load_arch
 from utils.base.cli import run_cli
 from utils.base.lock import RunLock
-from utils.engine import trainer as engine
+from utils.engine import trainer as trainer_module
 from utils.engine.build import lr_factor
-from utils.engine.trainer import EPOCH_TIME, LATEST, Trainer
+from utils.engine.trainer import LATEST, Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread", "restore_determinism")
@@ -78,10 +78,11 @@ def test_a_run_killed_before_its_first_checkpoint_leaves_a_folder_the_same_comma
 ) -> None:
     argv = train_argv(toy_sysu, tmp_path, "first", "--test_freq", "0")
 
-    def killed(checkpoint: dict[str, Any], path: Path) -> None:
+    def killed(checkpoint: Any, handle: Any, *args: Any, **kwargs: Any) -> None:
+        handle.write(b"PK\x03\x04 part of a checkpoint")
         raise KeyboardInterrupt  # the process dies in the middle of its first save
 
-    monkeypatch.setattr(engine, "write_checkpoint", killed)
+    monkeypatch.setattr(torch, "save", killed)
     assert run_cli(train.main, argv) == 128 + signal.SIGINT
     monkeypatch.undo()
     run = tmp_path / "first"
@@ -182,22 +183,25 @@ def test_the_free_space_check_counts_every_checkpoint_the_run_holds(
     train_argv: Callable[..., list[str]],
     expect_error: Callable[..., str],
 ) -> None:
-    mb = 2**20
     real = shutil.disk_usage
 
-    def room_for_one_and_a_half(path: Any) -> Any:
+    def nearly_full(path: Any) -> Any:
         usage = real(path)
-        return usage._replace(free=15 * mb) if Path(path).is_relative_to(tmp_path) else usage
+        return usage._replace(free=100_000) if Path(path).is_relative_to(tmp_path) else usage
 
-    monkeypatch.setattr(shutil, "disk_usage", room_for_one_and_a_half)
-    monkeypatch.setattr(Trainer, "checkpoint_size", lambda self: 10 * mb)
-    # The latest checkpoint, its temporary file at the next save, and 2 periodic copies.
-    argv = train_argv(toy_sysu, tmp_path, "full", "--epochs", "2", "--save_freq", "1")
-    code = run_cli(train.main, argv)
-    expect_error(
-        code, capsys.readouterr().err, f"no space left on {tmp_path / 'full'}, need about 40 MB"
-    )
+    monkeypatch.setattr(shutil, "disk_usage", nearly_full)
+    need = {}
+    for epochs, save_freq in ((2, 0), (2, 1), (4, 1)):
+        argv = train_argv(toy_sysu, tmp_path, "full", "--epochs", str(epochs))
+        code = run_cli(train.main, [*argv, "--save_freq", str(save_freq)])
+        line = expect_error(code, capsys.readouterr().err, f"no space left on {tmp_path / 'full'}")
+        found = re.search(r"need about (\d+) MB", line)
+        assert found, line
+        need[epochs, save_freq] = int(found.group(1))
     assert not (tmp_path / "full").exists()
+    # The latest checkpoint and its temporary file (2), plus one per periodic copy (2, 4).
+    assert need[2, 1] == pytest.approx(2 * need[2, 0], rel=0.01)
+    assert need[4, 1] == pytest.approx(3 * need[2, 0], rel=0.01)
 
 
 def test_a_full_disk_hidden_in_torchs_writer_error_is_the_one_line_message(
@@ -277,15 +281,17 @@ def test_a_resumed_epoch_counts_the_time_trained_before_the_stop(
     monkeypatch: pytest.MonkeyPatch,
     train_argv: Callable[..., list[str]],
 ) -> None:
-    state = Trainer.checkpoint_state
+    class SlowClock:
+        """The trainer's clock: 1000 s pass between two readings."""
 
-    def long_first_part(self: Trainer, *where: Any, **kwargs: Any) -> dict[str, Any]:
-        checkpoint = state(self, *where, **kwargs)
-        if EPOCH_TIME in checkpoint:
-            checkpoint[EPOCH_TIME] = 1000.0  # the part before the stop took 1000 s
-        return checkpoint
+        def __init__(self) -> None:
+            self.now = 0.0
 
-    monkeypatch.setattr(Trainer, "checkpoint_state", long_first_part)
+        def time(self) -> float:
+            self.now += 1000.0
+            return self.now
+
+    monkeypatch.setattr(trainer_module, "time", SlowClock())
     _stop_at_step(monkeypatch, 1)
     argv = train_argv(toy_sysu, tmp_path, "slow", "--test_freq", "0")
     assert run_cli(train.main, argv) == 128 + signal.SIGTERM
