@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,16 +31,6 @@ DEPENDS_ON = {
     "lambda_value": "rerank",
     "ema_overwrite_every": "ema_decay",
 }
-
-
-def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
-    """The destinations of the options written out in ``argv`` (abbreviations are refused)."""
-    words = {word.split("=", 1)[0] for word in argv if word.startswith("-")}
-    return {
-        action.dest
-        for action in parser._actions  # noqa: SLF001 - argparse offers no public listing
-        if words.intersection(action.option_strings)
-    }
 
 
 def stored_options(path: str) -> dict[str, Any]:
@@ -60,8 +51,6 @@ def parse_resuming(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
 ) -> argparse.Namespace:
     """Parse ``argv``; with ``--resume CKPT``, the checkpoint's stored options are the defaults."""
-    import sys
-
     words = list(sys.argv[1:] if argv is None else argv)
     probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     probe.add_argument("--resume", default="")
