@@ -12,9 +12,11 @@ on one part of the training identities, the alphas on the other (see
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 
+from data.registry import get_dataset
 from utils.base.cli import run_cli
 from utils.engine.options import (
     HelpFormatter,
@@ -23,13 +25,15 @@ from utils.engine.options import (
     optim_parser,
     search_settings,
 )
-from utils.engine.search import SearchTrainer, search_parser
+from utils.engine.search import ARCH_FILE, SearchTrainer, search_parser
+from utils.engine.stored_options import parse_resuming
 from utils.engine.trainer import run_trainer
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The search.py parser: the shared training parents plus the search options."""
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         description="Search the BN separation scheme of a CM-NAS network (shared/split per slot).",
         parents=[data_parser(), model_parser(), optim_parser(), search_parser()],
         formatter_class=HelpFormatter,
@@ -42,10 +46,24 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, search, and write the derived architecture."""
-    settings = search_settings(get_args_parser().parse_args(argv))
+    settings = search_settings(parse_resuming(get_args_parser(), argv))
     trainer = SearchTrainer(settings)
     trainer.resume()
-    return run_trainer(trainer)
+    code = run_trainer(trainer)
+    if code == 0 and (trainer.out / ARCH_FILE).is_file():
+        sys.stdout.write(f"train the architecture found with:\n  {train_command(trainer)}\n")
+    return code
+
+
+def train_command(trainer: SearchTrainer) -> str:
+    """The train.py command line for the architecture the search wrote (same data and images)."""
+    data = trainer.settings.data
+    words = ["python", "train.py", "--data_root", data.data_root, "--dataset", data.dataset]
+    if get_dataset(data.dataset).num_splits > 1:
+        words += ["--trial", str(data.trial)]
+    if data.img_size != (256, 128):
+        words += ["--img_h", str(data.img_h), "--img_w", str(data.img_w)]
+    return shlex.join([*words, "--config_path", str(trainer.out / ARCH_FILE)])
 
 
 if __name__ == "__main__":

@@ -36,12 +36,13 @@ import torch
 
 from data import ProtocolSettings, get_dataset
 from data.dataset import V2I_ROLES
+from data.registry import dataset_names
 from model import CMNASNet, read_checkpoint
 from model.checkpoint import is_authors_checkpoint
 from model.restore import model_from_checkpoint
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
-from utils.base.io import write_atomic, write_text_atomic
+from utils.base.io import DiskFull, write_atomic, write_text_atomic
 from utils.base.logger import setup_logging
 from utils.engine.build import check_data_root, select_device
 from utils.engine.options import (
@@ -52,6 +53,7 @@ from utils.engine.options import (
     evaluation_settings,
 )
 from utils.engine.settings import DataSettings, EvalSettings
+from utils.engine.stored_options import stored_options
 
 log = logging.getLogger("test")
 # Image size of the paper (and of the authors' checkpoints).
@@ -61,6 +63,7 @@ DEFAULT_IMG_SIZE = (256, 128)
 def get_args_parser() -> argparse.ArgumentParser:
     """The test.py parser (the authors' flag names plus a few of this project's)."""
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         description="Evaluate a checkpoint with a data set's test protocols.",
         parents=[data_parser(), checkpoint_parser("evaluate")],
         formatter_class=HelpFormatter,
@@ -111,8 +114,80 @@ def get_args_parser() -> argparse.ArgumentParser:
     # None: the checkpoint's (this project's), else the paper's 256x128. --trial names a split
     # where the data set has splits (default: the checkpoint's, else 1), otherwise a gallery draw
     # (default: all draws).
-    parser.set_defaults(img_h=None, img_w=None)
+    # --dataset None: the checkpoint's (this project's), else SYSU-MM01.
+    parser.set_defaults(img_h=None, img_w=None, dataset=None)
     return parser
+
+
+def resolve_dataset(args: argparse.Namespace) -> None:
+    """Fill ``--dataset`` from the checkpoint's training options (default: SYSU-MM01)."""
+    if args.dataset is not None:
+        return
+    try:
+        trained = stored_options(args.weights)
+    except UserError:
+        trained = {}  # the checkpoint's own check names the problem, after the flags'
+    name = trained.get("dataset")
+    # Said by the results' names (the table's rows start with the data set).
+    args.dataset = name if name in dataset_names() else "sysu"
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Fail before any work unless every output can be written and none is the checkpoint."""
+    weights = Path(args.weights).resolve()
+    for flag, path in (("--save_json", args.save_json), ("--save_features", args.save_features)):
+        if not path:
+            continue
+        check_output_file(path, flag)
+        if Path(path).resolve() == weights:
+            raise UserError(
+                f"{flag} {path}: is the --weights checkpoint (it would be overwritten); "
+                "choose another file name"
+            )
+    same = args.save_json and args.save_features
+    if same and Path(args.save_json).resolve() == Path(args.save_features).resolve():
+        raise UserError(f"--save_features {args.save_features}: the same file as --save_json")
+    if args.visualize:
+        check_output_folder(rank_list_root(args) / "rank_lists", "--visualize")
+
+
+def check_output_folder(folder: Path, flag: str) -> None:
+    """Fail unless ``folder`` exists as a writable folder or can be created."""
+    folder = folder.absolute()
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{flag}: cannot write {folder}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag}: cannot write {folder}: {probe} is not writable")
+
+
+def rank_list_root(args: argparse.Namespace) -> Path:
+    """Where ``--visualize`` writes its rank_lists/ folder: beside ``--save_json``, else ./."""
+    return Path(args.save_json).parent if args.save_json else Path(".")
+
+
+def size_note(weights: str, checkpoint: dict[str, Any], data: DataSettings) -> str:
+    """Warn when ``data``'s image size is not the one the checkpoint was trained at; returns the
+    table title's mark for it (empty at the trained size)."""
+    trained = checkpoint.get("args") if not is_authors_checkpoint(checkpoint) else None
+    trained = trained if isinstance(trained, dict) else {}
+    flags = ("img_h", "img_w")
+    size = tuple(
+        int(trained.get(flag) or fallback)
+        for flag, fallback in zip(flags, DEFAULT_IMG_SIZE, strict=True)
+    )
+    if data.img_size == size:
+        return ""
+    log.warning(
+        "--img_h/--img_w %dx%d: %s was trained at %dx%d; features of another size usually "
+        "score lower",
+        *data.img_size,
+        weights,
+        *size,
+    )
+    return f" (at {data.img_h}x{data.img_w}; trained at {size[0]}x{size[1]})"
 
 
 def check_output_file(path: str, flag: str) -> None:
@@ -257,6 +332,8 @@ def save_features(path: str, kept: list[Any], flip: bool) -> None:
     arrays = feature_arrays(kept, flip)
     try:
         write_atomic(path, lambda handle: np.savez(handle, **arrays))
+    except DiskFull as err:
+        raise UserError(f"--save_features {path}: {err}") from None
     except OSError as err:
         raise UserError(f"--save_features {path}: cannot write ({err.strerror})") from None
 
@@ -265,6 +342,8 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
     """Write ``payload`` through a temporary file and a rename (never half a file)."""
     try:
         write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
+    except DiskFull as err:
+        raise UserError(f"--save_json {path}: {err}") from None
     except OSError as err:
         raise UserError(f"--save_json {path}: cannot write ({err.strerror})") from None
 
@@ -273,18 +352,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, rebuild the model from its checkpoint, evaluate and report."""
     args = get_args_parser().parse_args(argv)
     setup_logging()
+    resolve_dataset(args)
     evaluation = evaluation_settings(args)
     get_dataset(args.dataset).check_trial(args.trial, testing=True)
     protocols = protocol_settings(args)
     if args.visualize < 0:
         raise UserError(f"--visualize {args.visualize}: expected a number of queries >= 0")
-    if args.save_json:
-        check_output_file(args.save_json, "--save_json")
-    if args.save_features:
-        check_output_file(args.save_features, "--save_features")
+    check_outputs(args)
     device = select_device(args.device)
     checkpoint = read_checkpoint(args.weights)
     data = resolve_data(args, checkpoint)
+    marks = size_note(args.weights, checkpoint, data)
     check_data_root(data.dataset, data.data_root, data.trial, parts=("test",))
     model = model_from_checkpoint(
         args.weights, checkpoint, args.config_path, args.last_stride, args.ema
@@ -292,9 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model.to(device).eval()
     kept: list[Any] | None = [] if args.visualize or args.save_features else None
     results, rows = run_tests(data, evaluation, protocols, model, device, kept)
-    table = format_results(rows, args.weights, args.ema, evaluation)
-    log.info("results:\n%s", table)
-    sys.stdout.write(table + "\n")
+    # The table goes to stdout only (the log on stderr would show it a second time).
+    sys.stdout.write(format_results(rows, args.weights + marks, args.ema, evaluation) + "\n")
     if args.save_json:
         payload = {
             "weights": args.weights,
@@ -311,15 +388,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_features(args.save_features, kept or [], evaluation.flip)
         log.info("wrote %s", args.save_features)
     if args.visualize:
-        root = Path(args.save_json).parent if args.save_json else Path(".")
-        write_rank_lists(data.dataset, root, args.visualize, kept or [])
+        write_rank_lists(data.dataset, rank_list_root(args), args.visualize, kept or [])
     return 0
 
 
 def format_results(
     rows: list[tuple[str, dict[str, float]]], weights: str, ema: bool, evaluation: EvalSettings
 ) -> str:
-    """The printed table, titled with the weights it scored and how (EMA, flip, re-ranking)."""
+    """The printed table, titled with the weights it scored (``weights``, with a note of another
+    image size) and how (EMA, flip, re-ranking)."""
     from utils.evaluation.evaluate import format_table
 
     rerank = evaluation.rerank

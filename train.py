@@ -25,6 +25,7 @@ from utils.engine.options import (
     optim_parser,
     training_settings,
 )
+from utils.engine.stored_options import parse_resuming
 
 log = logging.getLogger("train")
 
@@ -32,6 +33,7 @@ log = logging.getLogger("train")
 def get_args_parser() -> argparse.ArgumentParser:
     """The train.py parser, built from the shared parent parsers."""
     return argparse.ArgumentParser(
+        allow_abbrev=False,
         description="Train a CM-NAS network for visible-infrared re-identification.",
         parents=[data_parser(), model_parser(), optim_parser()],
         formatter_class=HelpFormatter,
@@ -40,7 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, train, and run the final evaluation."""
-    settings = training_settings(get_args_parser().parse_args(argv))
+    settings = training_settings(parse_resuming(get_args_parser(), argv))
     from utils.engine.trainer import Trainer, run_trainer
 
     trainer = Trainer(settings)

@@ -91,7 +91,7 @@ def test_test_regdb_runs_and_aggregates_trials(
             got = summary[f"regdb {direction}"][kind]
             ranks = [v[kind]["rank1"] for v in values]
             assert got["rank1"] == pytest.approx(statistics.mean(ranks))
-            assert got["rank1_std"] == pytest.approx(statistics.pstdev(ranks))
+            assert got["rank1_std"] == pytest.approx(statistics.stdev(ranks))  # sample std
         # Trial t was trained on trial t: each score is that run's own final evaluation.
         own = json.loads((regdb_runs / "regdb_trial2" / "results.json").read_text())
         # (--ema: the EMA weights, which the final evaluation reports as regdb_<direction>_ema.)

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Read ``src`` (JSON or .cfg) and write ``dst`` in the format its extension names."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("src", help="architecture to read (.json or the authors' .cfg)")
     parser.add_argument("dst", help="file to write: .cfg for the authors' format, else JSON")
     parser.add_argument(

@@ -315,7 +315,7 @@ def readme(text: str, pictures: Sequence[tuple[str, Path]], out: Path, intro: st
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo pipeline, print its results table and write its README.md."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo", help="folder for data, runs and results")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="data/run seeds")
     parser.add_argument(

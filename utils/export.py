@@ -43,6 +43,7 @@ BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_trac
 def get_args_parser() -> argparse.ArgumentParser:
     """The export parser."""
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="python -m utils.export",
         description="Export a checkpoint as one plain torchvision-layout ResNet per modality.",
         parents=[checkpoint_parser("export")],

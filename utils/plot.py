@@ -340,7 +340,9 @@ def plot_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Draw a run's training curves from its log.jsonl."""
-    parser = argparse.ArgumentParser(description="Draw a run's training curves.")
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description="Draw a run's training curves."
+    )
     parser.add_argument("run_dir", help="run folder holding log.jsonl")
     parser.add_argument("--out", default=None, help=f"PNG to write (default RUN_DIR/{CURVES_NAME})")
     args = parser.parse_args(argv)

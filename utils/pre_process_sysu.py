@@ -21,7 +21,8 @@ logger = logging.getLogger("pre_process_sysu")
 def get_args_parser() -> argparse.ArgumentParser:
     """Return the command-line parser."""
     parser = argparse.ArgumentParser(
-        description="Decode and resize the SYSU-MM01 training images into a reusable cache."
+        allow_abbrev=False,
+        description="Decode and resize the SYSU-MM01 training images into a reusable cache.",
     )
     parser.add_argument("--data_root", required=True, help="SYSU-MM01 folder (cam1..cam6, exp/)")
     parser.add_argument("--img_h", type=int, default=256, help="image height after resizing")

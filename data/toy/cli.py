@@ -15,6 +15,7 @@ from utils.base.cli import run_cli
 def _parser() -> argparse.ArgumentParser:
     """Build the command-line parser."""
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="python -m data.toy",
         description="Write a synthetic SYSU-MM01, RegDB or LLCM data set in its real layout.",
     )

@@ -88,11 +88,39 @@ def write_atomic(
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as err:
+        full = _is_disk_full(err) or _no_space_left(path.parent)
         Path(tmp).unlink(missing_ok=True)
-        if _is_disk_full(err):
-            raise disk_full(path.parent, written + MB) from None
-        raise
+        _reraise(err, full, path.parent, written + MB)
     fsync_dir(path.parent)
+
+
+def _reraise(err: BaseException, full: bool, folder: Path, need_bytes: int) -> None:
+    """Raise what a failed write means to the user: its stop signal, a full disk, or ``err``.
+
+    A signal handler that raises inside a library's writer (torch's zip writer calls back into
+    Python for every record) makes the writer fail with its own error ("unexpected pos"); the
+    stop (a KeyboardInterrupt in ``err``'s context), not that error, is what the user must see.
+    """
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            raise seen from None
+        seen = seen.__context__
+    if full:
+        raise disk_full(folder, need_bytes) from None
+    raise err
+
+
+def _no_space_left(folder: Path) -> bool:
+    """Whether the file system of ``folder`` is (nearly) full: under 1 MB free.
+
+    A writer that hides the ENOSPC under its own message (torch's "unexpected pos") is
+    recognised by the disk it leaves full.
+    """
+    try:
+        return shutil.disk_usage(folder).free < MB
+    except OSError:
+        return False
 
 
 def _is_disk_full(err: BaseException) -> bool:
@@ -126,10 +154,9 @@ def copy_atomic(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Non
                 os.fsync(handle.fileno())
         os.replace(tmp, dst)
     except BaseException as err:
+        full = _is_disk_full(err) or _no_space_left(dst.parent)
         tmp.unlink(missing_ok=True)
-        if _is_disk_full(err):
-            raise disk_full(dst.parent, src.stat().st_size) from None
-        raise
+        _reraise(err, full, dst.parent, src.stat().st_size)
     fsync_dir(dst.parent)
 
 

@@ -45,6 +45,7 @@ INTEGERS = (
 def get_args_parser() -> argparse.ArgumentParser:
     """The benchmark's options; sizes left out take the device's preset."""
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="python -m utils.benchmark",
         description="Benchmark training, features, metrics, re-ranking and the search (JSON).",
     )

@@ -95,37 +95,45 @@ class Checkpointer:
         self.last_good: Path | None = None
 
     @staticmethod
-    def check_folder(out: Path, resume: str, overwrite: bool, dist: DistInfo) -> None:
+    def check_folder(
+        out: Path, resume: str, overwrite: bool, dist: DistInfo, script: str = "train.py"
+    ) -> None:
         """Refuse a run folder that holds another run (see :func:`check_run_dir`) or one that a
-        run still going holds, before the costly set-up; its lock is taken from the start."""
-        check_run_dir(out, resume or None, overwrite)
+        run still going holds, before the costly set-up; its lock is taken from the start.
+        ``script`` is the tool whose command line continues a run (named in the refusal)."""
+        check_run_dir(out, resume or None, overwrite, script)
         if dist.is_main and (out / LOCK_FILE).exists():
             RunLock(out).acquire().release()
 
     def check_space(
-        self, model: nn.Module, has_ema: bool, optimizer: torch.optim.Optimizer
+        self, model: nn.Module, has_ema: bool, optimizer: torch.optim.Optimizer, held: int = 1
     ) -> None:
-        """Refuse a run whose folder's disk cannot hold one more checkpoint (rank 0)."""
+        """Refuse a run whose folder's disk cannot hold ``held`` more checkpoints (rank 0)."""
         if self.dist.is_main:
-            check_free_space(self.out, checkpoint_size(model, has_ema, optimizer))
+            check_free_space(self.out, held * checkpoint_size(model, has_ema, optimizer))
 
     def open_folder(
-        self, clear: bool, run_files: Sequence[str], resumed_at: int | None = None
+        self,
+        check: Callable[[], str | None],
+        run_files: Sequence[str],
+        resumed_at: int | None = None,
     ) -> None:
-        """Lock and create the run folder and tidy it (``clear``: remove an old run's files).
+        """Lock and create the run folder and tidy it.
 
         Rank 0 holds the folder's lock for the run's life (the kernel drops it when the process
-        ends), taken before anything is written there; then an old run is cleared on
-        --overwrite and temporary files that killed writes left are removed. A run resumed
-        after ``resumed_at`` epochs drops the later epochs' records from its log.jsonl.
+        ends), taken before anything is written there. Under the lock ``check()`` refuses the
+        folder (raising) or says why an old run's ``run_files`` go (None: they stay); then
+        temporary files that killed writes left are removed. A run resumed after
+        ``resumed_at`` epochs drops the later epochs' records from its log.jsonl.
         """
         if self.dist.is_main:
             self.lock.acquire()
+            why = check()
             prepare_run_dir(self.out)
-            if clear:
+            if why:
                 removed = clear_run_dir(self.out, run_files)
                 if removed:
-                    log.warning("--overwrite: removed %s from %s", ", ".join(removed), self.out)
+                    log.warning("%s: removed %s from %s", why, ", ".join(removed), self.out)
             stale = remove_temp_files(self.out)
             if stale:
                 log.warning(
@@ -218,5 +226,8 @@ class Checkpointer:
         if self.last_good is None:
             advice = "none, no checkpoint saved yet (lower --lr, or check the data)"
         else:
-            advice = f"{self.last_good} (resume from it with a lower --lr, or check the data)"
+            advice = (
+                f"{self.last_good} (resume from it with a lower --lr, which the resumed schedule "
+                "takes, or check the data)"
+            )
         raise NonFiniteLoss(f"{what}; stopped without saving. Last good checkpoint: {advice}")

@@ -95,6 +95,9 @@ def evaluated_weights(model: nn.Module, ema: nn.Module | None) -> list[tuple[str
 class Evaluation(ABC):
     """A training-time evaluation, run on rank 0, and the epoch records of the run in ``out``."""
 
+    # Said first in the results' title (e.g. that the network is the all-shared baseline).
+    note = ""
+
     def __init__(self, out: Path, dist: DistInfo) -> None:
         self.out = out
         self.dist = dist
@@ -142,6 +145,8 @@ class Evaluation(ABC):
                 flat[f"{protocol}_{kind}_mAP"] = round(result[kind]["mAP"], 2)
                 rows.append((f"{protocol} {kind}{weights}", result[kind]))
         title = WEIGHTS_NOTE if any("weights" in r for r in results.values()) else ""
+        if self.note:
+            title = f"{self.note}; {title}" if title else self.note
         table = format_table(rows, title)
         log.info("evaluation%s:\n%s", " (final)" if final else "", table)
         if final:

@@ -34,6 +34,8 @@ from utils.evaluation.rerank import RerankSettings
 log = logging.getLogger(__name__)
 
 # The EMA decay each data set's authors used, by --dataset name (each data set declares its own).
+# The re-ranking parameters of Zhong et al. (CVPR 2017), used when --rerank is given alone.
+RERANK_DEFAULTS = MappingProxyType({"k1": 20, "k2": 6, "lambda_value": 0.3})
 EMA_DECAY = MappingProxyType({dataset.name: dataset.ema_decay for dataset in REGISTERED})
 
 
@@ -66,7 +68,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def data_parser() -> argparse.ArgumentParser:
     """Options every tool shares: data, image size, device and precision."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     group = parser.add_argument_group("data")
     titles = " or ".join(d.title for d in REGISTERED)
     group.add_argument("--data_root", required=True, help=f"{titles} root folder")
@@ -110,24 +112,32 @@ def data_parser() -> argparse.ArgumentParser:
         "Euclidean distances of the L2-normalised features (results are marked as such; "
         "never on by default)",
     )
+    # None: not given (refused without --rerank); RERANK_DEFAULTS fill them in.
     group.add_argument(
-        "--k1", type=int, default=20, help="re-ranking: k of the k-reciprocal neighbour sets"
+        "--k1",
+        type=int,
+        default=None,
+        help="re-ranking: k of the k-reciprocal neighbour sets (default 20)",
     )
     group.add_argument(
-        "--k2", type=int, default=6, help="re-ranking: neighbours of the local query expansion"
+        "--k2",
+        type=int,
+        default=None,
+        help="re-ranking: neighbours of the local query expansion, at most --k1 (default 6)",
     )
     group.add_argument(
         "--lambda_value",
         type=float,
-        default=0.3,
-        help="re-ranking: weight of the original distance against the Jaccard distance",
+        default=None,
+        help="re-ranking: weight of the original distance against the Jaccard distance "
+        "(default 0.3)",
     )
     return parser
 
 
 def checkpoint_parser(use: str) -> argparse.ArgumentParser:
     """Options of every tool that reads a trained checkpoint; ``use`` is what it does with it."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     group = parser.add_argument_group("checkpoint")
     group.add_argument("--weights", required=True, help="checkpoint file (ours or the authors')")
     group.add_argument(
@@ -149,7 +159,7 @@ def checkpoint_parser(use: str) -> argparse.ArgumentParser:
 
 def model_parser() -> argparse.ArgumentParser:
     """Options that build the network."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     group = parser.add_argument_group("model")
     group.add_argument(
         "--config_path",
@@ -164,7 +174,7 @@ def model_parser() -> argparse.ArgumentParser:
 
 def optim_parser() -> argparse.ArgumentParser:
     """Options of the training recipe shared by train.py and search.py."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     group = parser.add_argument_group("training recipe (defaults: the paper's)")
     group.add_argument("--epochs", type=int, default=120, help="training epochs")
     group.add_argument(
@@ -310,15 +320,35 @@ def _bookkeeping_options(group: argparse._ArgumentGroup) -> None:
 
 
 # ----- from the flags to the settings ---------------------------------------------------------
-def evaluation_settings(args: argparse.Namespace) -> EvalSettings:
-    """The feature and ranking flags, checked (device, batch, re-ranking parameters)."""
-    if args.test_batch < 1:
-        raise UserError(f"--test_batch {args.test_batch}: expected a positive integer")
+def check_rerank_flags(args: argparse.Namespace) -> None:
+    """Check ``--k1``, ``--k2``, ``--lambda_value`` and fill in the defaults of those not given.
+
+    They take effect only with ``--rerank``: given without it, they are refused.
+    """
+    given = [flag for flag in RERANK_DEFAULTS if getattr(args, flag) is not None]
+    for flag, default in RERANK_DEFAULTS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
     for flag in ("k1", "k2"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)}: expected an integer >= 1")
     if not 0 <= args.lambda_value <= 1:
         raise UserError(f"--lambda_value {args.lambda_value}: expected a value in [0, 1]")
+    if given and not args.rerank:
+        shown = ", ".join(f"--{flag} {getattr(args, flag)}" for flag in given)
+        raise UserError(f"{shown}: takes effect only with --rerank (add it, or drop the flag)")
+    if "k2" in given and args.k2 > args.k1:
+        raise UserError(
+            f"--k2 {args.k2}: expected at most --k1 {args.k1} (the query expansion averages "
+            "neighbours among the k1 nearest)"
+        )
+
+
+def evaluation_settings(args: argparse.Namespace) -> EvalSettings:
+    """The feature and ranking flags, checked (device, batch, re-ranking parameters)."""
+    if args.test_batch < 1:
+        raise UserError(f"--test_batch {args.test_batch}: expected a positive integer")
+    check_rerank_flags(args)
     select_device(args.device)
     rerank = RerankSettings(args.k1, args.k2, args.lambda_value) if args.rerank else None
     return EvalSettings(args.device, args.amp, args.test_batch, args.flip, rerank, args.mode)
@@ -374,6 +404,11 @@ def _ema(args: argparse.Namespace) -> tuple[float, int]:
     if not 0 <= decay < 1:
         raise UserError(f"--ema_decay {decay}: expected a value in [0, 1) (0 disables the EMA)")
     every = args.ema_overwrite_every
+    if decay == 0 and every:
+        raise UserError(
+            f"--ema_overwrite_every {every}: takes effect only with an EMA "
+            "(--ema_decay 0 disables it; drop one of the two)"
+        )
     if every is not None and every < 0:
         raise UserError(f"--ema_overwrite_every {every}: expected a value >= 0 (0: never)")
     if not args.ema_overwrite:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ from utils.base.logger import setup_logging
 log = logging.getLogger(__name__)
 
 LATEST = "checkpoint_latest.pth"
-# Files whose presence means a folder already holds a run.
-RUN_MARKERS = ("log.jsonl", LATEST)
+# Files whose presence means a folder already holds a run that can be continued: a checkpoint.
+# A folder with logs but no checkpoint (a run killed before its first save) may be taken over.
+RUN_MARKERS = (LATEST, "checkpoint_*.pth")
 # What ``--overwrite`` removes of an earlier run (a variant adds its own outputs).
 RUN_FILES = ("log.txt", "log.jsonl", "results.json", "results.md", "checkpoint_*.pth")
 
@@ -42,13 +44,52 @@ def is_own_folder(path: Path, resume: str | os.PathLike[str] | None) -> bool:
     return bool(resume) and path.resolve() == Path(resume).resolve().parent  # type: ignore[arg-type]
 
 
+def held_run(path: Path) -> list[str]:
+    """The checkpoints showing that the folder ``path`` holds a run (none: the folder is free)."""
+    held = {old.name for pattern in RUN_MARKERS for old in path.glob(pattern) if old.is_file()}
+    return sorted(held, key=lambda name: (name != LATEST, name))
+
+
+def resume_command(checkpoint: Path, script: str) -> str:
+    """The command line that continues a run from ``checkpoint`` (it takes the stored options)."""
+    return shlex.join(["python", script, "--resume", str(checkpoint)])
+
+
+def check_not_held(
+    path: Path,
+    resume: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    script: str = "train.py",
+) -> None:
+    """Refuse the folder ``path`` if it holds another run's checkpoints (see :func:`held_run`).
+
+    The folder of the checkpoint being resumed (``resume``) and ``overwrite`` are allowed.
+    ``script`` is the tool whose command line continues the run (named in the message).
+    """
+    held = held_run(path)
+    if not held or is_own_folder(path, resume) or overwrite:
+        return
+    shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+    if resume:
+        hint = "resume it with --resume PATH without --note"
+    else:
+        latest = path / (LATEST if LATEST in held else held[-1])
+        hint = f"continue it with `{resume_command(latest, script)}`"
+    raise UserError(
+        f"--save/--note: the run folder {path} already holds a run ({shown}); {hint}, choose "
+        "another --note or --save, or start over with --overwrite"
+    )
+
+
 def check_run_dir(
-    path: Path, resume: str | os.PathLike[str] | None = None, overwrite: bool = False
+    path: Path,
+    resume: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    script: str = "train.py",
 ) -> None:
     """Check, without creating anything, that the run folder ``path`` can be created and used.
 
-    A folder that already holds a run is refused, unless it is the folder of the checkpoint
-    being resumed (``resume``) or ``overwrite`` is set.
+    A folder that already holds a run is refused (see :func:`check_not_held`).
     """
     flag = "--save"
     if path.exists():
@@ -56,18 +97,7 @@ def check_run_dir(
             raise UserError(f"--save/--note: the run folder {path} is a file, not a folder")
         if not os.access(path, os.W_OK | os.X_OK):
             raise UserError(f"--save/--note: the run folder {path} is not writable")
-        held = [name for name in RUN_MARKERS if (path / name).exists()]
-        if held and not is_own_folder(path, resume) and not overwrite:
-            hint = (
-                "resume it with --resume PATH without --note"
-                if resume
-                else f"continue it with --resume {path / LATEST}"
-            )
-            raise UserError(
-                f"--save/--note: the run folder {path} already holds a run "
-                f"({', '.join(held)}); {hint}, choose another --note or --save, or start "
-                "over with --overwrite"
-            )
+        check_not_held(path, resume, overwrite, script)
         return
     parent = path.parent
     while not parent.exists() and parent != parent.parent:

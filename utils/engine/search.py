@@ -71,7 +71,7 @@ _ARCH_STREAM = 7919
 
 def search_parser() -> argparse.ArgumentParser:
     """The search's own options (search.py adds them to the training parents)."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
     group = parser.add_argument_group("search")
     group.add_argument("--depth", type=int, choices=DEPTHS, default=50, help="ResNet depth")
     group.add_argument(
@@ -168,6 +168,7 @@ class SearchTrainer(Trainer):
     """The training loop with one step replaced: weights step, then (sometimes) an alpha step."""
 
     kind = "search"
+    script = "search.py"
     run_files = (*RUN_FILES, ARCH_FILE, HEATMAP_NAME)
     data: SearchData
 

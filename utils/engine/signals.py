@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any
 
 from utils.base.errors import StopNow
+from utils.engine.rundir import resume_command
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +28,10 @@ _AFTER = {
 class Interrupted(Exception):
     """Raised after a stop signal once a resumable checkpoint is on disk."""
 
-    def __init__(self, signum: int, checkpoint: Path) -> None:
+    def __init__(self, signum: int, checkpoint: Path, script: str = "train.py") -> None:
         super().__init__(
             f"stopped by {signal.Signals(signum).name}; resumable checkpoint: "
-            f"{checkpoint} (continue with --resume {checkpoint})"
+            f"{checkpoint} (continue with `{resume_command(checkpoint, script)}`)"
         )
         self.signum = signum
         self.checkpoint = checkpoint
@@ -44,8 +45,10 @@ class StopRequest:
     previous handlers come back on exit.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, script: str = "train.py") -> None:
         self.signum: int | None = None
+        # The tool whose command line continues the run (named in the stop message).
+        self.script = script
         # What the loop is doing: "step", "evaluation" or "final evaluation" (for the message).
         self.phase = "step"
         self._previous: dict[int, Any] = {}
@@ -61,7 +64,7 @@ class StopRequest:
 
     def interrupted(self, checkpoint: Path) -> Interrupted:
         """The exception that ends the run once ``checkpoint`` is saved."""
-        return Interrupted(self.signum or signal.SIGTERM, checkpoint)
+        return Interrupted(self.signum or signal.SIGTERM, checkpoint, self.script)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.requested:

@@ -57,7 +57,8 @@ from utils.engine.build import (
 from utils.engine.checkpointer import Checkpointer, NonFiniteLoss
 from utils.engine.ema import ModelEMA
 from utils.engine.evaluation import Evaluation, ProtocolEvaluation, evaluated_weights
-from utils.engine.rundir import LATEST, RUN_FILES, EarlyLog, is_own_folder
+from utils.engine.options import model_parser
+from utils.engine.rundir import LATEST, RUN_FILES, EarlyLog, check_not_held, is_own_folder
 from utils.engine.settings import TrainSettings
 from utils.engine.signals import Interrupted, StopRequest
 from utils.engine.state import (
@@ -74,6 +75,11 @@ __all__ = ["LATEST", "Interrupted", "NonFiniteLoss", "Trainer", "TrainingData", 
 
 log = logging.getLogger(__name__)
 
+# The checkpoint entry of a mid-epoch save holding the seconds the epoch had run.
+EPOCH_TIME = "epoch_time_s"
+# The results' title when every slot is shared (train.py's default architecture).
+BASELINE_NOTE = "all-shared baseline (every BN slot shared)"
+
 
 @dataclass(frozen=True)
 class TrainingData:
@@ -86,6 +92,10 @@ class Trainer:
     """Fixed training loop; subclasses override set-up or the step, never the loop."""
 
     kind = "train"
+    # The tool that runs this loop (its command line continues a stopped run).
+    script = "train.py"
+    # Whether the network has no split slot (the all-shared baseline); set by build_model.
+    baseline = False
     # What --overwrite removes of an earlier run in the folder.
     run_files: tuple[str, ...] = RUN_FILES
 
@@ -133,12 +143,18 @@ class Trainer:
         # Where the run stands: the epoch and step being trained (0-based), steps so far.
         self.epoch = self.step = self.global_step = 0
         self.start_epoch = self.start_step = 0
-        self.stop = StopRequest()
+        self.stop = StopRequest(self.script)
+        # Seconds the epoch being trained had run before a resume (0 for a fresh epoch), and
+        # when the epoch being trained began (counting that time).
+        self.resumed_time = 0.0
+        self.epoch_started = time.time()
         # Epochs between copies of the EMA into the live model (0: never).
         self.overwrite_every = settings.overwrite_every if self.ema is not None else 0
         # A resume from the end of an overwrite epoch owes the overwrite that followed its save.
         self.overwrite_pending = False
-        self.checkpointer.check_space(self.model_without_ddp, self.ema is not None, self.optimizer)
+        self.checkpointer.check_space(
+            self.model_without_ddp, self.ema is not None, self.optimizer, self.checkpoints_held()
+        )
 
     def _start_process(self) -> None:
         """Device, processes, seeds, the run folder's name and the early log, in that order."""
@@ -146,7 +162,9 @@ class Trainer:
         device, seed = settings.evaluation.device, settings.seed
         self.device, self.dist = start_process(device, seed, settings.deterministic)
         self.out = settings.folder
-        Checkpointer.check_folder(self.out, settings.resume, settings.overwrite, self.dist)
+        Checkpointer.check_folder(
+            self.out, settings.resume, settings.overwrite, self.dist, self.script
+        )
         self.early_log = EarlyLog(self.dist.rank)
         self.env = plain(log_run_header(settings.flags(), self.device))
         self.amp = settings.evaluation.amp if self.device.type == "cuda" else "none"
@@ -191,6 +209,14 @@ class Trainer:
         assert self.arch is not None
         settings = self.settings
         log.info("architecture %s: %s", settings.config_path, self.arch.summary())
+        self.baseline = not self.arch.split_slots()
+        if self.baseline:
+            given = settings.config_path != model_parser().get_default("config_path")
+            log.warning(
+                "%s: every BN slot is shared: this trains the all-shared baseline%s",
+                settings.config_path,
+                "" if given else " (no --config_path given; pass a searched arch.json to train it)",
+            )
         classes, stride = train_set.num_classes, settings.last_stride
         return build_model(self.arch, classes, stride, settings.pretrained)
 
@@ -203,7 +229,10 @@ class Trainer:
         ema = self.ema.module if self.ema is not None else None
         weights = evaluated_weights(self.model_without_ddp, ema)
         data, evaluation = self.settings.data, self.settings.evaluation
-        return ProtocolEvaluation(self.out, self.dist, weights, data, evaluation, self.device)
+        protocol = ProtocolEvaluation(self.out, self.dist, weights, data, evaluation, self.device)
+        if self.baseline:
+            protocol.note = BASELINE_NOTE
+        return protocol
 
     def architecture(self) -> Arch:
         """The architecture a checkpoint records (``test.py`` rebuilds the network from it)."""
@@ -237,6 +266,41 @@ class Trainer:
         self.start_epoch = self.epoch = point.epoch
         self.start_step, self.global_step = point.step_in_epoch, point.global_step
         self.overwrite_pending = point.overwrite_pending and self.ema is not None
+        self.resumed_time = float(checkpoint.get(EPOCH_TIME, 0.0)) if self.start_step else 0.0
+        saved_lr = (checkpoint.get("args") or {}).get("lr")
+        lr = self.settings.optimizer.lr
+        if isinstance(saved_lr, (int, float)) and saved_lr > 0 and saved_lr != lr:
+            self.rescale_learning_rate(lr / saved_lr)
+
+    def rescale_learning_rate(self, scale: float) -> None:
+        """Continue the restored schedule at ``scale`` times its base rates (a changed ``--lr``).
+
+        The schedule's factor (warm-up, milestones) is kept; every parameter group's base rate
+        and current rate are multiplied.
+        """
+        self.scheduler.base_lrs = [base * scale for base in self.scheduler.base_lrs]
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["initial_lr"] = base
+            group["lr"] *= scale
+        log.warning(
+            "--lr %g applied to the resumed schedule: learning rate now %.4g (head), "
+            "%.4g (backbone)",
+            self.settings.optimizer.lr,
+            self.optimizer.param_groups[-1]["lr"],
+            self.optimizer.param_groups[0]["lr"],
+        )
+
+    def checkpoints_held(self) -> int:
+        """How many checkpoints' worth of disk the run needs at its fullest.
+
+        The latest checkpoint and, while the next one is written, its temporary file (the
+        rename keeps the old file until the new one is complete), plus every periodic copy
+        still to be made (a hard link at first, it keeps its own data once the latest moves on).
+        """
+        first = int(self.resume_checkpoint["epoch"]) if self.resume_checkpoint else 0
+        every, epochs = self.settings.save_freq, self.settings.epochs
+        copies = sum(1 for e in range(first + 1, epochs + 1) if every and e % every == 0)
+        return 2 + copies
 
     # ----- the loop -------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -261,7 +325,11 @@ class Trainer:
         results = self._finish_resumed_epoch()
         for epoch in range(self.start_epoch, epochs):
             self.epoch = epoch
-            started = time.time()
+            # A resumed epoch's time counts the part trained before the stop too.
+            resumed = self.resumed_time if epoch == self.start_epoch else 0.0
+            self.epoch_started = time.time() - resumed
+            # The rate this epoch trains with (the schedule steps once per epoch, after it).
+            lr = self.optimizer.param_groups[-1]["lr"]
             losses = self.train_one_epoch(epoch)
             with warnings.catch_warnings():
                 # A run resumed at the end of an epoch steps the schedule before the optimizer
@@ -271,8 +339,8 @@ class Trainer:
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "step": self.global_step,
-                "lr": self.optimizer.param_groups[-1]["lr"],
-                "time_s": round(time.time() - started, 2),
+                "lr": lr,
+                "time_s": round(time.time() - self.epoch_started, 2),
                 **losses,
             }
             last = epoch + 1 == epochs
@@ -438,9 +506,21 @@ class Trainer:
     def open_run_folder(self) -> None:
         """Lock, create and tidy the run folder (:meth:`Checkpointer.open_folder`); log.txt."""
         settings = self.settings
-        clear = settings.overwrite and not is_own_folder(self.out, settings.resume)
+        own = is_own_folder(self.out, settings.resume)
+
+        def check() -> str | None:
+            # Another run may have used the folder between the start-up check and the lock.
+            check_not_held(self.out, settings.resume or None, settings.overwrite, self.script)
+            # Not our run's folder: what is left is --overwrite's, or the logs of a run
+            # stopped before its first checkpoint.
+            if own:
+                return None
+            return (
+                "--overwrite" if settings.overwrite else "a run stopped before its first checkpoint"
+            )
+
         resumed_at = self.start_epoch if settings.resume else None
-        self.checkpointer.open_folder(clear, self.run_files, resumed_at)
+        self.checkpointer.open_folder(check, self.run_files, resumed_at)
         self.early_log.open(self.out / "log.txt")
 
     def close_log(self) -> None:
@@ -450,6 +530,9 @@ class Trainer:
     def save_checkpoint(self, epoch: int, step_in_epoch: int) -> Path:
         """Save the run after ``epoch`` epochs and ``step_in_epoch`` steps of the next."""
         checkpoint = self.checkpointer.assemble(epoch, step_in_epoch, self.global_step, self.losses)
+        if step_in_epoch:
+            # The epoch's time so far, so that its log record covers every step.
+            checkpoint[EPOCH_TIME] = round(time.time() - self.epoch_started, 3)
         return self.checkpointer.save(checkpoint, epoch, step_in_epoch)
 
     def evaluate_and_log(self, final: bool, epochs_done: int) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from data import load_images, normalize
 from data.dataset import NO_EXCLUSION, DataSet, ExclusionRule, ImageList, Protocol
+from utils.base.errors import UserError
 from utils.base.modality import Modality
 from utils.evaluation.metrics import eval_ranking, pairwise_distance, summarize
 from utils.evaluation.rerank import RerankSettings, rerank_features
@@ -170,6 +171,11 @@ def score(
     With ``rerank`` the ranking is by k-reciprocal re-ranked distances of these queries and
     this gallery (computed on the features' device).
     """
+    if rerank is not None and rerank.k1 > len(gallery.pids):
+        raise UserError(
+            f"--k1 {rerank.k1}: larger than the gallery ({len(gallery.pids)} images); expected "
+            f"at most {len(gallery.pids)}"
+        )
     results = {}
     for kind in FEATURES:
         if rerank is None:

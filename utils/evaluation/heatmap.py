@@ -192,7 +192,9 @@ def heatmap_from_jsonl(run_dir: str | os.PathLike[str], path: str | None = None)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Redraw the heat map of a search run."""
-    parser = argparse.ArgumentParser(description="Draw a search run's split-probability map.")
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description="Draw a search run's split-probability map."
+    )
     parser.add_argument("run_dir", help="search run folder holding log.jsonl")
     parser.add_argument(
         "--out", default=None, help=f"PNG to write (default RUN_DIR/{HEATMAP_NAME})"
