@@ -42,10 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, search, and write the derived architecture."""
-    settings = search_settings(get_args_parser().parse_args(argv))
-    trainer = SearchTrainer(settings)
-    trainer.resume()
-    return run_trainer(trainer)
+    return run_trainer(SearchTrainer(search_settings(get_args_parser().parse_args(argv))))
 
 
 if __name__ == "__main__":
