@@ -46,9 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, search, and write the derived architecture."""
-    settings = search_settings(parse_resuming(get_args_parser(), argv))
-    trainer = SearchTrainer(settings)
-    trainer.resume()
+    trainer = SearchTrainer(search_settings(parse_resuming(get_args_parser(), argv)))
     code = run_trainer(trainer)
     if code == 0 and (trainer.out / ARCH_FILE).is_file():
         sys.stdout.write(f"train the architecture found with:\n  {train_command(trainer)}\n")

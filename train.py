@@ -45,9 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = training_settings(parse_resuming(get_args_parser(), argv))
     from utils.engine.trainer import Trainer, run_trainer
 
-    trainer = Trainer(settings)
-    trainer.resume()
-    return run_trainer(trainer)
+    return run_trainer(Trainer(settings))
 
 
 if __name__ == "__main__":

@@ -87,6 +87,8 @@ def test_search_settings_never_overwrite_and_name_their_run() -> None:
     assert settings.train.overwrite_every == settings.train.options["ema_overwrite_every"] == 0
     assert settings.train.options["note"] == "search_sysu_r18_softmax_seed2"
     assert settings.train.folder == Path("runs/search_sysu_r18_softmax_seed2")
+    regdb = TrainSettings(DataSettings("x", "regdb"), Path("run"))
+    assert regdb.overwrite_every == 10 and SearchSettings(regdb).train.overwrite_every == 0
     with pytest.raises(UserError, match="the search never copies the EMA into the supernet"):
         search_settings(search.get_args_parser().parse_args([*argv, "--ema_overwrite_every", "2"]))
 

@@ -25,7 +25,7 @@ def run_search(bench: Bench) -> dict[str, Any]:
     log.info("search step against training step")
     trainer = in_memory(settings, "train", data)
     # Weights steps timed alone (no architecture step is ever due); architecture steps directly.
-    train = replace(settings, folder=settings.folder.parent / "search", ema_overwrite_every=0)
+    train = replace(settings, folder=settings.folder.parent / "search")
     search = SearchSettings(train, args.depth, arch_warmup=0, arch_freq=10**9, eval_arch=False)
     searcher = SearchTrainer(search, data)
 

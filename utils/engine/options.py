@@ -448,15 +448,10 @@ def _check_run(args: argparse.Namespace) -> None:
         raise UserError(f"--resume {args.resume}: checkpoint {what}")
 
 
-def training_settings(
-    args: argparse.Namespace, ema_overwrite_every: int | None = None, kind: str = "train"
-) -> TrainSettings:
-    """The settings of train.py's flags (``ema_overwrite_every``: the caller's rule instead of
-    the flags'; ``kind`` names a new run's folder), every flag checked."""
+def training_settings(args: argparse.Namespace, kind: str = "train") -> TrainSettings:
+    """The settings of train.py's flags, every flag checked (``kind`` names a new run's folder)."""
     _check_recipe(args)
     ema_decay, every = _ema(args)
-    if ema_overwrite_every is not None:
-        every = ema_overwrite_every
     _check_run(args)
     trial = 1 if args.trial is None else args.trial
     get_dataset(args.dataset).check_trial(trial, testing=False)
@@ -487,14 +482,13 @@ def _folder(args: argparse.Namespace, trial: int, kind: str) -> Path:
 
 def search_settings(args: argparse.Namespace) -> SearchSettings:
     """The settings of search.py's flags, every flag checked."""
-    # The EMA also averages the alphas: copying it into the supernet would pull the alphas
-    # back, so the search never overwrites (its default, whatever the data set's).
+    # The search never overwrites (see SearchSettings): the flag contradicts it.
     if args.ema_overwrite_every:
         raise UserError(
             f"--ema_overwrite_every {args.ema_overwrite_every}: the search never copies the EMA "
             "into the supernet (it would reset the alphas)"
         )
-    train = training_settings(args, ema_overwrite_every=0, kind="search")
+    train = training_settings(args, kind="search")
     if not 0 < args.arch_fraction < 1:
         raise UserError(f"--arch_fraction {args.arch_fraction}: expected a value in (0, 1)")
     for flag in ("tau", "tau_max", "tau_min", "arch_lr"):

@@ -13,7 +13,7 @@ save them as their ``args`` entry, and a resume compares them with the checkpoin
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -148,7 +148,7 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """An architecture search: a training run (never overwriting with the EMA) plus its own."""
+    """An architecture search: a training run that never overwrites with the EMA, plus its own."""
 
     train: TrainSettings
     depth: int = 50
@@ -162,3 +162,11 @@ class SearchSettings:
     arch_warmup: int = 10
     arch_freq: int = 6
     eval_arch: bool = True
+
+    def __post_init__(self) -> None:
+        # The EMA also averages the alphas: copying it into the supernet would pull the alphas
+        # back, so the search never overwrites, whatever the data set's schedule.
+        train = self.train
+        options = {**train.options, "ema_overwrite_every": 0} if train.options else {}
+        train = replace(train, ema_overwrite_every=0, options=MappingProxyType(options))
+        object.__setattr__(self, "train", train)

@@ -58,6 +58,13 @@ class Checkpointable(Protocol):
         """Restore a saved state."""
 
 
+def gather_objects(value: Any) -> list[Any]:
+    """``value`` of every rank, in rank order, on every rank (a run state's ``gather``)."""
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
 def capture_rng_state() -> dict[str, Any]:
     """Python, NumPy and torch (CPU and CUDA) random states as weights-only-loadable values."""
     np_state = np.random.get_state()

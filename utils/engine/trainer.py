@@ -67,6 +67,7 @@ from utils.engine.state import (
     ProcessRandomState,
     RunState,
     check_same_arch,
+    gather_objects,
     read_resume_checkpoint,
 )
 from utils.evaluation.evaluate import autocast
@@ -124,7 +125,7 @@ class Trainer:
         self.images = ResidentImages.upload(self.data.train, self.device)
         self.model = wrap_model(self.model_without_ddp, self.dist, settings.compile)
         self.state = RunState(
-            gather=_gather_objects if self.dist.enabled else None,
+            gather=gather_objects if self.dist.enabled else None,
             model=self.model_without_ddp,
             ema=self.ema.module if self.ema is not None else None,
             optimizer=self.optimizer,
@@ -329,7 +330,7 @@ class Trainer:
             resumed = self.resumed_time if epoch == self.start_epoch else 0.0
             self.epoch_started = time.time() - resumed
             # The rate this epoch trains with (the schedule steps once per epoch, after it).
-            lr = self.optimizer.param_groups[-1]["lr"]
+            lr = self.lr()
             losses = self.train_one_epoch(epoch)
             with warnings.catch_warnings():
                 # A run resumed at the end of an epoch steps the schedule before the optimizer
@@ -481,16 +482,12 @@ class Trainer:
             where = f"in epoch {epoch + 1} (at or before step {done})"
             self.checkpointer.non_finite(f"loss is {bad} {where}")
         bar.set_postfix(loss=f"{loss:.3f}")
-        log.info(
-            "epoch %d/%d step %d/%d: loss %.4f (epoch mean %.4f), lr %.3g",
-            epoch + 1,
-            self.settings.epochs,
-            done,
-            total,
-            loss,
-            mean,
-            self.optimizer.param_groups[-1]["lr"],
-        )
+        line, lr = "epoch %d/%d step %d/%d: loss %.4f (epoch mean %.4f), lr %.3g", self.lr()
+        log.info(line, epoch + 1, self.settings.epochs, done, total, loss, mean, lr)
+
+    def lr(self) -> float:
+        """The learning rate of the head (the backbone's is a tenth of it)."""
+        return self.optimizer.param_groups[-1]["lr"]
 
     def request_stop(self, signum: int = signal.SIGTERM) -> None:
         """Stop after the current step with a resumable checkpoint (what SIGINT/SIGTERM do)."""
@@ -542,13 +539,6 @@ class Trainer:
         return numbers
 
 
-def _gather_objects(value: Any) -> list[Any]:
-    """``value`` of every rank, in rank order, on every rank."""
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
-
-
 def _brief(record: dict[str, Any]) -> str:
     return ", ".join(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
@@ -556,7 +546,9 @@ def _brief(record: dict[str, Any]) -> str:
 
 
 def run_trainer(trainer: Trainer) -> int:
-    """Train ``trainer`` to the end; a stop signal exits with 128 + the signal number."""
+    """Resume ``trainer`` (when asked) and train it to the end; returns the exit status (a stop
+    signal: 128 + the signal number)."""
+    trainer.resume()
     try:
         trainer.train()
     except Interrupted as stop:
