@@ -103,21 +103,17 @@ A minimal module, the one README.md's "Adding a data set" runs (a test executes 
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
-from PIL import Image
 
+from data.images import check_images_decode
 from utils.base.errors import UserError
 from utils.base.modality import Modality
 
-# Decoding releases the GIL and reads are I/O bound: a few threads hide network file systems.
-_CHECK_WORKERS = 8
 # Subfolders looked into for the expected files when a data root lacks them.
 _MAX_SUBFOLDERS = 100
 
@@ -432,19 +428,6 @@ class DataSet:
         return check_images_decode(images)
 
 
-def file_problem(path: str | os.PathLike) -> str:
-    """Why ``path`` cannot be read as an image file ("" when it is a regular file).
-
-    Only regular files (or links to one) count: a FIFO or a device named like an image would
-    block whoever opens it.
-    """
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return "not found"
-    return "" if stat.S_ISREG(mode) else "is not a regular file"
-
-
 def _whole_number(value: object) -> int | None:
     """``value`` as an int if it is an integer (not a bool, a float or a string), else None."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -475,34 +458,3 @@ def _subfolder_holding(root: str, expected: Sequence[str]) -> str:
         if not _missing_entries(folder, expected):
             return folder
     return ""
-
-
-def _image_problem(path: str) -> str:
-    """Why ``path`` is not a readable image ("" when it decodes)."""
-    problem = file_problem(path)
-    if problem:
-        return problem
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if width < 1 or height < 1:
-                return f"is an empty image ({width}x{height})"
-            # Decoding at 1/8 scale reads every byte of a JPEG at a fraction of the cost.
-            image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
-            image.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        return f"is not a readable image ({err})"
-    return ""
-
-
-def check_images_decode(images: Sequence[ListedImage]) -> int:
-    """Raise UserError naming the first image that is missing or does not decode; return the
-    count."""
-    paths = [image.path for image in images]
-    with ThreadPoolExecutor(max_workers=_CHECK_WORKERS) as pool:
-        problems = list(pool.map(_image_problem, paths, chunksize=64))
-    for image, problem in zip(images, problems, strict=True):
-        if problem:
-            where = f"{image.listed_in}: " if image.listed_in else ""
-            raise UserError(f"{where}test image {image.path} {problem}")
-    return len(images)
