@@ -212,6 +212,10 @@ class CameraFolders:
                 cams += [cam] * len(chosen)
         return _image_list(paths, pids, cams, self.modality)
 
+    def listed(self, root: str | os.PathLike, ids: Iterable[int]) -> list[ListedImage]:
+        """Every image of identities ``ids``, for the up-front image check."""
+        return [ListedImage(path) for path in self.images(root, ids).paths]
+
     def empty_ids(self, root: str | os.PathLike, ids: Iterable[int]) -> list[int]:
         """The identities of ``ids`` without an image in any of these folders."""
         return [pid for pid in ids if not any(self.files(root, pid, cam) for cam in self.cams)]

@@ -47,13 +47,12 @@ A minimal module, the one README.md's "Adding a data set" runs (a test executes 
 
     import os
 
-    from data import (
-        CameraFolders, DataSet, ExclusionRule, ListedImage, Protocol, TrainFiles, read_ids,
-        read_index, register_dataset,
-    )
+    from data import CameraFolders, DataSet, ExclusionRule, Protocol, TrainFiles, register_dataset
+    from data import read_ids, read_index
     from utils.base.modality import Modality
 
     CAMS = (1, 2, 3)
+    TRAIN_LISTS = ("idx/train_vis.txt", "idx/train_ir.txt")  # lines: relative/path label
     VISIBLE = CameraFolders("test_vis/cam{cam}/{pid:04d}", CAMS, Modality.VISIBLE, "NightVI")
     INFRARED = CameraFolders("test_ir/cam{cam}/{pid:04d}", CAMS, Modality.INFRARED, "NightVI")
 
@@ -69,8 +68,7 @@ A minimal module, the one README.md's "Adding a data set" runs (a test executes 
         test_options = {}  # one protocol: --mode, --shot, --direction are refused
 
         def expected_files(self, split, parts):
-            return ["idx/train_vis.txt", "idx/train_ir.txt", "idx/test_id.txt", "test_vis/",
-                    "test_ir/"]
+            return [*TRAIN_LISTS, "idx/test_id.txt", "test_vis/", "test_ir/"]
 
         def check_lists(self, root, split, parts):
             if "train" in parts:
@@ -79,8 +77,7 @@ A minimal module, the one README.md's "Adding a data set" runs (a test executes 
                 test_ids(root)
 
         def train_files(self, root, split):
-            visible = read_index(root, "idx/train_vis.txt", check_images=True)
-            infrared = read_index(root, "idx/train_ir.txt", check_images=True)
+            visible, infrared = (read_index(root, name, check_images=True) for name in TRAIN_LISTS)
             return TrainFiles(visible.paths, visible.labels, infrared.paths, infrared.labels)
 
         def make_protocols(self, settings):
@@ -96,8 +93,7 @@ A minimal module, the one README.md's "Adding a data set" runs (a test executes 
 
         def test_images(self, root, split):
             ids = test_ids(root)
-            return [ListedImage(path) for folders in (VISIBLE, INFRARED)
-                    for path in folders.images(root, ids).paths]
+            return VISIBLE.listed(root, ids) + INFRARED.listed(root, ids)
 """
 
 from __future__ import annotations

@@ -19,22 +19,17 @@ from collections import Counter
 from collections.abc import Sequence
 from functools import partial
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from data.blocks import CameraFolders, read_ids, read_index
-from data.dataset import (
-    V2I_ROLES,
-    DataSet,
-    ExclusionRule,
-    ImageList,
-    ListedImage,
-    Protocol,
-    ProtocolSettings,
-    TrainFiles,
-)
+from data.dataset import V2I_ROLES, DataSet, ExclusionRule, Protocol, TrainFiles
 from utils.base.errors import UserError
 from utils.base.modality import Modality
+
+if TYPE_CHECKING:
+    from data.dataset import ImageList, ListedImage, ProtocolSettings
 
 VISIBLE_CAMS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 # The infrared test images have no camera 3.
@@ -121,8 +116,7 @@ def llcm_query(
 
     Ids ascending, then cameras in order, then file names.
     """
-    modality = parse_modality(modality)
-    query = FOLDERS[modality].images(root, llcm_test_ids(root))
+    query = _query_list(root, 1, parse_modality(modality))
     return query.paths, query.pids, query.cams
 
 
@@ -137,19 +131,18 @@ def llcm_gallery(
     skipped without a draw.
     """
     modality = parse_modality(modality)
-    draw = LLCM().check_draw(trial)
-    gallery = FOLDERS[modality].draw(root, llcm_test_ids(root), draw)
+    gallery = _gallery_list(root, 1, LLCM().check_draw(trial), modality)
     return gallery.paths, gallery.pids, gallery.cams
 
 
-def _query_list(root: str, split: int, modality: Modality) -> ImageList:
+def _query_list(root: str | os.PathLike, split: int, modality: Modality) -> ImageList:
     """Every test image of ``modality`` (LLCM has one split)."""
-    return ImageList(*llcm_query(root, modality), modality)
+    return FOLDERS[modality].images(root, llcm_test_ids(root))
 
 
-def _gallery_list(root: str, split: int, draw: int, modality: Modality) -> ImageList:
+def _gallery_list(root: str | os.PathLike, split: int, draw: int, modality: Modality) -> ImageList:
     """One test image of ``modality`` per (identity, camera) folder, drawn as draw ``draw``."""
-    return ImageList(*llcm_gallery(root, modality, draw), modality)
+    return FOLDERS[modality].draw(root, llcm_test_ids(root), draw)
 
 
 def _direction(name: str, suffix: str = "", swap_roles: bool = False) -> Protocol:
@@ -231,8 +224,5 @@ class LLCM(DataSet):
 
     def test_images(self, root: str, split: int) -> list[ListedImage]:
         """Every image of the test ids in both test folders."""
-        return [
-            ListedImage(path)
-            for modality in (Modality.VISIBLE, Modality.INFRARED)
-            for path in llcm_query(root, modality)[0]
-        ]
+        ids = llcm_test_ids(root)
+        return [image for folders in FOLDERS.values() for image in folders.listed(root, ids)]

@@ -11,21 +11,17 @@ import os
 from collections.abc import Sequence
 from functools import partial
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from data.blocks import CameraFolders, read_ids
-from data.dataset import (
-    DataSet,
-    ExclusionRule,
-    ImageList,
-    ListedImage,
-    Protocol,
-    ProtocolSettings,
-    TrainFiles,
-)
+from data.dataset import DataSet, ExclusionRule, Protocol, TrainFiles
 from utils.base.errors import UserError
 from utils.base.modality import Modality
+
+if TYPE_CHECKING:
+    from data.dataset import ImageList, ListedImage, ProtocolSettings
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +108,7 @@ def sysu_query(root: str | os.PathLike, mode: str) -> tuple[list[str], np.ndarra
 
     The query is the same for both modes; ``mode`` is only checked.
     """
-    _check_mode(mode)
-    query = INFRARED_FOLDERS.images(root, _test_ids(root))
+    query = _query_list(root, 1, mode)
     return query.paths, query.pids, query.cams
 
 
@@ -128,19 +123,22 @@ def sysu_gallery(
     their gallery t. A folder with fewer than ``shot`` images (the authors' code would crash)
     gives all its images, in sorted order, with a warning, and consumes no random draw.
     """
-    _check_mode(mode)
-    gallery = GALLERY_FOLDERS[mode].draw(root, _test_ids(root), trial, int(shot))
+    gallery = _gallery_list(root, 1, trial, mode, shot)
     return gallery.paths, gallery.pids, gallery.cams
 
 
-def _query_list(root: str, split: int, mode: str) -> ImageList:
-    paths, pids, cams = sysu_query(root, mode)
-    return ImageList(paths, pids, cams, Modality.INFRARED)
+def _query_list(root: str | os.PathLike, split: int, mode: str) -> ImageList:
+    """Every infrared image of the test ids (SYSU-MM01 has one split)."""
+    _check_mode(mode)
+    return INFRARED_FOLDERS.images(root, _test_ids(root))
 
 
-def _gallery_list(root: str, split: int, draw: int, mode: str, shot: int) -> ImageList:
-    paths, pids, cams = sysu_gallery(root, mode, shot, draw)
-    return ImageList(paths, pids, cams, Modality.VISIBLE)
+def _gallery_list(
+    root: str | os.PathLike, split: int, draw: int, mode: str, shot: int
+) -> ImageList:
+    """The visible gallery of draw ``draw`` for ``mode`` and ``shot``."""
+    _check_mode(mode)
+    return GALLERY_FOLDERS[mode].draw(root, _test_ids(root), draw, int(shot))
 
 
 class SYSU(DataSet):
@@ -201,7 +199,7 @@ class SYSU(DataSet):
 
     def test_images(self, root: str, split: int) -> list[ListedImage]:
         """Every image of the test ids, in every camera (any mode, shot or draw may read it)."""
-        return [ListedImage(path) for path in ALL_FOLDERS.images(root, _test_ids(root)).paths]
+        return ALL_FOLDERS.listed(root, _test_ids(root))
 
     def rank_list_folder(self, protocol: Protocol) -> str:
         """One folder whatever the mode: both modes share their queries."""
