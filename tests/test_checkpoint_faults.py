@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -48,18 +49,29 @@ def set_pickled_int(data: bytes, key: str, value: int) -> bytes:
     return bytes(changed)
 
 
+@pytest.fixture
 def refused(
     test_script: ModuleType,
-    argv: list[str],
     capsys: pytest.CaptureFixture[str],
     expect_error: Callable[..., str],
-    *message: str,
-) -> str:
-    """Assert ``test.py argv`` fails with one error line holding ``message``; return the line."""
-    code = run_cli(test_script.main, argv)
-    captured = capsys.readouterr()
-    assert not captured.out
-    return expect_error(code, captured.err, *message)
+) -> Callable[..., str]:
+    """``refused(argv, *message)``: assert test.py fails with one error line; return the line."""
+
+    def run(argv: list[str], *message: str) -> str:
+        code = run_cli(test_script.main, argv)
+        captured = capsys.readouterr()
+        assert not captured.out
+        return expect_error(code, captured.err, *message)
+
+    return run
+
+
+def edited(run: Path, path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """The run's latest checkpoint, changed by ``edit`` and saved again at ``path``."""
+    state = torch.load(run / LATEST, map_location="cpu", weights_only=True)
+    edit(state)
+    torch.save(state, path)
+    return path
 
 
 # ----- a changed byte anywhere fails ----------------------------------------------------------
@@ -84,15 +96,13 @@ def test_changed_metadata_byte_refused_by_test_script(
     sysu_run: Path,
     toy_sysu: Path,
     tmp_path: Path,
-    test_script: ModuleType,
-    capsys: pytest.CaptureFixture[str],
-    expect_error: Callable[..., str],
+    refused: Callable[..., str],
 ) -> None:
     """test.py scores nothing from a checkpoint whose stored last stride changed on disk."""
     damaged = tmp_path / "damaged.pth"
     damaged.write_bytes(set_pickled_int((sysu_run / LATEST).read_bytes(), "last_stride", 2))
     argv = ["--data_root", str(toy_sysu), "--weights", str(damaged), "--trial", "0"]
-    line = refused(test_script, argv, capsys, expect_error)
+    line = refused(argv)
     assert line == f"error: {damaged}: {DAMAGED_PICKLE}"
 
 
@@ -164,16 +174,17 @@ def test_nan_weights_refused_by_test_script(
     tmp_path: Path,
     test_script: ModuleType,
     capsys: pytest.CaptureFixture[str],
-    expect_error: Callable[..., str],
+    refused: Callable[..., str],
 ) -> None:
     """test.py: our checkpoint without its checksum and the authors' holding NaN, one line each."""
-    ours = torch.load(sysu_run / LATEST, map_location="cpu", weights_only=True)
-    del ours["checksum"]
-    ours["model"]["bnneck.weight"][3] = float("nan")
-    path = tmp_path / "nan.pth"
-    torch.save(ours, path)
+
+    def put_nan(state: dict[str, Any]) -> None:
+        del state["checksum"]
+        state["model"]["bnneck.weight"][3] = float("nan")
+
+    path = edited(sysu_run, tmp_path / "nan.pth", put_nan)
     argv = ["--data_root", str(toy_sysu), "--trial", "0", "--weights"]
-    line = refused(test_script, [*argv, str(path)], capsys, expect_error)
+    line = refused([*argv, str(path)])
     assert line == (
         f"error: {path}: 1 tensor(s) hold NaN or infinity (bnneck.weight): weights of a run "
         "that diverged, or edited; they cannot be used"
@@ -186,7 +197,7 @@ def test_nan_weights_refused_by_test_script(
     authors = save_authors(tmp_path / "checkpoint119.pth.tar", theirs)
     save_arch(two_stream18, tmp_path / "config.cfg")
     argv += [str(authors), "--config_path", str(tmp_path / "config.cfg")]
-    line = refused(test_script, argv, capsys, expect_error)
+    line = refused(argv)
     assert line.startswith(
         f"error: {authors}: 1 tensor(s) hold NaN or infinity (backbone.layer2.0.conv1.weight)"
     )
@@ -196,21 +207,21 @@ def test_overflowing_weights_refused_by_test_script(
     sysu_run: Path,
     toy_sysu: Path,
     tmp_path: Path,
-    test_script: ModuleType,
-    capsys: pytest.CaptureFixture[str],
-    expect_error: Callable[..., str],
+    refused: Callable[..., str],
 ) -> None:
     """Finite weights so large that the features overflow: one line naming the largest."""
-    state = torch.load(sysu_run / LATEST, map_location="cpu", weights_only=True)
-    del state["checksum"]
-    for key, value in state["model"].items():
-        if key.endswith(("conv1.weight", "conv2.weight")):
-            value.mul_(1e10)
+
+    def enlarge(state: dict[str, Any]) -> None:
+        del state["checksum"]
+        for key, value in state["model"].items():
+            if key.endswith(("conv1.weight", "conv2.weight")):
+                value.mul_(1e10)
+
+    path = edited(sysu_run, tmp_path / "huge.pth", enlarge)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     assert all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point())
-    path = tmp_path / "huge.pth"
-    torch.save(state, path)
     argv = ["--data_root", str(toy_sysu), "--weights", str(path), "--trial", "0"]
-    line = refused(test_script, argv, capsys, expect_error)
+    line = refused(argv)
     assert line.startswith(
         f"error: {path}: the live weights are finite but give non-finite features (they "
         "overflow; largest: "
@@ -228,17 +239,12 @@ def test_stored_image_height_not_an_integer(
     sysu_run: Path,
     toy_sysu: Path,
     tmp_path: Path,
-    test_script: ModuleType,
-    capsys: pytest.CaptureFixture[str],
-    expect_error: Callable[..., str],
+    refused: Callable[..., str],
 ) -> None:
     """test.py: a checkpoint whose stored img_h is not a number is refused in one line."""
-    state = torch.load(sysu_run / LATEST, map_location="cpu", weights_only=True)
-    state["args"]["img_h"] = "tall"
-    path = tmp_path / "edited.pth"
-    torch.save(state, path)
+    path = edited(sysu_run, tmp_path / "img_h.pth", lambda c: c["args"].update(img_h="tall"))
     argv = ["--data_root", str(toy_sysu), "--weights", str(path), "--trial", "0"]
-    line = refused(test_script, argv, capsys, expect_error)
+    line = refused(argv)
     assert line == (
         f"error: {path}: the checkpoint's stored img_h is 'tall', expected an integer (an "
         "edited checkpoint?)"
@@ -260,18 +266,16 @@ def test_run_folder_given_as_weights(
     sysu_run: Path,
     toy_sysu: Path,
     tmp_path: Path,
-    test_script: ModuleType,
-    capsys: pytest.CaptureFixture[str],
-    expect_error: Callable[..., str],
+    refused: Callable[..., str],
 ) -> None:
     """--weights RUN_DIR/ suggests the run's latest checkpoint when the folder holds one."""
     assert RUN_LATEST == LATEST  # the name the training engine writes
     argv = ["--data_root", str(toy_sysu), "--trial", "0", "--weights"]
-    line = refused(test_script, [*argv, f"{sysu_run}/"], capsys, expect_error)
+    line = refused([*argv, f"{sysu_run}/"])
     assert line == (
         f"error: {sysu_run}: a folder, not a checkpoint file; did you mean {sysu_run / LATEST}?"
     )
     empty = tmp_path / "run"
     shutil.copytree(sysu_run, empty, ignore=shutil.ignore_patterns("*.pth"))
-    line = refused(test_script, [*argv, str(empty)], capsys, expect_error)
+    line = refused([*argv, str(empty)])
     assert line == f"error: {empty}: a folder, not a checkpoint file"
