@@ -17,7 +17,8 @@ from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 
-from data.registry import REGISTERED, dataset_names, get_dataset
+from data.dataset import ProtocolSettings
+from data.registry import dataset_names, get_dataset, registered_datasets
 from model.losses import LossRecipe
 from utils.base.errors import UserError
 from utils.engine.build import check_data_root, select_device
@@ -33,14 +34,11 @@ from utils.evaluation.rerank import RerankSettings
 
 log = logging.getLogger(__name__)
 
-# The EMA decay each data set's authors used, by --dataset name (each data set declares its own).
-EMA_DECAY = MappingProxyType({dataset.name: dataset.ema_decay for dataset in REGISTERED})
-
 
 def _trial_help() -> str:
     """What --trial means for each registered data set."""
     parts = []
-    for dataset in REGISTERED:
+    for dataset in registered_datasets():
         if dataset.num_splits > 1:
             parts.append(
                 f"{dataset.title}: the train/test split 1-{dataset.num_splits} of training, "
@@ -68,7 +66,7 @@ def data_parser() -> argparse.ArgumentParser:
     """Options every tool shares: data, image size, device and precision."""
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("data")
-    titles = " or ".join(d.title for d in REGISTERED)
+    titles = " or ".join(d.title for d in registered_datasets())
     group.add_argument("--data_root", required=True, help=f"{titles} root folder")
     group.add_argument("--dataset", choices=dataset_names(), default="sysu", help="data set")
     group.add_argument("--trial", type=int, default=None, help=_trial_help())
@@ -208,7 +206,7 @@ def optim_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="EMA decay (default: the data set's, "
-        + ", ".join(f"{d.ema_decay} {d.title}" for d in REGISTERED)
+        + ", ".join(f"{d.ema_decay} {d.title}" for d in registered_datasets())
         + "; 0 disables EMA)",
     )
     group.add_argument(
@@ -224,7 +222,7 @@ def optim_parser() -> argparse.ArgumentParser:
         default=None,
         help="epochs between copies of the EMA weights into the live model, independent of "
         "--test_freq (default: the data set's, "
-        + ", ".join(f"{d.ema_overwrite_every} {d.title}" for d in REGISTERED)
+        + ", ".join(f"{d.ema_overwrite_every} {d.title}" for d in registered_datasets())
         + "; 0: never)",
     )
     group.add_argument(
@@ -402,6 +400,7 @@ def _check_run(args: argparse.Namespace) -> None:
         raise UserError(f"--seed {args.seed}: expected a value >= 0")
     if args.img_h is None or args.img_w is None:
         raise UserError("--img_h and --img_w are required for training")
+    get_dataset(args.dataset).check_settings(ProtocolSettings(mode=args.mode))
     pretrained = str(args.pretrained)
     if pretrained.lower() not in ("imagenet", "none") and not os.path.isfile(pretrained):
         raise UserError(
