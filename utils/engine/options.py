@@ -319,7 +319,10 @@ def evaluation_settings(args: argparse.Namespace) -> EvalSettings:
         raise UserError(f"--lambda_value {args.lambda_value}: expected a value in [0, 1]")
     select_device(args.device)
     rerank = RerankSettings(args.k1, args.k2, args.lambda_value) if args.rerank else None
-    return EvalSettings(args.device, args.amp, args.test_batch, args.flip, rerank, args.mode)
+    return EvalSettings(
+        device=args.device, amp=args.amp, test_batch=args.test_batch, flip=args.flip,
+        rerank=rerank, mode=args.mode,
+    )  # fmt: skip
 
 
 def data_settings(
@@ -422,16 +425,20 @@ def training_settings(args: argparse.Namespace, kind: str = "train") -> TrainSet
     evaluation = evaluation_settings(args)
     data = data_settings(args, (args.img_h, args.img_w), trial)
     options = {**vars(args), "ema_decay": ema_decay, "ema_overwrite_every": every, "trial": trial}
-    optim = OptimSettings(
-        args.lr, args.optim, args.beta1, args.beta2, args.weight_decay, args.warmup_epochs,
-        tuple(args.milestones), args.fused,
+    optimizer = OptimSettings(
+        lr=args.lr, optim=args.optim, beta1=args.beta1, beta2=args.beta2,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+        milestones=tuple(args.milestones), fused=args.fused,
     )  # fmt: skip
     return TrainSettings(
-        data, _folder(args, trial, kind), evaluation, optim, LossRecipe.from_args(args),
-        args.config_path, args.last_stride, args.pretrained, args.epochs, args.batch_size,
-        args.num_pos, ema_decay, every, args.seed, args.deterministic, args.resume,
-        args.overwrite, args.test_freq, args.save_freq, args.log_freq, args.channels_last,
-        args.compile, args.max_steps, MappingProxyType(options),
+        data=data, folder=_folder(args, trial, kind), evaluation=evaluation, optimizer=optimizer,
+        loss=LossRecipe.from_args(args), config_path=args.config_path,
+        last_stride=args.last_stride, pretrained=args.pretrained, epochs=args.epochs,
+        batch_size=args.batch_size, num_pos=args.num_pos, ema_decay=ema_decay,
+        ema_overwrite_every=every, seed=args.seed, deterministic=args.deterministic,
+        resume=args.resume, overwrite=args.overwrite, test_freq=args.test_freq,
+        save_freq=args.save_freq, log_freq=args.log_freq, channels_last=args.channels_last,
+        compile=args.compile, max_steps=args.max_steps, options=MappingProxyType(options),
     )  # fmt: skip
 
 
@@ -482,7 +489,8 @@ def search_settings(args: argparse.Namespace) -> SearchSettings:
         options = MappingProxyType({**train.options, "note": note})
         train = replace(train, folder=Path(args.save) / note, options=options)
     return SearchSettings(
-        train, args.depth, args.arch_fraction, args.relaxation, args.tau, args.tau_max,
-        args.tau_min, args.arch_lr, args.arch_weight_decay, args.arch_warmup, args.arch_freq,
-        args.eval_arch,
+        train=train, depth=args.depth, arch_fraction=args.arch_fraction,
+        relaxation=args.relaxation, tau=args.tau, tau_max=args.tau_max, tau_min=args.tau_min,
+        arch_lr=args.arch_lr, arch_weight_decay=args.arch_weight_decay,
+        arch_warmup=args.arch_warmup, arch_freq=args.arch_freq, eval_arch=args.eval_arch,
     )  # fmt: skip
