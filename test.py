@@ -38,7 +38,7 @@ from data import ProtocolSettings, get_dataset
 from data.dataset import V2I_ROLES
 from data.registry import dataset_names
 from model import CMNASNet, read_checkpoint
-from model.checkpoint import is_authors_checkpoint
+from model.checkpoint import is_authors_checkpoint, largest_tensors, stored_integer
 from model.restore import model_from_checkpoint
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
@@ -175,7 +175,7 @@ def size_note(weights: str, checkpoint: dict[str, Any], data: DataSettings) -> s
     trained = trained if isinstance(trained, dict) else {}
     flags = ("img_h", "img_w")
     size = tuple(
-        int(trained.get(flag) or fallback)
+        stored_integer(trained.get(flag) or fallback, flag, weights)
         for flag, fallback in zip(flags, DEFAULT_IMG_SIZE, strict=True)
     )
     if data.img_size == size:
@@ -204,10 +204,19 @@ def check_output_file(path: str, flag: str) -> None:
 
 
 def protocol_settings(args: argparse.Namespace) -> ProtocolSettings:
-    """The protocol options; a --v2i_roles variant the data set does not have is an error."""
-    direction = "i2v" if args.tvsearch else args.direction
-    settings = ProtocolSettings(args.mode, args.shot, direction, args.v2i_roles)
+    """The protocol options; one the data set cannot honour is an error naming what it offers."""
     dataset = get_dataset(args.dataset)
+    direction = args.direction
+    if args.tvsearch:
+        if "direction" not in dataset.test_options:
+            raise UserError(
+                f"--tvsearch: {dataset.title} has no choice of direction "
+                f"({dataset.describe_test_options()})"
+            )
+        if direction not in ("both", "i2v"):
+            raise UserError(f"--tvsearch (--direction i2v) contradicts --direction {direction}")
+        direction = "i2v"
+    settings = ProtocolSettings(args.mode, args.shot, direction, args.v2i_roles)
     protocols = dataset.protocols(settings)
     if args.v2i_roles != "defined" and not any(p.swap_roles for p in protocols):
         raise UserError(
@@ -221,16 +230,22 @@ def resolve_data(args: argparse.Namespace, checkpoint: dict[str, Any]) -> DataSe
     options where the flags leave them out."""
     trained = checkpoint.get("args") if not is_authors_checkpoint(checkpoint) else None
     trained = trained if isinstance(trained, dict) else {}
-    img_size = tuple(
-        int(trained.get(flag) or fallback) if getattr(args, flag) is None else getattr(args, flag)
+    height, width = (
+        stored_integer(trained.get(flag) or fallback, flag, args.weights)
+        if getattr(args, flag) is None
+        else getattr(args, flag)
         for flag, fallback in zip(("img_h", "img_w"), DEFAULT_IMG_SIZE, strict=True)
     )
     dataset = get_dataset(args.dataset)
     trial = args.trial
     trained_split = trained.get("trial") if trained.get("dataset") == dataset.name else None
     if dataset.num_splits > 1 and trial is None:
-        trial = int(trained_split or 1)
-    elif dataset.num_splits > 1 and trained_split is not None and int(trained_split) != trial:
+        trial = stored_integer(trained_split or 1, "trial", args.weights)
+    elif (
+        dataset.num_splits > 1
+        and trained_split is not None
+        and stored_integer(trained_split, "trial", args.weights) != trial
+    ):
         log.warning(
             "%s was trained on %s trial %s; the test identities of trial %d may include "
             "its training identities",
@@ -239,7 +254,7 @@ def resolve_data(args: argparse.Namespace, checkpoint: dict[str, Any]) -> DataSe
             trained_split,
             trial,
         )
-    return data_settings(args, (img_size[0], img_size[1]), trial)
+    return data_settings(args, (height, width), trial)
 
 
 def run_tests(
@@ -348,6 +363,16 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
         raise UserError(f"--save_json {path}: cannot write ({err.strerror})") from None
 
 
+def overflow_error(weights: str, ema: bool, model: CMNASNet) -> UserError:
+    """The one line for finite weights so large that the features overflow (NaN distances)."""
+    largest = ", ".join(largest_tensors(model.state_dict(), 2))
+    return UserError(
+        f"{weights}: the {'EMA' if ema else 'live'} weights are finite but give "
+        f"non-finite features (they overflow; largest: {largest}): the checkpoint cannot be "
+        "scored"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, rebuild the model from its checkpoint, evaluate and report."""
     args = get_args_parser().parse_args(argv)
@@ -369,7 +394,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ).model
     model.to(device).eval()
     kept: list[Any] | None = [] if args.visualize or args.save_features else None
-    results, rows = run_tests(data, evaluation, protocols, model, device, kept)
+    try:
+        results, rows = run_tests(data, evaluation, protocols, model, device, kept)
+    except ValueError as err:
+        if "NaN" not in str(err):
+            raise
+        raise overflow_error(args.weights, args.ema, model) from None
     # The table goes to stdout only (the log on stderr would show it a second time).
     sys.stdout.write(format_results(rows, args.weights + marks, args.ema, evaluation) + "\n")
     if args.save_json:

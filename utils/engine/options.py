@@ -17,7 +17,8 @@ from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 
-from data.registry import REGISTERED, dataset_names, get_dataset
+from data.dataset import ProtocolSettings
+from data.registry import dataset_names, get_dataset, registered_datasets
 from model.losses import LossRecipe
 from utils.base.errors import UserError
 from utils.engine.build import check_data_root, select_device
@@ -33,16 +34,14 @@ from utils.evaluation.rerank import RerankSettings
 
 log = logging.getLogger(__name__)
 
-# The EMA decay each data set's authors used, by --dataset name (each data set declares its own).
 # The re-ranking parameters of Zhong et al. (CVPR 2017), used when --rerank is given alone.
 RERANK_DEFAULTS = MappingProxyType({"k1": 20, "k2": 6, "lambda_value": 0.3})
-EMA_DECAY = MappingProxyType({dataset.name: dataset.ema_decay for dataset in REGISTERED})
 
 
 def _trial_help() -> str:
     """What --trial means for each registered data set."""
     parts = []
-    for dataset in REGISTERED:
+    for dataset in registered_datasets():
         if dataset.num_splits > 1:
             parts.append(
                 f"{dataset.title}: the train/test split 1-{dataset.num_splits} of training, "
@@ -70,7 +69,7 @@ def data_parser() -> argparse.ArgumentParser:
     """Options every tool shares: data, image size, device and precision."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     group = parser.add_argument_group("data")
-    titles = " or ".join(d.title for d in REGISTERED)
+    titles = " or ".join(d.title for d in registered_datasets())
     group.add_argument("--data_root", required=True, help=f"{titles} root folder")
     group.add_argument("--dataset", choices=dataset_names(), default="sysu", help="data set")
     group.add_argument("--trial", type=int, default=None, help=_trial_help())
@@ -218,7 +217,7 @@ def optim_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="EMA decay (default: the data set's, "
-        + ", ".join(f"{d.ema_decay} {d.title}" for d in REGISTERED)
+        + ", ".join(f"{d.ema_decay} {d.title}" for d in registered_datasets())
         + "; 0 disables EMA)",
     )
     group.add_argument(
@@ -234,7 +233,7 @@ def optim_parser() -> argparse.ArgumentParser:
         default=None,
         help="epochs between copies of the EMA weights into the live model, independent of "
         "--test_freq (default: the data set's, "
-        + ", ".join(f"{d.ema_overwrite_every} {d.title}" for d in REGISTERED)
+        + ", ".join(f"{d.ema_overwrite_every} {d.title}" for d in registered_datasets())
         + "; 0: never)",
     )
     group.add_argument(
@@ -351,7 +350,10 @@ def evaluation_settings(args: argparse.Namespace) -> EvalSettings:
     check_rerank_flags(args)
     select_device(args.device)
     rerank = RerankSettings(args.k1, args.k2, args.lambda_value) if args.rerank else None
-    return EvalSettings(args.device, args.amp, args.test_batch, args.flip, rerank, args.mode)
+    return EvalSettings(
+        device=args.device, amp=args.amp, test_batch=args.test_batch, flip=args.flip,
+        rerank=rerank, mode=args.mode,
+    )  # fmt: skip
 
 
 def data_settings(
@@ -437,6 +439,7 @@ def _check_run(args: argparse.Namespace) -> None:
         raise UserError(f"--seed {args.seed}: expected a value >= 0")
     if args.img_h is None or args.img_w is None:
         raise UserError("--img_h and --img_w are required for training")
+    get_dataset(args.dataset).check_settings(ProtocolSettings(mode=args.mode))
     pretrained = str(args.pretrained)
     if pretrained.lower() not in ("imagenet", "none") and not os.path.isfile(pretrained):
         raise UserError(
@@ -458,16 +461,20 @@ def training_settings(args: argparse.Namespace, kind: str = "train") -> TrainSet
     evaluation = evaluation_settings(args)
     data = data_settings(args, (args.img_h, args.img_w), trial)
     options = {**vars(args), "ema_decay": ema_decay, "ema_overwrite_every": every, "trial": trial}
-    optim = OptimSettings(
-        args.lr, args.optim, args.beta1, args.beta2, args.weight_decay, args.warmup_epochs,
-        tuple(args.milestones), args.fused,
+    optimizer = OptimSettings(
+        lr=args.lr, optim=args.optim, beta1=args.beta1, beta2=args.beta2,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+        milestones=tuple(args.milestones), fused=args.fused,
     )  # fmt: skip
     return TrainSettings(
-        data, _folder(args, trial, kind), evaluation, optim, LossRecipe.from_args(args),
-        args.config_path, args.last_stride, args.pretrained, args.epochs, args.batch_size,
-        args.num_pos, ema_decay, every, args.seed, args.deterministic, args.resume,
-        args.overwrite, args.test_freq, args.save_freq, args.log_freq, args.channels_last,
-        args.compile, args.max_steps, MappingProxyType(options),
+        data=data, folder=_folder(args, trial, kind), evaluation=evaluation, optimizer=optimizer,
+        loss=LossRecipe.from_args(args), config_path=args.config_path,
+        last_stride=args.last_stride, pretrained=args.pretrained, epochs=args.epochs,
+        batch_size=args.batch_size, num_pos=args.num_pos, ema_decay=ema_decay,
+        ema_overwrite_every=every, seed=args.seed, deterministic=args.deterministic,
+        resume=args.resume, overwrite=args.overwrite, test_freq=args.test_freq,
+        save_freq=args.save_freq, log_freq=args.log_freq, channels_last=args.channels_last,
+        compile=args.compile, max_steps=args.max_steps, options=MappingProxyType(options),
     )  # fmt: skip
 
 
@@ -518,7 +525,8 @@ def search_settings(args: argparse.Namespace) -> SearchSettings:
         options = MappingProxyType({**train.options, "note": note})
         train = replace(train, folder=Path(args.save) / note, options=options)
     return SearchSettings(
-        train, args.depth, args.arch_fraction, args.relaxation, args.tau, args.tau_max,
-        args.tau_min, args.arch_lr, args.arch_weight_decay, args.arch_warmup, args.arch_freq,
-        args.eval_arch,
+        train=train, depth=args.depth, arch_fraction=args.arch_fraction,
+        relaxation=args.relaxation, tau=args.tau, tau_max=args.tau_max, tau_min=args.tau_min,
+        arch_lr=args.arch_lr, arch_weight_decay=args.arch_weight_decay,
+        arch_warmup=args.arch_warmup, arch_freq=args.arch_freq, eval_arch=args.eval_arch,
     )  # fmt: skip
