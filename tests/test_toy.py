@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
@@ -417,3 +418,17 @@ def test_llcm_bad_counts_are_user_errors(
     assert toy.main(["--dataset", "llcm", "--out", str(out), "--test_ids", "0"]) == 2
     assert capsys.readouterr().err == "error: --test_ids 0: expected a positive integer\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--help`` shows each flag's default, and it is the default of the layout it drives."""
+    with pytest.raises(SystemExit) as stop:
+        toy.main(["--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for make in (toy.make_sysu, toy.make_regdb, toy.make_llcm):
+        for name, parameter in inspect.signature(make).parameters.items():
+            if parameter.default is inspect.Parameter.empty or isinstance(parameter.default, bool):
+                continue
+            shown = re.search(rf"--{name} {name.upper()} (?:(?!--).)*?\(default (\S+?)\)", text)
+            assert shown and shown.group(1) == str(parameter.default), name

@@ -18,22 +18,44 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m data.toy",
         description="Write a synthetic SYSU-MM01, RegDB or LLCM data set in its real layout.",
     )
-    parser.add_argument("--dataset", required=True, choices=("sysu", "regdb", "llcm"))
+    parser.add_argument(
+        "--dataset", required=True, choices=("sysu", "regdb", "llcm"), help="layout to write"
+    )
     parser.add_argument("--out", required=True, help="folder to create (must be new or empty)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    parser.add_argument("--height", type=int, default=128, help="image height in pixels")
-    parser.add_argument("--width", type=int, default=64, help="image width in pixels")
+    parser.add_argument(
+        "--height", type=int, default=128, help="image height in pixels (default %(default)s)"
+    )
+    parser.add_argument(
+        "--width", type=int, default=64, help="image width in pixels (default %(default)s)"
+    )
     split = parser.add_argument_group("SYSU-MM01 and LLCM")
-    split.add_argument("--train_ids", type=int, default=24)
-    split.add_argument("--val_ids", type=int, default=8, help="SYSU-MM01 only")
-    split.add_argument("--test_ids", type=int, default=16)
     split.add_argument(
-        "--images_per_camera", type=int, default=10, help="minimum per visible camera folder"
+        "--train_ids", type=int, default=24, help="training identities (default %(default)s)"
+    )
+    split.add_argument(
+        "--val_ids", type=int, default=8, help="SYSU-MM01 only (default %(default)s)"
+    )
+    split.add_argument(
+        "--test_ids", type=int, default=16, help="test identities (default %(default)s)"
+    )
+    split.add_argument(
+        "--images_per_camera",
+        type=int,
+        default=10,
+        help="minimum per visible camera folder (default %(default)s)",
     )
     regdb = parser.add_argument_group("RegDB")
-    regdb.add_argument("--ids", type=int, default=40, help="identities, split in half per trial")
-    regdb.add_argument("--images_per_id", type=int, default=10, help="per modality")
+    regdb.add_argument(
+        "--ids",
+        type=int,
+        default=40,
+        help="identities, split in half per trial (default %(default)s)",
+    )
+    regdb.add_argument(
+        "--images_per_id", type=int, default=10, help="per modality (default %(default)s)"
+    )
     return parser
 
 
