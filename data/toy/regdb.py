@@ -23,7 +23,8 @@ from data.toy.common import (
     staged,
     stream,
 )
-from data.toy.render import draw_camera, draw_person, draw_pose, render
+from data.toy.describe import draw_camera, draw_person, draw_pose
+from data.toy.render import render
 from utils.base.errors import UserError
 
 logger = logging.getLogger(__name__)
