@@ -19,6 +19,7 @@ from data.toy.describe import Camera, Garment, Material, Person, Pose
 
 _ANKLE_V = 0.965  # where the legs end, as a fraction of the body height
 _SHOULDER_ROUND = 0.035  # radius of the rounded shoulders
+_HEAD_WIDTH = 0.82  # half width of the head over its half height
 
 
 def _soft(dist: np.ndarray, px: float) -> np.ndarray:
@@ -181,7 +182,7 @@ def _long_hair(scene: _Scene) -> np.ndarray:
     u, v, body, hair = scene.u, scene.v, scene.person.body, scene.person.hair
     return scene.soft(
         np.minimum(
-            body.head * 0.82 * 1.15 - np.abs(u),
+            body.head * _HEAD_WIDTH * 1.15 - np.abs(u),
             np.minimum(v - body.head, scene.shoulder_v + hair.long - v),
         )
     )
@@ -277,7 +278,7 @@ def _paint_arms(scene: _Scene) -> None:
 def _paint_head(scene: _Scene) -> None:
     """Neck, head, hair (the back view shows hair only) and a hat."""
     u, v, person, soft = scene.u, scene.v, scene.person, scene.soft
-    head, ru, hair = person.body.head, person.body.head * 0.82, person.hair
+    head, ru, hair = person.body.head, person.body.head * _HEAD_WIDTH, person.hair
     skin, hair_value = scene.value(person.skin), scene.value(hair.material)
     neck = np.minimum(head * 0.4 - np.abs(u), np.minimum(v - head, scene.shoulder_v + 0.01 - v))
     scene.paint(soft(neck), skin)
