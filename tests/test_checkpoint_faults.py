@@ -203,6 +203,27 @@ def test_nan_weights_refused_by_test_script(
     )
 
 
+def test_nan_weights_not_exported(
+    sysu_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    expect_error: Callable[..., str],
+) -> None:
+    """utils.export refuses NaN weights in one line and writes no network."""
+    from utils.export import main as export_main
+
+    def put_inf(state: dict[str, Any]) -> None:
+        del state["checksum"]
+        state["model"]["backbone.conv1.weight"][0, 0, 0, 0] = float("inf")
+
+    path = edited(sysu_run, tmp_path / "inf.pth", put_inf)
+    out = tmp_path / "exported"
+    code = run_cli(export_main, ["--weights", str(path), "--out", str(out)])
+    message = f"{path}: 1 tensor(s) hold NaN or infinity (backbone.conv1.weight)"
+    expect_error(code, capsys.readouterr().err, message)
+    assert not list(out.glob("*.pth")) and not (out / "export.json").exists()
+
+
 def test_overflowing_weights_refused_by_test_script(
     sysu_run: Path,
     toy_sysu: Path,
