@@ -203,6 +203,27 @@ def test_nan_weights_refused_by_test_script(
     )
 
 
+def test_nan_weights_not_exported(
+    sysu_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    expect_error: Callable[..., str],
+) -> None:
+    """utils.export refuses NaN weights in one line and writes no network."""
+    from utils.export import main as export_main
+
+    def put_inf(state: dict[str, Any]) -> None:
+        del state["checksum"]
+        state["model"]["backbone.conv1.weight"][0, 0, 0, 0] = float("inf")
+
+    path = edited(sysu_run, tmp_path / "inf.pth", put_inf)
+    out = tmp_path / "exported"
+    code = run_cli(export_main, ["--weights", str(path), "--out", str(out)])
+    message = f"{path}: 1 tensor(s) hold NaN or infinity (backbone.conv1.weight)"
+    expect_error(code, capsys.readouterr().err, message)
+    assert not list(out.glob("*.pth")) and not (out / "export.json").exists()
+
+
 def test_overflowing_weights_refused_by_test_script(
     sysu_run: Path,
     toy_sysu: Path,
@@ -260,6 +281,37 @@ def test_stored_integer_takes_what_was_taken_before() -> None:
         with pytest.raises(UserError) as info:
             stored_integer(value, "img_h", "c.pth")
         assert str(info.value).startswith(f"c.pth: the checkpoint's stored img_h is {value!r},")
+    assert stored_integer(2, "last_stride", "c.pth", 1, 2) == 2
+    for value, expected in ((3, "an integer in 1..2"), (0, "an integer >= 1")):
+        maximum = 2 if value == 3 else None
+        with pytest.raises(UserError) as info:
+            stored_integer(value, "n", "c.pth", 1, maximum)
+        assert str(info.value) == (
+            f"c.pth: the checkpoint's stored n is {value}, expected {expected} (an edited "
+            "checkpoint?)"
+        )
+
+
+@pytest.mark.parametrize(
+    ("entry", "value", "expected"),
+    [("last_stride", 3, "an integer in 1..2"), ("num_classes", 0, "an integer >= 1")],
+)
+def test_stored_network_numbers_out_of_range(
+    sysu_run: Path,
+    toy_sysu: Path,
+    tmp_path: Path,
+    refused: Callable[..., str],
+    entry: str,
+    value: int,
+    expected: str,
+) -> None:
+    """test.py: a stored last stride or class count the network cannot have is one line."""
+    path = edited(sysu_run, tmp_path / "edited.pth", lambda c: c.update({entry: value}))
+    argv = ["--data_root", str(toy_sysu), "--weights", str(path), "--trial", "0"]
+    assert refused(argv) == (
+        f"error: {path}: the checkpoint's stored {entry} is {value}, expected {expected} (an "
+        "edited checkpoint?)"
+    )
 
 
 def test_run_folder_given_as_weights(
