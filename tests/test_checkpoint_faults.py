@@ -123,6 +123,19 @@ def test_changed_tensor_byte_of_a_file_without_our_checksums(tmp_path: Path) -> 
     )
 
 
+def test_changed_record_header_fails(tmp_path: Path) -> None:
+    """A changed byte in a record's own header, which torch.load reads past, is refused too."""
+    path = tmp_path / "ours.pth"
+    torch.save({"epoch": 1, "model": {"w": torch.ones(10)}}, path)
+    data = bytearray(path.read_bytes())
+    data[data.find(b"ours/data.pkl") + 6] ^= 0x01  # the first copy: the record's local header
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=True)["epoch"] == 1  # loads as if intact
+    with pytest.raises(UserError) as info:
+        read_checkpoint(path)
+    assert str(info.value) == f"{path}: {DAMAGED_PICKLE}"
+
+
 def test_files_without_checksums_load_with_a_note(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
