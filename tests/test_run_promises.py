@@ -175,21 +175,34 @@ def test_a_run_that_finished_between_the_check_and_the_lock_is_not_trained_over(
 
 
 # ----- item 8: free space for every checkpoint; a full disk in torch's writer ------------------
+@pytest.fixture
+def free_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, int | None]:
+    """``free_space["bytes"] = N``: the disk of ``tmp_path`` reports N bytes free (None: real)."""
+    setting: dict[str, int | None] = {"bytes": None}
+    real = shutil.disk_usage
+
+    def usage(path: Any) -> Any:
+        found = real(path)
+        free = setting["bytes"]
+        return (
+            found
+            if free is None or not Path(path).is_relative_to(tmp_path)
+            else found._replace(free=free)
+        )
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    return setting
+
+
 def test_the_free_space_check_counts_every_checkpoint_the_run_holds(
     toy_sysu: Path,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    free_space: dict[str, int | None],
     capsys: pytest.CaptureFixture[str],
     train_argv: Callable[..., list[str]],
     expect_error: Callable[..., str],
 ) -> None:
-    real = shutil.disk_usage
-
-    def nearly_full(path: Any) -> Any:
-        usage = real(path)
-        return usage._replace(free=100_000) if Path(path).is_relative_to(tmp_path) else usage
-
-    monkeypatch.setattr(shutil, "disk_usage", nearly_full)
+    free_space["bytes"] = 100_000
     need = {}
     for epochs, save_freq in ((2, 0), (2, 1), (4, 1)):
         argv = train_argv(toy_sysu, tmp_path, "full", "--epochs", str(epochs))
@@ -208,26 +221,21 @@ def test_a_full_disk_hidden_in_torchs_writer_error_is_the_one_line_message(
     toy_sysu: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    free_space: dict[str, int | None],
     capsys: pytest.CaptureFixture[str],
     train_argv: Callable[..., list[str]],
     expect_error: Callable[..., str],
 ) -> None:
-    save, real = torch.save, shutil.disk_usage
-    full: list[bool] = []
+    save = torch.save
 
     def disk_fills(obj: Any, handle: Any, *args: Any, **kwargs: Any) -> None:
         if isinstance(obj, dict) and obj.get("epoch") == 2:
-            full.append(True)
+            free_space["bytes"] = 4096
             handle.write(b"PK\x03\x04 part of a checkpoint")
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
         save(obj, handle, *args, **kwargs)
 
-    def usage(path: Any) -> Any:
-        found = real(path)
-        return found._replace(free=4096) if full and Path(path).is_relative_to(tmp_path) else found
-
     monkeypatch.setattr(torch, "save", disk_fills)
-    monkeypatch.setattr(shutil, "disk_usage", usage)
     code = run_cli(train.main, train_argv(toy_sysu, tmp_path, "full", "--epochs", "2"))
     run = tmp_path / "full"
     expect_error(code, capsys.readouterr().err, f"no space left on {run}, need about ")

@@ -23,7 +23,6 @@ import pytest
 import train
 from utils import aggregate
 from utils.base.cli import run_cli
-from utils.engine.options import check_training
 from utils.engine.trainer import LATEST
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -163,9 +162,7 @@ def test_train_refuses_an_ema_overwrite_without_an_ema(
     argv = ["--data_root", str(REPO), "--ema_decay", "0", "--ema_overwrite_every", "1"]
     code = run_cli(train.main, argv)
     expect_error(code, capsys.readouterr().err, "--ema_overwrite_every 1: takes effect only with")
-    args = train.get_args_parser().parse_args(["--data_root", str(REPO), "--ema_decay", "0"])
-    check_training(args)  # the default schedule is simply off without an EMA
-    assert args.ema_decay == 0
+    # (--ema_decay 0 alone trains: test_run_promises' baseline run uses it.)
 
 
 def test_abbreviated_flags_are_refused(
