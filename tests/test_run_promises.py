@@ -333,10 +333,14 @@ def test_the_command_printed_on_a_stop_continues_the_run_when_pasted(
     assert "changed options" not in done.stderr
     assert [r["epoch"] for r in _records(run)] == [1]
     assert json.loads((run / "results.json").read_text())
-    # A flag given beside --resume overrides the stored one; the others stay the run's.
-    assert run_cli(train.main, ["--resume", str(run / LATEST), "--epochs", "2"]) == 0
+    # Flags given beside --resume override the stored ones (a stored option that depends on
+    # one given anew is not taken over); the others stay the run's.
+    resume = ["--resume", str(run / LATEST), "--epochs", "2", "--no-ema_overwrite"]
+    assert run_cli(train.main, resume) == 0
+    assert "changed options: --ema_overwrite True -> False" in capsys.readouterr().err
     assert [r["epoch"] for r in _records(run)] == [1, 2]
-    assert _load(run / LATEST)["args"]["ema_decay"] == 0.6
+    stored = _load(run / LATEST)["args"]
+    assert (stored["ema_decay"], stored["ema_overwrite_every"]) == (0.6, 0)
     # The folder now holds a run: the new-run command is refused with a pasteable hint.
     code = run_cli(train.main, argv)
     line = expect_error(code, capsys.readouterr().err, "already holds a run")

@@ -24,12 +24,17 @@ from model.checkpoint import safe_load
 
 # Options that say where this invocation runs, not what the run is.
 NOT_TAKEN_OVER = frozenset({"resume", "save", "note", "overwrite"})
-# Options taken over only when the stored run had the option they depend on switched on.
+# Options taken over only when the stored run had the option they depend on switched on, and
+# the command line does not set that option anew (its flags).
 DEPENDS_ON = {
     "k1": "rerank",
     "k2": "rerank",
     "lambda_value": "rerank",
     "ema_overwrite_every": "ema_decay",
+}
+MASTER_FLAGS = {
+    "rerank": ("--rerank",),
+    "ema_decay": ("--ema_decay", "--ema_overwrite", "--no-ema_overwrite"),
 }
 
 
@@ -57,10 +62,11 @@ def parse_resuming(
     resume = probe.parse_known_args(words)[0].resume
     if resume and os.path.isfile(resume):
         stored = stored_options(resume)
+        given = {word.split("=", 1)[0] for word in words if word.startswith("--")}
         defaults = {
             dest: value
             for dest, value in stored.items()
-            if dest not in NOT_TAKEN_OVER and _takes_effect(dest, stored)
+            if dest not in NOT_TAKEN_OVER and _takes_effect(dest, stored, given)
         }
         known = {action.dest: action for action in parser._actions}  # noqa: SLF001
         defaults = {dest: value for dest, value in defaults.items() if dest in known}
@@ -70,7 +76,10 @@ def parse_resuming(
     return parser.parse_args(words)
 
 
-def _takes_effect(dest: str, stored: Mapping[str, Any]) -> bool:
-    """Whether the stored option ``dest`` had an effect (the option it depends on was on)."""
+def _takes_effect(dest: str, stored: Mapping[str, Any], given: set[str]) -> bool:
+    """Whether the stored option ``dest`` still takes effect: the option it depends on was on
+    and is not given anew (``given``: the flags written on the command line)."""
     master = DEPENDS_ON.get(dest)
-    return master is None or bool(stored.get(master))
+    if master is None:
+        return True
+    return bool(stored.get(master)) and not given.intersection(MASTER_FLAGS[master])
