@@ -1,7 +1,7 @@
 """Building blocks of a data-set module, written once for every data set.
 
-- :data:`IMAGE_SUFFIXES`, :func:`file_problem` and :func:`image_files`: what counts as an image
-  (a regular file with an image suffix) and the sorted images of one folder.
+- :data:`IMAGE_SUFFIXES` and :func:`image_files`: what counts as an image (a regular file with
+  an image suffix) and the sorted images of one folder.
 - :func:`read_ids`: an id list (comma-separated integers, SYSU-MM01's ``exp/*_id.txt``).
 - :func:`read_index`: an index file of ``relative/path label`` lines (RegDB, LLCM), with errors
   naming file and line.
