@@ -3,10 +3,12 @@ schedule, model wrapping."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +19,8 @@ from data.registry import get_dataset
 from utils.base.distributed import DistInfo, barrier, init_distributed
 from utils.base.errors import UserError
 from utils.engine.settings import DataSettings, OptimSettings
+
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -169,6 +173,30 @@ def build_optimizer(
         return torch.optim.Adam(groups, betas=betas, weight_decay=optim.weight_decay, **fused)
     return torch.optim.SGD(
         groups, momentum=0.9, nesterov=True, weight_decay=optim.weight_decay, **fused
+    )
+
+
+def rescale_schedule(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    checkpoint: dict[str, Any],
+    lr: float,
+) -> None:
+    """Continue a schedule restored from ``checkpoint`` at the base rate ``lr`` when its run had
+    another ``--lr``: warm-up and milestones are kept, every group's rates scaled (and said)."""
+    saved = (checkpoint.get("args") or {}).get("lr")
+    if not isinstance(saved, (int, float)) or saved <= 0 or saved == lr:
+        return
+    scheduler.base_lrs = [base * lr / saved for base in scheduler.base_lrs]
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["initial_lr"] = base
+        group["lr"] *= lr / saved
+    head, backbone = optimizer.param_groups[-1]["lr"], optimizer.param_groups[0]["lr"]
+    log.warning(
+        "--lr %g applied to the resumed schedule: learning rate now %.4g (head), %.4g (backbone)",
+        lr,
+        head,
+        backbone,
     )
 
 

@@ -59,6 +59,21 @@ def checkpoint_size(model: nn.Module, has_ema: bool, optimizer: torch.optim.Opti
     return size + MB
 
 
+# The checkpoint entry of a mid-epoch save holding the seconds the epoch had run.
+EPOCH_TIME = "epoch_time_s"
+
+
+def checkpoints_held(first_epoch: int, epochs: int, save_freq: int) -> int:
+    """How many checkpoints' worth of disk a run from ``first_epoch`` to ``epochs`` needs at most.
+
+    The latest checkpoint and, while the next one is written, its temporary file (the rename
+    keeps the old file until the new one is complete), plus every periodic copy still to be made
+    (a hard link at first, it keeps its own data once the latest moves on).
+    """
+    every = save_freq
+    return 2 + sum(1 for e in range(first_epoch + 1, epochs + 1) if every and e % every == 0)
+
+
 @dataclass(frozen=True)
 class ResumePoint:
     """Where a restored checkpoint left its run."""

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from data import ProtocolSettings, get_dataset
+from model import Arch
 from utils.base.distributed import DistInfo, barrier
 from utils.base.io import write_text_atomic
 from utils.base.logger import append_json_line
@@ -78,6 +79,26 @@ def evaluate_training_run(
     )
     suffix = ("_flip" if evaluation.flip else "") + ("_rerank" if evaluation.rerank else "")
     return {dataset.record_key(protocol) + suffix: result for protocol, result in results}
+
+
+# The results' title when every slot is shared (train.py's default architecture).
+BASELINE_NOTE = "all-shared baseline (every BN slot shared)"
+# train.py's architecture when --config_path is not given.
+DEFAULT_CONFIG = "configs/all_shared.json"
+
+
+def baseline_note(arch: Arch, config_path: str | None) -> str:
+    """:data:`BASELINE_NOTE` when ``arch`` has no split slot (also said in a warning), else ""."""
+    if arch.split_slots():
+        return ""
+    log.warning(
+        "%s: every BN slot is shared: this trains the all-shared baseline%s",
+        config_path,
+        " (no --config_path given; pass a searched arch.json to train it)"
+        if config_path == DEFAULT_CONFIG
+        else "",
+    )
+    return BASELINE_NOTE
 
 
 def evaluated_weights(model: nn.Module, ema: nn.Module | None) -> list[tuple[str, nn.Module]]:

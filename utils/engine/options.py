@@ -22,6 +22,7 @@ from data.registry import dataset_names, get_dataset, registered_datasets
 from model.losses import LossRecipe
 from utils.base.errors import UserError
 from utils.engine.build import check_data_root, select_device
+from utils.engine.rerank_flags import RERANK_DEFAULTS, RERANK_HELP, check_rerank_flags
 from utils.engine.rundir import run_dir
 from utils.engine.settings import (
     DataSettings,
@@ -33,9 +34,6 @@ from utils.engine.settings import (
 from utils.evaluation.rerank import RerankSettings
 
 log = logging.getLogger(__name__)
-
-# The re-ranking parameters of Zhong et al. (CVPR 2017), used when --rerank is given alone.
-RERANK_DEFAULTS = MappingProxyType({"k1": 20, "k2": 6, "lambda_value": 0.3})
 
 
 def _trial_help() -> str:
@@ -111,26 +109,10 @@ def data_parser() -> argparse.ArgumentParser:
         "Euclidean distances of the L2-normalised features (results are marked as such; "
         "never on by default)",
     )
-    # None: not given (refused without --rerank); RERANK_DEFAULTS fill them in.
-    group.add_argument(
-        "--k1",
-        type=int,
-        default=None,
-        help="re-ranking: k of the k-reciprocal neighbour sets (default 20)",
-    )
-    group.add_argument(
-        "--k2",
-        type=int,
-        default=None,
-        help="re-ranking: neighbours of the local query expansion, at most --k1 (default 6)",
-    )
-    group.add_argument(
-        "--lambda_value",
-        type=float,
-        default=None,
-        help="re-ranking: weight of the original distance against the Jaccard distance "
-        "(default 0.3)",
-    )
+    # None: not given (refused without --rerank); check_rerank_flags fills them in.
+    for flag, (kind, text) in RERANK_HELP.items():
+        default = RERANK_DEFAULTS[flag]
+        group.add_argument(f"--{flag}", type=kind, help=f"re-ranking: {text} (default {default})")
     return parser
 
 
@@ -319,30 +301,6 @@ def _bookkeeping_options(group: argparse._ArgumentGroup) -> None:
 
 
 # ----- from the flags to the settings ---------------------------------------------------------
-def check_rerank_flags(args: argparse.Namespace) -> None:
-    """Check ``--k1``, ``--k2``, ``--lambda_value`` and fill in the defaults of those not given.
-
-    They take effect only with ``--rerank``: given without it, they are refused.
-    """
-    given = [flag for flag in RERANK_DEFAULTS if getattr(args, flag) is not None]
-    for flag, default in RERANK_DEFAULTS.items():
-        if getattr(args, flag) is None:
-            setattr(args, flag, default)
-    for flag in ("k1", "k2"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} {getattr(args, flag)}: expected an integer >= 1")
-    if not 0 <= args.lambda_value <= 1:
-        raise UserError(f"--lambda_value {args.lambda_value}: expected a value in [0, 1]")
-    if given and not args.rerank:
-        shown = ", ".join(f"--{flag} {getattr(args, flag)}" for flag in given)
-        raise UserError(f"{shown}: takes effect only with --rerank (add it, or drop the flag)")
-    if "k2" in given and args.k2 > args.k1:
-        raise UserError(
-            f"--k2 {args.k2}: expected at most --k1 {args.k1} (the query expansion averages "
-            "neighbours among the k1 nearest)"
-        )
-
-
 def evaluation_settings(args: argparse.Namespace) -> EvalSettings:
     """The feature and ranking flags, checked (device, batch, re-ranking parameters)."""
     if args.test_batch < 1:

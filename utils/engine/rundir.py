@@ -81,6 +81,21 @@ def check_not_held(
     )
 
 
+def claim_run_dir(
+    path: Path, resume: str | os.PathLike[str] | None, overwrite: bool, script: str
+) -> str | None:
+    """Under the run folder's lock: refuse it if another run used it meanwhile
+    (:func:`check_not_held`); else say why an earlier run's files go (None: they stay).
+
+    In a folder that is not the resumed checkpoint's, what is left is ``--overwrite``'s to
+    remove, or the logs of a run stopped before its first checkpoint.
+    """
+    check_not_held(path, resume or None, overwrite, script)
+    if is_own_folder(path, resume):
+        return None
+    return "--overwrite" if overwrite else "a run stopped before its first checkpoint"
+
+
 def check_run_dir(
     path: Path,
     resume: str | os.PathLike[str] | None = None,

@@ -50,15 +50,15 @@ from utils.engine.build import (
     build_sampler,
     build_schedule,
     load_training_data,
+    rescale_schedule,
     share_weights,
     start_process,
     wrap_model,
 )
-from utils.engine.checkpointer import Checkpointer, NonFiniteLoss
+from utils.engine.checkpointer import EPOCH_TIME, Checkpointer, NonFiniteLoss, checkpoints_held
 from utils.engine.ema import ModelEMA
-from utils.engine.evaluation import Evaluation, ProtocolEvaluation, evaluated_weights
-from utils.engine.options import model_parser
-from utils.engine.rundir import LATEST, RUN_FILES, EarlyLog, check_not_held, is_own_folder
+from utils.engine.evaluation import Evaluation, ProtocolEvaluation, baseline_note, evaluated_weights
+from utils.engine.rundir import LATEST, RUN_FILES, EarlyLog, claim_run_dir
 from utils.engine.settings import TrainSettings
 from utils.engine.signals import Interrupted, StopRequest
 from utils.engine.state import (
@@ -76,11 +76,6 @@ __all__ = ["LATEST", "Interrupted", "NonFiniteLoss", "Trainer", "TrainingData", 
 
 log = logging.getLogger(__name__)
 
-# The checkpoint entry of a mid-epoch save holding the seconds the epoch had run.
-EPOCH_TIME = "epoch_time_s"
-# The results' title when every slot is shared (train.py's default architecture).
-BASELINE_NOTE = "all-shared baseline (every BN slot shared)"
-
 
 @dataclass(frozen=True)
 class TrainingData:
@@ -95,8 +90,8 @@ class Trainer:
     kind = "train"
     # The tool that runs this loop (its command line continues a stopped run).
     script = "train.py"
-    # Whether the network has no split slot (the all-shared baseline); set by build_model.
-    baseline = False
+    # Said first in the results' title (the all-shared baseline's note); set by build_model.
+    results_note = ""
     # What --overwrite removes of an earlier run in the folder.
     run_files: tuple[str, ...] = RUN_FILES
 
@@ -145,16 +140,16 @@ class Trainer:
         self.epoch = self.step = self.global_step = 0
         self.start_epoch = self.start_step = 0
         self.stop = StopRequest(self.script)
-        # Seconds the epoch being trained had run before a resume (0 for a fresh epoch), and
-        # when the epoch being trained began (counting that time).
-        self.resumed_time = 0.0
-        self.epoch_started = time.time()
+        # Seconds the epoch had run before a resume; when the epoch began (counting them).
+        self.resumed_time, self.epoch_started = 0.0, time.time()
         # Epochs between copies of the EMA into the live model (0: never).
         self.overwrite_every = settings.overwrite_every if self.ema is not None else 0
         # A resume from the end of an overwrite epoch owes the overwrite that followed its save.
         self.overwrite_pending = False
+        first = int(self.resume_checkpoint["epoch"]) if self.resume_checkpoint else 0
+        held = checkpoints_held(first, settings.epochs, settings.save_freq)
         self.checkpointer.check_space(
-            self.model_without_ddp, self.ema is not None, self.optimizer, self.checkpoints_held()
+            self.model_without_ddp, self.ema is not None, self.optimizer, held
         )
 
     def _start_process(self) -> None:
@@ -210,14 +205,7 @@ class Trainer:
         assert self.arch is not None
         settings = self.settings
         log.info("architecture %s: %s", settings.config_path, self.arch.summary())
-        self.baseline = not self.arch.split_slots()
-        if self.baseline:
-            given = settings.config_path != model_parser().get_default("config_path")
-            log.warning(
-                "%s: every BN slot is shared: this trains the all-shared baseline%s",
-                settings.config_path,
-                "" if given else " (no --config_path given; pass a searched arch.json to train it)",
-            )
+        self.results_note = baseline_note(self.arch, settings.config_path)
         classes, stride = train_set.num_classes, settings.last_stride
         return build_model(self.arch, classes, stride, settings.pretrained)
 
@@ -231,8 +219,7 @@ class Trainer:
         weights = evaluated_weights(self.model_without_ddp, ema)
         data, evaluation = self.settings.data, self.settings.evaluation
         protocol = ProtocolEvaluation(self.out, self.dist, weights, data, evaluation, self.device)
-        if self.baseline:
-            protocol.note = BASELINE_NOTE
+        protocol.note = self.results_note
         return protocol
 
     def architecture(self) -> Arch:
@@ -268,40 +255,7 @@ class Trainer:
         self.start_step, self.global_step = point.step_in_epoch, point.global_step
         self.overwrite_pending = point.overwrite_pending and self.ema is not None
         self.resumed_time = float(checkpoint.get(EPOCH_TIME, 0.0)) if self.start_step else 0.0
-        saved_lr = (checkpoint.get("args") or {}).get("lr")
-        lr = self.settings.optimizer.lr
-        if isinstance(saved_lr, (int, float)) and saved_lr > 0 and saved_lr != lr:
-            self.rescale_learning_rate(lr / saved_lr)
-
-    def rescale_learning_rate(self, scale: float) -> None:
-        """Continue the restored schedule at ``scale`` times its base rates (a changed ``--lr``).
-
-        The schedule's factor (warm-up, milestones) is kept; every parameter group's base rate
-        and current rate are multiplied.
-        """
-        self.scheduler.base_lrs = [base * scale for base in self.scheduler.base_lrs]
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
-            group["initial_lr"] = base
-            group["lr"] *= scale
-        log.warning(
-            "--lr %g applied to the resumed schedule: learning rate now %.4g (head), "
-            "%.4g (backbone)",
-            self.settings.optimizer.lr,
-            self.optimizer.param_groups[-1]["lr"],
-            self.optimizer.param_groups[0]["lr"],
-        )
-
-    def checkpoints_held(self) -> int:
-        """How many checkpoints' worth of disk the run needs at its fullest.
-
-        The latest checkpoint and, while the next one is written, its temporary file (the
-        rename keeps the old file until the new one is complete), plus every periodic copy
-        still to be made (a hard link at first, it keeps its own data once the latest moves on).
-        """
-        first = int(self.resume_checkpoint["epoch"]) if self.resume_checkpoint else 0
-        every, epochs = self.settings.save_freq, self.settings.epochs
-        copies = sum(1 for e in range(first + 1, epochs + 1) if every and e % every == 0)
-        return 2 + copies
+        rescale_schedule(self.optimizer, self.scheduler, checkpoint, self.settings.optimizer.lr)
 
     # ----- the loop -------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -326,11 +280,9 @@ class Trainer:
         results = self._finish_resumed_epoch()
         for epoch in range(self.start_epoch, epochs):
             self.epoch = epoch
-            # A resumed epoch's time counts the part trained before the stop too.
             resumed = self.resumed_time if epoch == self.start_epoch else 0.0
-            self.epoch_started = time.time() - resumed
-            # The rate this epoch trains with (the schedule steps once per epoch, after it).
-            lr = self.lr()
+            self.epoch_started = time.time() - resumed  # a resumed epoch counts its first part
+            lr = self.lr()  # the rate this epoch trains with (the schedule steps after it)
             losses = self.train_one_epoch(epoch)
             with warnings.catch_warnings():
                 # A run resumed at the end of an epoch steps the schedule before the optimizer
@@ -503,20 +455,9 @@ class Trainer:
     def open_run_folder(self) -> None:
         """Lock, create and tidy the run folder (:meth:`Checkpointer.open_folder`); log.txt."""
         settings = self.settings
-        own = is_own_folder(self.out, settings.resume)
-
-        def check() -> str | None:
-            # Another run may have used the folder between the start-up check and the lock.
-            check_not_held(self.out, settings.resume or None, settings.overwrite, self.script)
-            # Not our run's folder: what is left is --overwrite's, or the logs of a run
-            # stopped before its first checkpoint.
-            if own:
-                return None
-            return (
-                "--overwrite" if settings.overwrite else "a run stopped before its first checkpoint"
-            )
-
-        resumed_at = self.start_epoch if settings.resume else None
+        resume, overwrite = settings.resume, settings.overwrite
+        resumed_at = self.start_epoch if resume else None
+        check = lambda: claim_run_dir(self.out, resume, overwrite, self.script)  # noqa: E731
         self.checkpointer.open_folder(check, self.run_files, resumed_at)
         self.early_log.open(self.out / "log.txt")
 
@@ -527,8 +468,7 @@ class Trainer:
     def save_checkpoint(self, epoch: int, step_in_epoch: int) -> Path:
         """Save the run after ``epoch`` epochs and ``step_in_epoch`` steps of the next."""
         checkpoint = self.checkpointer.assemble(epoch, step_in_epoch, self.global_step, self.losses)
-        if step_in_epoch:
-            # The epoch's time so far, so that its log record covers every step.
+        if step_in_epoch:  # the epoch's time so far, for its record after a resume
             checkpoint[EPOCH_TIME] = round(time.time() - self.epoch_started, 3)
         return self.checkpointer.save(checkpoint, epoch, step_in_epoch)
 
