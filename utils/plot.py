@@ -21,6 +21,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from model.losses import LOSS_TERMS
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
 from utils.evaluation.draw import font, text_size
@@ -29,8 +30,6 @@ log = logging.getLogger(__name__)
 
 CURVES_NAME = "curves.png"
 FIGURE_SIZE = (1400, 900)
-# Loss terms the engine logs, total first; other "loss_*" / "*_loss" keys are drawn after them.
-LOSS_TERMS = ("loss", "ce", "triplet", "sp", "cmmd")
 METRIC_SUFFIXES = ("_rank1", "_mAP")
 
 BACKGROUND = (255, 255, 255)
@@ -307,7 +306,8 @@ def _is_number(value: Any) -> bool:
 
 
 def _is_loss_key(key: str) -> bool:
-    return key in LOSS_TERMS or key.startswith("loss_") or key.endswith("_loss")
+    """The total, a term of the loss table, or a key named as a loss ("loss_*", "*_loss")."""
+    return key == "loss" or key in LOSS_TERMS or key.startswith("loss_") or key.endswith("_loss")
 
 
 def collect_series(records: Sequence[dict[str, Any]]) -> dict[str, Series]:
@@ -323,15 +323,15 @@ def collect_series(records: Sequence[dict[str, Any]]) -> dict[str, Series]:
                 panel, name = "lr", "lr"
             elif _is_loss_key(key):
                 panel, name = "loss", "total" if key == "loss" else key
-                if key not in LOSS_TERMS and key not in extra_losses:
+                if key != "loss" and key not in LOSS_TERMS and key not in extra_losses:
                     extra_losses.append(key)
             elif key.endswith(METRIC_SUFFIXES):
                 name, _, panel = key.rpartition("_")
             else:
                 continue
             panels[panel].setdefault(name, []).append((epoch, float(value)))
-    # Engine order (total first), whatever order the keys had in the records.
-    order = ["total", *LOSS_TERMS[1:], *extra_losses]
+    # The loss table's order (total first), whatever order the keys had in the records.
+    order = ["total", *LOSS_TERMS, *extra_losses]
     panels["loss"] = {name: panels["loss"][name] for name in order if name in panels["loss"]}
     # Sorted names group a protocol's pool and BNNeck lines next to each other in the legend.
     for panel in ("rank1", "mAP"):

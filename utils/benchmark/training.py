@@ -13,9 +13,9 @@ from data.sampler import CrossModalitySampler
 from data.trainset import TrainSet
 from data.transforms import augment_batch
 from model import Routing, build_model
-from model.losses import LossRecipe
 from utils.benchmark.measure import peak_memory, reset_peak_memory, throughput
 from utils.benchmark.section import Bench, Row, Section, figure
+from utils.engine.options import loss_recipe
 
 log = logging.getLogger("benchmark")
 
@@ -85,7 +85,7 @@ def run_plain(bench: Bench) -> dict[str, Any]:
         foreach=False,
     )
     decay, average = options.ema_decay, {k: v.clone() for k, v in model.state_dict().items()}
-    loss = LossRecipe.from_args(options)
+    loss = loss_recipe(options)
     labels = (data.visible_labels, data.infrared_labels)
     sampler = CrossModalitySampler(*labels, args.batch_size, args.num_pos, args.seed)
     total = args.warmup + args.rounds * args.steps

@@ -15,6 +15,7 @@ from types import MappingProxyType
 import torch
 
 from data.registry import REGISTERED, dataset_names, get_dataset
+from model.losses import LOSS_TERMS, LossRecipe, recipe_from, weight_flags
 from utils.base.errors import UserError
 
 # The EMA decay each data set's authors used, by --dataset name (each data set declares its own).
@@ -185,8 +186,9 @@ def optim_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--label_smooth", type=float, default=0.0, help="CE label smoothing")
     group.add_argument("--margin", type=float, default=0.4, help="triplet margin")
-    group.add_argument("--sp_lambda", type=float, default=5.0, help="weight of the SP loss")
-    group.add_argument("--cmmd_lambda", type=float, default=0.05, help="weight of the CMMD loss")
+    for term in LOSS_TERMS.values():
+        if term.flag is not None:
+            group.add_argument(f"--{term.flag}", type=float, default=term.weight, help=term.help)
     group.add_argument(
         "--ema_decay",
         type=float,
@@ -283,6 +285,12 @@ def optim_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def loss_recipe(args: argparse.Namespace) -> LossRecipe:
+    """The loss recipe of the training flags (``--label_smooth``, ``--margin``, the weights)."""
+    weights = {name: getattr(args, flag) for flag, name in weight_flags().items()}
+    return recipe_from(weights, label_smooth=args.label_smooth, margin=args.margin)
+
+
 def select_device(name: str | None) -> torch.device:
     """``--device`` or CUDA when available, else the CPU; a bad or absent device is a user error."""
     if name is None:
@@ -373,7 +381,7 @@ def check_training(args: argparse.Namespace) -> None:
         raise UserError(f"--epochs {args.epochs}: expected a positive integer")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise UserError(f"--lr {args.lr}: expected a positive value")
-    for flag in ("weight_decay", "sp_lambda", "cmmd_lambda", "margin"):
+    for flag in ("weight_decay", *weight_flags(), "margin"):
         value = getattr(args, flag)
         if not (value >= 0 and math.isfinite(value)):
             raise UserError(f"--{flag} {value}: expected a finite value >= 0")

@@ -58,7 +58,6 @@ from model.checkpoint import (
     plain,
     write_checkpoint,
 )
-from model.losses import LossRecipe
 from utils.base.distributed import barrier, broadcast_flag, cleanup, init_distributed
 from utils.base.errors import UserError
 from utils.base.io import (
@@ -79,7 +78,7 @@ from utils.engine.build import (
     wrap_model,
 )
 from utils.engine.ema import ModelEMA
-from utils.engine.options import resolve_ema_overwrite, select_device
+from utils.engine.options import loss_recipe, resolve_ema_overwrite, select_device
 from utils.engine.rundir import (
     LATEST,
     PENDING,
@@ -163,7 +162,7 @@ class Trainer:
                 for tensor in self.model_without_ddp.state_dict().values():
                     torch.distributed.broadcast(tensor, src=0)
         self.ema = ModelEMA(self.model_without_ddp, args.ema_decay) if args.ema_decay > 0 else None
-        self.loss = LossRecipe.from_args(args)
+        self.loss = loss_recipe(args)
         self.optimizer = self.build_optimizer()
         self.scheduler = build_schedule(self.optimizer, args)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
