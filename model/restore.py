@@ -96,9 +96,9 @@ def model_from_checkpoint(
                     f"{weights} in {slot_difference(given, arch)} (config vs checkpoint); "
                     "leave --config_path out for this project's checkpoints"
                 )
-        num_classes = stored_integer(checkpoint["num_classes"], "num_classes", weights)
+        num_classes = stored_integer(checkpoint["num_classes"], "num_classes", weights, 1)
         stored_stride = checkpoint.get("last_stride", 1)
-        stride = last_stride or stored_integer(stored_stride, "last_stride", weights)
+        stride = last_stride or stored_integer(stored_stride, "last_stride", weights, 1, 2)
     model = build_model(arch, num_classes, stride)
     load_checkpoint(model, checkpoint, ema=ema, source=str(weights))
     log.info("model: %s, %d classes, last stride %d", arch.summary(), num_classes, stride)

@@ -260,6 +260,37 @@ def test_stored_integer_takes_what_was_taken_before() -> None:
         with pytest.raises(UserError) as info:
             stored_integer(value, "img_h", "c.pth")
         assert str(info.value).startswith(f"c.pth: the checkpoint's stored img_h is {value!r},")
+    assert stored_integer(2, "last_stride", "c.pth", 1, 2) == 2
+    for value, expected in ((3, "an integer in 1..2"), (0, "an integer >= 1")):
+        maximum = 2 if value == 3 else None
+        with pytest.raises(UserError) as info:
+            stored_integer(value, "n", "c.pth", 1, maximum)
+        assert str(info.value) == (
+            f"c.pth: the checkpoint's stored n is {value}, expected {expected} (an edited "
+            "checkpoint?)"
+        )
+
+
+@pytest.mark.parametrize(
+    ("entry", "value", "expected"),
+    [("last_stride", 3, "an integer in 1..2"), ("num_classes", 0, "an integer >= 1")],
+)
+def test_stored_network_numbers_out_of_range(
+    sysu_run: Path,
+    toy_sysu: Path,
+    tmp_path: Path,
+    refused: Callable[..., str],
+    entry: str,
+    value: int,
+    expected: str,
+) -> None:
+    """test.py: a stored last stride or class count the network cannot have is one line."""
+    path = edited(sysu_run, tmp_path / "edited.pth", lambda c: c.update({entry: value}))
+    argv = ["--data_root", str(toy_sysu), "--weights", str(path), "--trial", "0"]
+    assert refused(argv) == (
+        f"error: {path}: the checkpoint's stored {entry} is {value}, expected {expected} (an "
+        "edited checkpoint?)"
+    )
 
 
 def test_run_folder_given_as_weights(

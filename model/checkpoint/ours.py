@@ -98,22 +98,36 @@ def checkpoint_header(
     }
 
 
-def stored_integer(value: Any, name: str, source: str | os.PathLike[str]) -> int:
+def stored_integer(
+    value: Any,
+    name: str,
+    source: str | os.PathLike[str],
+    minimum: int | None = None,
+    maximum: int | None = None,
+) -> int:
     """A number stored in checkpoint ``source`` (``name`` for messages) as an int, else one line.
 
-    Integral floats and digit strings are taken as they always were; anything else (an edited
-    checkpoint) is refused naming the file, the entry and the value.
+    Integral floats and digit strings are taken as they always were; anything else, or a value
+    outside ``minimum``..``maximum`` (an edited checkpoint), is refused naming the file, the
+    entry and the value.
     """
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
+    number: int | None = None
+    integral_float = isinstance(value, float) and value.is_integer()
+    if integral_float or (isinstance(value, str) and value.strip().isdigit()):
+        number = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    low = minimum is not None and number is not None and number < minimum
+    high = maximum is not None and number is not None and number > maximum
+    if number is None or low or high:
+        expected = "an integer"
+        if minimum is not None:
+            expected += f" in {minimum}..{maximum}" if maximum is not None else f" >= {minimum}"
         raise UserError(
-            f"{source}: the checkpoint's stored {name} is {value!r}, expected an integer "
+            f"{source}: the checkpoint's stored {name} is {value!r}, expected {expected} "
             "(an edited checkpoint?)"
         )
-    return value
+    return number
 
 
 def tensor_checksums(checkpoint: Mapping[str, Any]) -> dict[str, list[Any]]:
