@@ -15,6 +15,7 @@ import train
 from model.losses import LOSS_TERMS, LossRecipe, LossTerm, recipe_from, register_loss, search_terms
 from utils.base.cli import run_cli
 from utils.engine.options import loss_recipe, optim_parser
+from utils.engine.settings import DataSettings, TrainSettings
 from utils.plot import collect_series, plot_run, read_log
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -59,6 +60,10 @@ def test_shipped_table_gives_the_flags_and_the_recipe() -> None:
     assert recipe.flags() == {
         "label_smooth": 0.1, "margin": 0.3, "sp_lambda": 2.0, "cmmd_lambda": 0.05
     }  # fmt: skip
+    # Settings built in code describe their recipe by the same flags, with the same defaults.
+    built = TrainSettings(DataSettings("x"), Path("run")).flags()
+    paper = LossRecipe().flags()
+    assert {flag: built[flag] for flag in paper} == {flag: getattr(defaults, flag) for flag in paper}
     with pytest.raises(ValueError, match=r"unknown loss term\(s\) \['centre'\]"):
         recipe_from({"centre": 1.0})
 
