@@ -63,7 +63,7 @@ def test_shipped_table_gives_the_flags_and_the_recipe() -> None:
     # Settings built in code describe their recipe by the same flags, with the same defaults.
     built = TrainSettings(DataSettings("x"), Path("run")).flags()
     paper = LossRecipe().flags()
-    assert {flag: built[flag] for flag in paper} == {flag: getattr(defaults, flag) for flag in paper}
+    assert {flag: built[flag] for flag in paper} == {f: getattr(defaults, f) for f in paper}
     with pytest.raises(ValueError, match=r"unknown loss term\(s\) \['centre'\]"):
         recipe_from({"centre": 1.0})
 
