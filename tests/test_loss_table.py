@@ -81,28 +81,37 @@ def test_table_refuses_clashes(loss_table: dict[str, LossTerm]) -> None:
     assert tuple(loss_table) == SHIPPED
 
 
-def test_weight_flags_are_checked(
+@pytest.fixture
+def refused(
     toy_regdb: Path,
     tmp_path: Path,
     train_argv: Callable[..., list[str]],
     expect_error: Callable[..., str],
     capsys: pytest.CaptureFixture[str],
-) -> None:
-    """A negative or non-finite weight is one line naming its flag."""
-    for flag, value in (("--sp_lambda", "-1"), ("--cmmd_lambda", "nan")):
-        argv = train_argv(toy_regdb, tmp_path, "bad", "--trial", "1", flag, value)
-        code = run_cli(train.main, argv)
-        expect_error(code, capsys.readouterr().err, f"{flag} {float(value)}: expected a finite")
+) -> Callable[..., str]:
+    """``refused(fragment, *flags)``: train.py stops in one line holding ``fragment``, no run."""
+
+    def check(fragment: str, *flags: str) -> str:
+        argv = train_argv(toy_regdb, tmp_path, "bad", "--trial", "1", *flags)
+        line = expect_error(run_cli(train.main, argv), capsys.readouterr().err, fragment)
         assert not (tmp_path / "bad").exists()
+        return line
+
+    return check
+
+
+def test_weight_flags_are_checked(refused: Callable[..., str]) -> None:
+    """A negative or non-finite weight is one line naming its flag."""
+    refused("--sp_lambda -1.0: expected a finite value >= 0", "--sp_lambda", "-1")
+    refused("--cmmd_lambda nan: expected a finite value >= 0", "--cmmd_lambda", "nan")
 
 
 def test_a_term_added_in_a_test_trains_logs_and_plots(
     loss_table: dict[str, LossTerm],
+    refused: Callable[..., str],
     toy_regdb: Path,
     tmp_path: Path,
     train_argv: Callable[..., list[str]],
-    expect_error: Callable[..., str],
-    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """One entry: a flag with its check, a term of the recipe, a key of log.jsonl, a curve."""
     register_loss(
@@ -116,8 +125,7 @@ def test_a_term_added_in_a_test_trains_logs_and_plots(
     pool, bnneck, logits, ys = _batch()
     assert list(LossRecipe()(pool, bnneck, logits, ys, 4)) == [*SHIPPED, "unit", "loss"]
 
-    bad = train_argv(toy_regdb, tmp_path, "bad", "--trial", "1", "--unit_lambda", "-2")
-    expect_error(run_cli(train.main, bad), capsys.readouterr().err, "--unit_lambda -2.0")
+    refused("--unit_lambda -2.0: expected a finite value >= 0", "--unit_lambda", "-2")
     argv = train_argv(toy_regdb, tmp_path, "run", "--trial", "1", "--unit_lambda", "0.5")
     assert run_cli(train.main, [*argv, "--epochs", "2", "--test_freq", "0"]) == 0
     run = tmp_path / "run"
