@@ -50,13 +50,22 @@ def check_img_size(img_size: Sequence[int]) -> tuple[int, int]:
     return height, width
 
 
-def _read_one(path: str, size_wh: tuple[int, int]) -> np.ndarray:
-    """Decode one image as RGB and resize it with LANCZOS (the authors' ANTIALIAS)."""
+def prepare_image(image: Image.Image, size_wh: tuple[int, int]) -> np.ndarray:
+    """A decoded image as uint8 (H, W, 3), resized to ``size_wh`` (width, height).
+
+    Converted to RGB (a grey or palette image becomes three channels), then resized with LANCZOS
+    (the authors' ANTIALIAS): what every training and test image goes through.
+    """
+    rgb = image.convert("RGB")
+    resized = rgb.resize(size_wh, Image.Resampling.LANCZOS)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def read_image(path: str | os.PathLike[str], size_wh: tuple[int, int]) -> np.ndarray:
+    """Decode one image file with :func:`prepare_image`; an unreadable file is a UserError."""
     try:
         with Image.open(path) as img:
-            rgb = img.convert("RGB")
-            resized = rgb.resize(size_wh, Image.Resampling.LANCZOS)
-            return np.asarray(resized, dtype=np.uint8)
+            return prepare_image(img, size_wh)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UserError(f"{path}: cannot read image ({exc})") from None
 
@@ -86,7 +95,7 @@ def load_images(
     workers = workers or min(_MAX_WORKERS, os.cpu_count() or 1)
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
     with bar, ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(_read_one, paths, [(width, height)] * len(paths))
+        results = pool.map(read_image, paths, [(width, height)] * len(paths))
         for i, pixels in enumerate(results):
             out[i] = pixels
             bar.update(1)

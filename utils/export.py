@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model import SPLIT, CMNASNet, ModalityBN, read_checkpoint
+from model import CMNASNet, read_checkpoint
+from model.fold import backbone_slots, conv_of_slot, fold, modality_bn
 from model.restore import model_from_checkpoint
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
@@ -62,41 +63,12 @@ def torchvision_name(name: str) -> str:
     return name.replace("downsample.conv", "downsample.0").replace("downsample.bn", "downsample.1")
 
 
-def conv_of_slot(slot: str) -> str:
-    """The convolution a BN slot follows: ``bn1`` -> ``conv1``, ``downsample.bn`` -> ``.conv``."""
-    head, _, last = slot.rpartition(".")
-    conv = "conv" + last.removeprefix("bn")
-    return f"{head}.{conv}" if head else conv
-
-
-def modality_bn(slot: ModalityBN, modality: str) -> nn.BatchNorm2d:
-    """The BN a sample of ``modality`` goes through in ``slot``."""
-    branches = slot.branches()
-    return branches[modality] if slot.choice == SPLIT else branches["shared"]
-
-
-def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of one convolution equal (in eval mode) to ``bn(conv(x))``."""
-    assert bn.running_mean is not None and bn.running_var is not None
-    # Float64 keeps the folded network within round-off of the unfolded one.
-    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    weight = conv.weight.double() * scale[:, None, None, None]
-    bias = bn.bias.double() - bn.running_mean.double() * scale
-    if conv.bias is not None:
-        bias = bias + conv.bias.double() * scale
-    return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
-
-
 def plain_state(model: CMNASNet, modality: str, fold_bn: bool = False) -> dict[str, torch.Tensor]:
     """``model``'s network for ``modality`` as a torchvision-layout state dict plus ``bnneck.*``."""
     modality = Modality.parse(modality).name.lower()
-    modules = dict(model.backbone.named_modules())
-    slots = {name: m for name, m in modules.items() if isinstance(m, ModalityBN)}
-    convs = {name: m for name, m in modules.items() if isinstance(m, nn.Conv2d)}
+    slots = backbone_slots(model)
+    convs = {n: m for n, m in model.backbone.named_modules() if isinstance(m, nn.Conv2d)}
     folded_into = {conv_of_slot(slot): slot for slot in slots}
-    missing = [slot for slot in slots if conv_of_slot(slot) not in convs]
-    if missing:
-        raise ValueError(f"no convolution before BN slot(s) {', '.join(missing)}")
     state: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, conv in convs.items():
