@@ -60,6 +60,10 @@ IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tif
 MAX_DECODERS = 8
 # More images than this many batches get a progress bar (on a terminal).
 QUIET_BATCHES = 4
+# The command-line options that are FeatureExtractor's arguments, by the same names.
+EXTRACTOR_FLAGS = (
+    "weights", "config_path", "ema", "device", "batch_size", "feature", "flip", "last_stride"
+)  # fmt: skip
 
 
 def input_contract(img_size: tuple[int, int]) -> dict[str, Any]:
@@ -384,23 +388,6 @@ def extractor_parser(use: str) -> argparse.ArgumentParser:
     return parser
 
 
-def extractor_of(args: argparse.Namespace) -> FeatureExtractor:
-    """The extractor the options of :func:`extractor_parser` describe."""
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size {args.batch_size}: expected at least 1")
-    select_device(args.device)
-    return FeatureExtractor(
-        args.weights,
-        args.config_path,
-        args.ema,
-        args.device,
-        args.batch_size,
-        args.feature,
-        args.flip,
-        args.last_stride,
-    )
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     """The ``python -m utils.extract`` parser."""
     parser = argparse.ArgumentParser(
@@ -423,8 +410,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     setup_logging()
     check_output_file(args.out, "--out")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size {args.batch_size}: expected at least 1")
     files = image_files(args.images, "--images")
-    extractor = extractor_of(args)
+    extractor = FeatureExtractor(**{flag: getattr(args, flag) for flag in EXTRACTOR_FLAGS})
     extraction = extractor([real for _, real in files], args.modality, on_error="skip")
     skipped = {files[i][0]: reason for i, reason in extraction.skipped.items()}
     if not extraction.kept:
