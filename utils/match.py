@@ -62,6 +62,7 @@ from utils.evaluation.visualize import (
     draw_rank_list,
     spread_indices,
 )
+from utils.export import check_out_dir
 from utils.extract import (
     EXTRACTOR_FLAGS,
     MODALITIES,
@@ -142,17 +143,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--pictures {args.pictures}: expected a number >= 0")
     if not 0.0 <= args.lambda_value <= 1.0:
         raise UserError(f"--lambda_value {args.lambda_value}: expected a value in [0, 1]")
-
-
-def check_out_dir(out: Path, flag: str = "--out") -> None:
-    """Fail before any work unless ``out`` is (or can be made) a writable folder."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{flag} {out}: is a file, expected a folder")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {out}: not writable ({probe} does not allow writing)")
 
 
 def identities_of(files: Sequence[tuple[str, str]]) -> list[str]:
