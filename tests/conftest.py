@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.arch import SHARED, SPLIT, Arch, load_arch
+
 H, W = 64, 32
 REPO = Path(__file__).resolve().parent.parent
 SPLIT_CONFIG = REPO / "configs" / "resnet18_two_stream.json"  # split and shared slots
@@ -196,3 +198,11 @@ def check_error(code: int, err: str, *fragments: str) -> str:
 def expect_error() -> Callable[..., str]:
     """``expect_error(code, stderr, *fragments)``: see :func:`check_error`."""
     return check_error
+
+
+@pytest.fixture(scope="module")
+def two_stream18() -> Arch:
+    """The ResNet-18 architecture with split and shared slots (configs/resnet18_two_stream.json)."""
+    arch = load_arch(SPLIT_CONFIG)
+    assert SPLIT in arch.slots.values() and SHARED in arch.slots.values()
+    return arch

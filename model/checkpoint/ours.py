@@ -1,0 +1,203 @@
+"""This project's checkpoint format: the header, atomic writing, reading, checksums.
+
+A checkpoint holds only tensors, numbers, strings and plain containers (:func:`plain` makes sure
+of it), so that it loads with ``weights_only=True``. It is one dict:
+
+* the header, written by :func:`checkpoint_header`, which lets ``test.py`` rebuild the network
+  from the file alone: ``format`` (``"cmnas-checkpoint"``), ``version``, ``arch`` (the
+  architecture JSON), ``num_classes``, ``last_stride`` and ``args`` (the run's options);
+* the weights: ``model`` (the live weights, as trained; on an epoch that copies the EMA into
+  them, the weights from before the copy) and ``ema`` (the EMA weights, or None without an
+  EMA), both state dicts;
+* what a resumed run needs besides (written by the training engine's run state): ``epoch``
+  (epochs completed), ``step_in_epoch`` (steps of the next epoch already trained),
+  ``global_step``, ``optimizer``, ``scheduler``, ``scaler``, ``rng`` (Python, NumPy and torch
+  random states), ``aug_rng`` (the augmentation generator), ``environment`` (versions, device,
+  commit), ``epoch_losses`` (loss sums of a partly trained epoch, only when ``step_in_epoch``
+  is not 0), ``search`` (only in a search's checkpoints: see :data:`SEARCH_KEY`),
+  ``ema_overwrite_pending`` (True when the EMA overwrite of the run's schedule follows this
+  save: a resume applies it), ``random_by_rank`` (each process's random states in a
+  multi-process run) and ``checksum`` (a CRC-32 of every tensor, checked on reading).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from model.arch import Arch
+from model.checkpoint.assign import summarize_keys
+from model.checkpoint.safe import safe_load
+from utils.base.errors import UserError
+from utils.base.io import write_atomic
+
+CHECKPOINT_FORMAT = "cmnas-checkpoint"
+CHECKPOINT_VERSION = 1
+# The entry holding a CRC-32 of the checkpoint's tensors (see write_checkpoint).
+CHECKSUM_KEY = "checksum"
+# The entry a search adds to its checkpoints (the alphas' optimizer, the identity split, ...);
+# such a checkpoint holds a supernet, which test.py cannot score.
+SEARCH_KEY = "search"
+
+
+def plain(value: Any) -> Any:
+    """``value`` with str/int/float subclasses (e.g. ``torch.__version__``) made plain.
+
+    ``torch.load(..., weights_only=True)`` refuses such subclasses, so everything stored in a
+    checkpoint besides tensors goes through this.
+    """
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, dict):
+        return {plain(key): plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(item) for item in value]
+    return value
+
+
+def _is_plain(value: Any) -> bool:
+    """Whether ``value`` is a plain JSON-like value that weights-only loading accepts."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_is_plain(item) for item in value)
+    return False
+
+
+def checkpoint_header(
+    arch: Arch, num_classes: int, last_stride: int, args: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The fields that let ``test.py`` rebuild the model from the checkpoint alone."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "arch": plain(arch.to_dict()),
+        "num_classes": num_classes,
+        "last_stride": last_stride,
+        "args": {key: plain(value) for key, value in args.items() if _is_plain(value)},
+    }
+
+
+def named_tensors(value: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor in a nested checkpoint value, named by its path (``model.bnneck.weight``).
+
+    Dicts are walked in key order and lists in index order, so the order is fixed for a
+    given checkpoint.
+    """
+    if isinstance(value, torch.Tensor):
+        yield prefix, value
+    elif isinstance(value, Mapping):
+        for key in sorted(value, key=str):
+            yield from named_tensors(value[key], f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from named_tensors(item, f"{prefix}.{index}" if prefix else str(index))
+
+
+def non_finite_tensors(checkpoint: Mapping[str, Any]) -> list[str]:
+    """The names of the floating-point tensors in ``checkpoint`` holding a NaN or infinity.
+
+    Weights, BN statistics, EMA and optimizer state alike: one such value makes the whole
+    checkpoint unusable. The test runs on each tensor's own device, with one read-back.
+    """
+    named = [(n, t) for n, t in named_tensors(checkpoint) if t.is_floating_point() and t.numel()]
+    if not named:
+        return []
+    by_device: dict[torch.device, list[int]] = {}
+    for index, (_, tensor) in enumerate(named):
+        by_device.setdefault(tensor.device, []).append(index)
+    bad: list[int] = []
+    for indices in by_device.values():
+        flags = torch.stack([named[i][1].detach().isfinite().all() for i in indices]).cpu()
+        bad += [i for i, finite in zip(indices, flags.tolist(), strict=True) if not finite]
+    return [named[i][0] for i in sorted(bad)]
+
+
+def tensor_checksums(checkpoint: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """``[CRC-32 of the bytes, dtype, shape]`` of every tensor in ``checkpoint``, by name.
+
+    The bytes are read on the CPU, so the values do not depend on the device the tensors were
+    saved from (about 1 s per GB).
+    """
+    sums = {}
+    for name, tensor in named_tensors(checkpoint):
+        if name.split(".")[0] == CHECKSUM_KEY:
+            continue
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        sums[name] = [
+            zlib.crc32(data.numpy().data),
+            str(tensor.dtype),
+            list(tensor.shape),
+        ]
+    return sums
+
+
+def write_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """``torch.save`` ``checkpoint`` to ``path`` atomically (a kill leaves the old or the new).
+
+    A checkpoint of this project gets a checksum of each tensor, which
+    :func:`read_checkpoint` verifies.
+    """
+    if checkpoint.get("format") == CHECKPOINT_FORMAT:
+        checksum = {"algorithm": "crc32", "tensors": tensor_checksums(checkpoint)}
+        checkpoint = {**checkpoint, CHECKSUM_KEY: checksum}
+    write_atomic(path, lambda handle: torch.save(checkpoint, handle))
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Safely read a checkpoint file of this project or the authors' and check it is one.
+
+    The tensors of a checkpoint with stored checksums are verified; files from before
+    checksums load as they are.
+    """
+    data = safe_load(path)
+    if not isinstance(data, dict) or "model" not in data or not isinstance(data["model"], dict):
+        raise UserError(
+            f"{path}: not a training checkpoint (expected a dict with a 'model' state dict)"
+        )
+    damaged = damaged_tensors(data)
+    if damaged:
+        raise UserError(
+            f"{path}: corrupt checkpoint: {len(damaged)} tensor(s) differ from the checksums "
+            f"saved with them ({summarize_keys(damaged, 2)}); the file was damaged on disk or "
+            "in a copy (a checkpoint edited on purpose loads once its 'checksum' entry is "
+            "deleted)"
+        )
+    return data
+
+
+def damaged_tensors(checkpoint: Mapping[str, Any]) -> list[str]:
+    """The tensors of ``checkpoint`` whose bytes differ from the checksums stored at saving.
+
+    A tensor removed since, or with another dtype or shape (an edit, not damage), is not
+    compared.
+    """
+    stored = checkpoint.get(CHECKSUM_KEY)
+    if not isinstance(stored, dict) or stored.get("algorithm") != "crc32":
+        return []
+    saved = stored.get("tensors") or {}
+    return [
+        name
+        for name, (crc, dtype, shape) in tensor_checksums(checkpoint).items()
+        if name in saved and saved[name][1:] == [dtype, shape] and saved[name][0] != crc
+    ]
+
+
+def is_resumable(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether ``checkpoint`` is this project's and holds the optimizer state a resume needs."""
+    return checkpoint.get("format") == CHECKPOINT_FORMAT and "optimizer" in checkpoint
+
+
+def is_search_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether ``checkpoint`` was written by a search (its ``model`` is a supernet)."""
+    return isinstance(checkpoint.get(SEARCH_KEY), dict)

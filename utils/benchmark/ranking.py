@@ -1,0 +1,111 @@
+"""Sections ``metrics``, ``rerank`` and ``llcm``: ranking and re-ranking at the test sizes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from utils.benchmark.measure import timed
+from utils.benchmark.section import Bench, Row, Section, figure
+from utils.evaluation.metrics import eval_llcm, eval_sysu, eval_sysu_loop
+from utils.evaluation.rerank import feature_distances, rerank, rerank_reference
+
+log = logging.getLogger("benchmark")
+
+# Identities, query cameras and gallery cameras of the two test problems.
+SYSU = (96, (3, 6), (1, 2, 4, 5))
+LLCM = (351, (1, 2, 4, 5, 6, 7, 8, 9), tuple(range(1, 10)))
+FEATURE_DIM = 2048  # a ResNet-50's pool features, the usual input of re-ranking
+
+
+def ranking_problem(
+    protocol: tuple[int, tuple[int, ...], tuple[int, ...]],
+    num_query: int,
+    num_gallery: int,
+    seed: int,
+) -> tuple[np.ndarray, ...]:
+    """Random (distmat, q_pids, g_pids, q_cams, g_cams); same identities closer on average."""
+    rng = np.random.default_rng(seed)
+    ids, query_cams, gallery_cams = protocol
+    q_pids, g_pids = rng.integers(ids, size=num_query), rng.integers(ids, size=num_gallery)
+    distmat = rng.standard_normal((num_query, num_gallery), dtype=np.float32)
+    distmat -= 1.5 * (q_pids[:, None] == g_pids[None, :])
+    cams = rng.choice(query_cams, num_query), rng.choice(gallery_cams, num_gallery)
+    return distmat, q_pids, g_pids, *cams
+
+
+def run_metrics(bench: Bench) -> dict[str, Any]:
+    """``eval_sysu`` against ``eval_sysu_loop`` on one random SYSU multi-shot-sized problem."""
+    args = bench.args
+    log.info("metrics")
+    sizes = dict(num_query=args.metrics_query, num_gallery=args.metrics_gallery)
+    problem = ranking_problem(SYSU, *sizes.values(), args.seed)
+    fast, vectorised_s = timed(lambda: eval_sysu(*problem))
+    slow, loop_s = timed(lambda: eval_sysu_loop(*problem))
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(fast, slow, strict=True))
+    speedup = round(loop_s / vectorised_s, 2)
+    return dict(
+        vectorised_s=vectorised_s, loop_s=loop_s, speedup=speedup, max_abs_diff=diff, **sizes
+    )
+
+
+def run_rerank(bench: Bench) -> dict[str, Any]:
+    """``rerank`` (best of 3 after a warm-up, on the run's torch threads) against one run of
+    ``rerank_reference`` (NumPy, one core whatever the threads) on random features."""
+    args = bench.args
+    log.info("rerank")
+    sizes = dict(num_query=args.metrics_query, num_gallery=args.metrics_gallery)
+    distances = feature_distances(*sizes.values(), FEATURE_DIM, args.seed)
+    rerank(*distances)
+    runs = [timed(lambda: rerank(*distances)) for _ in range(3)]
+    fast, vectorised_s = min(runs, key=lambda run: run[1])
+    slow, reference_s = timed(lambda: rerank_reference(*distances))
+    speedup, diff = round(reference_s / vectorised_s, 2), float(np.abs(fast - slow).max())
+    times = dict(vectorised_s=vectorised_s, reference_s=reference_s, speedup=speedup)
+    return times | dict(max_abs_diff=diff, threads=torch.get_num_threads(), **sizes)
+
+
+def run_llcm(bench: Bench) -> dict[str, Any]:
+    """``eval_llcm``, and ``rerank`` of random features, at the LLCM size."""
+    args = bench.args
+    log.info("llcm")
+    sizes = dict(num_query=args.llcm_query, num_gallery=args.llcm_gallery)
+    _, eval_s = timed(lambda: eval_llcm(*ranking_problem(LLCM, *sizes.values(), args.seed)))
+    distances = feature_distances(*sizes.values(), FEATURE_DIM, args.seed)
+    _, rerank_s = timed(lambda: rerank(*distances))
+    return dict(eval_s=eval_s, rerank_s=rerank_s, **sizes)
+
+
+def _sysu_size(doc: dict[str, Any]) -> str:
+    settings = doc["settings"]
+    return f"{settings['metrics_query']:,} x {settings['metrics_gallery']:,}"
+
+
+def metrics_rows(doc: dict[str, Any]) -> list[Row]:
+    """The vectorised metrics against the per-query loop."""
+    times = (figure(doc, "metrics", k) for k in ("vectorised_s", "loop_s", "speedup"))
+    return [(f"SYSU metrics {_sysu_size(doc)} (s): vectorised / per-query loop", *times)]
+
+
+def rerank_rows(doc: dict[str, Any]) -> list[Row]:
+    """The vectorised re-ranking against the reference, with the threads it ran on."""
+    count = doc.get("rerank", {}).get("threads", doc["settings"]["threads"])
+    threads = f"{count} thread{'' if count == 1 else 's'}"
+    times = (figure(doc, "rerank", k) for k in ("vectorised_s", "reference_s", "speedup"))
+    return [(f"re-ranking {_sysu_size(doc)}, {threads} (s): vectorised / reference", *times)]
+
+
+def llcm_rows(doc: dict[str, Any]) -> list[Row]:
+    """Evaluation and re-ranking at the LLCM size."""
+    settings = doc["settings"]
+    llcm = f"{settings['llcm_query']:,} x {settings['llcm_gallery']:,}"
+    times = (figure(doc, "llcm", k) for k in ("eval_s", "rerank_s"))
+    return [(f"LLCM {llcm} (s): eval_llcm / re-ranking", *times, "")]
+
+
+METRICS = Section("metrics", run_metrics, metrics_rows)
+RERANK = Section("rerank", run_rerank, rerank_rows)
+LLCM_SECTION = Section("llcm", run_llcm, llcm_rows)

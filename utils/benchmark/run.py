@@ -1,0 +1,78 @@
+"""Run the benchmark's sections and print the JSON document."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model import Arch, load_arch
+from utils.base.errors import UserError
+from utils.base.logger import setup_logging
+from utils.benchmark.measure import machine
+from utils.benchmark.options import INTEGERS, PRESETS, get_args_parser, resolve_options
+from utils.benchmark.registry import SECTIONS
+from utils.benchmark.report import markdown_table
+from utils.benchmark.section import Bench
+from utils.benchmark.setup import TRAIN_IDS, synthetic_train_set, training_options
+from utils.benchmark.training import speedup
+from utils.engine.options import select_device
+
+log = logging.getLogger("benchmark")
+
+
+def benchmark_arch(args: argparse.Namespace) -> Arch:
+    """The architecture ``--arch`` names, checked against ``--depth``."""
+    if args.arch in ("shared", "split"):
+        return Arch.uniform(args.depth, args.arch)
+    if (arch := load_arch(args.arch)).depth != args.depth:
+        raise UserError(f"--arch {args.arch} is a ResNet-{arch.depth}; --depth is {args.depth}")
+    return arch
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every section not skipped; returns the JSON document."""
+    device = select_device(args.device)
+    resolve_options(args, device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    arch = benchmark_arch(args)
+    keys = [key for key, *_ in PRESETS + INTEGERS] + ["arch"]
+    settings = {key: getattr(args, key) for key in keys} | {"threads": torch.get_num_threads()}
+    settings.update(images_per_step=2 * args.batch_size, train_ids=TRAIN_IDS)
+    doc = {"machine": machine(device), "settings": settings}
+    doc |= {section: {"skipped": True} for section in args.skip}
+    wanted = [section for section in SECTIONS if section.name not in args.skip]
+    data = synthetic_train_set((args.img_h, args.img_w), args.seed)
+    with tempfile.TemporaryDirectory(prefix="cmnas_bench_") as tmp:
+        options = training_options(args, Path(tmp), arch)
+        bench = Bench(args, device, arch, data, options)
+        for position, section in enumerate(wanted):
+            doc[section.name] = section.run(bench)
+            if not any(later.uses_trainer for later in wanted[position + 1 :]):
+                bench.release_trainer()
+    doc["speedup"] = speedup(doc)
+    return doc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse options, run the benchmark, print the JSON document (and write the files)."""
+    args = get_args_parser().parse_args(argv)
+    setup_logging()
+    doc = run_benchmark(args)
+    setup_logging()  # the trainers pointed logging at their (deleted) run folders
+    text = json.dumps(doc, indent=2) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(doc) + "\n")
+    log.info("summary:\n%s", markdown_table(doc))
+    sys.stdout.write(text)
+    return 0

@@ -1,0 +1,140 @@
+"""Sections ``fast`` and ``plain``: the engine's training step against an authors'-style step."""
+
+from __future__ import annotations
+
+import logging
+import resource
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from data.sampler import CrossModalitySampler
+from data.trainset import TrainSet
+from data.transforms import augment_batch
+from model import Routing, build_model
+from model.losses import LossRecipe
+from utils.benchmark.measure import peak_memory, reset_peak_memory, throughput
+from utils.benchmark.section import Bench, Row, Section, figure
+
+log = logging.getLogger("benchmark")
+
+
+class PairedImages(Dataset):
+    """Item ``(v, i)``: visible image v and infrared image i, each augmented alone, and labels."""
+
+    def __init__(self, train_set: TrainSet) -> None:
+        """Keep the arrays (worker processes share them copy-on-write)."""
+        self.data = train_set
+
+    def __len__(self) -> int:
+        """Visible images (items are index pairs)."""
+        return len(self.data.visible_labels)
+
+    def __getitem__(self, pair: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Both as normalised float (3, H, W), drawn from torch's generator (seeded per worker)."""
+        (v, i), data = pair, self.data
+        visible = augment_batch(torch.from_numpy(data.visible_images[v : v + 1]))[0]
+        infrared = augment_batch(torch.from_numpy(data.infrared_images[i : i + 1]))[0]
+        return visible, infrared, int(data.visible_labels[v]), int(data.infrared_labels[i])
+
+
+def plain_loader(
+    train_set: TrainSet, sampler: CrossModalitySampler, workers: int, batches: int, seed: int = 0
+) -> DataLoader:
+    """The sampler's first ``batches`` batches: (visible, infrared, labels, labels) on the CPU."""
+    steps = (sampler.batch(*divmod(b, len(sampler))) for b in range(batches))
+    pairs = [list(zip(v.tolist(), i.tolist(), strict=True)) for v, i in steps]
+    generator = torch.Generator().manual_seed(seed)
+    dataset = PairedImages(train_set)
+    return DataLoader(dataset, batch_sampler=pairs, num_workers=workers, generator=generator)
+
+
+def run_fast(bench: Bench) -> dict[str, Any]:
+    """Time the engine's own training step."""
+    args, trainer = bench.args, bench.trainer()
+    log.info("fast path: %d + %d x %d steps", args.warmup, args.rounds, args.steps)
+    windowed = reset_peak_memory(trainer.device)
+    sampler = trainer.sampler
+    step = lambda k: trainer.training_step(*sampler.batch(*divmod(k, len(sampler))))  # noqa: E731
+    figures = throughput(step, args, args.steps, args.rounds)
+    figures |= peak_memory(trainer.device, windowed)
+    figures["settings"] = dict(
+        step="utils.engine.trainer.Trainer.training_step", amp=trainer.amp,
+        channels_last=trainer.channels_last, compile=args.compile, loss_readback="none",
+        augmentation=f"batched on the {trainer.device.type}", ema="ModelEMA (foreach)",
+    )  # fmt: skip
+    return figures
+
+
+def run_plain(bench: Bench) -> dict[str, Any]:
+    """Time the authors'-style step: per-image CPU augmentation in workers, fp32 NCHW eager."""
+    args, options, data, device = bench.args, bench.options, bench.data, bench.device
+    log.info("plain path: %d + %d x %d steps", args.warmup, args.rounds, args.steps)
+    windowed = reset_peak_memory(device)
+    torch.manual_seed(args.seed)
+    model = build_model(bench.arch, data.num_classes, options.last_stride).to(device).train()
+    groups: dict[bool, list[torch.nn.Parameter]] = {True: [], False: []}
+    for name, parameter in model.named_parameters():
+        groups[name.startswith("backbone.")].append(parameter)
+    optimizer = torch.optim.Adam(
+        [{"params": groups[True], "lr": 0.1 * options.lr}, {"params": groups[False]}],
+        options.lr,
+        (options.beta1, options.beta2),
+        weight_decay=options.weight_decay,
+        foreach=False,
+    )
+    decay, average = options.ema_decay, {k: v.clone() for k, v in model.state_dict().items()}
+    loss = LossRecipe.from_args(options)
+    labels = (data.visible_labels, data.infrared_labels)
+    sampler = CrossModalitySampler(*labels, args.batch_size, args.num_pos, args.seed)
+    total = args.warmup + args.rounds * args.steps
+    batches = iter(plain_loader(data, sampler, args.workers, total, args.seed))
+
+    def step(_: int) -> None:
+        visible, infrared, visible_labels, infrared_labels = next(batches)
+        images = torch.cat([visible, infrared]).to(device)
+        targets = torch.cat([visible_labels, infrared_labels]).to(device)
+        pool, feat, logits = model(images, Routing.from_halves(len(visible), len(infrared)))
+        terms = loss(pool, feat, logits, targets, len(visible))
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        optimizer.step()
+        with torch.no_grad():  # the EMA one tensor at a time
+            for key, live in model.state_dict().items():
+                if live.dtype.is_floating_point:
+                    average[key].mul_(decay).add_(live, alpha=1 - decay)
+                else:
+                    average[key].copy_(live)
+        terms["loss"].item()  # the authors' loop reads the loss back every step
+
+    figures = throughput(step, args, args.steps, args.rounds)
+    next(batches, None)  # the loader's end joins its workers: their peak RSS is counted below
+    figures |= peak_memory(device, windowed)
+    workers_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if args.workers else 0
+    figures["workers_peak_rss_mb"] = round(workers_kb / 1024, 1)
+    figures["settings"] = dict(
+        step="fp32, NCHW, eager", amp="none", channels_last=False, compile=False,
+        loss_readback="every step", augmentation=f"per image in {args.workers} CPU workers",
+        ema="per-tensor loop", optimizer="Adam (for-loop)",
+    )  # fmt: skip
+    return figures
+
+
+def speedup(doc: dict[str, Any]) -> float | None:
+    """Fast images/s over plain images/s; None unless both paths ran."""
+    rates = figure(doc, "fast", "images_per_s"), figure(doc, "plain", "images_per_s")
+    return round(rates[0] / rates[1], 3) if all(rates) else None
+
+
+def training_rows(doc: dict[str, Any]) -> list[Row]:
+    """Images/s and peak memory of both paths."""
+    paths = ("fast", "plain")
+    return [
+        ("training images/s", *(figure(doc, p, "images_per_s") for p in paths), doc["speedup"]),
+        ("training peak memory (MiB)", *(figure(doc, p, "peak_memory_mb") for p in paths), ""),
+    ]
+
+
+FAST = Section("fast", run_fast, training_rows, uses_trainer=True)
+PLAIN = Section("plain", run_plain)
