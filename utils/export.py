@@ -43,7 +43,7 @@ from utils.base.io import MB, check_free_space, disk_full, replace_dir, temp_nam
 from utils.base.logger import setup_logging
 from utils.base.modality import Modality
 from utils.engine.options import HelpFormatter, checkpoint_parser
-from utils.extract import input_contract
+from utils.extract import check_out_dir, input_contract
 
 log = logging.getLogger("export")
 MODALITIES = ("visible", "infrared")
@@ -115,17 +115,6 @@ def plain_state(model: CMNASNet, modality: str, fold_bn: bool = False) -> dict[s
         for tensor, value in model.bnneck.state_dict().items():
             state[f"bnneck.{tensor}"] = value.detach().clone()
     return dict(sorted(state.items()))
-
-
-def check_out_dir(out: Path) -> None:
-    """Fail before any work unless ``out`` is (or can be made) a writable folder."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file, expected a folder")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: not writable ({probe} does not allow writing)")
 
 
 def onnx_runtime() -> Any:

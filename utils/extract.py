@@ -321,17 +321,25 @@ def image_files(paths: Iterable[str], flag: str) -> list[tuple[str, str]]:
     return [(str(p), str(p.resolve())) for p in found]
 
 
+def check_out_dir(out: Path, flag: str = "--out") -> None:
+    """Fail before any work unless ``out`` is (or can be made) a writable folder."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out}: is a file, expected a folder")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {out}: not writable ({probe} does not allow writing)")
+
+
 def check_output_file(path: str | os.PathLike[str], flag: str) -> None:
-    """Fail before any work unless ``path`` can be written (its folder exists and is writable)."""
+    """Fail before any work unless the file ``path`` can be written in its existing folder."""
     out = Path(path)
-    folder = out.parent
     if out.is_dir():
         raise UserError(f"{flag} {out}: is a folder, expected a file name")
-    if not folder.is_dir():
-        what = "is a file, not a folder" if folder.exists() else "does not exist"
-        raise UserError(f"{flag} {out}: folder {folder} {what}")
-    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise UserError(f"{flag} {out}: not writable")
+    if not out.parent.is_dir():
+        raise UserError(f"{flag} {out}: folder {out.parent} does not exist")
+    check_out_dir(out.parent, flag)
 
 
 def feature_arrays(

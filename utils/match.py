@@ -62,12 +62,12 @@ from utils.evaluation.visualize import (
     draw_rank_list,
     spread_indices,
 )
-from utils.export import check_out_dir
 from utils.extract import (
     EXTRACTOR_FLAGS,
     MODALITIES,
     Extraction,
     FeatureExtractor,
+    check_out_dir,
     extractor_parser,
     feature_arrays,
     image_files,
