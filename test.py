@@ -128,10 +128,19 @@ def check_output_file(path: str, flag: str) -> None:
 
 
 def protocol_settings(args: argparse.Namespace) -> ProtocolSettings:
-    """The protocol options; a --v2i_roles variant the data set does not have is an error."""
-    direction = "i2v" if args.tvsearch else args.direction
-    settings = ProtocolSettings(args.mode, args.shot, direction, args.v2i_roles)
+    """The protocol options; one the data set cannot honour is an error naming what it offers."""
     dataset = get_dataset(args.dataset)
+    direction = args.direction
+    if args.tvsearch:
+        if "direction" not in dataset.test_options:
+            raise UserError(
+                f"--tvsearch: {dataset.title} has no choice of direction "
+                f"({dataset.describe_test_options()})"
+            )
+        if direction not in ("both", "i2v"):
+            raise UserError(f"--tvsearch (--direction i2v) contradicts --direction {direction}")
+        direction = "i2v"
+    settings = ProtocolSettings(args.mode, args.shot, direction, args.v2i_roles)
     protocols = dataset.protocols(settings)
     if args.v2i_roles != "defined" and not any(p.swap_roles for p in protocols):
         raise UserError(

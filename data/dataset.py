@@ -2,14 +2,19 @@
 
 Adding a data set
 -----------------
-Write one module ``data/<name>.py`` with a subclass of :class:`DataSet`, and add one instance of
-it to ``REGISTERED`` in ``data/registry.py``; ``--dataset <name>`` then trains, searches and
-tests on it, and nothing outside ``data/`` needs to know its name.
+Write a subclass of :class:`DataSet` (in a module of ``data/`` or in your own code) and register
+it with ``data.register_dataset``; ``--dataset <name>`` then trains, searches and tests on it,
+and nothing else needs to know its name. The building blocks in :mod:`data.blocks` (image
+listing, id lists, index files, camera folders with the gallery draw) do the file work.
 
 Class attributes: ``name`` (the ``--dataset`` value), ``title`` ("SYSU-MM01", in messages and
 logs), ``short_title`` (in short messages), ``ema_decay`` (the default ``--ema_decay``),
 ``ema_overwrite_every`` (epochs between copies of the EMA weights into the live model),
-``num_splits`` and ``gallery_draws`` (below). Methods to implement:
+``num_splits`` and ``gallery_draws`` (below), and ``test_options``: the test options the data
+set honours, each with the values it offers (``{"direction": ("v2i", "i2v", "both")}``); any
+other option (``--mode``, ``--shot``, ``--direction``, ``--v2i_roles``) given a value other
+than its default is refused in one line naming the data set and what it offers. Methods to
+implement:
 
 ``expected_files(split, parts)``
     Entries (relative to the root; folders end in ``/``) that must exist for ``parts`` ("train",
@@ -20,16 +25,16 @@ logs), ``short_title`` (in short messages), ``ema_decay`` (the default ``--ema_d
 ``train_files(root, split)``
     The training images as :class:`TrainFiles`: visible and infrared paths with their original
     identity numbers (any integers; labels 0..n-1 are assigned in ascending identity order).
-``protocols(settings)``
-    The test protocols that :class:`ProtocolSettings` select (options a data set does not have are
-    ignored), as :class:`Protocol` values: a name, a short key, ``query(root, split)`` and
-    ``gallery(root, split, draw)`` returning :class:`ImageList` (paths, int64 identities and
-    cameras, one modality), the :class:`ExclusionRule`, the kind of CMC and whether the roles are
-    swapped in scoring (each drawn gallery image ranking the queries). Lists must be
+``make_protocols(settings)``
+    The test protocols that :class:`ProtocolSettings` select (already checked against
+    ``test_options``), as :class:`Protocol` values: a name, a short key, ``query(root, split)``
+    and ``gallery(root, split, draw)`` returning :class:`ImageList` (paths, int64 identities and
+    cameras, one modality), the :class:`ExclusionRule`, the kind of CMC and whether the roles
+    are swapped in scoring (each drawn gallery image ranking the queries). Lists must be
     deterministic: the same (split, draw) always gives the same images in the same order.
 ``test_images(root, split)``
     Every image any protocol of ``split`` may read, as :class:`ListedImage` values (with the index
-    file line that names it, where there is one); they are checked before training starts.
+    file line that names it, where there is one); they are decoded before training starts.
 
 Two numbers say what ``--trial`` means. ``num_splits`` > 1: the data set comes in train/test
 splits 1..num_splits (RegDB) and ``--trial`` picks one in training and in testing.
@@ -38,46 +43,75 @@ results are averaged (SYSU-MM01); test.py's ``--trial`` then picks a single draw
 ``cache_name``, ``result_name``, ``record_key`` and ``rank_list_folder`` name outputs and have
 defaults that rarely need overriding.
 
-A minimal module (a data set with one test direction and index files)::
+A minimal module, the one README.md's "Adding a data set" runs (a test executes that copy)::
 
+    import os
+
+    from data import CameraFolders, DataSet, ExclusionRule, Protocol, TrainFiles, register_dataset
+    from data import read_ids, read_index
+    from utils.base.modality import Modality
+
+    CAMS = (1, 2, 3)
+    TRAIN_LISTS = ("idx/train_vis.txt", "idx/train_ir.txt")  # lines: relative/path label
+    VISIBLE = CameraFolders("test_vis/cam{cam}/{pid:04d}", CAMS, Modality.VISIBLE, "NightVI")
+    INFRARED = CameraFolders("test_ir/cam{cam}/{pid:04d}", CAMS, Modality.INFRARED, "NightVI")
+
+
+    def test_ids(root):
+        return sorted(read_ids(os.path.join(root, "idx/test_id.txt"), "test ids"))
+
+
+    @register_dataset
     class NightVI(DataSet):
         name, title, short_title = "nightvi", "NightVI", "NightVI"
         ema_decay, ema_overwrite_every, gallery_draws = 0.997, 2, 10
+        test_options = {}  # one protocol: --mode, --shot, --direction are refused
 
         def expected_files(self, split, parts):
-            return ["idx/train.txt", "idx/query.txt", "idx/gallery.txt"]
+            return [*TRAIN_LISTS, "idx/test_id.txt", "test_vis/", "test_ir/"]
 
         def check_lists(self, root, split, parts):
-            for name in self.expected_files(split, parts):
-                read_index(os.path.join(root, name))  # raises UserError naming file:line
+            if "train" in parts:
+                self.train_files(root, split)  # UserError naming file:line
+            if "test" in parts:
+                test_ids(root)
 
         def train_files(self, root, split):
-            return TrainFiles(*train_lists(root))  # visible/infrared paths and ids
+            visible, infrared = (read_index(root, name, check_images=True) for name in TRAIN_LISTS)
+            return TrainFiles(visible.paths, visible.labels, infrared.paths, infrared.labels)
 
-        def protocols(self, settings):
-            rule = ExclusionRule(same_identity_same_camera=True)
-            return (Protocol("i2v", "i2v", infrared_queries, drawn_gallery, rule, True),)
+        def make_protocols(self, settings):
+            i2v = Protocol(
+                name="i2v",
+                key="i2v",
+                query=lambda root, split: INFRARED.images(root, test_ids(root)),
+                gallery=lambda root, split, draw: VISIBLE.draw(root, test_ids(root), draw),
+                exclusion=ExclusionRule(same_identity_same_camera=True),
+                dedup_cmc=True,
+            )
+            return (i2v,)
 
         def test_images(self, root, split):
-            return listed_images(root, ["idx/query.txt", "idx/gallery.txt"])
+            ids = test_ids(root)
+            return VISIBLE.listed(root, ids) + INFRARED.listed(root, ids)
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from types import MappingProxyType
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
-from PIL import Image
 
+from data.images import check_images_decode
 from utils.base.errors import UserError
 from utils.base.modality import Modality
 
-# Header reads are I/O bound; a few threads hide the latency of network file systems.
-_CHECK_WORKERS = 8
+# Subfolders looked into for the expected files when a data root lacks them.
+_MAX_SUBFOLDERS = 100
 
 
 @dataclass(frozen=True)
@@ -177,12 +211,31 @@ V2I_ROLES = ("defined", "swapped", "both")
 
 @dataclass(frozen=True)
 class ProtocolSettings:
-    """The test options a data set may read to select its protocols (others are ignored)."""
+    """The test options that select a data set's protocols (``DataSet.test_options`` says which
+    ones a data set honours; the others must keep their defaults)."""
 
     mode: str = "all"  # SYSU-MM01 search mode: "all" or "indoor"
     shot: int = 1  # gallery images per (identity, camera) folder
     direction: str = "both"  # "v2i", "i2v" or "both"
     v2i_roles: str = "defined"  # one of V2I_ROLES
+
+
+# What each test option chooses, for the message refusing it on a data set without the choice.
+_OPTION_CHOICE = MappingProxyType(
+    {
+        "mode": "search modes",
+        "shot": "choice of gallery images per folder",
+        "direction": "choice of direction",
+        "v2i_roles": "swapped-roles protocol",
+    }
+)
+_SETTING_DEFAULTS = MappingProxyType({f.name: f.default for f in fields(ProtocolSettings)})
+
+
+def _alternatives(values: Sequence[object]) -> str:
+    """``a, b or c``."""
+    text = [str(v) for v in values]
+    return text[0] if len(text) == 1 else f"{', '.join(text[:-1])} or {text[-1]}"
 
 
 class ListedImage(NamedTuple):
@@ -202,6 +255,8 @@ class DataSet:
     ema_overwrite_every: ClassVar[int]  # epochs between copies of the EMA into the live model
     num_splits: ClassVar[int] = 1
     gallery_draws: ClassVar[int] = 1
+    # The ProtocolSettings fields this data set honours, each with the values it offers.
+    test_options: ClassVar[Mapping[str, tuple[Any, ...]]] = MappingProxyType({})
 
     # ----- implemented by each data set ------------------------------------------------------
     def expected_files(self, split: int, parts: Sequence[str]) -> list[str]:
@@ -216,8 +271,8 @@ class DataSet:
         """The training images of ``split`` and their original identity numbers."""
         raise NotImplementedError
 
-    def protocols(self, settings: ProtocolSettings) -> tuple[Protocol, ...]:
-        """The test protocols ``settings`` select."""
+    def make_protocols(self, settings: ProtocolSettings) -> tuple[Protocol, ...]:
+        """The test protocols ``settings`` select (checked against ``test_options``)."""
         raise NotImplementedError
 
     def test_images(self, root: str, split: int) -> list[ListedImage]:
@@ -225,6 +280,51 @@ class DataSet:
         raise NotImplementedError
 
     # ----- shared by every data set ---------------------------------------------------------
+    def protocols(self, settings: ProtocolSettings) -> tuple[Protocol, ...]:
+        """The test protocols ``settings`` select; an option this data set lacks is an error."""
+        self.check_settings(settings)
+        return self.make_protocols(settings)
+
+    def check_settings(self, settings: ProtocolSettings) -> None:
+        """Raise UserError, naming what this data set offers, for an option it cannot honour."""
+        for option, default in _SETTING_DEFAULTS.items():
+            value = getattr(settings, option)
+            offered = self.test_options.get(option)
+            if offered is None and value != default:
+                raise UserError(
+                    f"--{option} {value}: {self.title} has no {_OPTION_CHOICE[option]} "
+                    f"({self.describe_test_options()})"
+                )
+            if offered is not None and value not in offered:
+                raise UserError(f"--{option} {value!r}: expected {_alternatives(offered)}")
+
+    def describe_test_options(self) -> str:
+        """What the test options of this data set offer, e.g. "it offers --mode all or indoor"."""
+        if not self.test_options:
+            return "it has no test options"
+        return "it offers " + "; ".join(
+            f"--{option} {_alternatives(values)}" for option, values in self.test_options.items()
+        )
+
+    def check_declaration(self) -> None:
+        """Raise ValueError if a class attribute of the contract is missing or out of range."""
+        name = getattr(self, "name", "")
+        if not isinstance(name, str) or not name or name != name.strip().lower() or " " in name:
+            raise ValueError(f"{type(self).__qualname__}.name {name!r}: expected a lowercase word")
+        for attribute in ("title", "short_title", "ema_decay", "ema_overwrite_every"):
+            if getattr(self, attribute, None) in (None, ""):
+                raise ValueError(f"data set {name!r}: {attribute} is not set")
+        if not (0 <= self.ema_decay < 1 and self.ema_overwrite_every >= 0):
+            raise ValueError(f"data set {name!r}: ema_decay in [0, 1), ema_overwrite_every >= 0")
+        if self.num_splits < 1 or self.gallery_draws < 1:
+            raise ValueError(f"data set {name!r}: num_splits and gallery_draws must be >= 1")
+        for option, values in self.test_options.items():
+            if option not in _SETTING_DEFAULTS or _SETTING_DEFAULTS[option] not in values:
+                raise ValueError(
+                    f"data set {name!r}: test_options[{option!r}] must be a ProtocolSettings "
+                    "field whose values include its default"
+                )
+
     def split_of(self, trial: int | None) -> int:
         """The train/test split ``--trial`` names (default 1); 1 where there are no splits."""
         if self.num_splits == 1 or trial is None:
@@ -237,20 +337,31 @@ class DataSet:
             return [int(trial)]
         return list(range(self.gallery_draws))
 
+    def check_split(self, split: object) -> int:
+        """Return ``split`` if it is one of the train/test splits 1..num_splits, else UserError."""
+        value = _whole_number(split)
+        if value is None or not 1 <= value <= self.num_splits:
+            raise UserError(f"--trial {split!r}: {self.short_title} trials are 1-{self.num_splits}")
+        return value
+
+    def check_draw(self, draw: object) -> int:
+        """Return ``draw`` if it is one of the gallery draws 0..gallery_draws-1, else UserError."""
+        value = _whole_number(draw)
+        if value is None or not 0 <= value < self.gallery_draws:
+            raise UserError(
+                f"--trial {draw!r}: {self.short_title} gallery trials are "
+                f"0-{self.gallery_draws - 1} (default: all {self.gallery_draws})"
+            )
+        return value
+
     def check_trial(self, trial: int | None, testing: bool) -> None:
         """Raise UserError unless ``--trial`` is a split (or, in test.py, a gallery draw)."""
         if trial is None:
             return
         if self.num_splits > 1:
-            if not 1 <= trial <= self.num_splits:
-                raise UserError(
-                    f"--trial {trial}: {self.short_title} trials are 1-{self.num_splits}"
-                )
-        elif testing and self.gallery_draws > 1 and not 0 <= trial < self.gallery_draws:
-            raise UserError(
-                f"--trial {trial}: {self.short_title} gallery trials are "
-                f"0-{self.gallery_draws - 1} (default: all {self.gallery_draws})"
-            )
+            self.check_split(trial)
+        elif testing and self.gallery_draws > 1:
+            self.check_draw(trial)
 
     def cache_name(self, split: int) -> str:
         """Prefix of the training-image cache folder (the image size is appended)."""
@@ -269,10 +380,14 @@ class DataSet:
         """The folder (under ``rank_lists/``) of a protocol's rank-list pictures."""
         return f"{self.name}_{protocol.key}"
 
-    def check_root(
+    def check_layout(
         self, root: str | os.PathLike, split: int = 1, parts: Sequence[str] = ("train", "test")
     ) -> None:
-        """Fail with one line naming what is absent unless ``root`` has this data set's layout."""
+        """Fail with one line naming every entry of ``expected_files`` that ``root`` lacks.
+
+        When a subfolder of ``root`` holds them all (a root one level too high), the line names
+        it.
+        """
         root = os.fspath(root)
         expected = self.expected_files(split, parts)
         if not os.path.isdir(root):
@@ -281,51 +396,61 @@ class DataSet:
                 f"--data_root {root}: {what} (expected the {self.title} root holding "
                 f"{', '.join(expected[:3])}{', ...' if len(expected) > 3 else ''})"
             )
-        missing = [
-            name
-            for name in expected
-            if not (os.path.isdir if name.endswith("/") else os.path.isfile)(
-                os.path.join(root, name)
-            )
-        ]
+        missing = _missing_entries(root, expected)
         if missing:
+            inside = _subfolder_holding(root, expected)
+            hint = f"; {inside} holds them (--data_root {inside}?)" if inside else ""
             raise UserError(
                 f"--data_root {root}: not a {self.title} folder (--dataset {self.name}): "
-                f"missing {', '.join(missing)}"
+                f"missing {', '.join(missing)}{hint}"
             )
-        self.check_lists(root, split, parts)
+
+    def check_root(
+        self, root: str | os.PathLike, split: int = 1, parts: Sequence[str] = ("train", "test")
+    ) -> None:
+        """Fail with one line naming what is absent or malformed unless ``root`` has this data
+        set's layout (:meth:`check_layout`) and readable list files (``check_lists``)."""
+        self.check_layout(root, split, parts)
+        self.check_lists(os.fspath(root), split, parts)
 
     def check_test_images(self, root: str | os.PathLike, split: int = 1) -> int:
-        """Check that every test image exists and has a readable image header; return the count.
+        """Check that every test image exists and decodes; return the count.
 
-        Only headers are read (seconds for a whole test set); the first bad image, in list
-        order, is named with the index line that lists it.
+        Images are decoded whole (JPEGs at reduced scale), so a truncated file is found here
+        rather than at the final evaluation; the first bad image, in list order, is named with
+        the index line that lists it.
         """
         images = self.test_images(os.fspath(root), split)
-        return check_image_headers(images)
+        return check_images_decode(images)
 
 
-def _header_problem(path: str) -> str:
-    """Why ``path`` is not a readable image ("" when its header reads)."""
-    if not os.path.isfile(path):
-        return "not found"
+def _whole_number(value: object) -> int | None:
+    """``value`` as an int if it is an integer (not a bool, a float or a string), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        return None
+    return int(value)
+
+
+def _missing_entries(root: str, expected: Sequence[str]) -> list[str]:
+    """The entries of ``expected`` (folders end in "/") that ``root`` lacks; an entry inside a
+    missing folder is not named again."""
+    missing: list[str] = []
+    for name in expected:
+        if any(name.startswith(folder) for folder in missing if folder.endswith("/")):
+            continue
+        exists = os.path.isdir if name.endswith("/") else os.path.isfile
+        if not exists(os.path.join(root, name)):
+            missing.append(name)
+    return missing
+
+
+def _subfolder_holding(root: str, expected: Sequence[str]) -> str:
+    """The first subfolder of ``root`` (by name) holding every ``expected`` entry, or ""."""
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        return f"is not a readable image ({err})"
-    if width < 1 or height < 1:
-        return f"is an empty image ({width}x{height})"
+        folders = sorted(entry.path for entry in os.scandir(root) if entry.is_dir())
+    except OSError:
+        return ""
+    for folder in folders[:_MAX_SUBFOLDERS]:
+        if not _missing_entries(folder, expected):
+            return folder
     return ""
-
-
-def check_image_headers(images: Sequence[ListedImage]) -> int:
-    """Raise UserError naming the first image that is missing or unreadable; return the count."""
-    paths = [image.path for image in images]
-    with ThreadPoolExecutor(max_workers=_CHECK_WORKERS) as pool:
-        problems = list(pool.map(_header_problem, paths, chunksize=64))
-    for image, problem in zip(images, problems, strict=True):
-        if problem:
-            where = f"{image.listed_in}: " if image.listed_in else ""
-            raise UserError(f"{where}test image {image.path} {problem}")
-    return len(images)

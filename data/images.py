@@ -1,4 +1,5 @@
-"""Image decoding and the on-disk uint8 image cache shared by the SYSU-MM01 and RegDB readers.
+"""Image decoding (16-bit greyscale scaled to 8 bits), the up-front check that test images decode,
+and the on-disk uint8 image cache of the training sets.
 
 A cache is one folder holding ``<name>.npy`` arrays and a ``meta.json``. It is built in a
 temporary sibling folder and moved into place with one ``os.replace``, so a reader sees either a
@@ -15,18 +16,26 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
+import stat
+import threading
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from utils.base.errors import UserError
+from utils.base.errors import StopNow, UserError
 from utils.base.io import MB, check_free_space, disk_full, replace_dir
+
+if TYPE_CHECKING:
+    from data.dataset import ListedImage
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +44,17 @@ META_FILE = "meta.json"
 # rebuild. 2: keyed by the data root and each image's size and modification time.
 CACHE_VERSION = 2
 _MAX_WORKERS = 8
+# The test-image check: decoding releases the GIL and reads are I/O bound (network file systems).
+_CHECK_WORKERS = 8
 # Free space asked for beyond the arrays themselves (meta.json, headers, and some room to spare).
 _SPACE_MARGIN = 16 * MB
+# PIL modes of greyscale images with more than 8 bits per pixel (16-bit PNG and TIFF open as
+# "I;16*", or as 32-bit "I" holding 16-bit values), and the divisor taking 65535 to 255.
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_WIDE_TO_8_BIT = 257.0
+# Signals whose default action kills the process without clean-up; during a cache build they
+# remove the half-built folder first.
+_BUILD_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def check_img_size(img_size: Sequence[int]) -> tuple[int, int]:
@@ -50,19 +68,31 @@ def check_img_size(img_size: Sequence[int]) -> tuple[int, int]:
     return height, width
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB; 16-bit greyscale (what infrared sensors often write) is scaled
+    from 0..65535 to 0..255 instead of being clipped to white."""
+    if image.mode in _WIDE_GREY_MODES:
+        wide = np.asarray(image, dtype=np.float64)
+        grey = np.clip(np.rint(wide / _WIDE_TO_8_BIT), 0, 255).astype(np.uint8)
+        image = Image.fromarray(grey, mode="L")
+    return image.convert("RGB")
+
+
 def prepare_image(image: Image.Image, size_wh: tuple[int, int]) -> np.ndarray:
     """A decoded image as uint8 (H, W, 3), resized to ``size_wh`` (width, height).
 
-    Converted to RGB (a grey or palette image becomes three channels), then resized with LANCZOS
-    (the authors' ANTIALIAS): what every training and test image goes through.
+    Converted to RGB (:func:`to_rgb`), then resized with LANCZOS (the authors' ANTIALIAS): what
+    every training and test image goes through.
     """
-    rgb = image.convert("RGB")
-    resized = rgb.resize(size_wh, Image.Resampling.LANCZOS)
+    resized = to_rgb(image).resize(size_wh, Image.Resampling.LANCZOS)
     return np.asarray(resized, dtype=np.uint8)
 
 
 def read_image(path: str | os.PathLike[str], size_wh: tuple[int, int]) -> np.ndarray:
     """Decode one image file with :func:`prepare_image`; an unreadable file is a UserError."""
+    problem = file_problem(path)  # opening a FIFO or a device would block or read forever
+    if problem:
+        raise UserError(f"{path}: cannot read image ({problem})")
     try:
         with Image.open(path) as img:
             return prepare_image(img, size_wh)
@@ -96,10 +126,59 @@ def load_images(
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
     with bar, ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(read_image, paths, [(width, height)] * len(paths))
-        for i, pixels in enumerate(results):
-            out[i] = pixels
-            bar.update(1)
+        try:
+            for i, pixels in enumerate(results):
+                out[i] = pixels
+                bar.update(1)
+        except BaseException:
+            # Stop at once (a bad image, Ctrl-C, SIGTERM): drop the images not yet started.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return out
+
+
+def file_problem(path: str | os.PathLike) -> str:
+    """Why ``path`` cannot be read as an image file ("" when it is a regular file).
+
+    Only regular files (or links to one) count: a FIFO or a device named like an image would
+    block whoever opens it.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "not found"
+    return "" if stat.S_ISREG(mode) else "is not a regular file"
+
+
+def _image_problem(path: str) -> str:
+    """Why ``path`` is not a readable image ("" when it decodes)."""
+    problem = file_problem(path)
+    if problem:
+        return problem
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width < 1 or height < 1:
+                return f"is an empty image ({width}x{height})"
+            # Decoding at 1/8 scale reads every byte of a JPEG at a fraction of the cost.
+            image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+            image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        return f"is not a readable image ({err})"
+    return ""
+
+
+def check_images_decode(images: Sequence[ListedImage]) -> int:
+    """Raise UserError naming the first image that is missing or does not decode; return the
+    count."""
+    paths = [image.path for image in images]
+    with ThreadPoolExecutor(max_workers=_CHECK_WORKERS) as pool:
+        problems = list(pool.map(_image_problem, paths, chunksize=64))
+    for image, problem in zip(images, problems, strict=True):
+        if problem:
+            where = f"{image.listed_in}: " if image.listed_in else ""
+            raise UserError(f"{where}test image {image.path} {problem}")
+    return len(images)
 
 
 def default_cache_dir(root: str | os.PathLike) -> Path:
@@ -238,7 +317,8 @@ def write_cache(
             f"--cache_dir {path.parent}: cannot write the image cache ({exc})"
         ) from None
     try:
-        build(tmp)
+        with _stop_signals_raise():
+            build(tmp)
         # meta.json last: a folder is only ever complete once it has it.
         (tmp / META_FILE).write_text(json.dumps(_jsonable(meta), indent=1, sort_keys=True))
         _replace_dir(tmp, path)
@@ -259,6 +339,31 @@ def write_cache(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def _stop_signals_raise() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise StopNow where they would kill the process.
+
+    A signal someone else already handles (e.g. a training loop stopping after its step) is
+    left alone, and so is everything outside the main thread (signals cannot be caught there).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for signum in _BUILD_STOP_SIGNALS:
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            previous[signum] = signal.signal(signum, _raise_stop)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise StopNow(signum)
 
 
 def _tag() -> str:

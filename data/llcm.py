@@ -15,26 +15,21 @@ of its own identity taken by its own camera number; the CMC counts distinct iden
 from __future__ import annotations
 
 import os
-import random
 from collections import Counter
 from collections.abc import Sequence
 from functools import partial
+from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from data.dataset import (
-    V2I_ROLES,
-    DataSet,
-    ExclusionRule,
-    ImageList,
-    ListedImage,
-    Protocol,
-    ProtocolSettings,
-    TrainFiles,
-)
-from data.sysu import image_files, read_ids
+from data.blocks import CameraFolders, read_ids, read_index
+from data.dataset import V2I_ROLES, DataSet, ExclusionRule, Protocol, TrainFiles
 from utils.base.errors import UserError
 from utils.base.modality import Modality
+
+if TYPE_CHECKING:
+    from data.dataset import ImageList, ListedImage, ProtocolSettings
 
 VISIBLE_CAMS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 # The infrared test images have no camera 3.
@@ -44,6 +39,18 @@ TRAIN_FILES = {Modality.VISIBLE: "idx/train_vis.txt", Modality.INFRARED: "idx/tr
 TEST_ID_FILE = "idx/test_id.txt"
 TEST_FOLDERS = {Modality.VISIBLE: "test_vis", Modality.INFRARED: "test_nir"}
 TEST_CAMS = {Modality.VISIBLE: VISIBLE_CAMS, Modality.INFRARED: INFRARED_CAMS}
+# The test images of each modality, identity by identity, then camera by camera.
+FOLDERS = MappingProxyType(
+    {
+        modality: CameraFolders(
+            f"{TEST_FOLDERS[modality]}/cam{{cam}}/{{pid:04d}}",
+            TEST_CAMS[modality],
+            modality,
+            "LLCM",
+        )
+        for modality in (Modality.VISIBLE, Modality.INFRARED)
+    }
+)
 # Ids are written as 4-digit folder names; in this range ascending numbers sort like the names.
 MAX_ID = 9999
 # Camera numbers are shared across modalities: a query ignores its own identity seen by its own
@@ -54,30 +61,7 @@ DIRECTIONS = {
     "v2i": (Modality.VISIBLE, Modality.INFRARED),
     "i2v": (Modality.INFRARED, Modality.VISIBLE),
 }
-
-
-def llcm_root_check(root: str | os.PathLike) -> None:
-    """Raise UserError naming every missing entry unless ``root`` looks like LLCM."""
-    root = os.fspath(root)
-    if not os.path.isdir(root):
-        raise UserError(f"--data_root {root}: folder does not exist")
-    files = (*TRAIN_FILES.values(), TEST_ID_FILE)
-    missing = [name for name in files if not os.path.isfile(os.path.join(root, name))]
-    folders = TEST_FOLDERS.values()
-    missing += [f"{name}/" for name in folders if not os.path.isdir(os.path.join(root, name))]
-    if missing:
-        raise UserError(f"--data_root {root}: not an LLCM folder: missing {', '.join(missing)}")
-
-
-def check_trial(trial: int) -> int:
-    """Return ``trial`` if it is an integer in 0..9, else raise UserError."""
-    try:
-        value = int(trial)
-    except (TypeError, ValueError):
-        value = None
-    if value is None or value != trial or not 0 <= value < NUM_TRIALS:
-        raise UserError(f"--trial {trial!r}: LLCM trials are numbered 0..{NUM_TRIALS - 1}")
-    return value
+_EXAMPLE = "relative/path.jpg label"
 
 
 def parse_modality(modality: Modality | str) -> Modality:
@@ -88,70 +72,24 @@ def parse_modality(modality: Modality | str) -> Modality:
         raise UserError(f"modality {modality!r}: expected 'visible' or 'infrared'") from None
 
 
-def read_train_index(path: str, root: str) -> tuple[list[str], list[int]]:
-    """Parse a training index file into (paths joined with ``root``, labels), checking each image.
-
-    Blank lines are skipped; a malformed line or one naming a missing image raises UserError
-    naming the file and line.
-    """
-    try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read LLCM index file ({exc.strerror})") from None
-    paths, labels = [], []
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        # rsplit keeps a path with spaces intact; the label is always the last token.
-        parts = line.strip().rsplit(None, 1)
-        try:
-            if len(parts) != 2 or os.path.isabs(parts[0]):
-                raise ValueError
-            label = int(parts[1])
-        except ValueError:
-            raise UserError(
-                f"{path}:{line_no}: expected 'relative/path.jpg label' with the path relative to "
-                f"the data root, found {line.strip()!r}"
-            ) from None
-        image = os.path.join(root, parts[0])
-        if not os.path.isfile(image):
-            raise UserError(f"{path}:{line_no}: image {parts[0]} does not exist under {root}")
-        paths.append(image)
-        labels.append(label)
-    if not paths:
-        raise UserError(f"{path}: lists no images")
-    return paths, labels
-
-
-def llcm_train_files(
-    root: str | os.PathLike,
-) -> tuple[list[str], list[int], list[str], list[int]]:
+def llcm_train_files(root: str | os.PathLike) -> tuple[list[str], list[int], list[str], list[int]]:
     """Return (visible paths, their labels, infrared paths, their labels) from the index files.
 
-    Paths are joined with ``root``; labels and order are those of the files.
+    Paths are joined with ``root``; labels and order are those of the files; every listed image
+    must exist.
     """
-    llcm_root_check(root)
-    root = os.fspath(root)
-    visible_paths, visible_pids = read_train_index(
-        os.path.join(root, TRAIN_FILES[Modality.VISIBLE]), root
+    LLCM().check_layout(root)
+    visible, infrared = (
+        read_index(root, TRAIN_FILES[modality], _EXAMPLE, check_images=True)
+        for modality in (Modality.VISIBLE, Modality.INFRARED)
     )
-    infrared_paths, infrared_pids = read_train_index(
-        os.path.join(root, TRAIN_FILES[Modality.INFRARED]), root
-    )
-    return visible_paths, visible_pids, infrared_paths, infrared_pids
-
-
-def _folder_files(root: str, modality: Modality, cam: int, pid: int) -> list[str]:
-    """Sorted full paths of the images in ``<test folder>/cam<cam>/<pid:04d>`` ([] if none)."""
-    return image_files(os.path.join(root, TEST_FOLDERS[modality]), cam, pid)
+    return visible.paths, visible.labels, infrared.paths, infrared.labels
 
 
 def llcm_test_ids(root: str | os.PathLike) -> list[int]:
     """Return the test ids ascending; UserError if one repeats, is out of range or lacks images."""
-    llcm_root_check(root)
-    root = os.fspath(root)
-    path = os.path.join(root, TEST_ID_FILE)
+    LLCM().check_layout(root)
+    path = os.path.join(os.fspath(root), TEST_ID_FILE)
     ids = read_ids(path)
     repeated = sorted(pid for pid, count in Counter(ids).items() if count > 1)
     if repeated:
@@ -162,15 +100,7 @@ def llcm_test_ids(root: str | os.PathLike) -> list[int]:
     if not ids:
         raise UserError(f"{path}: lists no test ids")
     ids.sort()
-    absent = [
-        pid
-        for pid in ids
-        if not any(
-            _folder_files(root, modality, cam, pid)
-            for modality in TEST_FOLDERS
-            for cam in TEST_CAMS[modality]
-        )
-    ]
+    absent = sorted(set.intersection(*(set(f.empty_ids(root, ids)) for f in FOLDERS.values())))
     if absent:
         folders = " or ".join(f"{name}/" for name in TEST_FOLDERS.values())
         raise UserError(
@@ -186,17 +116,8 @@ def llcm_query(
 
     Ids ascending, then cameras in order, then file names.
     """
-    modality = parse_modality(modality)
-    ids = llcm_test_ids(root)
-    root = os.fspath(root)
-    paths, pids, cams = [], [], []
-    for pid in ids:
-        for cam in TEST_CAMS[modality]:
-            files = _folder_files(root, modality, cam, pid)
-            paths += files
-            pids += [pid] * len(files)
-            cams += [cam] * len(files)
-    return paths, np.asarray(pids, dtype=np.int64), np.asarray(cams, dtype=np.int64)
+    query = _query_list(root, 1, parse_modality(modality))
+    return query.paths, query.pids, query.cams
 
 
 def llcm_gallery(
@@ -205,33 +126,23 @@ def llcm_gallery(
     """Return (paths, pids, cams): one image of ``modality`` per (id, camera) folder for ``trial``.
 
     The authors' draw: a generator seeded with ``trial`` (``random.Random(trial)`` yields what
-    ``random.seed(trial)`` gives the global one), ids ascending, cameras in order, and
-    ``choice`` over the sorted full paths of each folder with images; other folders are skipped
-    without a draw.
+    ``random.seed(trial)`` gives the global one), ids ascending, cameras in order, and one
+    image drawn from the sorted full paths of each folder with images; other folders are
+    skipped without a draw.
     """
     modality = parse_modality(modality)
-    rng = random.Random(check_trial(trial))
-    ids = llcm_test_ids(root)
-    root = os.fspath(root)
-    paths, pids, cams = [], [], []
-    for pid in ids:
-        for cam in TEST_CAMS[modality]:
-            files = _folder_files(root, modality, cam, pid)
-            if files:
-                paths.append(rng.choice(files))
-                pids.append(pid)
-                cams.append(cam)
-    return paths, np.asarray(pids, dtype=np.int64), np.asarray(cams, dtype=np.int64)
+    gallery = _gallery_list(root, 1, LLCM().check_draw(trial), modality)
+    return gallery.paths, gallery.pids, gallery.cams
 
 
-def _query_list(root: str, split: int, modality: Modality) -> ImageList:
+def _query_list(root: str | os.PathLike, split: int, modality: Modality) -> ImageList:
     """Every test image of ``modality`` (LLCM has one split)."""
-    return ImageList(*llcm_query(root, modality), modality)
+    return FOLDERS[modality].images(root, llcm_test_ids(root))
 
 
-def _gallery_list(root: str, split: int, draw: int, modality: Modality) -> ImageList:
+def _gallery_list(root: str | os.PathLike, split: int, draw: int, modality: Modality) -> ImageList:
     """One test image of ``modality`` per (identity, camera) folder, drawn as draw ``draw``."""
-    return ImageList(*llcm_gallery(root, modality, draw), modality)
+    return FOLDERS[modality].draw(root, llcm_test_ids(root), draw)
 
 
 def _direction(name: str, suffix: str = "", swap_roles: bool = False) -> Protocol:
@@ -267,16 +178,26 @@ class LLCM(DataSet):
     ema_decay = 0.997
     ema_overwrite_every = 2
     gallery_draws = NUM_TRIALS
+    test_options = MappingProxyType({"direction": (*DIRECTIONS, "both"), "v2i_roles": V2I_ROLES})
 
     def expected_files(self, split: int, parts: Sequence[str]) -> list[str]:
-        """The three index files and both test folders (whatever the parts, as the readers)."""
-        return [*TRAIN_FILES.values(), TEST_ID_FILE, *(f"{f}/" for f in TEST_FOLDERS.values())]
+        """The three index files, both test folders and each of their camera folders (whatever
+        the parts, as the readers): a missing camera would silently change the protocol."""
+        return [
+            *TRAIN_FILES.values(),
+            TEST_ID_FILE,
+            *(f"{folder}/" for folder in TEST_FOLDERS.values()),
+            *(
+                f"{TEST_FOLDERS[modality]}/cam{cam}/"
+                for modality, cams in TEST_CAMS.items()
+                for cam in cams
+            ),
+        ]
 
     def check_lists(self, root: str, split: int, parts: Sequence[str]) -> None:
         """Parse the index files of ``parts`` (each training image must exist) and the test ids."""
         if "train" in parts:
-            for name in TRAIN_FILES.values():
-                read_train_index(os.path.join(root, name), root)
+            llcm_train_files(root)
         if "test" in parts:
             llcm_test_ids(root)
 
@@ -284,12 +205,8 @@ class LLCM(DataSet):
         """The images and labels of the two training index files."""
         return TrainFiles(*llcm_train_files(root))
 
-    def protocols(self, settings: ProtocolSettings) -> tuple[Protocol, ...]:
+    def make_protocols(self, settings: ProtocolSettings) -> tuple[Protocol, ...]:
         """Visible-to-infrared and/or infrared-to-visible, and the swapped-roles variant."""
-        if settings.direction not in (*DIRECTIONS, "both"):
-            raise UserError(f"--direction {settings.direction!r}: expected v2i, i2v or both")
-        if settings.v2i_roles not in V2I_ROLES:
-            raise UserError(f"--v2i_roles {settings.v2i_roles!r}: expected {', '.join(V2I_ROLES)}")
         if settings.v2i_roles != "defined" and settings.direction == "i2v":
             raise UserError(
                 f"--v2i_roles {settings.v2i_roles}: a visible-to-infrared variant, but "
@@ -307,8 +224,5 @@ class LLCM(DataSet):
 
     def test_images(self, root: str, split: int) -> list[ListedImage]:
         """Every image of the test ids in both test folders."""
-        return [
-            ListedImage(path)
-            for modality in (Modality.VISIBLE, Modality.INFRARED)
-            for path in llcm_query(root, modality)[0]
-        ]
+        ids = llcm_test_ids(root)
+        return [image for folders in FOLDERS.values() for image in folders.listed(root, ids)]

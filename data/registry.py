@@ -1,8 +1,14 @@
-"""The data sets ``--dataset`` can name: one instance per data set module, in ``REGISTERED``."""
+"""The data sets ``--dataset`` can name: the shipped ones, and any that user code registers.
+
+A data set defined outside this package is registered with :func:`register_dataset` (as a
+class decorator or with an instance); ``train.main(argv)``, ``test.main(argv)`` and
+``search.main(argv)`` called afterwards in the same process accept its name, because their
+parsers read the registry when they are built.
+"""
 
 from __future__ import annotations
 
-from types import MappingProxyType
+from typing import TypeVar
 
 from data.dataset import DataSet
 from data.llcm import LLCM
@@ -10,19 +16,78 @@ from data.regdb import RegDB
 from data.sysu import SYSU
 from utils.base.errors import UserError
 
-# A new data set is one module under data/ and one entry here.
-REGISTERED: tuple[DataSet, ...] = (SYSU(), RegDB(), LLCM())
-_BY_NAME = MappingProxyType({dataset.name: dataset for dataset in REGISTERED})
+Registrable = TypeVar("Registrable", DataSet, type[DataSet])
+
+
+class DataSetRegistry:
+    """Data sets by ``--dataset`` name, in registration order."""
+
+    def __init__(self, datasets: tuple[DataSet, ...] = ()) -> None:
+        self._by_name: dict[str, DataSet] = {}
+        for dataset in datasets:
+            self.register(dataset)
+
+    def register(self, dataset: DataSet) -> None:
+        """Add ``dataset``; its name must be new (the same class again is a no-op)."""
+        if not isinstance(dataset, DataSet):
+            raise TypeError(f"{dataset!r} is not a DataSet (subclass data.DataSet)")
+        dataset.check_declaration()
+        known = self._by_name.get(dataset.name)
+        if known is not None and type(known) is not type(dataset):
+            raise ValueError(
+                f"data set name {dataset.name!r} is already registered by "
+                f"{type(known).__module__}.{type(known).__qualname__}"
+            )
+        self._by_name.setdefault(dataset.name, dataset)
+
+    def unregister(self, name: str) -> None:
+        """Remove the data set registered as ``name`` (nothing if there is none)."""
+        self._by_name.pop(name, None)
+
+    def names(self) -> tuple[str, ...]:
+        """The registered names, in registration order."""
+        return tuple(self._by_name)
+
+    def datasets(self) -> tuple[DataSet, ...]:
+        """The registered data sets, in registration order."""
+        return tuple(self._by_name.values())
+
+    def get(self, name: str) -> DataSet:
+        """The data set registered as ``name`` (case and surrounding spaces ignored)."""
+        key = str(name).strip().lower()
+        if key not in self._by_name:
+            raise UserError(f"--dataset {name!r}: expected one of {', '.join(self._by_name)}")
+        return self._by_name[key]
+
+
+# The one registry of the process: the shipped data sets first.
+DATASETS = DataSetRegistry((SYSU(), RegDB(), LLCM()))
+
+
+def register_dataset(dataset: Registrable) -> Registrable:
+    """Register a data set (a DataSet subclass or instance) for ``--dataset``; returns it.
+
+    Usable as a class decorator: ``@register_dataset`` above ``class NightVI(DataSet)``.
+    """
+    DATASETS.register(dataset() if isinstance(dataset, type) else dataset)
+    return dataset
+
+
+def unregister_dataset(name: str) -> None:
+    """Remove a data set registered as ``name`` (for code that registers one temporarily)."""
+    DATASETS.unregister(name)
+
+
+def registered_datasets() -> tuple[DataSet, ...]:
+    """Every registered data set, shipped ones first."""
+    return DATASETS.datasets()
 
 
 def dataset_names() -> tuple[str, ...]:
     """The ``--dataset`` names, in registration order."""
-    return tuple(_BY_NAME)
+    return DATASETS.names()
 
 
 def get_dataset(name: str) -> DataSet:
     """The data set registered as ``name`` (case and surrounding spaces ignored)."""
-    key = str(name).strip().lower()
-    if key not in _BY_NAME:
-        raise UserError(f"--dataset {name!r}: expected one of {', '.join(_BY_NAME)}")
-    return _BY_NAME[key]
+    return DATASETS.get(name)

@@ -7,9 +7,11 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
+from data.dataset import TrainFiles
 from data.images import (
     CACHE_VERSION,
     check_img_size,
@@ -88,6 +90,37 @@ def _paired_identities(
     return sorted(visible & infrared)
 
 
+class _PairedFiles(NamedTuple):
+    """Training files of the identities that have images in both modalities, with labels."""
+
+    visible_paths: list[str]
+    visible_labels: np.ndarray
+    infrared_paths: list[str]
+    infrared_labels: np.ndarray
+    pids: list[int]
+
+
+def _paired_files(files: TrainFiles, root: str, title: str) -> _PairedFiles:
+    """Keep the identities with images of both modalities; label them 0..n-1 ascending."""
+    visible_paths, visible_pids, infrared_paths, infrared_pids = files
+    pids = _paired_identities(visible_pids, infrared_pids, title)
+    if not pids:
+        raise UserError(f"--data_root {root}: no {title} identity has images of both modalities")
+    kept = set(pids)
+    vis_rows = [i for i, p in enumerate(visible_pids) if p in kept]
+    ir_rows = [i for i, p in enumerate(infrared_pids) if p in kept]
+    pid_array = np.asarray(pids, dtype=np.int64)
+    visible_labels = np.searchsorted(pid_array, np.asarray(visible_pids, np.int64)[vis_rows])
+    infrared_labels = np.searchsorted(pid_array, np.asarray(infrared_pids, np.int64)[ir_rows])
+    return _PairedFiles(
+        [visible_paths[i] for i in vis_rows],
+        visible_labels.astype(np.int64),
+        [infrared_paths[i] for i in ir_rows],
+        infrared_labels.astype(np.int64),
+        pids,
+    )
+
+
 def load_train_set(
     dataset: str,
     root: str | os.PathLike,
@@ -106,77 +139,70 @@ def load_train_set(
     """
     height, width = check_img_size(img_size)
     plugin = get_dataset(dataset)
-    name, title = plugin.name, plugin.title
     root = os.fspath(root)
     split = plugin.split_of(trial)
-    visible_paths, visible_pids, infrared_paths, infrared_pids = plugin.train_files(root, split)
-    cache_name = f"{plugin.cache_name(split)}_{height}x{width}"
-
-    pids = _paired_identities(visible_pids, infrared_pids, title)
-    if not pids:
-        raise UserError(f"--data_root {root}: no {title} identity has images of both modalities")
-    kept = set(pids)
-    vis_rows = [i for i, p in enumerate(visible_pids) if p in kept]
-    ir_rows = [i for i, p in enumerate(infrared_pids) if p in kept]
-    visible_paths = [visible_paths[i] for i in vis_rows]
-    infrared_paths = [infrared_paths[i] for i in ir_rows]
-    pid_array = np.asarray(pids, dtype=np.int64)
-    visible_labels = np.searchsorted(pid_array, np.asarray(visible_pids, np.int64)[vis_rows])
-    infrared_labels = np.searchsorted(pid_array, np.asarray(infrared_pids, np.int64)[ir_rows])
-
+    files = _paired_files(plugin.train_files(root, split), root, plugin.title)
     meta = {
         "version": CACHE_VERSION,
-        "dataset": name,
+        "dataset": plugin.name,
         "img_size": [height, width],
-        "num_visible": len(visible_paths),
-        "num_infrared": len(infrared_paths),
-        "images": image_signature(root, {"visible": visible_paths, "infrared": infrared_paths}),
+        "num_visible": len(files.visible_paths),
+        "num_infrared": len(files.infrared_paths),
+        "images": image_signature(
+            root, {"visible": files.visible_paths, "infrared": files.infrared_paths}
+        ),
     }
     if plugin.num_splits > 1:
         meta["trial"] = split
     cache_path = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
-    cache_path = cache_path / cache_name
-
-    arrays = read_cache(cache_path, meta, _ARRAYS, mmap=mmap)
-    if arrays is None or not _shapes_ok(arrays, meta):
-        logger.info(
-            "building %s training cache %s (%d visible + %d infrared images, %dx%d)",
-            title,
-            cache_path,
-            len(visible_paths),
-            len(infrared_paths),
-            height,
-            width,
-        )
-
-        def build(folder: Path) -> None:
-            save_images(folder, "visible_images", visible_paths, (height, width), progress)
-            save_images(folder, "infrared_images", infrared_paths, (height, width), progress)
-
-        need = image_bytes(len(visible_paths) + len(infrared_paths), (height, width))
-        write_cache(cache_path, meta, build, need_bytes=need)
-        arrays = read_cache(cache_path, meta, _ARRAYS, mmap=mmap)
-        if arrays is None:
-            raise UserError(f"--cache_dir {cache_path.parent}: cache {cache_path} unreadable")
-    else:
-        logger.info("using %s training cache %s", title, cache_path)
-
+    cache_path = cache_path / f"{plugin.cache_name(split)}_{height}x{width}"
+    arrays = _cached_images(cache_path, meta, files, plugin.title, progress, mmap)
     logger.info(
         "%s training set: %d identities, %d visible and %d infrared images",
-        title,
-        len(pids),
-        len(visible_paths),
-        len(infrared_paths),
+        plugin.title,
+        len(files.pids),
+        len(files.visible_paths),
+        len(files.infrared_paths),
     )
     return TrainSet(
         visible_images=arrays["visible_images"],
-        visible_labels=visible_labels.astype(np.int64),
+        visible_labels=files.visible_labels,
         infrared_images=arrays["infrared_images"],
-        infrared_labels=infrared_labels.astype(np.int64),
-        pids=pids,
-        visible_paths=visible_paths,
-        infrared_paths=infrared_paths,
+        infrared_labels=files.infrared_labels,
+        pids=files.pids,
+        visible_paths=files.visible_paths,
+        infrared_paths=files.infrared_paths,
     )
+
+
+def _cached_images(
+    cache_path: Path, meta: dict, files: _PairedFiles, title: str, progress: bool, mmap: bool
+) -> dict[str, np.ndarray]:
+    """The decoded images of ``files`` from the cache at ``cache_path``, built if need be."""
+    arrays = read_cache(cache_path, meta, _ARRAYS, mmap=mmap)
+    if arrays is not None and _shapes_ok(arrays, meta):
+        logger.info("using %s training cache %s", title, cache_path)
+        return arrays
+    size = tuple(meta["img_size"])
+    logger.info(
+        "building %s training cache %s (%d visible + %d infrared images, %dx%d)",
+        title,
+        cache_path,
+        len(files.visible_paths),
+        len(files.infrared_paths),
+        *size,
+    )
+
+    def build(folder: Path) -> None:
+        save_images(folder, "visible_images", files.visible_paths, size, progress)
+        save_images(folder, "infrared_images", files.infrared_paths, size, progress)
+
+    need = image_bytes(len(files.visible_paths) + len(files.infrared_paths), size)
+    write_cache(cache_path, meta, build, need_bytes=need)
+    arrays = read_cache(cache_path, meta, _ARRAYS, mmap=mmap)
+    if arrays is None:
+        raise UserError(f"--cache_dir {cache_path.parent}: cache {cache_path} unreadable")
+    return arrays
 
 
 def _shapes_ok(arrays: dict[str, np.ndarray], meta: dict) -> bool:

@@ -36,6 +36,11 @@ TRAIN_INFRARED = [
     for n in range(3)
 ]
 FOLDERS = {Modality.VISIBLE: "test_vis", Modality.INFRARED: "test_nir"}
+# Every camera folder of each modality (infrared has no camera 3).
+FOLDER_CAMS = {
+    Modality.VISIBLE: (1, 2, 3, 4, 5, 6, 7, 8, 9),
+    Modality.INFRARED: (1, 2, 4, 5, 6, 7, 8, 9),
+}
 
 
 def write_image(path: Path, seed: int) -> None:
@@ -46,8 +51,11 @@ def write_image(path: Path, seed: int) -> None:
 
 
 def make_llcm_tree(root: Path) -> Path:
-    """Write a fake LLCM tree under ``root`` and return it."""
+    """Write a fake LLCM tree under ``root`` (every camera folder, some of them empty)."""
     seed = 0
+    for modality, cams in FOLDER_CAMS.items():
+        for cam in cams:
+            (root / FOLDERS[modality] / f"cam{cam}").mkdir(parents=True, exist_ok=True)
     for modality, layout in ((Modality.VISIBLE, TEST_VISIBLE), (Modality.INFRARED, TEST_INFRARED)):
         for pid, cams in layout.items():
             for cam, count in cams.items():

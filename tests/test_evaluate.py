@@ -8,7 +8,6 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from types import MappingProxyType
 
 import numpy as np
 import pytest
@@ -24,13 +23,18 @@ from data import (
     ProtocolSettings,
     TrainFiles,
     get_dataset,
+    image_files,
     load_train_set,
     normalize,
-    registry,
+    read_ids,
+    register_dataset,
+    registered_datasets,
     sysu_gallery,
     sysu_query,
 )
-from data.sysu import image_files, read_ids, sysu_train_files
+from data import registry as registry_module
+from data.registry import DataSetRegistry
+from data.sysu import sysu_train_files
 from utils.base.modality import Modality
 from utils.engine.options import check_data_root, data_parser
 from utils.evaluation.evaluate import (
@@ -242,12 +246,12 @@ def test_score_defaults_to_no_rule_and_standard_cmc(toy_regdb: Path, flip: bool)
     assert {k: result[k] for k in ("pool", "bnneck")} == score(query, gallery)
 
 
-# ----- a new data set is one class and one registry entry ---------------------------------------
+# ----- a new data set is one class, registered ---------------------------------------------------
 def _visible_queries(root: str, split: int) -> ImageList:
     paths, pids, cams = [], [], []
     for pid in sorted(read_ids(os.path.join(root, "exp/test_id.txt"))):
         for cam in (1, 2):
-            files = image_files(root, cam, pid)
+            files = image_files(os.path.join(root, f"cam{cam}", f"{pid:04d}"))
             paths += files
             pids += [pid] * len(files)
             cams += [cam] * len(files)
@@ -274,7 +278,7 @@ class ToySet(DataSet):
     def train_files(self, root: str, split: int) -> TrainFiles:
         return TrainFiles(*sysu_train_files(root))
 
-    def protocols(self, settings: ProtocolSettings) -> tuple[Protocol, ...]:
+    def make_protocols(self, settings: ProtocolSettings) -> tuple[Protocol, ...]:
         rule = ExclusionRule(same_identity_same_camera=True)
         return (Protocol("v2i", "v2i", _visible_queries, _infrared_gallery, rule, True),)
 
@@ -285,9 +289,8 @@ class ToySet(DataSet):
 def test_a_new_data_set_is_one_class_and_a_registry_entry(
     toy_sysu: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    registered = (*registry.REGISTERED, ToySet())
-    monkeypatch.setattr(registry, "REGISTERED", registered)
-    monkeypatch.setattr(registry, "_BY_NAME", MappingProxyType({d.name: d for d in registered}))
+    monkeypatch.setattr(registry_module, "DATASETS", DataSetRegistry(registered_datasets()))
+    register_dataset(ToySet)
     args = data_parser().parse_args(["--data_root", str(toy_sysu), "--dataset", "toyset"])
     check_data_root(args)
     train_set = load_train_set("toyset", toy_sysu, SIZE, cache_dir=tmp_path, progress=False)

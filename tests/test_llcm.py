@@ -18,12 +18,12 @@ from data import llcm_gallery as exported_gallery
 from data import llcm_query as exported_query
 from data.llcm import (
     INFRARED_CAMS,
+    LLCM,
     NUM_TRIALS,
     SAME_IDENTITY_AND_CAMERA,
     VISIBLE_CAMS,
     llcm_gallery,
     llcm_query,
-    llcm_root_check,
     llcm_train_files,
 )
 from utils.base.errors import UserError
@@ -128,18 +128,18 @@ def test_root_check_names_every_missing_entry(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError) as err:
-        llcm_root_check(empty)
+        LLCM().check_layout(empty)
     assert str(err.value) == (
-        f"--data_root {empty}: not an LLCM folder: missing idx/train_vis.txt, idx/train_nir.txt, "
-        "idx/test_id.txt, test_vis/, test_nir/"
+        f"--data_root {empty}: not a LLCM folder (--dataset llcm): missing idx/train_vis.txt, "
+        "idx/train_nir.txt, idx/test_id.txt, test_vis/, test_nir/"
     )
-    with pytest.raises(UserError, match="folder does not exist"):
-        llcm_root_check(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="folder not found"):
+        LLCM().check_layout(tmp_path / "nowhere")
 
 
 def test_missing_index_file_is_named_by_every_reader(llcm: Path) -> None:
     (llcm / "idx" / "train_nir.txt").unlink()
-    expected = f"--data_root {llcm}: not an LLCM folder: missing idx/train_nir.txt"
+    expected = f"--data_root {llcm}: not a LLCM folder (--dataset llcm): missing idx/train_nir.txt"
     for call in (
         lambda: llcm_train_files(llcm),
         lambda: llcm_query(llcm, "visible"),
@@ -251,7 +251,7 @@ def test_gallery_leaves_the_global_generator_alone(llcm: Path, keep_global_rando
 def test_gallery_rejects_trials_outside_0_to_9(llcm: Path, trial: object) -> None:
     with pytest.raises(UserError) as err:
         llcm_gallery(llcm, "visible", trial)  # type: ignore[arg-type]
-    assert str(err.value) == f"--trial {trial!r}: LLCM trials are numbered 0..9"
+    assert str(err.value) == f"--trial {trial!r}: LLCM gallery trials are 0-9 (default: all 10)"
 
 
 # --- identities and cameras from the folders -------------------------------------------------
@@ -341,7 +341,7 @@ def test_plugin_defaults_and_public_imports() -> None:
 def test_protocols_are_both_directions_with_the_camera_rule(llcm: Path) -> None:
     dataset = get_dataset("llcm")
     root = str(llcm)
-    v2i, i2v = dataset.protocols(ProtocolSettings(mode="indoor", shot=10))
+    v2i, i2v = dataset.protocols(ProtocolSettings())
     assert [(p.name, p.key) for p in (v2i, i2v)] == [("v2i", "v2i"), ("i2v", "i2v")]
     for protocol, query, gallery in (
         (v2i, Modality.VISIBLE, Modality.INFRARED),
@@ -379,12 +379,14 @@ def test_swapped_roles_variant_is_its_own_protocol(llcm: Path) -> None:
     assert names == ["v2i", "v2i roles-swapped", "i2v"]
     with pytest.raises(UserError, match="^--v2i_roles swapped: .* --direction i2v leaves"):
         dataset.protocols(ProtocolSettings(direction="i2v", v2i_roles="swapped"))
-    with pytest.raises(UserError, match="^--v2i_roles 'up': expected defined, swapped, both$"):
+    with pytest.raises(UserError, match="^--v2i_roles 'up': expected defined, swapped or both$"):
         dataset.protocols(ProtocolSettings(v2i_roles="up"))
-    # The other data sets have no such variant.
+    # The other data sets have no such variant: asking for it is an error naming them.
     for name in ("sysu", "regdb"):
         settings = ProtocolSettings(v2i_roles="swapped")
-        assert not any(p.swap_roles for p in get_dataset(name).protocols(settings))
+        title = get_dataset(name).title
+        with pytest.raises(UserError, match=f"^--v2i_roles swapped: {title} has no swapped-roles"):
+            get_dataset(name).protocols(settings)
 
 
 def test_root_check_and_lists_through_the_plugin(llcm: Path) -> None:

@@ -14,17 +14,18 @@ from types import MappingProxyType
 
 import torch
 
-from data.registry import REGISTERED, dataset_names, get_dataset
+from data.dataset import ProtocolSettings
+from data.registry import dataset_names, get_dataset, registered_datasets
 from utils.base.errors import UserError
 
 # The EMA decay each data set's authors used, by --dataset name (each data set declares its own).
-EMA_DECAY = MappingProxyType({dataset.name: dataset.ema_decay for dataset in REGISTERED})
+EMA_DECAY = MappingProxyType({d.name: d.ema_decay for d in registered_datasets()})
 
 
 def _trial_help() -> str:
     """What --trial means for each registered data set."""
     parts = []
-    for dataset in REGISTERED:
+    for dataset in registered_datasets():
         if dataset.num_splits > 1:
             parts.append(
                 f"{dataset.title}: the train/test split 1-{dataset.num_splits} of training, "
@@ -52,7 +53,7 @@ def data_parser() -> argparse.ArgumentParser:
     """Options every tool shares: data, image size, device and precision."""
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("data")
-    titles = " or ".join(d.title for d in REGISTERED)
+    titles = " or ".join(d.title for d in registered_datasets())
     group.add_argument("--data_root", required=True, help=f"{titles} root folder")
     group.add_argument("--dataset", choices=dataset_names(), default="sysu", help="data set")
     group.add_argument("--trial", type=int, default=None, help=_trial_help())
@@ -192,7 +193,7 @@ def optim_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="EMA decay (default: the data set's, "
-        + ", ".join(f"{d.ema_decay} {d.title}" for d in REGISTERED)
+        + ", ".join(f"{d.ema_decay} {d.title}" for d in registered_datasets())
         + "; 0 disables EMA)",
     )
     group.add_argument(
@@ -208,7 +209,7 @@ def optim_parser() -> argparse.ArgumentParser:
         default=None,
         help="epochs between copies of the EMA weights into the live model, independent of "
         "--test_freq (default: the data set's, "
-        + ", ".join(f"{d.ema_overwrite_every} {d.title}" for d in REGISTERED)
+        + ", ".join(f"{d.ema_overwrite_every} {d.title}" for d in registered_datasets())
         + "; 0: never)",
     )
     group.add_argument(
@@ -404,6 +405,7 @@ def check_training(args: argparse.Namespace) -> None:
         raise UserError("--img_h and --img_w are required for training")
     if args.trial is None:
         args.trial = 1
+    get_dataset(args.dataset).check_settings(ProtocolSettings(mode=args.mode))
     pretrained = str(args.pretrained)
     if pretrained.lower() not in ("imagenet", "none") and not os.path.isfile(pretrained):
         raise UserError(

@@ -1,0 +1,229 @@
+"""Building blocks of a data-set module, written once for every data set.
+
+- :data:`IMAGE_SUFFIXES` and :func:`image_files`: what counts as an image (a regular file with
+  an image suffix) and the sorted images of one folder.
+- :func:`read_ids`: an id list (comma-separated integers, SYSU-MM01's ``exp/*_id.txt``).
+- :func:`read_index`: an index file of ``relative/path label`` lines (RegDB, LLCM), with errors
+  naming file and line.
+- :class:`CameraFolders`: a tree of ``<identity, camera>`` folders of one modality; every image
+  of some identities (queries, training lists) or a gallery drawn per folder with a seed.
+
+Text files may start with a UTF-8 byte-order mark (as editors on some systems write them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from data.dataset import ImageList, ListedImage
+from data.images import file_problem
+from utils.base.errors import UserError
+from utils.base.modality import Modality
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def image_files(folder: str | os.PathLike) -> list[str]:
+    """The sorted full paths (``folder + "/" + name``) of the images in ``folder`` ([] if none).
+
+    Sorting full paths is what the SYSU-MM01 and LLCM authors did; within one folder it equals
+    sorting file names. A stray ``Thumbs.db`` or a FIFO cannot end up in a list.
+    """
+    folder = os.fspath(folder)
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    names = [
+        entry.name
+        for entry in entries
+        if entry.name.lower().endswith(IMAGE_SUFFIXES) and entry.is_file()
+    ]
+    return sorted(folder + "/" + name for name in names)
+
+
+def read_text_lines(path: str | os.PathLike, what: str) -> list[str]:
+    """The lines of the UTF-8 text file ``path`` (a leading byte-order mark dropped).
+
+    ``what`` names the file in the error ("id file", "index file").
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            return handle.read().splitlines()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read {what} ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: {what} is not UTF-8 text") from None
+
+
+def read_ids(path: str | os.PathLike, what: str = "") -> list[int]:
+    """Read an id list (comma-separated integers, any number of lines) in file order.
+
+    With ``what`` ("test ids"), a list without ids is an error saying it lists no ``what``.
+    """
+    path = os.fspath(path)
+    ids = []
+    for line_no, line in enumerate(read_text_lines(path, "id file"), start=1):
+        for token in line.split(","):
+            token = token.strip()
+            if not token:
+                continue
+            try:
+                ids.append(int(token))
+            except ValueError:
+                raise UserError(
+                    f"{path}:{line_no}: expected comma-separated integer ids, found {token!r}"
+                ) from None
+    if what and not ids:
+        raise UserError(f"{path}: lists no {what}")
+    return ids
+
+
+@dataclass(frozen=True)
+class IndexList:
+    """The images an index file lists: full paths, labels and the ``file:line`` naming each."""
+
+    paths: list[str]
+    labels: list[int]
+    lines: list[str]
+
+    def listed(self) -> list[ListedImage]:
+        """The images with the line that lists each (for the up-front image check)."""
+        return [ListedImage(p, line) for p, line in zip(self.paths, self.lines, strict=True)]
+
+
+def read_index(
+    root: str | os.PathLike,
+    name: str,
+    example: str = "relative/path.jpg label",
+    check_images: bool = False,
+) -> IndexList:
+    """Parse the index file ``root/name`` of ``relative/path label`` lines.
+
+    Paths are relative to ``root`` (they are returned joined with it); blank lines are skipped;
+    a path may hold spaces (the label is the last token). A malformed line, or with
+    ``check_images`` a line naming no image file, raises UserError naming file and line;
+    ``example`` shows the expected line. An index without images is an error too.
+    """
+    root = os.fspath(root)
+    path = os.path.join(root, name)
+    paths, labels, lines = [], [], []
+    for line_no, line in enumerate(read_text_lines(path, "index file"), start=1):
+        if not line.strip():
+            continue
+        parts = line.strip().rsplit(None, 1)
+        try:
+            if len(parts) != 2 or os.path.isabs(parts[0]):
+                raise ValueError
+            label = int(parts[1])
+        except ValueError:
+            raise UserError(
+                f"{path}:{line_no}: expected {example!r} with the path relative to the data "
+                f"root, found {line.strip()!r}"
+            ) from None
+        image = os.path.join(root, parts[0])
+        problem = file_problem(image) if check_images else ""
+        if problem == "not found":
+            raise UserError(f"{path}:{line_no}: image {parts[0]} does not exist under {root}")
+        if problem:
+            raise UserError(f"{path}:{line_no}: image {parts[0]} {problem}")
+        paths.append(image)
+        labels.append(label)
+        lines.append(f"{path}:{line_no}")
+    if not paths:
+        raise UserError(f"{path}: lists no images")
+    return IndexList(paths, labels, lines)
+
+
+@dataclass(frozen=True)
+class CameraFolders:
+    """The ``<identity, camera>`` folders of one modality, e.g. ``test_nir/cam{cam}/{pid:04d}``.
+
+    ``pattern`` (relative to the data root) is formatted with ``pid`` and ``cam``; ``cams`` are
+    the cameras in the order lists walk them. Lists go identity by identity in the order given,
+    then camera by camera, then file name by file name.
+    """
+
+    pattern: str
+    cams: tuple[int, ...]
+    modality: Modality
+    title: str = ""  # the data set, in warnings
+
+    def folder(self, root: str | os.PathLike, pid: int, cam: int) -> str:
+        """The folder of identity ``pid`` under camera ``cam``."""
+        return os.path.join(os.fspath(root), self.pattern.format(pid=pid, cam=cam))
+
+    def files(self, root: str | os.PathLike, pid: int, cam: int) -> list[str]:
+        """The sorted images of one folder ([] if it has none)."""
+        return image_files(self.folder(root, pid, cam))
+
+    def images(self, root: str | os.PathLike, ids: Iterable[int]) -> ImageList:
+        """Every image of identities ``ids`` (in that order), with identity and camera."""
+        paths, pids, cams = [], [], []
+        for pid in ids:
+            for cam in self.cams:
+                files = self.files(root, pid, cam)
+                paths += files
+                pids += [pid] * len(files)
+                cams += [cam] * len(files)
+        return _image_list(paths, pids, cams, self.modality)
+
+    def draw(
+        self, root: str | os.PathLike, ids: Iterable[int], seed: int, shot: int = 1
+    ) -> ImageList:
+        """A gallery: ``shot`` images drawn from each folder of identities ``ids`` with images.
+
+        ``random.Random(seed)``, then ``sample(sorted full paths, shot)`` per folder in list
+        order (for ``shot`` 1 this consumes the generator as ``choice`` does, which is how the
+        SYSU-MM01 and LLCM authors drew). A folder with fewer than ``shot`` images gives all of
+        them, sorted, with a warning, and consumes no draw. Empty folders are skipped.
+        """
+        if int(shot) < 1:
+            raise UserError(f"--shot {shot}: expected a positive integer")
+        rng = random.Random(seed)
+        paths, pids, cams = [], [], []
+        for pid in ids:
+            for cam in self.cams:
+                files = self.files(root, pid, cam)
+                if not files:
+                    continue
+                if len(files) < shot:
+                    logger.warning(
+                        "%s gallery: %s has %d images, fewer than shot=%d; taking all",
+                        self.title,
+                        self.pattern.format(pid=pid, cam=cam),
+                        len(files),
+                        shot,
+                    )
+                    chosen = files
+                else:
+                    chosen = rng.sample(files, shot)
+                paths += chosen
+                pids += [pid] * len(chosen)
+                cams += [cam] * len(chosen)
+        return _image_list(paths, pids, cams, self.modality)
+
+    def listed(self, root: str | os.PathLike, ids: Iterable[int]) -> list[ListedImage]:
+        """Every image of identities ``ids``, for the up-front image check."""
+        return [ListedImage(path) for path in self.images(root, ids).paths]
+
+    def empty_ids(self, root: str | os.PathLike, ids: Iterable[int]) -> list[int]:
+        """The identities of ``ids`` without an image in any of these folders."""
+        return [pid for pid in ids if not any(self.files(root, pid, cam) for cam in self.cams)]
+
+
+def _image_list(
+    paths: list[str], pids: Sequence[int], cams: Sequence[int], modality: Modality
+) -> ImageList:
+    return ImageList(
+        paths, np.asarray(pids, dtype=np.int64), np.asarray(cams, dtype=np.int64), modality
+    )
