@@ -267,3 +267,15 @@ def test_cli_errors(tmp_path, capsys, checkpoints, expect_error: Callable[..., s
     (broken / "a.png").write_bytes(b"not a png")
     refused([*weights, *out, "--images", str(broken)], "--images: none of the 1 images")
     assert not (tmp_path / "f.npz").exists()
+
+
+def test_16_bit_infrared_images_are_scaled_as_in_training(tmp_path, extractor) -> None:
+    wide = (np.arange(64 * 32, dtype=np.uint16).reshape(64, 32) * 30).astype(np.uint16)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    with Image.open(tmp_path / "wide.png") as image:
+        assert image.mode.startswith("I")  # a 16-bit greyscale file
+        from_pil = extractor([image], "infrared")
+    eight_bit = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+    expected = extractor([eight_bit], "infrared")
+    assert torch.equal(extractor([tmp_path / "wide.png"], "infrared"), expected)
+    assert torch.equal(from_pil, expected)
