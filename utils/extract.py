@@ -43,6 +43,7 @@ from tqdm import tqdm
 from data.images import prepare_image, read_image
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from model import read_checkpoint
+from model.fold import folded_network
 from model.restore import Restored, model_from_checkpoint
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
@@ -151,7 +152,9 @@ class FeatureExtractor:
 
     ``FeatureExtractor(weights, config_path=None, ema=False, device=None, batch_size=64,
     feature="bnneck", flip=False)``; ``extractor(images, modality="infrared")`` returns an
-    (N, D) float32 tensor of L2-normalised features on the CPU.
+    (N, D) float32 tensor of L2-normalised features on the CPU. Each modality runs through its
+    own copy of the network with the BNs folded into the convolutions (``fold_bn=False``: the
+    checkpoint's network as it is).
     """
 
     def __init__(
@@ -164,6 +167,7 @@ class FeatureExtractor:
         feature: str = "bnneck",
         flip: bool = False,
         last_stride: int | None = None,
+        fold_bn: bool = True,
     ) -> None:
         if feature not in FEATURES:
             raise UserError(f"feature {feature!r}: expected one of {', '.join(FEATURES)}")
@@ -175,6 +179,12 @@ class FeatureExtractor:
             weights, checkpoint, config_path, last_stride, ema
         )
         self.model = self.restored.model.to(self.device).eval()
+        # Folding each modality's BNs into the convolutions once gives the same features (to
+        # round-off, about 1e-7) in fewer operations: the faster path, measured by the benchmark.
+        self.networks = {
+            modality: folded_network(self.model, modality) if fold_bn else self.model
+            for modality in Modality
+        }
         self.weights, self.config_path, self.ema = str(weights), config_path, ema
         self.batch_size, self.feature, self.flip = batch_size, feature, flip
         self.img_size = self.restored.img_size
@@ -212,10 +222,11 @@ class FeatureExtractor:
         if not len(pixels):
             return torch.empty((0, self.dim))
         # Float32 on every device: the features do not depend on the hardware's half precision.
+        modality = Modality.parse(modality)
         pool, bnneck = extract_features(
-            self.model,
+            self.networks[modality],
             pixels,
-            Modality.parse(modality),
+            modality,
             self.device,
             self.batch_size,
             "none",

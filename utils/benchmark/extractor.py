@@ -2,11 +2,11 @@
 
 At the demo's (64x32) and the paper's (256x128) image sizes, on JPEG crops written to a temporary
 folder at 1.5 times that size: decoding and resizing (``FeatureExtractor.decode``) apart from the
-network, and the network three ways, batch ``--extractor_batch`` (64), one modality: the
-checkpoint's network (the extractor's path), the same network with BN folded for that modality
-(``model.fold``), and the folded network exported to ONNX and run in onnxruntime (when installed),
-its input normalised as ``export.json`` says. Each path's features are compared with the
-extractor's (largest absolute difference of the L2-normalised features). Best of
+network, and the network three ways, batch ``--extractor_batch`` (64), one modality: as the
+checkpoint holds it (``fold_bn=False``), with BN folded for that modality (``model.fold``, the
+extractor's default), and folded, exported to ONNX and run in onnxruntime (when installed) on
+input normalised as ``export.json`` says. Each path's features are compared with the unfolded
+network's (largest absolute difference of the L2-normalised features). Best of
 ``--extractor_rounds`` passes.
 """
 
@@ -25,11 +25,9 @@ from PIL import Image
 from data.transforms import normalize
 from model import build_model
 from model.checkpoint import checkpoint_header
-from model.fold import folded_network
 from utils.base.modality import Modality
 from utils.benchmark.measure import timed
 from utils.benchmark.section import Bench, Row, Section, figure
-from utils.evaluation.evaluate import extract_features
 from utils.export import ModalityNetwork, write_onnx
 from utils.extract import FeatureExtractor
 
@@ -77,16 +75,14 @@ def measure_size(bench: Bench, folder: Path, height: int, width: int) -> dict[st
     folder.mkdir(parents=True)
     weights = folder / "checkpoint.pth"
     torch.save({**header, "model": model.state_dict()}, weights)
-    extractor = FeatureExtractor(weights, device=bench.device, batch_size=args.extractor_batch)
+    batch = args.extractor_batch
+    extractor = FeatureExtractor(weights, device=bench.device, batch_size=batch, fold_bn=False)
+    folded = FeatureExtractor(weights, device=bench.device, batch_size=batch)
     paths = write_crops(folder / "crops", args.extractor_images, height, width, args.seed)
     rounds, count = args.extractor_rounds, len(paths)
     (pixels, _, _), decode_s = best_of(rounds, lambda: extractor.decode(paths))
     expected, network_s = best_of(rounds, lambda: extractor.features_of_pixels(pixels, MODALITY))
-    folded = folded_network(extractor.model, MODALITY)
-    run_folded = lambda: extract_features(  # noqa: E731
-        folded, pixels, MODALITY, bench.device, args.extractor_batch, "none"
-    )[1].cpu()
-    got, folded_s = best_of(rounds, run_folded)
+    got, folded_s = best_of(rounds, lambda: folded.features_of_pixels(pixels, MODALITY))
     figures: dict[str, Any] = {
         "images": count,
         "decode_images_per_s": round(count / decode_s, 2),
@@ -98,9 +94,10 @@ def measure_size(bench: Bench, folder: Path, height: int, width: int) -> dict[st
         runtime = importlib.import_module("onnxruntime")
     except ImportError:
         return figures | {"onnx": "onnxruntime not installed"}
-    write_onnx(ModalityNetwork(folded, MODALITY.name.lower()), folder / "m.onnx", (height, width))
+    network = ModalityNetwork(folded.networks[MODALITY], MODALITY.name.lower())
+    write_onnx(network, folder / "m.onnx", (height, width))
     session = runtime.InferenceSession(str(folder / "m.onnx"), providers=["CPUExecutionProvider"])
-    got, onnx_s = best_of(rounds, lambda: onnx_features(session, pixels, args.extractor_batch))
+    got, onnx_s = best_of(rounds, lambda: onnx_features(session, pixels, batch))
     figures["onnx_images_per_s"] = round(count / onnx_s, 2)
     figures["onnx_max_abs_diff"] = float((got - expected).abs().max())
     return figures
