@@ -37,7 +37,7 @@ import torch
 from data import ProtocolSettings, get_dataset
 from data.dataset import V2I_ROLES
 from model import CMNASNet, read_checkpoint
-from model.checkpoint import is_authors_checkpoint
+from model.checkpoint import is_authors_checkpoint, largest_tensors, stored_integer
 from model.restore import model_from_checkpoint
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
@@ -155,7 +155,7 @@ def resolve_options(args: argparse.Namespace, checkpoint: dict[str, Any]) -> Non
     trained = trained if isinstance(trained, dict) else {}
     for flag, fallback in zip(("img_h", "img_w"), DEFAULT_IMG_SIZE, strict=True):
         if getattr(args, flag) is None:
-            setattr(args, flag, int(trained.get(flag) or fallback))
+            setattr(args, flag, stored_integer(trained.get(flag) or fallback, flag, args.weights))
     if args.img_h < 32 or args.img_w < 16:
         raise UserError(f"--img_h/--img_w {args.img_h}x{args.img_w}: expected at least 32x16")
     dataset = get_dataset(args.dataset)
@@ -163,8 +163,11 @@ def resolve_options(args: argparse.Namespace, checkpoint: dict[str, Any]) -> Non
         return
     trained_split = trained.get("trial") if trained.get("dataset") == dataset.name else None
     if args.trial is None:
-        args.trial = int(trained_split or 1)
-    elif trained_split is not None and int(trained_split) != args.trial:
+        args.trial = stored_integer(trained_split or 1, "trial", args.weights)
+    elif (
+        trained_split is not None
+        and stored_integer(trained_split, "trial", args.weights) != args.trial
+    ):
         log.warning(
             "%s was trained on %s trial %s; the test identities of trial %d may include "
             "its training identities",
@@ -278,6 +281,16 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
         raise UserError(f"--save_json {path}: cannot write ({err.strerror})") from None
 
 
+def overflow_error(args: argparse.Namespace, model: CMNASNet) -> UserError:
+    """The one line for finite weights so large that the features overflow (NaN distances)."""
+    largest = ", ".join(largest_tensors(model.state_dict(), 2))
+    return UserError(
+        f"{args.weights}: the {'EMA' if args.ema else 'live'} weights are finite but give "
+        f"non-finite features (they overflow; largest: {largest}): the checkpoint cannot be "
+        "scored"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, rebuild the model from its checkpoint, evaluate and report."""
     args = get_args_parser().parse_args(argv)
@@ -300,7 +313,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ).model
     model.to(device).eval()
     kept: list[Any] | None = [] if args.visualize or args.save_features else None
-    results, rows = run_tests(args, model, device, kept)
+    try:
+        results, rows = run_tests(args, model, device, kept)
+    except ValueError as err:
+        if "NaN" not in str(err):
+            raise
+        raise overflow_error(args, model) from None
     table = format_results(rows, args)
     log.info("results:\n%s", table)
     sys.stdout.write(table + "\n")

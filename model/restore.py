@@ -17,7 +17,12 @@ from typing import Any
 import torch
 
 from model.arch import Arch, arch_from_dict, load_arch
-from model.checkpoint import is_authors_checkpoint, load_checkpoint, read_checkpoint
+from model.checkpoint import (
+    is_authors_checkpoint,
+    load_checkpoint,
+    read_checkpoint,
+    stored_integer,
+)
 from model.net import CMNASNet, build_model
 from utils.base.errors import UserError
 
@@ -112,8 +117,9 @@ def model_from_checkpoint(
                     f"{weights} in {slot_difference(given, arch)} (config vs checkpoint); "
                     "leave --config_path out for this project's checkpoints"
                 )
-        num_classes = int(checkpoint["num_classes"])
-        stride = last_stride or int(checkpoint.get("last_stride", 1))
+        num_classes = stored_integer(checkpoint["num_classes"], "num_classes", weights, 1)
+        stored_stride = checkpoint.get("last_stride", 1)
+        stride = last_stride or stored_integer(stored_stride, "last_stride", weights, 1, 2)
     model = build_model(arch, num_classes, stride)
     load_checkpoint(model, checkpoint, ema=ema, source=str(weights))
     log.info("model: %s, %d classes, last stride %d", arch.summary(), num_classes, stride)

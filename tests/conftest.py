@@ -6,12 +6,14 @@ lines (64x32 images) keep every run to a couple of ResNet-18 steps.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -206,3 +208,13 @@ def two_stream18() -> Arch:
     arch = load_arch(SPLIT_CONFIG)
     assert SPLIT in arch.slots.values() and SHARED in arch.slots.values()
     return arch
+
+
+@pytest.fixture(scope="session")
+def test_script() -> ModuleType:
+    """The ``test.py`` script as a module, loaded by file (``import test`` is the stdlib's)."""
+    spec = importlib.util.spec_from_file_location("cmnas_test_script", REPO / "test.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -31,14 +31,14 @@ from model.checkpoint.ours import (
     damaged_tensors,
     is_resumable,
     is_search_checkpoint,
-    named_tensors,
-    non_finite_tensors,
     plain,
     read_checkpoint,
+    stored_integer,
     tensor_checksums,
     write_checkpoint,
 )
 from model.checkpoint.safe import first_line, safe_load
+from model.checkpoint.tensors import largest_tensors, named_tensors, non_finite_tensors
 
 __all__ = [
     "AUTHOR_BRANCHES",
@@ -57,6 +57,7 @@ __all__ = [
     "is_authors_checkpoint",
     "is_resumable",
     "is_search_checkpoint",
+    "largest_tensors",
     "load_checkpoint",
     "load_imagenet",
     "load_state",
@@ -65,6 +66,7 @@ __all__ = [
     "plain",
     "read_checkpoint",
     "safe_load",
+    "stored_integer",
     "summarize_keys",
     "tensor_checksums",
     "write_checkpoint",

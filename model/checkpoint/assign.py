@@ -1,7 +1,8 @@
 """Copying a state dict (already in this project's key names) into a model, checking it fits.
 
 Every load (ImageNet, the authors' checkpoints, ours) ends here: anything missing, extra or
-mis-shaped fails with the slots named, before any tensor is copied, and the load is reported.
+mis-shaped, or any weight that is NaN or infinite, fails with the slots or tensors named before
+any tensor is copied, and the load is reported.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from model.checkpoint.tensors import non_finite_tensors
 from utils.base.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,13 @@ def assign(
             f"{source}: does not fit this model: weights for {len(parts)} part(s) the model "
             f"does not have: {summarize_keys(parts, 6)} (a checkpoint of a different "
             "architecture or depth?)"
+        )
+    non_finite = non_finite_tensors({key: state[key] for key in own if key in state})
+    if non_finite:
+        raise UserError(
+            f"{source}: {len(non_finite)} tensor(s) hold NaN or infinity "
+            f"({summarize_keys(non_finite, 4)}): weights of a run that diverged, or edited; "
+            "they cannot be used"
         )
     with torch.no_grad():
         for key, tensor in own.items():

@@ -18,22 +18,30 @@ of it), so that it loads with ``weights_only=True``. It is one dict:
   ``ema_overwrite_pending`` (True when the EMA overwrite of the run's schedule follows this
   save: a resume applies it), ``random_by_rank`` (each process's random states in a
   multi-process run) and ``checksum`` (a CRC-32 of every tensor, checked on reading).
+
+Reading also compares every record of the file (the pickled entries as well as the tensor data)
+with the CRC-32 its zip archive stores, so that a changed byte anywhere fails; a file of
+PyTorch's legacy format stores none and loads unverified, with a note in the log.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from model.arch import Arch
 from model.checkpoint.assign import summarize_keys
-from model.checkpoint.safe import safe_load
+from model.checkpoint.safe import damaged_records, safe_load
+from model.checkpoint.tensors import named_tensors
 from utils.base.errors import UserError
 from utils.base.io import write_atomic
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "cmnas-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -42,6 +50,8 @@ CHECKSUM_KEY = "checksum"
 # The entry a search adds to its checkpoints (the alphas' optimizer, the identity split, ...);
 # such a checkpoint holds a supernet, which test.py cannot score.
 SEARCH_KEY = "search"
+# How a damaged pickled record is named in messages: it holds every entry but the tensor data.
+PICKLED_RECORD = "data.pkl (every entry but the tensor data)"
 
 
 def plain(value: Any) -> Any:
@@ -88,39 +98,36 @@ def checkpoint_header(
     }
 
 
-def named_tensors(value: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor in a nested checkpoint value, named by its path (``model.bnneck.weight``).
+def stored_integer(
+    value: Any,
+    name: str,
+    source: str | os.PathLike[str],
+    minimum: int | None = None,
+    maximum: int | None = None,
+) -> int:
+    """A number stored in checkpoint ``source`` (``name`` for messages) as an int, else one line.
 
-    Dicts are walked in key order and lists in index order, so the order is fixed for a
-    given checkpoint.
+    Integral floats and digit strings are taken as they always were; anything else, or a value
+    outside ``minimum``..``maximum`` (an edited checkpoint), is refused naming the file, the
+    entry and the value.
     """
-    if isinstance(value, torch.Tensor):
-        yield prefix, value
-    elif isinstance(value, Mapping):
-        for key in sorted(value, key=str):
-            yield from named_tensors(value[key], f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            yield from named_tensors(item, f"{prefix}.{index}" if prefix else str(index))
-
-
-def non_finite_tensors(checkpoint: Mapping[str, Any]) -> list[str]:
-    """The names of the floating-point tensors in ``checkpoint`` holding a NaN or infinity.
-
-    Weights, BN statistics, EMA and optimizer state alike: one such value makes the whole
-    checkpoint unusable. The test runs on each tensor's own device, with one read-back.
-    """
-    named = [(n, t) for n, t in named_tensors(checkpoint) if t.is_floating_point() and t.numel()]
-    if not named:
-        return []
-    by_device: dict[torch.device, list[int]] = {}
-    for index, (_, tensor) in enumerate(named):
-        by_device.setdefault(tensor.device, []).append(index)
-    bad: list[int] = []
-    for indices in by_device.values():
-        flags = torch.stack([named[i][1].detach().isfinite().all() for i in indices]).cpu()
-        bad += [i for i, finite in zip(indices, flags.tolist(), strict=True) if not finite]
-    return [named[i][0] for i in sorted(bad)]
+    number: int | None = None
+    integral_float = isinstance(value, float) and value.is_integer()
+    if integral_float or (isinstance(value, str) and value.strip().isdigit()):
+        number = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    low = minimum is not None and number is not None and number < minimum
+    high = maximum is not None and number is not None and number > maximum
+    if number is None or low or high:
+        expected = "an integer"
+        if minimum is not None:
+            expected += f" in {minimum}..{maximum}" if maximum is not None else f" >= {minimum}"
+        raise UserError(
+            f"{source}: the checkpoint's stored {name} is {value!r}, expected {expected} "
+            "(an edited checkpoint?)"
+        )
+    return number
 
 
 def tensor_checksums(checkpoint: Mapping[str, Any]) -> dict[str, list[Any]]:
@@ -157,8 +164,8 @@ def write_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike[str]
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Safely read a checkpoint file of this project or the authors' and check it is one.
 
-    The tensors of a checkpoint with stored checksums are verified; files from before
-    checksums load as they are.
+    The tensors of a checkpoint with stored checksums are verified, then every record of the
+    file against its archive's CRC-32s; files from before checksums load as they are.
     """
     data = safe_load(path)
     if not isinstance(data, dict) or "model" not in data or not isinstance(data["model"], dict):
@@ -173,6 +180,20 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             "in a copy (a checkpoint edited on purpose loads once its 'checksum' entry is "
             "deleted)"
         )
+    records = damaged_records(path, tensor_data=_stored_checksums(data) is None)
+    if records is None:
+        log.info(
+            "%s: the file stores no checksums (PyTorch's legacy format, or saved with CRC-32s "
+            "turned off): its bytes are not verified",
+            path,
+        )
+    elif records:
+        named = [PICKLED_RECORD if name == "data.pkl" else name for name in records]
+        raise UserError(
+            f"{path}: corrupt checkpoint: {len(records)} record(s) of the file differ from the "
+            f"CRC-32 stored with them ({summarize_keys(named, 2)}); the file was damaged on "
+            "disk or in a copy"
+        )
     return data
 
 
@@ -182,15 +203,22 @@ def damaged_tensors(checkpoint: Mapping[str, Any]) -> list[str]:
     A tensor removed since, or with another dtype or shape (an edit, not damage), is not
     compared.
     """
-    stored = checkpoint.get(CHECKSUM_KEY)
-    if not isinstance(stored, dict) or stored.get("algorithm") != "crc32":
+    saved = _stored_checksums(checkpoint)
+    if saved is None:
         return []
-    saved = stored.get("tensors") or {}
     return [
         name
         for name, (crc, dtype, shape) in tensor_checksums(checkpoint).items()
         if name in saved and saved[name][1:] == [dtype, shape] and saved[name][0] != crc
     ]
+
+
+def _stored_checksums(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The tensor checksums stored in ``checkpoint`` by name, or None when it has none."""
+    stored = checkpoint.get(CHECKSUM_KEY)
+    if not isinstance(stored, dict) or stored.get("algorithm") != "crc32":
+        return None
+    return stored.get("tensors") or {}
 
 
 def is_resumable(checkpoint: Mapping[str, Any]) -> bool:
