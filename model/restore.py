@@ -50,16 +50,11 @@ def stored_img_size(
     """The (height, width) ``checkpoint`` was trained at: its stored size, else 256x128."""
     trained = checkpoint.get("args") if not is_authors_checkpoint(checkpoint) else None
     trained = trained if isinstance(trained, Mapping) else {}
-    size = []
-    for flag, fallback in zip(("img_h", "img_w"), DEFAULT_IMG_SIZE, strict=True):
-        value = trained.get(flag) or fallback
-        try:
-            size.append(int(str(value)))
-        except ValueError:
-            raise UserError(
-                f"--weights {weights}: stored {flag} {value!r} is not an integer"
-            ) from None
-    return size[0], size[1]
+    height, width = (
+        stored_integer(trained.get(flag) or fallback, flag, weights, 1)
+        for flag, fallback in zip(("img_h", "img_w"), DEFAULT_IMG_SIZE, strict=True)
+    )
+    return height, width
 
 
 def slot_difference(given: Arch, stored: Arch) -> str:
