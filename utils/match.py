@@ -41,6 +41,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +91,12 @@ class Side:
     extraction: Extraction
     identities: list[str] | None = None
 
-    @property
+    @cached_property
     def paths(self) -> list[str]:
         """The kept images' paths as listed."""
         return [self.files[i][0] for i in self.extraction.kept]
 
-    @property
+    @cached_property
     def resolved(self) -> list[str]:
         """The kept images' absolute paths."""
         return [self.files[i][1] for i in self.extraction.kept]
