@@ -248,6 +248,7 @@ def test_cli_errors(tmp_path, capsys, checkpoints, expect_error: Callable[..., s
         return expect_error(code, capsys.readouterr().err, *fragments)
 
     refused([*weights, *out, "--images", str(empty)], f"--images {empty}: no image files (")
+    refused([*weights, *out, "--images", str(crops), "--batch_size", "0"], "--batch_size 0: ")
     refused([*weights, *out, "--images", str(tmp_path / "nope")], "nope: no such file or folder")
     empty_list = tmp_path / "empty.txt"
     empty_list.write_text("\n")

@@ -137,7 +137,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """One-line errors for option values that cannot work."""
-    for flag in ("topk", "per_page", "k1", "k2"):
+    for flag in ("topk", "per_page", "k1", "k2", "batch_size"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)}: expected at least 1")
     if args.pictures < 0:
