@@ -501,9 +501,9 @@ def test_non_finite_weights_are_refused(tmp_path, capsys, expect_error) -> None:
     checkpoint = save_ours(tmp_path / "c.pth", broken, broken)
     out = tmp_path / "out"
     code, err = run(["--weights", str(checkpoint), "--out", str(out)], capsys)
-    line = expect_error(code, err, f"--weights {checkpoint}: 2 tensor(s) hold NaN or infinity")
+    line = expect_error(code, err, f"{checkpoint}: 2 tensor(s) hold NaN or infinity")
     assert "backbone.layer1.0.bn1.shared.running_var" in line and "bnneck.weight" in line
-    assert line.endswith("nothing exported") and not out.exists()
+    assert not out.exists()
 
 
 def test_out_holding_other_files_is_refused(tmp_path, net18, capsys, expect_error) -> None:

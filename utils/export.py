@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from model import CMNASNet, read_checkpoint
-from model.checkpoint import non_finite_tensors
 from model.fold import backbone_slots, conv_of_slot, fold, folded_network, modality_bn
 from model.restore import model_from_checkpoint
 from utils.base.cli import run_cli
@@ -183,17 +182,6 @@ def check_onnx(runtime: Any, path: Path, network: nn.Module, img_size: tuple[int
     return worst
 
 
-def check_finite(weights: str, model: CMNASNet) -> None:
-    """Refuse to export a network holding a NaN or infinity, naming the tensors."""
-    bad = non_finite_tensors(model.state_dict())
-    if bad:
-        shown = ", ".join(bad[:4]) + (f", ... ({len(bad) - 4} more)" if len(bad) > 4 else "")
-        raise UserError(
-            f"--weights {weights}: {len(bad)} tensor(s) hold NaN or infinity ({shown}); "
-            "nothing exported"
-        )
-
-
 def check_previous(out: Path) -> None:
     """An existing ``--out`` is replaced whole: refuse one holding anything but an export."""
     if not out.is_dir():
@@ -280,7 +268,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.weights, checkpoint, args.config_path, args.last_stride, args.ema
     )
     model = restored.model.eval()
-    check_finite(args.weights, model)
     settings = ExportSettings(args.fold_bn, args.onnx, restored.img_size)
     description = {
         "source": str(args.weights),
