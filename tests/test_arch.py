@@ -356,6 +356,24 @@ def test_converter_error_path_in_process(tmp_path: Path, capsys: pytest.CaptureF
     assert not dst.exists()
 
 
+def test_converter_into_read_only_folder(
+    tmp_path: Path, read_only_folder: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Writing into a read-only folder (or onto a folder) is one line naming the file, exit 2."""
+    src = _write(tmp_path / "config.cfg", one_split_cfg(53, 2))
+    dst = read_only_folder / "deeper" / "arch.json"
+    assert run_cli(convert_main, [str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {dst}: cannot write (folder {read_only_folder} is not writable)\n"
+    assert list(read_only_folder.iterdir()) == []
+    assert run_cli(convert_main, [str(src), str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}: is a folder, expected a file name\n"
+    assert run_cli(convert_main, [str(src), str(src / "arch.json")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {src / 'arch.json'}: cannot write ({src} is a file, not a folder)\n"
+    )
+
+
 def test_converter_subprocess(tmp_path: Path) -> None:
     """`python -m utils.convert_arch` as a program: a bad input exits 2 with one error line."""
     missing = tmp_path / "missing.cfg"

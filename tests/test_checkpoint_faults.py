@@ -123,6 +123,19 @@ def test_changed_tensor_byte_of_a_file_without_our_checksums(tmp_path: Path) -> 
     )
 
 
+def test_changed_record_header_fails(tmp_path: Path) -> None:
+    """A changed byte in a record's own header, which torch.load reads past, is refused too."""
+    path = tmp_path / "ours.pth"
+    torch.save({"epoch": 1, "model": {"w": torch.ones(10)}}, path)
+    data = bytearray(path.read_bytes())
+    data[data.find(b"ours/data.pkl") + 6] ^= 0x01  # the first copy: the record's local header
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=True)["epoch"] == 1  # loads as if intact
+    with pytest.raises(UserError) as info:
+        read_checkpoint(path)
+    assert str(info.value) == f"{path}: {DAMAGED_PICKLE}"
+
+
 def test_files_without_checksums_load_with_a_note(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -201,6 +214,27 @@ def test_nan_weights_refused_by_test_script(
     assert line.startswith(
         f"error: {authors}: 1 tensor(s) hold NaN or infinity (backbone.layer2.0.conv1.weight)"
     )
+
+
+def test_nan_weights_not_exported(
+    sysu_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    expect_error: Callable[..., str],
+) -> None:
+    """utils.export refuses NaN weights in one line and writes no network."""
+    from utils.export import main as export_main
+
+    def put_inf(state: dict[str, Any]) -> None:
+        del state["checksum"]
+        state["model"]["backbone.conv1.weight"][0, 0, 0, 0] = float("inf")
+
+    path = edited(sysu_run, tmp_path / "inf.pth", put_inf)
+    out = tmp_path / "exported"
+    code = run_cli(export_main, ["--weights", str(path), "--out", str(out)])
+    message = f"{path}: 1 tensor(s) hold NaN or infinity (backbone.conv1.weight)"
+    expect_error(code, capsys.readouterr().err, message)
+    assert not list(out.glob("*.pth")) and not (out / "export.json").exists()
 
 
 def test_overflowing_weights_refused_by_test_script(

@@ -106,23 +106,19 @@ def sysu(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def ddp_run(sysu: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Two epochs of 2 steps on 2 processes, an evaluation after each; returns what it left."""
-    work = tmp_path_factory.mktemp("ddp")
-    script = work / "train_check_ranks.py"
-    script.write_text(RANK_CHECK)
-    report = work / "ranks.json"
+def torchrun(
+    script: Path, first: str, sysu: Path, cwd: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """``script first`` on WORLD CPU processes under torchrun with a tiny train.py command line."""
     # fmt: off
     argv = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-        "--standalone", str(script), str(report),
+        "--standalone", str(script), first,
         "--data_root", str(sysu), "--dataset", "sysu", "--device", "cpu",
         "--config_path", str(REPO / "configs" / "resnet18_two_stream.json"),
         "--img_h", str(H), "--img_w", str(W), "--batch_size", "8", "--num_pos", "4",
-        "--epochs", "2", "--max_steps", "2", "--test_freq", "1", "--log_freq", "1",
-        "--pretrained", "none", "--test_batch", "64", "--no-channels_last",
-        "--save", str(work / "runs"), "--note", "ddp", "--cache_dir", str(work / "cache"),
+        "--max_steps", "2", "--test_freq", "1", "--log_freq", "1",
+        "--pretrained", "none", "--test_batch", "64", "--no-channels_last", *extra,
     ]
     # fmt: on
     env = {
@@ -131,9 +127,22 @@ def ddp_run(sysu: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
         # One thread per process: two processes share the test machine's cores.
         "OMP_NUM_THREADS": "1",
     }
-    done = subprocess.run(
-        argv, cwd=work, env=env, capture_output=True, text=True, timeout=600, check=False
+    return subprocess.run(
+        argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False
     )
+
+
+@pytest.fixture(scope="module")
+def ddp_run(sysu: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two epochs of 2 steps on 2 processes, an evaluation after each; returns what it left."""
+    work = tmp_path_factory.mktemp("ddp")
+    script = work / "train_check_ranks.py"
+    script.write_text(RANK_CHECK)
+    report = work / "ranks.json"
+    done = torchrun(
+        script, str(report), sysu, work, "--epochs", "2", "--save", str(work / "runs"),
+        "--note", "ddp", "--cache_dir", str(work / "cache"),
+    )  # fmt: skip
     return {
         "returncode": done.returncode,
         "output": done.stdout[-4000:] + done.stderr[-4000:],
@@ -289,24 +298,10 @@ def test_ddp_resume_restores_each_ranks_own_random_states(
     script = tmp_path / "resume_check.py"
     script.write_text(RESUME_CHECK)
     out = tmp_path / "restored"
-    # fmt: off
-    argv = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-        "--standalone", str(script), str(out),
-        "--data_root", str(sysu), "--dataset", "sysu", "--device", "cpu",
-        "--config_path", str(REPO / "configs" / "resnet18_two_stream.json"),
-        "--img_h", str(H), "--img_w", str(W), "--batch_size", "8", "--num_pos", "4",
-        "--epochs", "3", "--max_steps", "2", "--test_freq", "1", "--log_freq", "1",
-        "--pretrained", "none", "--test_batch", "64", "--no-channels_last",
-        "--resume", str(checkpoint_path), "--cache_dir", str(ddp_run["run"].parent / "cache"),
-    ]
-    # fmt: on
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-    }
-    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = torchrun(
+        script, str(out), sysu, tmp_path, "--epochs", "3", "--resume", str(checkpoint_path),
+        "--cache_dir", str(ddp_run["run"].parent / "cache"),
+    )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for rank in range(WORLD):
         restored = torch.load(f"{out}.rank{rank}", map_location="cpu", weights_only=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +72,15 @@ def _all_files(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
     }
+
+
+def _written_again(
+    make: Callable[..., dict], tmp_path: Path, other_seed: int, sizes: dict[str, int]
+) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """Every file of ``make`` written again with seed 0, and with ``other_seed``."""
+    make(tmp_path / "again", seed=0, **sizes)
+    make(tmp_path / "other", seed=other_seed, **sizes)
+    return _all_files(tmp_path / "again"), _all_files(tmp_path / "other")
 
 
 def test_sysu_layout(sysu: Path) -> None:
@@ -148,10 +159,9 @@ def test_sysu_deterministic_per_seed(tmp_path: Path) -> None:
     """The same seed gives byte-identical files; another seed gives different images."""
     tiny = {"train_ids": 2, "val_ids": 1, "test_ids": 2, "images_per_camera": 3}
     tiny |= {"height": 32, "width": 16}
-    runs = {name: tmp_path / name for name in ("first", "again", "other")}
-    for name, out in runs.items():
-        toy.make_sysu(out, seed=7 if name == "other" else 0, **tiny)
-    first, again, other = (_all_files(out) for out in runs.values())
+    toy.make_sysu(tmp_path / "first", seed=0, **tiny)
+    first = _all_files(tmp_path / "first")
+    again, other = _written_again(toy.make_sysu, tmp_path, 7, tiny)
     assert first == again
     shared = [k for k in set(first) & set(other) if k.endswith(".jpg")]
     assert shared and all(first[k] != other[k] for k in shared)
@@ -159,12 +169,9 @@ def test_sysu_deterministic_per_seed(tmp_path: Path) -> None:
 
 def test_regdb_deterministic_per_seed(regdb: Path, tmp_path: Path) -> None:
     """RegDB files and splits are byte-identical for a seed and differ for another."""
-    again = tmp_path / "again"
-    toy.make_regdb(again, seed=0, **REGDB_SMALL)
-    assert _all_files(again) == _all_files(regdb)
-    other = tmp_path / "other"
-    toy.make_regdb(other, seed=3, **REGDB_SMALL)
-    first, second = _all_files(regdb), _all_files(other)
+    again, other = _written_again(toy.make_regdb, tmp_path, 3, REGDB_SMALL)
+    assert again == _all_files(regdb)
+    first, second = _all_files(regdb), other
     assert all(first[k] != second[k] for k in first if k.endswith(".bmp"))
 
 
@@ -401,12 +408,9 @@ def test_llcm_modalities_and_camera_count(llcm: Path) -> None:
 
 def test_llcm_deterministic_per_seed(llcm: Path, tmp_path: Path) -> None:
     """The same seed gives byte-identical files; another seed gives another data set."""
-    again = tmp_path / "again"
-    toy.make_llcm(again, seed=0, **LLCM_SMALL)
-    assert _all_files(again) == _all_files(llcm)
-    other = tmp_path / "other"
-    toy.make_llcm(other, seed=1, **LLCM_SMALL)
-    assert _all_files(other) != _all_files(llcm)
+    again, other = _written_again(toy.make_llcm, tmp_path, 1, LLCM_SMALL)
+    assert again == _all_files(llcm)
+    assert other != _all_files(llcm)
 
 
 def test_llcm_bad_counts_are_user_errors(
@@ -417,3 +421,17 @@ def test_llcm_bad_counts_are_user_errors(
     assert toy.main(["--dataset", "llcm", "--out", str(out), "--test_ids", "0"]) == 2
     assert capsys.readouterr().err == "error: --test_ids 0: expected a positive integer\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--help`` shows each flag's default, and it is the default of the layout it drives."""
+    with pytest.raises(SystemExit) as stop:
+        toy.main(["--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for make in (toy.make_sysu, toy.make_regdb, toy.make_llcm):
+        for name, parameter in inspect.signature(make).parameters.items():
+            if parameter.default is inspect.Parameter.empty or isinstance(parameter.default, bool):
+                continue
+            shown = re.search(rf"--{name} {name.upper()} (?:(?!--).)*?\(default (\S+?)\)", text)
+            assert shown and shown.group(1) == str(parameter.default), name

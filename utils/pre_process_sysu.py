@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 
 from data.trainset import load_train_set
-from utils.base.errors import UserError
+from utils.base.cli import run_cli
 
 logger = logging.getLogger("pre_process_sysu")
 
@@ -33,25 +33,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Build (or verify) the cache; return the exit status (2 on a user error)."""
+def _main(argv: Sequence[str] | None) -> int:
+    """Build (or verify) the cache; UserError and Ctrl-C propagate to run_cli."""
     args = get_args_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     start = time.perf_counter()
-    try:
-        train_set = load_train_set(
-            "sysu",
-            args.data_root,
-            img_size=(args.img_h, args.img_w),
-            cache_dir=args.cache_dir,
-            progress=not args.no_progress,
-            mmap=True,
-        )
-    except UserError as exc:
-        # One line, like argparse's own errors; no traceback for a fixable problem.
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
+    train_set = load_train_set(
+        "sysu",
+        args.data_root,
+        img_size=(args.img_h, args.img_w),
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
+        mmap=True,
+    )
     logger.info(
         "SYSU-MM01 cache ready in %.1f s: %d identities, %d visible + %d infrared images",
         time.perf_counter() - start,
@@ -60,6 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         len(train_set.infrared_labels),
     )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (2 with one error line, 130 on Ctrl-C)."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Synthetic SYSU-MM01, RegDB and LLCM data sets, written in exactly the real on-disk layouts.
 
-``render`` draws the people, cameras and poses and paints the images; ``sysu``, ``regdb`` and
-``llcm`` each lay one data set out on disk; ``common`` holds what the layouts share (seeded random
-streams, size checks, staged output); ``cli`` is the command line. Every file is a pure function
-of the seed and the arguments.
+``describe`` draws the people, cameras and poses; ``render`` paints one image of them, part by
+part; ``sysu``, ``regdb`` and ``llcm`` each lay one data set out on disk; ``common`` holds what the
+layouts share (seeded random streams, identity splits, image counts, size checks, staged output);
+``cli`` is the command line. Every file is a pure function of the seed and the arguments.
 
 Usage: ``python -m data.toy --dataset sysu|regdb|llcm --out DIR [--seed 0] [...]``.
 """

@@ -3,13 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from data.toy.llcm import make_llcm
 from data.toy.regdb import make_regdb
 from data.toy.sysu import make_sysu
 from utils.base.cli import run_cli
+
+_LAYOUTS: dict[str, Callable[..., dict]] = {
+    "sysu": make_sysu,
+    "regdb": make_regdb,
+    "llcm": make_llcm,
+}
+# The layouts' integer options by help group: (name, help); defaults are the layouts' own.
+_OPTIONS: dict[str | None, tuple[tuple[str, str], ...]] = {
+    None: (
+        ("seed", "random seed"),
+        ("height", "image height in pixels"),
+        ("width", "image width in pixels"),
+    ),
+    "SYSU-MM01 and LLCM": (
+        ("train_ids", "training identities"),
+        ("val_ids", "SYSU-MM01 only"),
+        ("test_ids", "test identities"),
+        ("images_per_camera", "minimum per visible camera folder"),
+    ),
+    "RegDB": (
+        ("ids", "identities, split in half per trial"),
+        ("images_per_id", "per modality"),
+    ),
+}
+
+
+def _default(name: str) -> object:
+    """The default of the layout parameter ``name`` (the layouts that take it agree on it)."""
+    for make in _LAYOUTS.values():
+        parameter = inspect.signature(make).parameters.get(name)
+        if parameter is not None:
+            return parameter.default
+    raise KeyError(name)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,22 +52,15 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m data.toy",
         description="Write a synthetic SYSU-MM01, RegDB or LLCM data set in its real layout.",
     )
-    parser.add_argument("--dataset", required=True, choices=("sysu", "regdb", "llcm"))
+    parser.add_argument("--dataset", required=True, choices=tuple(_LAYOUTS), help="layout to write")
     parser.add_argument("--out", required=True, help="folder to create (must be new or empty)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    parser.add_argument("--height", type=int, default=128, help="image height in pixels")
-    parser.add_argument("--width", type=int, default=64, help="image width in pixels")
-    split = parser.add_argument_group("SYSU-MM01 and LLCM")
-    split.add_argument("--train_ids", type=int, default=24)
-    split.add_argument("--val_ids", type=int, default=8, help="SYSU-MM01 only")
-    split.add_argument("--test_ids", type=int, default=16)
-    split.add_argument(
-        "--images_per_camera", type=int, default=10, help="minimum per visible camera folder"
-    )
-    regdb = parser.add_argument_group("RegDB")
-    regdb.add_argument("--ids", type=int, default=40, help="identities, split in half per trial")
-    regdb.add_argument("--images_per_id", type=int, default=10, help="per modality")
+    for title, options in _OPTIONS.items():
+        group = parser.add_argument_group(title) if title else parser
+        for name, text in options:
+            group.add_argument(
+                f"--{name}", type=int, default=_default(name), help=f"{text} (default %(default)s)"
+            )
     return parser
 
 
@@ -42,18 +69,9 @@ def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    size = {"height": args.height, "width": args.width, "overwrite": args.overwrite}
-    per_camera = {
-        "train_ids": args.train_ids,
-        "test_ids": args.test_ids,
-        "images_per_camera": args.images_per_camera,
-    }
-    if args.dataset == "sysu":
-        make_sysu(args.out, args.seed, val_ids=args.val_ids, **per_camera, **size)
-    elif args.dataset == "llcm":
-        make_llcm(args.out, args.seed, **per_camera, **size)
-    else:
-        make_regdb(args.out, args.seed, ids=args.ids, images_per_id=args.images_per_id, **size)
+    make = _LAYOUTS[args.dataset]
+    # Every parameter of a layout has the flag of its name; flags of the other layouts stay out.
+    make(**{name: getattr(args, name) for name in inspect.signature(make).parameters})
     return 0
 
 

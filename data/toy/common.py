@@ -10,7 +10,8 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,22 @@ TAG_SPLIT, TAG_IDENTITY, TAG_PRESENCE, TAG_CAMERA, TAG_POSE, TAG_IMAGE = range(1
 def stream(seed: int, dataset: str, tag: int, *keys: int) -> np.random.Generator:
     """Return an independent generator for one (seed, data set, stream, keys) combination."""
     return np.random.default_rng([seed, DATASET_TAG[dataset], tag, *keys])
+
+
+def split_ids(seed: int, dataset: str, sizes: Sequence[int], *keys: int) -> list[list[int]]:
+    """Shuffle the identities 1..sum(sizes) and cut them into groups of ``sizes``, each sorted."""
+    order = stream(seed, dataset, TAG_SPLIT, *keys).permutation(np.arange(1, sum(sizes) + 1))
+    bounds = np.cumsum([0, *sizes])
+    return [
+        sorted(int(i) for i in order[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+
+
+def image_count(rng: np.random.Generator, images_per_camera: int, infrared: bool) -> int:
+    """Images in one folder: ``images_per_camera`` give or take a fifth (no more in infrared)."""
+    spread = images_per_camera // 5
+    low = images_per_camera if not infrared else images_per_camera - spread
+    return int(rng.integers(max(1, low), images_per_camera + spread + 1))
 
 
 def check_sizes(height: int, width: int, seed: int, **counts: int) -> None:
@@ -70,6 +87,18 @@ def staged(out: str | os.PathLike[str], overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def summary(dataset: str, ids: dict[str, int], visible: int, infrared: int, start: float) -> dict:
+    """What a layout returns: identities per split, images per modality and the seconds taken."""
+    return {
+        "dataset": dataset,
+        "identities": sum(ids.values()),
+        **ids,
+        "visible_images": visible,
+        "infrared_images": infrared,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def save(image: np.ndarray, path: Path) -> None:

@@ -33,13 +33,16 @@ from data.toy.common import (
     TAG_IDENTITY,
     TAG_IMAGE,
     TAG_PRESENCE,
-    TAG_SPLIT,
     check_sizes,
+    image_count,
     save,
+    split_ids,
     staged,
     stream,
+    summary,
 )
-from data.toy.render import Camera, draw_camera, draw_person, draw_pose, render
+from data.toy.describe import Camera, draw_camera, draw_person, draw_pose
+from data.toy.render import render
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +89,38 @@ def _file_names(rng: np.random.Generator, pid: int, cam: int, suffix: str, n: in
     return [f"{pid:04d}_c{cam:02d}_s{clock}_f{frame}_{suffix}.jpg" for frame in frames]
 
 
+def _write_identity(
+    stage: Path,
+    seed: int,
+    pid: int,
+    train: bool,
+    cameras: dict[tuple[int, bool], Camera],
+    images_per_camera: int,
+    size: tuple[int, int],
+) -> dict[bool, list[Path]]:
+    """Write every image of one identity; return their paths below ``stage`` per modality."""
+    person = draw_person(stream(seed, "llcm", TAG_IDENTITY, pid))
+    folders = _llcm_folders(seed, pid, test=not train)
+    written: dict[bool, list[Path]] = {False: [], True: []}
+    for modality, (suffix, infrared) in enumerate(_MODALITIES):
+        for cam in folders[infrared]:
+            count_rng = stream(seed, "llcm", TAG_PRESENCE, pid, cam, modality)
+            n_images = image_count(count_rng, images_per_camera, infrared)
+            if train:
+                folder = Path(suffix) / f"{pid:04d}"
+            else:
+                folder = Path(f"test_{suffix}") / f"cam{cam}" / f"{pid:04d}"
+            (stage / folder).mkdir(parents=True, exist_ok=True)
+            for number, name in enumerate(
+                _file_names(count_rng, pid, cam, suffix, n_images), start=1
+            ):
+                rng = stream(seed, "llcm", TAG_IMAGE, pid, cam, modality, number)
+                image = render(person, cameras[cam, infrared], draw_pose(rng), rng, *size)
+                save(image, stage / folder / name)
+                written[infrared].append(folder / name)
+    return written
+
+
 def make_llcm(
     out: str | os.PathLike[str],
     seed: int = 0,
@@ -98,25 +133,16 @@ def make_llcm(
     overwrite: bool = False,
 ) -> dict:
     """Write a synthetic LLCM (idx/, vis/, nir/, test_vis/, test_nir/); return counts."""
-    check_sizes(
-        height,
-        width,
-        seed,
-        train_ids=train_ids,
-        test_ids=test_ids,
-        images_per_camera=images_per_camera,
-    )
+    ids = {"train_ids": train_ids, "test_ids": test_ids}
+    check_sizes(height, width, seed, images_per_camera=images_per_camera, **ids)
     start = time.perf_counter()
-    total = train_ids + test_ids
-    order = stream(seed, "llcm", TAG_SPLIT).permutation(np.arange(1, total + 1))
-    train = sorted(int(i) for i in order[:train_ids])
-    test = sorted(int(i) for i in order[train_ids:])
+    total = sum(ids.values())
+    train, test = split_ids(seed, "llcm", list(ids.values()))
     cameras = {
         (cam, infrared): _llcm_camera(seed, cam, modality, height, width)
         for modality, (_, infrared) in enumerate(_MODALITIES)
         for cam in (LLCM_INFRARED_CAMERAS if infrared else LLCM_VISIBLE_CAMERAS)
     }
-    spread = images_per_camera // 5
     index: dict[bool, list[str]] = {False: [], True: []}
     counts = {False: 0, True: 0}
     with staged(out, overwrite) as stage:
@@ -126,44 +152,22 @@ def make_llcm(
                 (stage / f"test_{suffix}" / f"cam{cam}").mkdir(parents=True)
         labels = {pid: label for label, pid in enumerate(train)}
         for pid in range(1, total + 1):
-            person = draw_person(stream(seed, "llcm", TAG_IDENTITY, pid))
-            folders = _llcm_folders(seed, pid, test=pid not in labels)
-            for modality, (suffix, infrared) in enumerate(_MODALITIES):
-                for cam in folders[infrared]:
-                    count_rng = stream(seed, "llcm", TAG_PRESENCE, pid, cam, modality)
-                    low = images_per_camera if not infrared else images_per_camera - spread
-                    n_images = int(count_rng.integers(max(1, low), images_per_camera + spread + 1))
-                    if pid in labels:
-                        folder = Path(suffix) / f"{pid:04d}"
-                    else:
-                        folder = Path(f"test_{suffix}") / f"cam{cam}" / f"{pid:04d}"
-                    (stage / folder).mkdir(parents=True, exist_ok=True)
-                    names = _file_names(count_rng, pid, cam, suffix, n_images)
-                    for number, name in enumerate(names, start=1):
-                        rng = stream(seed, "llcm", TAG_IMAGE, pid, cam, modality, number)
-                        image = render(
-                            person, cameras[cam, infrared], draw_pose(rng), rng, height, width
-                        )
-                        save(image, stage / folder / name)
-                        if pid in labels:
-                            index[infrared].append(f"{(folder / name).as_posix()} {labels[pid]}")
-                    counts[infrared] += n_images
+            written = _write_identity(
+                stage, seed, pid, pid in labels, cameras, images_per_camera, (height, width)
+            )
+            for infrared, paths in written.items():
+                counts[infrared] += len(paths)
+                if pid in labels:
+                    index[infrared] += [f"{path.as_posix()} {labels[pid]}" for path in paths]
         (stage / "idx").mkdir()
         for suffix, infrared in _MODALITIES:
             (stage / "idx" / f"train_{suffix}.txt").write_text("\n".join(index[infrared]) + "\n")
         (stage / "idx" / "test_id.txt").write_text(",".join(str(i) for i in test) + "\n")
-    seconds = time.perf_counter() - start
+    result = summary("llcm", ids, counts[False], counts[True], start)
     logger.info(
         "llcm: %d identities (%d train, %d test), %d visible + %d infrared images of %dx%d, "
         "seed %d -> %s in %.1f s",
-        total, train_ids, test_ids, counts[False], counts[True], height, width, seed, out, seconds,
+        total, train_ids, test_ids, counts[False], counts[True], height, width, seed, out,
+        result["seconds"],
     )  # fmt: skip
-    return {
-        "dataset": "llcm",
-        "identities": total,
-        "train_ids": train_ids,
-        "test_ids": test_ids,
-        "visible_images": counts[False],
-        "infrared_images": counts[True],
-        "seconds": seconds,
-    }
+    return result

@@ -10,20 +10,20 @@ import logging
 import os
 import time
 
-import numpy as np
-
 from data.toy.common import (
     TAG_CAMERA,
     TAG_IDENTITY,
     TAG_IMAGE,
     TAG_POSE,
-    TAG_SPLIT,
     check_sizes,
     save,
+    split_ids,
     staged,
     stream,
+    summary,
 )
-from data.toy.render import draw_camera, draw_person, draw_pose, render
+from data.toy.describe import draw_camera, draw_person, draw_pose
+from data.toy.render import render
 from utils.base.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ def make_regdb(
     if ids < 2:
         raise UserError(f"--ids {ids}: expected at least 2 (half train, half test)")
     start = time.perf_counter()
+    halves = {"train_ids": ids // 2, "test_ids": ids - ids // 2}
     cameras = {
         cam: draw_camera(
             stream(seed, "regdb", TAG_CAMERA, cam),
@@ -75,31 +76,21 @@ def make_regdb(
                     files[cam].setdefault(pid, []).append(relative)
         (stage / "idx").mkdir()
         for trial in range(1, REGDB_TRIALS + 1):
-            order = stream(seed, "regdb", TAG_SPLIT, trial).permutation(np.arange(1, ids + 1))
-            halves = {"train": sorted(order[: ids // 2]), "test": sorted(order[ids // 2 :])}
-            for split, members in halves.items():
+            groups = split_ids(seed, "regdb", list(halves.values()), trial)
+            for split, members in zip(("train", "test"), groups, strict=True):
                 for cam, (folder, _) in folders.items():
                     lines = [
                         f"{path} {label}"
                         for label, pid in enumerate(members)
-                        for path in files[cam][int(pid)]
+                        for path in files[cam][pid]
                     ]
                     name = f"{split}_{folder.lower()}_{trial}.txt"
                     (stage / "idx" / name).write_text("\n".join(lines) + "\n")
-    seconds = time.perf_counter() - start
+    result = summary("regdb", halves, ids * images_per_id, ids * images_per_id, start)
     logger.info(
         "regdb: %d identities, %d visible + %d thermal images of %dx%d, %d trials, "
         "seed %d -> %s in %.1f s",
         ids, ids * images_per_id, ids * images_per_id, height, width, REGDB_TRIALS, seed, out,
-        seconds,
+        result["seconds"],
     )  # fmt: skip
-    return {
-        "dataset": "regdb",
-        "identities": ids,
-        "train_ids": ids // 2,
-        "test_ids": ids - ids // 2,
-        "visible_images": ids * images_per_id,
-        "infrared_images": ids * images_per_id,
-        "trials": REGDB_TRIALS,
-        "seconds": seconds,
-    }
+    return result | {"trials": REGDB_TRIALS}

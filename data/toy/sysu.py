@@ -11,20 +11,21 @@ import os
 import time
 from collections.abc import Sequence
 
-import numpy as np
-
 from data.toy.common import (
     TAG_CAMERA,
     TAG_IDENTITY,
     TAG_IMAGE,
     TAG_PRESENCE,
-    TAG_SPLIT,
     check_sizes,
+    image_count,
     save,
+    split_ids,
     staged,
     stream,
+    summary,
 )
-from data.toy.render import draw_camera, draw_person, draw_pose, render
+from data.toy.describe import draw_camera, draw_person, draw_pose
+from data.toy.render import render
 
 logger = logging.getLogger(__name__)
 
@@ -68,23 +69,12 @@ def make_sysu(
     overwrite: bool = False,
 ) -> dict:
     """Write a synthetic SYSU-MM01 (cam1..cam6/<pid>/<n>.jpg, exp/*_id.txt); return counts."""
-    check_sizes(
-        height,
-        width,
-        seed,
-        train_ids=train_ids,
-        val_ids=val_ids,
-        test_ids=test_ids,
-        images_per_camera=images_per_camera,
-    )
+    ids = {"train_ids": train_ids, "val_ids": val_ids, "test_ids": test_ids}
+    check_sizes(height, width, seed, images_per_camera=images_per_camera, **ids)
     start = time.perf_counter()
-    total = train_ids + val_ids + test_ids
-    order = stream(seed, "sysu", TAG_SPLIT).permutation(np.arange(1, total + 1))
-    splits = {
-        "train": sorted(int(i) for i in order[:train_ids]),
-        "val": sorted(int(i) for i in order[train_ids : train_ids + val_ids]),
-        "test": sorted(int(i) for i in order[train_ids + val_ids :]),
-    }
+    total = sum(ids.values())
+    groups = split_ids(seed, "sysu", list(ids.values()))
+    splits = dict(zip(("train", "val", "test"), groups, strict=True))
     presence = _sysu_cameras(seed, range(1, total + 1), set(splits["test"]))
     cameras = {
         cam: draw_camera(
@@ -96,7 +86,6 @@ def make_sysu(
         )
         for cam in range(1, 7)
     }
-    spread = images_per_camera // 5
     counts = {"visible": 0, "infrared": 0}
     with staged(out, overwrite) as stage:
         for cam in range(1, 7):
@@ -106,8 +95,7 @@ def make_sysu(
             for cam in presence[pid]:
                 camera = cameras[cam]
                 count_rng = stream(seed, "sysu", TAG_PRESENCE, pid, cam)
-                low = images_per_camera if not camera.infrared else images_per_camera - spread
-                n_images = int(count_rng.integers(max(1, low), images_per_camera + spread + 1))
+                n_images = image_count(count_rng, images_per_camera, camera.infrared)
                 folder = stage / f"cam{cam}" / f"{pid:04d}"
                 folder.mkdir()
                 for index in range(1, n_images + 1):
@@ -116,22 +104,13 @@ def make_sysu(
                     save(image, folder / f"{index:04d}.jpg")
                 counts["infrared" if camera.infrared else "visible"] += n_images
         (stage / "exp").mkdir()
-        for name, ids in splits.items():
-            (stage / "exp" / f"{name}_id.txt").write_text(",".join(str(i) for i in ids) + "\n")
-    seconds = time.perf_counter() - start
+        for name, members in splits.items():
+            (stage / "exp" / f"{name}_id.txt").write_text(",".join(str(i) for i in members) + "\n")
+    result = summary("sysu", ids, counts["visible"], counts["infrared"], start)
     logger.info(
         "sysu: %d identities (%d train, %d val, %d test), %d visible + %d infrared images "
         "of %dx%d, seed %d -> %s in %.1f s",
         total, train_ids, val_ids, test_ids, counts["visible"], counts["infrared"],
-        height, width, seed, out, seconds,
+        height, width, seed, out, result["seconds"],
     )  # fmt: skip
-    return {
-        "dataset": "sysu",
-        "identities": total,
-        "train_ids": train_ids,
-        "val_ids": val_ids,
-        "test_ids": test_ids,
-        "visible_images": counts["visible"],
-        "infrared_images": counts["infrared"],
-        "seconds": seconds,
-    }
+    return result

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ _INK = (30, 30, 30)
 _GRID = (255, 255, 255)
 _STAGE_LINE = (90, 90, 90)
 _MARGIN = 12
+_LEGEND_W = 110  # the colour bar and its scale
 
 
 def colour(value: float) -> tuple[int, int, int]:
@@ -48,6 +50,100 @@ def colour(value: float) -> tuple[int, int, int]:
 def _group(label: str) -> str:
     """The stage a slot belongs to (``layer2`` of ``layer2.0.bn1``), for separator lines."""
     return label.split(".", 1)[0]
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Where the cells lie: the top-left corner, the size of a cell, rows and columns."""
+
+    x: int
+    y: int
+    cell_w: int
+    cell_h: int
+    rows: int
+    cols: int
+
+    @property
+    def width(self) -> int:
+        """Width of all columns."""
+        return self.cols * self.cell_w
+
+    @property
+    def height(self) -> int:
+        """Height of all rows."""
+        return self.rows * self.cell_h
+
+
+def _draw_rows(
+    draw: ImageDraw.ImageDraw, matrix: np.ndarray, row_labels: Sequence[str], grid: _Grid
+) -> None:
+    """Each slot's label, its cells, its last value in figures, and lines between stages."""
+    face, small = font(12), font(11)
+    # Narrow cells lose too much colour to an outline: separate rows only.
+    outline = _GRID if grid.cell_w >= 10 else None
+    for r, label in enumerate(row_labels):
+        y = grid.y + r * grid.cell_h
+        text_w, text_h = text_size(draw, label, face)
+        draw.text(
+            (grid.x - 8 - text_w, y + (grid.cell_h - text_h) // 2 - 1), label, fill=_INK, font=face
+        )
+        for c in range(grid.cols):
+            x = grid.x + c * grid.cell_w
+            draw.rectangle(
+                (x, y, x + grid.cell_w - 1, y + grid.cell_h - 1),
+                fill=colour(matrix[r, c]),
+                outline=outline,
+            )
+        bottom = y + grid.cell_h - 1
+        if outline is None:
+            draw.line((grid.x, bottom, grid.x + grid.width - 1, bottom), fill=_GRID)
+        final = matrix[r, -1]
+        if math.isfinite(final):
+            text = f"{final:.2f} {'split' if final > 0.5 else 'shared'}"
+            _, text_h = text_size(draw, text, small)
+            xy = (grid.x + grid.width + 6, y + (grid.cell_h - text_h) // 2 - 2)
+            draw.text(xy, text, fill=_INK, font=small)
+        if r and _group(label) != _group(row_labels[r - 1]):
+            draw.line((grid.x - 4, y, grid.x + grid.width, y), fill=_STAGE_LINE, width=1)
+
+
+def _draw_epochs(
+    draw: ImageDraw.ImageDraw, col_labels: Sequence[str], grid: _Grid, step: int, needed: int
+) -> None:
+    """Epoch numbers every ``step`` columns (never overlapping), plus the first; the caption."""
+    face, small = font(12), font(11)
+    shown = {0} | {c for c in range(grid.cols) if (c + 1) % step == 0}
+    if 0 < step - 1 < needed:
+        shown.discard(step - 1)
+    axis_y = grid.y + grid.height + 4
+    for c in sorted(shown):
+        text = col_labels[c]
+        text_w, _ = text_size(draw, text, small)
+        x = grid.x + c * grid.cell_w + grid.cell_w // 2
+        draw.line((x, axis_y - 3, x, axis_y), fill=_INK)
+        draw.text((x - text_w // 2, axis_y + 1), text, fill=_INK, font=small)
+    caption_w, _ = text_size(draw, "epoch", face)
+    xy = (grid.x + (grid.width - caption_w) // 2, axis_y + 18)
+    draw.text(xy, "epoch", fill=_INK, font=face)
+
+
+def _draw_legend(draw: ImageDraw.ImageDraw, bar_x: int, grid: _Grid) -> None:
+    """A vertical colour bar from shared (bottom) to split (top), with its scale."""
+    face, small = font(12), font(11)
+    bar_w = 16
+    bar_top, bar_h = grid.y + 26, max(80, min(grid.height - 26, 220))
+    draw.text((bar_x, grid.y), "P(split)", fill=_INK, font=face)
+    for i in range(bar_h):
+        draw.line(
+            (bar_x, bar_top + i, bar_x + bar_w, bar_top + i), fill=colour(1 - i / (bar_h - 1))
+        )
+    draw.rectangle((bar_x, bar_top, bar_x + bar_w, bar_top + bar_h - 1), outline=_INK)
+    for value, name in ((1.0, "split"), (0.5, ""), (0.0, "shared")):
+        y = bar_top + round((1 - value) * (bar_h - 1))
+        draw.line((bar_x + bar_w, y, bar_x + bar_w + 4, y), fill=_INK)
+        text = f"{value:.1f} {name}".rstrip()
+        _, text_h = text_size(draw, text, small)
+        draw.text((bar_x + bar_w + 7, y - text_h // 2 - 2), text, fill=_INK, font=small)
 
 
 def save_heatmap(
@@ -69,85 +165,28 @@ def save_heatmap(
         raise ValueError(f"{len(col_labels)} column labels for {cols} columns")
     face, small, bold = font(12), font(11), font(15)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    cell_h = 14
-    # Wide enough for the numbers when there are few epochs, narrower (down to 6 px) when many.
-    cell_w = int(min(24, max(6, 900 // cols)))
     label_w = max(text_size(probe, label, face)[0] for label in row_labels)
     title_h = text_size(probe, title or "Ag", bold)[1] + 14 if title else 4
+    # Wide enough for the numbers when there are few epochs, narrower (down to 6 px) when many.
+    cell_w = int(min(24, max(6, 900 // cols)))
+    grid = _Grid(_MARGIN + label_w + 8, _MARGIN + title_h, cell_w, 14, rows, cols)
     number_w = max(text_size(probe, c, small)[0] for c in col_labels)
     needed = math.ceil((number_w + 6) / cell_w)
     step = next(s for s in (1, 2, 5, 10, 20, 25, 50, 100, 200, 500, 10**9) if s >= needed)
-    legend_w = 110
     # The last column's values in figures: near 0.5 the colours alone hardly differ.
     final_w = text_size(probe, "0.00 shared", small)[0] + 12
-    grid_x = _MARGIN + label_w + 8
-    grid_y = _MARGIN + title_h
-    grid_w, grid_h = cols * cell_w, rows * cell_h
-    width = grid_x + grid_w + final_w + 24 + legend_w
-    height = max(grid_y + grid_h + 48, grid_y + 26 + 80 + 16)
+    legend_x = grid.x + grid.width + final_w + 24
+    width = legend_x + _LEGEND_W
+    height = max(grid.y + grid.height + 48, grid.y + 26 + 80 + 16)
     width = max(width, _MARGIN * 2 + text_size(probe, title, bold)[0]) if title else width
 
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     if title:
         draw.text((_MARGIN, _MARGIN), title, fill=_INK, font=bold)
-
-    for r, label in enumerate(row_labels):
-        y = grid_y + r * cell_h
-        text_w, text_h = text_size(draw, label, face)
-        draw.text(
-            (grid_x - 8 - text_w, y + (cell_h - text_h) // 2 - 1), label, fill=_INK, font=face
-        )
-        for c in range(cols):
-            x = grid_x + c * cell_w
-            # Narrow cells lose too much colour to an outline: separate rows only.
-            outline = _GRID if cell_w >= 10 else None
-            draw.rectangle(
-                (x, y, x + cell_w - 1, y + cell_h - 1), fill=colour(matrix[r, c]), outline=outline
-            )
-        if cell_w < 10:
-            draw.line((grid_x, y + cell_h - 1, grid_x + grid_w - 1, y + cell_h - 1), fill=_GRID)
-        final = matrix[r, -1]
-        if math.isfinite(final):
-            text = f"{final:.2f} {'split' if final > 0.5 else 'shared'}"
-            _, text_h = text_size(draw, text, small)
-            draw.text(
-                (grid_x + grid_w + 6, y + (cell_h - text_h) // 2 - 2), text, fill=_INK, font=small
-            )
-        if r and _group(label) != _group(row_labels[r - 1]):
-            draw.line((grid_x - 4, y, grid_x + grid_w, y), fill=_STAGE_LINE, width=1)
-
-    # Epoch numbers at a round spacing wide enough that they never overlap, plus the first.
-    shown = {0} | {c for c in range(cols) if (c + 1) % step == 0}
-    if 0 < step - 1 < needed:
-        shown.discard(step - 1)
-    axis_y = grid_y + grid_h + 4
-    for c in sorted(shown):
-        text = col_labels[c]
-        text_w, _ = text_size(draw, text, small)
-        x = grid_x + c * cell_w + cell_w // 2
-        draw.line((x, axis_y - 3, x, axis_y), fill=_INK)
-        draw.text((x - text_w // 2, axis_y + 1), text, fill=_INK, font=small)
-    caption = "epoch"
-    caption_w, _ = text_size(draw, caption, face)
-    draw.text((grid_x + (grid_w - caption_w) // 2, axis_y + 18), caption, fill=_INK, font=face)
-
-    # Legend: a vertical colour bar from shared (bottom) to split (top).
-    bar_x, bar_w = grid_x + grid_w + final_w + 24, 16
-    bar_top, bar_h = grid_y + 26, max(80, min(grid_h - 26, 220))
-    draw.text((bar_x, grid_y), "P(split)", fill=_INK, font=face)
-    for i in range(bar_h):
-        draw.line(
-            (bar_x, bar_top + i, bar_x + bar_w, bar_top + i), fill=colour(1 - i / (bar_h - 1))
-        )
-    draw.rectangle((bar_x, bar_top, bar_x + bar_w, bar_top + bar_h - 1), outline=_INK)
-    for value, name in ((1.0, "split"), (0.5, ""), (0.0, "shared")):
-        y = bar_top + round((1 - value) * (bar_h - 1))
-        draw.line((bar_x + bar_w, y, bar_x + bar_w + 4, y), fill=_INK)
-        text = f"{value:.1f} {name}".rstrip()
-        _, text_h = text_size(draw, text, small)
-        draw.text((bar_x + bar_w + 7, y - text_h // 2 - 2), text, fill=_INK, font=small)
-
+    _draw_rows(draw, matrix, row_labels, grid)
+    _draw_epochs(draw, col_labels, grid, step, needed)
+    _draw_legend(draw, legend_x, grid)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
