@@ -21,8 +21,9 @@ from utils.engine.options import (
     data_parser,
     model_parser,
     optim_parser,
+    search_settings,
 )
-from utils.engine.search import SearchTrainer, check_search, search_parser
+from utils.engine.search import SearchTrainer, search_parser
 from utils.engine.trainer import run_trainer
 
 
@@ -41,11 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, search, and write the derived architecture."""
-    args = get_args_parser().parse_args(argv)
-    check_search(args)
-    trainer = SearchTrainer(args)
-    trainer.resume()
-    return run_trainer(trainer)
+    return run_trainer(SearchTrainer(search_settings(get_args_parser().parse_args(argv))))
 
 
 if __name__ == "__main__":

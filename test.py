@@ -43,14 +43,15 @@ from utils.base.cli import run_cli
 from utils.base.errors import UserError
 from utils.base.io import write_atomic, write_text_atomic
 from utils.base.logger import setup_logging
+from utils.engine.build import check_data_root, select_device
 from utils.engine.options import (
     HelpFormatter,
-    check_common,
-    check_data_root,
     checkpoint_parser,
     data_parser,
-    select_device,
+    data_settings,
+    evaluation_settings,
 )
+from utils.engine.settings import DataSettings, EvalSettings
 
 log = logging.getLogger("test")
 # Image size of the paper (and of the authors' checkpoints).
@@ -149,24 +150,26 @@ def protocol_settings(args: argparse.Namespace) -> ProtocolSettings:
     return settings
 
 
-def resolve_options(args: argparse.Namespace, checkpoint: dict[str, Any]) -> None:
-    """Fill image size and split (``--trial``) from the checkpoint's training options."""
+def resolve_data(args: argparse.Namespace, checkpoint: dict[str, Any]) -> DataSettings:
+    """The data settings, image size and split (``--trial``) from the checkpoint's training
+    options where the flags leave them out."""
     trained = checkpoint.get("args") if not is_authors_checkpoint(checkpoint) else None
     trained = trained if isinstance(trained, dict) else {}
-    for flag, fallback in zip(("img_h", "img_w"), DEFAULT_IMG_SIZE, strict=True):
-        if getattr(args, flag) is None:
-            setattr(args, flag, stored_integer(trained.get(flag) or fallback, flag, args.weights))
-    if args.img_h < 32 or args.img_w < 16:
-        raise UserError(f"--img_h/--img_w {args.img_h}x{args.img_w}: expected at least 32x16")
+    height, width = (
+        stored_integer(trained.get(flag) or fallback, flag, args.weights)
+        if getattr(args, flag) is None
+        else getattr(args, flag)
+        for flag, fallback in zip(("img_h", "img_w"), DEFAULT_IMG_SIZE, strict=True)
+    )
     dataset = get_dataset(args.dataset)
-    if dataset.num_splits == 1:
-        return
+    trial = args.trial
     trained_split = trained.get("trial") if trained.get("dataset") == dataset.name else None
-    if args.trial is None:
-        args.trial = stored_integer(trained_split or 1, "trial", args.weights)
+    if dataset.num_splits > 1 and trial is None:
+        trial = stored_integer(trained_split or 1, "trial", args.weights)
     elif (
-        trained_split is not None
-        and stored_integer(trained_split, "trial", args.weights) != args.trial
+        dataset.num_splits > 1
+        and trained_split is not None
+        and stored_integer(trained_split, "trial", args.weights) != trial
     ):
         log.warning(
             "%s was trained on %s trial %s; the test identities of trial %d may include "
@@ -174,53 +177,53 @@ def resolve_options(args: argparse.Namespace, checkpoint: dict[str, Any]) -> Non
             args.weights,
             dataset.title,
             trained_split,
-            args.trial,
+            trial,
         )
+    return data_settings(args, (height, width), trial)
 
 
 def run_tests(
-    args: argparse.Namespace,
+    data: DataSettings,
+    evaluation: EvalSettings,
+    protocols: ProtocolSettings,
     model: CMNASNet,
     device: torch.device,
     keep: list[Any] | None = None,
 ) -> tuple[dict[str, Any], list[tuple[str, dict[str, float]]]]:
-    """Run the protocols the options select; returns the results and the table rows.
+    """Run the protocols ``protocols`` select; returns the results and the table rows.
 
     ``keep``, when given, receives each protocol's features (``ProtocolFeatures``).
     """
-    from utils.evaluation.evaluate import FEATURES, evaluate_protocols, rerank_settings
+    from utils.evaluation.evaluate import FEATURES, evaluate_protocols
 
-    dataset = get_dataset(args.dataset)
-    protocols = dataset.protocols(protocol_settings(args))
-    split = dataset.split_of(args.trial)
+    dataset = get_dataset(data.dataset)
     evaluated = evaluate_protocols(
         model,
         dataset,
-        args.data_root,
-        protocols,
-        split,
-        dataset.draws_of(args.trial),
+        data.data_root,
+        dataset.protocols(protocols),
+        data.split,
+        dataset.draws_of(data.trial),
         device,
-        (args.img_h, args.img_w),
-        args.test_batch,
-        args.amp if device.type == "cuda" else "none",
-        args.flip,
+        data.img_size,
+        evaluation.test_batch,
+        evaluation.amp if device.type == "cuda" else "none",
+        evaluation.flip,
         keep,
-        rerank_settings(args),
+        evaluation.rerank,
     )
-    results = {dataset.result_name(protocol, split): result for protocol, result in evaluated}
+    results = {dataset.result_name(p, data.split): result for p, result in evaluated}
     rows = [
         (f"{name} {kind}", result[kind]) for name, result in results.items() for kind in FEATURES
     ]
     return results, rows
 
 
-def write_rank_lists(args: argparse.Namespace, kept: list[Any]) -> None:
-    """Rank-list pictures of ``--visualize`` queries for each evaluated protocol."""
+def write_rank_lists(dataset_name: str, root: Path, queries: int, kept: list[Any]) -> None:
+    """Rank-list pictures of ``queries`` queries for each evaluated protocol, under ``root``."""
     from utils.evaluation.visualize import save_rank_lists
 
-    dataset = get_dataset(args.dataset)
-    root = Path(args.save_json).parent if args.save_json else Path(".")
+    dataset = get_dataset(dataset_name)
     for features in kept:
         protocol = features.protocol
         query, gallery = features.query, features.gallery_of(0)
@@ -230,7 +233,7 @@ def write_rank_lists(args: argparse.Namespace, kept: list[Any]) -> None:
             query,
             gallery,
             root / "rank_lists" / dataset.rank_list_folder(protocol),
-            args.visualize,
+            queries,
             query_label=query.modality.name.lower(),
             gallery_label=gallery.modality.name.lower(),
             exclusion=protocol.exclusion,
@@ -281,11 +284,11 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
         raise UserError(f"--save_json {path}: cannot write ({err.strerror})") from None
 
 
-def overflow_error(args: argparse.Namespace, model: CMNASNet) -> UserError:
+def overflow_error(weights: str, ema: bool, model: CMNASNet) -> UserError:
     """The one line for finite weights so large that the features overflow (NaN distances)."""
     largest = ", ".join(largest_tensors(model.state_dict(), 2))
     return UserError(
-        f"{args.weights}: the {'EMA' if args.ema else 'live'} weights are finite but give "
+        f"{weights}: the {'EMA' if ema else 'live'} weights are finite but give "
         f"non-finite features (they overflow; largest: {largest}): the checkpoint cannot be "
         "scored"
     )
@@ -295,9 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, rebuild the model from its checkpoint, evaluate and report."""
     args = get_args_parser().parse_args(argv)
     setup_logging()
-    check_common(args)
+    evaluation = evaluation_settings(args)
     get_dataset(args.dataset).check_trial(args.trial, testing=True)
-    protocol_settings(args)
+    protocols = protocol_settings(args)
     if args.visualize < 0:
         raise UserError(f"--visualize {args.visualize}: expected a number of queries >= 0")
     if args.save_json:
@@ -306,53 +309,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_output_file(args.save_features, "--save_features")
     device = select_device(args.device)
     checkpoint = read_checkpoint(args.weights)
-    resolve_options(args, checkpoint)
-    check_data_root(args, parts=("test",))
+    data = resolve_data(args, checkpoint)
+    check_data_root(data.dataset, data.data_root, data.trial, parts=("test",))
     model = model_from_checkpoint(
         args.weights, checkpoint, args.config_path, args.last_stride, args.ema
     ).model
     model.to(device).eval()
     kept: list[Any] | None = [] if args.visualize or args.save_features else None
     try:
-        results, rows = run_tests(args, model, device, kept)
+        results, rows = run_tests(data, evaluation, protocols, model, device, kept)
     except ValueError as err:
         if "NaN" not in str(err):
             raise
-        raise overflow_error(args, model) from None
-    table = format_results(rows, args)
+        raise overflow_error(args.weights, args.ema, model) from None
+    table = format_results(rows, args.weights, args.ema, evaluation)
     log.info("results:\n%s", table)
     sys.stdout.write(table + "\n")
     if args.save_json:
-        from utils.evaluation.evaluate import rerank_settings
-
-        rerank = rerank_settings(args)
         payload = {
             "weights": args.weights,
             "ema": args.ema,
-            "flip": args.flip,
-            "rerank": rerank.as_dict() if rerank is not None else False,
-            "dataset": args.dataset,
-            "img_size": [args.img_h, args.img_w],
+            "flip": evaluation.flip,
+            "rerank": evaluation.rerank.as_dict() if evaluation.rerank is not None else False,
+            "dataset": data.dataset,
+            "img_size": list(data.img_size),
             "results": results,
         }
         _write_json(args.save_json, payload)
         log.info("wrote %s", args.save_json)
     if args.save_features:
-        save_features(args.save_features, kept or [], args.flip)
+        save_features(args.save_features, kept or [], evaluation.flip)
         log.info("wrote %s", args.save_features)
     if args.visualize:
-        write_rank_lists(args, kept or [])
+        root = Path(args.save_json).parent if args.save_json else Path(".")
+        write_rank_lists(data.dataset, root, args.visualize, kept or [])
     return 0
 
 
-def format_results(rows: list[tuple[str, dict[str, float]]], args: argparse.Namespace) -> str:
+def format_results(
+    rows: list[tuple[str, dict[str, float]]], weights: str, ema: bool, evaluation: EvalSettings
+) -> str:
     """The printed table, titled with the weights it scored and how (EMA, flip, re-ranking)."""
-    from utils.evaluation.evaluate import format_table, rerank_settings
+    from utils.evaluation.evaluate import format_table
 
-    rerank = rerank_settings(args)
-    marks = (" (EMA)" if args.ema else "") + (" (flip)" if args.flip else "")
+    rerank = evaluation.rerank
+    marks = (" (EMA)" if ema else "") + (" (flip)" if evaluation.flip else "")
     marks += f" ({rerank.describe()})" if rerank is not None else ""
-    return format_table(rows, title=f"{args.weights}{marks}")
+    return format_table(rows, title=f"{weights}{marks}")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from utils.base.cli import run_cli
 from utils.engine.options import (
     HelpFormatter,
-    check_training,
     data_parser,
     model_parser,
     optim_parser,
+    training_settings,
 )
 
 log = logging.getLogger("train")
@@ -40,13 +40,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, train, and run the final evaluation."""
-    args = get_args_parser().parse_args(argv)
-    check_training(args)
+    settings = training_settings(get_args_parser().parse_args(argv))
     from utils.engine.trainer import Trainer, run_trainer
 
-    trainer = Trainer(args)
-    trainer.resume()
-    return run_trainer(trainer)
+    return run_trainer(Trainer(settings))
 
 
 if __name__ == "__main__":

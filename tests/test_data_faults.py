@@ -44,41 +44,44 @@ def _refused(main: Callable, argv: list[str], capsys, expect_error, *message: st
 # --- an empty test list is refused before any work -----------------------------------------------
 
 
-def test_empty_sysu_test_list_is_refused_by_train_and_test(
-    toy_sysu: Path, sysu_run: Path, tmp_path: Path, capsys, train_argv, expect_error
+@pytest.mark.parametrize(
+    ("name", "listing", "message"),
+    [
+        ("sysu", "exp/test_id.txt", "lists no test ids"),
+        ("regdb", "idx/test_visible_1.txt", "lists no images"),
+    ],
+)
+def test_empty_test_list_is_refused_by_train_and_test(
+    request: pytest.FixtureRequest,
+    sysu_run: Path,
+    regdb_runs: Path,
+    tmp_path: Path,
+    capsys,
+    train_argv,
+    expect_error,
+    name: str,
+    listing: str,
+    message: str,
 ) -> None:
-    root = _copy(toy_sysu, tmp_path / "sysu")
-    ids = root / "exp" / "test_id.txt"
-    ids.write_text("\n")
-    message = f"{ids}: lists no test ids"
-    with pytest.raises(UserError) as err:
-        get_dataset("sysu").check_root(root, 1, ("test",))
-    assert str(err.value) == message
-    with pytest.raises(UserError) as err:
-        sysu_query(root, "all")
-    assert str(err.value) == message
+    root = _copy(request.getfixturevalue(f"toy_{name}"), tmp_path / name)
+    (root / listing).write_text("\n")
+    message = f"{root / listing}: {message}"
+    readers = {
+        "sysu": lambda: sysu_query(root, "all"),
+        "regdb": lambda: regdb_test(root, 1, "visible"),
+    }
+    for call in (lambda: get_dataset(name).check_root(root, 1, ("test",)), readers[name]):
+        with pytest.raises(UserError) as err:
+            call()
+        assert str(err.value) == message
     runs = tmp_path / "runs"
     _refused(train.main, train_argv(root, runs, "x"), capsys, expect_error, message)
     assert not runs.exists()
-    argv = ["--data_root", str(root), "--weights", str(sysu_run / "checkpoint_latest.pth")]
-    _refused(test_script.main, argv, capsys, expect_error, message)
-
-
-def test_empty_regdb_test_index_is_refused_by_train_and_test(
-    toy_regdb: Path, regdb_runs: Path, tmp_path: Path, capsys, train_argv, expect_error
-) -> None:
-    root = _copy(toy_regdb, tmp_path / "regdb")
-    index = root / "idx" / "test_visible_1.txt"
-    index.write_text("")
-    message = f"{index}: lists no images"
-    with pytest.raises(UserError) as err:
-        regdb_test(root, 1, "visible")
-    assert str(err.value) == message
-    runs = tmp_path / "runs"
-    _refused(train.main, train_argv(root, runs, "x"), capsys, expect_error, message)
-    assert not runs.exists()
-    weights = regdb_runs / "regdb_trial1" / "checkpoint_latest.pth"
-    argv = ["--data_root", str(root), "--dataset", "regdb", "--weights", str(weights)]
+    # (The trained runs are fixtures of the signature: training inside the test would leave its
+    # log handler on this test's captured stderr.)
+    run = sysu_run if name == "sysu" else regdb_runs / "regdb_trial1"
+    weights = run / "checkpoint_latest.pth"
+    argv = ["--data_root", str(root), "--dataset", name, "--weights", str(weights)]
     _refused(test_script.main, argv, capsys, expect_error, message)
 
 

@@ -3,7 +3,6 @@ protocols, and a data set added as one class."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import train
 from data import (
     DataSet,
     ExclusionRule,
@@ -36,14 +36,15 @@ from data import registry as registry_module
 from data.registry import DataSetRegistry
 from data.sysu import sysu_train_files
 from utils.base.modality import Modality
-from utils.engine.options import check_data_root, data_parser
+from utils.engine.build import check_data_root
+from utils.engine.evaluation import evaluate_training_run
+from utils.engine.options import data_parser, evaluation_settings
+from utils.engine.settings import DataSettings, EvalSettings
 from utils.evaluation.evaluate import (
     ProtocolFeatures,
     evaluate_protocols,
-    evaluate_training_run,
     extract_features,
     mean_std,
-    rerank_settings,
     score,
 )
 from utils.evaluation.metrics import eval_ranking, summarize
@@ -147,27 +148,22 @@ def test_each_image_is_extracted_once_and_draws_are_scored_apart(toy_sysu: Path)
     assert flipped[0][1]["flip"] is True
 
 
-def _args(root: Path, dataset: str, flip: bool, **extra: object) -> argparse.Namespace:
-    return argparse.Namespace(
-        dataset=dataset,
-        data_root=str(root),
-        mode="all",
-        trial=None,
-        test_batch=16,
-        flip=flip,
-        **extra,
-    )
+def _settings(
+    root: Path, dataset: str, flip: bool, rerank: RerankSettings | None = None
+) -> tuple[DataSettings, EvalSettings]:
+    data = DataSettings(str(root), dataset, None, *SIZE)
+    return data, EvalSettings("cpu", "none", 16, flip, rerank, "all")
 
 
 def test_training_evaluation_keys_and_draws(toy_sysu: Path, toy_regdb: Path) -> None:
     model = HalvesModel()
-    monitor = evaluate_training_run(model, _args(toy_sysu, "sysu", False), False, CPU, SIZE, "none")
+    monitor = evaluate_training_run(model, *_settings(toy_sysu, "sysu", False), False, CPU)
     assert list(monitor) == ["sysu_all"] and monitor["sysu_all"]["trials"] == [0]
-    final = evaluate_training_run(model, _args(toy_sysu, "sysu", True), True, CPU, SIZE, "none")
+    final = evaluate_training_run(model, *_settings(toy_sysu, "sysu", True), True, CPU)
     assert list(final) == ["sysu_all_flip"]  # flip-averaged numbers are named as such
     assert final["sysu_all_flip"]["trials"] == list(range(10))
     assert final["sysu_all_flip"]["flip"] is True
-    regdb = evaluate_training_run(model, _args(toy_regdb, "regdb", False), True, CPU, SIZE, "none")
+    regdb = evaluate_training_run(model, *_settings(toy_regdb, "regdb", False), True, CPU)
     assert list(regdb) == ["regdb_v2i", "regdb_i2v"]
     # One fixed gallery: no draws.
     assert set(regdb["regdb_v2i"]) == {"pool", "bnneck", "flip", "rerank"}
@@ -210,13 +206,15 @@ def test_rerank_scores_each_draw_on_its_own_queries_and_gallery(toy_sysu: Path) 
 
 
 def test_training_evaluation_marks_rerank_in_its_keys(toy_regdb: Path) -> None:
-    args = _args(toy_regdb, "regdb", True, rerank=True, k1=3, k2=1, lambda_value=0.2)
-    assert rerank_settings(args) == RerankSettings(3, 1, 0.2)
-    results = evaluate_training_run(HalvesModel(), args, True, CPU, SIZE, "none")
+    flags = ["--data_root", str(toy_regdb), "--flip", "--k1", "3", "--k2", "1"]
+    flags += ["--lambda_value", "0.2"]
+    evaluation = evaluation_settings(train.get_args_parser().parse_args([*flags, "--rerank"]))
+    assert evaluation.rerank == RerankSettings(3, 1, 0.2)
+    data = DataSettings(str(toy_regdb), "regdb", None, *SIZE)
+    results = evaluate_training_run(HalvesModel(), data, evaluation, True, CPU)
     assert list(results) == ["regdb_v2i_flip_rerank", "regdb_i2v_flip_rerank"]
     assert results["regdb_i2v_flip_rerank"]["rerank"] == {"k1": 3, "k2": 1, "lambda_value": 0.2}
-    assert rerank_settings(_args(toy_regdb, "regdb", False, rerank=False)) is None
-    assert rerank_settings(_args(toy_regdb, "regdb", False)) is None  # parsers without the flag
+    assert evaluation_settings(train.get_args_parser().parse_args(flags)).rerank is None
 
 
 @pytest.mark.parametrize(
@@ -292,11 +290,12 @@ def test_a_new_data_set_is_one_class_and_a_registry_entry(
     monkeypatch.setattr(registry_module, "DATASETS", DataSetRegistry(registered_datasets()))
     register_dataset(ToySet)
     args = data_parser().parse_args(["--data_root", str(toy_sysu), "--dataset", "toyset"])
-    check_data_root(args)
+    check_data_root(args.dataset, args.data_root, args.trial)
     train_set = load_train_set("toyset", toy_sysu, SIZE, cache_dir=tmp_path, progress=False)
     assert (tmp_path / "toyset_16x8").is_dir() and train_set.num_classes == 10
-    args.test_batch, args.mode = 16, "all"
-    results = evaluate_training_run(HalvesModel(), args, True, CPU, SIZE, "none")
+    data = DataSettings(args.data_root, args.dataset, args.trial, *SIZE)
+    evaluation = EvalSettings("cpu", "none", 16)
+    results = evaluate_training_run(HalvesModel(), data, evaluation, True, CPU)
     assert list(results) == ["toyset_v2i"] and results["toyset_v2i"]["trials"] == [0, 1]
     # Its rule is applied: scoring without it gives other numbers.
     kept: list[ProtocolFeatures] = []

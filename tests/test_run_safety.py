@@ -8,7 +8,6 @@ run. Every run is a tiny ResNet-18 on 64x32 synthetic images.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import os
@@ -25,9 +24,11 @@ import torch
 import train
 from model.checkpoint import non_finite_tensors
 from utils.base.cli import run_cli
-from utils.engine import trainer as engine
+from utils.engine import evaluation
 from utils.engine.ema import ModelEMA
-from utils.engine.options import check_training
+from utils.engine.evaluation import ProtocolEvaluation
+from utils.engine.options import training_settings
+from utils.engine.settings import TrainSettings
 from utils.engine.trainer import LATEST, Trainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,10 +44,8 @@ def _records(run: Path) -> list[dict[str, Any]]:
     return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in lines]
 
 
-def _parse(*argv: str) -> argparse.Namespace:
-    args = train.get_args_parser().parse_args(["--data_root", str(REPO), *argv])
-    check_training(args)
-    return args
+def _parse(*argv: str) -> TrainSettings:
+    return training_settings(train.get_args_parser().parse_args(["--data_root", str(REPO), *argv]))
 
 
 # ----- the authors' schedule ----------------------------------------------------------------
@@ -104,7 +103,7 @@ def test_overwrite_epoch_evaluates_live_then_saves_then_overwrites(
 ) -> None:
     scored: list[dict[str, torch.Tensor]] = []
     starts: list[dict[str, torch.Tensor]] = []
-    evaluate = engine.evaluate_training_run
+    evaluate = evaluation.evaluate_training_run
     train_one_epoch = Trainer.train_one_epoch
 
     def evaluate_and_record(model: torch.nn.Module, *args: Any) -> dict[str, Any]:
@@ -115,7 +114,7 @@ def test_overwrite_epoch_evaluates_live_then_saves_then_overwrites(
         starts.append({k: v.clone() for k, v in self.model_without_ddp.state_dict().items()})
         return train_one_epoch(self, epoch)
 
-    monkeypatch.setattr(engine, "evaluate_training_run", evaluate_and_record)
+    monkeypatch.setattr(evaluation, "evaluate_training_run", evaluate_and_record)
     monkeypatch.setattr(Trainer, "train_one_epoch", record_start)
     extra = ("--epochs", "2", "--test_freq", "1", "--ema_overwrite_every", "1", "--save_freq", "1")
     assert run_cli(train.main, train_argv(toy_sysu, tmp_path, "order", *extra)) == 0
@@ -142,8 +141,7 @@ def test_fused_flag_chooses_the_optimizer_kernels() -> None:
     param = torch.nn.Parameter(torch.ones(3))
     cpu = torch.device("cpu")
     for flags, fused in (([], False), (["--fused"], True), (["--no-fused"], False)):
-        args = _parse(*flags)
-        optimizer = build_optimizer([("backbone.w", param)], args, cpu)
+        optimizer = build_optimizer([("backbone.w", param)], _parse(*flags).optimizer, cpu)
         assert bool(optimizer.defaults.get("fused")) is fused, flags
 
 
@@ -286,16 +284,16 @@ def test_a_kill_during_an_evaluation_loses_no_epoch_record(
 ) -> None:
     extra = ("--deterministic", "--epochs", "2", "--test_freq", "1", "--ema_overwrite_every", "1")
     assert run_cli(train.main, train_argv(toy_sysu, tmp_path, "whole", *extra)) == 0
-    evaluate = Trainer.evaluate
+    evaluate = ProtocolEvaluation.evaluate
 
-    def killed(self: Trainer, final: bool) -> dict[str, Any]:
-        if self.epoch + 1 == epoch:
+    def killed(self: ProtocolEvaluation, final: bool, at: int) -> dict[str, Any]:
+        if at + 1 == epoch:
             # A second SIGTERM stops at once, in the middle of the evaluation.
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
-        return evaluate(self, final)
+        return evaluate(self, final, at)
 
-    monkeypatch.setattr(Trainer, "evaluate", killed)
+    monkeypatch.setattr(ProtocolEvaluation, "evaluate", killed)
     assert run_cli(train.main, train_argv(toy_sysu, tmp_path, "cut", *extra)) == 128 + 15
     monkeypatch.undo()
     run = tmp_path / "cut"
@@ -398,14 +396,14 @@ def test_a_stop_during_an_evaluation_says_what_happens(
     message: str,
     code: int,
 ) -> None:
-    evaluate = Trainer.evaluate
+    evaluate = ProtocolEvaluation.evaluate
 
-    def signalled(self: Trainer, is_final: bool) -> dict[str, Any]:
+    def signalled(self: ProtocolEvaluation, is_final: bool, epoch: int) -> dict[str, Any]:
         if is_final == final:
             os.kill(os.getpid(), signal.SIGTERM)
-        return evaluate(self, is_final)
+        return evaluate(self, is_final, epoch)
 
-    monkeypatch.setattr(Trainer, "evaluate", signalled)
+    monkeypatch.setattr(ProtocolEvaluation, "evaluate", signalled)
     argv = train_argv(toy_sysu, tmp_path, "eval", "--epochs", "2", "--test_freq", "1")
     assert run_cli(train.main, argv) == code
     err = capsys.readouterr().err

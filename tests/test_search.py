@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,7 +35,9 @@ from model.search import (
     split_probabilities,
 )
 from utils.base.cli import run_cli
+from utils.engine.options import search_settings
 from utils.engine.search import ARCH_FILE, SearchTrainer, split_identities
+from utils.engine.settings import DataSettings, SearchSettings, TrainSettings
 from utils.engine.signals import Interrupted
 from utils.evaluation.heatmap import heatmap_from_jsonl, read_split_history
 
@@ -92,8 +95,7 @@ def searched(sysu: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_trainer(sysu: Path, out: Path, *extra: str) -> SearchTrainer:
     """A SearchTrainer built as search.main builds it (a fresh run: nothing to resume)."""
     args = search.get_args_parser().parse_args(search_argv(sysu, out, *extra))
-    search.check_search(args)
-    return SearchTrainer(args)
+    return SearchTrainer(search_settings(args))
 
 
 def history(run: Path) -> list[dict[str, float]]:
@@ -268,12 +270,13 @@ def test_alphas_change_only_in_arch_steps_and_weights_only_in_weight_steps(
 
 
 def test_temperature_schedule() -> None:
-    args = SimpleNamespace(relaxation="gumbel", tau=1.0, tau_max=5.0, tau_min=0.5)
-    fake = SimpleNamespace(args=SimpleNamespace(**vars(args), epochs=11, arch_warmup=1))
+    train = TrainSettings(DataSettings("data"), Path("run"), epochs=11)
+    gumbel = SearchSettings(train, relaxation="gumbel", tau=1.0, tau_max=5.0, tau_min=0.5)
+    fake = SimpleNamespace(search=replace(gumbel, arch_warmup=1))
     taus = [SearchTrainer.temperature(fake, e) for e in range(11)]  # type: ignore[arg-type]
     assert taus[0] == taus[1] == 5.0 and taus[-1] == pytest.approx(0.5)
     assert all(a > b for a, b in zip(taus[1:], taus[2:], strict=False))
-    fake.args.relaxation = "softmax"
+    fake.search = replace(fake.search, relaxation="softmax")
     assert SearchTrainer.temperature(fake, 7) == 1.0  # type: ignore[arg-type]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import random
 from pathlib import Path
@@ -115,19 +114,18 @@ def test_resume_policy_refuses_fixed_options_and_names_changed_ones(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     saved = {"dataset": "sysu", "batch_size": 8, "lr": 0.01, "epochs": 2, "seed": 0}
-    now = argparse.Namespace(dataset="sysu", batch_size=8, lr=0.02, epochs=5, seed=0)
+    now = {"dataset": "sysu", "batch_size": 8, "lr": 0.02, "epochs": 5, "seed": 0}
     with caplog.at_level(logging.WARNING):
         check_resume_options(saved, now, "--resume x")
     assert "--lr 0.01 -> 0.02" in caplog.text and "epochs" not in caplog.text
     # The test-time tools change only how the run is scored: no warning for them.
     caplog.clear()
     saved.update(flip=False, rerank=False, k1=20)
-    now.lr = 0.01
-    now.flip, now.rerank, now.k1 = True, True, 10
+    now.update(lr=0.01, flip=True, rerank=True, k1=10)
     with caplog.at_level(logging.WARNING):
         check_resume_options(saved, now, "--resume x")
     assert caplog.text == ""
-    now.batch_size = 12
+    now["batch_size"] = 12
     with pytest.raises(UserError, match="--batch_size 8; this run has --batch_size 12"):
         check_resume_options(saved, now, "--resume x")
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import platform
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +71,11 @@ def environment(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def log_run_header(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Log every argument (sorted) and the environment; return the environment."""
+def log_run_header(options: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """Log every option (sorted by name) and the environment; return the environment."""
     log = logging.getLogger("run")
     log.info("command: %s", " ".join(sys.argv))
-    for key, value in sorted(vars(args).items()):
+    for key, value in sorted(options.items()):
         log.info("  %s: %s", key, value)
     env = environment(device)
     log.info("environment: %s", json.dumps(env))

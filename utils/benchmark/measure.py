@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from utils.base.logger import environment
-from utils.engine.options import select_device
+from utils.engine.build import select_device
 
 
 def throughput(

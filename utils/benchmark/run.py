@@ -21,9 +21,9 @@ from utils.benchmark.options import INTEGERS, PRESETS, get_args_parser, resolve_
 from utils.benchmark.registry import SECTIONS
 from utils.benchmark.report import markdown_table
 from utils.benchmark.section import Bench
-from utils.benchmark.setup import TRAIN_IDS, synthetic_train_set, training_options
+from utils.benchmark.setup import TRAIN_IDS, synthetic_train_set, training_settings
 from utils.benchmark.training import speedup
-from utils.engine.options import select_device
+from utils.engine.build import select_device
 
 log = logging.getLogger("benchmark")
 
@@ -52,8 +52,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     wanted = [section for section in SECTIONS if section.name not in args.skip]
     data = synthetic_train_set((args.img_h, args.img_w), args.seed)
     with tempfile.TemporaryDirectory(prefix="cmnas_bench_") as tmp:
-        options = training_options(args, Path(tmp), arch)
-        bench = Bench(args, device, arch, data, options)
+        settings = training_settings(args, Path(tmp), arch)
+        bench = Bench(args, device, arch, data, settings)
         for position, section in enumerate(wanted):
             doc[section.name] = section.run(bench)
             if not any(later.uses_trainer for later in wanted[position + 1 :]):
@@ -67,7 +67,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     setup_logging()
     doc = run_benchmark(args)
-    setup_logging()  # the trainers pointed logging at their (deleted) run folders
     text = json.dumps(doc, indent=2) + "\n"
     if args.out:
         Path(args.out).write_text(text)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -12,7 +12,8 @@ import numpy as np
 from utils.benchmark.measure import throughput
 from utils.benchmark.section import Bench, Row, Section, figure
 from utils.benchmark.setup import in_memory
-from utils.engine.search import search_parser
+from utils.engine.search import SearchTrainer
+from utils.engine.settings import SearchSettings
 from utils.engine.trainer import Trainer
 
 log = logging.getLogger("benchmark")
@@ -20,13 +21,13 @@ log = logging.getLogger("benchmark")
 
 def run_search(bench: Bench) -> dict[str, Any]:
     """A search step against a training step: ``weights_step + arch_step / arch_freq``."""
-    args, options, data = bench.args, bench.options, bench.data
+    args, settings, data = bench.args, bench.settings, bench.data
     log.info("search step against training step")
-    defaults = vars(search_parser().parse_args([]))
+    trainer = in_memory(settings, "train", data)
     # Weights steps timed alone (no architecture step is ever due); architecture steps directly.
-    search = {"depth": args.depth, "config_path": None, "arch_warmup": 0, "arch_freq": 10**9}
-    search = argparse.Namespace(**{**vars(options), **defaults, **search, "eval_arch": False})
-    trainer, searcher = in_memory(options, "train", data), in_memory(search, "search", data, True)
+    train = replace(settings, folder=settings.folder.parent / "search")
+    search = SearchSettings(train, args.depth, arch_warmup=0, arch_freq=10**9, eval_arch=False)
+    searcher = SearchTrainer(search, data)
 
     def batch(owner: Trainer, k: int) -> tuple[np.ndarray, np.ndarray]:
         return owner.sampler.batch(*divmod(k, len(owner.sampler)))
@@ -38,7 +39,9 @@ def run_search(bench: Bench) -> dict[str, Any]:
     }
     rounds = (args.search_steps, args.search_rounds)
     seconds = {name: throughput(step, args, *rounds)["step_s"] for name, step in steps.items()}
-    freq = defaults["arch_freq"]
+    trainer.close_log()
+    searcher.close_log()
+    freq = SearchSettings(train).arch_freq
     search_step = seconds["weights"] + seconds["arch"] / freq
     return dict(
         status="measured", train_step_s=seconds["train"], search_step_s=round(search_step, 5),

@@ -12,6 +12,7 @@ import torch
 from data.trainset import TrainSet
 from model import Arch
 from utils.benchmark.setup import in_memory
+from utils.engine.settings import TrainSettings
 from utils.engine.trainer import Trainer
 
 # A row of the Markdown table: what is measured, the fast and plain figures, their ratio.
@@ -20,23 +21,25 @@ Row = tuple[str, Any, Any, Any]
 
 @dataclass
 class Bench:
-    """The run's options, device, architecture, training set and train.py's options."""
+    """The run's options, device, architecture, training set and train.py's settings."""
 
     args: argparse.Namespace
     device: torch.device
     arch: Arch
     data: TrainSet
-    options: argparse.Namespace
+    settings: TrainSettings
     shared_trainer: Trainer | None = field(default=None, repr=False)
 
     def trainer(self) -> Trainer:
         """The fast path's Trainer, built on first use and shared by the sections asking for it."""
         if self.shared_trainer is None:
-            self.shared_trainer = in_memory(self.options, "fast", self.data)
+            self.shared_trainer = in_memory(self.settings, "fast", self.data)
         return self.shared_trainer
 
     def release_trainer(self) -> None:
         """Drop the shared Trainer (its memory must not count in later sections' peaks)."""
+        if self.shared_trainer is not None:
+            self.shared_trainer.close_log()
         self.shared_trainer = None
 
 

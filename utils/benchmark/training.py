@@ -13,7 +13,6 @@ from data.sampler import CrossModalitySampler
 from data.trainset import TrainSet
 from data.transforms import augment_batch
 from model import Routing, build_model
-from model.losses import LossRecipe
 from utils.benchmark.measure import peak_memory, reset_peak_memory, throughput
 from utils.benchmark.section import Bench, Row, Section, figure
 
@@ -69,23 +68,24 @@ def run_fast(bench: Bench) -> dict[str, Any]:
 
 def run_plain(bench: Bench) -> dict[str, Any]:
     """Time the authors'-style step: per-image CPU augmentation in workers, fp32 NCHW eager."""
-    args, options, data, device = bench.args, bench.options, bench.data, bench.device
+    args, settings, data, device = bench.args, bench.settings, bench.data, bench.device
     log.info("plain path: %d + %d x %d steps", args.warmup, args.rounds, args.steps)
     windowed = reset_peak_memory(device)
     torch.manual_seed(args.seed)
-    model = build_model(bench.arch, data.num_classes, options.last_stride).to(device).train()
+    model = build_model(bench.arch, data.num_classes, settings.last_stride).to(device).train()
+    optim = settings.optimizer
     groups: dict[bool, list[torch.nn.Parameter]] = {True: [], False: []}
     for name, parameter in model.named_parameters():
         groups[name.startswith("backbone.")].append(parameter)
     optimizer = torch.optim.Adam(
-        [{"params": groups[True], "lr": 0.1 * options.lr}, {"params": groups[False]}],
-        options.lr,
-        (options.beta1, options.beta2),
-        weight_decay=options.weight_decay,
+        [{"params": groups[True], "lr": 0.1 * optim.lr}, {"params": groups[False]}],
+        optim.lr,
+        (optim.beta1, optim.beta2),
+        weight_decay=optim.weight_decay,
         foreach=False,
     )
-    decay, average = options.ema_decay, {k: v.clone() for k, v in model.state_dict().items()}
-    loss = LossRecipe.from_args(options)
+    decay, average = settings.ema, {k: v.clone() for k, v in model.state_dict().items()}
+    loss = settings.loss
     labels = (data.visible_labels, data.infrared_labels)
     sampler = CrossModalitySampler(*labels, args.batch_size, args.num_pos, args.seed)
     total = args.warmup + args.rounds * args.steps

@@ -1,20 +1,22 @@
-"""The parts a training run is built from: seeds, data, optimizer, schedule, model wrapping."""
+"""The parts a training run is built from: device, seeds, data (after its root check), optimizer,
+schedule, model wrapping."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from data import TrainSet, load_train_set
-from utils.base.distributed import DistInfo, barrier
-from utils.engine.options import check_data_root
+from data import CrossModalitySampler, TrainSet, load_train_set
+from data.registry import get_dataset
+from utils.base.distributed import DistInfo, barrier, init_distributed
+from utils.base.errors import UserError
+from utils.engine.settings import DataSettings, OptimSettings
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -32,6 +34,67 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def select_device(name: str | None) -> torch.device:
+    """``--device`` or CUDA when available, else the CPU; a bad or absent device is a user error."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return device
+
+
+def check_data_root(
+    dataset_name: str, root: str, trial: int | None, parts: Sequence[str] = ("train", "test")
+) -> None:
+    """Fail with one line naming what is absent or broken before any work is done.
+
+    Checks that ``root`` has the layout of data set ``dataset_name`` for ``parts`` ("train",
+    "test") in the split ``trial`` selects, parses its list files, and, when "test" is among
+    ``parts``, that every test image exists and has a readable header (a bad test image would
+    otherwise stop training at its first evaluation).
+    """
+    dataset = get_dataset(dataset_name)
+    split = dataset.split_of(trial)
+    dataset.check_root(root, split, parts)
+    if "test" in parts:
+        dataset.check_test_images(root, split)
+
+
+def start_process(
+    device_name: str | None, seed: int, deterministic: bool
+) -> tuple[torch.device, DistInfo]:
+    """This process's device and place among the run's processes; seeds it (``seed`` + rank)."""
+    device = select_device(device_name)
+    dist = init_distributed(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    seed_everything(seed + dist.rank, deterministic)
+    return device, dist
+
+
+def share_weights(model: nn.Module, dist: DistInfo) -> None:
+    """Start every rank from rank 0's weights (in a multi-process run).
+
+    Each rank initialised its own weights (seed + rank); the EMA copies them before DDP would
+    sync the live model, so they are shared here.
+    """
+    if dist.enabled:
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+
+
 def lr_factor(epoch: int, warmup: int, milestones: list[int]) -> float:
     """The paper's schedule: linear warm-up from 0.01, then x0.1 at each milestone."""
     if epoch < warmup:
@@ -40,28 +103,26 @@ def lr_factor(epoch: int, warmup: int, milestones: list[int]) -> float:
 
 
 def build_schedule(
-    optimizer: torch.optim.Optimizer, args: argparse.Namespace
+    optimizer: torch.optim.Optimizer, warmup: int, milestones: Sequence[int]
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The learning-rate schedule of :func:`lr_factor`, stepped once per epoch."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda e: lr_factor(e, args.warmup_epochs, args.milestones)
+        optimizer, lambda e: lr_factor(e, warmup, list(milestones))
     )
 
 
-def load_training_data(
-    args: argparse.Namespace, img_size: tuple[int, int], dist: DistInfo
-) -> TrainSet:
+def load_training_data(data: DataSettings, dist: DistInfo) -> TrainSet:
     """Check ``--data_root`` and load (and cache) the training images."""
-    check_data_root(args)
+    check_data_root(data.dataset, data.data_root, data.trial)
     # Rank 0 builds the cache first so that the other ranks only read it.
     if not dist.is_main:
         barrier(dist)
     train_set = load_train_set(
-        args.dataset,
-        args.data_root,
-        img_size,
-        args.trial,
-        args.cache_dir,
+        data.dataset,
+        data.data_root,
+        data.img_size,
+        data.trial,
+        data.cache_dir,
         progress=dist.is_main and sys.stderr.isatty(),
     )
     if dist.is_main:
@@ -69,9 +130,25 @@ def load_training_data(
     return train_set
 
 
+def build_sampler(
+    train_set: TrainSet, batch_size: int, num_pos: int, seed: int, dist: DistInfo
+) -> CrossModalitySampler:
+    """The batches of ``train_set`` this process trains on (``batch_size`` images per modality,
+    ``num_pos`` per identity)."""
+    return CrossModalitySampler(
+        train_set.visible_labels,
+        train_set.infrared_labels,
+        batch_size,
+        num_pos,
+        seed,
+        dist.rank,
+        dist.world_size,
+    )
+
+
 def build_optimizer(
     named_parameters: Iterable[tuple[str, nn.Parameter]],
-    args: argparse.Namespace,
+    optim: OptimSettings,
     device: torch.device,
     is_weight: Callable[[str], bool] = lambda name: True,
 ) -> torch.optim.Optimizer:
@@ -84,16 +161,14 @@ def build_optimizer(
     for name, param in named_parameters:
         if param.requires_grad and is_weight(name):
             (backbone if name.startswith("backbone.") else head).append(param)
-    groups = [{"params": backbone, "lr": 0.1 * args.lr}, {"params": head, "lr": args.lr}]
-    use_fused = getattr(args, "fused", None)
-    if use_fused is None:
-        use_fused = device.type == "cuda"
+    groups = [{"params": backbone, "lr": 0.1 * optim.lr}, {"params": head, "lr": optim.lr}]
+    use_fused = device.type == "cuda" if optim.fused is None else optim.fused
     fused = {"fused": True} if use_fused else {}
-    if args.optim == "adam":
-        betas = (args.beta1, args.beta2)
-        return torch.optim.Adam(groups, betas=betas, weight_decay=args.weight_decay, **fused)
+    if optim.optim == "adam":
+        betas = (optim.beta1, optim.beta2)
+        return torch.optim.Adam(groups, betas=betas, weight_decay=optim.weight_decay, **fused)
     return torch.optim.SGD(
-        groups, momentum=0.9, nesterov=True, weight_decay=args.weight_decay, **fused
+        groups, momentum=0.9, nesterov=True, weight_decay=optim.weight_decay, **fused
     )
 
 

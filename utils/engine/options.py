@@ -1,25 +1,38 @@
-"""Command-line options, built from parent parsers shared by train.py, search.py and test.py.
+"""Command-line options: the parent parsers shared by train.py, search.py and test.py, and the
+builders that turn parsed flags into typed settings (:mod:`utils.engine.settings`).
 
 Flag names follow the authors' scripts (``--data_root``, ``--config_path``, ``--num_pos``, ...) so
-their commands keep working; the defaults are the paper's training recipe.
+their commands keep working; the defaults are the paper's training recipe. Every flag is checked
+here, once, with a one-line message naming it; the data set's defaults (EMA decay, EMA
+overwrite schedule, the RegDB trial of a training run) are filled in here.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
-from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
 from types import MappingProxyType
-
-import torch
 
 from data.dataset import ProtocolSettings
 from data.registry import dataset_names, get_dataset, registered_datasets
+from model.losses import LossRecipe
 from utils.base.errors import UserError
+from utils.engine.build import check_data_root, select_device
+from utils.engine.rundir import run_dir
+from utils.engine.settings import (
+    DataSettings,
+    EvalSettings,
+    OptimSettings,
+    SearchSettings,
+    TrainSettings,
+)
+from utils.evaluation.rerank import RerankSettings
 
-# The EMA decay each data set's authors used, by --dataset name (each data set declares its own).
-EMA_DECAY = MappingProxyType({d.name: d.ema_decay for d in registered_datasets()})
+log = logging.getLogger(__name__)
 
 
 def _trial_help() -> str:
@@ -218,6 +231,13 @@ def optim_parser() -> argparse.ArgumentParser:
         help="backbone initialisation: imagenet, none, or a torchvision-layout state-dict file",
     )
     group = parser.add_argument_group("run")
+    _run_folder_options(group)
+    _bookkeeping_options(group)
+    return parser
+
+
+def _run_folder_options(group: argparse._ArgumentGroup) -> None:
+    """The run's folder, seed and resume point."""
     group.add_argument("--save", default="runs", help="folder holding run folders")
     group.add_argument(
         "--note",
@@ -242,6 +262,10 @@ def optim_parser() -> argparse.ArgumentParser:
         help="checkpoint to resume from (model, optimizer, EMA, schedule, step and random "
         "states); the run continues in the checkpoint's folder unless --note is given",
     )
+
+
+def _bookkeeping_options(group: argparse._ArgumentGroup) -> None:
+    """How often the run evaluates, saves and logs, and how its steps run."""
     group.add_argument(
         "--mode",
         choices=("all", "indoor"),
@@ -281,52 +305,11 @@ def optim_parser() -> argparse.ArgumentParser:
         default=0,
         help="stop each epoch after this many steps (0: full epochs; for smoke runs)",
     )
-    return parser
 
 
-def select_device(name: str | None) -> torch.device:
-    """``--device`` or CUDA when available, else the CPU; a bad or absent device is a user error."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name}: expected cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: expected cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(
-                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
-    return device
-
-
-def check_data_root(args: argparse.Namespace, parts: Sequence[str] = ("train", "test")) -> None:
-    """Fail with one line naming what is absent or broken before any work is done.
-
-    Checks that ``--data_root`` has the data set's layout for ``parts`` ("train", "test"), parses
-    its list files, and, when "test" is among ``parts``, that every test image exists and has a
-    readable header (a bad test image would otherwise stop training at its first evaluation).
-    """
-    dataset = get_dataset(args.dataset)
-    split = dataset.split_of(args.trial)
-    dataset.check_root(args.data_root, split, parts)
-    if "test" in parts:
-        dataset.check_test_images(args.data_root, split)
-
-
-def check_common(args: argparse.Namespace) -> None:
-    """Reject flag values that are out of range or inconsistent, one line each.
-
-    Only cheap checks: the data set's layout is checked by :func:`check_data_root` where the
-    data is read.
-    """
-    get_dataset(args.dataset).check_trial(args.trial, testing=False)
-    if args.img_h is not None and args.img_w is not None and (args.img_h < 32 or args.img_w < 16):
-        raise UserError(f"--img_h/--img_w {args.img_h}x{args.img_w}: expected at least 32x16")
+# ----- from the flags to the settings ---------------------------------------------------------
+def evaluation_settings(args: argparse.Namespace) -> EvalSettings:
+    """The feature and ranking flags, checked (device, batch, re-ranking parameters)."""
     if args.test_batch < 1:
         raise UserError(f"--test_batch {args.test_batch}: expected a positive integer")
     for flag in ("k1", "k2"):
@@ -335,27 +318,27 @@ def check_common(args: argparse.Namespace) -> None:
     if not 0 <= args.lambda_value <= 1:
         raise UserError(f"--lambda_value {args.lambda_value}: expected a value in [0, 1]")
     select_device(args.device)
+    rerank = RerankSettings(args.k1, args.k2, args.lambda_value) if args.rerank else None
+    return EvalSettings(
+        device=args.device, amp=args.amp, test_batch=args.test_batch, flip=args.flip,
+        rerank=rerank, mode=args.mode,
+    )  # fmt: skip
+
+
+def data_settings(
+    args: argparse.Namespace, img_size: tuple[int, int], trial: int | None
+) -> DataSettings:
+    """The data flags with the image size and ``--trial`` resolved by the caller, checked."""
+    height, width = img_size
+    if height < 32 or width < 16:
+        raise UserError(f"--img_h/--img_w {height}x{width}: expected at least 32x16")
     if not os.path.isdir(args.data_root):
-        check_data_root(args)  # names what the folder should hold
+        check_data_root(args.dataset, args.data_root, trial)  # names what the folder should hold
+    return DataSettings(args.data_root, args.dataset, trial, height, width, args.cache_dir)
 
 
-def resolve_ema_overwrite(args: argparse.Namespace) -> None:
-    """Fill ``--ema_overwrite_every`` (the data set's default; 0 under --no-ema_overwrite)."""
-    every = args.ema_overwrite_every
-    if every is not None and every < 0:
-        raise UserError(f"--ema_overwrite_every {every}: expected a value >= 0 (0: never)")
-    if not args.ema_overwrite:
-        if every:
-            raise UserError(
-                f"--no-ema_overwrite contradicts --ema_overwrite_every {every} (give one of them)"
-            )
-        args.ema_overwrite_every = 0
-    elif every is None:
-        args.ema_overwrite_every = get_dataset(args.dataset).ema_overwrite_every
-
-
-def check_training(args: argparse.Namespace) -> None:
-    """Validate the training options (calls :func:`check_common`); fills data-set defaults."""
+def _check_recipe(args: argparse.Namespace) -> None:
+    """The batch, schedule and optimizer flags."""
     if args.num_pos < 1 or args.batch_size < 1:
         raise UserError(
             f"--batch_size {args.batch_size} / --num_pos {args.num_pos}: expected positive values"
@@ -383,13 +366,30 @@ def check_training(args: argparse.Namespace) -> None:
     for flag in ("beta1", "beta2"):
         if not 0 <= getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)}: expected a value in [0, 1)")
-    if args.ema_decay is None:
-        args.ema_decay = get_dataset(args.dataset).ema_decay
-    if not 0 <= args.ema_decay < 1:
-        raise UserError(
-            f"--ema_decay {args.ema_decay}: expected a value in [0, 1) (0 disables the EMA)"
-        )
-    resolve_ema_overwrite(args)
+
+
+def _ema(args: argparse.Namespace) -> tuple[float, int]:
+    """``--ema_decay`` and ``--ema_overwrite_every``, the data set's where not given."""
+    dataset = get_dataset(args.dataset)
+    decay = dataset.ema_decay if args.ema_decay is None else args.ema_decay
+    if not 0 <= decay < 1:
+        raise UserError(f"--ema_decay {decay}: expected a value in [0, 1) (0 disables the EMA)")
+    every = args.ema_overwrite_every
+    if every is not None and every < 0:
+        raise UserError(f"--ema_overwrite_every {every}: expected a value >= 0 (0: never)")
+    if not args.ema_overwrite:
+        if every:
+            raise UserError(
+                f"--no-ema_overwrite contradicts --ema_overwrite_every {every} (give one of them)"
+            )
+        every = 0
+    elif every is None:
+        every = dataset.ema_overwrite_every
+    return decay, every
+
+
+def _check_run(args: argparse.Namespace) -> None:
+    """The schedule, bookkeeping and input-file flags."""
     if args.warmup_epochs < 0:
         raise UserError(f"--warmup_epochs {args.warmup_epochs}: expected a value >= 0")
     if any(m < 1 for m in args.milestones):
@@ -403,8 +403,6 @@ def check_training(args: argparse.Namespace) -> None:
         raise UserError(f"--seed {args.seed}: expected a value >= 0")
     if args.img_h is None or args.img_w is None:
         raise UserError("--img_h and --img_w are required for training")
-    if args.trial is None:
-        args.trial = 1
     get_dataset(args.dataset).check_settings(ProtocolSettings(mode=args.mode))
     pretrained = str(args.pretrained)
     if pretrained.lower() not in ("imagenet", "none") and not os.path.isfile(pretrained):
@@ -415,4 +413,84 @@ def check_training(args: argparse.Namespace) -> None:
     if args.resume and not os.path.isfile(args.resume):
         what = "is a folder, not a file" if os.path.isdir(args.resume) else "file not found"
         raise UserError(f"--resume {args.resume}: checkpoint {what}")
-    check_common(args)
+
+
+def training_settings(args: argparse.Namespace, kind: str = "train") -> TrainSettings:
+    """The settings of train.py's flags, every flag checked (``kind`` names a new run's folder)."""
+    _check_recipe(args)
+    ema_decay, every = _ema(args)
+    _check_run(args)
+    trial = 1 if args.trial is None else args.trial
+    get_dataset(args.dataset).check_trial(trial, testing=False)
+    evaluation = evaluation_settings(args)
+    data = data_settings(args, (args.img_h, args.img_w), trial)
+    options = {**vars(args), "ema_decay": ema_decay, "ema_overwrite_every": every, "trial": trial}
+    optimizer = OptimSettings(
+        lr=args.lr, optim=args.optim, beta1=args.beta1, beta2=args.beta2,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+        milestones=tuple(args.milestones), fused=args.fused,
+    )  # fmt: skip
+    return TrainSettings(
+        data=data, folder=_folder(args, trial, kind), evaluation=evaluation, optimizer=optimizer,
+        loss=LossRecipe.from_args(args), config_path=args.config_path,
+        last_stride=args.last_stride, pretrained=args.pretrained, epochs=args.epochs,
+        batch_size=args.batch_size, num_pos=args.num_pos, ema_decay=ema_decay,
+        ema_overwrite_every=every, seed=args.seed, deterministic=args.deterministic,
+        resume=args.resume, overwrite=args.overwrite, test_freq=args.test_freq,
+        save_freq=args.save_freq, log_freq=args.log_freq, channels_last=args.channels_last,
+        compile=args.compile, max_steps=args.max_steps, options=MappingProxyType(options),
+    )  # fmt: skip
+
+
+def _folder(args: argparse.Namespace, trial: int, kind: str) -> Path:
+    """``--save/--note``; on ``--resume`` without ``--note``, the checkpoint's folder."""
+    config = Path(args.config_path).stem if args.config_path else kind
+    suffix = f"_trial{trial}" if get_dataset(args.dataset).num_splits > 1 else ""
+    return run_dir(
+        args.save, args.note, args.resume, f"{kind}_{args.dataset}{suffix}_{config}_seed{args.seed}"
+    )
+
+
+def search_settings(args: argparse.Namespace) -> SearchSettings:
+    """The settings of search.py's flags, every flag checked."""
+    # The search never overwrites (see SearchSettings): the flag contradicts it.
+    if args.ema_overwrite_every:
+        raise UserError(
+            f"--ema_overwrite_every {args.ema_overwrite_every}: the search never copies the EMA "
+            "into the supernet (it would reset the alphas)"
+        )
+    train = training_settings(args, kind="search")
+    if not 0 < args.arch_fraction < 1:
+        raise UserError(f"--arch_fraction {args.arch_fraction}: expected a value in (0, 1)")
+    for flag in ("tau", "tau_max", "tau_min", "arch_lr"):
+        if not getattr(args, flag) > 0:
+            raise UserError(f"--{flag} {getattr(args, flag)}: expected a positive value")
+    if args.tau_min > args.tau_max:
+        raise UserError(f"--tau_min {args.tau_min} is above --tau_max {args.tau_max}")
+    if args.arch_weight_decay < 0:
+        raise UserError(f"--arch_weight_decay {args.arch_weight_decay}: expected a value >= 0")
+    if args.arch_freq < 1:
+        raise UserError(f"--arch_freq {args.arch_freq}: expected a positive integer")
+    if not 0 <= args.arch_warmup < args.epochs:
+        raise UserError(
+            f"--arch_warmup {args.arch_warmup}: expected 0 <= value < --epochs {args.epochs} "
+            "(otherwise the architecture never trains)"
+        )
+    if args.test_freq:
+        raise UserError(
+            f"--test_freq {args.test_freq}: the search never runs the test protocol; it scores "
+            "the derived architecture on the architecture set (--eval_arch)"
+        )
+    if args.config_path is not None:
+        log.warning("--config_path %s is ignored: the search builds a supernet", args.config_path)
+    if not args.note and not args.resume:  # a resume without --note stays in its folder
+        trial = f"_trial{train.data.trial}" if get_dataset(args.dataset).num_splits > 1 else ""
+        note = f"search_{args.dataset}{trial}_r{args.depth}_{args.relaxation}_seed{args.seed}"
+        options = MappingProxyType({**train.options, "note": note})
+        train = replace(train, folder=Path(args.save) / note, options=options)
+    return SearchSettings(
+        train=train, depth=args.depth, arch_fraction=args.arch_fraction,
+        relaxation=args.relaxation, tau=args.tau, tau_max=args.tau_max, tau_min=args.tau_min,
+        arch_lr=args.arch_lr, arch_weight_decay=args.arch_weight_decay,
+        arch_warmup=args.arch_warmup, arch_freq=args.arch_freq, eval_arch=args.eval_arch,
+    )  # fmt: skip

@@ -7,7 +7,6 @@ memory (:class:`EarlyLog`); they open ``log.txt`` when the folder appears.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -15,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from data.registry import get_dataset
 from utils.base.errors import UserError
 from utils.base.io import write_text_atomic
 from utils.base.logger import setup_logging
@@ -29,19 +27,14 @@ RUN_MARKERS = ("log.jsonl", LATEST)
 RUN_FILES = ("log.txt", "log.jsonl", "results.json", "results.md", "checkpoint_*.pth")
 
 
-def run_dir(args: argparse.Namespace, kind: str = "train") -> Path:
-    """The run folder: ``--save/--note``; on ``--resume`` without ``--note``, the checkpoint's.
+def run_dir(save: str, note: str, resume: str, default_name: str) -> Path:
+    """The run folder: ``save/note``; on a resume without ``note``, the checkpoint's folder.
 
-    Without ``--note`` a new run's name is derived from data set, config and seed.
+    Without ``note`` a new run is named ``default_name``.
     """
-    if getattr(args, "resume", "") and not args.note:
-        return Path(args.resume).parent
-    name = args.note
-    if not name:
-        config = Path(args.config_path).stem if getattr(args, "config_path", None) else kind
-        trial = f"_trial{args.trial}" if get_dataset(args.dataset).num_splits > 1 else ""
-        name = f"{kind}_{args.dataset}{trial}_{config}_seed{args.seed}"
-    return Path(args.save) / name
+    if resume and not note:
+        return Path(resume).parent
+    return Path(save) / (note or default_name)
 
 
 def is_own_folder(path: Path, resume: str | os.PathLike[str] | None) -> bool:

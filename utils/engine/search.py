@@ -17,7 +17,8 @@ import argparse
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch
 import torch.distributed
 from torch import nn
 
-from data import CrossModalitySampler, TrainSet
+from data import TrainSet
 from data.registry import get_dataset
 from model.arch import DEPTHS, Arch, save_arch
 from model.checkpoint import SEARCH_KEY
@@ -41,14 +42,16 @@ from model.search import (
     set_temperature,
     split_probabilities,
 )
+from utils.base.distributed import DistInfo
 from utils.base.errors import UserError
 from utils.base.modality import Modality
 from utils.engine.batch import ResidentImages
-from utils.engine.build import build_optimizer
-from utils.engine.options import check_training
+from utils.engine.build import build_optimizer, build_sampler
+from utils.engine.evaluation import Evaluation
 from utils.engine.rundir import RUN_FILES
-from utils.engine.state import GeneratorState, LossMeter, read_resume_checkpoint
-from utils.engine.trainer import Trainer
+from utils.engine.settings import SearchSettings
+from utils.engine.state import GeneratorState, LossMeter
+from utils.engine.trainer import Trainer, TrainingData
 from utils.evaluation.evaluate import Features, autocast, extract_features, score
 from utils.evaluation.heatmap import HEATMAP_NAME, heatmap_from_jsonl
 
@@ -114,45 +117,6 @@ def search_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_search(args: argparse.Namespace) -> None:
-    """Validate the search options (after the training ones)."""
-    # The EMA also averages the alphas: copying it into the supernet would pull the alphas
-    # back, so the search never overwrites (its default, whatever the data set's).
-    if args.ema_overwrite_every:
-        raise UserError(
-            f"--ema_overwrite_every {args.ema_overwrite_every}: the search never copies the EMA "
-            "into the supernet (it would reset the alphas)"
-        )
-    args.ema_overwrite_every = 0
-    check_training(args)
-    if not 0 < args.arch_fraction < 1:
-        raise UserError(f"--arch_fraction {args.arch_fraction}: expected a value in (0, 1)")
-    for flag in ("tau", "tau_max", "tau_min", "arch_lr"):
-        if not getattr(args, flag) > 0:
-            raise UserError(f"--{flag} {getattr(args, flag)}: expected a positive value")
-    if args.tau_min > args.tau_max:
-        raise UserError(f"--tau_min {args.tau_min} is above --tau_max {args.tau_max}")
-    if args.arch_weight_decay < 0:
-        raise UserError(f"--arch_weight_decay {args.arch_weight_decay}: expected a value >= 0")
-    if args.arch_freq < 1:
-        raise UserError(f"--arch_freq {args.arch_freq}: expected a positive integer")
-    if not 0 <= args.arch_warmup < args.epochs:
-        raise UserError(
-            f"--arch_warmup {args.arch_warmup}: expected 0 <= value < --epochs {args.epochs} "
-            "(otherwise the architecture never trains)"
-        )
-    if args.test_freq:
-        raise UserError(
-            f"--test_freq {args.test_freq}: the search never runs the test protocol; it scores "
-            "the derived architecture on the architecture set (--eval_arch)"
-        )
-    if args.config_path is not None:
-        log.warning("--config_path %s is ignored: the search builds a supernet", args.config_path)
-    if not args.note and not args.resume:  # a resume without --note stays in its folder
-        trial = f"_trial{args.trial}" if get_dataset(args.dataset).num_splits > 1 else ""
-        args.note = f"search_{args.dataset}{trial}_r{args.depth}_{args.relaxation}_seed{args.seed}"
-
-
 def split_identities(
     pids: Sequence[int], fraction: float, seed: int, min_ids: int
 ) -> tuple[list[int], list[int]]:
@@ -178,35 +142,57 @@ def split_identities(
     return weights, arch
 
 
+@dataclass(frozen=True)
+class SearchData(TrainingData):
+    """The search's images: ``train`` (the weights set) trains the network weights,
+    ``architecture`` (the other identities) the alphas."""
+
+    architecture: TrainSet
+
+
+class ArchSetEvaluation(Evaluation):
+    """The search's only evaluation: the derived architecture on the architecture set."""
+
+    def __init__(self, out: Path, dist: DistInfo, trainer: SearchTrainer) -> None:
+        super().__init__(out, dist)
+        self.trainer = trainer
+
+    def evaluate(self, final: bool, epoch: int) -> dict[str, Any]:
+        """``arch_set``: the derived architecture's numbers (nothing without ``--eval_arch``)."""
+        if not self.trainer.search.eval_arch:
+            return {}
+        return {"arch_set": self.trainer.evaluate_arch()}
+
+
 class SearchTrainer(Trainer):
     """The training loop with one step replaced: weights step, then (sometimes) an alpha step."""
 
     kind = "search"
     run_files = (*RUN_FILES, ARCH_FILE, HEATMAP_NAME)
+    data: SearchData
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        super().__init__(args)
+    def __init__(self, search: SearchSettings, train_set: TrainSet | None = None) -> None:
+        """Build the training loop, then the architecture step beside it (see :class:`Trainer`)."""
+        self.search = search
+        super().__init__(search.train, train_set)
         self.alphas = arch_parameters(self.model_without_ddp)
+        arch_names = arch_parameter_names(self.model_without_ddp)
         self.weights = [
             p
             for name, p in self.model_without_ddp.named_parameters()
-            if name not in self.arch_names and p.requires_grad
+            if name not in arch_names and p.requires_grad
         ]
         self.arch_optimizer = torch.optim.Adam(
-            self.alphas, lr=args.arch_lr, betas=ARCH_BETAS, weight_decay=args.arch_weight_decay
+            self.alphas, lr=search.arch_lr, betas=ARCH_BETAS, weight_decay=search.arch_weight_decay
         )
         self.arch_scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         self.arch_loss = replace(self.loss, terms=ARCH_TERMS, pairings=ARCH_PAIRINGS)
-        self.arch_images = ResidentImages.upload(self.arch_set, self.device)
-        stream = args.seed + _ARCH_STREAM
-        self.arch_sampler = CrossModalitySampler(
-            self.arch_set.visible_labels,
-            self.arch_set.infrared_labels,
-            args.batch_size,
-            args.num_pos,
-            stream,
-            self.dist.rank,
-            self.dist.world_size,
+        arch_set = self.data.architecture
+        self.arch_images = ResidentImages.upload(arch_set, self.device)
+        train = search.train
+        stream = train.seed + _ARCH_STREAM
+        self.arch_sampler = build_sampler(
+            arch_set, train.batch_size, train.num_pos, stream, self.dist
         )
         self.arch_generator = torch.Generator().manual_seed(stream * 1000 + self.dist.rank)
         # Architecture-loss sums of the epoch being trained.
@@ -218,25 +204,29 @@ class SearchTrainer(Trainer):
                 "arch_scaler": self.arch_scaler,
                 "arch_rng": GeneratorState(self.arch_generator),
                 "arch_losses": self.arch_losses,
-                # The identity split, recorded (a resume checks it, see check_checkpoint).
-                "arch_ids": list(self.arch_set.pids),
-                "weight_ids": list(self.weight_set.pids),
+                # The identity split, recorded (a resume checks it, see check_data_fits).
+                "arch_ids": list(arch_set.pids),
+                "weight_ids": list(self.data.train.pids),
             },
         )
         # (global step, result) of the last architecture-set evaluation.
         self._arch_eval: tuple[int, dict[str, Any]] | None = None
 
     # ----- set-up --------------------------------------------------------------------------
-    def build_data(self) -> TrainSet:
+    def load_architecture(self) -> None:
+        """None: the architecture is derived from the supernet (see :meth:`architecture`)."""
+        return None
+
+    def build_data(self, train_set: TrainSet | None) -> SearchData:
         """Load the training set and split its identities into weights and architecture sets."""
-        args = self.args
-        full = super().build_data()
+        train = self.settings
+        full = super().build_data(train_set).train
         weight_ids, arch_ids = split_identities(
-            full.pids, args.arch_fraction, args.seed, args.batch_size // args.num_pos
+            full.pids, self.search.arch_fraction, train.seed, train.batch_size // train.num_pos
         )
         # The full set is dropped on return: only the two subsets stay in memory.
-        self.weight_set, self.arch_set = full.subset(weight_ids), full.subset(arch_ids)
-        for name, part in (("weights", self.weight_set), ("architecture", self.arch_set)):
+        data = SearchData(full.subset(weight_ids), full.subset(arch_ids))
+        for name, part in (("weights", data.train), ("architecture", data.architecture)):
             log.info(
                 "%s set: %d identities, %d visible + %d infrared images",
                 name,
@@ -244,68 +234,62 @@ class SearchTrainer(Trainer):
                 len(part.visible_labels),
                 len(part.infrared_labels),
             )
-        return self.weight_set
+        return data
 
-    def build_model(self) -> nn.Module:
+    def build_model(self, train_set: TrainSet) -> nn.Module:
         """The supernet, with one class per weights-set identity."""
-        args = self.args
+        search = self.search
         model = build_supernet(
-            args.depth,
-            self.train_set.num_classes,
-            args.last_stride,
-            args.pretrained,
-            args.relaxation,
+            search.depth,
+            train_set.num_classes,
+            search.train.last_stride,
+            search.train.pretrained,
+            search.relaxation,
             self.temperature(0),
         )
-        self.arch_names = arch_parameter_names(model)
+        arch_names = arch_parameter_names(model)
         if self.dist.enabled:
             # The alphas are averaged by hand in the architecture step; DDP would expect a
             # gradient for them in every weights step, where they get none.
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                model, sorted(self.arch_names)
+                model, sorted(arch_names)
             )
-        self.arch = derive_arch(model)
         log.info(
             "supernet: ResNet-%d, %d searchable BN slots, %s relaxation",
-            args.depth,
-            len(self.arch_names),
-            args.relaxation,
+            search.depth,
+            len(arch_names),
+            search.relaxation,
         )
         return model
 
-    def build_optimizer(self) -> torch.optim.Optimizer:
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """The weights' optimizer; the alphas are left out (they get their own Adam)."""
-        params = self.model_without_ddp.named_parameters()
-        return build_optimizer(params, self.args, self.device, lambda n: n not in self.arch_names)
+        arch_names = arch_parameter_names(model)
+        params = model.named_parameters()
+        optim = self.settings.optimizer
+        return build_optimizer(params, optim, self.device, lambda n: n not in arch_names)
 
-    def check_inputs(self) -> None:
-        """Read the checkpoint to resume and check it is a search of this depth (the identity
-        split is checked once the data is loaded)."""
-        self.resume_checkpoint = read_resume_checkpoint(self.args) if self.args.resume else None
-        if self.resume_checkpoint is not None:
-            self._check_search_checkpoint(self.resume_checkpoint, f"--resume {self.args.resume}")
+    def build_evaluation(self) -> Evaluation:
+        """The derived architecture scored on the architecture set (the test set is never used)."""
+        return ArchSetEvaluation(self.out, self.dist, self)
 
-    def _check_search_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
+    def check_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
+        """Refuse a checkpoint that is not a search of this depth."""
         search = checkpoint.get(SEARCH_KEY)
         if not isinstance(search, dict):
             raise UserError(f"{source}: not a search checkpoint (resume it with train.py)")
         depth = checkpoint.get("arch", {}).get("depth")
-        if depth != self.args.depth:
+        if depth != self.search.depth:
             raise UserError(f"{source}: the checkpoint is a ResNet-{depth} search")
 
-    def check_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
-        """Refuse a checkpoint that is not a search of this depth and identity split."""
-        self._check_search_checkpoint(checkpoint, source)
+    def check_data_fits(self, checkpoint: dict[str, Any], source: str) -> None:
+        """Refuse a checkpoint that split the identities otherwise."""
         search = checkpoint[SEARCH_KEY]
-        if list(search.get("arch_ids", [])) != list(self.arch_set.pids):
+        if list(search.get("arch_ids", [])) != list(self.data.architecture.pids):
             raise UserError(
                 f"{source}: the checkpoint split the identities differently "
                 "(another --seed or --arch_fraction?)"
             )
-
-    def ema_overwrite_every(self) -> int:
-        """Never: the EMA averages the alphas too, and copying it back would reset them."""
-        return 0
 
     def temperature(self, epoch: int) -> float:
         """``--tau`` (softmax), or the Gumbel temperature of ``epoch``.
@@ -313,12 +297,12 @@ class SearchTrainer(Trainer):
         Gumbel: ``--tau_max`` until the architecture starts training, then linear down to
         ``--tau_min`` at the last epoch.
         """
-        args = self.args
-        if args.relaxation == "softmax":
-            return args.tau
-        span = max(args.epochs - 1 - args.arch_warmup, 1)
-        progress = min(max((epoch - args.arch_warmup) / span, 0.0), 1.0)
-        return args.tau_max + (args.tau_min - args.tau_max) * progress
+        search = self.search
+        if search.relaxation == "softmax":
+            return search.tau
+        span = max(search.train.epochs - 1 - search.arch_warmup, 1)
+        progress = min(max((epoch - search.arch_warmup) / span, 0.0), 1.0)
+        return search.tau_max + (search.tau_min - search.tau_max) * progress
 
     def architecture(self, provenance: dict[str, Any] | None = None) -> Arch:
         """The derived architecture (argmax per slot) at this epoch's temperature."""
@@ -327,25 +311,26 @@ class SearchTrainer(Trainer):
 
     def provenance(self) -> dict[str, Any]:
         """Where the derived architecture comes from (stored with it)."""
-        args = self.args
+        search, train = self.search, self.search.train
+        dataset = train.data.dataset
         record: dict[str, Any] = {
             "source": "search",
-            "dataset": args.dataset,
-            "trial": args.trial if get_dataset(args.dataset).num_splits > 1 else None,
-            "seed": args.seed,
-            "epochs": args.epochs,
-            "depth": args.depth,
-            "relaxation": args.relaxation,
+            "dataset": dataset,
+            "trial": train.data.trial if get_dataset(dataset).num_splits > 1 else None,
+            "seed": train.seed,
+            "epochs": train.epochs,
+            "depth": search.depth,
+            "relaxation": search.relaxation,
             "tau": self.temperature(self.epoch),
-            "arch_fraction": args.arch_fraction,
-            "arch_warmup": args.arch_warmup,
-            "arch_freq": args.arch_freq,
-            "arch_lr": args.arch_lr,
-            "arch_ids": list(self.arch_set.pids),
+            "arch_fraction": search.arch_fraction,
+            "arch_warmup": search.arch_warmup,
+            "arch_freq": search.arch_freq,
+            "arch_lr": search.arch_lr,
+            "arch_ids": list(self.data.architecture.pids),
             "commit": self.env.get("commit", "unknown"),
         }
-        if args.relaxation == "gumbel":
-            record["tau_max"], record["tau_min"] = args.tau_max, args.tau_min
+        if search.relaxation == "gumbel":
+            record["tau_max"], record["tau_min"] = search.tau_max, search.tau_min
         return record
 
     # ----- the step ------------------------------------------------------------------------
@@ -356,8 +341,8 @@ class SearchTrainer(Trainer):
         set_temperature(self.model_without_ddp, self.temperature(self.epoch))
         with requires_grad(self.alphas, False):
             terms = super().training_step(visible_idx, infrared_idx)
-        args = self.args
-        if self.epoch >= args.arch_warmup and (self.global_step + 1) % args.arch_freq == 0:
+        search = self.search
+        if self.epoch >= search.arch_warmup and (self.global_step + 1) % search.arch_freq == 0:
             self.arch_losses.add(self.architecture_step(self.epoch, self.step))
         return terms
 
@@ -395,12 +380,12 @@ class SearchTrainer(Trainer):
         if self.arch_losses.count:
             for key, value in self.arch_losses.means().items():
                 record[f"arch_{key}"] = value
-            if not math.isfinite(record["arch_loss"]):
-                self._non_finite(f"architecture loss is {record['arch_loss']} in epoch {epoch + 1}")
+            if not math.isfinite(loss := record["arch_loss"]):
+                self.checkpointer.non_finite(f"architecture loss is {loss} in epoch {epoch + 1}")
         record["arch_steps"] = self.arch_losses.count
         self.arch_losses.reset()
         record["num_split"] = len(arch.split_slots())
-        if self.args.eval_arch and self.dist.is_main:
+        if self.search.eval_arch and self.dist.is_main:
             result = self.evaluate_arch()
             record["arch_rank1"] = round(result["bnneck"]["rank1"], 2)
             record["arch_mAP"] = round(result["bnneck"]["mAP"], 2)
@@ -412,7 +397,7 @@ class SearchTrainer(Trainer):
         gallery), computed by the supernet in hard mode."""
         if self._arch_eval is not None and self._arch_eval[0] == self.global_step:
             return self._arch_eval[1]
-        args = self.args
+        evaluation = self.settings.evaluation
         model = self.eval_model()
         # The live alphas decide (an EMA copy would lag); the weights are those evaluated.
         with hard_mode(model, derive_arch(self.model_without_ddp)):
@@ -421,15 +406,15 @@ class SearchTrainer(Trainer):
                 name = modality.name.lower()
                 pool, feat = extract_features(
                     model,
-                    getattr(self.arch_set, f"{name}_images"),
+                    getattr(self.data.architecture, f"{name}_images"),
                     modality,
                     self.device,
-                    args.test_batch,
+                    evaluation.test_batch,
                     self.amp,
                     f"arch-set {name}",
-                    flip=args.flip,
+                    flip=evaluation.flip,
                 )
-                labels = getattr(self.arch_set, f"{name}_labels")
+                labels = getattr(self.data.architecture, f"{name}_labels")
                 sets[modality] = Features(pool, feat, np.asarray(labels))
         self.model.train()
         # Standard CMC, nothing ignored: the architecture set has no camera protocol.
@@ -437,18 +422,12 @@ class SearchTrainer(Trainer):
         self._arch_eval = (self.global_step, result)
         return result
 
-    def evaluate(self, final: bool) -> dict[str, Any]:
-        """The search's only evaluation: the derived architecture on the architecture set."""
-        if not self.args.eval_arch:
-            return {}
-        return {"arch_set": self.evaluate_arch()}
-
     def on_train_end(self, results: dict[str, Any]) -> None:
         """Write arch.json and the heat map, and log which slots the search split."""
         if not self.dist.is_main:
             return
         provenance = self.provenance()
-        if self.args.eval_arch and self._arch_eval is not None:
+        if self.search.eval_arch and self._arch_eval is not None:
             provenance["arch_set_result"] = self._arch_eval[1]["bnneck"]
         arch = self.architecture(provenance)
         save_arch(arch, self.out / ARCH_FILE)

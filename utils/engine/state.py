@@ -18,7 +18,6 @@ the run state is given a ``gather`` (a multi-process run), every rank's under
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import random
@@ -57,6 +56,13 @@ class Checkpointable(Protocol):
 
     def load_state_dict(self, state: Any) -> None:
         """Restore a saved state."""
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """``value`` of every rank, in rank order, on every rank (a run state's ``gather``)."""
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -290,12 +296,16 @@ def _load(name: str, entry: Any, saved: Any, source: str, restore_random: bool) 
 
 
 def check_resume_options(
-    saved: Mapping[str, Any] | None, args: argparse.Namespace, source: str
+    saved: Mapping[str, Any] | None, options: Mapping[str, Any], source: str
 ) -> None:
-    """Refuse a resume that changes the data or batches; warn of every other changed option."""
+    """Refuse a resume that changes the data or batches; warn of every other changed option.
+
+    ``saved`` and ``options`` are the checkpoint's and this run's options by flag name.
+    """
     saved = saved or {}
-    now = {key: plain(value) for key, value in vars(args).items()}
-    fixed = list(RESUME_FIXED) + (["trial"] if get_dataset(args.dataset).num_splits > 1 else [])
+    now = {key: plain(value) for key, value in options.items()}
+    split = get_dataset(options["dataset"]).num_splits > 1
+    fixed = list(RESUME_FIXED) + (["trial"] if split else [])
     wrong = [key for key in fixed if key in saved and saved[key] != now.get(key)]
     if wrong:
         raise UserError(
@@ -314,27 +324,28 @@ def check_resume_options(
         log.warning("%s with changed options: %s", source, ", ".join(changed))
 
 
-def read_resume_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
-    """Read ``--resume`` and check that this run may continue it: format, options, epochs, EMA."""
-    source = f"--resume {args.resume}"
-    checkpoint = read_checkpoint(args.resume)
+def read_resume_checkpoint(
+    path: str, options: Mapping[str, Any], epochs: int, ema_decay: float
+) -> dict[str, Any]:
+    """Read the ``--resume`` checkpoint ``path`` and check that a run of ``options`` (by flag
+    name) may continue it: format, options, ``epochs``, ``ema_decay``."""
+    source = f"--resume {path}"
+    checkpoint = read_checkpoint(path)
     if not is_resumable(checkpoint):
         raise UserError(
             f"{source}: not a resumable checkpoint of this project (test.py reads the "
             "authors' checkpoints; they cannot be resumed)"
         )
-    check_resume_options(checkpoint.get("args"), args, source)
+    check_resume_options(checkpoint.get("args"), options, source)
     epoch = int(checkpoint["epoch"])
-    if epoch > args.epochs:
-        raise UserError(
-            f"{source}: the checkpoint is at epoch {epoch}, beyond --epochs {args.epochs}"
-        )
-    if args.ema_decay > 0 and not checkpoint.get("ema"):
+    if epoch > epochs:
+        raise UserError(f"{source}: the checkpoint is at epoch {epoch}, beyond --epochs {epochs}")
+    if ema_decay > 0 and not checkpoint.get("ema"):
         raise UserError(
             f"{source}: the checkpoint has no EMA weights but --ema_decay is "
-            f"{args.ema_decay} (resume with --ema_decay 0)"
+            f"{ema_decay} (resume with --ema_decay 0)"
         )
-    if args.ema_decay == 0 and checkpoint.get("ema"):
+    if ema_decay == 0 and checkpoint.get("ema"):
         log.warning("%s: --ema_decay 0 drops the checkpoint's EMA weights", source)
     return checkpoint
 

@@ -1,46 +1,35 @@
 """The training loop shared by train.py and search.py.
 
-    trainer = Trainer(args)   # checks and builds everything; writes nothing
-    trainer.resume()          # continues from --resume, if given
-    trainer.train()           # creates the run folder, trains, evaluates; returns the results
+    trainer = Trainer(settings)   # checks and builds everything; writes nothing
+    trainer.resume()              # continues from --resume, if given
+    trainer.train()               # creates the run folder, trains, evaluates; returns the results
 
-:class:`Trainer` owns the fixed loop (epochs -> steps -> checkpoint -> evaluation). A variant
-subclasses it and overrides :meth:`Trainer.training_step` and, where it must, the ``build_*``
-set-up; extra state it wants checkpointed goes into ``self.state.register(name, object)``.
-``self.model`` is the module the steps run (wrapped in DDP or torch.compile when asked for);
-``self.model_without_ddp`` is the plain network that is saved, evaluated and averaged.
+:class:`Trainer` owns the fixed loop (epochs -> steps -> checkpoint -> evaluation); beside it,
+:class:`~utils.engine.checkpointer.Checkpointer` keeps the run folder and its checkpoints and
+:class:`~utils.engine.evaluation.Evaluation` scores the run and keeps its ``log.jsonl``. A variant
+overrides :meth:`Trainer.training_step` and its set-up (the ``build_*`` methods, each returning
+what it builds from what it is given) and registers extra checkpointed state with
+``self.state.register(name, object)``. ``self.model`` is the module the steps run (DDP or
+torch.compile when asked for); ``self.model_without_ddp`` is the network saved and evaluated.
 
-Speed: images stay uint8 (on the GPU when there is one) and are augmented in batch on the device;
-losses are read back to the host only every ``--log_freq`` steps; bf16 autocast, channels-last,
-fused Adam and a ``foreach`` EMA on CUDA.
-
-The authors' schedule: every ``--ema_overwrite_every`` epochs (the data set's default) the EMA
-weights replace the live ones, after that epoch's checkpoint and evaluation, so the checkpoint's
-``model`` holds the live weights the evaluation scored and ``ema`` the average; the checkpoint
-records that the overwrite follows, and a resume from it applies it. Training-time evaluations
-score the live model and, beside it, the EMA (keys ending in ``_ema``).
-
-Safety: one run per folder (a lock held for the run's life); checkpoints are written atomically
-with a checksum of their tensors, after a check that every saved tensor is finite (else the run
-stops, naming the last good checkpoint); SIGINT/SIGTERM/SIGHUP stop after the current step (or
-evaluation) with a resumable checkpoint; an epoch's log record is written before its checkpoint
-and completed after its evaluation, so a resume completes an evaluation a kill cut short. A
-resumed run (``--deterministic`` on the CPU) continues bit-exactly: model, optimizer, schedule,
-EMA, step and every random state (each rank's in a multi-process run) come back, and the
-sampler regenerates any step of any epoch.
+Speed: uint8 images resident on the device, augmented there in batch; losses read back every
+``--log_freq`` steps only. The authors' schedule: every ``--ema_overwrite_every`` epochs the EMA
+weights replace the live ones, after that epoch's checkpoint (which notes that the overwrite
+follows, for a resume to apply) and evaluation. Stop signals end the run after the current step
+(or evaluation) with a resumable checkpoint; a resumed run (``--deterministic`` on the CPU)
+continues bit-exactly. The log handlers a run opens are closed when it ends.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import logging
 import math
 import signal
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,50 +39,26 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from data import CrossModalitySampler, TrainSet
+from data import TrainSet
 from model import Arch, build_model, load_arch
-from model.checkpoint import (
-    checkpoint_header,
-    non_finite_tensors,
-    plain,
-    write_checkpoint,
-)
-from model.losses import LossRecipe
-from utils.base.distributed import barrier, broadcast_flag, cleanup, init_distributed
-from utils.base.errors import UserError
-from utils.base.io import (
-    MB,
-    check_free_space,
-    copy_atomic,
-    remove_temp_files,
-    write_text_atomic,
-)
-from utils.base.lock import LOCK_FILE, RunLock
-from utils.base.logger import append_json_line, log_run_header
+from model.checkpoint import checkpoint_header, plain
+from utils.base.distributed import broadcast_flag, cleanup
+from utils.base.logger import log_run_header, setup_logging
 from utils.engine.batch import ResidentImages
 from utils.engine.build import (
     build_optimizer,
+    build_sampler,
     build_schedule,
     load_training_data,
-    seed_everything,
+    share_weights,
+    start_process,
     wrap_model,
 )
+from utils.engine.checkpointer import Checkpointer, NonFiniteLoss
 from utils.engine.ema import ModelEMA
-from utils.engine.options import resolve_ema_overwrite, select_device
-from utils.engine.rundir import (
-    LATEST,
-    PENDING,
-    RUN_FILES,
-    EarlyLog,
-    check_run_dir,
-    clear_run_dir,
-    complete_epoch_record,
-    is_own_folder,
-    pending_evaluation,
-    prepare_run_dir,
-    run_dir,
-    trim_epoch_log,
-)
+from utils.engine.evaluation import Evaluation, ProtocolEvaluation, evaluated_weights
+from utils.engine.rundir import LATEST, RUN_FILES, EarlyLog, is_own_folder
+from utils.engine.settings import TrainSettings
 from utils.engine.signals import Interrupted, StopRequest
 from utils.engine.state import (
     GeneratorState,
@@ -101,25 +66,21 @@ from utils.engine.state import (
     ProcessRandomState,
     RunState,
     check_same_arch,
+    gather_objects,
     read_resume_checkpoint,
 )
-from utils.evaluation.evaluate import autocast, evaluate_training_run, format_table
+from utils.evaluation.evaluate import autocast
 
-__all__ = ["LATEST", "Interrupted", "NonFiniteLoss", "Trainer", "run_trainer"]
+__all__ = ["LATEST", "Interrupted", "NonFiniteLoss", "Trainer", "TrainingData", "run_trainer"]
 
 log = logging.getLogger(__name__)
 
 
-# The checkpoint entry saying that the EMA overwrite follows the save (see Trainer.train).
-OVERWRITE_PENDING = "ema_overwrite_pending"
-WEIGHTS_NOTE = (
-    "live: the live model (the checkpoint's `model`, scored by test.py); "
-    "ema: the EMA weights (its `ema`, test.py --ema)"
-)
+@dataclass(frozen=True)
+class TrainingData:
+    """The images a run trains on: ``train`` feeds the loop's steps (a variant may add sets)."""
 
-
-class NonFiniteLoss(UserError):
-    """The loss became NaN or infinite; the run stops and names its last good checkpoint."""
+    train: TrainSet
 
 
 class Trainer:
@@ -129,58 +90,32 @@ class Trainer:
     # What --overwrite removes of an earlier run in the folder.
     run_files: tuple[str, ...] = RUN_FILES
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.device = select_device(args.device)
-        self.dist = init_distributed(self.device.type)
-        if self.dist.enabled and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
-        seed_everything(args.seed + self.dist.rank, args.deterministic)
-        self.out = run_dir(args, self.kind)
-        check_run_dir(self.out, args.resume or None, args.overwrite)
-        if self.dist.is_main and (self.out / LOCK_FILE).exists():
-            # A run still going in this folder is named now, before the costly set-up; the
-            # lock is held from train() on.
-            RunLock(self.out).acquire().release()
-        self.early_log = EarlyLog(self.dist.rank)
-        self.env = plain(log_run_header(args, self.device))
-        self.img_size = (args.img_h, args.img_w)
-        self.amp = args.amp if self.device.type == "cuda" else "none"
-        # Channels-last pays on GPUs; on a CPU it made the steps slower.
-        self.channels_last = (
-            self.device.type == "cuda" if args.channels_last is None else args.channels_last
-        )
+    def __init__(self, settings: TrainSettings, train_set: TrainSet | None = None) -> None:
+        """Check and build the run (``train_set``: train on these images, not the data set's)."""
+        self.settings = settings
+        self._start_process()
         # Everything the flags name is read before the costly set-up (the image cache).
-        self.check_inputs()
-        self.train_set = self.build_data()
-        self.model_without_ddp = self.build_model().to(self.device)
+        self.arch = self.load_architecture()
+        self.resume_checkpoint = self.read_resume()
+        self.data = self.build_data(train_set)
+        self.model_without_ddp = self.build_model(self.data.train).to(self.device)
         if self.channels_last:
             self.model_without_ddp.to(memory_format=torch.channels_last)
-        if self.dist.enabled:
-            # Each rank initialised its own weights (seed + rank): start every rank, and its
-            # EMA, from rank 0's (DDP would sync the live model only, after the EMA copy).
-            with torch.no_grad():
-                for tensor in self.model_without_ddp.state_dict().values():
-                    torch.distributed.broadcast(tensor, src=0)
-        self.ema = ModelEMA(self.model_without_ddp, args.ema_decay) if args.ema_decay > 0 else None
-        self.loss = LossRecipe.from_args(args)
-        self.optimizer = self.build_optimizer()
-        self.scheduler = build_schedule(self.optimizer, args)
+        share_weights(self.model_without_ddp, self.dist)
+        decay = settings.ema
+        self.ema = ModelEMA(self.model_without_ddp, decay) if decay > 0 else None
+        self.loss = settings.loss
+        self.optimizer = self.build_optimizer(self.model_without_ddp)
+        optim = settings.optimizer
+        self.scheduler = build_schedule(self.optimizer, optim.warmup_epochs, optim.milestones)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
-        self.sampler = CrossModalitySampler(
-            self.train_set.visible_labels,
-            self.train_set.infrared_labels,
-            args.batch_size,
-            args.num_pos,
-            args.seed,
-            self.dist.rank,
-            self.dist.world_size,
-        )
-        self.aug_generator = torch.Generator().manual_seed(args.seed * 1000 + self.dist.rank)
-        self.images = ResidentImages.upload(self.train_set, self.device)
-        self.model = wrap_model(self.model_without_ddp, self.dist, args.compile)
+        batches = (settings.batch_size, settings.num_pos, settings.seed, self.dist)
+        self.sampler = build_sampler(self.data.train, *batches)
+        self.aug_generator = torch.Generator().manual_seed(settings.seed * 1000 + self.dist.rank)
+        self.images = ResidentImages.upload(self.data.train, self.device)
+        self.model = wrap_model(self.model_without_ddp, self.dist, settings.compile)
         self.state = RunState(
-            gather=_gather_objects if self.dist.enabled else None,
+            gather=gather_objects if self.dist.enabled else None,
             model=self.model_without_ddp,
             ema=self.ema.module if self.ema is not None else None,
             optimizer=self.optimizer,
@@ -190,59 +125,102 @@ class Trainer:
             aug_rng=GeneratorState(self.aug_generator),
             environment=self.env,
         )
+        self.checkpointer = Checkpointer(
+            self.out, self.state, self.checkpoint_header, settings.save_freq, self.dist
+        )
+        self.evaluation = self.build_evaluation()
         # Loss sums of the epoch being trained (restored by a resume, saved by an interruption).
         self.losses = LossMeter(self.device)
         # Where the run stands: the epoch and step being trained (0-based), steps so far.
         self.epoch = self.step = self.global_step = 0
         self.start_epoch = self.start_step = 0
-        self.last_good: Path | None = None
         self.stop = StopRequest()
         # Epochs between copies of the EMA into the live model (0: never).
-        self.overwrite_every = self.ema_overwrite_every() if self.ema is not None else 0
+        self.overwrite_every = settings.overwrite_every if self.ema is not None else 0
         # A resume from the end of an overwrite epoch owes the overwrite that followed its save.
         self.overwrite_pending = False
-        self.lock = RunLock(self.out)
-        if self.dist.is_main:
-            check_free_space(self.out, self.checkpoint_size())
+        self.checkpointer.check_space(self.model_without_ddp, self.ema is not None, self.optimizer)
 
-    # ----- set-up, overridable -------------------------------------------------------------
-    def build_data(self) -> TrainSet:
-        """The training set: check ``--data_root``, load (and cache) the images."""
-        return load_training_data(self.args, self.img_size, self.dist)
+    def _start_process(self) -> None:
+        """Device, processes, seeds, the run folder's name and the early log, in that order."""
+        settings = self.settings
+        device, seed = settings.evaluation.device, settings.seed
+        self.device, self.dist = start_process(device, seed, settings.deterministic)
+        self.out = settings.folder
+        Checkpointer.check_folder(self.out, settings.resume, settings.overwrite, self.dist)
+        self.early_log = EarlyLog(self.dist.rank)
+        self.env = plain(log_run_header(settings.flags(), self.device))
+        self.amp = settings.evaluation.amp if self.device.type == "cuda" else "none"
+        # Channels-last pays on GPUs; on a CPU it made the steps slower.
+        channels_last = settings.channels_last
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
 
-    def check_inputs(self) -> None:
-        """Read the architecture file and the checkpoint to resume, and check they fit.
+    # ----- set-up, overridable: each returns what it builds ---------------------------------
+    def load_architecture(self) -> Arch | None:
+        """The architecture of ``--config_path`` (None: a variant derives it from its network)."""
+        return load_arch(self.settings.config_path)
 
-        Runs before the training data is loaded, so that a bad flag costs seconds.
-        """
-        self.arch = load_arch(self.args.config_path)
-        self.resume_checkpoint = read_resume_checkpoint(self.args) if self.args.resume else None
-        if self.resume_checkpoint is not None:
-            given = f"--config_path {self.args.config_path}"
-            check_same_arch(
-                self.resume_checkpoint, self.arch, f"--resume {self.args.resume}", given
-            )
-
-    def build_model(self) -> nn.Module:
-        """The network of ``--config_path``, initialised from ``--pretrained``."""
-        log.info("architecture %s: %s", self.args.config_path, self.arch.summary())
-        return build_model(
-            self.arch, self.train_set.num_classes, self.args.last_stride, self.args.pretrained
+    def read_resume(self) -> dict[str, Any] | None:
+        """The checkpoint to resume, read and checked before the training data is loaded (so
+        that a bad flag costs seconds); None without ``--resume``."""
+        settings = self.settings
+        if not settings.resume:
+            return None
+        checkpoint = read_resume_checkpoint(
+            settings.resume, settings.flags(), settings.epochs, settings.ema
         )
+        self.check_checkpoint(checkpoint, f"--resume {settings.resume}")
+        return checkpoint
 
-    def build_optimizer(self) -> torch.optim.Optimizer:
+    def check_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
+        """Refuse a checkpoint this run cannot continue: one of another architecture."""
+        assert self.arch is not None
+        given = f"--config_path {self.settings.config_path}"
+        check_same_arch(checkpoint, self.arch, source, given)
+
+    def check_data_fits(self, checkpoint: dict[str, Any], source: str) -> None:
+        """Refuse a checkpoint that does not fit the loaded data (nothing to check here)."""
+
+    def build_data(self, train_set: TrainSet | None) -> TrainingData:
+        """``train_set`` if given, else the data set's: check ``--data_root``, load (and cache)."""
+        if train_set is None:
+            train_set = load_training_data(self.settings.data, self.dist)
+        return TrainingData(train_set)
+
+    def build_model(self, train_set: TrainSet) -> nn.Module:
+        """The network of ``--config_path``, initialised from ``--pretrained``."""
+        assert self.arch is not None
+        settings = self.settings
+        log.info("architecture %s: %s", settings.config_path, self.arch.summary())
+        classes, stride = train_set.num_classes, settings.last_stride
+        return build_model(self.arch, classes, stride, settings.pretrained)
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """Adam (or SGD) over the network weights, in the paper's two learning-rate groups."""
-        return build_optimizer(self.model_without_ddp.named_parameters(), self.args, self.device)
+        return build_optimizer(model.named_parameters(), self.settings.optimizer, self.device)
 
-    def ema_overwrite_every(self) -> int:
-        """``--ema_overwrite_every`` (the data set's default when not given; 0: never)."""
-        if getattr(self.args, "ema_overwrite_every", None) is None:
-            resolve_ema_overwrite(self.args)
-        return int(self.args.ema_overwrite_every)
+    def build_evaluation(self) -> Evaluation:
+        """The test protocol, scored with the live weights and the EMA."""
+        ema = self.ema.module if self.ema is not None else None
+        weights = evaluated_weights(self.model_without_ddp, ema)
+        data, evaluation = self.settings.data, self.settings.evaluation
+        return ProtocolEvaluation(self.out, self.dist, weights, data, evaluation, self.device)
 
     def architecture(self) -> Arch:
         """The architecture a checkpoint records (``test.py`` rebuilds the network from it)."""
+        assert self.arch is not None
         return self.arch
+
+    def checkpoint_header(self) -> dict[str, Any]:
+        """What a checkpoint says of itself: architecture, classes, stride and options."""
+        classes, settings = self.model_without_ddp.num_classes, self.settings
+        return checkpoint_header(
+            self.architecture(), classes, settings.last_stride, settings.flags()
+        )
+
+    def eval_model(self) -> nn.Module:
+        """The EMA when there is one, else the live model (the search scores these)."""
+        return self.ema.module if self.ema is not None else self.model_without_ddp
 
     # ----- resume ---------------------------------------------------------------------------
     def resume(self) -> None:
@@ -250,35 +228,16 @@ class Trainer:
 
         Without ``--resume`` nothing changes: the run starts at epoch 0.
         """
-        if not self.args.resume:
+        path = self.settings.resume
+        if not path:
             return
-        source = f"--resume {self.args.resume}"
-        checkpoint, self.resume_checkpoint = self.resume_checkpoint, None
-        if checkpoint is None:
-            checkpoint = read_resume_checkpoint(self.args)
-        self.check_checkpoint(checkpoint, source)
-        self.state.load_state_dict(
-            checkpoint, source, rank=self.dist.rank, world_size=self.dist.world_size
-        )
-        self.losses.load_state_dict(checkpoint.get("epoch_losses") or {})
-        self.start_epoch = self.epoch = int(checkpoint["epoch"])
-        self.start_step = int(checkpoint.get("step_in_epoch", 0))
-        self.global_step = int(checkpoint.get("global_step", 0))
-        self.overwrite_pending = bool(checkpoint.get(OVERWRITE_PENDING)) and self.ema is not None
-        self.last_good = Path(self.args.resume)
-        log.info(
-            "resumed from %s at epoch %d step %d (global step %d); run folder %s",
-            self.args.resume,
-            self.start_epoch + 1,
-            self.start_step,
-            self.global_step,
-            self.out,
-        )
-
-    def check_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
-        """Refuse a checkpoint this run cannot continue: one of another architecture."""
-        given = f"--config_path {self.args.config_path}"
-        check_same_arch(checkpoint, self.arch, source, given)
+        checkpoint, self.resume_checkpoint = self.resume_checkpoint or self.read_resume(), None
+        assert checkpoint is not None
+        self.check_data_fits(checkpoint, f"--resume {path}")
+        point = self.checkpointer.restore(checkpoint, path, self.losses)
+        self.start_epoch = self.epoch = point.epoch
+        self.start_step, self.global_step = point.step_in_epoch, point.global_step
+        self.overwrite_pending = point.overwrite_pending and self.ema is not None
 
     # ----- the loop -------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -287,15 +246,21 @@ class Trainer:
         try:
             self.open_run_folder()
             with self.stop, contextlib.nullcontext() if quiet else logging_redirect_tqdm():
-                return self._train_epochs()
+                results = self._train_epochs()
+            log.info("run folder: %s", self.out)
+            return results
+        except Interrupted as stop:
+            log.warning("%s", stop)
+            raise
         finally:
-            self.lock.release()
+            self.checkpointer.lock.release()
             cleanup(self.dist)
+            self.close_log()
 
     def _train_epochs(self) -> dict[str, Any]:
-        args = self.args
+        epochs = self.settings.epochs
         results = self._finish_resumed_epoch()
-        for epoch in range(self.start_epoch, args.epochs):
+        for epoch in range(self.start_epoch, epochs):
             self.epoch = epoch
             started = time.time()
             losses = self.train_one_epoch(epoch)
@@ -307,11 +272,11 @@ class Trainer:
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "step": self.global_step,
-                "lr": self.optimizer.param_groups[-1]["lr"],
+                "lr": self.lr(),
                 "time_s": round(time.time() - started, 2),
                 **losses,
             }
-            last = epoch + 1 == args.epochs
+            last = epoch + 1 == epochs
             evaluated = last or self.evaluates(epoch + 1)
             overwrite = self.overwrites(epoch + 1)
             self.on_epoch_end(epoch, record)
@@ -320,32 +285,29 @@ class Trainer:
             # failing evaluation cannot cost the epoch; it changes no number, as the
             # evaluation leaves the weights alone. The record is written before the save, so a
             # kill at any later moment leaves it in the log for the resumed run to complete.
-            checkpoint_state = self.checkpoint_state(epoch + 1, 0, overwrite)
-            if self.dist.is_main:
-                append_json_line(
-                    self.out / "log.jsonl", {**record, PENDING: "pending"} if evaluated else record
-                )
-            checkpoint = self.save_checkpoint(epoch + 1, 0, checkpoint_state)
+            checkpoint = self.checkpointer.assemble(
+                epoch + 1, 0, self.global_step, self.losses, overwrite
+            )
+            self.evaluation.write_record(record, evaluated)
+            saved = self.checkpointer.save(checkpoint, epoch + 1, 0)
             if evaluated:
-                numbers = self.evaluate_and_log(final=last)
+                numbers = self.evaluate_and_log(final=last, epochs_done=epoch + 1)
                 record.update(numbers)
-                if self.dist.is_main:
-                    complete_epoch_record(self.out / "log.jsonl", epoch + 1, numbers)
-                if last:
-                    results = numbers
+                results = numbers if last else results
             if overwrite:
                 self.apply_ema_overwrite()
             if self.dist.is_main:
                 log.info("epoch %d: %s", epoch + 1, _brief(record))
             stop = broadcast_flag(self.stop.requested, self.dist, self.device)
             if stop and not last:
-                raise self.stop.interrupted(checkpoint)
+                raise self.stop.interrupted(saved)
         self.on_train_end(results)
         return results
 
     def evaluates(self, epochs_done: int) -> bool:
         """Whether the monitoring evaluation runs after ``epochs_done`` epochs."""
-        return bool(self.args.test_freq) and epochs_done % self.args.test_freq == 0
+        test_freq = self.settings.test_freq
+        return bool(test_freq) and epochs_done % test_freq == 0
 
     def overwrites(self, epochs_done: int) -> bool:
         """Whether the EMA weights replace the live ones after ``epochs_done`` epochs."""
@@ -364,24 +326,21 @@ class Trainer:
         when it was the final one, whose results a stop may have cut short), then the EMA
         overwrite that followed its checkpoint. Returns the final results, if it ran them.
         """
-        args = self.args
-        epoch, results = self.start_epoch, {}
+        epoch, results, epochs = self.start_epoch, {}, self.settings.epochs
         if epoch == 0 or self.start_step:
             return results
-        final = epoch >= args.epochs
+        final = epoch >= epochs
         if final:
             log.info(
                 "%s has trained all %d epochs: running the final evaluation only",
-                self.last_good,
-                args.epochs,
+                self.checkpointer.last_good,
+                epochs,
             )
-        pending = self.dist.is_main and pending_evaluation(self.out / "log.jsonl", epoch)
+        pending = self.evaluation.pending(epoch)
         if final or broadcast_flag(pending, self.dist, self.device):
             if not final:
                 log.info("epoch %d's evaluation was cut short: running it again", epoch)
-            numbers = self.evaluate_and_log(final=final)
-            if self.dist.is_main:
-                complete_epoch_record(self.out / "log.jsonl", epoch, numbers)
+            numbers = self.evaluate_and_log(final=final, epochs_done=epoch)
             results = numbers if final else {}
         if self.overwrite_pending:
             self.apply_ema_overwrite()
@@ -390,14 +349,14 @@ class Trainer:
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         """Run one epoch (a resumed one from its resume step); returns each loss term's mean."""
         self.model.train()
-        steps = len(self.sampler)
-        total = min(steps, self.args.max_steps) if self.args.max_steps else steps
+        steps, max_steps = len(self.sampler), self.settings.max_steps
+        total = min(steps, max_steps) if max_steps else steps
         first = self.start_step if epoch == self.start_epoch else 0
         self.sampler.set_epoch(epoch, first)
         bar = tqdm(
             total=total,
             initial=first,
-            desc=f"epoch {epoch + 1}/{self.args.epochs}",
+            desc=f"epoch {epoch + 1}/{self.settings.epochs}",
             leave=False,
             disable=not (self.dist.is_main and sys.stderr.isatty()),
         )
@@ -411,7 +370,7 @@ class Trainer:
                 self.global_step += 1
                 bar.update(1)
                 done, stop = step + 1, self.stop.requested
-                if done % self.args.log_freq == 0 or done == total:
+                if done % self.settings.log_freq == 0 or done == total:
                     self._report(epoch, done, total, terms, bar)
                     # Ranks agree on a stop at the log points only (one collective there).
                     stop = broadcast_flag(stop, self.dist, self.device)
@@ -419,7 +378,7 @@ class Trainer:
                     stop = False
                 if stop:
                     if not self.losses.finite():
-                        self._non_finite(f"loss is non-finite in epoch {epoch + 1}")
+                        self.checkpointer.non_finite(f"loss is non-finite in epoch {epoch + 1}")
                     raise self.stop.interrupted(self.save_checkpoint(epoch, done))
         means = self.losses.means()
         self.losses.reset()
@@ -452,18 +411,15 @@ class Trainer:
         # The epoch's running sum is non-finite if any step since the epoch began was.
         if not math.isfinite(mean):
             bad = mean if math.isfinite(loss) else loss
-            self._non_finite(f"loss is {bad} in epoch {epoch + 1} (at or before step {done})")
+            where = f"in epoch {epoch + 1} (at or before step {done})"
+            self.checkpointer.non_finite(f"loss is {bad} {where}")
         bar.set_postfix(loss=f"{loss:.3f}")
-        log.info(
-            "epoch %d/%d step %d/%d: loss %.4f (epoch mean %.4f), lr %.3g",
-            epoch + 1,
-            self.args.epochs,
-            done,
-            total,
-            loss,
-            mean,
-            self.optimizer.param_groups[-1]["lr"],
-        )
+        line, lr = "epoch %d/%d step %d/%d: loss %.4f (epoch mean %.4f), lr %.3g", self.lr()
+        log.info(line, epoch + 1, self.settings.epochs, done, total, loss, mean, lr)
+
+    def lr(self) -> float:
+        """The learning rate of the head (the backbone's is a tenth of it)."""
+        return self.optimizer.param_groups[-1]["lr"]
 
     def request_stop(self, signum: int = signal.SIGTERM) -> None:
         """Stop after the current step with a resumable checkpoint (what SIGINT/SIGTERM do)."""
@@ -475,194 +431,29 @@ class Trainer:
     def on_train_end(self, results: dict[str, Any]) -> None:
         """Hook for variants, called once after the final evaluation."""
 
-    # ----- checkpoints ----------------------------------------------------------------------
+    # ----- the run folder, checkpoints, evaluation ------------------------------------------
     def open_run_folder(self) -> None:
-        """Lock and create the run folder, tidy it, and start its log.txt.
-
-        Rank 0 holds the folder's lock for the run's life (the kernel drops it when the process
-        ends), taken before anything is written there; then an old run is cleared on
-        --overwrite and temporary files that killed writes left are removed.
-        """
-        args = self.args
-        if self.dist.is_main:
-            self.lock.acquire()
-            prepare_run_dir(self.out)
-            if args.overwrite and not is_own_folder(self.out, args.resume):
-                removed = clear_run_dir(self.out, self.run_files)
-                if removed:
-                    log.warning("--overwrite: removed %s from %s", ", ".join(removed), self.out)
-            stale = remove_temp_files(self.out)
-            if stale:
-                log.warning(
-                    "removed %d temporary file(s) that an interrupted write left in %s: %s",
-                    len(stale),
-                    self.out,
-                    ", ".join(stale),
-                )
-        barrier(self.dist)
+        """Lock, create and tidy the run folder (:meth:`Checkpointer.open_folder`); log.txt."""
+        settings = self.settings
+        clear = settings.overwrite and not is_own_folder(self.out, settings.resume)
+        resumed_at = self.start_epoch if settings.resume else None
+        self.checkpointer.open_folder(clear, self.run_files, resumed_at)
         self.early_log.open(self.out / "log.txt")
-        if args.resume and self.dist.is_main:
-            trim_epoch_log(self.out / "log.jsonl", self.start_epoch)
 
-    def checkpoint_size(self) -> int:
-        """About the bytes of one checkpoint: weights, EMA and the optimizer's state.
+    def close_log(self) -> None:
+        """Close the log handlers the run opened (its log.txt); logging goes on to stderr."""
+        setup_logging(None, self.dist.rank)
 
-        The optimizer's state appears at its first step; Adam keeps two tensors per weight,
-        SGD with momentum one.
-        """
-        size = sum(
-            t.numel() * t.element_size() for t in self.model_without_ddp.state_dict().values()
-        )
-        if self.ema is not None:
-            size *= 2
-        per_weight = 2 if isinstance(self.optimizer, torch.optim.Adam) else 1
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        size += per_weight * sum(p.numel() * p.element_size() for p in params)
-        return size + MB
+    def save_checkpoint(self, epoch: int, step_in_epoch: int) -> Path:
+        """Save the run after ``epoch`` epochs and ``step_in_epoch`` steps of the next."""
+        checkpoint = self.checkpointer.assemble(epoch, step_in_epoch, self.global_step, self.losses)
+        return self.checkpointer.save(checkpoint, epoch, step_in_epoch)
 
-    def checkpoint_state(
-        self, epoch: int, step_in_epoch: int, overwrite_pending: bool = False
-    ) -> dict[str, Any]:
-        """The checkpoint of the run after ``epoch`` epochs and ``step_in_epoch`` steps.
-
-        Every floating-point tensor in it (weights, BN statistics, EMA, optimizer state) is
-        checked: a non-finite one stops the run before anything is written.
-        ``overwrite_pending`` records that the EMA overwrite follows this save, so that a
-        resume applies it.
-        """
-        checkpoint = checkpoint_header(
-            self.architecture(),
-            self.model_without_ddp.num_classes,
-            self.args.last_stride,
-            vars(self.args),
-        )
-        checkpoint.update(epoch=epoch, step_in_epoch=step_in_epoch)
-        checkpoint.update(global_step=self.global_step, **self.state.state_dict())
-        if step_in_epoch:
-            # The epoch's loss sums so far, so that its log record covers every step.
-            checkpoint["epoch_losses"] = self.losses.state_dict()
-        if overwrite_pending:
-            checkpoint[OVERWRITE_PENDING] = True
-        self._check_finite(checkpoint, epoch, step_in_epoch)
-        return checkpoint
-
-    def save_checkpoint(
-        self, epoch: int, step_in_epoch: int, checkpoint: dict[str, Any] | None = None
-    ) -> Path:
-        """Save the run after ``epoch`` epochs and ``step_in_epoch`` steps of the next.
-
-        Writes ``checkpoint`` (default: :meth:`checkpoint_state`) as the latest checkpoint,
-        and a copy every ``--save_freq`` epochs; every checkpoint of the run is written here.
-        """
-        if checkpoint is None:
-            checkpoint = self.checkpoint_state(epoch, step_in_epoch)
-        path = self.out / LATEST
-        if self.dist.is_main:
-            write_checkpoint(checkpoint, path)
-            if step_in_epoch == 0 and self.args.save_freq and epoch % self.args.save_freq == 0:
-                copy_atomic(path, self.out / f"checkpoint_ep{epoch:03d}.pth")
-        barrier(self.dist)
-        self.last_good = path
-        return path
-
-    def _check_finite(self, checkpoint: dict[str, Any], epoch: int, step_in_epoch: int) -> None:
-        """Refuse to save a checkpoint holding a NaN or infinity over the last good one."""
-        bad = non_finite_tensors(checkpoint)
-        if bad:
-            where = (
-                f"epoch {epoch + 1} step {step_in_epoch}"
-                if step_in_epoch
-                else f"the end of epoch {epoch}"
-            )
-            shown = ", ".join(bad[:4]) + (f", ... ({len(bad) - 4} more)" if len(bad) > 4 else "")
-            self._non_finite(f"{len(bad)} saved tensor(s) became non-finite at {where}: {shown}")
-
-    def _non_finite(self, what: str) -> None:
-        """Stop the run: the weights may be ruined, so nothing is saved over the last good file."""
-        if self.last_good is None:
-            advice = "none, no checkpoint saved yet (lower --lr, or check the data)"
-        else:
-            advice = f"{self.last_good} (resume from it with a lower --lr, or check the data)"
-        raise NonFiniteLoss(f"{what}; stopped without saving. Last good checkpoint: {advice}")
-
-    # ----- evaluation -----------------------------------------------------------------------
-    def eval_model(self) -> nn.Module:
-        """The EMA when there is one, else the live model (the search scores these)."""
-        return self.ema.module if self.ema is not None else self.model_without_ddp
-
-    def evaluated_weights(self) -> list[tuple[str, nn.Module]]:
-        """What a training-time evaluation scores, by label: the live model, then the EMA.
-
-        The live weights are the checkpoint's ``model`` (``test.py``), the ones the authors'
-        loop evaluated; the EMA, its ``ema`` (``test.py --ema``), is reported beside them.
-        """
-        weights = [("live", self.model_without_ddp)]
-        if self.ema is not None:
-            weights.append(("ema", self.ema.module))
-        return weights
-
-    def evaluate(self, final: bool) -> dict[str, Any]:
-        """Monitoring evaluation on the test protocol (no model selection is made with it).
-
-        Results are keyed by protocol, ``_ema`` appended for the EMA's; each says which
-        weights it scored (``"weights": "live"`` or ``"ema"``).
-        """
-        results: dict[str, Any] = {}
-        for label, model in self.evaluated_weights():
-            suffix = "" if label == "live" else f"_{label}"
-            try:
-                scored = evaluate_training_run(
-                    model, self.args, final, self.device, self.img_size, self.amp
-                )
-            except ValueError as err:
-                if "NaN" not in str(err):
-                    raise
-                # Finite weights so large that the features overflow: the run diverged.
-                raise NonFiniteLoss(
-                    f"the {label} weights give non-finite features in the evaluation after "
-                    f"epoch {self.epoch + 1}: the run diverged (its checkpoints of the last "
-                    "epochs are finite but useless; train again with a lower --lr)"
-                ) from None
-            for key, result in scored.items():
-                results[key + suffix] = {"weights": label, **result}
-        return results
-
-    def evaluate_and_log(self, final: bool) -> dict[str, Any]:
-        """Evaluate on rank 0 and log a summary; the final results also go to results.json/md.
-
-        Returns the flat Rank-1/mAP numbers for the epoch's log.jsonl record.
-        """
-        flat: dict[str, Any] = {}
-        self.stop.phase = "final evaluation" if final else "evaluation"
-        try:
-            if self.dist.is_main:
-                results = self.evaluate(final)
-                rows = []
-                for protocol, result in results.items():
-                    weights = f" ({result['weights']})" if "weights" in result else ""
-                    for kind in ("pool", "bnneck"):
-                        flat[f"{protocol}_{kind}_rank1"] = round(result[kind]["rank1"], 2)
-                        flat[f"{protocol}_{kind}_mAP"] = round(result[kind]["mAP"], 2)
-                        rows.append((f"{protocol} {kind}{weights}", result[kind]))
-                title = WEIGHTS_NOTE if any("weights" in r for r in results.values()) else ""
-                table = format_table(rows, title)
-                log.info("evaluation%s:\n%s", " (final)" if final else "", table)
-                if final:
-                    text = json.dumps(results, indent=2) + "\n"
-                    write_text_atomic(self.out / "results.json", text)
-                    write_text_atomic(self.out / "results.md", table + "\n")
-            barrier(self.dist)
-        finally:
-            self.stop.phase = "step"
+    def evaluate_and_log(self, final: bool, epochs_done: int) -> dict[str, Any]:
+        """Evaluate after ``epochs_done`` epochs (:meth:`Evaluation.run`); returns its numbers."""
+        numbers = self.evaluation.run(final, self.epoch, epochs_done, self.stop)
         self.model.train()
-        return flat
-
-
-def _gather_objects(value: Any) -> list[Any]:
-    """``value`` of every rank, in rank order, on every rank."""
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
+        return numbers
 
 
 def _brief(record: dict[str, Any]) -> str:
@@ -672,11 +463,11 @@ def _brief(record: dict[str, Any]) -> str:
 
 
 def run_trainer(trainer: Trainer) -> int:
-    """Train ``trainer`` to the end; a stop signal exits with 128 + the signal number."""
+    """Resume ``trainer`` (when asked) and train it to the end; returns the exit status (a stop
+    signal: 128 + the signal number)."""
+    trainer.resume()
     try:
         trainer.train()
     except Interrupted as stop:
-        log.warning("%s", stop)
         return 128 + stop.signum
-    log.info("run folder: %s", trainer.out)
     return 0

@@ -10,7 +10,6 @@ draw's gallery.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 import sys
@@ -24,8 +23,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from data import get_dataset, load_images, normalize
-from data.dataset import NO_EXCLUSION, DataSet, ExclusionRule, ImageList, Protocol, ProtocolSettings
+from data import load_images, normalize
+from data.dataset import NO_EXCLUSION, DataSet, ExclusionRule, ImageList, Protocol
 from utils.base.modality import Modality
 from utils.evaluation.metrics import eval_ranking, pairwise_distance, summarize
 from utils.evaluation.rerank import RerankSettings, rerank_features
@@ -306,49 +305,6 @@ def evaluate_protocols(
         if keep is not None:
             keep.append(features)
     return results
-
-
-def evaluate_training_run(
-    model: nn.Module,
-    args: argparse.Namespace,
-    final: bool,
-    device: torch.device,
-    img_size: tuple[int, int],
-    amp: str,
-) -> dict[str, Any]:
-    """The training-time evaluation: every draw at the end, the first one for monitoring.
-
-    Results are keyed ``<data set>_<protocol key>`` (with ``_flip`` under ``--flip`` and then
-    ``_rerank`` under ``--rerank``), the names of the epoch records and of results.json.
-    """
-    dataset = get_dataset(args.dataset)
-    protocols = dataset.protocols(ProtocolSettings(mode=args.mode, shot=1, direction="both"))
-    draws = dataset.draws_of(None) if final else dataset.draws_of(None)[:1]
-    flip = bool(getattr(args, "flip", False))
-    rerank = rerank_settings(args)
-    results = evaluate_protocols(
-        model,
-        dataset,
-        args.data_root,
-        protocols,
-        dataset.split_of(args.trial),
-        draws,
-        device,
-        img_size,
-        args.test_batch,
-        amp,
-        flip,
-        rerank=rerank,
-    )
-    suffix = ("_flip" if flip else "") + ("_rerank" if rerank is not None else "")
-    return {dataset.record_key(protocol) + suffix: result for protocol, result in results}
-
-
-def rerank_settings(args: argparse.Namespace) -> RerankSettings | None:
-    """The re-ranking ``--rerank``, ``--k1``, ``--k2`` and ``--lambda_value`` ask for (or None)."""
-    if not getattr(args, "rerank", False):
-        return None
-    return RerankSettings(int(args.k1), int(args.k2), float(args.lambda_value))
 
 
 def format_table(rows: Sequence[tuple[str, dict[str, float]]], title: str = "") -> str:

@@ -1,0 +1,195 @@
+"""The evaluation side of a training run, beside the loop: what is scored, and its record.
+
+:class:`Evaluation` keeps the run's ``log.jsonl``: an epoch's record is written before its
+checkpoint, marked pending when an evaluation follows, and completed with the evaluation's flat
+Rank-1/mAP numbers, so that a resume can run an evaluation a kill cut short. It logs each
+evaluation's table and writes the final one to ``results.json``/``results.md``. What it scores
+is its subclass's: :class:`ProtocolEvaluation` scores the data set's test protocol with the live
+weights and, beside them, the EMA (keys ending in ``_ema``). No model selection is made with
+these numbers: they monitor the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from data import ProtocolSettings, get_dataset
+from utils.base.distributed import DistInfo, barrier
+from utils.base.io import write_text_atomic
+from utils.base.logger import append_json_line
+from utils.engine.checkpointer import NonFiniteLoss
+from utils.engine.rundir import PENDING, complete_epoch_record, pending_evaluation
+from utils.engine.settings import DataSettings, EvalSettings
+from utils.engine.signals import StopRequest
+from utils.evaluation.evaluate import evaluate_protocols, format_table
+
+__all__ = [
+    "WEIGHTS_NOTE",
+    "Evaluation",
+    "ProtocolEvaluation",
+    "evaluate_training_run",
+    "evaluated_weights",
+]
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NOTE = (
+    "live: the live model (the checkpoint's `model`, scored by test.py); "
+    "ema: the EMA weights (its `ema`, test.py --ema)"
+)
+
+
+def evaluate_training_run(
+    model: nn.Module,
+    data: DataSettings,
+    evaluation: EvalSettings,
+    final: bool,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The training-time evaluation: every draw at the end, the first one for monitoring.
+
+    Results are keyed ``<data set>_<protocol key>`` (with ``_flip`` under ``--flip`` and then
+    ``_rerank`` under ``--rerank``), the names of the epoch records and of results.json.
+    """
+    dataset = get_dataset(data.dataset)
+    protocols = dataset.protocols(ProtocolSettings(mode=evaluation.mode, shot=1, direction="both"))
+    draws = dataset.draws_of(None) if final else dataset.draws_of(None)[:1]
+    amp = evaluation.amp if device.type == "cuda" else "none"
+    results = evaluate_protocols(
+        model,
+        dataset,
+        data.data_root,
+        protocols,
+        data.split,
+        draws,
+        device,
+        data.img_size,
+        evaluation.test_batch,
+        amp,
+        evaluation.flip,
+        rerank=evaluation.rerank,
+    )
+    suffix = ("_flip" if evaluation.flip else "") + ("_rerank" if evaluation.rerank else "")
+    return {dataset.record_key(protocol) + suffix: result for protocol, result in results}
+
+
+def evaluated_weights(model: nn.Module, ema: nn.Module | None) -> list[tuple[str, nn.Module]]:
+    """What a training-time evaluation scores, by label: the live model, then the EMA.
+
+    The live weights are the checkpoint's ``model`` (``test.py``), the ones the authors'
+    loop evaluated; the EMA, its ``ema`` (``test.py --ema``), is reported beside them.
+    """
+    weights = [("live", model)]
+    if ema is not None:
+        weights.append(("ema", ema))
+    return weights
+
+
+class Evaluation(ABC):
+    """A training-time evaluation, run on rank 0, and the epoch records of the run in ``out``."""
+
+    def __init__(self, out: Path, dist: DistInfo) -> None:
+        self.out = out
+        self.dist = dist
+        self.log_file = out / "log.jsonl"
+
+    def write_record(self, record: dict[str, Any], evaluated: bool) -> None:
+        """Append an epoch's record (marked pending when an evaluation is to complete it)."""
+        if self.dist.is_main:
+            append_json_line(self.log_file, {**record, PENDING: "pending"} if evaluated else record)
+
+    def pending(self, epochs_done: int) -> bool:
+        """Whether the record of ``epochs_done`` epochs still waits for its evaluation (rank 0)."""
+        return self.dist.is_main and pending_evaluation(self.log_file, epochs_done)
+
+    def run(self, final: bool, epoch: int, epochs_done: int, stop: StopRequest) -> dict[str, Any]:
+        """Evaluate on rank 0 (``epoch``: the epoch being trained, 0-based), log it and complete
+        the record of ``epochs_done`` epochs; returns its numbers (empty on the other ranks)."""
+        flat: dict[str, Any] = {}
+        stop.phase = "final evaluation" if final else "evaluation"
+        try:
+            if self.dist.is_main:
+                flat = self.record(final, epoch)
+                complete_epoch_record(self.log_file, epochs_done, flat)
+            barrier(self.dist)
+        finally:
+            stop.phase = "step"
+        return flat
+
+    @abstractmethod
+    def evaluate(self, final: bool, epoch: int) -> dict[str, Any]:
+        """Results by key after ``epoch`` (0-based) epochs, each with pool and BNNeck metrics."""
+
+    def record(self, final: bool, epoch: int) -> dict[str, Any]:
+        """Evaluate and log a summary; the final results also go to results.json/md.
+
+        Returns the flat Rank-1/mAP numbers for the epoch's log.jsonl record.
+        """
+        flat: dict[str, Any] = {}
+        results = self.evaluate(final, epoch)
+        rows = []
+        for protocol, result in results.items():
+            weights = f" ({result['weights']})" if "weights" in result else ""
+            for kind in ("pool", "bnneck"):
+                flat[f"{protocol}_{kind}_rank1"] = round(result[kind]["rank1"], 2)
+                flat[f"{protocol}_{kind}_mAP"] = round(result[kind]["mAP"], 2)
+                rows.append((f"{protocol} {kind}{weights}", result[kind]))
+        title = WEIGHTS_NOTE if any("weights" in r for r in results.values()) else ""
+        table = format_table(rows, title)
+        log.info("evaluation%s:\n%s", " (final)" if final else "", table)
+        if final:
+            write_text_atomic(self.out / "results.json", json.dumps(results, indent=2) + "\n")
+            write_text_atomic(self.out / "results.md", table + "\n")
+        return flat
+
+
+class ProtocolEvaluation(Evaluation):
+    """The data set's test protocol, scored with each of ``weights`` (label, network)."""
+
+    def __init__(
+        self,
+        out: Path,
+        dist: DistInfo,
+        weights: list[tuple[str, nn.Module]],
+        data: DataSettings,
+        evaluation: EvalSettings,
+        device: torch.device,
+    ) -> None:
+        super().__init__(out, dist)
+        self.weights = weights
+        self.data = data
+        self.evaluation = evaluation
+        self.device = device
+
+    def evaluate(self, final: bool, epoch: int) -> dict[str, Any]:
+        """Monitoring evaluation on the test protocol (no model selection is made with it).
+
+        Results are keyed by protocol, ``_ema`` appended for the EMA's; each says which
+        weights it scored (``"weights": "live"`` or ``"ema"``).
+        """
+        results: dict[str, Any] = {}
+        for label, model in self.weights:
+            suffix = "" if label == "live" else f"_{label}"
+            try:
+                scored = evaluate_training_run(
+                    model, self.data, self.evaluation, final, self.device
+                )
+            except ValueError as err:
+                if "NaN" not in str(err):
+                    raise
+                # Finite weights so large that the features overflow: the run diverged.
+                raise NonFiniteLoss(
+                    f"the {label} weights give non-finite features in the evaluation after "
+                    f"epoch {epoch + 1}: the run diverged (its checkpoints of the last "
+                    "epochs are finite but useless; train again with a lower --lr)"
+                ) from None
+            for key, result in scored.items():
+                results[key + suffix] = {"weights": label, **result}
+        return results
