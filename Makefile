@@ -7,6 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo
 RUFF := $(PY) -m ruff
+# Test tools; onnx and onnxruntime are optional extras of `utils.export --onnx` that the tests use.
+TEST_TOOLS := pytest "ruff==0.17.6" "onnx>=1.16" "onnxruntime>=1.18"
 RUFF_ARGS := --line-length 100
 LINT_RULES := E,F,W,I,B,UP,N,SIM --ignore N818 --config "lint.isort.known-first-party = ['data', 'model', 'utils']"
 
@@ -14,11 +16,11 @@ LINT_RULES := E,F,W,I,B,UP,N,SIM --ignore N818 --config "lint.isort.known-first-
 
 all: test
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt Makefile
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet pytest "ruff==0.17.6"
+	$(PY) -m pip install --quiet $(TEST_TOOLS)
 	touch $@
 
 setup: $(VENV)/.installed

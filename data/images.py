@@ -78,15 +78,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _read_one(path: str, size_wh: tuple[int, int]) -> np.ndarray:
-    """Decode one image as RGB and resize it with LANCZOS (the authors' ANTIALIAS)."""
+def prepare_image(image: Image.Image, size_wh: tuple[int, int]) -> np.ndarray:
+    """A decoded image as uint8 (H, W, 3), resized to ``size_wh`` (width, height).
+
+    Converted to RGB (:func:`to_rgb`), then resized with LANCZOS (the authors' ANTIALIAS): what
+    every training and test image goes through.
+    """
+    resized = to_rgb(image).resize(size_wh, Image.Resampling.LANCZOS)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def read_image(path: str | os.PathLike[str], size_wh: tuple[int, int]) -> np.ndarray:
+    """Decode one image file with :func:`prepare_image`; an unreadable file is a UserError."""
     problem = file_problem(path)  # opening a FIFO or a device would block or read forever
     if problem:
         raise UserError(f"{path}: cannot read image ({problem})")
     try:
         with Image.open(path) as img:
-            resized = to_rgb(img).resize(size_wh, Image.Resampling.LANCZOS)
-            return np.asarray(resized, dtype=np.uint8)
+            return prepare_image(img, size_wh)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UserError(f"{path}: cannot read image ({exc})") from None
 
@@ -116,7 +125,7 @@ def load_images(
     workers = workers or min(_MAX_WORKERS, os.cpu_count() or 1)
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
     with bar, ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(_read_one, paths, [(width, height)] * len(paths))
+        results = pool.map(read_image, paths, [(width, height)] * len(paths))
         try:
             for i, pixels in enumerate(results):
                 out[i] = pixels

@@ -1,27 +1,29 @@
 """Losses of CM-NAS training and search: identity CE, batch-hard triplet, SP and CMMD.
 
-Each loss is a plain differentiable function of features and labels; :class:`LossRecipe` weighs
-and sums them (the paper's recipe: CE + triplet + 5.0 * SP + 0.05 * CMMD). Anything that pairs
-samples of the same identity does so by comparing labels, never by assuming batch positions, except
-``sp_loss``, whose definition is positional (row k of both halves is the same identity).
+Each loss is a plain differentiable function of features and labels. :data:`LOSS_TERMS` is the one
+table of terms: name, function, which features and labels it takes, weight and its command-line
+flag, and whether the search's architecture step uses it. The flags, their checks, the logged
+names and the plotted curves all come from it; :class:`LossRecipe` weighs and sums the terms (the
+paper's recipe: CE + triplet + 5.0 * SP + 0.05 * CMMD). Anything that pairs samples of the same
+identity does so by comparing labels, never by assuming batch positions, except ``sp_loss``,
+whose definition is positional (row k of both halves is the same identity).
 
-A new loss is its function below plus one line in :meth:`LossRecipe.__call__` (and a weight
-field); it joins training when its name is in ``LossRecipe.terms``, and the search's
-architecture step only if that step names it.
+A new loss is its function plus one :class:`LossTerm` entry in the table (from other code:
+:func:`register_loss`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 
 PAIRINGS = ("vv", "ii", "vi", "iv")
-# Every term of the training loss, in the order they are summed.
-TERMS = ("ce", "triplet", "sp", "cmmd")
+FEATURES = ("pool", "bnneck", "logits")
 
 
 def identity_loss(
@@ -150,25 +152,128 @@ def cmmd_loss(
 
 
 @dataclass(frozen=True)
+class LossTerm:
+    """One term of the training loss.
+
+    ``function`` takes the visible and infrared halves of the ``features`` ("pool" or "bnneck")
+    as ``(visible, visible_labels, infrared, infrared_labels)``, or ``(visible, infrared)``
+    without ``labels``; with "logits" it takes the whole batch's classifier logits and labels. Its
+    weight is ``weight`` unless the recipe sets another; ``flag`` names the command-line option
+    that does (``None``: the weight is fixed). ``search``: the search's architecture step, whose
+    batches have no classifier, uses the term too. ``settings`` turns the recipe's other values
+    into the function's keyword arguments.
+    """
+
+    name: str
+    function: Callable[..., torch.Tensor]
+    features: str = "bnneck"
+    labels: bool = True
+    weight: float = 1.0
+    flag: str | None = None
+    help: str = ""
+    search: bool = True
+    settings: Callable[[LossRecipe], Mapping[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.features not in FEATURES:
+            raise ValueError(f"loss term {self.name!r}: features must be one of {FEATURES}")
+        if self.features == "logits" and self.search:
+            raise ValueError(f"loss term {self.name!r}: the architecture step has no logits")
+
+    def __call__(
+        self,
+        recipe: LossRecipe,
+        features: Mapping[str, torch.Tensor | None],
+        labels: torch.Tensor,
+        n_visible: int,
+    ) -> torch.Tensor:
+        """The unweighted term on a batch whose first ``n_visible`` samples are visible."""
+        options = self.settings(recipe) if self.settings is not None else {}
+        values = features[self.features]
+        if values is None:
+            raise ValueError(
+                f"the {self.name!r} term needs classifier logits (leave it out of terms without)"
+            )
+        if self.features == "logits":
+            inputs = (values.float(), labels) if self.labels else (values.float(),)
+            return self.function(*inputs, **options)
+        visible, infrared, n = values[:n_visible], values[n_visible:], n_visible
+        if self.labels:
+            return self.function(visible, labels[:n], infrared, labels[n:], **options)
+        return self.function(visible, infrared, **options)
+
+
+def _identity_settings(recipe: LossRecipe) -> Mapping[str, Any]:
+    return {"label_smoothing": recipe.label_smooth}
+
+
+def _triplet_settings(recipe: LossRecipe) -> Mapping[str, Any]:
+    return {"margin": recipe.margin, "pairings": recipe.pairings}
+
+
+# Every term of the training loss, in the order they are summed. Triplet runs on the pooled
+# features, SP and CMMD on the BNNeck features (the paper's choice).
+LOSS_TERMS: dict[str, LossTerm] = {
+    term.name: term
+    for term in (
+        LossTerm("ce", identity_loss, "logits", search=False, settings=_identity_settings),
+        LossTerm("triplet", cross_modality_triplet, "pool", settings=_triplet_settings),
+        LossTerm("sp", sp_loss, labels=False, weight=5.0, flag="sp_lambda",
+                 help="weight of the SP loss"),
+        LossTerm("cmmd", cmmd_loss, weight=0.05, flag="cmmd_lambda",
+                 help="weight of the CMMD loss"),
+    )
+}  # fmt: skip
+
+
+def register_loss(term: LossTerm) -> LossTerm:
+    """Add ``term`` to :data:`LOSS_TERMS` (summed after the others); returns it."""
+    if term.name in LOSS_TERMS or term.name == "loss":
+        raise ValueError(f"a loss term named {term.name!r} exists already")
+    if term.flag is not None and term.flag in weight_flags():
+        raise ValueError(f"loss term {term.name!r}: flag --{term.flag} is taken")
+    LOSS_TERMS[term.name] = term
+    return term
+
+
+def weight_flags() -> dict[str, str]:
+    """The command-line flag of each term weight that has one: flag -> term name."""
+    return {term.flag: name for name, term in LOSS_TERMS.items() if term.flag is not None}
+
+
+def search_terms() -> tuple[str, ...]:
+    """The terms the search's architecture step uses."""
+    return tuple(name for name, term in LOSS_TERMS.items() if term.search)
+
+
+def _default_weights() -> Mapping[str, float]:
+    return MappingProxyType({name: term.weight for name, term in LOSS_TERMS.items()})
+
+
+@dataclass(frozen=True)
 class LossRecipe:
     """The loss terms a step uses and their weights; the defaults are the paper's recipe.
 
     Calling the recipe on a batch whose first ``n_visible`` samples are visible returns the
     weighted terms by name and their sum under ``"loss"``. A term whose weight is 0 is left out.
+    ``weights`` holds a weight per term name (the table's for those it does not name).
     """
 
+    weights: Mapping[str, float] = field(default_factory=_default_weights)
     label_smooth: float = 0.0
     margin: float = 0.4
-    sp_lambda: float = 5.0
-    cmmd_lambda: float = 0.05
     # Anchor -> candidate modality pairings of the triplet loss.
     pairings: tuple[str, ...] = PAIRINGS
-    terms: tuple[str, ...] = TERMS
+    terms: tuple[str, ...] = field(default_factory=lambda: tuple(LOSS_TERMS))
 
-    @classmethod
-    def from_args(cls, args: Any) -> LossRecipe:
-        """The recipe of the command-line options (``--label_smooth``, ``--margin``, ...)."""
-        return cls(args.label_smooth, args.margin, args.sp_lambda, args.cmmd_lambda)
+    def weight(self, name: str) -> float:
+        """The weight of term ``name``."""
+        return self.weights.get(name, LOSS_TERMS[name].weight)
+
+    def flags(self) -> dict[str, float]:
+        """The recipe by command-line flag: ``--label_smooth``, ``--margin`` and each weight."""
+        by_flag = {flag: self.weight(name) for flag, name in weight_flags().items()}
+        return {"label_smooth": self.label_smooth, "margin": self.margin, **by_flag}
 
     def __call__(
         self,
@@ -180,40 +285,28 @@ class LossRecipe:
     ) -> dict[str, torch.Tensor]:
         """The weighted terms named in ``terms`` and their sum under ``"loss"``.
 
-        Triplet runs on the pooled features, SP and CMMD on the BNNeck features (the paper's
-        choice); CE needs ``logits``, which the search's architecture step does not have.
+        CE needs ``logits``, which the search's architecture step does not have.
         """
-        pool, bnneck = pool.float(), bnneck.float()
-        n = n_visible
-        v_labels, i_labels = labels[:n], labels[n:]
-        # name: (weight, loss); a new loss is one line here.
-        recipe: dict[str, tuple[float, Callable[[], torch.Tensor]]] = {
-            "ce": (1.0, lambda: identity_loss(_need(logits).float(), labels, self.label_smooth)),
-            "triplet": (
-                1.0,
-                lambda: cross_modality_triplet(
-                    pool[:n], v_labels, pool[n:], i_labels, self.margin, self.pairings
-                ),
-            ),
-            "sp": (self.sp_lambda, lambda: sp_loss(bnneck[:n], bnneck[n:])),
-            "cmmd": (
-                self.cmmd_lambda,
-                lambda: cmmd_loss(bnneck[:n], v_labels, bnneck[n:], i_labels),
-            ),
-        }
-        unknown = [name for name in self.terms if name not in recipe]
+        unknown = [name for name in self.terms if name not in LOSS_TERMS]
         if unknown:
-            raise ValueError(f"unknown loss term(s) {unknown}: expected some of {list(recipe)}")
+            raise ValueError(f"unknown loss term(s) {unknown}: expected some of {list(LOSS_TERMS)}")
+        features = {"pool": pool.float(), "bnneck": bnneck.float(), "logits": logits}
         out: dict[str, torch.Tensor] = {}
         for name in self.terms:
-            weight, loss = recipe[name]
+            weight = self.weight(name)
             if weight > 0:
-                out[name] = loss() if weight == 1.0 else weight * loss()
+                loss = LOSS_TERMS[name](self, features, labels, n_visible)
+                out[name] = loss if weight == 1.0 else weight * loss
         out["loss"] = sum(out.values())  # type: ignore[assignment]
         return out
 
 
-def _need(logits: torch.Tensor | None) -> torch.Tensor:
-    if logits is None:
-        raise ValueError("the 'ce' term needs classifier logits (leave it out of terms without)")
-    return logits
+def recipe_from(
+    weights: Mapping[str, float], label_smooth: float = 0.0, margin: float = 0.4
+) -> LossRecipe:
+    """The recipe with the given term weights (by term name; the others the table's)."""
+    unknown = sorted(set(weights) - set(LOSS_TERMS))
+    if unknown:
+        raise ValueError(f"unknown loss term(s) {unknown}: expected some of {list(LOSS_TERMS)}")
+    merged = {name: float(weights.get(name, term.weight)) for name, term in LOSS_TERMS.items()}
+    return LossRecipe(MappingProxyType(merged), label_smooth, margin)

@@ -27,6 +27,8 @@ from model.net import CMNASNet, build_model
 from utils.base.errors import UserError
 
 log = logging.getLogger(__name__)
+# The paper's image size (height, width); the authors' checkpoints carry none and use it.
+DEFAULT_IMG_SIZE = (256, 128)
 
 
 @dataclass
@@ -39,6 +41,20 @@ class Restored:
     last_stride: int
     authors: bool
     checkpoint: dict[str, Any]
+    img_size: tuple[int, int] = DEFAULT_IMG_SIZE
+
+
+def stored_img_size(
+    weights: str | os.PathLike[str], checkpoint: Mapping[str, Any]
+) -> tuple[int, int]:
+    """The (height, width) ``checkpoint`` was trained at: its stored size, else 256x128."""
+    trained = checkpoint.get("args") if not is_authors_checkpoint(checkpoint) else None
+    trained = trained if isinstance(trained, Mapping) else {}
+    height, width = (
+        stored_integer(trained.get(flag) or fallback, flag, weights, 1)
+        for flag, fallback in zip(("img_h", "img_w"), DEFAULT_IMG_SIZE, strict=True)
+    )
+    return height, width
 
 
 def slot_difference(given: Arch, stored: Arch) -> str:
@@ -102,4 +118,5 @@ def model_from_checkpoint(
     model = build_model(arch, num_classes, stride)
     load_checkpoint(model, checkpoint, ema=ema, source=str(weights))
     log.info("model: %s, %d classes, last stride %d", arch.summary(), num_classes, stride)
-    return Restored(model, arch, num_classes, stride, authors, checkpoint)
+    img_size = stored_img_size(weights, checkpoint)
+    return Restored(model, arch, num_classes, stride, authors, checkpoint, img_size)

@@ -27,7 +27,8 @@ TINY = [
     "--workers", "1",
     "--feature_images", "24", "--test_batch", "16", "--metrics_query", "200",
     "--metrics_gallery", "150", "--llcm_query", "120", "--llcm_gallery", "90",
-    "--search_steps", "4", "--search_rounds", "1",
+    "--search_steps", "4", "--search_rounds", "1", "--extractor_images", "6",
+    "--extractor_batch", "4", "--extractor_rounds", "1",
 ]  # fmt: skip
 
 
@@ -78,7 +79,14 @@ def test_benchmark_writes_every_section(tmp_path: Path, capsys: pytest.CaptureFi
     search = doc["search"]
     assert search["status"] == "measured", search
     assert _positive(search["ratio"]) and _positive(search["train_step_s"])
+    for size, shape in (("demo", [64, 32]), ("paper", [256, 128])):
+        extractor = doc["extractor"][size]
+        assert extractor["img_size"] == shape and extractor["images"] == 6
+        for key in ("decode", "network", "folded", "onnx"):
+            assert _positive(extractor[f"{key}_images_per_s"]), (size, key)
+        assert extractor["folded_max_abs_diff"] < 1e-4 and extractor["onnx_max_abs_diff"] < 1e-4
     text = table.read_text()
+    assert "| extractor 256x128 images/s: network / BN folded |" in text
     assert "| training images/s |" in text
     assert "| re-ranking 200 x 150, 1 thread (s): vectorised / reference |" in text
     assert "| LLCM 120 x 90 (s): eval_llcm / re-ranking |" in text
@@ -86,10 +94,10 @@ def test_benchmark_writes_every_section(tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_skipped_sections_are_marked(capsys: pytest.CaptureFixture[str]) -> None:
     """``--skip`` leaves sections out explicitly; no speed-up without both training paths."""
-    argv = [*TINY, "--skip", "fast", "plain", "features", "search", "rerank", "llcm"]
-    assert benchmark.main(argv) == 0
+    skipped = ("fast", "plain", "features", "search", "rerank", "llcm", "extractor")
+    assert benchmark.main([*TINY, "--skip", *skipped]) == 0
     doc = json.loads(capsys.readouterr().out)
-    for section in ("fast", "plain", "features", "search", "rerank", "llcm"):
+    for section in skipped:
         assert doc[section] == {"skipped": True}
     assert doc["speedup"] is None
     assert doc["metrics"]["num_query"] == 200

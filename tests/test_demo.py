@@ -99,3 +99,22 @@ def test_bad_flags_are_one_line_errors(
     assert run_cli(demo.main, ["--out", str(tmp_path / "demo"), *flags]) == 2
     assert capsys.readouterr().err == message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_crops_are_labelled_folders_of_test_identities(toy_sysu: Path, tmp_path: Path) -> None:
+    crops = demo.make_crops(toy_sysu, tmp_path, ids=2)
+    ids = [f"{int(pid):04d}" for pid in demo.test_ids_of(toy_sysu)[:2]]
+    for modality, count, cams in (("infrared", 1, ("cam3", "cam6")), ("visible", 2, None)):
+        assert sorted(p.name for p in (crops / modality).iterdir()) == sorted(ids)
+        for identity in ids:
+            files = sorted((crops / modality / identity).iterdir())
+            assert len(files) == count
+            camera = files[0].name.split("_")[0]
+            assert (camera in cams) if cams else camera in ("cam1", "cam2", "cam4", "cam5")
+    (tmp_path / "matches").mkdir()
+    (tmp_path / "matches" / "metrics.json").write_text(
+        '{"rank1": 50.0, "rank5": 100.0, "mAP": 75.0}'
+    )
+    text = "\n".join(demo.matches_section(tmp_path))
+    assert "ranked 4 visible crops for each of 2 infrared crops" in text
+    assert "Rank-1 50.00" in text and "[matches/index.html](matches/index.html)" in text

@@ -1,19 +1,30 @@
-"""Export: each modality's plain ResNet gives the CM-NAS network's features, folded or not."""
+"""Export: each modality's plain ResNet and ONNX file give the CM-NAS network's features, folded
+or not; an export is all or nothing."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from model import SHARED, SPLIT, Arch, CMNASNet, build_model, slot_names
 from model.checkpoint import checkpoint_header
+from model.fold import folded_network
 from model.restore import model_from_checkpoint
 from utils.base.cli import run_cli
-from utils.export import main, plain_state
+from utils.base.errors import UserError
+from utils.base.io import MB
+from utils.export import ModalityNetwork, check_onnx, main, plain_state, write_onnx
+from utils.extract import input_contract
 
 AUTHOR_BRANCH = {"visible": "visible_bn", "infrared": "thermal_bn", "shared": "sharable_bn"}
 
@@ -309,3 +320,197 @@ def test_cli_errors(tmp_path, net18, capsys, read_only_folder) -> None:
     assert not (locked / "x").exists()
     code, err = run(["--weights", str(checkpoint), "--out", str(tmp_path / "o")], capsys)
     assert code == 0 and not err.startswith("error")
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX: each file in onnxruntime gives the PyTorch features of its modality
+# --------------------------------------------------------------------------------------------
+def preprocess(pixels: list[np.ndarray], contract: dict) -> np.ndarray:
+    """Images prepared as export.json's ``input`` says, written from its words alone."""
+    height, width = contract["img_size"]
+    assert contract["channel_order"] == "RGB" and contract["value_range"] == [0.0, 1.0]
+    batch = []
+    for image in pixels:
+        rgb = Image.fromarray(image).convert("RGB").resize((width, height), Image.LANCZOS)
+        scaled = np.asarray(rgb, dtype=np.float32) / 255.0
+        batch.append((scaled - contract["mean"]) / contract["std"])
+    return np.stack(batch).transpose(0, 3, 1, 2).astype(np.float32)
+
+
+def onnx_features(path: Path, images: np.ndarray) -> list[np.ndarray]:
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["pool", "bnneck"]
+    return session.run(None, {"images": images})
+
+
+def raw_images(count: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    shapes = [(80, 40, 3), (64, 32), (50, 30, 3)]
+    return [rng.integers(0, 256, shapes[i % 3], dtype=np.uint8) for i in range(count)]
+
+
+def assert_onnx_close(path: Path, network: CMNASNet, modality: str, contract: dict) -> None:
+    images = preprocess(raw_images(3, seed=len(modality)), contract)
+    got = onnx_features(path, images)
+    expected = features(network, torch.from_numpy(images), modality)
+    scale = max(1.0, max(float(t.abs().max()) for t in expected))
+    for ours, theirs in zip(got, expected, strict=True):
+        assert ours.shape == tuple(theirs.shape)  # a batch of 3, exported with a batch of 2
+        assert float(np.abs(ours - theirs.numpy()).max()) <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("folded", [False, True])
+def test_cli_onnx_files_give_each_modality_features(tmp_path, net18, capsys, folded: bool) -> None:
+    pytest.importorskip("onnxruntime")
+    checkpoint = save_ours(tmp_path / "checkpoint.pth", random_network(18, seed=6), net18)
+    out = tmp_path / "exported"
+    argv = ["--weights", str(checkpoint), "--out", str(out), "--ema", "--onnx"]
+    code, err = run([*argv, *(["--fold_bn"] if folded else [])], capsys)
+    assert code == 0, err
+    described = json.loads((out / "export.json").read_text())
+    assert described["files"]["infrared_onnx"] == "infrared.onnx"
+    assert described["onnx"]["fold_bn"] is folded and described["onnx"]["batch"] == "dynamic"
+    contract = dict(described["input"])
+    assert contract["img_size"] == [256, 128]  # the test checkpoint stores no size
+    contract["img_size"] = [64, 32]  # tiny images: the network accepts any size
+    for modality in ("visible", "infrared"):
+        # The exported file takes the size it was exported at; rebuild a tiny one to compare.
+        path = tmp_path / f"{modality}_small.onnx"
+        network = folded_network(net18, modality) if folded else net18
+        write_onnx(ModalityNetwork(network, modality), path, (64, 32))
+        assert_onnx_close(path, net18, modality, contract)
+    # The files written by the command: the checkpoint's size, its EMA weights.
+    contract["img_size"] = described["input"]["img_size"]
+    assert_onnx_close(out / "infrared.onnx", net18, "infrared", contract)
+
+
+def test_onnx_resnet50_split_and_shared_folded_and_not(tmp_path) -> None:
+    model = random_network(50, seed=8)
+    contract = input_contract((64, 32))
+    for modality, folded in (("visible", True), ("infrared", False)):
+        path = tmp_path / f"{modality}.onnx"
+        network = folded_network(model, modality) if folded else model
+        write_onnx(ModalityNetwork(network, modality), path, (64, 32))
+        assert_onnx_close(path, model, modality, contract)
+
+
+def test_onnx_export_in_training_mode_is_caught(tmp_path, net18) -> None:
+    """A wrapper left in training mode is put in eval mode; a wrong file is refused."""
+    ort = pytest.importorskip("onnxruntime")
+    wrapped = ModalityNetwork(net18, "visible").train()
+    write_onnx(wrapped, tmp_path / "v.onnx", (64, 32))
+    assert not wrapped.training
+    assert check_onnx(ort, tmp_path / "v.onnx", wrapped, (64, 32)) < 1e-4
+    other = ModalityNetwork(net18, "infrared")
+    with pytest.raises(UserError, match="^v.onnx: onnxruntime's features differ from PyTorch's"):
+        check_onnx(ort, tmp_path / "v.onnx", other, (64, 32))
+
+
+def test_onnx_without_its_packages(tmp_path, net18, capsys, monkeypatch, expect_error) -> None:
+    checkpoint = save_ours(tmp_path / "c.pth", net18, net18)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    out = tmp_path / "out"
+    code, err = run(["--weights", str(checkpoint), "--out", str(out), "--onnx"], capsys)
+    line = expect_error(code, err)
+    assert line == (
+        "error: --onnx needs the package(s) onnxruntime: pip install onnx onnxruntime "
+        "(the .pth export works without them)"
+    )
+    assert not out.exists()
+    code, _ = run(["--weights", str(checkpoint), "--out", str(out)], capsys)
+    assert code == 0
+
+
+# --------------------------------------------------------------------------------------------
+# All or nothing: a full disk, a failure between files, non-finite weights
+# --------------------------------------------------------------------------------------------
+def export_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_failure_between_files_keeps_the_previous_export(
+    tmp_path, net18, capsys, monkeypatch, expect_error
+) -> None:
+    checkpoint = save_ours(tmp_path / "c.pth", net18, net18)
+    out = tmp_path / "exported"
+    code, _ = run(["--weights", str(checkpoint), "--out", str(out), "--fold_bn"], capsys)
+    assert code == 0
+    before = export_bytes(out)
+    save, real_usage, failed = torch.save, shutil.disk_usage, []
+
+    def fails_the_second_time(obj, handle, *args, **kwargs) -> None:
+        if failed or not str(handle).endswith("infrared.pth"):
+            return save(obj, handle, *args, **kwargs)
+        Path(handle).write_bytes(b"PK\x03\x04 part of a network")
+        failed.append(handle)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    def full_once_failed(path):
+        usage = real_usage(path)
+        return usage._replace(free=4096) if failed else usage
+
+    monkeypatch.setattr(torch, "save", fails_the_second_time)
+    monkeypatch.setattr(shutil, "disk_usage", full_once_failed)
+    code, err = run(["--weights", str(checkpoint), "--out", str(out)], capsys)
+    line = expect_error(code, err, f"no space left on {tmp_path}, need about ")
+    assert line.endswith(" MB (free some space and run again)") and "unexpected pos" not in err
+    assert failed and export_bytes(out) == before
+    assert json.loads((out / "export.json").read_text())["fold_bn"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pth", "exported"]
+
+
+@pytest.fixture
+def small_filesystem(tmp_path) -> Iterator[Path]:
+    """A real 48 MB file system (tmpfs), where the system lets the tests mount one."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip("cannot mount a small file system here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_full_disk_is_one_line_and_keeps_the_previous_export(
+    small_filesystem, tmp_path, net18, capsys, expect_error
+) -> None:
+    checkpoint = save_ours(tmp_path / "c.pth", net18, net18)
+    out = small_filesystem / "exported"
+    out.mkdir()
+    (out / "export.json").write_text('{"fold_bn": true}\n')
+    (out / "visible.pth").write_bytes(b"an earlier export")
+    filler = small_filesystem / "filler"
+    filler.write_bytes(bytes(20 * MB))
+    code, err = run(["--weights", str(checkpoint), "--out", str(out)], capsys)
+    line = expect_error(code, err, f"no space left on {small_filesystem}, need about ")
+    assert "unexpected pos" not in err and line.endswith("MB (free some space and run again)")
+    assert (out / "visible.pth").read_bytes() == b"an earlier export"
+    assert sorted(p.name for p in small_filesystem.iterdir()) == ["exported", "filler"]
+
+
+def test_non_finite_weights_are_refused(tmp_path, capsys, expect_error) -> None:
+    broken = random_network(18, seed=2)
+    with torch.no_grad():
+        broken.backbone.layer1[0].bn1.shared.running_var[3] = float("nan")
+        broken.bnneck.weight[0] = float("inf")
+    checkpoint = save_ours(tmp_path / "c.pth", broken, broken)
+    out = tmp_path / "out"
+    code, err = run(["--weights", str(checkpoint), "--out", str(out)], capsys)
+    line = expect_error(code, err, f"{checkpoint}: 2 tensor(s) hold NaN or infinity")
+    assert "backbone.layer1.0.bn1.shared.running_var" in line and "bnneck.weight" in line
+    assert not out.exists()
+
+
+def test_out_holding_other_files_is_refused(tmp_path, net18, capsys, expect_error) -> None:
+    checkpoint = save_ours(tmp_path / "c.pth", net18, net18)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    code, err = run(["--weights", str(checkpoint), "--out", str(out)], capsys)
+    expect_error(code, err, f"--out {out}: holds other files than an export (notes.txt)")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

@@ -14,6 +14,7 @@ from model.losses import (
     cross_modality_triplet,
     euclidean_dist,
     identity_loss,
+    recipe_from,
     sp_loss,
 )
 
@@ -237,7 +238,7 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def test_recipe_weighs_and_sums_the_paper_terms() -> None:
     pool, bnneck, logits, ys = _batch()
-    recipe = LossRecipe(label_smooth=0.1, margin=0.3, sp_lambda=2.0, cmmd_lambda=0.5)
+    recipe = recipe_from({"sp": 2.0, "cmmd": 0.5}, label_smooth=0.1, margin=0.3)
     terms = recipe(pool, bnneck, logits, ys, 8)
     want = {
         "ce": identity_loss(logits, ys, 0.1),
@@ -250,17 +251,19 @@ def test_recipe_weighs_and_sums_the_paper_terms() -> None:
         assert torch.equal(terms[name], value), name
     assert torch.equal(terms["loss"], want["ce"] + want["triplet"] + want["sp"] + want["cmmd"])
     paper = LossRecipe()
-    assert (paper.margin, paper.sp_lambda, paper.cmmd_lambda, paper.label_smooth) == (
+    assert (paper.margin, paper.weight("sp"), paper.weight("cmmd"), paper.label_smooth) == (
         0.4,
         5.0,
         0.05,
         0.0,
     )
+    flags = {"label_smooth": 0.0, "margin": 0.4, "sp_lambda": 5.0, "cmmd_lambda": 0.05}
+    assert paper.flags() == flags
 
 
 def test_recipe_leaves_out_zero_weights_and_unnamed_terms() -> None:
     pool, bnneck, logits, ys = _batch()
-    assert set(LossRecipe(sp_lambda=0.0)(pool, bnneck, logits, ys, 8)) == {
+    assert set(recipe_from({"sp": 0.0})(pool, bnneck, logits, ys, 8)) == {
         "ce", "triplet", "cmmd", "loss"
     }  # fmt: skip
     # The search's architecture step: no classifier, cross-modality triplet pairings only.

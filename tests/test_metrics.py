@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 
 from data import ExclusionRule
+from data.llcm import SAME_IDENTITY_AND_CAMERA
+from utils.benchmark.references import eval_ranking_loop, eval_sysu_loop
 from utils.evaluation.metrics import (
     eval_llcm,
-    eval_llcm_loop,
     eval_ranking,
-    eval_ranking_loop,
     eval_regdb,
-    eval_regdb_loop,
     eval_sysu,
-    eval_sysu_loop,
     pairwise_distance,
     summarize,
 )
+
+# The per-query references of LLCM and RegDB: the loop under their rules.
+eval_llcm_loop = partial(eval_ranking_loop, exclusion=SAME_IDENTITY_AND_CAMERA, dedup_cmc=True)
+eval_regdb_loop = eval_ranking_loop
 
 SYSU = (eval_sysu, eval_sysu_loop)
 REGDB = (eval_regdb, eval_regdb_loop)
@@ -385,3 +389,30 @@ def test_summarize_reports_percentages() -> None:
         }
     )
     assert set(summarize(cmc[:5], 0.0, 0.0)) == {"rank1", "rank5", "mAP", "mINP"}
+
+
+RULES = {
+    "none": ExclusionRule(),
+    "camera pair": ExclusionRule(ignored_camera_pairs=((3, 2),)),
+    "same identity and camera": ExclusionRule(same_identity_same_camera=True),
+    "both": ExclusionRule(ignored_camera_pairs=((1, 3), (3, 2)), same_identity_same_camera=True),
+}
+
+
+@pytest.mark.parametrize("dedup", [False, True])
+@pytest.mark.parametrize("rule", RULES.values(), ids=RULES.keys())
+@pytest.mark.parametrize("ties", [False, True])
+def test_every_rule_and_cmc_kind_matches_loop(rule: ExclusionRule, dedup: bool, ties: bool) -> None:
+    """Vectorised == loop exactly for each kind of rule, either CMC, random or tie-heavy."""
+    rng = np.random.default_rng(17 + 2 * ties + dedup)
+    for dtype in (np.float32, np.float64):
+        dist, q_pids, g_pids, _, _ = random_problem(rng, 60, 80, 7, dtype)
+        q_cams, g_cams = rng.integers(1, 4, 60), rng.integers(1, 4, 80)
+        if ties:
+            dist = np.round(dist)
+            dist[rng.random(dist.shape) < 0.1] = np.inf
+        q_pids[0], q_cams[0], g_cams[0] = g_pids[0], 2, 1
+        got = eval_ranking(dist, q_pids, g_pids, q_cams, g_cams, rule, dedup)
+        expected = eval_ranking_loop(dist, q_pids, g_pids, q_cams, g_cams, rule, dedup)
+        np.testing.assert_array_equal(got[0], expected[0])
+        assert got[1:] == pytest.approx(expected[1:], abs=1e-12)

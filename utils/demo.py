@@ -8,7 +8,10 @@ Each step runs the real command-line tool (``search.py``, ``train.py``, ``test.p
 ``utils.plot``) in a subprocess, exactly as a user would, with settings scaled down for a CPU:
 ResNet-18, small images, no ImageNet download, few epochs. The demo leaves, under ``--out``, the
 results table (``results.md``), the pictures (search heat map, training curves, rank lists) and a
-``README.md`` that shows them beside the table.
+``README.md`` that shows them beside the table. It ends as a user with their own crops would:
+``python -m utils.match --labels_from_folders`` on a few dozen infrared and visible crops copied
+from the synthetic test set into ``<identity>/<image>`` folders (``crops/``), which writes
+``matches/index.html``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,6 +41,10 @@ TRAIN_IDS, VAL_IDS = 24, 8
 # 15 points between two sets of 16; with 96 the draws agree to about 1 point, for some 10 s more
 # data generation and 25 s more testing on two CPU cores.
 TEST_IDS = 96
+# The crops of the final matching step: identities, visible images of each (one infrared each).
+CROP_IDS, CROPS_PER_ID = 12, 2
+# SYSU-MM01's infrared and visible cameras.
+INFRARED_CAMS, VISIBLE_CAMS = ("cam3", "cam6"), ("cam1", "cam2", "cam4", "cam5")
 
 
 def run_step(name: str, command: list[str], stdout: Path | None = None) -> float:
@@ -178,27 +186,12 @@ def make_data(args: argparse.Namespace, seed: int) -> Path:
     """Synthetic SYSU-MM01 for ``seed`` (reused when there with ``--test_ids`` test identities)."""
     data = Path(args.out) / f"data_seed{seed}"
     if len(test_ids_of(data)) != args.test_ids:
-        run_step(
-            "data",
-            [
-                sys.executable,
-                "-m",
-                "data.toy",
-                "--dataset",
-                "sysu",
-                "--out",
-                str(data),
-                "--seed",
-                str(seed),
-                "--train_ids",
-                str(TRAIN_IDS),
-                "--val_ids",
-                str(VAL_IDS),
-                "--test_ids",
-                str(args.test_ids),
-                "--overwrite",
-            ],
-        )
+        command = [
+            sys.executable, "-m", "data.toy", "--dataset", "sysu", "--out", str(data),
+            "--seed", str(seed), "--train_ids", str(TRAIN_IDS), "--val_ids", str(VAL_IDS),
+            "--test_ids", str(args.test_ids), "--overwrite",
+        ]  # fmt: skip
+        run_step("data", command)
     return data
 
 
@@ -206,33 +199,47 @@ def search(args: argparse.Namespace, data: Path, seed: int) -> Path:
     """Run a short architecture search and draw its curves; returns the architecture's path."""
     runs = Path(args.out) / "runs"
     note = f"search_seed{seed}"
-    run_step(
-        "search",
-        [
-            sys.executable,
-            "search.py",
-            *common_flags(args, data),
-            *training_flags(args, seed),
-            "--depth",
-            "18",
-            "--epochs",
-            str(args.search_epochs),
-            "--arch_warmup",
-            str(args.arch_warmup),
-            "--arch_fraction",
-            "0.3",
-            "--arch_freq",
-            "2",
-            "--arch_lr",
-            "0.05",
-            "--save",
-            str(runs),
-            "--note",
-            note,
-        ],
-    )
+    command = [
+        sys.executable, "search.py", *common_flags(args, data), *training_flags(args, seed),
+        "--depth", "18", "--epochs", str(args.search_epochs), "--arch_warmup",
+        str(args.arch_warmup), "--arch_fraction", "0.3", "--arch_freq", "2", "--arch_lr", "0.05",
+        "--save", str(runs), "--note", note,
+    ]  # fmt: skip
+    run_step("search", command)
     run_step("curves search", [sys.executable, "-m", "utils.plot", str(runs / note)])
     return runs / note / "arch.json"
+
+
+def make_crops(data: Path, out: Path, ids: int = CROP_IDS) -> Path:
+    """Copy test crops as a user's labelled folders: ``crops/{infrared,visible}/<id>/<image>``.
+
+    Each of the first ``ids`` test identities gives one infrared image and ``CROPS_PER_ID``
+    visible ones (the first in sorted order). Rebuilt on every run.
+    """
+    crops = out / "crops"
+    shutil.rmtree(crops, ignore_errors=True)
+    for pid in test_ids_of(data)[:ids]:
+        for modality, cams, count in (
+            ("infrared", INFRARED_CAMS, 1),
+            ("visible", VISIBLE_CAMS, CROPS_PER_ID),
+        ):
+            found = sorted(p for cam in cams for p in (data / cam / f"{int(pid):04d}").glob("*.*"))
+            folder = crops / modality / f"{int(pid):04d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for image in found[:count]:
+                shutil.copyfile(image, folder / f"{image.parent.parent.name}_{image.name}")
+    return crops
+
+
+def match_crops(crops: Path, weights: Path, out: Path) -> None:
+    """Rank the visible crops for each infrared crop with ``utils.match``, as a user would."""
+    command = [
+        sys.executable, "-m", "utils.match", "--weights", str(weights), "--ema",
+        "--query", str(crops / "infrared"), "--query_modality", "infrared",
+        "--gallery", str(crops / "visible"), "--gallery_modality", "visible",
+        "--out", str(out), "--labels_from_folders",
+    ]  # fmt: skip
+    run_step("match", command, stdout=out.parent / "matches.md")
 
 
 def chance_level(data: Path) -> float:
@@ -310,11 +317,32 @@ def readme(text: str, pictures: Sequence[tuple[str, Path]], out: Path, intro: st
                 lines += [caption, ""]
         link = Path(os.path.relpath(path, out)).as_posix()
         lines += [f"![{title}]({link})", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + matches_section(out))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the demo pipeline, print its results table and write its README.md."""
+def matches_section(out: Path) -> list[str]:
+    """The README's part on the final ``utils.match`` step, when it ran."""
+    metrics_file = out / "matches" / "metrics.json"
+    if not metrics_file.is_file():
+        return []
+    metrics = json.loads(metrics_file.read_text())
+    counts = {m: len(list((out / "crops" / m).rglob("*.*"))) for m in ("infrared", "visible")}
+    return [
+        "## Matching crops as a user would",
+        "",
+        f"`python -m utils.match --labels_from_folders` (the first model, EMA weights) ranked "
+        f"{counts['visible']} visible crops for each of {counts['infrared']} infrared crops, "
+        f"copied from the synthetic test set into `crops/<identity>/<image>` folders: Rank-1 "
+        f"{metrics['rank1']:.2f}, Rank-5 {metrics['rank5']:.2f}, mAP {metrics['mAP']:.2f} (one "
+        "small gallery, so not comparable with the protocol numbers above). "
+        "[matches/index.html](matches/index.html) shows every query's ranked crops, framed green "
+        "(same identity) or red; `matches/matches.csv` lists them with their distances.",
+        "",
+    ]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The demo's options (CPU-sized defaults)."""
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo", help="folder for data, runs and results")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="data/run seeds")
@@ -332,7 +360,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--rank_lists", type=int, default=4, help="rank-list pictures of the first model"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def over_seeds(summary: dict[str, dict[str, list[float]]]) -> str:
+    """The table of each architecture's mean ± std over the seeds."""
+    lines = [
+        "",
+        "Over seeds:",
+        "",
+        "| architecture | protocol | Rank-1 mean ± std | mAP mean ± std |",
+        "|---|---|---|---|",
+    ]
+    for key, values in summary.items():
+        arch, protocol = key.split(" | ")
+        lines.append(
+            f"| {arch} | {protocol} | {_mean_std(values['rank1'])} | {_mean_std(values['mAP'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo pipeline, print its results table and write its README.md."""
+    args = get_args_parser().parse_args(argv)
     if args.test_ids < 2:
         raise UserError(f"--test_ids {args.test_ids}: expected at least 2")
     if args.rank_lists < 0:
@@ -345,10 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary: dict[str, dict[str, list[float]]] = {}
     notes: list[str] = []
     protocols = PROTOCOLS if not args.compare else (("all", 1),)
-    chance = 0.0
+    out = Path(args.out)
     for seed in args.seeds:
         data = make_data(args, seed)
-        chance = chance_level(data)
         candidates = [("searched", search(args, data, seed))]
         if args.compare:
             candidates += [
@@ -365,29 +414,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 entry = summary.setdefault(f"{name} | {protocol}", {"rank1": [], "mAP": []})
                 entry["rank1"].append(metrics["bnneck"]["rank1"])
                 entry["mAP"].append(metrics["bnneck"]["mAP"])
-    text = table(rows)
-    if len(args.seeds) > 1:
-        lines = [
-            "",
-            "Over seeds:",
-            "",
-            "| architecture | protocol | Rank-1 mean ± std | mAP mean ± std |",
-            "|---|---|---|---|",
-        ]
-        for key, values in summary.items():
-            arch, protocol = key.split(" | ")
-            lines.append(
-                f"| {arch} | {protocol} | {_mean_std(values['rank1'])} | "
-                f"{_mean_std(values['mAP'])} |"
-            )
-        text += "\n" + "\n".join(lines)
+    first_data = out / f"data_seed{args.seeds[0]}"
+    weights = out / "runs" / notes[0] / "checkpoint_latest.pth"
+    match_crops(make_crops(first_data, out), weights, out / "matches")
+    text = table(rows) + (over_seeds(summary) if len(args.seeds) > 1 else "")
     text += (
-        f"\n\nChance level (all-search single-shot Rank-1): {chance:.2f}%. "
+        f"\n\nChance level (all-search single-shot Rank-1): {chance_level(first_data):.2f}%. "
         f"Total time: {time.time() - started:.0f} s."
     )
-    out = Path(args.out)
     (out / "results.md").write_text(text + "\n")
-    intro = (
+    pictures = pictures_of(out, args.seeds, notes)
+    (out / "README.md").write_text(readme(text, pictures, out, intro(args)) + "\n")
+    sys.stdout.write(
+        "\nSynthetic SYSU-MM01 results (bnneck features, EMA weights, mean ± std over the "
+        "10 gallery trials):\n" + text + f"\n\nPictures and this table: {out / 'README.md'}\n"
+    )
+    return 0
+
+
+def intro(args: argparse.Namespace) -> str:
+    """The first paragraph of the demo's README: what ran."""
+    return (
         f"Written by `python -m utils.demo` (`make demo`): synthetic SYSU-MM01 data "
         f"({TRAIN_IDS} training + {VAL_IDS} validation identities, {args.test_ids} test "
         f"identities), a {args.search_epochs}-epoch architecture search, {args.epochs} epochs of "
@@ -397,13 +444,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"weights; each value is the mean over the protocol's 10 random gallery draws (trials), "
         f"± their standard deviation."
     )
-    pictures = pictures_of(out, args.seeds, notes)
-    (out / "README.md").write_text(readme(text, pictures, out, intro) + "\n")
-    sys.stdout.write(
-        "\nSynthetic SYSU-MM01 results (bnneck features, EMA weights, mean ± std over the "
-        "10 gallery trials):\n" + text + f"\n\nPictures and this table: {out / 'README.md'}\n"
-    )
-    return 0
 
 
 def _mean_std(values: list[float]) -> str:

@@ -16,28 +16,50 @@ follows pooling). ``DIR/export.json`` records what was written.
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib
 import json
 import logging
 import os
+import shutil
 import sys
+import uuid
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from model import SPLIT, CMNASNet, ModalityBN, read_checkpoint
+from model import CMNASNet, read_checkpoint
+from model.fold import backbone_slots, conv_of_slot, fold, folded_network, modality_bn
 from model.restore import model_from_checkpoint
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
-from utils.base.io import write_atomic, write_text_atomic
+from utils.base.io import MB, check_free_space, disk_full, replace_dir, temp_name
 from utils.base.logger import setup_logging
 from utils.base.modality import Modality
 from utils.engine.options import HelpFormatter, checkpoint_parser
+from utils.extract import check_out_dir, input_contract
 
 log = logging.getLogger("export")
 MODALITIES = ("visible", "infrared")
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+EXPORT_FILES = {"export.json", *(f"{m}.{kind}" for m in MODALITIES for kind in ("pth", "onnx"))}
+ONNX_OUTPUTS = ("pool", "bnneck")
+# onnxruntime against PyTorch, relative to the features' largest value: beyond round-off.
+ONNX_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """What to write: BN folded or not, ONNX files too, and the networks' input size."""
+
+    fold_bn: bool
+    onnx: bool
+    img_size: tuple[int, int]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -55,6 +77,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fold every backbone BN into the convolution before it",
     )
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write visible.onnx and infrared.onnx (needs onnx and onnxruntime)",
+    )
     return parser
 
 
@@ -63,41 +90,12 @@ def torchvision_name(name: str) -> str:
     return name.replace("downsample.conv", "downsample.0").replace("downsample.bn", "downsample.1")
 
 
-def conv_of_slot(slot: str) -> str:
-    """The convolution a BN slot follows: ``bn1`` -> ``conv1``, ``downsample.bn`` -> ``.conv``."""
-    head, _, last = slot.rpartition(".")
-    conv = "conv" + last.removeprefix("bn")
-    return f"{head}.{conv}" if head else conv
-
-
-def modality_bn(slot: ModalityBN, modality: str) -> nn.BatchNorm2d:
-    """The BN a sample of ``modality`` goes through in ``slot``."""
-    branches = slot.branches()
-    return branches[modality] if slot.choice == SPLIT else branches["shared"]
-
-
-def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of one convolution equal (in eval mode) to ``bn(conv(x))``."""
-    assert bn.running_mean is not None and bn.running_var is not None
-    # Float64 keeps the folded network within round-off of the unfolded one.
-    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    weight = conv.weight.double() * scale[:, None, None, None]
-    bias = bn.bias.double() - bn.running_mean.double() * scale
-    if conv.bias is not None:
-        bias = bias + conv.bias.double() * scale
-    return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
-
-
 def plain_state(model: CMNASNet, modality: str, fold_bn: bool = False) -> dict[str, torch.Tensor]:
     """``model``'s network for ``modality`` as a torchvision-layout state dict plus ``bnneck.*``."""
     modality = Modality.parse(modality).name.lower()
-    modules = dict(model.backbone.named_modules())
-    slots = {name: m for name, m in modules.items() if isinstance(m, ModalityBN)}
-    convs = {name: m for name, m in modules.items() if isinstance(m, nn.Conv2d)}
+    slots = backbone_slots(model)
+    convs = {n: m for n, m in model.backbone.named_modules() if isinstance(m, nn.Conv2d)}
     folded_into = {conv_of_slot(slot): slot for slot in slots}
-    missing = [slot for slot in slots if conv_of_slot(slot) not in convs]
-    if missing:
-        raise ValueError(f"no convolution before BN slot(s) {', '.join(missing)}")
     state: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, conv in convs.items():
@@ -119,15 +117,142 @@ def plain_state(model: CMNASNet, modality: str, fold_bn: bool = False) -> dict[s
     return dict(sorted(state.items()))
 
 
-def check_out_dir(out: Path) -> None:
-    """Fail before any work unless ``out`` is (or can be made) a writable folder."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file, expected a folder")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: not writable ({probe} does not allow writing)")
+def onnx_runtime() -> Any:
+    """The ``onnxruntime`` module (``onnx`` checked too); one line naming any that is missing."""
+    missing = []
+    for package in ("onnx", "onnxruntime"):
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise UserError(
+            f"--onnx needs the package(s) {' and '.join(missing)}: pip install onnx onnxruntime "
+            "(the .pth export works without them)"
+        )
+    return importlib.import_module("onnxruntime")
+
+
+class ModalityNetwork(nn.Module):
+    """One modality's network as a module of images alone: ``(pool, bnneck)`` features."""
+
+    def __init__(self, model: CMNASNet, modality: str) -> None:
+        super().__init__()
+        self.model = model
+        self.modality = Modality.parse(modality).name.lower()
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pooled and BNNeck features (not normalised) of normalised NCHW images."""
+        pool, bnneck = self.model(images, self.modality)[:2]
+        return pool, bnneck
+
+
+def write_onnx(network: nn.Module, path: Path, img_size: tuple[int, int]) -> None:
+    """Export ``network`` (images -> pool, bnneck) to ONNX with a dynamic batch size."""
+    # A module left in training mode exports a file that runs and gives wrong features.
+    network = network.eval()
+    example = torch.zeros(2, 3, *img_size)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            network,
+            (example,),
+            str(path),
+            input_names=["images"],
+            output_names=list(ONNX_OUTPUTS),
+            dynamic_axes={name: {0: "batch"} for name in ("images", *ONNX_OUTPUTS)},
+            dynamo=False,
+        )
+
+
+def check_onnx(runtime: Any, path: Path, network: nn.Module, img_size: tuple[int, int]) -> float:
+    """Run ``path`` in onnxruntime against ``network`` on random images; the largest difference.
+
+    Fails when the difference is beyond round-off (relative to the features' size).
+    """
+    images = torch.randn(3, 3, *img_size, generator=torch.Generator().manual_seed(0))
+    session = runtime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(list(ONNX_OUTPUTS), {"images": images.numpy()})
+    with torch.no_grad():
+        expected = network.eval()(images)
+    scale = max(1.0, *(float(t.abs().max()) for t in expected))
+    pairs = zip(got, expected, strict=True)
+    worst = max(float((torch.from_numpy(g) - e).abs().max()) for g, e in pairs)
+    if not worst <= ONNX_TOLERANCE * scale:
+        raise UserError(f"{path.name}: onnxruntime's features differ from PyTorch's by {worst}")
+    return worst
+
+
+def check_previous(out: Path) -> None:
+    """An existing ``--out`` is replaced whole: refuse one holding anything but an export."""
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise UserError(
+            f"--out {out}: holds other files than an export ({shown}); expected a new folder "
+            "or an earlier export to replace"
+        )
+
+
+def export_files(
+    folder: Path, model: CMNASNet, settings: ExportSettings, runtime: Any
+) -> dict[str, str]:
+    """Write the networks of both modalities into ``folder``; returns the files by kind."""
+    files = {}
+    for modality in MODALITIES:
+        state = plain_state(model, modality, settings.fold_bn)
+        torch.save(state, folder / f"{modality}.pth")
+        files[modality] = f"{modality}.pth"
+        if settings.onnx:
+            network = folded_network(model, modality) if settings.fold_bn else model
+            wrapped = ModalityNetwork(network, modality)
+            write_onnx(wrapped, folder / f"{modality}.onnx", settings.img_size)
+            worst = check_onnx(runtime, folder / f"{modality}.onnx", wrapped, settings.img_size)
+            log.info("%s.onnx: onnxruntime within %.1e of PyTorch", modality, worst)
+            files[f"{modality}_onnx"] = f"{modality}.onnx"
+    return files
+
+
+def space_needed(model: CMNASNet, onnx: bool) -> int:
+    """Bytes the export will take: two state dicts, and two ONNX files of the same size."""
+    tensors = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return (4 if onnx else 2) * tensors + MB
+
+
+def write_export(out: Path, model: CMNASNet, settings: ExportSettings, description: dict) -> None:
+    """Write the export in a hidden sibling folder, then swap it in for ``out`` whole.
+
+    A failure (a full disk, a kill) leaves the previous export as it was.
+    """
+    runtime = onnx_runtime() if settings.onnx else None
+    need = space_needed(model, settings.onnx)
+    check_free_space(out.parent, need)
+    staging = out.parent / f"{temp_name(out)}tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        staging.mkdir()
+        description["files"] = export_files(staging, model, settings, runtime)
+        (staging / "export.json").write_text(json.dumps(description, indent=2) + "\n")
+        replace_dir(staging, out)
+    except (OSError, RuntimeError) as err:
+        full = _free_bytes(out.parent) < need
+        shutil.rmtree(staging, ignore_errors=True)
+        if full or (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)):
+            raise disk_full(out.parent, need) from None
+        raise UserError(
+            f"--out {out}: cannot write ({getattr(err, 'strerror', None) or err})"
+        ) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -136,46 +261,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     out = Path(args.out)
     check_out_dir(out)
+    check_previous(out)
+    if args.onnx:
+        onnx_runtime()
     checkpoint = read_checkpoint(args.weights)
     restored = model_from_checkpoint(
         args.weights, checkpoint, args.config_path, args.last_stride, args.ema
     )
     model = restored.model.eval()
+    settings = ExportSettings(args.fold_bn, args.onnx, restored.img_size)
+    description = {
+        "source": str(args.weights),
+        "source_layout": "authors" if restored.authors else "cmnas",
+        "ema": args.ema,
+        "fold_bn": args.fold_bn,
+        "depth": restored.arch.depth,
+        "last_stride": restored.last_stride,
+        "feature_dim": model.feat_dim,
+        "split_slots": restored.arch.split_slots(),
+        "layout": "torchvision ResNet state dict without fc, plus bnneck.* "
+        "(BatchNorm1d after global average pooling)",
+        "input": input_contract(restored.img_size),
+    }
+    if args.onnx:
+        description["onnx"] = {
+            "input": "images: float32 (batch, 3, height, width), normalised as 'input' says",
+            "outputs": {"pool": "pooled feature", "bnneck": "BNNeck feature (use this one)"},
+            "batch": "dynamic",
+            "fold_bn": args.fold_bn,
+        }
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"--out {out}: cannot create the folder ({err.strerror})") from None
-    files = {modality: f"{modality}.pth" for modality in MODALITIES}
-    written: list[Path] = []
-    try:
-        for modality, name in files.items():
-            state = plain_state(model, modality, args.fold_bn)
-            write_atomic(out / name, lambda handle, state=state: torch.save(state, handle))
-            written.append(out / name)
-        description = {
-            "source": str(args.weights),
-            "source_layout": "authors" if restored.authors else "cmnas",
-            "ema": args.ema,
-            "fold_bn": args.fold_bn,
-            "depth": restored.arch.depth,
-            "last_stride": restored.last_stride,
-            "feature_dim": model.feat_dim,
-            "split_slots": restored.arch.split_slots(),
-            "files": files,
-            "layout": "torchvision ResNet state dict without fc, plus bnneck.* "
-            "(BatchNorm1d after global average pooling)",
-        }
-        write_text_atomic(out / "export.json", json.dumps(description, indent=2) + "\n")
-    except (OSError, UserError) as err:
-        # Either both networks and their description, or none of this run's files.
-        for path in written:
-            path.unlink(missing_ok=True)
-        if isinstance(err, UserError):
-            raise
-        raise UserError(f"--out {out}: cannot write ({err.strerror or err})") from None
+    write_export(out, model, settings, description)
     log.info(
-        "wrote %s and %s (%s%s%s) to %s",
-        *files.values(),
+        "wrote %s (%s%s%s) to %s",
+        ", ".join(description["files"].values()),
         restored.arch.summary(),
         ", EMA" if args.ema else "",
         ", BN folded" if args.fold_bn else "",

@@ -21,6 +21,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from model.losses import LOSS_TERMS
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
 from utils.evaluation.draw import font, text_size
@@ -29,8 +30,6 @@ log = logging.getLogger(__name__)
 
 CURVES_NAME = "curves.png"
 FIGURE_SIZE = (1400, 900)
-# Loss terms the engine logs, total first; other "loss_*" / "*_loss" keys are drawn after them.
-LOSS_TERMS = ("loss", "ce", "triplet", "sp", "cmmd")
 METRIC_SUFFIXES = ("_rank1", "_mAP")
 
 BACKGROUND = (255, 255, 255)
@@ -53,6 +52,7 @@ PALETTE = (
 _PAD = 10
 _INSET = 8  # keeps the first and last points off the axis frame
 _MAX_DOTS = 60  # above this many points a series is a line only; dots would merge into a blur
+_SWATCH = 18  # legend colour sample, pixels
 
 Box = tuple[int, int, int, int]
 Series = dict[str, list[tuple[float, float]]]
@@ -129,6 +129,101 @@ class ChartFrame:
         )
 
 
+def _finite_series(series: Series) -> Series:
+    """Each series' finite points, sorted by x; series left without points are dropped."""
+    clean = {
+        name: sorted(
+            (float(x), float(y)) for x, y in points if math.isfinite(x) and math.isfinite(y)
+        )
+        for name, points in series.items()
+    }
+    return {name: points for name, points in clean.items() if points}
+
+
+@dataclass(frozen=True)
+class _Axes:
+    """Tick values and labels of a chart's two axes, and the data ranges they span."""
+
+    x_range: tuple[float, float]
+    y_range: tuple[float, float]
+    x_ticks: list[float]
+    y_ticks: list[float]
+    x_texts: list[str]
+    y_texts: list[str]
+
+    @classmethod
+    def of(cls, clean: Series, x_range: tuple[float, float] | None) -> _Axes:
+        """Axes covering ``clean``; ``x_range`` fixes the x axis."""
+        xs = [x for points in clean.values() for x, _ in points]
+        ys = [y for points in clean.values() for _, y in points]
+        integer_x = all(x.is_integer() for x in xs)
+        # The x axis spans the data exactly (epochs start at 1, not at a round 0), so ticks
+        # outside it are dropped; the y axis is widened to round ticks instead.
+        x_range = _padded(*(x_range or (min(xs), max(xs))))
+        x_ticks = nice_ticks(*x_range, count=6, integer=integer_x)
+        x_ticks = [t for t in x_ticks if x_range[0] - 1e-9 <= t <= x_range[1] + 1e-9]
+        y_ticks = nice_ticks(*_padded(min(ys), max(ys)), count=5)
+        x_step = x_ticks[1] - x_ticks[0] if len(x_ticks) > 1 else 1.0
+        y_step = y_ticks[1] - y_ticks[0]
+        x_texts = [format_tick(t, x_step) for t in x_ticks]
+        y_texts = [format_tick(t, y_step) for t in y_ticks]
+        return cls(x_range, (y_ticks[0], y_ticks[-1]), x_ticks, y_ticks, x_texts, y_texts)
+
+
+def _draw_axes(
+    draw: ImageDraw.ImageDraw, frame: ChartFrame, axes: _Axes, labels: tuple[str, str]
+) -> None:
+    """Grid lines, ticks, tick labels and axis labels around ``frame``'s plot area."""
+    label_font, tick_font = font(13), font(12)
+    x_label, y_label = labels
+    p_left, p_top, p_right, p_bottom = frame.plot_box
+    y_text_w = max(text_size(draw, text, tick_font)[0] for text in axes.y_texts)
+    tick_h = text_size(draw, "0", tick_font)[1]
+    label_h = text_size(draw, y_label or "Ag", label_font)[1]
+    draw.text((p_left - y_text_w - 8, p_top - label_h - 8), y_label, fill=INK, font=label_font)
+    for tick, text in zip(axes.y_ticks, axes.y_texts, strict=True):
+        y = round(frame.to_pixel(axes.x_range[0], tick)[1])
+        draw.line((p_left, y, p_right, y), fill=GRID)
+        draw.line((p_left - 4, y, p_left, y), fill=INK)
+        width, height = text_size(draw, text, tick_font)
+        draw.text((p_left - 7 - width, y - height // 2 - 2), text, fill=INK, font=tick_font)
+    for tick, text in zip(axes.x_ticks, axes.x_texts, strict=True):
+        x = round(frame.to_pixel(tick, axes.y_range[0])[0])
+        draw.line((x, p_bottom, x, p_bottom + 4), fill=INK)
+        width, _ = text_size(draw, text, tick_font)
+        draw.text((x - width // 2, p_bottom + 6), text, fill=INK, font=tick_font)
+    width, _ = text_size(draw, x_label, label_font)
+    draw.text(
+        ((p_left + p_right - width) // 2, p_bottom + tick_h + 14),
+        x_label,
+        fill=INK,
+        font=label_font,
+    )
+    draw.rectangle(frame.plot_box, outline=INK)
+
+
+def _draw_series(
+    draw: ImageDraw.ImageDraw, frame: ChartFrame, clean: Series, legend_w: int, label_h: int
+) -> None:
+    """Each series as a coloured line (dots when few points), with its legend entry."""
+    label_font, swatch = font(13), _SWATCH
+    _, p_top, p_right, _ = frame.plot_box
+    legend_x = p_right + 14
+    for i, (name, points) in enumerate(clean.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        pixels = [frame.to_pixel(x, y) for x, y in points]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=colour, width=2, joint="curve")
+        if len(pixels) <= _MAX_DOTS:
+            for x, y in pixels:
+                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+        legend_y = p_top + i * (label_h + 10)
+        mid = legend_y + label_h // 2 + 2
+        draw.line((legend_x, mid, legend_x + swatch - 4, mid), fill=colour, width=3)
+        text = _fit(draw, name, label_font, legend_w - swatch)
+        draw.text((legend_x + swatch, legend_y), text, fill=INK, font=label_font)
+
+
 def draw_line_chart(
     draw: ImageDraw.ImageDraw,
     box: Box,
@@ -149,13 +244,7 @@ def draw_line_chart(
     draw.rectangle(box, outline=GRID)
     draw.text((left + _PAD, top + _PAD), title, fill=INK, font=title_font)
     title_h = text_size(draw, title or "Ag", title_font)[1]
-    clean = {
-        name: sorted(
-            (float(x), float(y)) for x, y in points if math.isfinite(x) and math.isfinite(y)
-        )
-        for name, points in series.items()
-    }
-    clean = {name: points for name, points in clean.items() if points}
+    clean = _finite_series(series)
     if not clean:
         note = "nothing logged"
         width, height = text_size(draw, note, label_font)
@@ -163,25 +252,11 @@ def draw_line_chart(
         draw.text(centre, note, fill=MUTED, font=label_font)
         return None
 
-    xs = [x for points in clean.values() for x, _ in points]
-    ys = [y for points in clean.values() for _, y in points]
-    integer_x = all(x.is_integer() for x in xs)
-    # The x axis spans the data exactly (epochs start at 1, not at a round 0), so ticks outside
-    # it are dropped; the y axis is widened to round ticks instead.
-    x_range = _padded(*(x_range or (min(xs), max(xs))))
-    x_ticks = nice_ticks(*x_range, count=6, integer=integer_x)
-    x_ticks = [t for t in x_ticks if x_range[0] - 1e-9 <= t <= x_range[1] + 1e-9]
-    y_ticks = nice_ticks(*_padded(min(ys), max(ys)), count=5)
-    y_range = (y_ticks[0], y_ticks[-1])
-    x_step = x_ticks[1] - x_ticks[0] if len(x_ticks) > 1 else 1.0
-    y_step = y_ticks[1] - y_ticks[0]
-    y_texts = [format_tick(t, y_step) for t in y_ticks]
-
+    axes = _Axes.of(clean, x_range)
     # Legend column on the right, as wide as the longest name (capped so the plot keeps room).
-    swatch = 18
-    legend_w = max(text_size(draw, name, label_font)[0] for name in clean) + swatch + 6
+    legend_w = max(text_size(draw, name, label_font)[0] for name in clean) + _SWATCH + 6
     legend_w = min(legend_w, (right - left) // 3)
-    y_text_w = max(text_size(draw, text, tick_font)[0] for text in y_texts)
+    y_text_w = max(text_size(draw, text, tick_font)[0] for text in axes.y_texts)
     tick_h = text_size(draw, "0", tick_font)[1]
     label_h = text_size(draw, y_label or "Ag", label_font)[1]
     plot_box = (
@@ -190,45 +265,9 @@ def draw_line_chart(
         right - _PAD - legend_w - 14,
         bottom - _PAD - tick_h - 10 - label_h - 8,
     )
-    frame = ChartFrame(plot_box, x_range, y_range)
-    p_left, p_top, p_right, p_bottom = plot_box
-
-    draw.text((p_left - y_text_w - 8, p_top - label_h - 8), y_label, fill=INK, font=label_font)
-    for tick, text in zip(y_ticks, y_texts, strict=True):
-        y = round(frame.to_pixel(x_range[0], tick)[1])
-        draw.line((p_left, y, p_right, y), fill=GRID)
-        draw.line((p_left - 4, y, p_left, y), fill=INK)
-        width, height = text_size(draw, text, tick_font)
-        draw.text((p_left - 7 - width, y - height // 2 - 2), text, fill=INK, font=tick_font)
-    for tick in x_ticks:
-        x = round(frame.to_pixel(tick, y_range[0])[0])
-        draw.line((x, p_bottom, x, p_bottom + 4), fill=INK)
-        text = format_tick(tick, x_step)
-        width, _ = text_size(draw, text, tick_font)
-        draw.text((x - width // 2, p_bottom + 6), text, fill=INK, font=tick_font)
-    width, _ = text_size(draw, x_label, label_font)
-    draw.text(
-        ((p_left + p_right - width) // 2, p_bottom + tick_h + 14),
-        x_label,
-        fill=INK,
-        font=label_font,
-    )
-    draw.rectangle(plot_box, outline=INK)
-
-    legend_x = p_right + 14
-    for i, (name, points) in enumerate(clean.items()):
-        colour = PALETTE[i % len(PALETTE)]
-        pixels = [frame.to_pixel(x, y) for x, y in points]
-        if len(pixels) > 1:
-            draw.line(pixels, fill=colour, width=2, joint="curve")
-        if len(pixels) <= _MAX_DOTS:
-            for x, y in pixels:
-                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
-        legend_y = p_top + i * (label_h + 10)
-        mid = legend_y + label_h // 2 + 2
-        draw.line((legend_x, mid, legend_x + swatch - 4, mid), fill=colour, width=3)
-        text = _fit(draw, name, label_font, legend_w - swatch)
-        draw.text((legend_x + swatch, legend_y), text, fill=INK, font=label_font)
+    frame = ChartFrame(plot_box, axes.x_range, axes.y_range)
+    _draw_axes(draw, frame, axes, (x_label, y_label))
+    _draw_series(draw, frame, clean, legend_w, label_h)
     return frame
 
 
@@ -267,7 +306,8 @@ def _is_number(value: Any) -> bool:
 
 
 def _is_loss_key(key: str) -> bool:
-    return key in LOSS_TERMS or key.startswith("loss_") or key.endswith("_loss")
+    """The total, a term of the loss table, or a key named as a loss ("loss_*", "*_loss")."""
+    return key == "loss" or key in LOSS_TERMS or key.startswith("loss_") or key.endswith("_loss")
 
 
 def collect_series(records: Sequence[dict[str, Any]]) -> dict[str, Series]:
@@ -283,15 +323,15 @@ def collect_series(records: Sequence[dict[str, Any]]) -> dict[str, Series]:
                 panel, name = "lr", "lr"
             elif _is_loss_key(key):
                 panel, name = "loss", "total" if key == "loss" else key
-                if key not in LOSS_TERMS and key not in extra_losses:
+                if key != "loss" and key not in LOSS_TERMS and key not in extra_losses:
                     extra_losses.append(key)
             elif key.endswith(METRIC_SUFFIXES):
                 name, _, panel = key.rpartition("_")
             else:
                 continue
             panels[panel].setdefault(name, []).append((epoch, float(value)))
-    # Engine order (total first), whatever order the keys had in the records.
-    order = ["total", *LOSS_TERMS[1:], *extra_losses]
+    # The loss table's order (total first), whatever order the keys had in the records.
+    order = ["total", *LOSS_TERMS, *extra_losses]
     panels["loss"] = {name: panels["loss"][name] for name in order if name in panels["loss"]}
     # Sorted names group a protocol's pool and BNNeck lines next to each other in the legend.
     for panel in ("rank1", "mAP"):

@@ -11,7 +11,7 @@ Sections of the JSON document (printed to stdout, written to ``--out``):
   workers, the batch copied to the device, for-loop Adam and EMA, the loss read back every step.
 - ``speedup``: fast images/s over plain images/s.
 - ``features``: :func:`extract_features` images/s.
-- ``metrics``: ``eval_sysu`` against its per-query loop at the SYSU multi-shot size.
+- ``metrics``: ``eval_sysu`` (best of 3) against its per-query loop at the SYSU multi-shot size.
 - ``rerank``: ``rerank`` (on the run's torch threads) against ``rerank_reference`` (one core).
 - ``llcm``: ``eval_llcm`` and ``rerank`` at the size of LLCM's infrared-to-visible test.
 - ``search``: a search step against a training step.

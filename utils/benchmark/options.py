@@ -39,6 +39,9 @@ INTEGERS = (
     ("threads", None, "torch threads (default: torch's; 1 keeps threads from spin-waiting for "
      "each other on a CPU shared with other programs)"),
     ("seed", 0, "random seed"),
+    ("extractor_images", 128, "image files per size of the extractor section"),
+    ("extractor_batch", 64, "the extractor section's batch"),
+    ("extractor_rounds", 2, "passes of the extractor section (the fastest counts)"),
 )  # fmt: skip
 
 

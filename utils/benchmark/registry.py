@@ -1,6 +1,7 @@
 """The benchmark's sections in the order they run (``--skip`` takes their names)."""
 
 from utils.benchmark.extraction import FEATURES
+from utils.benchmark.extractor import EXTRACTOR
 from utils.benchmark.ranking import LLCM_SECTION, METRICS, RERANK
 from utils.benchmark.search import SEARCH
 from utils.benchmark.section import Section
@@ -8,4 +9,6 @@ from utils.benchmark.training import FAST, PLAIN
 
 # The sections on the fast path's Trainer run first, so it is freed before the plain path's
 # memory is measured.
-SECTIONS: tuple[Section, ...] = (FAST, FEATURES, PLAIN, METRICS, RERANK, LLCM_SECTION, SEARCH)
+SECTIONS: tuple[Section, ...] = (
+    FAST, FEATURES, PLAIN, METRICS, RERANK, LLCM_SECTION, SEARCH, EXTRACTOR
+)  # fmt: skip

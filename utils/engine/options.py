@@ -19,7 +19,7 @@ from types import MappingProxyType
 
 from data.dataset import ProtocolSettings
 from data.registry import dataset_names, get_dataset, registered_datasets
-from model.losses import LossRecipe
+from model.losses import LOSS_TERMS, LossRecipe, recipe_from, weight_flags
 from utils.base.errors import UserError
 from utils.engine.build import check_data_root, select_device
 from utils.engine.rerank_flags import RERANK_DEFAULTS, RERANK_HELP, check_rerank_flags
@@ -192,8 +192,9 @@ def optim_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--label_smooth", type=float, default=0.0, help="CE label smoothing")
     group.add_argument("--margin", type=float, default=0.4, help="triplet margin")
-    group.add_argument("--sp_lambda", type=float, default=5.0, help="weight of the SP loss")
-    group.add_argument("--cmmd_lambda", type=float, default=0.05, help="weight of the CMMD loss")
+    for term in LOSS_TERMS.values():
+        if term.flag is not None:
+            group.add_argument(f"--{term.flag}", type=float, default=term.weight, help=term.help)
     group.add_argument(
         "--ema_decay",
         type=float,
@@ -346,7 +347,7 @@ def _check_recipe(args: argparse.Namespace) -> None:
         raise UserError(f"--epochs {args.epochs}: expected a positive integer")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise UserError(f"--lr {args.lr}: expected a positive value")
-    for flag in ("weight_decay", "sp_lambda", "cmmd_lambda", "margin"):
+    for flag in ("weight_decay", *weight_flags(), "margin"):
         value = getattr(args, flag)
         if not (value >= 0 and math.isfinite(value)):
             raise UserError(f"--{flag} {value}: expected a finite value >= 0")
@@ -409,6 +410,12 @@ def _check_run(args: argparse.Namespace) -> None:
         raise UserError(f"--resume {args.resume}: checkpoint {what}")
 
 
+def loss_recipe(args: argparse.Namespace) -> LossRecipe:
+    """The loss recipe of the training flags (``--label_smooth``, ``--margin``, the weights)."""
+    weights = {name: getattr(args, flag) for flag, name in weight_flags().items()}
+    return recipe_from(weights, label_smooth=args.label_smooth, margin=args.margin)
+
+
 def training_settings(args: argparse.Namespace, kind: str = "train") -> TrainSettings:
     """The settings of train.py's flags, every flag checked (``kind`` names a new run's folder)."""
     _check_recipe(args)
@@ -426,7 +433,7 @@ def training_settings(args: argparse.Namespace, kind: str = "train") -> TrainSet
     )  # fmt: skip
     return TrainSettings(
         data=data, folder=_folder(args, trial, kind), evaluation=evaluation, optimizer=optimizer,
-        loss=LossRecipe.from_args(args), config_path=args.config_path,
+        loss=loss_recipe(args), config_path=args.config_path,
         last_stride=args.last_stride, pretrained=args.pretrained, epochs=args.epochs,
         batch_size=args.batch_size, num_pos=args.num_pos, ema_decay=ema_decay,
         ema_overwrite_every=every, seed=args.seed, deterministic=args.deterministic,

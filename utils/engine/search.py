@@ -4,7 +4,8 @@ Every slot of a supernet mixes its shared and split BNs with ``softmax(alpha / t
 training identities are split into a weights set and an architecture set; each step trains the
 network weights on a weights-set batch with the full training loss and, after ``--arch_warmup``
 epochs and every ``--arch_freq`` steps, the alphas on an architecture-set batch with the
-identity-agnostic cross-modality loss (:data:`ARCH_TERMS`). The temperature follows the epoch.
+identity-agnostic cross-modality loss (the terms the loss table marks for the search). The
+temperature follows the epoch.
 The run writes ``arch.json`` (argmax per slot, with the final probabilities and provenance),
 ``log.jsonl`` with the split probabilities of every epoch, and ``search_heatmap.png``. The test
 protocol is never run: the derived architecture is scored on the architecture set (infrared
@@ -30,6 +31,7 @@ from data import TrainSet
 from data.registry import get_dataset
 from model.arch import DEPTHS, Arch, save_arch
 from model.checkpoint import SEARCH_KEY
+from model.losses import search_terms
 from model.search import (
     RELAXATIONS,
     arch_parameter_names,
@@ -58,9 +60,9 @@ from utils.evaluation.heatmap import HEATMAP_NAME, heatmap_from_jsonl
 log = logging.getLogger(__name__)
 
 ARCH_FILE = "arch.json"
-# The architecture step's loss terms: its identities are unknown to the classifier (no CE),
-# and only the cross-modality triplet pairings judge how well the slots bridge the modalities.
-ARCH_TERMS = ("triplet", "sp", "cmmd")
+# The architecture step's identities are unknown to the classifier (its loss terms are those the
+# loss table marks for the search: no CE), and only the cross-modality triplet pairings judge how
+# well the slots bridge the modalities.
 ARCH_PAIRINGS = ("vi", "iv")
 ARCH_BETAS = (0.5, 0.999)
 # Mixed into the seeds so the identity split and the architecture batches are streams of their
@@ -187,7 +189,7 @@ class SearchTrainer(Trainer):
             self.alphas, lr=search.arch_lr, betas=ARCH_BETAS, weight_decay=search.arch_weight_decay
         )
         self.arch_scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
-        self.arch_loss = replace(self.loss, terms=ARCH_TERMS, pairings=ARCH_PAIRINGS)
+        self.arch_loss = replace(self.loss, terms=search_terms(), pairings=ARCH_PAIRINGS)
         arch_set = self.data.architecture
         self.arch_images = ResidentImages.upload(arch_set, self.device)
         train = search.train

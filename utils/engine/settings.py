@@ -139,6 +139,10 @@ class TrainSettings:
             return dict(self.options)
         flat: dict[str, Any] = {}
         for part in (self.data, self.evaluation, self.optimizer, self.loss, self):
+            if part is self.loss:  # the weights by their flags, as the loss table names them
+                loss = self.loss
+                flat |= loss.flags() | {"pairings": loss.pairings, "terms": loss.terms}
+                continue
             for item in fields(part):  # type: ignore[arg-type]
                 value = getattr(part, item.name)
                 if item.name != "options" and not hasattr(value, "__dataclass_fields__"):

@@ -22,8 +22,8 @@ partial sort, only the picked values squared and normalised (a full stable sort 
 whose leading normalised values tie), the reciprocal
 sets come from a mutual-neighbour mask, V is a sparse matrix (sorted coordinate lists), and the
 query expansion and the Jaccard overlaps are gathers and scatter-adds over its non-zeros.
-``rerank_reference`` is a plain per-image loop over the same definition, kept for tests and as the
-benchmark baseline.
+A plain per-image loop over the same definition, which the tests compare against and the
+benchmark times, lives in ``utils.benchmark.references``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ DEFAULT_CHUNK_ELEMENTS = 2**25
 RANK_ROWS = 256
 
 
-def _check_distances(
+def check_distances(
     q_g_dist: Any, q_q_dist: Any, g_g_dist: Any, k1: int, k2: int, lambda_value: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Validate the three blocks and the parameters; return the blocks in one float dtype."""
@@ -83,66 +83,9 @@ def _check_distances(
     return q_g, q_q, g_g
 
 
-def _half_width(k1: int) -> int:
+def half_width(k1: int) -> int:
     """Neighbourhood size of the expansion candidates: round(k1 / 2) + 1, halves to even."""
     return int(np.around(k1 / 2.0)) + 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-image reference implementation.
-# ---------------------------------------------------------------------------------------------
-
-
-def rerank_reference(
-    q_g_dist: Any,
-    q_q_dist: Any,
-    g_g_dist: Any,
-    k1: int = 20,
-    k2: int = 6,
-    lambda_value: float = 0.3,
-) -> np.ndarray:
-    """Re-ranked (query x gallery) distances computed one image at a time; rerank's reference."""
-    q_g, q_q, g_g = _check_distances(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value)
-    num_query = q_g.shape[0]
-    full = np.block([[q_q, q_g], [q_g.T, g_g]])
-    squared = np.square(full).astype(np.float32)
-    original = (squared / squared.max(axis=0)).T
-    count = original.shape[0]
-    order = np.argsort(original, axis=1, kind="stable")
-
-    def reciprocal(i: int, width: int) -> np.ndarray:
-        """Those of i's first ``width`` neighbours that have i among their own first ``width``."""
-        ahead = order[i, :width]
-        return ahead[(order[ahead, :width] == i).any(axis=1)]
-
-    half = _half_width(k1)
-    weights = np.zeros((count, count), dtype=np.float32)
-    for i in range(count):
-        core = reciprocal(i, k1 + 1)
-        members = set(core.tolist())
-        for candidate in core:
-            near = reciprocal(int(candidate), half)
-            if len(np.intersect1d(near, core)) > 2.0 / 3.0 * len(near):
-                members.update(near.tolist())
-        columns = np.asarray(sorted(members), dtype=np.int64)
-        closeness = np.exp(-original[i, columns])
-        weights[i, columns] = closeness / closeness.sum()
-    if k2 != 1:
-        expanded = np.empty_like(weights)
-        for i in range(count):
-            expanded[i] = weights[order[i, :k2]].mean(axis=0)
-        weights = expanded
-    # For each column, the images whose weight there is non-zero (an inverted index).
-    holders = [np.flatnonzero(weights[:, k]) for k in range(count)]
-    jaccard = np.empty((num_query, count), dtype=np.float32)
-    for i in range(num_query):
-        overlap = np.zeros(count, dtype=np.float32)
-        for k in np.flatnonzero(weights[i]):
-            rows = holders[k]
-            overlap[rows] += np.minimum(weights[i, k], weights[rows, k])
-        jaccard[i] = 1.0 - overlap / (2.0 - overlap)
-    final = jaccard * (1.0 - lambda_value) + original[:num_query] * lambda_value
-    return final[:, num_query:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +193,7 @@ def _weights(
     count = blocks.count
     device = ranks.device
     width = min(k1 + 1, count)
-    half = min(_half_width(k1), count)
+    half = min(half_width(k1), count)
     everyone = torch.arange(count, device=device)
     # Every image's own half-width reciprocal set, computed once: a mask over its first `half`.
     half_mask = torch.cat(
@@ -419,7 +362,7 @@ def rerank(
     (default 2**25; a few hundred MiB at peak). No (n x n) matrix is formed: about 0.75 GiB in
     all (measured) for a 13,909 x 1,608 problem (LLCM-sized) besides the caller's blocks.
     """
-    q_g, q_q, g_g = _check_distances(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value)
+    q_g, q_q, g_g = check_distances(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value)
     if chunk_elements < 1:
         raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
     target = torch.device(device) if device is not None else torch.device("cpu")
@@ -432,7 +375,7 @@ def rerank(
     # Ranking touches every entry once; rows of a few MiB keep its chunk buffer in cache.
     ranks, col_max = _rank_rows(blocks, width, min(rows_per_chunk, RANK_ROWS))
     # Each row's neighbour lookups hold about width**2 entries; keep a chunk within the budget.
-    neighbour_rows = max(1, chunk_elements // (width * (width + _half_width(k1) + 1)))
+    neighbour_rows = max(1, chunk_elements // (width * (width + half_width(k1) + 1)))
     rows, cols, vals = _weights(blocks, ranks, col_max, k1, min(rows_per_chunk, neighbour_rows))
     if k2 != 1:
         rows, cols, vals = _query_expansion(rows, cols, vals, ranks, k2, chunk_elements)
@@ -497,20 +440,4 @@ def euclidean_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(squared, 0.0)).astype(np.float32)
 
 
-def feature_distances(
-    num_query: int, num_gallery: int, dim: int, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(q_g, q_q, g_g) Euclidean distances of random L2-normalised features (ties unlikely)."""
-    rng = np.random.default_rng(seed)
-    query = rng.standard_normal((num_query, dim), dtype=np.float32)
-    gallery = rng.standard_normal((num_gallery, dim), dtype=np.float32)
-    query /= np.linalg.norm(query, axis=1, keepdims=True)
-    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
-    return (
-        euclidean_distances(query, gallery),
-        euclidean_distances(query, query),
-        euclidean_distances(gallery, gallery),
-    )
-
-
-__all__ = ["rerank", "rerank_reference"]
+__all__ = ["rerank"]

@@ -3,7 +3,8 @@
 Each gallery thumbnail gets a green frame when it shows the query's identity and a red one when it
 does not, with its modality, identity, camera (when known) and rank written underneath. Ranking is
 the evaluation's (``pairwise_distance`` on one feature kind, ties broken by gallery order), with
-the protocol's exclusion rule applied when given.
+the protocol's exclusion rule applied when given. :func:`draw_rank_list` draws any row of framed,
+captioned images: ``test.py --visualize`` and the page of ``python -m utils.match`` both use it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 MATCH_COLOUR = (44, 160, 44)
 MISMATCH_COLOUR = (214, 39, 40)
 QUERY_COLOUR = (70, 70, 70)
+UNLABELLED_COLOUR = (160, 160, 160)  # a result whose identity is unknown
 BACKGROUND = (255, 255, 255)
 PAD_COLOUR = (235, 235, 235)  # fills the sides of a thumbnail whose aspect differs
 INK = (30, 30, 30)
@@ -108,6 +110,40 @@ def _caption(features: Features, index: int, modality: str, first: str) -> list[
     return [first, modality, f"id {int(features.pids[index])}{camera}"]
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One framed image of a rank list: the file, its frame colour and its caption lines."""
+
+    path: str
+    colour: tuple[int, int, int]
+    lines: tuple[str, ...]
+
+
+def draw_rank_list(
+    cells: Sequence[Cell], title: str, layout: RankListLayout | None = None
+) -> Image.Image:
+    """The picture of ``cells`` in a row (the query first, set apart) under ``title``."""
+    layout = layout or RankListLayout()
+    title_font, caption_font = font(15), font(12)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width, height = layout.size(len(cells))
+    width = max(width, 2 * layout.margin + text_size(probe, title, title_font)[0])
+    image = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    draw.text((layout.margin, layout.margin), title, fill=INK, font=title_font)
+    for slot, cell in enumerate(cells):
+        box = layout.frame_box(slot)
+        draw.rectangle(box, fill=cell.colour)
+        thumb = _thumbnail(cell.path, layout.thumb)
+        image.paste(thumb, (box[0] + layout.frame, box[1] + layout.frame))
+        for line_no, line in enumerate(cell.lines[: layout.caption_lines]):
+            text_w = text_size(draw, line, caption_font)[0]
+            x = (box[0] + box[2] + 1 - text_w) // 2
+            y = box[3] + 6 + line_no * layout.line_h
+            draw.text((x, y), line, fill=INK, font=caption_font)
+    return image
+
+
 def rank_list_image(
     query: Features,
     gallery: Features,
@@ -119,35 +155,14 @@ def rank_list_image(
     layout: RankListLayout | None = None,
 ) -> Image.Image:
     """The picture of query ``index`` followed by the gallery images ``ranked`` (best first)."""
-    layout = layout or RankListLayout()
-    title = title or f"query {index}"
-    title_font, caption_font = font(15), font(12)
-    slots = 1 + len(ranked)
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    width, height = layout.size(slots)
-    width = max(width, 2 * layout.margin + text_size(probe, title, title_font)[0])
-    image = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    draw.text((layout.margin, layout.margin), title, fill=INK, font=title_font)
-
     query_pid = int(query.pids[index])
-    cells = [(query, index, QUERY_COLOUR, _caption(query, index, query_label, "query"))]
+    lines = _caption(query, index, query_label, "query")
+    cells = [Cell(query.paths[index], QUERY_COLOUR, tuple(lines))]
     for rank, g in enumerate(ranked, start=1):
         colour = MATCH_COLOUR if int(gallery.pids[g]) == query_pid else MISMATCH_COLOUR
-        cells.append(
-            (gallery, int(g), colour, _caption(gallery, int(g), gallery_label, f"rank {rank}"))
-        )
-    for slot, (features, i, colour, lines) in enumerate(cells):
-        box = layout.frame_box(slot)
-        draw.rectangle(box, fill=colour)
-        thumb = _thumbnail(features.paths[i], layout.thumb)
-        image.paste(thumb, (box[0] + layout.frame, box[1] + layout.frame))
-        for line_no, line in enumerate(lines):
-            text_w = text_size(draw, line, caption_font)[0]
-            x = (box[0] + box[2] + 1 - text_w) // 2
-            y = box[3] + 6 + line_no * layout.line_h
-            draw.text((x, y), line, fill=INK, font=caption_font)
-    return image
+        lines = _caption(gallery, int(g), gallery_label, f"rank {rank}")
+        cells.append(Cell(gallery.paths[int(g)], colour, tuple(lines)))
+    return draw_rank_list(cells, title or f"query {index}", layout)
 
 
 def _check_features(features: Features, role: str) -> None:

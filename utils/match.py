@@ -1,0 +1,400 @@
+"""Ranked matches between two sets of your own images (e.g. infrared and visible crops).
+
+    python -m utils.match --weights runs/x/checkpoint_latest.pth --ema \
+        --query ir_crops/ --query_modality infrared \
+        --gallery rgb_crops/ --gallery_modality visible --out matches/ [--topk 10] [--flip] \
+        [--rerank] [--labels_from_folders]
+
+``--query`` and ``--gallery`` take image files, folders (searched recursively, sorted) and
+``.txt`` lists, as ``python -m utils.extract`` does. ``--out`` receives:
+
+- ``matches.csv``: ``query``, ``rank`` (1-based), ``gallery``, ``distance``, one row per query
+  and rank up to ``--topk``; the distance is the Euclidean distance of the L2-normalised
+  features (0 to 2, smaller is more similar), or the re-ranked distance with ``--rerank``;
+- ``matches.json``: the same per query, with the settings (and the metrics when labelled);
+- ``features.npz``: ``query_*`` and ``gallery_*`` (``features``, ``paths``,
+  ``resolved_paths``, ``modality``, with labels ``identity``) and the description of
+  ``python -m utils.extract``'s ``.npz``;
+- ``index.html``: a static page (no scripts, relative links, viewable offline) with a rank-list
+  picture per query (``rank_lists/``), drawn by the code of ``test.py --visualize``; at most
+  ``--pictures`` queries spread over the query set, ``--per_page`` per page;
+- ``skipped.txt``: the unreadable images, when there were any (they are left out).
+
+With ``--labels_from_folders`` each image's identity is the name of its parent folder
+(``<identity>/<image>``): the pictures frame each result green (same identity) or red, and
+Rank-1/5/10, mAP and mINP (``eval_ranking`` of the ranked distances, no exclusion rule) are
+printed and written to ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from utils.base.cli import run_cli
+from utils.base.errors import UserError
+from utils.base.io import replace_dir, write_text_atomic
+from utils.base.logger import setup_logging
+from utils.engine.options import HelpFormatter
+from utils.evaluation.metrics import eval_ranking, pairwise_distance, summarize
+from utils.evaluation.rerank import RerankSettings, rerank_features
+from utils.evaluation.visualize import (
+    MATCH_COLOUR,
+    MISMATCH_COLOUR,
+    QUERY_COLOUR,
+    UNLABELLED_COLOUR,
+    Cell,
+    draw_rank_list,
+    spread_indices,
+)
+from utils.extract import (
+    EXTRACTOR_FLAGS,
+    MODALITIES,
+    Extraction,
+    FeatureExtractor,
+    check_out_dir,
+    extractor_parser,
+    feature_arrays,
+    image_files,
+    report_skipped,
+    write_npz,
+)
+
+log = logging.getLogger("match")
+METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
+# A file name longer than this is shortened in a picture's caption.
+CAPTION_CHARS = 16
+
+
+@dataclass
+class Side:
+    """The images of one side (query or gallery) that were read, with their features."""
+
+    files: list[tuple[str, str]]
+    modality: str
+    extraction: Extraction
+    identities: list[str] | None = None
+
+    @cached_property
+    def paths(self) -> list[str]:
+        """The kept images' paths as listed."""
+        return [self.files[i][0] for i in self.extraction.kept]
+
+    @cached_property
+    def resolved(self) -> list[str]:
+        """The kept images' absolute paths."""
+        return [self.files[i][1] for i in self.extraction.kept]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The ``python -m utils.match`` parser."""
+    parser = argparse.ArgumentParser(
+        prog="python -m utils.match",
+        description="Rank the gallery images for every query image with a trained checkpoint.",
+        parents=[extractor_parser("match with")],
+        formatter_class=HelpFormatter,
+        allow_abbrev=False,
+    )
+    for role in ("query", "gallery"):
+        parser.add_argument(
+            f"--{role}", nargs="+", required=True, metavar="PATH", help="files, folders, lists"
+        )
+        parser.add_argument(
+            f"--{role}_modality", choices=MODALITIES, required=True, help=f"of every {role} image"
+        )
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the results")
+    parser.add_argument("--topk", type=int, default=10, help="gallery images listed per query")
+    parser.add_argument(
+        "--labels_from_folders",
+        action="store_true",
+        help="identity = parent folder name: score Rank-1/5/10, mAP, mINP; frame green/red",
+    )
+    parser.add_argument("--pictures", type=int, default=100, help="queries shown on the page")
+    parser.add_argument("--per_page", type=int, default=20, help="queries per page")
+    group = parser.add_argument_group("re-ranking")
+    group.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
+    group.add_argument("--k1", type=int, default=20, help="k-reciprocal neighbours")
+    group.add_argument("--k2", type=int, default=6, help="local query expansion")
+    group.add_argument("--lambda_value", type=float, default=0.3, help="original-distance weight")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """One-line errors for option values that cannot work."""
+    for flag in ("topk", "per_page", "k1", "k2", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)}: expected at least 1")
+    if args.pictures < 0:
+        raise UserError(f"--pictures {args.pictures}: expected a number >= 0")
+    if not 0.0 <= args.lambda_value <= 1.0:
+        raise UserError(f"--lambda_value {args.lambda_value}: expected a value in [0, 1]")
+
+
+def identities_of(files: Sequence[tuple[str, str]]) -> list[str]:
+    """Each image's identity under ``--labels_from_folders``: its parent folder's name."""
+    return [Path(given).parent.name for given, _ in files]
+
+
+def check_labels(query: list[tuple[str, str]], gallery: list[tuple[str, str]]) -> None:
+    """Fail before extraction when no query identity has a gallery image to be found."""
+    shared = set(identities_of(query)) & set(identities_of(gallery))
+    if not shared:
+        raise UserError(
+            "--labels_from_folders: no query identity (parent folder name) has an image in the "
+            "gallery; expected --query and --gallery to hold <identity>/<image> folders"
+        )
+
+
+def extract_side(
+    extractor: FeatureExtractor, files: list[tuple[str, str]], modality: str, role: str
+) -> Side:
+    """Features of one side; fails when none of its images could be read."""
+    extraction = extractor([real for _, real in files], modality, on_error="skip")
+    if not extraction.kept:
+        raise UserError(f"--{role}: none of the {len(files)} images could be read")
+    return Side(files, modality, extraction)
+
+
+def distances(query: Side, gallery: Side, rerank: RerankSettings | None) -> np.ndarray:
+    """Query x gallery distances: Euclidean of the normalised features, or re-ranked."""
+    q, g = query.extraction.features, gallery.extraction.features
+    if rerank is not None:
+        return rerank_features(q, g, rerank).astype(np.float32)
+    # pairwise_distance is minus the dot product; for unit vectors |q - g|^2 = 2 - 2 q.g.
+    return np.sqrt(np.clip(2.0 + 2.0 * pairwise_distance(q, g), 0.0, None))
+
+
+def score(dist: np.ndarray, query: Side, gallery: Side) -> dict[str, float]:
+    """Rank-1/5/10/20, mAP and mINP (percent) of ``dist`` with folder-name identities."""
+    assert query.identities is not None and gallery.identities is not None
+    numbers = {name: i for i, name in enumerate(sorted({*query.identities, *gallery.identities}))}
+    q_pids = np.asarray([numbers[name] for name in query.identities])
+    g_pids = np.asarray([numbers[name] for name in gallery.identities])
+    try:
+        cmc, m_ap, m_inp = eval_ranking(dist, q_pids, g_pids)
+    except ValueError as err:
+        raise UserError(f"--labels_from_folders: cannot score the ranking ({err})") from None
+    return summarize(cmc, m_ap, m_inp)
+
+
+def match_rows(dist: np.ndarray, query: Side, gallery: Side, topk: int) -> list[dict[str, Any]]:
+    """One entry per query: its path and its top-k gallery paths with their distances."""
+    order = np.argsort(dist, axis=1, kind="stable")[:, :topk]
+    entries = []
+    for row, path in enumerate(query.paths):
+        ranked = [
+            {"rank": rank, "gallery": gallery.paths[g], "distance": float(dist[row, g])}
+            for rank, g in enumerate(order[row].tolist(), start=1)
+        ]
+        entry: dict[str, Any] = {"query": path, "matches": ranked}
+        if query.identities is not None and gallery.identities is not None:
+            entry["identity"] = query.identities[row]
+            for match, g in zip(ranked, order[row].tolist(), strict=True):
+                match["identity"] = gallery.identities[g]
+        entries.append(entry)
+    return entries
+
+
+def csv_text(entries: list[dict[str, Any]]) -> str:
+    """``matches.csv``: query, rank, gallery, distance."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["query", "rank", "gallery", "distance"])
+    for entry in entries:
+        for match in entry["matches"]:
+            writer.writerow([entry["query"], match["rank"], match["gallery"], match["distance"]])
+    return buffer.getvalue()
+
+
+def short_name(path: str) -> str:
+    """A file name short enough for a caption."""
+    name = Path(path).name
+    return name if len(name) <= CAPTION_CHARS else name[: CAPTION_CHARS - 1] + "~"
+
+
+def picture_cells(entry: dict[str, Any], query: Side, gallery: Side, row: int) -> list[Cell]:
+    """The framed images of one query's rank list, with distances in the captions."""
+    labelled = "identity" in entry
+    first = f"id {entry['identity']}" if labelled else short_name(entry["query"])
+    cells = [Cell(query.resolved[row], QUERY_COLOUR, ("query", query.modality, first))]
+    resolved = dict(zip(gallery.paths, gallery.resolved, strict=True))
+    for match in entry["matches"]:
+        colour = UNLABELLED_COLOUR
+        if labelled:
+            colour = MATCH_COLOUR if match["identity"] == entry["identity"] else MISMATCH_COLOUR
+        last = f"id {match['identity']}" if labelled else short_name(match["gallery"])
+        lines = (f"rank {match['rank']}", f"d {match['distance']:.3f}", last)
+        cells.append(Cell(resolved[match["gallery"]], colour, lines))
+    return cells
+
+
+def page_html(title: str, body: list[str]) -> str:
+    """A self-contained HTML page (no scripts, no links outside the output folder)."""
+    style = (
+        "body{font-family:sans-serif;margin:1.5em;color:#222}img{max-width:100%}"
+        "nav a{margin-right:.6em}figure{margin:1.2em 0}figcaption{font-size:.9em}"
+    )
+    head = f'<meta charset="utf-8"><title>{html.escape(title)}</title><style>{style}</style>'
+    return (
+        f"<!DOCTYPE html>\n<html><head>{head}</head><body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
+
+
+def page_name(page: int) -> str:
+    """The file of page ``page`` (0-based): ``index.html``, then ``page2.html``, ..."""
+    return "index.html" if page == 0 else f"page{page + 1}.html"
+
+
+def draw_pictures(
+    out: Path, entries: list[dict[str, Any]], query: Side, gallery: Side, count: int
+) -> list[int]:
+    """Rank-list PNGs of ``count`` queries spread over the list, into ``out/rank_lists``.
+
+    The folder is built aside and swapped in whole, so it never mixes two runs' pictures.
+    """
+    shown = spread_indices(len(entries), count)
+    folder = out / f".rank_lists.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    try:
+        for row in shown:
+            title = f"query {row + 1} of {len(entries)}: {entries[row]['query']}"
+            image = draw_rank_list(picture_cells(entries[row], query, gallery, row), title)
+            image.save(folder / f"query{row + 1:05d}.png", format="PNG")
+        replace_dir(folder, out / "rank_lists")
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return shown
+
+
+def write_pages(
+    out: Path, entries: list[dict[str, Any]], shown: list[int], per_page: int, heading: list[str]
+) -> None:
+    """``index.html`` and its following pages, ``per_page`` pictured queries each."""
+    pages = max(1, math.ceil(len(shown) / per_page))
+    nav = " ".join(f'<a href="{page_name(p)}">{p + 1}</a>' for p in range(pages))
+    intro = [f"<h1>{html.escape(heading[0])}</h1>"] + [
+        f"<p>{html.escape(x)}</p>" for x in heading[1:]
+    ]
+    for page in range(pages):
+        body = [*intro, f"<nav>pages: {nav}</nav>"] if pages > 1 else list(intro)
+        for row in shown[page * per_page : (page + 1) * per_page]:
+            entry = entries[row]
+            name = f"rank_lists/query{row + 1:05d}.png"
+            listed = "; ".join(
+                f"{m['rank']}. {m['gallery']} ({m['distance']:.4f})" for m in entry["matches"]
+            )
+            body.append(
+                f'<figure><img src="{html.escape(name)}" alt="rank list of query {row + 1}">'
+                f"<figcaption>{html.escape(entry['query'])}: {html.escape(listed)}</figcaption>"
+                "</figure>"
+            )
+        write_text_atomic(out / page_name(page), page_html(heading[0], body))
+
+
+def metrics_table(metrics: dict[str, float], title: str) -> str:
+    """The printed Markdown table of ``--labels_from_folders``."""
+    header = "| Rank-1 | Rank-5 | Rank-10 | mAP | mINP |"
+    cells = " | ".join(f"{metrics[key]:.2f}" for key in METRICS if key in metrics)
+    return "\n".join([title, header, "|---|---|---|---|---|", f"| {cells} |"])
+
+
+def side_arrays(extractor: FeatureExtractor, side: Side, role: str) -> dict[str, np.ndarray]:
+    """One side's ``features.npz`` arrays, prefixed with ``role``; the description unprefixed."""
+    arrays = feature_arrays(extractor, side.files, side.extraction, side.modality)
+    described = extractor.describe()
+    named = {k: v for k, v in arrays.items() if k in described}
+    named |= {f"{role}_{k}": v for k, v in arrays.items() if k not in described}
+    if side.identities is not None:
+        named[f"{role}_identity"] = np.asarray(side.identities, dtype=np.str_).reshape(-1)
+    return named
+
+
+def write_results(
+    out: Path,
+    extractor: FeatureExtractor,
+    sides: tuple[Side, Side],
+    entries: list[dict[str, Any]],
+    settings: dict[str, Any],
+    metrics: dict[str, float] | None,
+) -> None:
+    """Every file of ``--out`` but the pages: matches, features, metrics."""
+    query, gallery = sides
+    write_text_atomic(out / "matches.csv", csv_text(entries))
+    payload = {**settings, "metrics": metrics, "queries": entries}
+    write_text_atomic(out / "matches.json", json.dumps(payload, indent=1) + "\n")
+    arrays = side_arrays(extractor, query, "query") | side_arrays(extractor, gallery, "gallery")
+    write_npz(out / "features.npz", arrays, "--out")
+    if metrics is not None:
+        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Extract both sides' features, rank the gallery for every query and write the results."""
+    args = get_args_parser().parse_args(argv)
+    setup_logging()
+    check_args(args)
+    out = Path(args.out)
+    check_out_dir(out)
+    files = image_files(args.query, "--query"), image_files(args.gallery, "--gallery")
+    if args.labels_from_folders:
+        check_labels(*files)
+    extractor = FeatureExtractor(**{flag: getattr(args, flag) for flag in EXTRACTOR_FLAGS})
+    query = extract_side(extractor, files[0], args.query_modality, "query")
+    gallery = extract_side(extractor, files[1], args.gallery_modality, "gallery")
+    if args.labels_from_folders:
+        query.identities = identities_of([query.files[i] for i in query.extraction.kept])
+        gallery.identities = identities_of([gallery.files[i] for i in gallery.extraction.kept])
+    rerank = RerankSettings(args.k1, args.k2, args.lambda_value) if args.rerank else None
+    dist = distances(query, gallery, rerank)
+    entries = match_rows(dist, query, gallery, args.topk)
+    metrics = score(dist, query, gallery) if args.labels_from_folders else None
+    what = "re-ranked distance" if rerank else "Euclidean distance of L2-normalised features"
+    settings = {**extractor.describe(), "distance": what, "topk": args.topk}
+    settings["rerank"] = rerank.as_dict() if rerank else False
+    title = f"{args.weights}{' (EMA)' if args.ema else ''}: {len(entries)} {args.query_modality}"
+    title += f" queries against {len(gallery.paths)} {args.gallery_modality} images"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_results(out, extractor, (query, gallery), entries, settings, metrics)
+        shown = draw_pictures(out, entries, query, gallery, args.pictures)
+        heading = [title, f"{what}; top {args.topk}; every query is in matches.csv"]
+        if metrics is not None:
+            heading.append(", ".join(f"{k} {metrics[k]:.2f}" for k in METRICS if k in metrics))
+        write_pages(out, entries, shown, args.per_page, heading)
+        skipped = {
+            side.files[i][0]: why
+            for side in (query, gallery)
+            for i, why in side.extraction.skipped.items()
+        }
+        report_skipped(skipped, out / "skipped.txt", "query and gallery")
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot write ({err.strerror or err})") from None
+    if metrics is not None:
+        table = metrics_table(metrics, title)
+        log.info("results:\n%s", table)
+        sys.stdout.write(table + "\n")
+    log.info("wrote %s (open %s)", out, out / "index.html")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
