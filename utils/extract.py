@@ -398,7 +398,9 @@ def report_skipped(skipped: dict[str, str], out_file: str | os.PathLike[str], wh
 # --------------------------------------------------------------------------------------------
 def extractor_parser(use: str) -> argparse.ArgumentParser:
     """Options shared by the commands that run a checkpoint on images (``use``: what it does)."""
-    parser = argparse.ArgumentParser(add_help=False, parents=[checkpoint_parser(use)])
+    parser = argparse.ArgumentParser(
+        add_help=False, allow_abbrev=False, parents=[checkpoint_parser(use)]
+    )
     group = parser.add_argument_group("features")
     group.add_argument("--feature", choices=FEATURES[::-1], default="bnneck", help="which one")
     group.add_argument("--flip", action="store_true", help="sum with the mirror image's features")
