@@ -17,26 +17,18 @@ import sys
 from collections.abc import Sequence
 
 from data.registry import get_dataset
-from utils.base.cli import run_cli
-from utils.engine.options import (
-    HelpFormatter,
-    data_parser,
-    model_parser,
-    optim_parser,
-    search_settings,
-)
-from utils.engine.search import ARCH_FILE, SearchTrainer, search_parser
+from utils.base.cli import default_of, run_cli
+from utils.engine.options import search_settings, train_parser
+from utils.engine.search import ARCH_FILE, SearchTrainer
+from utils.engine.settings import DataSettings
 from utils.engine.stored_options import parse_resuming
 from utils.engine.trainer import run_trainer
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    """The search.py parser: the shared training parents plus the search options."""
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
-        description="Search the BN separation scheme of a CM-NAS network (shared/split per slot).",
-        parents=[data_parser(), model_parser(), optim_parser(), search_parser()],
-        formatter_class=HelpFormatter,
+    """The search.py parser: train.py's flags plus the search's own."""
+    parser = train_parser(
+        "Search the BN separation scheme of a CM-NAS network (shared/split per slot).", search=True
     )
     # The search builds its own supernet (--config_path is ignored) and never runs the test
     # protocol (--test_freq must stay 0).
@@ -46,7 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, search, and write the derived architecture."""
-    trainer = SearchTrainer(search_settings(parse_resuming(get_args_parser(), argv)))
+    trainer = SearchTrainer(search_settings(parse_resuming(get_args_parser, argv)))
     code = run_trainer(trainer)
     if code == 0 and (trainer.out / ARCH_FILE).is_file():
         sys.stdout.write(f"train the architecture found with:\n  {train_command(trainer)}\n")
@@ -54,13 +46,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def train_command(trainer: SearchTrainer) -> str:
-    """The train.py command line for the architecture the search wrote (same data and images)."""
-    data = trainer.settings.data
+    """The train.py command line for the architecture the search wrote (same data, images and
+    plugins)."""
+    settings = trainer.settings
+    data = settings.data
     words = ["python", "train.py", "--data_root", data.data_root, "--dataset", data.dataset]
     if get_dataset(data.dataset).num_splits > 1:
         words += ["--trial", str(data.trial)]
-    if data.img_size != (256, 128):
+    if data.img_size != tuple(default_of(DataSettings, flag) for flag in ("img_h", "img_w")):
         words += ["--img_h", str(data.img_h), "--img_w", str(data.img_w)]
+    words += [word for plugin in settings.plugin for word in ("--plugin", plugin)]
     return shlex.join([*words, "--config_path", str(trainer.out / ARCH_FILE)])
 
 

@@ -28,6 +28,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,103 +40,104 @@ from data.dataset import V2I_ROLES
 from data.registry import dataset_names
 from model import CMNASNet, read_checkpoint
 from model.checkpoint import is_authors_checkpoint, largest_tensors, stored_integer
-from model.restore import model_from_checkpoint
-from utils.base.cli import run_cli
+from model.restore import DEFAULT_IMG_SIZE, model_from_checkpoint
+from utils.base.cli import build, check_fields, default_of, plugin_setting, run_cli, setting
 from utils.base.errors import UserError
 from utils.base.io import DiskFull, write_atomic, write_text_atomic
 from utils.base.logger import setup_logging
 from utils.engine.build import check_data_root, select_device
-from utils.engine.options import (
-    HelpFormatter,
-    checkpoint_parser,
-    data_parser,
-    data_settings,
-    evaluation_settings,
+from utils.engine.options import check_data, command_parser
+from utils.engine.settings import (
+    CHECKPOINT,
+    DATA,
+    DEVICE,
+    EVALUATION,
+    MODES,
+    CheckpointSettings,
+    DataSettings,
+    EvalSettings,
 )
-from utils.engine.settings import DataSettings, EvalSettings
-from utils.engine.stored_options import stored_options
+from utils.engine.stored_options import parse_testing
 
 log = logging.getLogger("test")
-# Image size of the paper (and of the authors' checkpoints).
-DEFAULT_IMG_SIZE = (256, 128)
+PROTOCOL = ProtocolSettings()
+
+
+@dataclass(frozen=True)
+class TestSettings:
+    """test.py's settings: data, evaluation, checkpoint, the protocols to run, the outputs."""
+
+    data: DataSettings
+    evaluation: EvalSettings
+    checkpoint: CheckpointSettings
+    mode: str = setting(PROTOCOL.mode, "SYSU mode", choices=MODES)
+    shot: int = setting(
+        PROTOCOL.shot, "SYSU gallery images per identity and camera", choices=(1, 10)
+    )
+    direction: str = setting(
+        PROTOCOL.direction,
+        "RegDB and LLCM query -> gallery direction(s)",
+        choices=("both", "v2i", "i2v"),
+    )
+    v2i_roles: str = setting(
+        PROTOCOL.v2i_roles,
+        "LLCM visible-to-infrared: 'defined' ranks the drawn infrared gallery for every "
+        "visible query; 'swapped' instead lets each drawn infrared image rank all visible "
+        "images, as a widely copied test script does (reported as 'v2i roles-swapped'); "
+        "'both' reports the two",
+        choices=V2I_ROLES,
+    )
+    tvsearch: bool = setting(False, "RegDB: thermal-to-visible only (same as --direction i2v)")
+    save_json: str | None = setting(None, "also write the results to this file")
+    save_features: str | None = setting(
+        None,
+        "write query and gallery features, ids, cameras, modalities and paths to this .npz "
+        "file (no pickle; the union of all gallery draws with a per-draw mask)",
+        metavar="FILE",
+    )
+    visualize: int = setting(
+        0,
+        "write rank-list PNGs for K queries into rank_lists/ next to --save_json (or ./)",
+        metavar="K",
+        check=lambda v: v >= 0,
+        expected="a number of queries >= 0",
+    )
+    plugin: tuple[str, ...] = plugin_setting()
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The test.py parser (the authors' flag names plus a few of this project's)."""
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
-        description="Evaluate a checkpoint with a data set's test protocols.",
-        parents=[data_parser(), checkpoint_parser("evaluate")],
-        formatter_class=HelpFormatter,
-    )
-    parser.add_argument("--mode", choices=("all", "indoor"), default="all", help="SYSU mode")
-    parser.add_argument(
-        "--shot",
-        type=int,
-        choices=(1, 10),
-        default=1,
-        help="SYSU gallery images per identity and camera",
-    )
-    parser.add_argument(
-        "--direction",
-        choices=("both", "v2i", "i2v"),
-        default="both",
-        help="RegDB and LLCM query -> gallery direction(s)",
-    )
-    parser.add_argument(
-        "--v2i_roles",
-        choices=V2I_ROLES,
-        default="defined",
-        help="LLCM visible-to-infrared: 'defined' ranks the drawn infrared gallery for every "
-        "visible query; 'swapped' instead lets each drawn infrared image rank all visible "
-        "images, as a widely copied test script does (reported as 'v2i roles-swapped'); "
-        "'both' reports the two",
-    )
-    parser.add_argument(
-        "--tvsearch",
-        action="store_true",
-        help="RegDB: thermal-to-visible only (same as --direction i2v)",
-    )
-    parser.add_argument("--save_json", default=None, help="also write the results to this file")
-    parser.add_argument(
-        "--save_features",
-        default=None,
-        metavar="FILE",
-        help="write query and gallery features, ids, cameras, modalities and paths to this "
-        ".npz file (no pickle; the union of all gallery draws with a per-draw mask)",
-    )
-    parser.add_argument(
-        "--visualize",
-        type=int,
-        default=0,
-        metavar="K",
-        help="write rank-list PNGs for K queries into rank_lists/ next to --save_json (or ./)",
+    parser = command_parser(
+        "Evaluate a checkpoint with a data set's test protocols.",
+        TestSettings,
+        (DATA, DEVICE, EVALUATION, CHECKPOINT, None),
+        use="evaluate",
     )
     # None: the checkpoint's (this project's), else the paper's 256x128. --trial names a split
     # where the data set has splits (default: the checkpoint's, else 1), otherwise a gallery draw
     # (default: all draws).
-    # --dataset None: the checkpoint's (this project's), else SYSU-MM01.
+    # --dataset None: the checkpoint's (this project's), else the default data set.
     parser.set_defaults(img_h=None, img_w=None, dataset=None)
     return parser
 
 
-def resolve_dataset(args: argparse.Namespace) -> None:
-    """Fill ``--dataset`` from the checkpoint's training options (default: SYSU-MM01)."""
-    if args.dataset is not None:
-        return
-    try:
-        trained = stored_options(args.weights)
-    except UserError:
-        trained = {}  # the checkpoint's own check names the problem, after the flags'
+def tested_dataset(given: str | None, trained: dict[str, Any]) -> str:
+    """``--dataset``, else the checkpoint's training data set, else the default one."""
+    if given is not None:
+        return given
     name = trained.get("dataset")
     # Said by the results' names (the table's rows start with the data set).
-    args.dataset = name if name in dataset_names() else "sysu"
+    return name if name in dataset_names() else default_of(DataSettings, "dataset")
 
 
-def check_outputs(args: argparse.Namespace) -> None:
+def check_outputs(settings: TestSettings) -> None:
     """Fail before any work unless every output can be written and none is the checkpoint."""
-    weights = Path(args.weights).resolve()
-    for flag, path in (("--save_json", args.save_json), ("--save_features", args.save_features)):
+    weights = Path(settings.checkpoint.weights).resolve()
+    outputs = (("--save_json", settings.save_json), ("--save_features", settings.save_features))
+    for flag, path in outputs:
         if not path:
             continue
         check_output_file(path, flag)
@@ -144,11 +146,11 @@ def check_outputs(args: argparse.Namespace) -> None:
                 f"{flag} {path}: is the --weights checkpoint (it would be overwritten); "
                 "choose another file name"
             )
-    same = args.save_json and args.save_features
-    if same and Path(args.save_json).resolve() == Path(args.save_features).resolve():
-        raise UserError(f"--save_features {args.save_features}: the same file as --save_json")
-    if args.visualize:
-        check_output_folder(rank_list_root(args) / "rank_lists", "--visualize")
+    json_file, features = settings.save_json, settings.save_features
+    if json_file and features and Path(json_file).resolve() == Path(features).resolve():
+        raise UserError(f"--save_features {features}: the same file as --save_json")
+    if settings.visualize:
+        check_output_folder(rank_list_root(settings.save_json) / "rank_lists", "--visualize")
 
 
 def check_output_folder(folder: Path, flag: str) -> None:
@@ -163,9 +165,9 @@ def check_output_folder(folder: Path, flag: str) -> None:
         raise UserError(f"{flag}: cannot write {folder}: {probe} is not writable")
 
 
-def rank_list_root(args: argparse.Namespace) -> Path:
+def rank_list_root(save_json: str | None) -> Path:
     """Where ``--visualize`` writes its rank_lists/ folder: beside ``--save_json``, else ./."""
-    return Path(args.save_json).parent if args.save_json else Path(".")
+    return Path(save_json).parent if save_json else Path(".")
 
 
 def size_note(weights: str, checkpoint: dict[str, Any], data: DataSettings) -> str:
@@ -203,11 +205,11 @@ def check_output_file(path: str, flag: str) -> None:
         raise UserError(f"{flag} {out}: not writable")
 
 
-def protocol_settings(args: argparse.Namespace) -> ProtocolSettings:
+def protocol_settings(settings: TestSettings) -> ProtocolSettings:
     """The protocol options; one the data set cannot honour is an error naming what it offers."""
-    dataset = get_dataset(args.dataset)
-    direction = args.direction
-    if args.tvsearch:
+    dataset = get_dataset(settings.data.dataset)
+    direction, roles = settings.direction, settings.v2i_roles
+    if settings.tvsearch:
         if "direction" not in dataset.test_options:
             raise UserError(
                 f"--tvsearch: {dataset.title} has no choice of direction "
@@ -216,45 +218,44 @@ def protocol_settings(args: argparse.Namespace) -> ProtocolSettings:
         if direction not in ("both", "i2v"):
             raise UserError(f"--tvsearch (--direction i2v) contradicts --direction {direction}")
         direction = "i2v"
-    settings = ProtocolSettings(args.mode, args.shot, direction, args.v2i_roles)
-    protocols = dataset.protocols(settings)
-    if args.v2i_roles != "defined" and not any(p.swap_roles for p in protocols):
-        raise UserError(
-            f"--v2i_roles {args.v2i_roles}: {dataset.title} has no swapped-roles protocol"
-        )
-    return settings
+    protocol = ProtocolSettings(settings.mode, settings.shot, direction, roles)
+    if roles != "defined" and not any(p.swap_roles for p in dataset.protocols(protocol)):
+        raise UserError(f"--v2i_roles {roles}: {dataset.title} has no swapped-roles protocol")
+    return protocol
 
 
-def resolve_data(args: argparse.Namespace, checkpoint: dict[str, Any]) -> DataSettings:
+def resolve_data(data: DataSettings, weights: str, checkpoint: dict[str, Any]) -> DataSettings:
     """The data settings, image size and split (``--trial``) from the checkpoint's training
     options where the flags leave them out."""
     trained = checkpoint.get("args") if not is_authors_checkpoint(checkpoint) else None
     trained = trained if isinstance(trained, dict) else {}
     height, width = (
-        stored_integer(trained.get(flag) or fallback, flag, args.weights)
-        if getattr(args, flag) is None
-        else getattr(args, flag)
-        for flag, fallback in zip(("img_h", "img_w"), DEFAULT_IMG_SIZE, strict=True)
+        stored_integer(trained.get(flag) or fallback, flag, weights) if given is None else given
+        for flag, given, fallback in zip(
+            ("img_h", "img_w"), data.img_size, DEFAULT_IMG_SIZE, strict=True
+        )
     )
-    dataset = get_dataset(args.dataset)
-    trial = args.trial
+    dataset = get_dataset(data.dataset)
+    trial = data.trial
     trained_split = trained.get("trial") if trained.get("dataset") == dataset.name else None
     if dataset.num_splits > 1 and trial is None:
-        trial = stored_integer(trained_split or 1, "trial", args.weights)
+        trial = stored_integer(trained_split or 1, "trial", weights)
     elif (
         dataset.num_splits > 1
         and trained_split is not None
-        and stored_integer(trained_split, "trial", args.weights) != trial
+        and stored_integer(trained_split, "trial", weights) != trial
     ):
         log.warning(
             "%s was trained on %s trial %s; the test identities of trial %d may include "
             "its training identities",
-            args.weights,
+            weights,
             dataset.title,
             trained_split,
             trial,
         )
-    return data_settings(args, (height, width), trial)
+    data = replace(data, img_h=height, img_w=width, trial=trial)
+    check_data(data)
+    return data
 
 
 def run_tests(
@@ -375,50 +376,52 @@ def overflow_error(weights: str, ema: bool, model: CMNASNet) -> UserError:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, rebuild the model from its checkpoint, evaluate and report."""
-    args = get_args_parser().parse_args(argv)
+    values, trained = parse_testing(get_args_parser, argv)
     setup_logging()
-    resolve_dataset(args)
-    evaluation = evaluation_settings(args)
-    get_dataset(args.dataset).check_trial(args.trial, testing=True)
-    protocols = protocol_settings(args)
-    if args.visualize < 0:
-        raise UserError(f"--visualize {args.visualize}: expected a number of queries >= 0")
-    check_outputs(args)
-    device = select_device(args.device)
-    checkpoint = read_checkpoint(args.weights)
-    data = resolve_data(args, checkpoint)
-    marks = size_note(args.weights, checkpoint, data)
+    values["dataset"] = tested_dataset(values["dataset"], trained)
+    settings = build(TestSettings, values)
+    evaluation, source = settings.evaluation, settings.checkpoint
+    select_device(evaluation.device)
+    get_dataset(settings.data.dataset).check_trial(settings.data.trial, testing=True)
+    protocols = protocol_settings(settings)
+    check_outputs(settings)
+    device = select_device(evaluation.device)
+    checkpoint = read_checkpoint(source.weights)
+    data = resolve_data(settings.data, source.weights, checkpoint)
+    marks = size_note(source.weights, checkpoint, data)
     check_data_root(data.dataset, data.data_root, data.trial, parts=("test",))
     model = model_from_checkpoint(
-        args.weights, checkpoint, args.config_path, args.last_stride, args.ema
+        source.weights, checkpoint, source.config_path, source.last_stride, source.ema
     ).model
     model.to(device).eval()
-    kept: list[Any] | None = [] if args.visualize or args.save_features else None
+    kept: list[Any] | None = [] if settings.visualize or settings.save_features else None
     try:
         results, rows = run_tests(data, evaluation, protocols, model, device, kept)
     except ValueError as err:
         if "NaN" not in str(err):
             raise
-        raise overflow_error(args.weights, args.ema, model) from None
+        raise overflow_error(source.weights, source.ema, model) from None
     # The table goes to stdout only (the log on stderr would show it a second time).
-    sys.stdout.write(format_results(rows, args.weights + marks, args.ema, evaluation) + "\n")
-    if args.save_json:
+    title = source.weights + marks
+    sys.stdout.write(format_results(rows, title, source.ema, evaluation) + "\n")
+    if settings.save_json:
         payload = {
-            "weights": args.weights,
-            "ema": args.ema,
+            "weights": source.weights,
+            "ema": source.ema,
             "flip": evaluation.flip,
             "rerank": evaluation.rerank.as_dict() if evaluation.rerank is not None else False,
             "dataset": data.dataset,
             "img_size": list(data.img_size),
             "results": results,
         }
-        _write_json(args.save_json, payload)
-        log.info("wrote %s", args.save_json)
-    if args.save_features:
-        save_features(args.save_features, kept or [], evaluation.flip)
-        log.info("wrote %s", args.save_features)
-    if args.visualize:
-        write_rank_lists(data.dataset, rank_list_root(args), args.visualize, kept or [])
+        _write_json(settings.save_json, payload)
+        log.info("wrote %s", settings.save_json)
+    if settings.save_features:
+        save_features(settings.save_features, kept or [], evaluation.flip)
+        log.info("wrote %s", settings.save_features)
+    if settings.visualize:
+        root = rank_list_root(settings.save_json)
+        write_rank_lists(data.dataset, root, settings.visualize, kept or [])
     return 0
 
 

@@ -18,31 +18,20 @@ import sys
 from collections.abc import Sequence
 
 from utils.base.cli import run_cli
-from utils.engine.options import (
-    HelpFormatter,
-    data_parser,
-    model_parser,
-    optim_parser,
-    training_settings,
-)
+from utils.engine.options import train_parser, training_settings
 from utils.engine.stored_options import parse_resuming
 
 log = logging.getLogger("train")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    """The train.py parser, built from the shared parent parsers."""
-    return argparse.ArgumentParser(
-        allow_abbrev=False,
-        description="Train a CM-NAS network for visible-infrared re-identification.",
-        parents=[data_parser(), model_parser(), optim_parser()],
-        formatter_class=HelpFormatter,
-    )
+    """The train.py parser, generated from the declared settings."""
+    return train_parser("Train a CM-NAS network for visible-infrared re-identification.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, train, and run the final evaluation."""
-    settings = training_settings(parse_resuming(get_args_parser(), argv))
+    settings = training_settings(parse_resuming(get_args_parser, argv))
     from utils.engine.trainer import Trainer, run_trainer
 
     return run_trainer(Trainer(settings))

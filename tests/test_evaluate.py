@@ -35,10 +35,11 @@ from data import (
 from data import registry as registry_module
 from data.registry import DataSetRegistry
 from data.sysu import sysu_train_files
+from utils.base.cli import build
 from utils.base.modality import Modality
 from utils.engine.build import check_data_root
 from utils.engine.evaluation import evaluate_training_run
-from utils.engine.options import data_parser, evaluation_settings
+from utils.engine.options import data_parser
 from utils.engine.settings import DataSettings, EvalSettings
 from utils.evaluation.evaluate import (
     ProtocolFeatures,
@@ -208,7 +209,8 @@ def test_rerank_scores_each_draw_on_its_own_queries_and_gallery(toy_sysu: Path) 
 def test_training_evaluation_marks_rerank_in_its_keys(toy_regdb: Path) -> None:
     flags = ["--data_root", str(toy_regdb), "--flip", "--k1", "3", "--k2", "1"]
     flags += ["--lambda_value", "0.2"]
-    evaluation = evaluation_settings(train.get_args_parser().parse_args([*flags, "--rerank"]))
+    parsed = train.get_args_parser().parse_args([*flags, "--rerank"])
+    evaluation = build(EvalSettings, vars(parsed))
     assert evaluation.rerank == RerankSettings(3, 1, 0.2)
     data = DataSettings(str(toy_regdb), "regdb", None, *SIZE)
     results = evaluate_training_run(HalvesModel(), data, evaluation, True, CPU)
@@ -216,7 +218,7 @@ def test_training_evaluation_marks_rerank_in_its_keys(toy_regdb: Path) -> None:
     assert results["regdb_i2v_flip_rerank"]["rerank"] == {"k1": 3, "k2": 1, "lambda_value": 0.2}
     # Without --rerank there is no re-ranking (its parameters alone are refused: issue 16).
     plain = train.get_args_parser().parse_args(["--data_root", str(toy_regdb), "--flip"])
-    assert evaluation_settings(plain).rerank is None
+    assert build(EvalSettings, vars(plain)).rerank is None
 
 
 @pytest.mark.parametrize(

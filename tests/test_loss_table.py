@@ -13,8 +13,7 @@ import torch
 
 import train
 from model.losses import LOSS_TERMS, LossRecipe, LossTerm, recipe_from, register_loss, search_terms
-from utils.base.cli import run_cli
-from utils.engine.options import loss_recipe, optim_parser
+from utils.base.cli import build, run_cli
 from utils.engine.settings import DataSettings, TrainSettings
 from utils.plot import collect_series, plot_run, read_log
 
@@ -48,14 +47,14 @@ def test_shipped_table_gives_the_flags_and_the_recipe() -> None:
     """The paper's terms in summing order; weight flags with their defaults, help and checks."""
     assert tuple(LOSS_TERMS) == SHIPPED
     assert search_terms() == ("triplet", "sp", "cmmd")
-    parser = optim_parser()
-    defaults = parser.parse_args([])
+    parser = train.get_args_parser()
+    defaults = parser.parse_args(["--data_root", "x"])
     assert (defaults.sp_lambda, defaults.cmmd_lambda) == (5.0, 0.05)
     text = " ".join(parser.format_help().split())
     assert "--sp_lambda SP_LAMBDA weight of the SP loss" in text
     assert "--cmmd_lambda CMMD_LAMBDA weight of the CMMD loss" in text
-    args = parser.parse_args(["--sp_lambda", "2", "--margin", "0.3", "--label_smooth", "0.1"])
-    recipe = loss_recipe(args)
+    flags = ["--data_root", "x", "--sp_lambda", "2", "--margin", "0.3", "--label_smooth", "0.1"]
+    recipe = build(TrainSettings, vars(parser.parse_args(flags)), folder=Path("run")).loss
     assert recipe == recipe_from({"sp": 2.0}, label_smooth=0.1, margin=0.3)
     assert recipe.flags() == {
         "label_smooth": 0.1, "margin": 0.3, "sp_lambda": 2.0, "cmmd_lambda": 0.05
@@ -118,8 +117,8 @@ def test_a_term_added_in_a_test_trains_logs_and_plots(
         LossTerm("unit", unit_loss, features="pool", labels=False, weight=0.25,
                  flag="unit_lambda", help="weight of the unit loss", search=False)
     )  # fmt: skip
-    parser = optim_parser()
-    assert parser.parse_args([]).unit_lambda == 0.25
+    parser = train.get_args_parser()
+    assert parser.parse_args(["--data_root", "x"]).unit_lambda == 0.25
     assert "weight of the unit loss" in parser.format_help()
     assert search_terms() == ("triplet", "sp", "cmmd")
     pool, bnneck, logits, ys = _batch()
@@ -132,13 +131,17 @@ def test_a_term_added_in_a_test_trains_logs_and_plots(
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [record["unit"] for record in records] == [0.5, 0.5]  # the flag's weight times 1
 
+    assert [record["loss_terms"] for record in records] == [[*SHIPPED, "unit"]] * 2
     series = collect_series(read_log(run))["loss"]
     assert list(series) == ["total", *SHIPPED, "unit"]
     assert series["unit"] == [(1.0, 0.5), (2.0, 0.5)]
     with_term = plot_run(run, tmp_path / "with.png").read_bytes()
-    del loss_table["unit"]  # a key the table does not know is not a loss curve
-    assert "unit" not in collect_series(read_log(run))["loss"]
-    assert plot_run(run, tmp_path / "without.png").read_bytes() != with_term
+    del loss_table["unit"]  # the records name their terms: the curve needs no table entry
+    assert collect_series(read_log(run))["loss"] == series
+    assert plot_run(run, tmp_path / "without.png").read_bytes() == with_term
+    # A log written before records named their terms: a key the table does not know is no curve.
+    unnamed = [{k: v for k, v in r.items() if k != "loss_terms"} for r in read_log(run)]
+    assert "unit" not in collect_series(unnamed)["loss"]
 
 
 def readme_recipe() -> str:
@@ -158,7 +161,8 @@ def test_readme_recipe_runs_as_written(loss_table: dict[str, LossTerm]) -> None:
     exec(compile(code, str(README), "exec"), namespace)  # the README's own code
     term = loss_table["center"]
     assert (term.flag, term.weight, term.search) == ("center_lambda", 0.1, False)
-    assert optim_parser().parse_args(["--center_lambda", "0.3"]).center_lambda == 0.3
+    parsed = train.get_args_parser().parse_args(["--data_root", "x", "--center_lambda", "0.3"])
+    assert parsed.center_lambda == 0.3
     pool, bnneck, logits, ys = _batch()
     terms = recipe_from({"center": 0.3})(pool, bnneck, logits, ys, 4)
     function = namespace["center_loss"]

@@ -45,7 +45,8 @@ def _records(run: Path) -> list[dict[str, Any]]:
 
 
 def _parse(*argv: str) -> TrainSettings:
-    return training_settings(train.get_args_parser().parse_args(["--data_root", str(REPO), *argv]))
+    parsed = train.get_args_parser().parse_args(["--data_root", str(REPO), *argv])
+    return training_settings(vars(parsed))
 
 
 # ----- the authors' schedule ----------------------------------------------------------------

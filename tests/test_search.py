@@ -95,7 +95,7 @@ def searched(sysu: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_trainer(sysu: Path, out: Path, *extra: str) -> SearchTrainer:
     """A SearchTrainer built as search.main builds it (a fresh run: nothing to resume)."""
     args = search.get_args_parser().parse_args(search_argv(sysu, out, *extra))
-    return SearchTrainer(search_settings(args))
+    return SearchTrainer(search_settings(vars(args)))
 
 
 def history(run: Path) -> list[dict[str, float]]:

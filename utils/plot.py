@@ -3,7 +3,9 @@
     python -m utils.plot RUN_DIR [--out PATH]
 
 reads ``RUN_DIR/log.jsonl`` (one JSON record per epoch, written by the engine) and writes
-``RUN_DIR/curves.png``. ``draw_line_chart`` is a small line-chart helper that other figures reuse.
+``RUN_DIR/curves.png``. Each record names its loss terms (``loss_terms``), so the terms of a
+plugin's loss are drawn without the plugin; logs written before records named them fall back on
+the loss table. ``draw_line_chart`` is a small line-chart helper that other figures reuse.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from model.losses import LOSS_TERMS
-from utils.base.cli import run_cli
+from utils.base.cli import add_plugin_flag, load_plugins, run_cli
 from utils.base.errors import UserError
 from utils.evaluation.draw import font, text_size
 
@@ -305,33 +307,36 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _is_loss_key(key: str) -> bool:
-    """The total, a term of the loss table, or a key named as a loss ("loss_*", "*_loss")."""
-    return key == "loss" or key in LOSS_TERMS or key.startswith("loss_") or key.endswith("_loss")
+def _is_loss_key(key: str, terms: Sequence[str]) -> bool:
+    """The total, a term the record names (else the loss table's), or a key named as a loss."""
+    return key == "loss" or key in terms or key.startswith("loss_") or key.endswith("_loss")
 
 
 def collect_series(records: Sequence[dict[str, Any]]) -> dict[str, Series]:
     """Split log records into the panels' series: loss, lr, rank1 and mAP (name -> points)."""
     panels: dict[str, Series] = {"loss": {}, "lr": {}, "rank1": {}, "mAP": {}}
+    terms: list[str] = []
     extra_losses: list[str] = []
     for record in records:
         epoch = float(record["epoch"])
+        named = record.get("loss_terms", list(LOSS_TERMS))
+        terms += [str(term) for term in named if term not in terms]
         for key, value in record.items():
             if not _is_number(value):
                 continue
             if key == "lr":
                 panel, name = "lr", "lr"
-            elif _is_loss_key(key):
+            elif _is_loss_key(key, terms):
                 panel, name = "loss", "total" if key == "loss" else key
-                if key != "loss" and key not in LOSS_TERMS and key not in extra_losses:
+                if key != "loss" and key not in terms and key not in extra_losses:
                     extra_losses.append(key)
             elif key.endswith(METRIC_SUFFIXES):
                 name, _, panel = key.rpartition("_")
             else:
                 continue
             panels[panel].setdefault(name, []).append((epoch, float(value)))
-    # The loss table's order (total first), whatever order the keys had in the records.
-    order = ["total", *LOSS_TERMS, *extra_losses]
+    # The terms' order (total first), whatever order the keys had in the records.
+    order = ["total", *terms, *extra_losses]
     panels["loss"] = {name: panels["loss"][name] for name in order if name in panels["loss"]}
     # Sorted names group a protocol's pool and BNNeck lines next to each other in the legend.
     for panel in ("rank1", "mAP"):
@@ -385,8 +390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("run_dir", help="run folder holding log.jsonl")
     parser.add_argument("--out", default=None, help=f"PNG to write (default RUN_DIR/{CURVES_NAME})")
+    add_plugin_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    load_plugins(args.plugin)
     plot_run(args.run_dir, args.out)
     return 0
 

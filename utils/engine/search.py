@@ -14,7 +14,6 @@ queries against the visible gallery).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from collections.abc import Sequence
@@ -29,11 +28,10 @@ from torch import nn
 
 from data import TrainSet
 from data.registry import get_dataset
-from model.arch import DEPTHS, Arch, save_arch
+from model.arch import Arch, save_arch
 from model.checkpoint import SEARCH_KEY
 from model.losses import search_terms
 from model.search import (
-    RELAXATIONS,
     arch_parameter_names,
     arch_parameters,
     build_supernet,
@@ -69,54 +67,6 @@ ARCH_BETAS = (0.5, 0.999)
 # own, not copies of the weights sampler's.
 _SPLIT_TAG = 0x5EA
 _ARCH_STREAM = 7919
-
-
-def search_parser() -> argparse.ArgumentParser:
-    """The search's own options (search.py adds them to the training parents)."""
-    parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
-    group = parser.add_argument_group("search")
-    group.add_argument("--depth", type=int, choices=DEPTHS, default=50, help="ResNet depth")
-    group.add_argument(
-        "--arch_fraction",
-        type=float,
-        default=0.2,
-        help="share of the training identities that train the architecture (disjoint from "
-        "those that train the weights)",
-    )
-    group.add_argument(
-        "--relaxation",
-        choices=RELAXATIONS,
-        default="softmax",
-        help="mixing weights: softmax(alpha / tau) or Gumbel-softmax samples",
-    )
-    group.add_argument("--tau", type=float, default=1.0, help="softmax temperature (softmax)")
-    group.add_argument(
-        "--tau_max", type=float, default=5.0, help="Gumbel temperature at the first search epoch"
-    )
-    group.add_argument(
-        "--tau_min", type=float, default=0.5, help="Gumbel temperature at the last epoch"
-    )
-    group.add_argument("--arch_lr", type=float, default=3e-3, help="Adam lr of the alphas")
-    group.add_argument(
-        "--arch_weight_decay", type=float, default=1e-3, help="weight decay of the alphas"
-    )
-    group.add_argument(
-        "--arch_warmup", type=int, default=10, help="weights-only epochs before alphas train"
-    )
-    group.add_argument(
-        "--arch_freq",
-        type=int,
-        default=6,
-        help="one architecture step every N weight steps; a search epoch then costs about "
-        "1.26x a training epoch (CPU; 1.32x at 4)",
-    )
-    group.add_argument(
-        "--eval_arch",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="score the derived architecture on the architecture set after every epoch",
-    )
-    return parser
 
 
 def split_identities(

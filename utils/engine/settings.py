@@ -1,28 +1,45 @@
-"""Typed settings below the scripts: frozen, built once from the parsed flags.
+"""Typed settings, each declared once: its default, the help and group of its flag, its check.
 
-train.py, search.py and test.py parse their flags and turn them into these settings at the top
-(the builders in :mod:`utils.engine.options`, where every flag is checked once); everything
-below them takes settings or plain arguments. Settings may also be built directly in code (the
-benchmark does): their defaults are the flags' defaults (a test holds them equal), and the EMA
-decay and overwrite schedule left out are the data set's, resolved here.
-
-The flags a run was started with, resolved, are kept as ``TrainSettings.options``: checkpoints
-save them as their ``args`` entry, and a resume compares them with the checkpoint's.
+train.py, search.py and test.py generate their parsers from these declarations and turn the
+parsed flags into these frozen settings at the top (:mod:`utils.engine.options`); everything
+below takes settings or plain arguments. Flag names follow the authors' scripts (``--data_root``,
+``--config_path``, ``--num_pos``, ...) so their commands keep working; the defaults are the
+paper's training recipe. A value its check rejects is a one-line error naming the flag, whether
+the settings come from a command line or from code (the benchmark builds them directly); the EMA
+decay and overwrite schedule left out are the data set's, resolved here. A run's settings by flag
+name (:meth:`TrainSettings.flags`) are what its checkpoints record as ``args``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import KW_ONLY, MISSING, dataclass, fields, replace
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
-from data.registry import get_dataset
-from model.losses import LossRecipe
+from data.dataset import ProtocolSettings
+from data.registry import dataset_names, get_dataset, registered_datasets
+from model.arch import DEPTHS
+from model.losses import LOSS_TERMS, LossRecipe, recipe_from, weight_flags
+from model.search import RELAXATIONS
+from utils.base.cli import (
+    Flag,
+    Option,
+    check_fields,
+    composite,
+    flag_values,
+    options,
+    ordered,
+    plugin_setting,
+    setting,
+)
+from utils.base.errors import UserError
 from utils.evaluation.rerank import RerankSettings
 
 __all__ = [
+    "ArchSearch",
+    "CheckpointSettings",
     "DataSettings",
     "EvalSettings",
     "OptimSettings",
@@ -30,17 +47,71 @@ __all__ = [
     "TrainSettings",
 ]
 
+# The --help sections, in the order train.py (and search.py) list them.
+DATA, DEVICE, EVALUATION, MODEL = "data", "device", "evaluation", "model"
+RECIPE, RUN, SEARCH = "training recipe (defaults: the paper's)", "run", "search"
+CHECKPOINT = "checkpoint"
+TRAIN_GROUPS = (DATA, DEVICE, EVALUATION, MODEL, RECIPE, RUN)
+MODES, STRIDES = ("all", "indoor"), (1, 2)
+
+# Checks several settings share, with the words of their refusal.
+AT_LEAST_0 = {"check": lambda v: v >= 0, "expected": "a value >= 0"}
+POSITIVE = {"check": lambda v: v > 0, "expected": "a positive value"}
+POSITIVE_INTEGER = {"check": lambda v: v >= 1, "expected": "a positive integer"}
+FINITE_AT_LEAST_0 = {
+    "check": lambda v: v >= 0 and math.isfinite(v),
+    "expected": "a finite value >= 0",
+}
+IN_0_1 = {"check": lambda v: 0 <= v < 1, "expected": "a value in [0, 1)"}
+
+
+def _trial_help() -> str:
+    """What --trial means for each registered data set."""
+    parts = []
+    for dataset in registered_datasets():
+        if dataset.num_splits > 1:
+            parts.append(
+                f"{dataset.title}: the train/test split 1-{dataset.num_splits} of training, "
+                "search and test.py (default 1; test.py: the checkpoint's)"
+            )
+        elif dataset.gallery_draws > 1:
+            parts.append(
+                f"{dataset.title}: test.py only, one gallery draw "
+                f"0-{dataset.gallery_draws - 1} (default: all {dataset.gallery_draws})"
+            )
+    return "; ".join(parts)
+
 
 @dataclass(frozen=True)
 class DataSettings:
-    """Which data set, where, which split (``--trial``), at which image size."""
+    """Which data set, where, which split (``--trial``), at which image size.
 
-    data_root: str
-    dataset: str = "sysu"
-    trial: int | None = None
-    img_h: int = 256
-    img_w: int = 128
-    cache_dir: str | None = None
+    test.py leaves the image size None until it has read the checkpoint's.
+    """
+
+    data_root: str = setting(
+        MISSING,
+        lambda: " or ".join(d.title for d in registered_datasets()) + " root folder",
+        DATA,
+        required=True,
+    )
+    dataset: str = setting("sysu", "data set", DATA, choices=dataset_names)
+    trial: int | None = setting(None, _trial_help, DATA)
+    img_h: int = setting(
+        256, "image height (the paper's 256x128; LLCM's authors train at 384x144)", DATA
+    )
+    img_w: int = setting(128, "image width", DATA)
+    cache_dir: str | None = setting(
+        None,
+        "where decoded training images are cached (default: DATA_ROOT/cache, or ./cache if "
+        "that is not writable)",
+        DATA,
+    )
+
+    def __post_init__(self) -> None:
+        height, width = self.img_size
+        if height is not None and width is not None and (height < 32 or width < 16):
+            raise UserError(f"--img_h/--img_w {height}x{width}: expected at least 32x16")
 
     @property
     def img_size(self) -> tuple[int, int]:
@@ -53,73 +124,326 @@ class DataSettings:
         return get_dataset(self.dataset).split_of(self.trial)
 
 
+def _rerank_flags() -> list[Option]:
+    """``--rerank`` and its parameters, None unless given (they take effect only with it)."""
+    paper = RerankSettings()
+    integer = {"check": lambda v: v >= 1, "expected": "an integer >= 1"}
+    texts = (
+        ("k1", "k of the k-reciprocal neighbour sets", integer),
+        ("k2", "neighbours of the local query expansion, at most --k1", integer),
+        (
+            "lambda_value",
+            "weight of the original distance against the Jaccard distance",
+            {"check": lambda v: 0 <= v <= 1, "expected": "a value in [0, 1]"},
+        ),
+    )
+    switch = Flag(
+        "k-reciprocal re-ranking (Zhong et al., CVPR 2017) of each gallery draw, from the "
+        "Euclidean distances of the L2-normalised features (results are marked as such; never "
+        "on by default)",
+        EVALUATION,
+    )
+    return [Option("rerank", False, bool, switch)] + [
+        Option(
+            name,
+            None,
+            type(getattr(paper, name)),
+            Flag(f"re-ranking: {text} (default {getattr(paper, name)})", EVALUATION, **check),
+        )
+        for name, text, check in texts
+    ]
+
+
+def _rerank_of(values: Mapping[str, Any]) -> RerankSettings | None:
+    """The re-ranking the flags ask for; its parameters without ``--rerank`` are refused."""
+    given = {k: values[k] for k in ("k1", "k2", "lambda_value") if values.get(k) is not None}
+    if given and not values["rerank"]:
+        shown = ", ".join(f"--{flag} {value}" for flag, value in given.items())
+        raise UserError(f"{shown}: takes effect only with --rerank (add it, or drop the flag)")
+    rerank = RerankSettings(**given) if values["rerank"] else None
+    if rerank is not None and "k2" in given and rerank.k2 > rerank.k1:
+        raise UserError(
+            f"--k2 {rerank.k2}: expected at most --k1 {rerank.k1} (the query expansion averages "
+            "neighbours among the k1 nearest)"
+        )
+    return rerank
+
+
+def _rerank_values(rerank: RerankSettings | None) -> dict[str, Any]:
+    """``--rerank`` and its parameters (the paper's where it is off)."""
+    return {"rerank": rerank is not None, **(rerank or RerankSettings()).as_dict()}
+
+
 @dataclass(frozen=True)
 class EvalSettings:
     """How features are extracted and ranked, and on which device."""
 
-    device: str | None = None
-    amp: str = "bf16"
-    test_batch: int = 64
-    flip: bool = False
-    rerank: RerankSettings | None = None
+    device: str | None = setting(None, "cuda, cuda:1 or cpu (default: cuda if available)", DEVICE)
+    amp: str = setting(
+        "bf16", "mixed precision on CUDA (ignored on CPU)", DEVICE, choices=("bf16", "fp16", "none")
+    )
+    test_batch: int = setting(64, "batch size for features", DEVICE, **POSITIVE_INTEGER)
+    flip: bool = setting(
+        False,
+        "flip averaging at test time: the features of each image and of its horizontal mirror "
+        "are summed, then L2-normalised (results are marked as such)",
+        EVALUATION,
+    )
+    # k-reciprocal re-ranking with these parameters (None: none).
+    rerank: RerankSettings | None = composite(None, _rerank_flags, _rerank_of, _rerank_values)
     # SYSU's search mode of the training-time evaluation.
-    mode: str = "all"
+    mode: str = setting("all", "SYSU search mode of periodic evaluation", RUN, choices=MODES)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class OptimSettings:
     """The optimizer and its learning-rate schedule (the paper's by default)."""
 
-    lr: float = 0.01
-    optim: str = "adam"
-    beta1: float = 0.5
-    beta2: float = 0.999
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 10
-    milestones: tuple[int, ...] = (40, 70)
-    # Fused kernels (None: on CUDA only).
-    fused: bool | None = None
+    lr: float = setting(
+        0.01,
+        "learning rate of BNNeck and classifier; the backbone gets lr/10",
+        RECIPE,
+        check=lambda v: v > 0 and math.isfinite(v),
+        expected="a positive value",
+    )
+    optim: str = setting("adam", "optimizer", RECIPE, choices=("adam", "sgd"))
+    beta1: float = setting(0.5, "Adam beta1", RECIPE, **IN_0_1)
+    beta2: float = setting(0.999, "Adam beta2", RECIPE, **IN_0_1)
+    weight_decay: float = setting(5e-4, "weight decay", RECIPE, **FINITE_AT_LEAST_0)
+    warmup_epochs: int = setting(
+        10, "linear warm-up from 0.01x over this many epochs", RECIPE, **AT_LEAST_0
+    )
+    milestones: tuple[int, ...] = setting(
+        (40, 70),
+        "epochs where the learning rate is multiplied by 0.1",
+        RECIPE,
+        check=lambda v: all(m >= 1 for m in v),
+        expected="positive epoch numbers",
+    )
+    fused: bool | None = setting(
+        None,
+        "fused optimizer kernels (default: on CUDA only; --no-fused: the plain per-tensor "
+        "optimizer, as the authors trained)",
+        RUN,
+        after="channels_last",
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def _loss_flags() -> list[Option]:
+    """``--label_smooth``, ``--margin`` and the weight of each loss term that has a flag."""
+    paper = LossRecipe()
+    smooth = Flag("CE label smoothing", RECIPE, **IN_0_1)
+    margin = Flag("triplet margin", RECIPE, **FINITE_AT_LEAST_0)
+    weights = [
+        Option(term.flag, term.weight, float, Flag(term.help, RECIPE, **FINITE_AT_LEAST_0))
+        for term in LOSS_TERMS.values()
+        if term.flag is not None
+    ]
+    return [
+        Option("label_smooth", paper.label_smooth, float, smooth),
+        Option("margin", paper.margin, float, margin),
+        *weights,
+    ]
+
+
+def _loss_of(values: Mapping[str, Any]) -> LossRecipe:
+    """The loss recipe of the flags."""
+    weights = {name: values[flag] for flag, name in weight_flags().items()}
+    return recipe_from(weights, label_smooth=values["label_smooth"], margin=values["margin"])
+
+
+def _by_dataset(attribute: str) -> str:
+    """Each registered data set's default of ``attribute``, for a help text."""
+    return ", ".join(f"{getattr(d, attribute)} {d.title}" for d in registered_datasets())
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArchSearch:
+    """The search's own settings (search.py's flags beside the training run's)."""
+
+    depth: int = setting(50, "ResNet depth", SEARCH, choices=DEPTHS)
+    arch_fraction: float = setting(
+        0.2,
+        "share of the training identities that train the architecture (disjoint from those "
+        "that train the weights)",
+        SEARCH,
+        check=lambda v: 0 < v < 1,
+        expected="a value in (0, 1)",
+    )
+    relaxation: str = setting(
+        "softmax",
+        "mixing weights: softmax(alpha / tau) or Gumbel-softmax samples",
+        SEARCH,
+        choices=RELAXATIONS,
+    )
+    tau: float = setting(1.0, "softmax temperature (softmax)", SEARCH, **POSITIVE)
+    tau_max: float = setting(
+        5.0, "Gumbel temperature at the first search epoch", SEARCH, **POSITIVE
+    )
+    tau_min: float = setting(0.5, "Gumbel temperature at the last epoch", SEARCH, **POSITIVE)
+    arch_lr: float = setting(3e-3, "Adam lr of the alphas", SEARCH, **POSITIVE)
+    arch_weight_decay: float = setting(1e-3, "weight decay of the alphas", SEARCH, **AT_LEAST_0)
+    arch_warmup: int = setting(10, "weights-only epochs before alphas train", SEARCH)
+    arch_freq: int = setting(
+        6,
+        "one architecture step every N weight steps; a search epoch then costs about 1.26x a "
+        "training epoch (CPU; 1.32x at 4)",
+        SEARCH,
+        **POSITIVE_INTEGER,
+    )
+    eval_arch: bool = setting(
+        True,
+        "score the derived architecture on the architecture set after every epoch",
+        SEARCH,
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.tau_min > self.tau_max:
+            raise UserError(f"--tau_min {self.tau_min} is above --tau_max {self.tau_max}")
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     """A training run: data, recipe, run folder and bookkeeping (the paper's recipe by default).
 
+    The fields after ``folder`` are in the order train.py's ``--help`` lists their flags;
     ``ema_decay`` and ``ema_overwrite_every`` left as None take the data set's values.
     """
 
     data: DataSettings
     folder: Path
-    evaluation: EvalSettings = EvalSettings()
+    _: KW_ONLY
+    config_path: str | None = setting(
+        "configs/all_shared.json",
+        "architecture: this project's JSON or the authors' config.cfg",
+        MODEL,
+    )
+    last_stride: int = setting(1, "stride of layer4", MODEL, choices=STRIDES)
+    epochs: int = setting(120, "training epochs", RECIPE, **POSITIVE_INTEGER)
+    batch_size: int = setting(64, "images per modality per step (identities x num_pos)", RECIPE)
+    num_pos: int = setting(4, "images per identity per modality in a batch", RECIPE)
     optimizer: OptimSettings = OptimSettings()
-    loss: LossRecipe = LossRecipe()
-    config_path: str | None = "configs/all_shared.json"
-    last_stride: int = 1
-    pretrained: str = "imagenet"
-    epochs: int = 120
-    batch_size: int = 64
-    num_pos: int = 4
-    ema_decay: float | None = None
-    ema_overwrite_every: int | None = None
-    seed: int = 0
-    deterministic: bool = False
-    resume: str = ""
-    overwrite: bool = False
-    test_freq: int = 10
-    save_freq: int = 20
-    log_freq: int = 20
-    channels_last: bool | None = None
-    compile: bool = False
-    max_steps: int = 0
-    # The flags as given and resolved (a checkpoint's `args`); empty: the fields' own values.
-    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    loss: LossRecipe = composite(LossRecipe(), _loss_flags, _loss_of, LossRecipe.flags)
+    ema_decay: float | None = setting(
+        None,
+        lambda: f"EMA decay (default: the data set's, {_by_dataset('ema_decay')}; 0 disables EMA)",
+        RECIPE,
+        check=lambda v: 0 <= v < 1,
+        expected="a value in [0, 1) (0 disables the EMA)",
+    )
+    ema_overwrite: bool = setting(
+        True,
+        "copy the EMA weights into the live model every --ema_overwrite_every epochs, as the "
+        "authors' published runs did (--no-ema_overwrite: never)",
+        RECIPE,
+    )
+    ema_overwrite_every: int | None = setting(
+        None,
+        lambda: (
+            "epochs between copies of the EMA weights into the live model, independent of "
+            f"--test_freq (default: the data set's, {_by_dataset('ema_overwrite_every')}; 0: never)"
+        ),
+        RECIPE,
+        check=lambda v: v >= 0,
+        expected="a value >= 0 (0: never)",
+    )
+    pretrained: str = setting(
+        "imagenet",
+        "backbone initialisation: imagenet, none, or a torchvision-layout state-dict file",
+        RECIPE,
+    )
+    save: str = setting("runs", "folder holding run folders", RUN)
+    note: str = setting(
+        "",
+        "run name (default: derived from the options; on --resume, the checkpoint's folder)",
+        RUN,
+    )
+    overwrite: bool = setting(
+        False,
+        "start over in a run folder that already holds a run (its logs, results and checkpoints "
+        "are removed first); without it such a folder is refused",
+        RUN,
+    )
+    seed: int = setting(0, "random seed", RUN, **AT_LEAST_0)
+    deterministic: bool = setting(
+        False, "deterministic algorithms (bit-exact resume on CPU; slower)", RUN
+    )
+    resume: str = setting(
+        "",
+        "checkpoint to resume from (model, optimizer, EMA, schedule, step and random states); "
+        "the run continues in the checkpoint's folder unless --note is given",
+        RUN,
+    )
+    evaluation: EvalSettings = EvalSettings()
+    test_freq: int = setting(
+        10, "evaluate every N epochs for monitoring (0: only at the end)", RUN, **AT_LEAST_0
+    )
+    save_freq: int = setting(20, "keep a checkpoint every N epochs", RUN, **AT_LEAST_0)
+    log_freq: int = setting(
+        20, "read loss values every N steps (no host sync in between)", RUN, **POSITIVE_INTEGER
+    )
+    channels_last: bool | None = setting(
+        None, "channels-last memory format (default: on CUDA only; it slows CPU steps)", RUN
+    )
+    compile: bool = setting(False, "torch.compile the model", RUN)
+    max_steps: int = setting(
+        0,
+        "stop each epoch after this many steps (0: full epochs; for smoke runs)",
+        RUN,
+        **AT_LEAST_0,
+    )
+    # A search's own settings, recorded beside the run's (SearchSettings sets them).
+    search: ArchSearch | None = None
+    plugin: tuple[str, ...] = plugin_setting()
 
     def __post_init__(self) -> None:
+        size, per_id = self.batch_size, self.num_pos
+        if per_id < 1 or size < 1:
+            raise UserError(f"--batch_size {size} / --num_pos {per_id}: expected positive values")
+        if size % per_id:
+            raise UserError(
+                f"--batch_size {size} is not divisible by --num_pos {per_id} "
+                "(batch_size = identities x num_pos images per modality)"
+            )
+        if size // per_id < 2:
+            raise UserError(
+                f"--batch_size {size} / --num_pos {per_id}: a batch needs at least 2 identities "
+                "(triplet loss)"
+            )
+        check_fields(self)
+        self._resolve_ema()
+        if None in self.data.img_size:
+            raise UserError("--img_h and --img_w are required for training")
+        get_dataset(self.data.dataset).check_settings(ProtocolSettings(mode=self.evaluation.mode))
+
+    def _resolve_ema(self) -> None:
+        """The EMA decay and overwrite schedule: the data set's where left out, checked."""
         dataset = get_dataset(self.data.dataset)
-        if self.ema_decay is None:
-            object.__setattr__(self, "ema_decay", dataset.ema_decay)
-        if self.ema_overwrite_every is None:
-            object.__setattr__(self, "ema_overwrite_every", dataset.ema_overwrite_every)
+        decay = dataset.ema_decay if self.ema_decay is None else self.ema_decay
+        every = self.ema_overwrite_every
+        if decay == 0 and every:
+            raise UserError(
+                f"--ema_overwrite_every {every}: takes effect only with an EMA "
+                "(--ema_decay 0 disables it; drop one of the two)"
+            )
+        if not self.ema_overwrite:
+            if every:
+                raise UserError(
+                    f"--no-ema_overwrite contradicts --ema_overwrite_every {every} "
+                    "(give one of them)"
+                )
+            every = 0
+        elif every is None:
+            every = dataset.ema_overwrite_every
+        object.__setattr__(self, "ema_decay", decay)
+        object.__setattr__(self, "ema_overwrite_every", every)
 
     @property
     def ema(self) -> float:
@@ -134,43 +458,49 @@ class TrainSettings:
         return self.ema_overwrite_every
 
     def flags(self) -> dict[str, Any]:
-        """The run's options by flag name: the parsed flags, else the settings' own fields."""
-        if self.options:
-            return dict(self.options)
-        flat: dict[str, Any] = {}
-        for part in (self.data, self.evaluation, self.optimizer, self.loss, self):
-            if part is self.loss:  # the weights by their flags, as the loss table names them
-                loss = self.loss
-                flat |= loss.flags() | {"pairings": loss.pairings, "terms": loss.terms}
-                continue
-            for item in fields(part):  # type: ignore[arg-type]
-                value = getattr(part, item.name)
-                if item.name != "options" and not hasattr(value, "__dataclass_fields__"):
-                    flat[item.name] = str(value) if isinstance(value, Path) else value
-        return flat
+        """The run's settings by flag name, in the order of the parser's: checkpoints' ``args``."""
+        values = flag_values(self)
+        listed = ordered(options(type(self)), (*TRAIN_GROUPS, SEARCH, None))
+        return {option.name: values[option.name] for option in listed if option.name in values}
 
 
 @dataclass(frozen=True)
-class SearchSettings:
+class SearchSettings(ArchSearch):
     """An architecture search: a training run that never overwrites with the EMA, plus its own."""
 
     train: TrainSettings
-    depth: int = 50
-    arch_fraction: float = 0.2
-    relaxation: str = "softmax"
-    tau: float = 1.0
-    tau_max: float = 5.0
-    tau_min: float = 0.5
-    arch_lr: float = 3e-3
-    arch_weight_decay: float = 1e-3
-    arch_warmup: int = 10
-    arch_freq: int = 6
-    eval_arch: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.arch_warmup < self.train.epochs:
+            raise UserError(
+                f"--arch_warmup {self.arch_warmup}: expected 0 <= value < --epochs "
+                f"{self.train.epochs} (otherwise the architecture never trains)"
+            )
         # The EMA also averages the alphas: copying it into the supernet would pull the alphas
         # back, so the search never overwrites, whatever the data set's schedule.
-        train = self.train
-        options = {**train.options, "ema_overwrite_every": 0} if train.options else {}
-        train = replace(train, ema_overwrite_every=0, options=MappingProxyType(options))
+        own = ArchSearch(**{item.name: getattr(self, item.name) for item in fields(ArchSearch)})
+        train = replace(self.train, ema_overwrite_every=0, search=own)
         object.__setattr__(self, "train", train)
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """A trained checkpoint to read, and which of its weights (test.py and the tools)."""
+
+    weights: str = setting(
+        MISSING, "checkpoint file (ours or the authors')", CHECKPOINT, required=True
+    )
+    config_path: str | None = setting(
+        None,
+        "architecture (.json or the authors' config.cfg); needed for the authors' "
+        "checkpoints, ours carry their architecture",
+        CHECKPOINT,
+    )
+    ema: bool = setting(False, "{use} the EMA weights", CHECKPOINT)
+    last_stride: int | None = setting(
+        None,
+        "layer4 stride for the authors' checkpoints (default: the checkpoint's, else 1)",
+        CHECKPOINT,
+        choices=STRIDES,
+    )

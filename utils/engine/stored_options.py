@@ -1,13 +1,15 @@
-"""``--resume CKPT`` alone continues a run: the options stored in the checkpoint become defaults.
+"""Parsing a command line that names a checkpoint: its plugins first, its options as defaults.
 
     python train.py --resume runs/x/checkpoint_latest.pth             # the run's own options
     python train.py --resume runs/x/checkpoint_latest.pth --epochs 200  # one of them changed
 
-Every option the checkpoint recorded (``args``) is the default of its flag, so a flag given
-beside ``--resume`` overrides it (and the resume check warns of the change, as before). Where a
-run goes (``--save``, ``--note``, ``--overwrite``) is never taken over, and an option that
-takes effect only with another (``--k1`` needs ``--rerank``, ``--ema_overwrite_every`` an EMA)
-is taken over only with it.
+The parser is built after the plugins are imported (``--dataset`` choices and the loss-weight
+flags come from the registries they add to): those the command line names with ``--plugin``,
+else those the checkpoint recorded. With ``--resume CKPT`` every option the checkpoint recorded
+(``args``) is the default of its flag, so a flag given beside ``--resume`` overrides it (and the
+resume check warns of the change). Where a run goes (``--save``, ``--note``, ``--overwrite``) is
+never taken over, and an option that takes effect only with another (``--k1`` needs
+``--rerank``, ``--ema_overwrite_every`` an EMA) is taken over only with it.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from model.checkpoint import safe_load
+from utils.base.cli import load_plugins
+from utils.base.errors import UserError
 
 # Options that say where this invocation runs, not what the run is.
 NOT_TAKEN_OVER = frozenset({"resume", "save", "note", "overwrite"})
@@ -36,6 +40,7 @@ MASTER_FLAGS = {
     "rerank": ("--rerank",),
     "ema_decay": ("--ema_decay", "--ema_overwrite", "--no-ema_overwrite"),
 }
+Parser = Callable[[], argparse.ArgumentParser]
 
 
 def stored_options(path: str) -> dict[str, Any]:
@@ -52,28 +57,58 @@ def stored_options(path: str) -> dict[str, Any]:
     return dict(stored) if isinstance(stored, Mapping) else {}
 
 
-def parse_resuming(
-    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
-) -> argparse.Namespace:
-    """Parse ``argv``; with ``--resume CKPT``, the checkpoint's stored options are the defaults."""
-    words = list(sys.argv[1:] if argv is None else argv)
+def _probe(words: Sequence[str], flag: str) -> tuple[str, list[str] | None]:
+    """The checkpoint ``flag`` names and the ``--plugin`` modules given (None: no --plugin)."""
     probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    probe.add_argument("--resume", default="")
-    resume = probe.parse_known_args(words)[0].resume
-    if resume and os.path.isfile(resume):
-        stored = stored_options(resume)
+    probe.add_argument(flag, default="")
+    probe.add_argument("--plugin", action="append")
+    known = probe.parse_known_args(words)[0]
+    return getattr(known, flag.lstrip("-")), known.plugin
+
+
+def _import_plugins(given: list[str] | None, stored: Mapping[str, Any], path: str) -> None:
+    """Import the plugins given, else those the checkpoint at ``path`` recorded."""
+    recorded = stored.get("plugin")
+    if given is not None:
+        load_plugins(given)
+    elif isinstance(recorded, list):
+        load_plugins(recorded, source=path)
+
+
+def parse_resuming(make_parser: Parser, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse ``argv`` into flag values; with ``--resume CKPT``, the stored options are defaults."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    resume, plugins = _probe(words, "--resume")
+    stored = stored_options(resume) if resume and os.path.isfile(resume) else {}
+    _import_plugins(plugins, stored, resume)
+    parser = make_parser()
+    if stored:
         given = {word.split("=", 1)[0] for word in words if word.startswith("--")}
+        known = {action.dest: action for action in parser._actions}  # noqa: SLF001
         defaults = {
             dest: value
             for dest, value in stored.items()
-            if dest not in NOT_TAKEN_OVER and _takes_effect(dest, stored, given)
+            if dest not in NOT_TAKEN_OVER and dest in known and _takes_effect(dest, stored, given)
         }
-        known = {action.dest: action for action in parser._actions}  # noqa: SLF001
-        defaults = {dest: value for dest, value in defaults.items() if dest in known}
         parser.set_defaults(**defaults)
         for dest in defaults:
             known[dest].required = False
-    return parser.parse_args(words)
+    return vars(parser.parse_args(words))
+
+
+def parse_testing(
+    make_parser: Parser, argv: Sequence[str] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Parse test.py's ``argv`` after importing its plugins (else those ``--weights`` recorded);
+    returns the flag values and the checkpoint's stored options."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    weights, plugins = _probe(words, "--weights")
+    try:
+        stored = stored_options(weights) if weights and os.path.isfile(weights) else {}
+    except UserError:
+        stored = {}  # the checkpoint's own check names the problem, after the flags'
+    _import_plugins(plugins, stored, weights)
+    return vars(make_parser().parse_args(words)), stored
 
 
 def _takes_effect(dest: str, stored: Mapping[str, Any], given: set[str]) -> bool:

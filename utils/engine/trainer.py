@@ -295,6 +295,7 @@ class Trainer:
                 "lr": lr,
                 "time_s": round(time.time() - self.epoch_started, 2),
                 **losses,
+                "loss_terms": [name for name in losses if name != "loss"],  # for utils.plot
             }
             last = epoch + 1 == epochs
             evaluated = last or self.evaluates(epoch + 1)
