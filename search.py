@@ -21,7 +21,7 @@ from utils.base.cli import default_of, run_cli
 from utils.engine.options import search_settings, train_parser
 from utils.engine.search import ARCH_FILE, SearchTrainer
 from utils.engine.settings import DataSettings
-from utils.engine.stored_options import parse_resuming
+from utils.engine.stored_options import parse_flags
 from utils.engine.trainer import run_trainer
 
 
@@ -38,7 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, search, and write the derived architecture."""
-    trainer = SearchTrainer(search_settings(parse_resuming(get_args_parser, argv)))
+    trainer = SearchTrainer(search_settings(parse_flags(get_args_parser, argv)[0]))
     code = run_trainer(trainer)
     if code == 0 and (trainer.out / ARCH_FILE).is_file():
         sys.stdout.write(f"train the architecture found with:\n  {train_command(trainer)}\n")

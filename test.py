@@ -28,7 +28,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,86 +36,25 @@ import numpy as np
 import torch
 
 from data import ProtocolSettings, get_dataset
-from data.dataset import V2I_ROLES
 from data.registry import dataset_names
 from model import CMNASNet, read_checkpoint
 from model.checkpoint import is_authors_checkpoint, largest_tensors, stored_integer
 from model.restore import DEFAULT_IMG_SIZE, model_from_checkpoint
-from utils.base.cli import build, check_fields, default_of, plugin_setting, run_cli, setting
+from utils.base.cli import build, default_of, run_cli
 from utils.base.errors import UserError
 from utils.base.io import DiskFull, write_atomic, write_text_atomic
 from utils.base.logger import setup_logging
 from utils.engine.build import check_data_root, select_device
-from utils.engine.options import check_data, command_parser
-from utils.engine.settings import (
-    CHECKPOINT,
-    DATA,
-    DEVICE,
-    EVALUATION,
-    MODES,
-    CheckpointSettings,
-    DataSettings,
-    EvalSettings,
-)
-from utils.engine.stored_options import parse_testing
+from utils.engine.eval_settings import DataSettings, EvalSettings, TestSettings
+from utils.engine.options import check_data, test_parser
+from utils.engine.stored_options import parse_flags
 
 log = logging.getLogger("test")
-PROTOCOL = ProtocolSettings()
-
-
-@dataclass(frozen=True)
-class TestSettings:
-    """test.py's settings: data, evaluation, checkpoint, the protocols to run, the outputs."""
-
-    data: DataSettings
-    evaluation: EvalSettings
-    checkpoint: CheckpointSettings
-    mode: str = setting(PROTOCOL.mode, "SYSU mode", choices=MODES)
-    shot: int = setting(
-        PROTOCOL.shot, "SYSU gallery images per identity and camera", choices=(1, 10)
-    )
-    direction: str = setting(
-        PROTOCOL.direction,
-        "RegDB and LLCM query -> gallery direction(s)",
-        choices=("both", "v2i", "i2v"),
-    )
-    v2i_roles: str = setting(
-        PROTOCOL.v2i_roles,
-        "LLCM visible-to-infrared: 'defined' ranks the drawn infrared gallery for every "
-        "visible query; 'swapped' instead lets each drawn infrared image rank all visible "
-        "images, as a widely copied test script does (reported as 'v2i roles-swapped'); "
-        "'both' reports the two",
-        choices=V2I_ROLES,
-    )
-    tvsearch: bool = setting(False, "RegDB: thermal-to-visible only (same as --direction i2v)")
-    save_json: str | None = setting(None, "also write the results to this file")
-    save_features: str | None = setting(
-        None,
-        "write query and gallery features, ids, cameras, modalities and paths to this .npz "
-        "file (no pickle; the union of all gallery draws with a per-draw mask)",
-        metavar="FILE",
-    )
-    visualize: int = setting(
-        0,
-        "write rank-list PNGs for K queries into rank_lists/ next to --save_json (or ./)",
-        metavar="K",
-        check=lambda v: v >= 0,
-        expected="a number of queries >= 0",
-    )
-    plugin: tuple[str, ...] = plugin_setting()
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The test.py parser (the authors' flag names plus a few of this project's)."""
-    parser = command_parser(
-        "Evaluate a checkpoint with a data set's test protocols.",
-        TestSettings,
-        (DATA, DEVICE, EVALUATION, CHECKPOINT, None),
-        use="evaluate",
-    )
+    parser = test_parser("Evaluate a checkpoint with a data set's test protocols.")
     # None: the checkpoint's (this project's), else the paper's 256x128. --trial names a split
     # where the data set has splits (default: the checkpoint's, else 1), otherwise a gallery draw
     # (default: all draws).
@@ -376,7 +315,7 @@ def overflow_error(weights: str, ema: bool, model: CMNASNet) -> UserError:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, rebuild the model from its checkpoint, evaluate and report."""
-    values, trained = parse_testing(get_args_parser, argv)
+    values, trained = parse_flags(get_args_parser, argv, "--weights")
     setup_logging()
     values["dataset"] = tested_dataset(values["dataset"], trained)
     settings = build(TestSettings, values)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from utils.base.cli import run_cli
 from utils.engine.options import train_parser, training_settings
-from utils.engine.stored_options import parse_resuming
+from utils.engine.stored_options import parse_flags
 
 log = logging.getLogger("train")
 
@@ -31,7 +31,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, train, and run the final evaluation."""
-    settings = training_settings(parse_resuming(get_args_parser, argv))
+    settings = training_settings(parse_flags(get_args_parser, argv)[0])
     from utils.engine.trainer import Trainer, run_trainer
 
     return run_trainer(Trainer(settings))

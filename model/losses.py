@@ -218,12 +218,14 @@ LOSS_TERMS: dict[str, LossTerm] = {
     for term in (
         LossTerm("ce", identity_loss, "logits", search=False, settings=_identity_settings),
         LossTerm("triplet", cross_modality_triplet, "pool", settings=_triplet_settings),
-        LossTerm("sp", sp_loss, labels=False, weight=5.0, flag="sp_lambda",
-                 help="weight of the SP loss"),
-        LossTerm("cmmd", cmmd_loss, weight=0.05, flag="cmmd_lambda",
-                 help="weight of the CMMD loss"),
+        LossTerm(
+            "sp", sp_loss, labels=False, weight=5.0, flag="sp_lambda", help="weight of the SP loss"
+        ),
+        LossTerm(
+            "cmmd", cmmd_loss, weight=0.05, flag="cmmd_lambda", help="weight of the CMMD loss"
+        ),
     )
-}  # fmt: skip
+}
 
 
 def register_loss(term: LossTerm) -> LossTerm:

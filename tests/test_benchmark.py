@@ -105,9 +105,19 @@ def test_skipped_sections_are_marked(capsys: pytest.CaptureFixture[str]) -> None
 
 def test_bad_sizes_are_user_errors() -> None:
     """A batch that is not identities x num_pos is refused with one line."""
-    args = benchmark.get_args_parser().parse_args([*TINY, "--batch_size", "6"])
     with pytest.raises(UserError, match="--batch_size 6"):
-        benchmark.resolve_options(args, torch.device("cpu"))
+        _resolved("--batch_size", "6")
+    # Left out, a size takes the device's preset, which passes the same checks.
+    assert _resolved("--batch_size", "16").batch_size == 16
+    cpu = benchmark.read_options(["--device", "cpu"])
+    assert benchmark.resolve_options(cpu, torch.device("cpu")).batch_size == 16
+    assert benchmark.resolve_options(cpu, torch.device("cuda")).depth == 50
+
+
+def _resolved(*extra: str) -> benchmark.BenchSettings:
+    """The tiny command line with ``extra``, read and resolved for the CPU."""
+    options = benchmark.read_options([*TINY, *extra])
+    return benchmark.resolve_options(options, torch.device("cpu"))
 
 
 def _tiny_set(visible: np.ndarray, infrared: np.ndarray, labels_v, labels_i) -> TrainSet:
@@ -156,9 +166,7 @@ def test_plain_loader_workers_draw_their_own_augmentations() -> None:
 
 def test_non_positive_sizes_are_user_errors() -> None:
     """A size below its minimum is refused with one line naming the flag."""
-    args = benchmark.get_args_parser().parse_args([*TINY, "--steps", "0"])
     with pytest.raises(UserError, match=r"^--steps 0: expected an integer >= 1$"):
-        benchmark.resolve_options(args, torch.device("cpu"))
-    args = benchmark.get_args_parser().parse_args([*TINY, "--workers", "-1"])
+        _resolved("--steps", "0")
     with pytest.raises(UserError, match=r"^--workers -1: expected an integer >= 0$"):
-        benchmark.resolve_options(args, torch.device("cpu"))
+        _resolved("--workers", "-1")

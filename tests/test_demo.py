@@ -7,6 +7,7 @@ runs, without running them.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -73,11 +74,10 @@ def test_data_is_reused_only_with_the_asked_test_identities(
     data = tmp_path / "data_seed0"
     (data / "exp").mkdir(parents=True)
     (data / "exp" / "test_id.txt").write_text("1,2,3\n")
-    args = demo.argparse.Namespace(out=str(tmp_path), test_ids=3)
-    assert demo.make_data(args, 0) == data
+    settings = demo.DemoSettings(out=str(tmp_path), test_ids=3)
+    assert demo.make_data(settings, 0) == data
     assert calls == []
-    args.test_ids = 5
-    demo.make_data(args, 0)
+    demo.make_data(replace(settings, test_ids=5), 0)
     assert len(calls) == 1
     command = calls[0]
     assert command[command.index("--test_ids") + 1] == "5"

@@ -26,14 +26,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from utils.base.cli import run_cli
+from utils.base.cli import add_flags, build, check_fields, options, run_cli, setting
 from utils.base.errors import UserError
 
 log = logging.getLogger("demo")
 ROOT = Path(__file__).resolve().parent.parent
+DATASET = "sysu"  # the demo's synthetic data set
 PROTOCOLS = (("all", 1), ("indoor", 1), ("all", 10))
 # The synthetic SYSU-MM01's training split is the generator's default (24 train + 8 val ids).
 TRAIN_IDS, VAL_IDS = 24, 8
@@ -67,54 +69,47 @@ def run_step(name: str, command: list[str], stdout: Path | None = None) -> float
     return elapsed
 
 
-def common_flags(args: argparse.Namespace, data: Path) -> list[str]:
+def command(*words: object, **flags: object) -> list[str]:
+    """A command line: ``words``, then ``--name value`` per flag (True: the flag alone; a list:
+    its values)."""
+    line = [str(word) for word in words]
+    for name, value in flags.items():
+        values = value if isinstance(value, list) else [] if value is True else [value]
+        line += [f"--{name}", *(str(item) for item in values)]
+    return line
+
+
+def common_flags(demo: DemoSettings, data: Path) -> dict[str, object]:
     """Flags shared by search, training and test: data, image size, CPU-sized batches."""
-    return [
-        "--dataset",
-        "sysu",
-        "--data_root",
-        str(data),
-        "--img_h",
-        str(args.img_h),
-        "--img_w",
-        str(args.img_w),
-        "--test_batch",
-        "128",
-    ]
+    return {
+        "dataset": DATASET,
+        "data_root": data,
+        "img_h": demo.img_h,
+        "img_w": demo.img_w,
+        "test_batch": 128,
+    }
 
 
-def training_flags(args: argparse.Namespace, seed: int) -> list[str]:
+def training_flags(demo: DemoSettings, seed: int) -> dict[str, object]:
     """The CPU-scaled recipe: the paper's losses and schedule shape, fewer and shorter epochs."""
-    return [
-        "--pretrained",
-        "none",
-        "--batch_size",
-        str(args.batch_size),
-        "--num_pos",
-        "4",
-        "--seed",
-        str(seed),
-        "--warmup_epochs",
-        "2",
-        "--lr",
-        str(args.lr),
-        "--milestones",
-        str(int(args.epochs * 0.75)),
-        str(int(args.epochs * 0.9)),
-        "--save_freq",
-        "0",
-        "--test_freq",
-        "0",
-        "--log_freq",
-        "10",
-        "--ema_decay",
-        "0.97",
-        "--overwrite",
-    ]
+    return {
+        "pretrained": "none",
+        "batch_size": demo.batch_size,
+        "num_pos": 4,
+        "seed": seed,
+        "warmup_epochs": 2,
+        "lr": demo.lr,
+        "milestones": [int(demo.epochs * 0.75), int(demo.epochs * 0.9)],
+        "save_freq": 0,
+        "test_freq": 0,
+        "log_freq": 10,
+        "ema_decay": 0.97,
+        "overwrite": True,
+    }
 
 
 def train_and_test(
-    args: argparse.Namespace,
+    demo: DemoSettings,
     data: Path,
     config: Path,
     note: str,
@@ -127,47 +122,33 @@ def train_and_test(
     The first protocol also draws ``rank_lists`` rank lists (``rank_lists/`` in the run folder).
     """
     py = sys.executable
-    runs = Path(args.out) / "runs"
+    runs = Path(demo.out) / "runs"
+    flags = common_flags(demo, data) | training_flags(demo, seed)
     run_step(
         f"train {note}",
-        [
-            py,
-            "train.py",
-            *common_flags(args, data),
-            *training_flags(args, seed),
-            "--config_path",
-            str(config),
-            "--epochs",
-            str(args.epochs),
-            "--save",
-            str(runs),
-            "--note",
-            note,
-        ],
+        command(
+            py, "train.py", **flags, config_path=config, epochs=demo.epochs, save=runs, note=note
+        ),
     )
     run_step(f"curves {note}", [py, "-m", "utils.plot", str(runs / note)])
     weights = runs / note / "checkpoint_latest.pth"
     results = {}
     for number, (mode, shot) in enumerate(protocols):
         out = runs / note / f"test_{mode}_shot{shot}.json"
-        pictures = ["--visualize", str(rank_lists)] if number == 0 and rank_lists else []
+        pictures = {"visualize": rank_lists} if number == 0 and rank_lists else {}
         run_step(
             f"test {note} {mode} shot {shot}",
-            [
+            command(
                 py,
                 "test.py",
-                *common_flags(args, data),
-                "--weights",
-                str(weights),
-                "--ema",
-                "--mode",
-                mode,
-                "--shot",
-                str(shot),
-                "--save_json",
-                str(out),
-                *pictures,
-            ],
+                **common_flags(demo, data),
+                weights=weights,
+                ema=True,
+                mode=mode,
+                shot=shot,
+                save_json=out,
+                **pictures,
+            ),
             # test.py logs its table and also prints it; the log shows it, the file keeps it.
             stdout=out.with_suffix(".md"),
         )
@@ -182,30 +163,29 @@ def test_ids_of(data: Path) -> list[str]:
     return path.read_text().strip().split(",") if path.is_file() else []
 
 
-def make_data(args: argparse.Namespace, seed: int) -> Path:
+def make_data(demo: DemoSettings, seed: int) -> Path:
     """Synthetic SYSU-MM01 for ``seed`` (reused when there with ``--test_ids`` test identities)."""
-    data = Path(args.out) / f"data_seed{seed}"
-    if len(test_ids_of(data)) != args.test_ids:
-        command = [
-            sys.executable, "-m", "data.toy", "--dataset", "sysu", "--out", str(data),
-            "--seed", str(seed), "--train_ids", str(TRAIN_IDS), "--val_ids", str(VAL_IDS),
-            "--test_ids", str(args.test_ids), "--overwrite",
-        ]  # fmt: skip
-        run_step("data", command)
+    data = Path(demo.out) / f"data_seed{seed}"
+    if len(test_ids_of(data)) != demo.test_ids:
+        sizes = {"train_ids": TRAIN_IDS, "val_ids": VAL_IDS, "test_ids": demo.test_ids}
+        toy = {"dataset": DATASET, "out": data, "seed": seed, **sizes, "overwrite": True}
+        run_step("data", command(sys.executable, "-m", "data.toy", **toy))
     return data
 
 
-def search(args: argparse.Namespace, data: Path, seed: int) -> Path:
+def search(demo: DemoSettings, data: Path, seed: int) -> Path:
     """Run a short architecture search and draw its curves; returns the architecture's path."""
-    runs = Path(args.out) / "runs"
+    runs = Path(demo.out) / "runs"
     note = f"search_seed{seed}"
-    command = [
-        sys.executable, "search.py", *common_flags(args, data), *training_flags(args, seed),
-        "--depth", "18", "--epochs", str(args.search_epochs), "--arch_warmup",
-        str(args.arch_warmup), "--arch_fraction", "0.3", "--arch_freq", "2", "--arch_lr", "0.05",
-        "--save", str(runs), "--note", note,
-    ]  # fmt: skip
-    run_step("search", command)
+    flags = common_flags(demo, data) | training_flags(demo, seed)
+    schedule = {"epochs": demo.search_epochs, "arch_warmup": demo.arch_warmup}
+    arch = {"arch_fraction": 0.3, "arch_freq": 2, "arch_lr": 0.05}
+    run_step(
+        "search",
+        command(
+            sys.executable, "search.py", **flags, depth=18, **schedule, **arch, save=runs, note=note
+        ),
+    )
     run_step("curves search", [sys.executable, "-m", "utils.plot", str(runs / note)])
     return runs / note / "arch.json"
 
@@ -233,13 +213,11 @@ def make_crops(data: Path, out: Path, ids: int = CROP_IDS) -> Path:
 
 def match_crops(crops: Path, weights: Path, out: Path) -> None:
     """Rank the visible crops for each infrared crop with ``utils.match``, as a user would."""
-    command = [
-        sys.executable, "-m", "utils.match", "--weights", str(weights), "--ema",
-        "--query", str(crops / "infrared"), "--query_modality", "infrared",
-        "--gallery", str(crops / "visible"), "--gallery_modality", "visible",
-        "--out", str(out), "--labels_from_folders",
-    ]  # fmt: skip
-    run_step("match", command, stdout=out.parent / "matches.md")
+    query = {"query": crops / "infrared", "query_modality": "infrared"}
+    gallery = {"gallery": crops / "visible", "gallery_modality": "visible"}
+    flags = {"weights": weights, "ema": True, **query, **gallery, "out": out}
+    match = command(sys.executable, "-m", "utils.match", **flags, labels_from_folders=True)
+    run_step("match", match, stdout=out.parent / "matches.md")
 
 
 def chance_level(data: Path) -> float:
@@ -341,25 +319,38 @@ def matches_section(out: Path) -> list[str]:
     ]
 
 
+@dataclass(frozen=True)
+class DemoSettings:
+    """The demo's settings (CPU-sized defaults)."""
+
+    out: str = setting("demo", "folder for data, runs and results")
+    seeds: tuple[int, ...] = setting((0,), "data/run seeds", nargs="+")
+    compare: bool = setting(False, "also train all-shared and all-split and compare")
+    epochs: int = setting(12, "training epochs")
+    search_epochs: int = setting(6, "search epochs")
+    arch_warmup: int = setting(2, "weights-only search epochs")
+    img_h: int = setting(64, "image height")
+    img_w: int = setting(32, "image width")
+    batch_size: int = setting(32, "images per modality")
+    lr: float = setting(0.05, "head learning rate")
+    test_ids: int = setting(
+        TEST_IDS, "synthetic test identities", check=lambda v: v >= 2, expected="at least 2"
+    )
+    rank_lists: int = setting(
+        4,
+        "rank-list pictures of the first model",
+        check=lambda v: v >= 0,
+        expected="a number >= 0",
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """The demo's options (CPU-sized defaults)."""
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="demo", help="folder for data, runs and results")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="data/run seeds")
-    parser.add_argument(
-        "--compare", action="store_true", help="also train all-shared and all-split and compare"
-    )
-    parser.add_argument("--epochs", type=int, default=12, help="training epochs")
-    parser.add_argument("--search_epochs", type=int, default=6, help="search epochs")
-    parser.add_argument("--arch_warmup", type=int, default=2, help="weights-only search epochs")
-    parser.add_argument("--img_h", type=int, default=64, help="image height")
-    parser.add_argument("--img_w", type=int, default=32, help="image width")
-    parser.add_argument("--batch_size", type=int, default=32, help="images per modality")
-    parser.add_argument("--lr", type=float, default=0.05, help="head learning rate")
-    parser.add_argument("--test_ids", type=int, default=TEST_IDS, help="synthetic test identities")
-    parser.add_argument(
-        "--rank_lists", type=int, default=4, help="rank-list pictures of the first model"
-    )
+    add_flags(parser, options(DemoSettings), [None])
     return parser
 
 
@@ -382,11 +373,7 @@ def over_seeds(summary: dict[str, dict[str, list[float]]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo pipeline, print its results table and write its README.md."""
-    args = get_args_parser().parse_args(argv)
-    if args.test_ids < 2:
-        raise UserError(f"--test_ids {args.test_ids}: expected at least 2")
-    if args.rank_lists < 0:
-        raise UserError(f"--rank_lists {args.rank_lists}: expected a number >= 0")
+    args = build(DemoSettings, vars(get_args_parser().parse_args(argv)))
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s demo: %(message)s", datefmt="%H:%M:%S"
     )
@@ -432,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def intro(args: argparse.Namespace) -> str:
+def intro(args: DemoSettings) -> str:
     """The first paragraph of the demo's README: what ran."""
     return (
         f"Written by `python -m utils.demo` (`make demo`): synthetic SYSU-MM01 data "

@@ -63,8 +63,15 @@ MAX_DECODERS = 8
 QUIET_BATCHES = 4
 # The command-line options that are FeatureExtractor's arguments, by the same names.
 EXTRACTOR_FLAGS = (
-    "weights", "config_path", "ema", "device", "batch_size", "feature", "flip", "last_stride"
-)  # fmt: skip
+    "weights",
+    "config_path",
+    "ema",
+    "device",
+    "batch_size",
+    "feature",
+    "flip",
+    "last_stride",
+)
 
 
 def input_contract(img_size: tuple[int, int]) -> dict[str, Any]:

@@ -39,7 +39,7 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -135,15 +135,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """One-line errors for option values that cannot work."""
+def check_args(values: Mapping[str, Any]) -> None:
+    """One-line errors for option values (by flag name) that cannot work."""
     for flag in ("topk", "per_page", "k1", "k2", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} {getattr(args, flag)}: expected at least 1")
-    if args.pictures < 0:
-        raise UserError(f"--pictures {args.pictures}: expected a number >= 0")
-    if not 0.0 <= args.lambda_value <= 1.0:
-        raise UserError(f"--lambda_value {args.lambda_value}: expected a value in [0, 1]")
+        if values[flag] < 1:
+            raise UserError(f"--{flag} {values[flag]}: expected at least 1")
+    if values["pictures"] < 0:
+        raise UserError(f"--pictures {values['pictures']}: expected a number >= 0")
+    if not 0.0 <= values["lambda_value"] <= 1.0:
+        raise UserError(f"--lambda_value {values['lambda_value']}: expected a value in [0, 1]")
 
 
 def identities_of(files: Sequence[tuple[str, str]]) -> list[str]:
@@ -351,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Extract both sides' features, rank the gallery for every query and write the results."""
     args = get_args_parser().parse_args(argv)
     setup_logging()
-    check_args(args)
+    check_args(vars(args))
     out = Path(args.out)
     check_out_dir(out)
     files = image_files(args.query, "--query"), image_files(args.gallery, "--gallery")

@@ -39,7 +39,6 @@ class Flag:
     check: Callable[[Any], bool] | None = None
     expected: str = ""
     metavar: str | None = None
-    required: bool = False
     # How a tuple-valued flag takes its values: argparse's nargs, or "append" (one per use).
     nargs: str = "*"
     # Listed right after this flag of its group (a group may mix settings classes).
@@ -86,9 +85,9 @@ def _plain(kind: Any) -> Any:
 
 
 def _default(item: Field[Any]) -> Any:
-    if item.default is not MISSING:
-        return item.default
-    return item.default_factory() if item.default_factory is not MISSING else None
+    """A field's default (MISSING: none, its flag is required)."""
+    factory = item.default_factory
+    return item.default if factory is MISSING else factory()  # type: ignore[misc]
 
 
 def options(cls: type) -> list[Option]:
@@ -141,12 +140,11 @@ def _keywords(option: Option, context: Mapping[str, str]) -> dict[str, Any]:
     """argparse's keywords for ``option``: its action or type, default, choices, help."""
     flag, kind = option.flag, _plain(option.kind)
     text = flag.help() if callable(flag.help) else flag.help
-    words: dict[str, Any] = {
-        "default": option.default,
-        "help": text.format(**context) if context else text,
-    }
-    if flag.required:
+    words: dict[str, Any] = {"help": text.format(**context) if context else text}
+    if option.default is MISSING:
         words["required"] = True
+    else:
+        words["default"] = option.default
     if kind is bool:
         action = "store_true" if option.default is False else argparse.BooleanOptionalAction
         return words | {"action": action}

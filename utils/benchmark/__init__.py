@@ -25,16 +25,18 @@ Each section is a :class:`~utils.benchmark.section.Section` in its own module; a
 module with a ``run(bench) -> dict`` function and its entry in ``registry.SECTIONS``.
 """
 
-from utils.benchmark.options import get_args_parser, resolve_options
+from utils.benchmark.options import BenchSettings, get_args_parser, read_options, resolve_options
 from utils.benchmark.report import markdown_table
 from utils.benchmark.run import main, run_benchmark
 from utils.benchmark.training import plain_loader
 
 __all__ = [
+    "BenchSettings",
     "get_args_parser",
     "main",
     "markdown_table",
     "plain_loader",
+    "read_options",
     "resolve_options",
     "run_benchmark",
 ]

@@ -23,9 +23,13 @@ def run_features(bench: Bench) -> dict[str, Any]:
         lambda: extract_features(model, images, Modality.INFRARED, trainer.device, batch, amp)
     )
     return dict(
-        images_per_s=round(len(images) / seconds, 2), images=len(images), batch_size=batch,
-        amp=amp, feature_dim=int(pool.shape[1]), timed_s=round(seconds, 3),
-    )  # fmt: skip
+        images_per_s=round(len(images) / seconds, 2),
+        images=len(images),
+        batch_size=batch,
+        amp=amp,
+        feature_dim=int(pool.shape[1]),
+        timed_s=round(seconds, 3),
+    )
 
 
 def feature_rows(doc: dict[str, Any]) -> list[Row]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import platform
@@ -10,16 +9,19 @@ import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from utils.base.logger import environment
 from utils.engine.build import select_device
 
+if TYPE_CHECKING:  # the options module imports every section
+    from utils.benchmark.options import BenchSettings
+
 
 def throughput(
-    step: Callable[[int], Any], args: argparse.Namespace, steps: int, rounds: int
+    step: Callable[[int], Any], args: BenchSettings, steps: int, rounds: int
 ) -> dict[str, Any]:
     """``--warmup`` untimed steps, then ``rounds`` timed windows of ``steps`` steps each."""
     cuda = select_device(args.device).type == "cuda"

@@ -68,7 +68,7 @@ def run_rerank(bench: Bench) -> dict[str, Any]:
 def run_llcm(bench: Bench) -> dict[str, Any]:
     """``eval_llcm``, and ``rerank`` of random features, at the LLCM size."""
     args = bench.args
-    log.info("llcm")
+    log.info(LLCM_SECTION.name)
     sizes = dict(num_query=args.llcm_query, num_gallery=args.llcm_gallery)
     _, eval_s = timed(lambda: eval_llcm(*ranking_problem(LLCM, *sizes.values(), args.seed)))
     distances = feature_distances(*sizes.values(), FEATURE_DIM, args.seed)
@@ -99,7 +99,7 @@ def llcm_rows(doc: dict[str, Any]) -> list[Row]:
     """Evaluation and re-ranking at the LLCM size."""
     settings = doc["settings"]
     llcm = f"{settings['llcm_query']:,} x {settings['llcm_gallery']:,}"
-    times = (figure(doc, "llcm", k) for k in ("eval_s", "rerank_s"))
+    times = (figure(doc, LLCM_SECTION.name, k) for k in ("eval_s", "rerank_s"))
     return [(f"LLCM {llcm} (s): eval_llcm / re-ranking", *times, "")]
 
 

@@ -10,5 +10,12 @@ from utils.benchmark.training import FAST, PLAIN
 # The sections on the fast path's Trainer run first, so it is freed before the plain path's
 # memory is measured.
 SECTIONS: tuple[Section, ...] = (
-    FAST, FEATURES, PLAIN, METRICS, RERANK, LLCM_SECTION, SEARCH, EXTRACTOR
-)  # fmt: skip
+    FAST,
+    FEATURES,
+    PLAIN,
+    METRICS,
+    RERANK,
+    LLCM_SECTION,
+    SEARCH,
+    EXTRACTOR,
+)

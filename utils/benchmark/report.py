@@ -18,13 +18,15 @@ def markdown_table(doc: dict[str, Any]) -> str:
     """The figures as a Markdown table, under a line naming the machine they came from."""
     info, settings = doc["machine"], doc["settings"]
     rows = [row for section in SECTIONS for row in section.rows(doc)]
-    return "\n".join([
-        f"Measured on {info['device']} ({info['cpu_count']} CPUs, {settings['threads']} torch "
-        f"threads), torch {info['torch']}, commit {info['commit']}, {info['date']}: ResNet-"
-        f"{settings['depth']} ({settings['arch']}), {settings['img_h']}x{settings['img_w']}, "
-        f"{settings['images_per_step']} images per step.",
-        "",
-        "| measure | fast | plain | ratio |",
-        "|---|---|---|---|",
-        *(f"| {what} | {_cell(a)} | {_cell(b)} | {_cell(r, 'x')} |" for what, a, b, r in rows),
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"Measured on {info['device']} ({info['cpu_count']} CPUs, {settings['threads']} torch "
+            f"threads), torch {info['torch']}, commit {info['commit']}, {info['date']}: ResNet-"
+            f"{settings['depth']} ({settings['arch']}), {settings['img_h']}x{settings['img_w']}, "
+            f"{settings['images_per_step']} images per step.",
+            "",
+            "| measure | fast | plain | ratio |",
+            "|---|---|---|---|",
+            *(f"| {what} | {_cell(a)} | {_cell(b)} | {_cell(r, 'x')} |" for what, a, b, r in rows),
+        ]
+    )

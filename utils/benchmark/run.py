@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -17,7 +16,7 @@ from model import Arch, load_arch
 from utils.base.errors import UserError
 from utils.base.logger import setup_logging
 from utils.benchmark.measure import machine
-from utils.benchmark.options import INTEGERS, PRESETS, get_args_parser, resolve_options
+from utils.benchmark.options import BenchSettings, read_options, resolve_options
 from utils.benchmark.registry import SECTIONS
 from utils.benchmark.report import markdown_table
 from utils.benchmark.section import Bench
@@ -28,24 +27,23 @@ from utils.engine.build import select_device
 log = logging.getLogger("benchmark")
 
 
-def benchmark_arch(args: argparse.Namespace) -> Arch:
+def benchmark_arch(name: str, depth: int) -> Arch:
     """The architecture ``--arch`` names, checked against ``--depth``."""
-    if args.arch in ("shared", "split"):
-        return Arch.uniform(args.depth, args.arch)
-    if (arch := load_arch(args.arch)).depth != args.depth:
-        raise UserError(f"--arch {args.arch} is a ResNet-{arch.depth}; --depth is {args.depth}")
+    if name in ("shared", "split"):
+        return Arch.uniform(depth, name)
+    if (arch := load_arch(name)).depth != depth:
+        raise UserError(f"--arch {name} is a ResNet-{arch.depth}; --depth is {depth}")
     return arch
 
 
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+def run_benchmark(options: BenchSettings) -> dict[str, Any]:
     """Run every section not skipped; returns the JSON document."""
-    device = select_device(args.device)
-    resolve_options(args, device)
+    device = select_device(options.device)
+    args = resolve_options(options, device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    arch = benchmark_arch(args)
-    keys = [key for key, *_ in PRESETS + INTEGERS] + ["arch"]
-    settings = {key: getattr(args, key) for key in keys} | {"threads": torch.get_num_threads()}
+    arch = benchmark_arch(args.arch, args.depth)
+    settings = args.sizes() | {"threads": torch.get_num_threads()}
     settings.update(images_per_step=2 * args.batch_size, train_ids=TRAIN_IDS)
     doc = {"machine": machine(device), "settings": settings}
     doc |= {section: {"skipped": True} for section in args.skip}
@@ -64,7 +62,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, run the benchmark, print the JSON document (and write the files)."""
-    args = get_args_parser().parse_args(argv)
+    args = read_options(argv)
     setup_logging()
     doc = run_benchmark(args)
     text = json.dumps(doc, indent=2) + "\n"

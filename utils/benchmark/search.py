@@ -26,7 +26,9 @@ def run_search(bench: Bench) -> dict[str, Any]:
     trainer = in_memory(settings, "train", data)
     # Weights steps timed alone (no architecture step is ever due); architecture steps directly.
     train = replace(settings, folder=settings.folder.parent / "search")
-    search = SearchSettings(train, args.depth, arch_warmup=0, arch_freq=10**9, eval_arch=False)
+    search = SearchSettings(
+        train, depth=args.depth, arch_warmup=0, arch_freq=10**9, eval_arch=False
+    )
     searcher = SearchTrainer(search, data)
 
     def batch(owner: Trainer, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,10 +46,14 @@ def run_search(bench: Bench) -> dict[str, Any]:
     freq = SearchSettings(train).arch_freq
     search_step = seconds["weights"] + seconds["arch"] / freq
     return dict(
-        status="measured", train_step_s=seconds["train"], search_step_s=round(search_step, 5),
-        ratio=round(search_step / seconds["train"], 3), weights_step_s=seconds["weights"],
-        arch_step_s=seconds["arch"], arch_freq=freq,
-    )  # fmt: skip
+        status="measured",
+        train_step_s=seconds["train"],
+        search_step_s=round(search_step, 5),
+        ratio=round(search_step / seconds["train"], 3),
+        weights_step_s=seconds["weights"],
+        arch_step_s=seconds["arch"],
+        arch_freq=freq,
+    )
 
 
 def search_rows(doc: dict[str, Any]) -> list[Row]:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,6 +14,9 @@ from utils.benchmark.setup import in_memory
 from utils.engine.settings import TrainSettings
 from utils.engine.trainer import Trainer
 
+if TYPE_CHECKING:  # the options module imports every section
+    from utils.benchmark.options import BenchSettings
+
 # A row of the Markdown table: what is measured, the fast and plain figures, their ratio.
 Row = tuple[str, Any, Any, Any]
 
@@ -23,7 +25,7 @@ Row = tuple[str, Any, Any, Any]
 class Bench:
     """The run's options, device, architecture, training set and train.py's settings."""
 
-    args: argparse.Namespace
+    args: BenchSettings
     device: torch.device
     arch: Arch
     data: TrainSet

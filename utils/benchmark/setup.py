@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,6 +13,9 @@ from model import Arch, save_arch
 from utils.engine.build import select_device
 from utils.engine.settings import DataSettings, EvalSettings, TrainSettings
 from utils.engine.trainer import Trainer
+
+if TYPE_CHECKING:
+    from utils.benchmark.options import BenchSettings
 
 # The synthetic training set: SYSU-MM01's 395 training identities, 2 images each per modality.
 TRAIN_IDS, IMAGES_PER_ID = 395, 2
@@ -28,16 +31,23 @@ def synthetic_train_set(img_size: tuple[int, int], seed: int = 0) -> TrainSet:
     return TrainSet(images[0], labels, images[1], labels.copy(), pids, paths, list(paths))
 
 
-def training_settings(args: argparse.Namespace, workdir: Path, arch: Arch) -> TrainSettings:
-    """train.py's defaults (the paper's recipe) at the benchmark's sizes; runs go to ``workdir``."""
+def training_settings(args: BenchSettings, workdir: Path, arch: Arch) -> TrainSettings:
+    """train.py's defaults (the paper's recipe, its data set) at the benchmark's sizes; runs go
+    to ``workdir``."""
     save_arch(arch, workdir / "arch.json")
-    data = DataSettings(str(workdir), "sysu", None, args.img_h, args.img_w)
-    evaluation = EvalSettings(str(select_device(args.device)), args.amp, args.test_batch)
     return TrainSettings(
-        data, workdir / "runs" / "train", evaluation, config_path=str(workdir / "arch.json"),
-        pretrained="none", batch_size=args.batch_size, num_pos=args.num_pos, seed=args.seed,
-        log_freq=10**9, channels_last=args.channels_last, compile=args.compile,
-    )  # fmt: skip
+        DataSettings(str(workdir), img_h=args.img_h, img_w=args.img_w),
+        workdir / "runs" / "train",
+        evaluation=EvalSettings(str(select_device(args.device)), args.amp, args.test_batch),
+        config_path=str(workdir / "arch.json"),
+        pretrained="none",
+        batch_size=args.batch_size,
+        num_pos=args.num_pos,
+        seed=args.seed,
+        log_freq=10**9,
+        channels_last=args.channels_last,
+        compile=args.compile,
+    )
 
 
 def in_memory(settings: TrainSettings, note: str, train_set: TrainSet) -> Trainer:

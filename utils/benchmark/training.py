@@ -59,10 +59,14 @@ def run_fast(bench: Bench) -> dict[str, Any]:
     figures = throughput(step, args, args.steps, args.rounds)
     figures |= peak_memory(trainer.device, windowed)
     figures["settings"] = dict(
-        step="utils.engine.trainer.Trainer.training_step", amp=trainer.amp,
-        channels_last=trainer.channels_last, compile=args.compile, loss_readback="none",
-        augmentation=f"batched on the {trainer.device.type}", ema="ModelEMA (foreach)",
-    )  # fmt: skip
+        step="utils.engine.trainer.Trainer.training_step",
+        amp=trainer.amp,
+        channels_last=trainer.channels_last,
+        compile=args.compile,
+        loss_readback="none",
+        augmentation=f"batched on the {trainer.device.type}",
+        ema="ModelEMA (foreach)",
+    )
     return figures
 
 
@@ -114,10 +118,15 @@ def run_plain(bench: Bench) -> dict[str, Any]:
     workers_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if args.workers else 0
     figures["workers_peak_rss_mb"] = round(workers_kb / 1024, 1)
     figures["settings"] = dict(
-        step="fp32, NCHW, eager", amp="none", channels_last=False, compile=False,
-        loss_readback="every step", augmentation=f"per image in {args.workers} CPU workers",
-        ema="per-tensor loop", optimizer="Adam (for-loop)",
-    )  # fmt: skip
+        step="fp32, NCHW, eager",
+        amp="none",
+        channels_last=False,
+        compile=False,
+        loss_readback="every step",
+        augmentation=f"per image in {args.workers} CPU workers",
+        ema="per-tensor loop",
+        optimizer="Adam (for-loop)",
+    )
     return figures
 
 

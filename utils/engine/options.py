@@ -19,8 +19,7 @@ from data.registry import get_dataset
 from utils.base.cli import add_flags, build, options
 from utils.base.errors import UserError
 from utils.engine.build import check_data_root, select_device
-from utils.engine.rundir import run_dir
-from utils.engine.settings import (
+from utils.engine.eval_settings import (
     CHECKPOINT,
     DATA,
     DEVICE,
@@ -30,9 +29,10 @@ from utils.engine.settings import (
     CheckpointSettings,
     DataSettings,
     EvalSettings,
-    SearchSettings,
-    TrainSettings,
+    TestSettings,
 )
+from utils.engine.rundir import run_dir
+from utils.engine.settings import SearchSettings, TrainSettings
 
 __all__ = [
     "HelpFormatter",
@@ -41,6 +41,7 @@ __all__ = [
     "data_parser",
     "search_settings",
     "select_device",
+    "test_parser",
     "training_settings",
 ]
 
@@ -73,6 +74,12 @@ def train_parser(description: str, search: bool = False) -> argparse.ArgumentPar
     """The parser of train.py (``search``: of search.py, with the search's own flags)."""
     groups = (*TRAIN_GROUPS, SEARCH, None) if search else (*TRAIN_GROUPS, None)
     return command_parser(description, TrainSettings, groups)
+
+
+def test_parser(description: str) -> argparse.ArgumentParser:
+    """The parser of test.py: data, evaluation, the checkpoint, the protocols and outputs."""
+    groups = (DATA, DEVICE, EVALUATION, CHECKPOINT, None)
+    return command_parser(description, TestSettings, groups, use="evaluate")
 
 
 def data_parser() -> argparse.ArgumentParser:

@@ -40,7 +40,6 @@ MASTER_FLAGS = {
     "rerank": ("--rerank",),
     "ema_decay": ("--ema_decay", "--ema_overwrite", "--no-ema_overwrite"),
 }
-Parser = Callable[[], argparse.ArgumentParser]
 
 
 def stored_options(path: str) -> dict[str, Any]:
@@ -57,32 +56,34 @@ def stored_options(path: str) -> dict[str, Any]:
     return dict(stored) if isinstance(stored, Mapping) else {}
 
 
-def _probe(words: Sequence[str], flag: str) -> tuple[str, list[str] | None]:
-    """The checkpoint ``flag`` names and the ``--plugin`` modules given (None: no --plugin)."""
+def parse_flags(
+    make_parser: Callable[[], argparse.ArgumentParser],
+    argv: Sequence[str] | None = None,
+    checkpoint_flag: str = "--resume",
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Parse ``argv`` into flag values, its plugins imported first (else those the checkpoint
+    that ``checkpoint_flag`` names recorded); with ``--resume``, the stored options are the
+    defaults. Returns the flag values and the checkpoint's stored options."""
+    words = list(sys.argv[1:] if argv is None else argv)
     probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    probe.add_argument(flag, default="")
+    probe.add_argument(checkpoint_flag, dest="path", default="")
     probe.add_argument("--plugin", action="append")
     known = probe.parse_known_args(words)[0]
-    return getattr(known, flag.lstrip("-")), known.plugin
-
-
-def _import_plugins(given: list[str] | None, stored: Mapping[str, Any], path: str) -> None:
-    """Import the plugins given, else those the checkpoint at ``path`` recorded."""
+    path, plugins = known.path, known.plugin
+    resuming = checkpoint_flag == "--resume"
+    try:
+        stored = stored_options(path) if path and os.path.isfile(path) else {}
+    except UserError:
+        if resuming:
+            raise
+        stored = {}  # test.py: the checkpoint's own check names the problem, after the flags'
     recorded = stored.get("plugin")
-    if given is not None:
-        load_plugins(given)
+    if plugins is not None:
+        load_plugins(plugins)
     elif isinstance(recorded, list):
         load_plugins(recorded, source=path)
-
-
-def parse_resuming(make_parser: Parser, argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Parse ``argv`` into flag values; with ``--resume CKPT``, the stored options are defaults."""
-    words = list(sys.argv[1:] if argv is None else argv)
-    resume, plugins = _probe(words, "--resume")
-    stored = stored_options(resume) if resume and os.path.isfile(resume) else {}
-    _import_plugins(plugins, stored, resume)
     parser = make_parser()
-    if stored:
+    if resuming and stored:
         given = {word.split("=", 1)[0] for word in words if word.startswith("--")}
         known = {action.dest: action for action in parser._actions}  # noqa: SLF001
         defaults = {
@@ -93,22 +94,7 @@ def parse_resuming(make_parser: Parser, argv: Sequence[str] | None = None) -> di
         parser.set_defaults(**defaults)
         for dest in defaults:
             known[dest].required = False
-    return vars(parser.parse_args(words))
-
-
-def parse_testing(
-    make_parser: Parser, argv: Sequence[str] | None = None
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Parse test.py's ``argv`` after importing its plugins (else those ``--weights`` recorded);
-    returns the flag values and the checkpoint's stored options."""
-    words = list(sys.argv[1:] if argv is None else argv)
-    weights, plugins = _probe(words, "--weights")
-    try:
-        stored = stored_options(weights) if weights and os.path.isfile(weights) else {}
-    except UserError:
-        stored = {}  # the checkpoint's own check names the problem, after the flags'
-    _import_plugins(plugins, stored, weights)
-    return vars(make_parser().parse_args(words)), stored
+    return vars(parser.parse_args(words)), stored
 
 
 def _takes_effect(dest: str, stored: Mapping[str, Any], given: set[str]) -> bool:
