@@ -320,11 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     values["dataset"] = tested_dataset(values["dataset"], trained)
     settings = build(TestSettings, values)
     evaluation, source = settings.evaluation, settings.checkpoint
-    select_device(evaluation.device)
+    device = select_device(evaluation.device)
     get_dataset(settings.data.dataset).check_trial(settings.data.trial, testing=True)
     protocols = protocol_settings(settings)
     check_outputs(settings)
-    device = select_device(evaluation.device)
     checkpoint = read_checkpoint(source.weights)
     data = resolve_data(settings.data, source.weights, checkpoint)
     marks = size_note(source.weights, checkpoint, data)

@@ -106,7 +106,7 @@ def test_test_py_imports_the_checkpoints_plugin(
     weights = plugin_run / "checkpoint_latest.pth"
     shell(plugin_dir, "test.py", "--data_root", toy_sysu, "--weights", weights, "--save_json", out)
     results = json.loads(out.read_text())
-    assert results["dataset"] == "mysysu" and list(results["results"]) == ["mysysu all"]
+    assert results["dataset"] == "mysysu" and list(results["results"]) == ["mysysu all single-shot"]
 
 
 def test_plot_draws_the_plugins_loss_without_it(plugin_run: Path, plugin_dir: Path) -> None:

@@ -9,21 +9,17 @@ import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from utils.base.logger import environment
 from utils.engine.build import select_device
 
-if TYPE_CHECKING:  # the options module imports every section
-    from utils.benchmark.options import BenchSettings
 
-
-def throughput(
-    step: Callable[[int], Any], args: BenchSettings, steps: int, rounds: int
-) -> dict[str, Any]:
-    """``--warmup`` untimed steps, then ``rounds`` timed windows of ``steps`` steps each."""
+def throughput(step: Callable[[int], Any], args: Any, steps: int, rounds: int) -> dict[str, Any]:
+    """``--warmup`` untimed steps, then ``rounds`` timed windows of ``steps`` steps each
+    (``args``: the benchmark's settings)."""
     cuda = select_device(args.device).type == "cuda"
     sync = torch.cuda.synchronize if cuda else lambda: None
     for index in range(args.warmup):

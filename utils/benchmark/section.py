@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -14,9 +14,6 @@ from utils.benchmark.setup import in_memory
 from utils.engine.settings import TrainSettings
 from utils.engine.trainer import Trainer
 
-if TYPE_CHECKING:  # the options module imports every section
-    from utils.benchmark.options import BenchSettings
-
 # A row of the Markdown table: what is measured, the fast and plain figures, their ratio.
 Row = tuple[str, Any, Any, Any]
 
@@ -25,7 +22,9 @@ Row = tuple[str, Any, Any, Any]
 class Bench:
     """The run's options, device, architecture, training set and train.py's settings."""
 
-    args: BenchSettings
+    # The benchmark's settings (utils.benchmark.options.BenchSettings, whose module imports
+    # every section).
+    args: Any
     device: torch.device
     arch: Arch
     data: TrainSet

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
@@ -13,9 +13,6 @@ from model import Arch, save_arch
 from utils.engine.build import select_device
 from utils.engine.settings import DataSettings, EvalSettings, TrainSettings
 from utils.engine.trainer import Trainer
-
-if TYPE_CHECKING:
-    from utils.benchmark.options import BenchSettings
 
 # The synthetic training set: SYSU-MM01's 395 training identities, 2 images each per modality.
 TRAIN_IDS, IMAGES_PER_ID = 395, 2
@@ -31,9 +28,9 @@ def synthetic_train_set(img_size: tuple[int, int], seed: int = 0) -> TrainSet:
     return TrainSet(images[0], labels, images[1], labels.copy(), pids, paths, list(paths))
 
 
-def training_settings(args: BenchSettings, workdir: Path, arch: Arch) -> TrainSettings:
-    """train.py's defaults (the paper's recipe, its data set) at the benchmark's sizes; runs go
-    to ``workdir``."""
+def training_settings(args: Any, workdir: Path, arch: Arch) -> TrainSettings:
+    """train.py's defaults (the paper's recipe, its data set) at the benchmark's sizes (``args``:
+    the benchmark's settings); runs go to ``workdir``."""
     save_arch(arch, workdir / "arch.json")
     return TrainSettings(
         DataSettings(str(workdir), img_h=args.img_h, img_w=args.img_w),

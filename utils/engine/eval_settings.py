@@ -59,10 +59,8 @@ def _trial_help() -> str:
 
 @dataclass(frozen=True)
 class DataSettings:
-    """Which data set, where, which split (``--trial``), at which image size.
-
-    test.py leaves the image size None until it has read the checkpoint's.
-    """
+    """Which data set, where, which split (``--trial``), at which image size (test.py: None
+    until it has read the checkpoint's)."""
 
     data_root: str = setting(
         MISSING, lambda: " or ".join(d.title for d in registered_datasets()) + " root folder", DATA
@@ -79,11 +77,6 @@ class DataSettings:
         "that is not writable)",
         DATA,
     )
-
-    def __post_init__(self) -> None:
-        height, width = self.img_size
-        if height is not None and width is not None and (height < 32 or width < 16):
-            raise UserError(f"--img_h/--img_w {height}x{width}: expected at least 32x16")
 
     @property
     def img_size(self) -> tuple[int, int]:

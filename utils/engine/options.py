@@ -99,7 +99,11 @@ def checkpoint_parser(use: str) -> argparse.ArgumentParser:
 
 # ----- from the flags to the settings ---------------------------------------------------------
 def check_data(data: DataSettings) -> None:
-    """Name what ``--data_root`` should hold when it is not a folder at all."""
+    """Refuse an image size the network cannot take; name what ``--data_root`` should hold when
+    it is not a folder at all."""
+    height, width = data.img_size
+    if height < 32 or width < 16:
+        raise UserError(f"--img_h/--img_w {height}x{width}: expected at least 32x16")
     if not os.path.isdir(data.data_root):
         check_data_root(data.dataset, data.data_root, data.trial)
 
