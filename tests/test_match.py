@@ -144,7 +144,7 @@ def test_errors(tmp_path, crops, capsys, read_only_folder, expect_error: Callabl
     refused([*argv, "--topk", "0"], "--topk 0: expected at least 1")
     for flag, value, expected in (
         ("--per_page", "0", "expected at least 1"),
-        ("--k1", "0", "expected at least 1"),
+        ("--k1", "0", "expected an integer >= 1"),
         ("--pictures", "-1", "expected a number >= 0"),
         ("--lambda_value", "1.5", "expected a value in [0, 1]"),
         ("--batch_size", "0", "expected at least 1"),
