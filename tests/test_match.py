@@ -37,14 +37,18 @@ def labelled_crops(folder: Path, ids: list[str], per_id: int, grey: bool, seed: 
             Image.fromarray(pixels).save(folder / identity / f"{n}.png")
 
 
-@pytest.fixture(scope="module")
-def crops(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("crops")
+def crop_set(root: Path) -> dict[str, Path]:
+    """Labelled infrared and visible crops (one visible file broken) and a checkpoint."""
     labelled_crops(root / "infrared", ["0001", "0002", "0003"], 2, grey=True, seed=1)
     labelled_crops(root / "visible", ["0001", "0002", "0003", "0004"], 2, grey=False, seed=2)
     (root / "visible" / "0004" / "broken.jpg").write_bytes(b"\xff\xd8 broken")
     weights = save_checkpoint(root / "checkpoint.pth", "sysu")
     return {"infrared": root / "infrared", "visible": root / "visible", "weights": weights}
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return crop_set(tmp_path_factory.mktemp("crops"))
 
 
 def match_argv(crops: dict[str, Path], out: Path, *extra: str) -> list[str]:
