@@ -8,6 +8,7 @@ is reported in one line naming the folder and the size needed.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import glob
@@ -344,9 +345,10 @@ def check_out_dir(out: Path, flag: str = "--out") -> None:
     """Fail before any work unless the folder ``out`` can be written whole (made or replaced)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag} {out}: is a file, expected a folder")
-    if Path.cwd().resolve().is_relative_to(out.resolve()):
-        # Replacing the folder we stand in would strand the shell in a deleted folder.
-        raise UserError(f"{flag} {out}: holds the current folder; name another folder")
+    with contextlib.suppress(OSError):  # no current folder (deleted): none to strand
+        if Path.cwd().resolve().is_relative_to(out.resolve()):
+            # Replacing the folder we stand in would strand the shell in a deleted folder.
+            raise UserError(f"{flag} {out}: holds the current folder; name another folder")
     _check_writable(out.parent, out, flag)
 
 
