@@ -168,10 +168,11 @@ def check_out(args: argparse.Namespace, files: tuple[list[tuple[str, str]], ...]
     """Fail before any work unless ``--out`` can be replaced whole without touching an input."""
     out = Path(args.out)
     check_out_dir(out)
+    target = out.resolve()
     for flag in ("--query", "--gallery"):
         for given in getattr(args, flag[2:]):
             folder = Path(given).resolve()
-            if folder.is_dir() and folder in (out.resolve(), *out.resolve().parents):
+            if folder.is_dir() and folder in (target, *target.parents):
                 raise UserError(
                     f"--out {out}: inside the {flag} folder {given} (a later run would search "
                     "its pictures); expected a folder outside it"
@@ -395,17 +396,13 @@ def write_results(
     skipped = {
         side.files[i][0]: why for side in sides for i, why in side.extraction.skipped.items()
     }
+    payload = {**settings, "metrics": metrics, "queries": entries}
+    arrays = side_arrays(extractor, query, "query") | side_arrays(extractor, gallery, "gallery")
     try:
         with folder_aside(out) as folder:
             write_text_atomic(folder / "matches.csv", csv_text(entries))
-            payload = {**settings, "metrics": metrics, "queries": entries}
             write_text_atomic(folder / "matches.json", json.dumps(payload, indent=1) + "\n")
-            arrays = side_arrays(extractor, query, "query")
-            write_npz(
-                folder / "features.npz",
-                arrays | side_arrays(extractor, gallery, "gallery"),
-                "--out",
-            )
+            write_npz(folder / "features.npz", arrays, "--out")
             if metrics is not None:
                 write_text_atomic(folder / "metrics.json", json.dumps(metrics, indent=2) + "\n")
             shown = draw_pictures(folder, entries, query, gallery, pictures)
