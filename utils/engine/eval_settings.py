@@ -17,7 +17,15 @@ from typing import Any
 
 from data.dataset import V2I_ROLES, ProtocolSettings
 from data.registry import dataset_names, get_dataset, registered_datasets
-from utils.base.cli import Flag, Option, check_fields, composite, plugin_setting, setting
+from utils.base.cli import (
+    Flag,
+    Option,
+    check_fields,
+    check_value,
+    composite,
+    plugin_setting,
+    setting,
+)
 from utils.base.errors import UserError
 from utils.evaluation.rerank import RerankSettings
 
@@ -132,6 +140,13 @@ def _rerank_of(values: Mapping[str, Any]) -> RerankSettings | None:
             "neighbours among the k1 nearest)"
         )
     return rerank
+
+
+def rerank_of_flags(values: Mapping[str, Any]) -> RerankSettings | None:
+    """The re-ranking the flag ``values`` ask for, every value checked (also for the tools)."""
+    for part in _rerank_flags():
+        check_value(part.name, values.get(part.name), part.flag)
+    return _rerank_of(values)
 
 
 def _rerank_values(rerank: RerankSettings | None) -> dict[str, Any]:
