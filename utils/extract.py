@@ -51,6 +51,7 @@ from utils.base.errors import UserError
 from utils.base.io import check_not_input, check_output_file, write_atomic, write_text_atomic
 from utils.base.logger import setup_logging
 from utils.base.modality import Modality
+from utils.engine.eval_settings import CHECKPOINT_FLAGS
 from utils.engine.options import HelpFormatter, checkpoint_parser, select_device
 from utils.evaluation.evaluate import FEATURES, extract_features
 
@@ -63,16 +64,7 @@ MAX_DECODERS = 8
 # More images than this many batches get a progress bar (on a terminal).
 QUIET_BATCHES = 4
 # The command-line options that are FeatureExtractor's arguments, by the same names.
-EXTRACTOR_FLAGS = (
-    "weights",
-    "config_path",
-    "ema",
-    "device",
-    "batch_size",
-    "feature",
-    "flip",
-    "last_stride",
-)
+EXTRACTOR_FLAGS = (*CHECKPOINT_FLAGS, "device", "batch_size", "feature", "flip")
 
 
 def input_contract(img_size: tuple[int, int]) -> dict[str, Any]:

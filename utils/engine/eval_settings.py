@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 from data.dataset import V2I_ROLES, ProtocolSettings
@@ -198,6 +198,10 @@ class CheckpointSettings:
         CHECKPOINT,
         choices=STRIDES,
     )
+
+
+# The checkpoint flags by name (the tools hand them to their FeatureExtractor).
+CHECKPOINT_FLAGS = tuple(item.name for item in fields(CheckpointSettings))
 
 
 @dataclass(frozen=True)
