@@ -160,15 +160,15 @@ class ExclusionRule:
         """Whether the rule reads camera numbers at all."""
         return bool(self.ignored_camera_pairs) or self.same_identity_same_camera
 
-    def ignored(self, q_pid: int, q_cam: int, g_pids: np.ndarray, g_cams: np.ndarray) -> np.ndarray:
-        """Boolean mask of the gallery images one query ignores."""
-        g_pids, g_cams = np.asarray(g_pids), np.asarray(g_cams)
-        mask = np.zeros(g_cams.shape, dtype=bool)
+    def ignored(self, q_pids: Any, q_cams: Any, g_pids: Any, g_cams: Any) -> np.ndarray:
+        """Boolean mask of the gallery images a query ignores; query and gallery values broadcast
+        (one query against a gallery, or a column of queries against a gallery row)."""
+        q_pids, q_cams, g_pids, g_cams = (np.asarray(a) for a in (q_pids, q_cams, g_pids, g_cams))
+        mask = np.zeros(np.broadcast_shapes(q_cams.shape, g_cams.shape), dtype=bool)
         for query_cam, gallery_cam in self.ignored_camera_pairs:
-            if int(q_cam) == query_cam:
-                mask |= g_cams == gallery_cam
+            mask |= (q_cams == query_cam) & (g_cams == gallery_cam)
         if self.same_identity_same_camera:
-            mask |= (g_pids == q_pid) & (g_cams == q_cam)
+            mask |= (g_pids == q_pids) & (g_cams == q_cams)
         return mask
 
     def describe(self) -> str:
