@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.dataset import ImageList, ListedImage
-from data.images import file_problem
+from data.dataset import ImageList
+from data.images import ListedImage, file_problem
 from utils.base.errors import UserError
 from utils.base.modality import Modality
 

@@ -106,7 +106,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from data.images import check_images_decode
+from data.images import ListedImage, check_images_decode
 from utils.base.errors import UserError
 from utils.base.modality import Modality
 
@@ -236,13 +236,6 @@ def _alternatives(values: Sequence[object]) -> str:
     """``a, b or c``."""
     text = [str(v) for v in values]
     return text[0] if len(text) == 1 else f"{', '.join(text[:-1])} or {text[-1]}"
-
-
-class ListedImage(NamedTuple):
-    """A test image and where it is listed ("" when found by walking folders)."""
-
-    path: str
-    listed_in: str = ""
 
 
 class DataSet:

@@ -13,7 +13,8 @@ from types import MappingProxyType
 import numpy as np
 
 from data.blocks import IndexList, read_index
-from data.dataset import DataSet, ImageList, ListedImage, Protocol, ProtocolSettings, TrainFiles
+from data.dataset import DataSet, ImageList, Protocol, ProtocolSettings, TrainFiles
+from data.images import ListedImage
 from utils.base.errors import UserError
 from utils.base.modality import Modality
 
