@@ -43,11 +43,6 @@ def index_name(trial: int, split: str, modality: Modality | str) -> str:
     return f"idx/{split}_{_FILE_MODALITY[modality]}_{RegDB().check_split(trial)}.txt"
 
 
-def index_file(root: str | os.PathLike, trial: int, split: str, modality: Modality | str) -> str:
-    """Return the path of the index file for (trial, split, modality)."""
-    return os.path.join(os.fspath(root), index_name(trial, split, modality))
-
-
 def read_split(
     root: str | os.PathLike, trial: int, split: str, modality: Modality | str
 ) -> IndexList:
