@@ -2,9 +2,10 @@
 
 Adding a data set
 -----------------
-Write a subclass of :class:`DataSet` (in a module of ``data/`` or in your own code) and register
-it with ``data.register_dataset``; ``--dataset <name>`` then trains, searches and tests on it,
-and nothing else needs to know its name. The building blocks in :mod:`data.blocks` (image
+Write a subclass of :class:`DataSet` (in a module of ``data/``, named in ``DATASET_MODULES`` of
+``data/registry.py``, or in your own code) and register it with ``data.register_dataset``;
+``--dataset <name>`` then trains, searches and tests on it, and nothing else needs to know its
+name. The building blocks in :mod:`data.blocks` (image
 listing, id lists, index files, camera folders with the gallery draw) do the file work.
 
 Class attributes: ``name`` (the ``--dataset`` value), ``title`` ("SYSU-MM01", in messages and
