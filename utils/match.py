@@ -20,6 +20,10 @@
   ``--pictures`` queries spread over the query set, ``--per_page`` per page;
 - ``skipped.txt``: the unreadable images, when there were any (they are left out).
 
+The folder is written aside and swapped in whole: it never mixes two runs (an earlier run's files
+go), and an interrupted run leaves the earlier results as they were. An ``--out`` inside a
+searched folder, or holding an input or other files than these, is refused.
+
 With ``--labels_from_folders`` each image's identity is the name of its parent folder
 (``<identity>/<image>``): the pictures frame each result green (same identity) or red, and
 Rank-1/5/10, mAP and mINP (``eval_ranking`` of the ranked distances, no exclusion rule) are
@@ -35,10 +39,8 @@ import io
 import json
 import logging
 import math
-import os
-import shutil
+import re
 import sys
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -49,9 +51,16 @@ import numpy as np
 
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
-from utils.base.io import replace_dir, write_text_atomic
+from utils.base.io import (
+    check_not_input,
+    check_out_dir,
+    check_replaceable,
+    folder_aside,
+    write_text_atomic,
+)
 from utils.base.logger import setup_logging
 from utils.engine.options import HelpFormatter
+from utils.engine.rerank_flags import RERANK_DEFAULTS, check_rerank_flags
 from utils.evaluation.metrics import eval_ranking, pairwise_distance, summarize
 from utils.evaluation.rerank import RerankSettings, rerank_features
 from utils.evaluation.visualize import (
@@ -68,10 +77,10 @@ from utils.extract import (
     MODALITIES,
     Extraction,
     FeatureExtractor,
-    check_out_dir,
     extractor_parser,
     feature_arrays,
     image_files,
+    none_read,
     report_skipped,
     write_npz,
 )
@@ -80,6 +89,11 @@ log = logging.getLogger("match")
 METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
 # A file name longer than this is shortened in a picture's caption.
 CAPTION_CHARS = 16
+# What --out holds, all written by a run: an earlier run's files are replaced, others refused.
+OUT_FILES = re.compile(
+    r"matches\.csv|matches\.json|features\.npz|metrics\.json|skipped\.txt|index\.html"
+    r"|page\d+\.html|rank_lists"
+)
 
 
 @dataclass
@@ -129,21 +143,58 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--per_page", type=int, default=20, help="queries per page")
     group = parser.add_argument_group("re-ranking")
     group.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
-    group.add_argument("--k1", type=int, default=20, help="k-reciprocal neighbours")
-    group.add_argument("--k2", type=int, default=6, help="local query expansion")
-    group.add_argument("--lambda_value", type=float, default=0.3, help="original-distance weight")
+    # None: not given (refused without --rerank); check_rerank_flags fills them in.
+    for flag, kind, text in (
+        ("k1", int, "k-reciprocal neighbours"),
+        ("k2", int, "local query expansion"),
+        ("lambda_value", float, "original-distance weight"),
+    ):
+        default = RERANK_DEFAULTS[flag]
+        group.add_argument(f"--{flag}", type=kind, help=f"{text} (default: {default})")
     return parser
 
 
 def check_args(args: argparse.Namespace) -> None:
     """One-line errors for option values that cannot work."""
-    for flag in ("topk", "per_page", "k1", "k2", "batch_size"):
+    for flag in ("topk", "per_page", "batch_size"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)}: expected at least 1")
     if args.pictures < 0:
         raise UserError(f"--pictures {args.pictures}: expected a number >= 0")
-    if not 0.0 <= args.lambda_value <= 1.0:
-        raise UserError(f"--lambda_value {args.lambda_value}: expected a value in [0, 1]")
+    check_rerank_flags(args)
+
+
+def check_out(args: argparse.Namespace, files: tuple[list[tuple[str, str]], ...]) -> None:
+    """Fail before any work unless ``--out`` can be replaced whole without touching an input."""
+    out = Path(args.out)
+    check_out_dir(out)
+    target = out.resolve()
+    for flag in ("--query", "--gallery"):
+        for given in getattr(args, flag[2:]):
+            folder = Path(given).resolve()
+            if folder.is_dir() and folder in (target, *target.parents):
+                raise UserError(
+                    f"--out {out}: inside the {flag} folder {given} (a later run would search "
+                    "its pictures); expected a folder outside it"
+                )
+    checkpoint = {
+        "the --weights checkpoint": args.weights,
+        "the --config_path file": args.config_path,
+    }
+    check_not_input(out, checkpoint, [image for side in files for image in side])
+    check_replaceable(out, OUT_FILES.fullmatch, "utils.match's results", "earlier results")
+
+
+def warn_shared(files: tuple[list[tuple[str, str]], ...]) -> None:
+    """Warn when query images are also in the gallery: each is matched against itself."""
+    shared = {real for _, real in files[0]} & {real for _, real in files[1]}
+    if shared:
+        log.warning(
+            "--query and --gallery share %d of the %d query images: each of them is matched "
+            "against itself (expected two different sets of images)",
+            len(shared),
+            len(files[0]),
+        )
 
 
 def identities_of(files: Sequence[tuple[str, str]]) -> list[str]:
@@ -167,7 +218,7 @@ def extract_side(
     """Features of one side; fails when none of its images could be read."""
     extraction = extractor([real for _, real in files], modality, on_error="skip")
     if not extraction.kept:
-        raise UserError(f"--{role}: none of the {len(files)} images could be read")
+        raise none_read(f"--{role}", extraction.skipped)
     return Side(files, modality, extraction)
 
 
@@ -266,22 +317,14 @@ def page_name(page: int) -> str:
 def draw_pictures(
     out: Path, entries: list[dict[str, Any]], query: Side, gallery: Side, count: int
 ) -> list[int]:
-    """Rank-list PNGs of ``count`` queries spread over the list, into ``out/rank_lists``.
-
-    The folder is built aside and swapped in whole, so it never mixes two runs' pictures.
-    """
+    """Rank-list PNGs of ``count`` queries spread over the list, into ``out/rank_lists``."""
     shown = spread_indices(len(entries), count)
-    folder = out / f".rank_lists.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    folder = out / "rank_lists"
     folder.mkdir()
-    try:
-        for row in shown:
-            title = f"query {row + 1} of {len(entries)}: {entries[row]['query']}"
-            image = draw_rank_list(picture_cells(entries[row], query, gallery, row), title)
-            image.save(folder / f"query{row + 1:05d}.png", format="PNG")
-        replace_dir(folder, out / "rank_lists")
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+    for row in shown:
+        title = f"query {row + 1} of {len(entries)}: {entries[row]['query']}"
+        image = draw_rank_list(picture_cells(entries[row], query, gallery, row), title)
+        image.save(folder / f"query{row + 1:05d}.png", format="PNG")
     return shown
 
 
@@ -335,16 +378,40 @@ def write_results(
     entries: list[dict[str, Any]],
     settings: dict[str, Any],
     metrics: dict[str, float] | None,
+    pages: tuple[str, int, int],
 ) -> None:
-    """Every file of ``--out`` but the pages: matches, features, metrics."""
+    """Write every file of ``--out`` (``pages``: title, pictured queries, queries per page).
+
+    The folder is written aside and swapped in whole for an earlier one (a failure or a stop
+    leaves that one as it was).
+    """
     query, gallery = sides
-    write_text_atomic(out / "matches.csv", csv_text(entries))
-    payload = {**settings, "metrics": metrics, "queries": entries}
-    write_text_atomic(out / "matches.json", json.dumps(payload, indent=1) + "\n")
-    arrays = side_arrays(extractor, query, "query") | side_arrays(extractor, gallery, "gallery")
-    write_npz(out / "features.npz", arrays, "--out")
+    title, pictures, per_page = pages
+    heading = [
+        title,
+        f"{settings['distance']}; top {settings['topk']}; every query is in matches.csv",
+    ]
     if metrics is not None:
-        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        heading.append(", ".join(f"{k} {metrics[k]:.2f}" for k in METRICS if k in metrics))
+    skipped = {
+        side.files[i][0]: why for side in sides for i, why in side.extraction.skipped.items()
+    }
+    payload = {**settings, "metrics": metrics, "queries": entries}
+    arrays = side_arrays(extractor, query, "query") | side_arrays(extractor, gallery, "gallery")
+    try:
+        with folder_aside(out) as folder:
+            write_text_atomic(folder / "matches.csv", csv_text(entries))
+            write_text_atomic(folder / "matches.json", json.dumps(payload, indent=1) + "\n")
+            write_npz(folder / "features.npz", arrays, "--out")
+            if metrics is not None:
+                write_text_atomic(folder / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+            shown = draw_pictures(folder, entries, query, gallery, pictures)
+            write_pages(folder, entries, shown, per_page, heading)
+            report_skipped(
+                skipped, folder / "skipped.txt", "query and gallery", out / "skipped.txt"
+            )
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot write ({err.strerror or err})") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -353,8 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     check_args(args)
     out = Path(args.out)
-    check_out_dir(out)
     files = image_files(args.query, "--query"), image_files(args.gallery, "--gallery")
+    check_out(args, files)
+    warn_shared(files)
     if args.labels_from_folders:
         check_labels(*files)
     extractor = FeatureExtractor(**{flag: getattr(args, flag) for flag in EXTRACTOR_FLAGS})
@@ -364,6 +432,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         query.identities = identities_of([query.files[i] for i in query.extraction.kept])
         gallery.identities = identities_of([gallery.files[i] for i in gallery.extraction.kept])
     rerank = RerankSettings(args.k1, args.k2, args.lambda_value) if args.rerank else None
+    if rerank is not None and rerank.k1 > len(gallery.paths):
+        raise UserError(
+            f"--k1 {rerank.k1}: larger than the gallery ({len(gallery.paths)} images); expected "
+            f"at most {len(gallery.paths)}"
+        )
     dist = distances(query, gallery, rerank)
     entries = match_rows(dist, query, gallery, args.topk)
     metrics = score(dist, query, gallery) if args.labels_from_folders else None
@@ -372,22 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings["rerank"] = rerank.as_dict() if rerank else False
     title = f"{args.weights}{' (EMA)' if args.ema else ''}: {len(entries)} {args.query_modality}"
     title += f" queries against {len(gallery.paths)} {args.gallery_modality} images"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_results(out, extractor, (query, gallery), entries, settings, metrics)
-        shown = draw_pictures(out, entries, query, gallery, args.pictures)
-        heading = [title, f"{what}; top {args.topk}; every query is in matches.csv"]
-        if metrics is not None:
-            heading.append(", ".join(f"{k} {metrics[k]:.2f}" for k in METRICS if k in metrics))
-        write_pages(out, entries, shown, args.per_page, heading)
-        skipped = {
-            side.files[i][0]: why
-            for side in (query, gallery)
-            for i, why in side.extraction.skipped.items()
-        }
-        report_skipped(skipped, out / "skipped.txt", "query and gallery")
-    except OSError as err:
-        raise UserError(f"--out {out}: cannot write ({err.strerror or err})") from None
+    pages = (title, args.pictures, args.per_page)
+    write_results(out, extractor, (query, gallery), entries, settings, metrics, pages)
     if metrics is not None:
         table = metrics_table(metrics, title)
         log.info("results:\n%s", table)
