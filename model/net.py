@@ -7,8 +7,8 @@ from torch import nn
 
 from model.arch import Arch
 from model.bn import ModalityBN, NormFactory, Routing, find_slots
-from model.checkpoint import load_imagenet
 from model.resnet import ResNet
+from model.weights import load_imagenet
 from utils.base.modality import Modality
 
 
