@@ -109,11 +109,7 @@ def build_supernet(
     relaxation: str = "softmax",
     tau: float = 1.0,
 ) -> CMNASNet:
-    """The search supernet: a CMNASNet whose every slot is a :class:`SearchableBN`.
-
-    ``pretrained`` (None, ``"none"``, ``"imagenet"`` or a file) initialises the convolutions and
-    all three BNs of every slot, as for a trained network.
-    """
+    """The search supernet; ``pretrained`` is None, ``"none"``, ``"imagenet"`` or a file path."""
     model = CMNASNet(depth, num_classes, lambda _, n: SearchableBN(n, relaxation, tau), last_stride)
     if pretrained is not None and pretrained.lower() != "none":
         load_imagenet(model, pretrained)
