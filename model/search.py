@@ -27,7 +27,7 @@ from model.weights import load_imagenet
 RELAXATIONS = ("softmax", "gumbel")
 
 
-def _check_relaxation(relaxation: str, tau: float) -> None:
+def _check_settings(tau: float, relaxation: str = RELAXATIONS[0]) -> None:
     if relaxation not in RELAXATIONS:
         raise ValueError(f"relaxation must be one of {', '.join(RELAXATIONS)}, got {relaxation!r}")
     if not tau > 0:
@@ -39,7 +39,7 @@ class SearchableBN(nn.Module):
 
     def __init__(self, num_features: int, relaxation: str = "softmax", tau: float = 1.0) -> None:
         super().__init__()
-        _check_relaxation(relaxation, tau)
+        _check_settings(tau, relaxation)
         self.num_features = num_features
         self.relaxation = relaxation
         self.tau = float(tau)
@@ -129,7 +129,7 @@ def arch_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def set_temperature(model: nn.Module, tau: float) -> None:
     """Set the softmax / Gumbel-softmax temperature of every slot."""
-    _check_relaxation(RELAXATIONS[0], tau)
+    _check_settings(tau)
     for slot in searchable_slots(model).values():
         slot.tau = float(tau)
 
