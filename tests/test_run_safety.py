@@ -137,10 +137,12 @@ def test_overwrite_epoch_evaluates_live_then_saves_then_overwrites(
 def test_fused_flag_chooses_the_optimizer_kernels() -> None:
     from utils.engine.build import build_optimizer
 
-    param = torch.nn.Parameter(torch.ones(3))
+    model = torch.nn.Module()
+    model.backbone = torch.nn.Module()
+    model.backbone.register_parameter("w", torch.nn.Parameter(torch.ones(3)))
     cpu = torch.device("cpu")
     for flags, fused in (([], False), (["--fused"], True), (["--no-fused"], False)):
-        optimizer = build_optimizer([("backbone.w", param)], _parse(*flags).optimizer, cpu)
+        optimizer = build_optimizer(model, _parse(*flags).optimizer, cpu)
         assert bool(optimizer.defaults.get("fused")) is fused, flags
 
 
