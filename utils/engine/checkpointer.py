@@ -12,6 +12,8 @@ copy every ``--save_freq`` epochs, and restored on a resume.
 from __future__ import annotations
 
 import logging
+import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,12 +70,14 @@ def checkpoint_size(network: nn.Module, has_ema: bool, adam: bool) -> int:
 def freed_bytes(paths: Sequence[Path]) -> int:
     """The bytes that replacing or removing the files ``paths`` frees: a file with another
     hard link left (a periodic copy of the latest checkpoint) frees nothing."""
-    names: dict[int, list[Any]] = {}
+    files: dict[int, os.stat_result] = {}
+    names: Counter[int] = Counter()
     for path in paths:
         if path.is_file():
             stat = path.stat()
-            names.setdefault(stat.st_ino, [stat, 0])[1] += 1
-    return sum(stat.st_size for stat, count in names.values() if count >= stat.st_nlink)
+            files[stat.st_ino] = stat
+            names[stat.st_ino] += 1
+    return sum(stat.st_size for ino, stat in files.items() if names[ino] >= stat.st_nlink)
 
 
 @dataclass(frozen=True)

@@ -149,9 +149,9 @@ class SearchTrainer(Trainer):
     def load_architecture(self, resumed: dict[str, Any] | None) -> None:
         """None: the architecture is derived from the supernet (see :meth:`architecture`); a
         resumed checkpoint must be a search of this depth."""
-        source = f"--resume {self.settings.resume}"
         if resumed is None:
             return
+        source = f"--resume {self.settings.resume}"
         if not isinstance(resumed.get(SEARCH_KEY), dict):
             raise UserError(f"{source}: not a search checkpoint (resume it with train.py)")
         depth = resumed.get("arch", {}).get("depth")
@@ -336,12 +336,11 @@ class SearchTrainer(Trainer):
         with supernet.hard_mode(model, supernet.derive_arch(self.model_without_ddp)):
             for modality in (Modality.INFRARED, Modality.VISIBLE):
                 name = modality.name.lower()
-                images, labels = (
-                    getattr(self.arch_set, f"{name}_{k}") for k in ("images", "labels")
-                )
+                images = getattr(self.arch_set, f"{name}_images")
+                labels = np.asarray(getattr(self.arch_set, f"{name}_labels"))
                 what = (modality, self.device, batch, self.amp, f"arch-set {name}")
                 features = extract_features(model, images, *what, flip=flip)
-                sets[modality] = Features(*features, np.asarray(labels))
+                sets[modality] = Features(*features, labels)
         self.model.train()
         # Standard CMC, nothing ignored: the architecture set has no camera protocol.
         result = score(sets[Modality.INFRARED], sets[Modality.VISIBLE])

@@ -92,6 +92,7 @@ class Trainer:
         self.images = ResidentImages.upload(
             self.train_set, self.device, generator, self.channels_last
         )
+        # The module the steps run (DDP, torch.compile); model_without_ddp is the one saved.
         self.model = build.wrap_model(model, self.dist, settings.compile)
         self.state = RunState(
             distributed=self.dist.enabled,
@@ -181,9 +182,8 @@ class Trainer:
             return
         self.start = self.checkpointer.restore(self.state, checkpoint, self.losses)
         self.epoch, self.global_step = self.start.epoch, self.start.global_step
-        build.rescale_schedule(
-            self.optimizer, self.scheduler, checkpoint, self.settings.optimizer.lr
-        )
+        lr = self.settings.optimizer.lr
+        build.rescale_schedule(self.optimizer, self.scheduler, checkpoint, lr)
 
     def train(self) -> dict[str, Any]:
         """Train from the start (or the resume point) to the last epoch; returns the results."""
