@@ -39,7 +39,14 @@ from utils.engine.rundir import (
 from utils.engine.settings import TrainSettings
 from utils.engine.state import LossMeter, RunState
 
-__all__ = ["OVERWRITE_PENDING", "Checkpointer", "NonFiniteLoss", "RunPoint", "checkpoint_size"]
+__all__ = [
+    "OVERWRITE_PENDING",
+    "Checkpointer",
+    "NonFiniteLoss",
+    "RunPoint",
+    "checkpoint_size",
+    "freed_bytes",
+]
 
 log = logging.getLogger(__name__)
 
