@@ -39,14 +39,7 @@ from utils.engine.rundir import (
 from utils.engine.settings import TrainSettings
 from utils.engine.state import LossMeter, RunState
 
-__all__ = [
-    "OVERWRITE_PENDING",
-    "Checkpointer",
-    "NonFiniteLoss",
-    "RunPoint",
-    "checkpoint_size",
-    "freed_bytes",
-]
+__all__ = ["OVERWRITE_PENDING", "Checkpointer", "NonFiniteLoss", "RunPoint", "checkpoint_size"]
 
 log = logging.getLogger(__name__)
 
