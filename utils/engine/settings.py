@@ -1,14 +1,9 @@
-"""Typed settings of a training run and a search, each declared once: its default, the help and
-group of its flag, its check (see :mod:`utils.engine.eval_settings`).
-
-train.py and search.py generate their parsers from these declarations and turn the parsed flags
-into these frozen settings at the top (:mod:`utils.engine.options`); everything below takes
-settings or plain arguments. Flag names follow the authors' scripts (``--data_root``,
-``--config_path``, ``--num_pos``, ...) so their commands keep working; the defaults are the
-paper's training recipe. Settings may also be built in code (the benchmark does): they are
-checked alike, and the EMA decay and overwrite schedule left out are the data set's, resolved
-here. A run's settings by flag name (:meth:`TrainSettings.flags`) are what its checkpoints
-record as ``args``.
+"""Typed settings of a training run and a search, each declared once (see
+:mod:`utils.engine.eval_settings`); the defaults are the paper's training recipe, the flag names
+the authors' (``--data_root``, ``--config_path``, ``--num_pos``, ...). Settings built in code (the
+benchmark's) are checked alike, and the EMA decay and overwrite schedule left out are the data
+set's, resolved here. A run's settings by flag name (:meth:`TrainSettings.flags`) are what its
+checkpoints record as ``args``.
 """
 
 from __future__ import annotations
