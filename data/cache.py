@@ -1,8 +1,8 @@
 """The on-disk uint8 cache of the training images.
 
 A cache is one folder holding ``<name>.npy`` arrays and a ``meta.json``. It is built in a
-temporary sibling folder and moved into place with one ``os.replace``, so a reader sees either a
-complete cache or none: an interrupted build (Ctrl-C, crash, full disk) leaves no cache behind.
+hidden sibling folder that then replaces the cache whole, so a reader sees either a complete cache
+or none: an interrupted build (Ctrl-C, crash, full disk) leaves no cache behind.
 The meta records what the images are (data root, and each file's name, size and modification
 time), so a replaced image or another data root with the same file names rebuilds the cache,
 and the log says why.
@@ -14,20 +14,14 @@ import errno
 import json
 import logging
 import os
-import shutil
-import signal
-import socket
-import threading
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from data.images import check_img_size, load_images
-from utils.base.errors import StopNow, UserError
-from utils.base.io import MB, check_free_space, disk_full, replace_dir
+from utils.base.errors import UserError
+from utils.base.io import MB, folder_aside
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +31,8 @@ META_FILE = "meta.json"
 CACHE_VERSION = 2
 # Free space asked for beyond the arrays themselves (meta.json, headers, and some room to spare).
 _SPACE_MARGIN = 16 * MB
-# Signals whose default action kills the process without clean-up; during a cache build they
-# remove the half-built folder first.
-_BUILD_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# Why a cache folder cannot be made or written: the user's --cache_dir, not a bug.
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR)
 
 
 def default_cache_dir(root: str | os.PathLike) -> Path:
@@ -193,121 +186,36 @@ def _read_cache(
 def write_cache(
     path: str | os.PathLike, meta: dict, build: Callable[[Path], None], need_bytes: int = 0
 ) -> None:
-    """Build a cache at ``path``: ``build(tmp_dir)`` writes the arrays, then one atomic move.
+    """Build a cache at ``path``: ``build(folder)`` writes the arrays in a folder set aside, which
+    then replaces ``path`` whole.
 
     ``need_bytes`` (what the arrays will take) is checked against the free space first. Any
-    failure removes the half-built folder; a full disk, an unwritable folder or a cache folder
-    deleted meanwhile is a one-line UserError. If another process finished the same cache
-    first, its copy is kept and ours dropped.
+    failure or stop signal removes the half-built folder; a full disk, an unwritable folder or a
+    cache folder deleted meanwhile is a one-line UserError.
     """
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_leftovers(path)
-    except OSError as exc:
-        raise UserError(
-            f"--cache_dir {path.parent}: cannot write the image cache ({exc})"
-        ) from None
     need = need_bytes + need_bytes // 100 + _SPACE_MARGIN
-    check_free_space(path.parent, need)
     try:
-        tag = uuid.uuid4().hex[:8]
-        tmp = path.parent / f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{tag}"
-        tmp.mkdir()
+        with folder_aside(path, need) as folder:
+            build(folder)
+            # meta.json last: a folder is only ever complete once it has it.
+            (folder / META_FILE).write_text(json.dumps(_jsonable(meta), indent=1, sort_keys=True))
+    except FileNotFoundError:
+        raise UserError(
+            f"--cache_dir {path.parent}: the cache folder disappeared while {path.name} was "
+            "being built (deleted by another process?); run again"
+        ) from None
     except OSError as exc:
+        if isinstance(exc, UserError) or exc.errno not in _UNWRITABLE:
+            raise
         raise UserError(
             f"--cache_dir {path.parent}: cannot write the image cache ({exc})"
         ) from None
-    try:
-        with _stop_signals_raise():
-            build(tmp)
-        # meta.json last: a folder is only ever complete once it has it.
-        (tmp / META_FILE).write_text(json.dumps(_jsonable(meta), indent=1, sort_keys=True))
-        _replace_dir(tmp, path)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise disk_full(path.parent, need) from None
-        if isinstance(exc, FileNotFoundError) and not tmp.is_dir():
-            raise UserError(
-                f"--cache_dir {path.parent}: the cache folder disappeared while {path.name} was "
-                "being built (deleted by another process?); run again"
-            ) from None
-        if exc.errno in (errno.EACCES, errno.EROFS):
-            raise UserError(
-                f"--cache_dir {path.parent}: cannot write the image cache ({exc})"
-            ) from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextmanager
-def _stop_signals_raise() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGHUP raise StopNow where they would kill the process.
-
-    A signal someone else already handles (e.g. a training loop stopping after its step) is
-    left alone, and so is everything outside the main thread (signals cannot be caught there).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {}
-    for signum in _BUILD_STOP_SIGNALS:
-        if signal.getsignal(signum) is signal.SIG_DFL:
-            previous[signum] = signal.signal(signum, _raise_stop)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def _raise_stop(signum: int, frame: object) -> None:
-    raise StopNow(signum)
 
 
 def _jsonable(meta: dict) -> dict:
     """Round-trip through JSON so tuples and lists compare equal to what was stored."""
     return json.loads(json.dumps(meta, sort_keys=True))
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the built cache ``src`` onto ``dst``; a concurrent build that got there first wins."""
-    try:
-        replace_dir(src, dst)
-    except OSError:
-        if not dst.exists():
-            raise
-        # A concurrent build (another rank) won the race; its cache is as good as ours.
-        shutil.rmtree(src, ignore_errors=True)
-
-
-def _remove_leftovers(path: Path) -> None:
-    """Delete temporary folders that killed builds on this host left beside ``path``."""
-    host = socket.gethostname()
-    for entry in path.parent.glob(f".{path.name}.*-*"):
-        kind, _, rest = entry.name[len(path.name) + 2 :].partition("-")
-        if kind == "old":
-            shutil.rmtree(entry, ignore_errors=True)
-        elif kind == "tmp" and rest.startswith(host + "-"):
-            pid_text = rest[len(host) + 1 :].split("-")[0]
-            if pid_text.isdigit() and not _pid_alive(int(pid_text)):
-                logger.info("removing %s left by an interrupted cache build", entry)
-                shutil.rmtree(entry, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def save_images(

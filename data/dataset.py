@@ -205,6 +205,11 @@ class Protocol:
     swap_roles: bool = False
 
 
+# Test directions of the two-way protocols (RegDB, LLCM): (query modality, gallery modality).
+DIRECTIONS = {
+    "v2i": (Modality.VISIBLE, Modality.INFRARED),
+    "i2v": (Modality.INFRARED, Modality.VISIBLE),
+}
 # ProtocolSettings.v2i_roles: the visible-to-infrared protocol as defined, its swapped-roles
 # variant (where a data set has one), or both.
 V2I_ROLES = ("defined", "swapped", "both")

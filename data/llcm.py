@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from data.blocks import CameraFolders, read_ids, read_index
-from data.dataset import V2I_ROLES, DataSet, ExclusionRule, Protocol, TrainFiles
+from data.dataset import DIRECTIONS, V2I_ROLES, DataSet, ExclusionRule, Protocol, TrainFiles
 from utils.base.errors import UserError
 from utils.base.modality import Modality
 
@@ -57,11 +57,6 @@ MAX_ID = 9999
 # Camera numbers are shared across modalities: a query ignores its own identity seen by its own
 # camera number.
 SAME_IDENTITY_AND_CAMERA = ExclusionRule(same_identity_same_camera=True)
-# Test directions: (query modality, gallery modality).
-DIRECTIONS = {
-    "v2i": (Modality.VISIBLE, Modality.INFRARED),
-    "i2v": (Modality.INFRARED, Modality.VISIBLE),
-}
 _EXAMPLE = "relative/path.jpg label"
 
 

@@ -13,7 +13,7 @@ from types import MappingProxyType
 import numpy as np
 
 from data.blocks import IndexList, read_index
-from data.dataset import DataSet, ImageList, Protocol, ProtocolSettings, TrainFiles
+from data.dataset import DIRECTIONS, DataSet, ImageList, Protocol, ProtocolSettings, TrainFiles
 from data.images import ListedImage
 from utils.base.errors import UserError
 from utils.base.modality import Modality
@@ -24,11 +24,6 @@ SPLITS = ("train", "test")
 _FILE_MODALITY = {Modality.VISIBLE: "visible", Modality.INFRARED: "thermal"}
 # RegDB is one dual-camera system: camera 1 is the visible camera, camera 2 the thermal one.
 CAMERA = {Modality.VISIBLE: 1, Modality.INFRARED: 2}
-# Test directions: (query modality, gallery modality).
-DIRECTIONS = {
-    "v2i": (Modality.VISIBLE, Modality.INFRARED),
-    "i2v": (Modality.INFRARED, Modality.VISIBLE),
-}
 _EXAMPLE = "relative/path.bmp label"
 
 

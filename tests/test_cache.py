@@ -250,3 +250,13 @@ def test_a_cache_folder_deleted_during_the_build_is_one_line(
         _load(root, cache)
     assert str(caught.value) == message
     assert not cache.exists() or os.listdir(cache) == []
+
+
+def test_a_cache_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    root = _sysu(tmp_path / "sysu", 0)
+    blocker = tmp_path / "c"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError) as caught:
+        _load(root, blocker)
+    assert str(caught.value).startswith(f"--cache_dir {blocker}: cannot write the image cache (")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "sysu"]

@@ -1,7 +1,7 @@
 """What every synthetic layout shares: seeded random streams, size checks and staged output.
 
-A layout writes into a temporary folder beside ``--out`` that replaces ``--out`` in one rename
-only when the whole data set is written, so an interrupted run leaves nothing behind.
+A layout writes into a folder set aside beside ``--out`` that replaces ``--out`` only when the
+whole data set is written, so an interrupted run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from utils.base.errors import UserError
-from utils.base.io import replace_dir
+from utils.base.io import folder_aside
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +65,7 @@ def check_sizes(height: int, width: int, seed: int, **counts: int) -> None:
 
 @contextlib.contextmanager
 def staged(out: str | os.PathLike[str], overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out`` that replaces ``out`` only if the block succeeds."""
+    """Yield a folder set aside beside ``out`` that replaces ``out`` only if the block succeeds."""
     # abspath, so that "." or "x/.." name a real folder with a parent to stage the data in.
     target = Path(os.path.abspath(out))
     if target.exists() and not target.is_dir():
@@ -78,18 +76,16 @@ def staged(out: str | os.PathLike[str], overwrite: bool) -> Iterator[Path]:
         # Swapping out the folder we stand in would strand the shell in a deleted folder.
         if Path.cwd().is_relative_to(target):
             raise UserError(f"--out {out} holds the current folder; name another folder")
+    stage = None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        with folder_aside(target) as stage:
+            yield stage
     except OSError as exc:
+        if stage is not None or isinstance(exc, UserError):
+            raise
+        # Failing before the folder aside existed (no stage yet): the parent of --out is at fault.
         reason = exc.strerror or str(exc)
         raise UserError(f"--out {out}: cannot write to its parent folder ({reason})") from None
-    try:
-        yield stage
-        replace_dir(stage, target)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
 
 
 def summary(

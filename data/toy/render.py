@@ -215,13 +215,8 @@ def _paint_legs(scene: _Scene) -> None:
 
 def _paint_hips(scene: _Scene) -> None:
     """The pelvis in the lower garment, and a skirt flaring out below it."""
-    u, v, body, clothes, hip_v = (
-        scene.u,
-        scene.v,
-        scene.person.body,
-        scene.person.clothes,
-        scene.hip_v,
-    )
+    u, v, hip_v = scene.u, scene.v, scene.hip_v
+    body, clothes = scene.person.body, scene.person.clothes
     pelvis = np.minimum(body.waist - np.abs(u), np.minimum(v - (hip_v - 0.05), hip_v + 0.05 - v))
     scene.paint(scene.soft(pelvis), scene.bottom)
     if clothes.lower == "skirt":
@@ -241,13 +236,8 @@ def _paint_hair_behind(scene: _Scene) -> None:
 
 def _paint_torso(scene: _Scene) -> None:
     """A trapezoid from the shoulders to the hips (a coat flares below), rounded shoulders."""
-    u, v, body, shoulder_v, hip_v = (
-        scene.u,
-        scene.v,
-        scene.person.body,
-        scene.shoulder_v,
-        scene.hip_v,
-    )
+    u, v, body = scene.u, scene.v, scene.person.body
+    shoulder_v, hip_v = scene.shoulder_v, scene.hip_v
     r = _SHOULDER_ROUND
     frac = np.clip((v - shoulder_v) / body.torso, 0.0, 1.0)
     flare = np.clip(v - hip_v, 0.0, None) * 0.35

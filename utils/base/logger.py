@@ -36,24 +36,18 @@ def setup_logging(log_file: Path | None = None, rank: int = 0) -> None:
 def git_commit() -> str:
     """The commit of the code being run, or ``unknown`` outside a git checkout."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-        sha = out.stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-        return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+        sha = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+
+
+def _git(*args: str) -> str:
+    """The stripped output of ``git ARGS`` run in this code's folder."""
+    here = Path(__file__).resolve().parent
+    done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=here)
+    return done.stdout.strip()
 
 
 def environment(device: torch.device) -> dict[str, Any]:

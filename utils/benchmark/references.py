@@ -6,13 +6,14 @@ the vectorised ``eval_ranking`` and ``rerank`` against them, and the benchmark t
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from data.dataset import NO_EXCLUSION, ExclusionRule
 from data.sysu import SAME_LOCATION
-from utils.evaluation.metrics import average_queries, check_cameras, check_ranking_inputs
+from utils.evaluation.metrics import average_queries, check_ranking_inputs
 from utils.evaluation.rerank import check_distances, euclidean_distances, half_width
 
 # Identities, query cameras and gallery cameras of a random ranking problem.
@@ -39,8 +40,9 @@ def eval_ranking_loop(
     max_rank: int = 20,
 ) -> tuple[np.ndarray, float, float]:
     """(cmc, mAP, mINP) computed one query at a time; the reference for eval_ranking."""
-    dist, q_pids, g_pids = check_ranking_inputs(distmat, q_pids, g_pids)
-    q_cams, g_cams = check_cameras(exclusion, q_camids, g_camids, q_pids.size, g_pids.size)
+    dist, q_pids, g_pids, q_cams, g_cams = check_ranking_inputs(
+        distmat, q_pids, g_pids, q_camids, g_camids, exclusion
+    )
     ranks, aps, inps = [], [], []
     for i in range(dist.shape[0]):
         order = np.argsort(dist[i], kind="stable")
@@ -64,18 +66,9 @@ def eval_ranking_loop(
     )
 
 
-def eval_sysu_loop(
-    distmat: Any,
-    q_pids: Any,
-    g_pids: Any,
-    q_camids: Any,
-    g_camids: Any,
-    max_rank: int = 20,
-) -> tuple[np.ndarray, float, float]:
-    """SYSU-MM01 (cmc, mAP, mINP) computed one query at a time; the reference for eval_sysu."""
-    return eval_ranking_loop(
-        distmat, q_pids, g_pids, q_camids, g_camids, SAME_LOCATION, True, max_rank
-    )
+# SYSU-MM01 (cmc, mAP, mINP) one query at a time, the reference for eval_sysu: the loop under
+# the SYSU rule (cam3 queries ignore cam2) with the identity-deduplicated CMC.
+eval_sysu_loop = partial(eval_ranking_loop, exclusion=SAME_LOCATION, dedup_cmc=True)
 
 
 def rerank_reference(

@@ -55,9 +55,10 @@ def _as_numpy(array: Any) -> np.ndarray:
 
 
 def check_ranking_inputs(
-    distmat: Any, q_pids: Any, g_pids: Any
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Convert the common inputs to NumPy and check that their shapes agree."""
+    distmat: Any, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any, exclusion: ExclusionRule
+) -> tuple[np.ndarray, ...]:
+    """Check that the shapes agree and return (distances, query and gallery identities, query
+    and gallery cameras) as NumPy arrays; cameras are zeros when the rule reads none."""
     dist = _as_numpy(distmat)
     q = _as_numpy(q_pids).reshape(-1)
     g = _as_numpy(g_pids).reshape(-1)
@@ -74,22 +75,15 @@ def check_ranking_inputs(
     # through the minimum, and -inf would be the minimum.
     if dist.size and not dist.min() > -np.inf:
         raise ValueError("distmat holds NaN or -inf distances")
-    return dist, q, g
-
-
-def check_cameras(
-    exclusion: ExclusionRule, q_camids: Any, g_camids: Any, num_query: int, num_gallery: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Camera numbers as int64 arrays (zeros when the rule needs none and none are given)."""
     if q_camids is None or g_camids is None:
         if exclusion.needs_cameras:
             raise ValueError("this exclusion rule needs query and gallery camera ids")
-        return np.zeros(num_query, dtype=np.int64), np.zeros(num_gallery, dtype=np.int64)
+        return dist, q, g, np.zeros(q.size, dtype=np.int64), np.zeros(g.size, dtype=np.int64)
     q_cams = _as_numpy(q_camids).reshape(-1).astype(np.int64)
     g_cams = _as_numpy(g_camids).reshape(-1).astype(np.int64)
-    if q_cams.size != num_query or g_cams.size != num_gallery:
+    if q_cams.size != q.size or g_cams.size != g.size:
         raise ValueError("camera ids must match the query and gallery identities in length")
-    return q_cams, g_cams
+    return dist, q, g, q_cams, g_cams
 
 
 def average_queries(
@@ -203,8 +197,9 @@ def eval_ranking(
     ``dedup_cmc``: the CMC counts distinct identities (the SYSU-MM01 authors' rule); otherwise it
     is the position of the first correct match. Camera ids are needed when the rule reads them.
     """
-    dist, q_pids, g_pids = check_ranking_inputs(distmat, q_pids, g_pids)
-    q_cams, g_cams = check_cameras(exclusion, q_camids, g_camids, q_pids.size, g_pids.size)
+    dist, q_pids, g_pids, q_cams, g_cams = check_ranking_inputs(
+        distmat, q_pids, g_pids, q_camids, g_camids, exclusion
+    )
     gallery = (g_pids, g_cams, np.unique(g_pids, return_inverse=True)[1].reshape(-1))
     step = max(1, _CHUNK_ELEMENTS // g_pids.size)
     chunks = []
