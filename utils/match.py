@@ -52,8 +52,17 @@ from utils.base.errors import UserError
 from utils.base.io import replace_dir, write_text_atomic
 from utils.base.logger import setup_logging
 from utils.engine.options import HelpFormatter
-from utils.evaluation.metrics import eval_ranking, pairwise_distance, summarize
+from utils.evaluation.metrics import summarize
 from utils.evaluation.rerank import RerankSettings, rerank_features
+from utils.evaluation.topk import (
+    Ranking,
+    check_memory,
+    matrix_blocks,
+    rank_blocks,
+    rank_features,
+    rerank_bytes,
+    unit_rows,
+)
 from utils.evaluation.visualize import (
     MATCH_COLOUR,
     MISMATCH_COLOUR,
@@ -90,6 +99,8 @@ class Side:
     modality: str
     extraction: Extraction
     identities: list[str] | None = None
+    # Whether features.npz holds this side's features (an indexed gallery keeps its own).
+    saved: bool = True
 
     @cached_property
     def paths(self) -> list[str]:
@@ -100,6 +111,11 @@ class Side:
     def resolved(self) -> list[str]:
         """The kept images' absolute paths."""
         return [self.files[i][1] for i in self.extraction.kept]
+
+    @cached_property
+    def resolved_of(self) -> dict[str, str]:
+        """Each kept image's absolute path by its path as listed."""
+        return dict(zip(self.paths, self.resolved, strict=True))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -118,6 +134,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         parser.add_argument(
             f"--{role}_modality", choices=MODALITIES, required=True, help=f"of every {role} image"
         )
+    add_result_options(parser)
+    return parser
+
+
+def add_result_options(parser: argparse.ArgumentParser) -> None:
+    """The options of what is ranked and written (``utils.gallery search`` has them too)."""
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the results")
     parser.add_argument("--topk", type=int, default=10, help="gallery images listed per query")
     parser.add_argument(
@@ -132,7 +154,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--k1", type=int, default=20, help="k-reciprocal neighbours")
     group.add_argument("--k2", type=int, default=6, help="local query expansion")
     group.add_argument("--lambda_value", type=float, default=0.3, help="original-distance weight")
-    return parser
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -171,41 +192,58 @@ def extract_side(
     return Side(files, modality, extraction)
 
 
-def distances(query: Side, gallery: Side, rerank: RerankSettings | None) -> np.ndarray:
-    """Query x gallery distances: Euclidean of the normalised features, or re-ranked."""
+def identity_labels(query: Side, gallery: Side) -> tuple[np.ndarray, np.ndarray] | None:
+    """Both sides' folder-name identities as numbers, or None without identities."""
+    if query.identities is None or gallery.identities is None:
+        return None
+    numbers = {name: i for i, name in enumerate(sorted({*query.identities, *gallery.identities}))}
+    return (
+        np.asarray([numbers[name] for name in query.identities]),
+        np.asarray([numbers[name] for name in gallery.identities]),
+    )
+
+
+def rank(
+    query: Side, gallery: Side, topk: int, rerank: RerankSettings | None, inplace: bool = False
+) -> Ranking:
+    """Each query's top-k gallery images, and Rank-k, mAP and mINP when both sides are labelled.
+
+    Euclidean distances of the normalised features, exact, in blocks of queries (``inplace``:
+    the gallery's features may be normalised where they are), or the re-ranked distances.
+    """
+    labels = identity_labels(query, gallery)
     q, g = query.extraction.features, gallery.extraction.features
     if rerank is not None:
-        return rerank_features(q, g, rerank).astype(np.float32)
-    # pairwise_distance is minus the dot product; for unit vectors |q - g|^2 = 2 - 2 q.g.
-    return np.sqrt(np.clip(2.0 + 2.0 * pairwise_distance(q, g), 0.0, None))
-
-
-def score(dist: np.ndarray, query: Side, gallery: Side) -> dict[str, float]:
-    """Rank-1/5/10/20, mAP and mINP (percent) of ``dist`` with folder-name identities."""
-    assert query.identities is not None and gallery.identities is not None
-    numbers = {name: i for i, name in enumerate(sorted({*query.identities, *gallery.identities}))}
-    q_pids = np.asarray([numbers[name] for name in query.identities])
-    g_pids = np.asarray([numbers[name] for name in gallery.identities])
+        what = f"re-ranking {len(q):,} x {len(g):,} images"
+        check_memory(rerank_bytes(len(q), len(g)), what, "--rerank")
+        dist = rerank_features(q, g, rerank).astype(np.float32)
     try:
-        cmc, m_ap, m_inp = eval_ranking(dist, q_pids, g_pids)
+        if rerank is None:
+            return rank_features(unit_rows(q), unit_rows(g, inplace), topk, labels)
+        return rank_blocks(matrix_blocks(dist), dist.shape, topk, labels)
     except ValueError as err:
         raise UserError(f"--labels_from_folders: cannot score the ranking ({err})") from None
-    return summarize(cmc, m_ap, m_inp)
 
 
-def match_rows(dist: np.ndarray, query: Side, gallery: Side, topk: int) -> list[dict[str, Any]]:
+def score(ranking: Ranking) -> dict[str, float] | None:
+    """Rank-1/5/10/20, mAP and mINP (percent) of a scored ranking; None when it was not."""
+    return None if ranking.metrics is None else summarize(*ranking.metrics)
+
+
+def match_rows(ranking: Ranking, query: Side, gallery: Side) -> list[dict[str, Any]]:
     """One entry per query: its path and its top-k gallery paths with their distances."""
-    order = np.argsort(dist, axis=1, kind="stable")[:, :topk]
     entries = []
     for row, path in enumerate(query.paths):
+        nearest = ranking.indices[row].tolist()
+        found = zip(nearest, ranking.distances[row].tolist(), strict=True)
         ranked = [
-            {"rank": rank, "gallery": gallery.paths[g], "distance": float(dist[row, g])}
-            for rank, g in enumerate(order[row].tolist(), start=1)
+            {"rank": rank, "gallery": gallery.paths[g], "distance": distance}
+            for rank, (g, distance) in enumerate(found, start=1)
         ]
         entry: dict[str, Any] = {"query": path, "matches": ranked}
         if query.identities is not None and gallery.identities is not None:
             entry["identity"] = query.identities[row]
-            for match, g in zip(ranked, order[row].tolist(), strict=True):
+            for match, g in zip(ranked, nearest, strict=True):
                 match["identity"] = gallery.identities[g]
         entries.append(entry)
     return entries
@@ -233,7 +271,7 @@ def picture_cells(entry: dict[str, Any], query: Side, gallery: Side, row: int) -
     labelled = "identity" in entry
     first = f"id {entry['identity']}" if labelled else short_name(entry["query"])
     cells = [Cell(query.resolved[row], QUERY_COLOUR, ("query", query.modality, first))]
-    resolved = dict(zip(gallery.paths, gallery.resolved, strict=True))
+    resolved = gallery.resolved_of
     for match in entry["matches"]:
         colour = UNLABELLED_COLOUR
         if labelled:
@@ -341,7 +379,9 @@ def write_results(
     write_text_atomic(out / "matches.csv", csv_text(entries))
     payload = {**settings, "metrics": metrics, "queries": entries}
     write_text_atomic(out / "matches.json", json.dumps(payload, indent=1) + "\n")
-    arrays = side_arrays(extractor, query, "query") | side_arrays(extractor, gallery, "gallery")
+    arrays = side_arrays(extractor, query, "query")
+    if gallery.saved:
+        arrays |= side_arrays(extractor, gallery, "gallery")
     write_npz(out / "features.npz", arrays, "--out")
     if metrics is not None:
         write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
@@ -364,22 +404,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         query.identities = identities_of([query.files[i] for i in query.extraction.kept])
         gallery.identities = identities_of([gallery.files[i] for i in gallery.extraction.kept])
     rerank = RerankSettings(args.k1, args.k2, args.lambda_value) if args.rerank else None
-    dist = distances(query, gallery, rerank)
-    entries = match_rows(dist, query, gallery, args.topk)
-    metrics = score(dist, query, gallery) if args.labels_from_folders else None
+    ranking = rank(query, gallery, args.topk, rerank)
+    entries = match_rows(ranking, query, gallery)
+    metrics = score(ranking)
     what = "re-ranked distance" if rerank else "Euclidean distance of L2-normalised features"
     settings = {**extractor.describe(), "distance": what, "topk": args.topk}
     settings["rerank"] = rerank.as_dict() if rerank else False
     title = f"{args.weights}{' (EMA)' if args.ema else ''}: {len(entries)} {args.query_modality}"
     title += f" queries against {len(gallery.paths)} {args.gallery_modality} images"
+    results = Results(entries, settings, metrics, title)
+    write_out(out, extractor, (query, gallery), results, args.pictures, args.per_page)
+    return 0
+
+
+@dataclass
+class Results:
+    """What a ranking writes: an entry per query, the settings, the metrics (or None), a title."""
+
+    entries: list[dict[str, Any]]
+    settings: dict[str, Any]
+    metrics: dict[str, float] | None
+    title: str
+
+
+def write_out(
+    out: Path,
+    extractor: FeatureExtractor,
+    sides: tuple[Side, Side],
+    results: Results,
+    pictures: int,
+    per_page: int,
+) -> None:
+    """Write every file of ``--out`` (matches, features, metrics, pages, skipped images) and
+    report the metrics; ``utils.gallery search`` writes its results through this too."""
+    query, gallery = sides
+    entries, metrics, title = results.entries, results.metrics, results.title
+    what, topk = results.settings["distance"], results.settings["topk"]
     try:
         out.mkdir(parents=True, exist_ok=True)
-        write_results(out, extractor, (query, gallery), entries, settings, metrics)
-        shown = draw_pictures(out, entries, query, gallery, args.pictures)
-        heading = [title, f"{what}; top {args.topk}; every query is in matches.csv"]
+        write_results(out, extractor, (query, gallery), entries, results.settings, metrics)
+        shown = draw_pictures(out, entries, query, gallery, pictures)
+        heading = [title, f"{what}; top {topk}; every query is in matches.csv"]
         if metrics is not None:
             heading.append(", ".join(f"{k} {metrics[k]:.2f}" for k in METRICS if k in metrics))
-        write_pages(out, entries, shown, args.per_page, heading)
+        write_pages(out, entries, shown, per_page, heading)
         skipped = {
             side.files[i][0]: why
             for side in (query, gallery)
@@ -393,7 +461,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("results:\n%s", table)
         sys.stdout.write(table + "\n")
     log.info("wrote %s (open %s)", out, out / "index.html")
-    return 0
 
 
 if __name__ == "__main__":
