@@ -2,6 +2,7 @@
 
 from utils.benchmark.extraction import FEATURES
 from utils.benchmark.extractor import EXTRACTOR
+from utils.benchmark.gallery import GALLERY
 from utils.benchmark.ranking import LLCM_SECTION, METRICS, RERANK
 from utils.benchmark.search import SEARCH
 from utils.benchmark.section import Section
@@ -10,5 +11,5 @@ from utils.benchmark.training import FAST, PLAIN
 # The sections on the fast path's Trainer run first, so it is freed before the plain path's
 # memory is measured.
 SECTIONS: tuple[Section, ...] = (
-    FAST, FEATURES, PLAIN, METRICS, RERANK, LLCM_SECTION, SEARCH, EXTRACTOR
+    FAST, FEATURES, PLAIN, METRICS, RERANK, LLCM_SECTION, SEARCH, EXTRACTOR, GALLERY
 )  # fmt: skip

@@ -56,7 +56,7 @@ def checkpoint_source(extractor: FeatureExtractor) -> dict[str, Any]:
 
 def check_settings(stored: dict[str, Any], made: dict[str, Any], where: str, source: str) -> None:
     """Refuse, in one line, features made otherwise than the index's (``source``: the weights)."""
-    for key in sorted(stored.keys() | made.keys(), key=lambda k: (k != "weights_sha256", k)):
+    for key in sorted(stored.keys() | made.keys(), key=lambda k: (k == "weights_sha256", k)):
         if stored.get(key) != made.get(key):
             if key == "weights_sha256":
                 raise UserError(

@@ -68,6 +68,7 @@ class GalleryIndex:
         self.folder = folder
         self.header = header
         self.dim = int(header["dim"])
+        self.last_number: int | None = None
 
     @property
     def shard_folder(self) -> Path:
@@ -164,24 +165,53 @@ class GalleryIndex:
         return features
 
     def load(self) -> tuple[list[Record], np.ndarray]:
-        """Every record and its feature row, in index order, in memory."""
+        """Every record and its feature row, in index order, read into one array."""
         shards = self.shards()
         live = self.live(shards)
         records = [s.records[r] for s, rows in zip(shards, live, strict=True) for r in rows]
         features = np.empty((len(records), self.dim), dtype=np.float32)
         position = 0
         for shard, rows in zip(shards, live, strict=True):
-            if rows:
+            if len(rows) == len(shard.records):
+                self.read_into(shard, features[position : position + len(rows)])
+            elif rows:
                 features[position : position + len(rows)] = self.features_of(shard)[rows]
-                position += len(rows)
+            position += len(rows)
         return records, features
+
+    def read_into(self, shard: Shard, out: np.ndarray) -> None:
+        """Read all of a shard's features straight into ``out`` (no second copy in memory)."""
+        self.features_of(shard)  # checks the file's header against the records
+        try:
+            with open(self.shard_folder / shard.features, "rb") as handle:
+                if np.lib.format.read_magic(handle) == (1, 0):
+                    np.lib.format.read_array_header_1_0(handle)
+                else:
+                    np.lib.format.read_array_header_2_0(handle)
+                view, done = memoryview(out).cast("B"), 0
+                while done < len(view):
+                    read = handle.readinto(view[done:])
+                    if not read:
+                        raise ValueError("file ends early")
+                    done += read
+        except FileNotFoundError:
+            raise self.changed() from None
+        except (OSError, ValueError) as err:
+            raise UserError(f"--index {self.folder}: damaged {shard.features} ({err})") from None
 
     def append(self, records: Sequence[Record], features: np.ndarray) -> int:
         """Commit one shard of ``records`` and their ``features`` rows; returns its number."""
-        shards = self.shards()
-        number = shards[-1].number + 1 if shards else 1
-        self.write_shard(number, records, [np.ascontiguousarray(features, dtype=np.float32)])
+        number = self.next_number()
+        self.write_shard(number, records, [features])
         return number
+
+    def next_number(self) -> int:
+        """The number of the next shard (writers hold the lock: counted on from the first)."""
+        if self.last_number is None:
+            found = [int(p.stem) for p in self.shard_folder.glob("[0-9]*.json")]
+            self.last_number = max(found, default=0)
+        self.last_number += 1
+        return self.last_number
 
     def write_shard(
         self, number: int, records: Sequence[Record], parts: Iterable[np.ndarray]
@@ -218,7 +248,7 @@ class GalleryIndex:
             return
         records = [s.records[r] for s, rows in chosen for r in rows]
         parts = (self.features_of(shard)[rows] for shard, rows in chosen)
-        self.write_shard(shards[-1].number + 1, records, parts)
+        self.write_shard(self.next_number(), records, parts)
         for shard, _ in chosen:
             self.delete(shard)
 
