@@ -33,8 +33,8 @@ from utils.evaluation.metrics import average_queries
 from utils.evaluation.ranking import QueryResults, rank_queries
 
 log = logging.getLogger(__name__)
-# Distances per block: 2**24 float32 values are 64 MiB.
-PAIRS = 2**24
+# Distances per block: 2**25 float32 values are 128 MiB.
+PAIRS = 2**25
 # Ranks the metrics report (Rank-1 ... Rank-20), as eval_ranking's default.
 MAX_RANK = 20
 # Re-ranking's memory, measured on this project's rerank with float32 features: about 12 bytes
@@ -102,9 +102,12 @@ def smallest(values: np.ndarray, k: int) -> np.ndarray:
     if k >= count:
         return np.argsort(values, axis=1, kind="stable")
     kth = np.partition(values, k - 1, axis=1)[:, k - 1 : k]
+    candidates = values <= kth
     # A row with fewer than k numbers has a NaN k-th value: all its columns are candidates.
-    rows, cols = np.nonzero((values <= kth) | np.isnan(kth))
-    order = np.lexsort((cols, values[rows, cols], rows))
+    candidates[np.isnan(kth[:, 0])] = True
+    flat = np.flatnonzero(candidates)
+    rows, cols = np.divmod(flat, count)
+    order = np.lexsort((cols, values.reshape(-1)[flat], rows))
     starts = np.searchsorted(rows, np.arange(len(values)))
     return cols[order][starts[:, None] + np.arange(k)]
 

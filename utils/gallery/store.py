@@ -32,7 +32,7 @@ COLUMNS = ("paths", "resolved", "sizes", "mtimes_ns")
 FIELDS = ("path", "resolved", "size", "mtime_ns")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     """One indexed image: its path as listed when added, its absolute path (the key), its size
     and modification time when it was read."""
