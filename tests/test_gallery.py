@@ -321,7 +321,7 @@ def test_benchmark_section_at_a_small_size(capsys) -> None:
     assert 64 * 4 < doc["bytes_per_image"] < 64 * 4 + 200
     assert doc["add_images_per_s"] > 0 and doc["exact"]["queries_per_s"] > 0
     approx = doc["approximate"]
-    assert approx["status"] == "measured" and approx["lists"] == 38 and approx["probes"] == 16
+    assert approx["status"] == "measured" and approx["lists"] == 38 and approx["probes"] == 32
     assert 0.5 <= approx["recall_at_10"] <= 1.0 and approx["disk_mb"] > 0
     today = doc["match_today"]
     assert today["gallery"] == 500 and today["full_size"] == "extrapolated"

@@ -45,7 +45,7 @@ INTEGERS = (
     ("gallery_size", 100_000, "synthetic feature vectors in the gallery section's index"),
     ("gallery_queries", 1000, "queries of the gallery section"),
     ("gallery_dim", 512, "their size (512: ResNet-18's, the demo's; 2048: ResNet-50's)"),
-    ("gallery_probes", 16, "inverted lists searched per query by approximate search"),
+    ("gallery_probes", 32, "inverted lists searched per query by approximate search"),
     ("gallery_dense_pairs", 10**8, "largest query x gallery matrix ranked whole, as utils.match "
      "did before blockwise search"),
 )  # fmt: skip

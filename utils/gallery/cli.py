@@ -100,8 +100,27 @@ def pending(files: list[tuple[str, str]], indexed: dict[str, Record]) -> list[Re
     return list(todo.values())
 
 
+def extract_batches(
+    index: GalleryIndex, extractor: FeatureExtractor, todo: list[Record], modality: str
+) -> dict[str, str]:
+    """Extract ``todo`` a batch at a time, each batch committed as a shard, then merge those
+    shards (one per run keeps the file count low); returns the unreadable images."""
+    shards, skipped = [], {}
+    with tqdm(total=len(todo), desc="add", unit="img", disable=None) as bar:
+        for start in range(0, len(todo), extractor.batch_size):
+            batch = todo[start : start + extractor.batch_size]
+            extraction = extractor([r.resolved for r in batch], modality, on_error="skip")
+            skipped |= {batch[i].path: why for i, why in extraction.skipped.items()}
+            if extraction.kept:
+                kept = [batch[i] for i in extraction.kept]
+                shards.append(index.append(kept, extraction.features.numpy()))
+            bar.update(len(batch))
+    index.merge(shards)
+    return skipped
+
+
 def add(args: argparse.Namespace) -> int:
-    """Extract the images not yet indexed, a batch at a time, each batch committed."""
+    """Extract the images not yet indexed (or changed) into the index."""
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size}: expected at least 1")
     folder = Path(args.index)
@@ -111,33 +130,16 @@ def add(args: argparse.Namespace) -> int:
     with RunLock(folder):
         index = open_for_adding(folder, extractor, args.modality)
         index.tidy()
-        indexed = {record.resolved: record for record in index.records()}
-        todo = pending(files, indexed)
+        todo = pending(files, {record.resolved: record for record in index.records()})
         log.info("%d of %d images to extract into %s", len(todo), len(files), folder)
-        shards, skipped = [], {}
-        with tqdm(total=len(todo), desc="add", unit="img", disable=None) as bar:
-            for start in range(0, len(todo), args.batch_size):
-                batch = todo[start : start + args.batch_size]
-                extraction = extractor([r.resolved for r in batch], args.modality, on_error="skip")
-                skipped |= {batch[i].path: why for i, why in extraction.skipped.items()}
-                if extraction.kept:
-                    kept = [batch[i] for i in extraction.kept]
-                    shards.append(index.append(kept, extraction.features.numpy()))
-                bar.update(len(batch))
-        # One shard per run keeps the file count low; out-of-date records of changed images go.
-        index.merge(shards)
-        index.tidy()
+        skipped = extract_batches(index, extractor, todo, args.modality)
+        index.tidy()  # drops the out-of-date records of changed images
         (folder / SKIPPED).unlink(missing_ok=True)
-        report_skipped(skipped, folder / SKIPPED, args.modality)
+        if todo:
+            report_skipped(skipped, folder / SKIPPED, args.modality)
         total = len(index.records())
-    added = len(todo) - len(skipped)
-    log.info(
-        "added %d images (%d already indexed); %s holds %d",
-        added,
-        len(files) - len(todo),
-        folder,
-        total,
-    )
+    done = (len(todo) - len(skipped), len(files) - len(todo), folder, total)
+    log.info("added %d images (%d already indexed); %s holds %d", *done)
     return 0
 
 
@@ -337,7 +339,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--approximate", action="store_true", help="faiss inverted lists (pip install faiss-cpu)"
     )
-    group.add_argument("--probes", type=int, default=16, help="lists searched per query")
+    group.add_argument("--probes", type=int, default=32, help="lists searched per query")
     return parser
 
 
