@@ -44,7 +44,7 @@ INTEGERS = (
     ("extractor_rounds", 2, "passes of the extractor section (the fastest counts)"),
     ("gallery_size", 100_000, "synthetic feature vectors in the gallery section's index"),
     ("gallery_queries", 1000, "queries of the gallery section"),
-    ("gallery_dim", 512, "their size (512: ResNet-18's, the demo's; 2048: ResNet-50's)"),
+    ("gallery_dim", 512, "feature size (512: ResNet-18's, the demo's; 2048: ResNet-50's)"),
     ("gallery_probes", 32, "inverted lists searched per query by approximate search"),
     ("gallery_dense_pairs", 10**8, "largest query x gallery matrix ranked whole, as utils.match "
      "did before blockwise search"),
