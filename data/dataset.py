@@ -43,7 +43,7 @@ results are averaged (SYSU-MM01); test.py's ``--trial`` then picks a single draw
 ``cache_name``, ``result_name``, ``record_key`` and ``rank_list_folder`` name outputs and have
 defaults that rarely need overriding.
 
-A minimal module, the one README.md's "Adding a data set" runs (a test executes that copy)::
+A minimal module, the one docs/extending.md's "Adding a data set" runs (a test executes that copy)::
 
     import os
 

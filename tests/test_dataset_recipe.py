@@ -1,5 +1,6 @@
-"""Adding a data set as README.md says: its sketch runs as written through train.py, test.py and
-search.py; register_dataset from user code; test options a data set cannot honour are refused."""
+"""Adding a data set as docs/extending.md says: its sketch runs as written through train.py,
+test.py and search.py; register_dataset from user code; test options a data set cannot honour
+are refused."""
 
 from __future__ import annotations
 
@@ -28,13 +29,14 @@ from conftest import H, W, tiny_train_argv  # isort: skip
 
 REPO = Path(__file__).resolve().parent.parent
 MARK = "<!-- run by tests/test_dataset_recipe.py -->"
+RECIPE = "docs/extending.md"  # the manual's page holding the sketch
 
 
 def readme_sketch() -> str:
-    """The python block that follows this test's mark in README.md."""
-    text = (REPO / "README.md").read_text()
+    """The python block that follows this test's mark in docs/extending.md."""
+    text = (REPO / RECIPE).read_text()
     found = re.search(re.escape(MARK) + r"\n```python\n(.*?)\n```", text, re.DOTALL)
-    assert found, f"README.md has no python block after {MARK}"
+    assert found, f"{RECIPE} has no python block after {MARK}"
     return found.group(1)
 
 
@@ -54,7 +56,7 @@ def own_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[DataSetRegistry]:
 
 
 def make_nightvi(root: Path, train_ids: int = 10, test_ids: int = 3) -> Path:
-    """A tree in the README sketch's layout: index files for training, camera folders for test."""
+    """A tree in the manual sketch's layout: index files for training, camera folders for test."""
     rng = np.random.default_rng(0)
 
     def image(path: Path) -> None:
@@ -82,9 +84,9 @@ def make_nightvi(root: Path, train_ids: int = 10, test_ids: int = 3) -> Path:
 
 
 def run_sketch() -> ModuleType:
-    """Execute README.md's sketch as a module of its own; return that module."""
+    """Execute the manual's sketch as a module of its own; return that module."""
     module = ModuleType("nightvi_from_readme")
-    exec(compile(readme_sketch(), "README.md", "exec"), module.__dict__)  # noqa: S102
+    exec(compile(readme_sketch(), RECIPE, "exec"), module.__dict__)  # noqa: S102
     return module
 
 

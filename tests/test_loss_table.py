@@ -1,5 +1,5 @@
 """The loss table: one entry gives a term its flag and check, its place in training, its name in
-``log.jsonl`` and its curve in ``curves.png``; the README's recipe runs as written."""
+``log.jsonl`` and its curve in ``curves.png``; the manual's recipe runs as written."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from utils.engine.settings import DataSettings, TrainSettings
 from utils.plot import collect_series, plot_run, read_log
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-README = Path(__file__).resolve().parent.parent / "README.md"
+RECIPE = Path(__file__).resolve().parent.parent / "docs" / "extending.md"
 SHIPPED = ("ce", "triplet", "sp", "cmmd")
 
 
@@ -142,20 +142,20 @@ def test_a_term_added_in_a_test_trains_logs_and_plots(
 
 
 def readme_recipe() -> str:
-    """The Python block of the README's "Adding a loss" section."""
-    section = README.read_text().split("## Adding a loss\n", 1)[1].split("\n## ", 1)[0]
+    """The Python block of the "Adding a loss" section of docs/extending.md."""
+    section = RECIPE.read_text().split("## Adding a loss\n", 1)[1].split("\n## ", 1)[0]
     marker = r"<!-- run by tests/test_loss_table.py -->\n```python\n(.*?)```"
     marked = re.search(marker, section, re.S)
-    assert marked is not None, "README: no marked Python block under 'Adding a loss'"
+    assert marked is not None, "docs/extending.md: no marked Python block under 'Adding a loss'"
     return marked.group(1)
 
 
 def test_readme_recipe_runs_as_written(loss_table: dict[str, LossTerm]) -> None:
-    """The README's block adds its term, flag and weight; the recipe computes it."""
+    """The manual's block adds its term, flag and weight; the recipe computes it."""
     code = readme_recipe()
     assert code.count("def ") == 1 and code.count("LossTerm(") == 1  # one function, one entry
     namespace: dict[str, object] = {}
-    exec(compile(code, str(README), "exec"), namespace)  # the README's own code
+    exec(compile(code, str(RECIPE), "exec"), namespace)  # the manual's own code
     term = loss_table["center"]
     assert (term.flag, term.weight, term.search) == ("center_lambda", 0.1, False)
     assert optim_parser().parse_args(["--center_lambda", "0.3"]).center_lambda == 0.3
