@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -351,3 +352,16 @@ def test_demo_indexes_and_searches_its_crops(tmp_path, monkeypatch) -> None:
     text = "\n".join(demo.gallery_section(tmp_path))
     assert "[gallery_matches/index.html](gallery_matches/index.html)" in text
     assert "Rank-1 50.00, mAP 62.50" in text
+
+
+def test_the_manual_reads_an_index_as_written(built, tmp_path) -> None:
+    """docs/gallery.md's example reads an index's shards with NumPy alone."""
+    text = (ROOT / "docs/gallery.md").read_text()
+    block = text.split("<!-- run by tests/test_gallery.py -->\n```python\n")[1].split("```")[0]
+    shutil.copytree(built, tmp_path / "gallery")
+    done = subprocess.run(
+        [sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    (shard,) = GalleryIndex.open(built).shards()
+    assert done.stdout == f"{shard.number:08d}.json (12, 512) {shard.records[0].path}\n"

@@ -19,6 +19,8 @@ what was resident when it started.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import logging
 import tempfile
@@ -54,9 +56,17 @@ def resident_mb() -> float:
     return float("nan")
 
 
+def release_free_memory() -> None:
+    """Collect garbage and hand the allocator's free memory back to the system, so that a
+    step's added memory is not hidden by what earlier steps freed but kept resident."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def measured(function: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
     """``function()`` with its seconds, peak memory and the memory it added (MiB)."""
-    gc.collect()
+    release_free_memory()
     cpu = torch.device("cpu")
     windowed = reset_peak_memory(cpu)
     start = resident_mb()

@@ -298,7 +298,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
         allow_abbrev=False,
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, text: str, parents: list[argparse.ArgumentParser]) -> Any:
         sub = commands.add_parser(
