@@ -297,6 +297,8 @@ def test_search_errors(crops, built, tmp_path, capsys, monkeypatch, expect_error
     refused([*argv, "--weights", str(crops["other"])], "holds features of other weights")
     refused([*argv, "--weights", str(tmp_path / "moved.pth")], "moved.pth: no such file")
     refused([*argv, "--topk", "0"], "--topk 0: expected at least 1")
+    at = argv.index("--out") + 1
+    refused([*argv[:at], str(built / "results"), *argv[at + 1 :]], "inside --index")
     refused(search_argv(crops, tmp_path / "none", out), "no gallery index here")
     monkeypatch.setattr(topk, "available_memory", lambda: 2**20)
     refused([*argv, "--rerank"], "--rerank: re-ranking 6 x 12 images needs about 0.3 GiB")

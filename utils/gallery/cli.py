@@ -244,6 +244,8 @@ def search(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_out_dir(out)
     index = GalleryIndex.open(args.index)
+    if out.resolve().is_relative_to(index.folder.resolve()):
+        raise UserError(f"--out {out}: inside --index {index.folder}; expected a folder outside it")
     files = image_files(args.images, "--images")
     where = f"--index {index.folder}"
     extractor = index_extractor(index.header, where, args.weights, args.batch_size, args.device)
