@@ -14,9 +14,10 @@ Public API::
 
 from model.arch import DEPTHS, SHARED, SPLIT, Arch, load_arch, save_arch, slot_names
 from model.bn import ModalityBN, Routing, find_slots
-from model.checkpoint import LoadReport, load_checkpoint, load_imagenet, read_checkpoint
+from model.checkpoint import read_checkpoint
 from model.net import CMNASNet, build_model
 from model.restore import Restored, model_from_checkpoint
+from model.weights import LoadReport, load_checkpoint, load_imagenet
 
 __all__ = [
     "DEPTHS",

@@ -48,9 +48,10 @@ _CFG_CHOICE = {code: choice for choice, code in _CFG_CODE.items()}
 JSON_KEYS = ("format", "version", "depth", "slots", "provenance")
 
 
-def _check_depth(depth: int) -> None:
+def _check_depth(depth: int, source: str | None = None) -> None:
     if depth not in RESNET_LAYOUT:
-        raise UserError(f"unsupported ResNet depth {depth}: expected one of {_DEPTH_LIST}")
+        prefix = f"{source}: " if source else ""
+        raise UserError(f"{prefix}unsupported ResNet depth {depth}: expected one of {_DEPTH_LIST}")
 
 
 def has_downsample(depth: int, stage: int) -> bool:
@@ -117,7 +118,6 @@ class Arch:
 
 def validate_slots(depth: int, slots: Mapping[str, Any], source: str) -> None:
     """Raise UserError unless ``slots`` names every slot of ``depth`` exactly once, validly."""
-    _check_depth(depth)
     expected = slot_names(depth)
     unknown = [name for name in slots if name not in expected]
     if unknown:
@@ -179,10 +179,7 @@ def arch_from_dict(data: Any, source: str = "architecture") -> Arch:
     depth = data.get("depth")
     if not isinstance(depth, int) or isinstance(depth, bool):
         raise UserError(f"{source}: 'depth' must be {_DEPTH_CHOICE}, got {depth!r}")
-    if depth not in RESNET_LAYOUT:
-        raise UserError(
-            f"{source}: unsupported ResNet depth {depth}: expected one of {_DEPTH_LIST}"
-        )
+    _check_depth(depth, source)
     slots = data.get("slots")
     if not isinstance(slots, dict):
         raise UserError(f"{source}: 'slots' must be an object mapping slot name to shared/split")

@@ -63,10 +63,7 @@ class Routing:
             raise ValueError("per-sample modality values must be 0 (visible) or 1 (infrared)")
         is_visible = codes == Modality.VISIBLE
         n_visible = int(is_visible.sum())
-        if n_visible == batch_size:
-            return cls(batch_size, single=Modality.VISIBLE)
-        if n_visible == 0:
-            return cls(batch_size, single=Modality.INFRARED)
+        # All visible, all infrared, or visible first: the cheap layouts of from_halves.
         if bool(is_visible[:n_visible].all()):
             return cls.from_halves(n_visible, batch_size - n_visible)
         target = device if device is not None else modality.device

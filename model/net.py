@@ -7,8 +7,8 @@ from torch import nn
 
 from model.arch import Arch
 from model.bn import ModalityBN, NormFactory, Routing, find_slots
-from model.checkpoint import load_imagenet
 from model.resnet import ResNet
+from model.weights import load_imagenet
 from utils.base.modality import Modality
 
 
@@ -56,24 +56,13 @@ class CMNASNet(nn.Module):
         return pool, feat, self.classifier(feat)
 
 
-def arch_norm(arch: Arch) -> NormFactory:
-    """A norm factory building each slot as ``arch`` says (shared or split)."""
-
-    def factory(name: str, num_features: int) -> nn.Module:
-        return ModalityBN(num_features, arch.slots[name])
-
-    return factory
-
-
 def build_model(
     arch: Arch, num_classes: int, last_stride: int = 1, pretrained: str | None = None
 ) -> CMNASNet:
-    """Build the network for ``arch``; ``pretrained`` is None, ``"imagenet"`` or a file path.
-
-    ImageNet weights (torchvision's ResNet layout) initialise every convolution and every branch
-    of every BN slot; the classifier ``fc`` is dropped.
-    """
-    model = CMNASNet(arch.depth, num_classes, arch_norm(arch), last_stride)
+    """Build the network for ``arch``; ``pretrained`` is None, ``"imagenet"`` or a file path."""
+    model = CMNASNet(
+        arch.depth, num_classes, lambda name, n: ModalityBN(n, arch.slots[name]), last_stride
+    )
     if pretrained is not None and str(pretrained).lower() != "none":
         load_imagenet(model, str(pretrained))
     return model

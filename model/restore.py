@@ -19,11 +19,12 @@ import torch
 from model.arch import Arch, arch_from_dict, load_arch
 from model.checkpoint import (
     is_authors_checkpoint,
-    load_checkpoint,
+    is_search_checkpoint,
     read_checkpoint,
     stored_integer,
 )
 from model.net import CMNASNet, build_model
+from model.weights import load_checkpoint
 from utils.base.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def model_from_checkpoint(
             raise UserError(f"--weights {weights}: no module.classifier.weight matrix")
         num_classes, stride = int(classifier.shape[0]), last_stride or 1
     else:
-        if isinstance(checkpoint.get("search"), dict):
+        if is_search_checkpoint(checkpoint):
             raise UserError(
                 f"--weights {weights}: a search checkpoint (a supernet); train its "
                 "arch.json with train.py and use that checkpoint"

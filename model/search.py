@@ -5,7 +5,7 @@ A :class:`SearchableBN` slot computes ``w_split * split(x) + w_shared * shared(x
 with the ``"gumbel"`` relaxation). Its BNs are named ``shared``, ``visible`` and ``infrared`` like
 :class:`~model.bn.ModalityBN`'s, so ImageNet initialisation fills all three.
 
-The supernet is an ordinary :class:`~model.net.CMNASNet` built with :func:`searchable_norm`;
+The supernet is a :class:`~model.net.CMNASNet` whose every slot is a :class:`SearchableBN`;
 :func:`derive_arch` turns it into an :class:`~model.arch.Arch` (argmax per slot).
 """
 
@@ -20,15 +20,14 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from model.arch import SHARED, SPLIT, Arch
-from model.bn import NormFactory, Routing, find_slots, route_split
-from model.checkpoint import load_imagenet
+from model.bn import Routing, find_slots, route_split
 from model.net import CMNASNet
+from model.weights import load_imagenet
 
 RELAXATIONS = ("softmax", "gumbel")
-ALPHA = "alpha"
 
 
-def _check_relaxation(relaxation: str, tau: float) -> None:
+def _check_settings(tau: float, relaxation: str = RELAXATIONS[0]) -> None:
     if relaxation not in RELAXATIONS:
         raise ValueError(f"relaxation must be one of {', '.join(RELAXATIONS)}, got {relaxation!r}")
     if not tau > 0:
@@ -40,7 +39,7 @@ class SearchableBN(nn.Module):
 
     def __init__(self, num_features: int, relaxation: str = "softmax", tau: float = 1.0) -> None:
         super().__init__()
-        _check_relaxation(relaxation, tau)
+        _check_settings(tau, relaxation)
         self.num_features = num_features
         self.relaxation = relaxation
         self.tau = float(tau)
@@ -78,17 +77,14 @@ class SearchableBN(nn.Module):
             raise ValueError(f"choice must be 'shared', 'split' or None, got {choice!r}")
         self.hard_choice = choice
 
-    def _split(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        return route_split(x, routing, self.visible, self.infrared)
-
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Mix the shared and split outputs (or compute only the hard choice)."""
         if self.hard_choice == SHARED:
             return self.shared(x)
         if self.hard_choice == SPLIT:
-            return self._split(x, routing)
+            return route_split(x, routing, self.visible, self.infrared)
         shared = self.shared(x)
-        split = self._split(x, routing)
+        split = route_split(x, routing, self.visible, self.infrared)
         w_split = self.mixing_weights()[1].to(shared.dtype)
         # The weights sum to one, so one lerp kernel forms w_shared*shared + w_split*split.
         return torch.lerp(shared, split, w_split)
@@ -98,37 +94,11 @@ class SearchableBN(nn.Module):
         return f"{self.num_features}, {self.relaxation}, tau={self.tau:g}{mode}"
 
 
-def searchable_norm(relaxation: str = "softmax", tau: float = 1.0) -> NormFactory:
-    """A norm factory building every slot as a :class:`SearchableBN`."""
-    _check_relaxation(relaxation, tau)
-
-    def factory(name: str, num_features: int) -> nn.Module:
-        return SearchableBN(num_features, relaxation, tau)
-
-    return factory
-
-
 def searchable_slots(model: nn.Module) -> dict[str, SearchableBN]:
     """The supernet's slots by slot name, in the canonical order of :func:`slot_names`."""
     return {
         name: slot for name, slot in find_slots(model).items() if isinstance(slot, SearchableBN)
     }
-
-
-@contextlib.contextmanager
-def _alphas_hidden(model: nn.Module) -> Iterator[None]:
-    """Take the alphas out of the state dict for a while.
-
-    The ImageNet loader insists that every tensor of the model is in the file (to catch a wrong
-    depth); the alphas are the only ones that cannot be.
-    """
-    slots = list(searchable_slots(model).values())
-    saved = [slot._parameters.pop(ALPHA) for slot in slots]
-    try:
-        yield
-    finally:
-        for slot, alpha in zip(slots, saved, strict=True):
-            slot._parameters[ALPHA] = alpha
 
 
 def build_supernet(
@@ -139,15 +109,10 @@ def build_supernet(
     relaxation: str = "softmax",
     tau: float = 1.0,
 ) -> CMNASNet:
-    """The search supernet: a CMNASNet whose every slot is a :class:`SearchableBN`.
-
-    ``pretrained`` (None, ``"none"``, ``"imagenet"`` or a file) initialises the convolutions and
-    all three BNs of every slot, as for a trained network.
-    """
-    model = CMNASNet(depth, num_classes, searchable_norm(relaxation, tau), last_stride)
+    """The search supernet; ``pretrained`` is None, ``"none"``, ``"imagenet"`` or a file path."""
+    model = CMNASNet(depth, num_classes, lambda _, n: SearchableBN(n, relaxation, tau), last_stride)
     if pretrained is not None and pretrained.lower() != "none":
-        with _alphas_hidden(model):
-            load_imagenet(model, pretrained)
+        load_imagenet(model, pretrained)
     return model
 
 
@@ -164,7 +129,7 @@ def arch_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def set_temperature(model: nn.Module, tau: float) -> None:
     """Set the softmax / Gumbel-softmax temperature of every slot."""
-    _check_relaxation(RELAXATIONS[0], tau)
+    _check_settings(tau)
     for slot in searchable_slots(model).values():
         slot.tau = float(tau)
 

@@ -19,8 +19,7 @@ import pytest
 import torch
 
 from model import Arch, build_model, load_checkpoint, save_arch
-from model.checkpoint import damaged_tensors, read_checkpoint, stored_integer
-from model.checkpoint.safe import RUN_LATEST
+from model.checkpoint import RUN_LATEST, damaged_tensors, read_checkpoint, stored_integer
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
 from utils.engine.rundir import LATEST

@@ -401,10 +401,10 @@ def test_onnx_export_in_training_mode_is_caught(tmp_path, net18) -> None:
     wrapped = ModalityNetwork(net18, "visible").train()
     write_onnx(wrapped, tmp_path / "v.onnx", (64, 32))
     assert not wrapped.training
-    assert check_onnx(ort, tmp_path / "v.onnx", wrapped, (64, 32)) < 1e-4
+    assert check_onnx(ort, tmp_path / "v.onnx", wrapped, (64, 32), "c.pth") < 1e-4
     other = ModalityNetwork(net18, "infrared")
     with pytest.raises(UserError, match="^v.onnx: onnxruntime's features differ from PyTorch's"):
-        check_onnx(ort, tmp_path / "v.onnx", other, (64, 32))
+        check_onnx(ort, tmp_path / "v.onnx", other, (64, 32), "c.pth")
 
 
 def test_onnx_without_its_packages(tmp_path, net18, capsys, monkeypatch, expect_error) -> None:

@@ -298,14 +298,15 @@ def test_search_errors(crops, built, tmp_path, capsys, monkeypatch, expect_error
     refused([*argv, "--weights", str(tmp_path / "moved.pth")], "moved.pth: no such file")
     refused([*argv, "--topk", "0"], "--topk 0: expected at least 1")
     at = argv.index("--out") + 1
-    refused([*argv[:at], str(built / "results"), *argv[at + 1 :]], "inside --index")
+    refused([*argv[:at], str(built / "results"), *argv[at + 1 :]], "inside the --index folder")
     refused(search_argv(crops, tmp_path / "none", out), "no gallery index here")
     monkeypatch.setattr(topk, "available_memory", lambda: 2**20)
-    refused([*argv, "--rerank"], "--rerank: re-ranking 6 x 12 images needs about 0.3 GiB")
+    refused([*argv, "--rerank"], "--k1 20: larger than the gallery (12 images)")
+    refused([*argv, "--rerank", "--k1", "4"], "--rerank: re-ranking 6 x 12 images needs about 0.3")
     match_argv = [
         "--weights", str(crops["weights"]), "--query", str(crops["infrared"]),
         "--query_modality", "infrared", "--gallery", str(crops["visible"]),
-        "--gallery_modality", "visible", "--out", str(out), "--rerank",
+        "--gallery_modality", "visible", "--out", str(out), "--rerank", "--k1", "4",
     ]  # fmt: skip
     refused(
         match_argv, "--rerank: re-ranking 6 x 12 images", "0.0 GiB available", command=match_main

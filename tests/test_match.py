@@ -37,14 +37,18 @@ def labelled_crops(folder: Path, ids: list[str], per_id: int, grey: bool, seed: 
             Image.fromarray(pixels).save(folder / identity / f"{n}.png")
 
 
-@pytest.fixture(scope="module")
-def crops(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("crops")
+def crop_set(root: Path) -> dict[str, Path]:
+    """Labelled infrared and visible crops (one visible file broken) and a checkpoint."""
     labelled_crops(root / "infrared", ["0001", "0002", "0003"], 2, grey=True, seed=1)
     labelled_crops(root / "visible", ["0001", "0002", "0003", "0004"], 2, grey=False, seed=2)
     (root / "visible" / "0004" / "broken.jpg").write_bytes(b"\xff\xd8 broken")
     weights = save_checkpoint(root / "checkpoint.pth", "sysu")
     return {"infrared": root / "infrared", "visible": root / "visible", "weights": weights}
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return crop_set(tmp_path_factory.mktemp("crops"))
 
 
 def match_argv(crops: dict[str, Path], out: Path, *extra: str) -> list[str]:
@@ -144,7 +148,7 @@ def test_errors(tmp_path, crops, capsys, read_only_folder, expect_error: Callabl
     refused([*argv, "--topk", "0"], "--topk 0: expected at least 1")
     for flag, value, expected in (
         ("--per_page", "0", "expected at least 1"),
-        ("--k1", "0", "expected at least 1"),
+        ("--k1", "0", "expected an integer >= 1"),
         ("--pictures", "-1", "expected a number >= 0"),
         ("--lambda_value", "1.5", "expected a value in [0, 1]"),
         ("--batch_size", "0", "expected at least 1"),

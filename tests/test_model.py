@@ -20,7 +20,7 @@ from model import (
     find_slots,
     slot_names,
 )
-from model.checkpoint import load_imagenet
+from model.weights import load_imagenet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -201,7 +201,7 @@ def test_imagenet_fc_reported_dropped(
     """The ImageNet classifier fc is not loaded: the load report lists it as dropped."""
     path, _ = imagenet50
     head_before = split50.classifier.weight.detach().clone()
-    with caplog.at_level(logging.INFO, logger="model.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="model.weights"):
         report = load_imagenet(split50, str(path))
     assert sorted(report.dropped) == ["fc.bias", "fc.weight"]
     assert "dropped 2 unused" in report.describe()

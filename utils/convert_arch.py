@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     arch = load_arch(args.src, args.depth)
     try:
         save_arch(arch, args.dst)
-    except UserError:
+    except UserError:  # a full disk (DiskFull is an OSError too) keeps its own message
         raise
     except OSError as err:
         raise UserError(f"{args.dst}: cannot write ({err.strerror or err})") from None

@@ -16,14 +16,10 @@ follows pooling). ``DIR/export.json`` records what was written.
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import json
 import logging
-import os
-import shutil
 import sys
-import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,11 +34,11 @@ from model.fold import backbone_slots, conv_of_slot, fold, folded_network, modal
 from model.restore import model_from_checkpoint
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
-from utils.base.io import MB, check_free_space, disk_full, replace_dir, temp_name
+from utils.base.io import MB, check_out_dir, check_replaceable, folder_aside
 from utils.base.logger import setup_logging
 from utils.base.modality import Modality
 from utils.engine.options import HelpFormatter, checkpoint_parser
-from utils.extract import check_out_dir, input_contract
+from utils.extract import check_finite, input_contract
 
 log = logging.getLogger("export")
 MODALITIES = ("visible", "infrared")
@@ -55,11 +51,13 @@ ONNX_TOLERANCE = 1e-4
 
 @dataclass(frozen=True)
 class ExportSettings:
-    """What to write: BN folded or not, ONNX files too, and the networks' input size."""
+    """What to write: BN folded or not, ONNX files too, the networks' input size, and the weights
+    they come from (as errors name them)."""
 
     fold_bn: bool
     onnx: bool
     img_size: tuple[int, int]
+    source: str
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -165,35 +163,26 @@ def write_onnx(network: nn.Module, path: Path, img_size: tuple[int, int]) -> Non
         )
 
 
-def check_onnx(runtime: Any, path: Path, network: nn.Module, img_size: tuple[int, int]) -> float:
+def check_onnx(
+    runtime: Any, path: Path, network: nn.Module, img_size: tuple[int, int], source: str
+) -> float:
     """Run ``path`` in onnxruntime against ``network`` on random images; the largest difference.
 
-    Fails when the difference is beyond round-off (relative to the features' size).
+    Fails when the difference is beyond round-off (relative to the features' size), or when
+    PyTorch's own features are not finite (naming ``source``, the weights, as their cause).
     """
     images = torch.randn(3, 3, *img_size, generator=torch.Generator().manual_seed(0))
-    session = runtime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(list(ONNX_OUTPUTS), {"images": images.numpy()})
     with torch.no_grad():
         expected = network.eval()(images)
+    check_finite(torch.cat(expected, dim=1), source)
+    session = runtime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(list(ONNX_OUTPUTS), {"images": images.numpy()})
     scale = max(1.0, *(float(t.abs().max()) for t in expected))
     pairs = zip(got, expected, strict=True)
     worst = max(float((torch.from_numpy(g) - e).abs().max()) for g, e in pairs)
     if not worst <= ONNX_TOLERANCE * scale:
         raise UserError(f"{path.name}: onnxruntime's features differ from PyTorch's by {worst}")
     return worst
-
-
-def check_previous(out: Path) -> None:
-    """An existing ``--out`` is replaced whole: refuse one holding anything but an export."""
-    if not out.is_dir():
-        return
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise UserError(
-            f"--out {out}: holds other files than an export ({shown}); expected a new folder "
-            "or an earlier export to replace"
-        )
 
 
 def export_files(
@@ -209,7 +198,8 @@ def export_files(
             network = folded_network(model, modality) if settings.fold_bn else model
             wrapped = ModalityNetwork(network, modality)
             write_onnx(wrapped, folder / f"{modality}.onnx", settings.img_size)
-            worst = check_onnx(runtime, folder / f"{modality}.onnx", wrapped, settings.img_size)
+            path = folder / f"{modality}.onnx"
+            worst = check_onnx(runtime, path, wrapped, settings.img_size, settings.source)
             log.info("%s.onnx: onnxruntime within %.1e of PyTorch", modality, worst)
             files[f"{modality}_onnx"] = f"{modality}.onnx"
     return files
@@ -224,35 +214,20 @@ def space_needed(model: CMNASNet, onnx: bool) -> int:
 def write_export(out: Path, model: CMNASNet, settings: ExportSettings, description: dict) -> None:
     """Write the export in a hidden sibling folder, then swap it in for ``out`` whole.
 
-    A failure (a full disk, a kill) leaves the previous export as it was.
+    A failure (a full disk, a stop) leaves the previous export as it was; what a kill leaves
+    is tidied by the next export to ``out``.
     """
     runtime = onnx_runtime() if settings.onnx else None
-    need = space_needed(model, settings.onnx)
-    check_free_space(out.parent, need)
-    staging = out.parent / f"{temp_name(out)}tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        staging.mkdir()
-        description["files"] = export_files(staging, model, settings, runtime)
-        (staging / "export.json").write_text(json.dumps(description, indent=2) + "\n")
-        replace_dir(staging, out)
+        with folder_aside(out, space_needed(model, settings.onnx)) as staging:
+            description["files"] = export_files(staging, model, settings, runtime)
+            (staging / "export.json").write_text(json.dumps(description, indent=2) + "\n")
+    except UserError:
+        raise  # a full disk, said in one line
     except (OSError, RuntimeError) as err:
-        full = _free_bytes(out.parent) < need
-        shutil.rmtree(staging, ignore_errors=True)
-        if full or (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)):
-            raise disk_full(out.parent, need) from None
         raise UserError(
             f"--out {out}: cannot write ({getattr(err, 'strerror', None) or err})"
         ) from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _free_bytes(folder: Path) -> int:
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -261,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     out = Path(args.out)
     check_out_dir(out)
-    check_previous(out)
+    check_replaceable(out, EXPORT_FILES.__contains__, "an export", "an earlier export")
     if args.onnx:
         onnx_runtime()
     checkpoint = read_checkpoint(args.weights)
@@ -269,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.weights, checkpoint, args.config_path, args.last_stride, args.ema
     )
     model = restored.model.eval()
-    settings = ExportSettings(args.fold_bn, args.onnx, restored.img_size)
+    source = f"{args.weights}{' (EMA)' if args.ema else ''}"
+    settings = ExportSettings(args.fold_bn, args.onnx, restored.img_size, source)
     description = {
         "source": str(args.weights),
         "source_layout": "authors" if restored.authors else "cmnas",

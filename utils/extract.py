@@ -20,7 +20,7 @@ L2-normalised), ``paths`` (as listed), ``resolved_paths`` (absolute), ``modality
 ``feature``, ``flip``, ``checkpoint``, ``config_path``, ``ema``, ``weights`` (``live`` or
 ``ema``) and the preprocessing: ``img_size`` (height, width), ``resize``, ``channel_order``,
 ``value_range``, ``mean``, ``std``. Unreadable images are skipped, named in the log and in
-``FILE.skipped.txt`` (``features.skipped.txt`` beside ``features.npz``).
+``FILE.skipped.txt`` (``features.skipped.txt`` beside ``features.npz``; removed when none was).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ from model.fold import folded_network
 from model.restore import Restored, model_from_checkpoint
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
-from utils.base.io import write_atomic, write_text_atomic
+from utils.base.io import check_not_input, check_output_file, write_atomic, write_text_atomic
 from utils.base.logger import setup_logging
 from utils.base.modality import Modality
 from utils.engine.options import HelpFormatter, checkpoint_parser, select_device
@@ -102,38 +103,46 @@ def _as_list(images: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
 
 
 def _check_input(item: Any, position: int) -> None:
-    """A TypeError naming ``images[position]`` unless it is a path, PIL image or uint8 array."""
-    if isinstance(item, str | os.PathLike | Image.Image):
+    """A TypeError naming ``images[position]`` unless it is a path, PIL image or uint8 array;
+    a UserError when it is an image without pixels."""
+    if isinstance(item, str | os.PathLike):
         return
     if isinstance(item, np.ndarray):
         shape_ok = item.ndim == 2 or (item.ndim == 3 and item.shape[2] == 3)
-        if item.dtype == np.uint8 and shape_ok:
-            return
+        if item.dtype != np.uint8 or not shape_ok:
+            raise TypeError(
+                f"images[{position}]: expected a uint8 array of shape HxW or HxWx3, got "
+                f"{item.dtype} {tuple(item.shape)}"
+            )
+        height, width = item.shape[:2]
+    elif isinstance(item, Image.Image):
+        width, height = item.size
+    else:
         raise TypeError(
-            f"images[{position}]: expected a uint8 array of shape HxW or HxWx3, got "
-            f"{item.dtype} {tuple(item.shape)}"
+            f"images[{position}]: expected a file path, a PIL image or a uint8 array, "
+            f"got {type(item).__name__}"
         )
-    raise TypeError(
-        f"images[{position}]: expected a file path, a PIL image or a uint8 array, "
-        f"got {type(item).__name__}"
-    )
+    if not (height and width):
+        raise UserError(f"images[{position}]: an empty image ({width}x{height} pixels)")
 
 
-def _decode(item: ImageInput, size_wh: tuple[int, int]) -> np.ndarray | UserError:
-    """One input as uint8 (H, W, 3) at ``size_wh``, or the error that names the bad file."""
+def _decode(item: ImageInput, size_wh: tuple[int, int]) -> np.ndarray | UserError | Warning:
+    """One input as uint8 (H, W, 3) at ``size_wh``, the error that names the bad file, or PIL's
+    warning of a very large image (when it is raised)."""
     try:
         if isinstance(item, Image.Image):
             return prepare_image(item, size_wh)
         if isinstance(item, np.ndarray):
             return prepare_image(Image.fromarray(np.ascontiguousarray(item)), size_wh)
         return read_image(item, size_wh)
-    except UserError as err:
+    except (UserError, Image.DecompressionBombWarning) as err:
         return err
 
 
 def _modalities(modality: str | Modality | Sequence[str | Modality], count: int) -> list[Modality]:
     """One modality per image from a name (all images) or a sequence of names."""
-    names = [modality] * count if isinstance(modality, str | Modality) else list(modality)
+    one = isinstance(modality, str | Modality) or not isinstance(modality, Iterable)
+    names = [modality] * count if one else list(modality)
     if len(names) != count:
         raise UserError(f"modality: {len(names)} values for {count} images")
     parsed = []
@@ -169,6 +178,8 @@ class FeatureExtractor:
         last_stride: int | None = None,
         fold_bn: bool = True,
     ) -> None:
+        if not isinstance(weights, str | os.PathLike):
+            raise UserError(f"weights {weights!r}: expected the path of a checkpoint file")
         if feature not in FEATURES:
             raise UserError(f"feature {feature!r}: expected one of {', '.join(FEATURES)}")
         if batch_size < 1:
@@ -208,8 +219,18 @@ class FeatureExtractor:
         """Decode and resize ``images``: uint8 (kept, H, W, 3), kept positions, skipped ones."""
         height, width = self.img_size
         workers = workers or min(MAX_DECODERS, os.cpu_count() or 1, max(1, len(images)))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        # PIL's warning of a very large image names no file: raised, then named in our warning.
+        bomb = Image.DecompressionBombWarning
+        with (
+            warnings.catch_warnings(action="error", category=bomb),
+            ThreadPoolExecutor(max_workers=workers) as pool,
+        ):
             decoded = list(pool.map(_decode, images, [(width, height)] * len(images)))
+        for position in [i for i, result in enumerate(decoded) if isinstance(result, bomb)]:
+            too_many = f"over {Image.MAX_IMAGE_PIXELS} pixels, a possible decompression bomb"
+            log.warning("%s: %s; decoded anyway", images[position], too_many)
+            with warnings.catch_warnings(action="ignore", category=bomb):
+                decoded[position] = _decode(images[position], (width, height))
         kept = [i for i, pixels in enumerate(decoded) if isinstance(pixels, np.ndarray)]
         skipped = {i: str(err) for i, err in enumerate(decoded) if isinstance(err, UserError)}
         pixels = np.empty((len(kept), height, width, 3), dtype=np.uint8)
@@ -232,7 +253,9 @@ class FeatureExtractor:
             "none",
             flip=self.flip,
         )
-        return (bnneck if self.feature == "bnneck" else pool).cpu()
+        features = (bnneck if self.feature == "bnneck" else pool).cpu()
+        check_finite(features, f"{self.weights}{' (EMA)' if self.ema else ''}")
+        return features
 
     def extract(
         self,
@@ -291,11 +314,34 @@ class FeatureExtractor:
         return extraction.features if on_error == "raise" else extraction
 
 
+def check_finite(features: torch.Tensor, source: str) -> None:
+    """Refuse features holding NaN or infinity, in one line naming their cause: the weights."""
+    if not bool(torch.isfinite(features).all()):
+        raise UserError(
+            f"{source}: the network's features are not finite (NaN or infinity): these weights "
+            "overflow float32; expected the weights of a trained network"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # Paths on the command line
 # --------------------------------------------------------------------------------------------
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """The image files under ``folder``, sorted, through linked subfolders (each folder once)."""
+    found, seen = [], set()
+    for root, subfolders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders.sort()  # which path of a folder linked twice is listed: the same every run
+        found += [path for name in names if _is_image(path := Path(root, name))]
+    return sorted(found)
 
 
 def _listed(list_file: Path, flag: str) -> list[Path]:
@@ -316,7 +362,7 @@ def image_files(paths: Iterable[str], flag: str) -> list[tuple[str, str]]:
     for given in paths:
         path = Path(given)
         if path.is_dir():
-            images = sorted(p for p in path.rglob("*") if _is_image(p))
+            images = _images_under(path)
             if not images:
                 suffixes = ", ".join(IMAGE_SUFFIXES)
                 raise UserError(f"{flag} {path}: no image files ({suffixes}) in this folder")
@@ -332,25 +378,11 @@ def image_files(paths: Iterable[str], flag: str) -> list[tuple[str, str]]:
     return [(str(p), str(p.resolve())) for p in found]
 
 
-def check_out_dir(out: Path, flag: str = "--out") -> None:
-    """Fail before any work unless ``out`` is (or can be made) a writable folder."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{flag} {out}: is a file, expected a folder")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {out}: not writable ({probe} does not allow writing)")
-
-
-def check_output_file(path: str | os.PathLike[str], flag: str) -> None:
-    """Fail before any work unless the file ``path`` can be written in its existing folder."""
-    out = Path(path)
-    if out.is_dir():
-        raise UserError(f"{flag} {out}: is a folder, expected a file name")
-    if not out.parent.is_dir():
-        raise UserError(f"{flag} {out}: folder {out.parent} does not exist")
-    check_out_dir(out.parent, flag)
+def none_read(flag: str, skipped: dict[int, str]) -> UserError:
+    """The error for a side of which no image could be read, naming the first three and why."""
+    reasons = list(skipped.values())
+    named = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
+    return UserError(f"{flag}: none of the {len(reasons)} images could be read ({named})")
 
 
 def feature_arrays(
@@ -380,16 +412,25 @@ def write_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray], flag:
         raise UserError(f"{flag} {path}: cannot write ({err.strerror or err})") from None
 
 
-def report_skipped(skipped: dict[str, str], out_file: str | os.PathLike[str], what: str) -> None:
-    """Write ``skipped`` (path -> reason) to ``out_file`` and warn, or log that none was."""
+def report_skipped(
+    skipped: dict[str, str],
+    out_file: str | os.PathLike[str],
+    what: str,
+    shown: str | os.PathLike[str] | None = None,
+) -> None:
+    """Write ``skipped`` (path -> reason) to ``out_file`` and warn, or log that none was.
+
+    ``shown``: the name the warning gives the list (``out_file`` in a folder not yet in place).
+    """
     if not skipped:
+        Path(out_file).unlink(missing_ok=True)  # an earlier run's list would name the wrong ones
         log.info("every %s image was read", what)
         return
     lines = "".join(f"{path}\t{reason}\n" for path, reason in skipped.items())
     write_text_atomic(out_file, lines)
-    first = next(iter(skipped))
+    first, where = next(iter(skipped)), shown or out_file
     log.warning(
-        "%d unreadable image(s) skipped (first: %s), listed in %s", len(skipped), first, out_file
+        "%d unreadable image(s) skipped (first: %s), listed in %s", len(skipped), first, where
     )
 
 
@@ -434,11 +475,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size}: expected at least 1")
     files = image_files(args.images, "--images")
+    checkpoint = {
+        "the --weights checkpoint": args.weights,
+        "the --config_path file": args.config_path,
+    }
+    check_not_input(Path(args.out), checkpoint, files)
     extractor = FeatureExtractor(**{flag: getattr(args, flag) for flag in EXTRACTOR_FLAGS})
     extraction = extractor([real for _, real in files], args.modality, on_error="skip")
     skipped = {files[i][0]: reason for i, reason in extraction.skipped.items()}
     if not extraction.kept:
-        raise UserError(f"--images: none of the {len(files)} images could be read")
+        raise none_read("--images", extraction.skipped)
     write_npz(args.out, feature_arrays(extractor, files, extraction, args.modality), "--out")
     report_skipped(skipped, Path(args.out).with_suffix(".skipped.txt"), args.modality)
     log.info("wrote %d x %d features to %s", *extraction.features.shape, args.out)

@@ -20,6 +20,10 @@
   ``--pictures`` queries spread over the query set, ``--per_page`` per page;
 - ``skipped.txt``: the unreadable images, when there were any (they are left out).
 
+The folder is written aside and swapped in whole: it never mixes two runs (an earlier run's files
+go), and an interrupted run leaves the earlier results as they were. An ``--out`` inside a
+searched folder, or holding an input or other files than these, is refused.
+
 With ``--labels_from_folders`` each image's identity is the name of its parent folder
 (``<identity>/<image>``): the pictures frame each result green (same identity) or red, and
 Rank-1/5/10, mAP and mINP (``eval_ranking`` of the ranked distances, no exclusion rule) are
@@ -35,10 +39,8 @@ import io
 import json
 import logging
 import math
-import os
-import shutil
+import re
 import sys
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -49,20 +51,19 @@ import numpy as np
 
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
-from utils.base.io import replace_dir, write_text_atomic
+from utils.base.io import (
+    check_not_input,
+    check_out_dir,
+    check_replaceable,
+    folder_aside,
+    write_text_atomic,
+)
 from utils.base.logger import setup_logging
 from utils.engine.options import HelpFormatter
+from utils.engine.rerank_flags import RERANK_DEFAULTS, check_rerank_flags
 from utils.evaluation.metrics import summarize
-from utils.evaluation.rerank import RerankSettings, rerank_features
-from utils.evaluation.topk import (
-    Ranking,
-    check_memory,
-    matrix_blocks,
-    rank_blocks,
-    rank_features,
-    rerank_bytes,
-    unit_rows,
-)
+from utils.evaluation.rerank import RerankSettings
+from utils.evaluation.topk import Ranking, rank_features_or_rerank
 from utils.evaluation.visualize import (
     MATCH_COLOUR,
     MISMATCH_COLOUR,
@@ -77,10 +78,10 @@ from utils.extract import (
     MODALITIES,
     Extraction,
     FeatureExtractor,
-    check_out_dir,
     extractor_parser,
     feature_arrays,
     image_files,
+    none_read,
     report_skipped,
     write_npz,
 )
@@ -89,6 +90,11 @@ log = logging.getLogger("match")
 METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
 # A file name longer than this is shortened in a picture's caption.
 CAPTION_CHARS = 16
+# What --out holds, all written by a run: an earlier run's files are replaced, others refused.
+OUT_FILES = re.compile(
+    r"matches\.csv|matches\.json|features\.npz|metrics\.json|skipped\.txt|index\.html"
+    r"|page\d+\.html|rank_lists"
+)
 
 
 @dataclass
@@ -151,20 +157,69 @@ def add_result_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per_page", type=int, default=20, help="queries per page")
     group = parser.add_argument_group("re-ranking")
     group.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
-    group.add_argument("--k1", type=int, default=20, help="k-reciprocal neighbours")
-    group.add_argument("--k2", type=int, default=6, help="local query expansion")
-    group.add_argument("--lambda_value", type=float, default=0.3, help="original-distance weight")
+    # None: not given (refused without --rerank); check_rerank_flags fills them in.
+    for flag, kind, text in (
+        ("k1", int, "k-reciprocal neighbours"),
+        ("k2", int, "local query expansion"),
+        ("lambda_value", float, "original-distance weight"),
+    ):
+        default = RERANK_DEFAULTS[flag]
+        group.add_argument(f"--{flag}", type=kind, help=f"{text} (default: {default})")
 
 
 def check_args(args: argparse.Namespace) -> None:
     """One-line errors for option values that cannot work."""
-    for flag in ("topk", "per_page", "k1", "k2", "batch_size"):
+    for flag in ("topk", "per_page", "batch_size"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)}: expected at least 1")
     if args.pictures < 0:
         raise UserError(f"--pictures {args.pictures}: expected a number >= 0")
-    if not 0.0 <= args.lambda_value <= 1.0:
-        raise UserError(f"--lambda_value {args.lambda_value}: expected a value in [0, 1]")
+    check_rerank_flags(args)
+
+
+def check_out(args: argparse.Namespace, files: tuple[list[tuple[str, str]], ...]) -> None:
+    """Fail before any work unless ``--out`` can be replaced whole without touching an input."""
+    checkpoint = {
+        "the --weights checkpoint": args.weights,
+        "the --config_path file": args.config_path,
+    }
+    images = [image for side in files for image in side]
+    searched = {"--query": args.query, "--gallery": args.gallery}
+    check_results_folder(Path(args.out), searched, checkpoint, images)
+
+
+def check_results_folder(
+    out: Path,
+    searched: dict[str, Sequence[str]],
+    named: dict[str, str | None],
+    images: list[tuple[str, str]],
+) -> None:
+    """``out`` outside every ``searched`` folder, no input (``named`` files, ``images``), and
+    holding nothing but earlier results (``utils.gallery search`` checks its ``--out`` so too)."""
+    check_out_dir(out)
+    target = out.resolve()
+    for flag, paths in searched.items():
+        for given in paths:
+            folder = Path(given).resolve()
+            if folder.is_dir() and folder in (target, *target.parents):
+                raise UserError(
+                    f"--out {out}: inside the {flag} folder {given} (a later run would search "
+                    "its pictures); expected a folder outside it"
+                )
+    check_not_input(out, named, images)
+    check_replaceable(out, OUT_FILES.fullmatch, "utils.match's results", "earlier results")
+
+
+def warn_shared(files: tuple[list[tuple[str, str]], ...]) -> None:
+    """Warn when query images are also in the gallery: each is matched against itself."""
+    shared = {real for _, real in files[0]} & {real for _, real in files[1]}
+    if shared:
+        log.warning(
+            "--query and --gallery share %d of the %d query images: each of them is matched "
+            "against itself (expected two different sets of images)",
+            len(shared),
+            len(files[0]),
+        )
 
 
 def identities_of(files: Sequence[tuple[str, str]]) -> list[str]:
@@ -188,7 +243,7 @@ def extract_side(
     """Features of one side; fails when none of its images could be read."""
     extraction = extractor([real for _, real in files], modality, on_error="skip")
     if not extraction.kept:
-        raise UserError(f"--{role}: none of the {len(files)} images could be read")
+        raise none_read(f"--{role}", extraction.skipped)
     return Side(files, modality, extraction)
 
 
@@ -206,23 +261,11 @@ def identity_labels(query: Side, gallery: Side) -> tuple[np.ndarray, np.ndarray]
 def rank(
     query: Side, gallery: Side, topk: int, rerank: RerankSettings | None, inplace: bool = False
 ) -> Ranking:
-    """Each query's top-k gallery images, and Rank-k, mAP and mINP when both sides are labelled.
-
-    Euclidean distances of the normalised features, exact, in blocks of queries (``inplace``:
-    the gallery's features may be normalised where they are), or the re-ranked distances.
-    """
-    labels = identity_labels(query, gallery)
+    """Each query's top-k gallery images, and Rank-k, mAP and mINP when both sides are labelled
+    (see :func:`rank_features_or_rerank`; ``inplace``: normalise the gallery's own features)."""
     q, g = query.extraction.features, gallery.extraction.features
-    if rerank is not None:
-        what = f"re-ranking {len(q):,} x {len(g):,} images"
-        check_memory(rerank_bytes(len(q), len(g)), what, "--rerank")
-        dist = rerank_features(q, g, rerank).astype(np.float32)
-    try:
-        if rerank is None:
-            return rank_features(unit_rows(q), unit_rows(g, inplace), topk, labels)
-        return rank_blocks(matrix_blocks(dist), dist.shape, topk, labels)
-    except ValueError as err:
-        raise UserError(f"--labels_from_folders: cannot score the ranking ({err})") from None
+    labels = identity_labels(query, gallery)
+    return rank_features_or_rerank(q, g, topk, rerank, labels, inplace)
 
 
 def score(ranking: Ranking) -> dict[str, float] | None:
@@ -304,22 +347,14 @@ def page_name(page: int) -> str:
 def draw_pictures(
     out: Path, entries: list[dict[str, Any]], query: Side, gallery: Side, count: int
 ) -> list[int]:
-    """Rank-list PNGs of ``count`` queries spread over the list, into ``out/rank_lists``.
-
-    The folder is built aside and swapped in whole, so it never mixes two runs' pictures.
-    """
+    """Rank-list PNGs of ``count`` queries spread over the list, into ``out/rank_lists``."""
     shown = spread_indices(len(entries), count)
-    folder = out / f".rank_lists.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    folder = out / "rank_lists"
     folder.mkdir()
-    try:
-        for row in shown:
-            title = f"query {row + 1} of {len(entries)}: {entries[row]['query']}"
-            image = draw_rank_list(picture_cells(entries[row], query, gallery, row), title)
-            image.save(folder / f"query{row + 1:05d}.png", format="PNG")
-        replace_dir(folder, out / "rank_lists")
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+    for row in shown:
+        title = f"query {row + 1} of {len(entries)}: {entries[row]['query']}"
+        image = draw_rank_list(picture_cells(entries[row], query, gallery, row), title)
+        image.save(folder / f"query{row + 1:05d}.png", format="PNG")
     return shown
 
 
@@ -373,18 +408,42 @@ def write_results(
     entries: list[dict[str, Any]],
     settings: dict[str, Any],
     metrics: dict[str, float] | None,
+    pages: tuple[str, int, int],
 ) -> None:
-    """Every file of ``--out`` but the pages: matches, features, metrics."""
+    """Write every file of ``--out`` (``pages``: title, pictured queries, queries per page).
+
+    The folder is written aside and swapped in whole for an earlier one (a failure or a stop
+    leaves that one as it was).
+    """
     query, gallery = sides
-    write_text_atomic(out / "matches.csv", csv_text(entries))
+    title, pictures, per_page = pages
+    heading = [
+        title,
+        f"{settings['distance']}; top {settings['topk']}; every query is in matches.csv",
+    ]
+    if metrics is not None:
+        heading.append(", ".join(f"{k} {metrics[k]:.2f}" for k in METRICS if k in metrics))
+    skipped = {
+        side.files[i][0]: why for side in sides for i, why in side.extraction.skipped.items()
+    }
     payload = {**settings, "metrics": metrics, "queries": entries}
-    write_text_atomic(out / "matches.json", json.dumps(payload, indent=1) + "\n")
     arrays = side_arrays(extractor, query, "query")
     if gallery.saved:
         arrays |= side_arrays(extractor, gallery, "gallery")
-    write_npz(out / "features.npz", arrays, "--out")
-    if metrics is not None:
-        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    try:
+        with folder_aside(out) as folder:
+            write_text_atomic(folder / "matches.csv", csv_text(entries))
+            write_text_atomic(folder / "matches.json", json.dumps(payload, indent=1) + "\n")
+            write_npz(folder / "features.npz", arrays, "--out")
+            if metrics is not None:
+                write_text_atomic(folder / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+            shown = draw_pictures(folder, entries, query, gallery, pictures)
+            write_pages(folder, entries, shown, per_page, heading)
+            report_skipped(
+                skipped, folder / "skipped.txt", "query and gallery", out / "skipped.txt"
+            )
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot write ({err.strerror or err})") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -393,8 +452,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     check_args(args)
     out = Path(args.out)
-    check_out_dir(out)
     files = image_files(args.query, "--query"), image_files(args.gallery, "--gallery")
+    check_out(args, files)
+    warn_shared(files)
     if args.labels_from_folders:
         check_labels(*files)
     extractor = FeatureExtractor(**{flag: getattr(args, flag) for flag in EXTRACTOR_FLAGS})
@@ -412,50 +472,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings["rerank"] = rerank.as_dict() if rerank else False
     title = f"{args.weights}{' (EMA)' if args.ema else ''}: {len(entries)} {args.query_modality}"
     title += f" queries against {len(gallery.paths)} {args.gallery_modality} images"
-    results = Results(entries, settings, metrics, title)
-    write_out(out, extractor, (query, gallery), results, args.pictures, args.per_page)
+    pages = (title, args.pictures, args.per_page)
+    write_results(out, extractor, (query, gallery), entries, settings, metrics, pages)
+    report(out, metrics, title)
     return 0
 
 
-@dataclass
-class Results:
-    """What a ranking writes: an entry per query, the settings, the metrics (or None), a title."""
-
-    entries: list[dict[str, Any]]
-    settings: dict[str, Any]
-    metrics: dict[str, float] | None
-    title: str
-
-
-def write_out(
-    out: Path,
-    extractor: FeatureExtractor,
-    sides: tuple[Side, Side],
-    results: Results,
-    pictures: int,
-    per_page: int,
-) -> None:
-    """Write every file of ``--out`` (matches, features, metrics, pages, skipped images) and
-    report the metrics; ``utils.gallery search`` writes its results through this too."""
-    query, gallery = sides
-    entries, metrics, title = results.entries, results.metrics, results.title
-    what, topk = results.settings["distance"], results.settings["topk"]
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_results(out, extractor, (query, gallery), entries, results.settings, metrics)
-        shown = draw_pictures(out, entries, query, gallery, pictures)
-        heading = [title, f"{what}; top {topk}; every query is in matches.csv"]
-        if metrics is not None:
-            heading.append(", ".join(f"{k} {metrics[k]:.2f}" for k in METRICS if k in metrics))
-        write_pages(out, entries, shown, per_page, heading)
-        skipped = {
-            side.files[i][0]: why
-            for side in (query, gallery)
-            for i, why in side.extraction.skipped.items()
-        }
-        report_skipped(skipped, out / "skipped.txt", "query and gallery")
-    except OSError as err:
-        raise UserError(f"--out {out}: cannot write ({err.strerror or err})") from None
+def report(out: Path, metrics: dict[str, float] | None, title: str) -> None:
+    """Print the metrics table (when labelled) and say where the results are."""
     if metrics is not None:
         table = metrics_table(metrics, title)
         log.info("results:\n%s", table)

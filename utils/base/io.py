@@ -1,24 +1,39 @@
-"""Atomic files: write through a temporary file and a rename, so no reader sees half a file.
+"""Atomic files and folders: write aside, then rename, so no reader sees half a file or a folder
+mixing two runs.
 
-A kill at any moment leaves either the previous file or the new one; a failure removes the
-temporary file; a full disk is reported in one line naming the folder and the size needed.
+A kill at any moment leaves either the previous file (folder) or the new one; a failure removes
+the temporary; what a kill -9 leaves is removed by the next write of the same folder; a full disk
+is reported in one line naming the folder and the size needed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
+import glob
+import logging
 import os
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from utils.base.errors import UserError
+from utils.base.errors import StopNow, UserError
+
+log = logging.getLogger(__name__)
 
 MB = 2**20
 TEMP_SUFFIX = ".tmp"
+# renameat2(2): the current folder as the base of relative paths; swap the two names.
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
 
 
 class DiskFull(UserError, OSError):
@@ -171,20 +186,223 @@ def remove_temp_files(folder: str | os.PathLike[str]) -> list[str]:
 
 
 def replace_dir(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-    """Move the finished folder ``src`` onto ``dst`` with one rename, replacing an older ``dst``.
+    """Move the finished folder ``src`` onto ``dst``, replacing an older ``dst``.
 
-    ``os.replace`` cannot overwrite a non-empty folder, so an older ``dst`` is first renamed to
-    a hidden sibling (``.NAME.old-PID-TAG``) and deleted once the new one is in place. A reader
-    sees the old folder or the new one, never a mix.
+    Where the system can swap two names in one step (Linux), ``dst`` is never absent: the swap
+    puts the old folder under ``src``'s name, deleted next. Elsewhere the old ``dst`` is first
+    renamed to a hidden sibling (``.NAME.old-HOST-PID-TAG``), which :func:`remove_leftovers`
+    puts back should the process die before the new folder took its place. A reader sees the
+    old folder or the new one, never a mix.
     """
     src, dst = Path(src), Path(dst)
-    aside = dst.with_name(f"{temp_name(dst)}old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    if _exchange(src, dst):
+        shutil.rmtree(src, ignore_errors=True)
+        return
+    aside = dst.with_name(f"{temp_name(dst)}old-{_owner()}-{uuid.uuid4().hex[:8]}")
     try:
         os.replace(dst, aside)
     except FileNotFoundError:
-        aside = None
+        os.replace(src, dst)
+        return
     try:
         os.replace(src, dst)
+    except BaseException:
+        os.replace(aside, dst)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _exchange(src: Path, dst: Path) -> bool:
+    """Swap the folders ``src`` and ``dst`` atomically; False where either is absent or the
+    system cannot (only Linux's ``renameat2`` can, and not on every file system)."""
+    if not dst.is_dir():
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p] * 2 + [ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(dst))
+
+
+def _owner() -> str:
+    """``HOST-PID``: whose temporary folder this is, so that a later run knows if it is stale."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _stale(entry: Path, dst: Path) -> str | None:
+    """``tmp`` or ``old`` when ``entry`` is a folder that a dead process on this host left while
+    writing ``dst`` (names ``.NAME.KIND-[HOST-]PID-TAG``), else None."""
+    kind, _, rest = entry.name[len(temp_name(dst)) :].partition("-")
+    host, _, pid = rest.rpartition("-")[0].rpartition("-")
+    if kind not in ("tmp", "old") or not pid.isdigit() or host not in ("", socket.gethostname()):
+        return None
+    return kind if entry.is_dir() and not _alive(int(pid)) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, as another user's
+    return True
+
+
+def remove_leftovers(dst: str | os.PathLike[str]) -> list[str]:
+    """Tidy what killed writes of the folder ``dst`` left beside it; return the names handled.
+
+    A folder set aside by a swap that never finished is put back when ``dst`` is missing (so
+    ``dst`` is never lost), else deleted; half-written folders are deleted. Only the leftovers
+    of dead processes on this host are touched.
+    """
+    dst = Path(dst)
+    handled = []
+    for entry in sorted(dst.parent.glob(f"{glob.escape(temp_name(dst))}*-*")):
+        kind = _stale(entry, dst)
+        if kind is None:
+            continue
+        if kind == "old" and not dst.exists():
+            os.replace(entry, dst)
+            log.warning("restored %s from %s, set aside by an interrupted run", dst, entry.name)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+            log.info("removed %s, left by an interrupted run", entry)
+        handled.append(entry.name)
+    return handled
+
+
+@contextmanager
+def folder_aside(dst: str | os.PathLike[str], need_bytes: int = 0) -> Iterator[Path]:
+    """Yield an empty hidden sibling of ``dst`` to fill; swap it in for ``dst`` whole at the end.
+
+    Leftovers of killed runs are tidied first (:func:`remove_leftovers`), then ``need_bytes``
+    (what the folder will take) is checked against the free space. An exception, Ctrl-C,
+    SIGTERM or SIGHUP in the block deletes the half-written folder and leaves ``dst`` as it
+    was (a full disk is one :class:`DiskFull` line); after a kill -9 the next call deletes it.
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(dst)
+    check_free_space(dst.parent, need_bytes)
+    staging = dst.with_name(f"{temp_name(dst)}tmp-{_owner()}-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        with stop_signals_raise():
+            yield staging
+            replace_dir(staging, dst)
+    except BaseException as err:
+        # Judged before the half-written folder goes: a writer may hide ENOSPC in its own error.
+        full = not isinstance(err, UserError) and (_is_disk_full(err) or _no_space_left(dst.parent))
+        shutil.rmtree(staging, ignore_errors=True)
+        _reraise(err, full, dst.parent, need_bytes)
+
+
+@contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise StopNow where they would kill the process.
+
+    So the clean-up written for Ctrl-C runs for them too. A signal that someone else already
+    handles is left alone, and so is every thread but the main one (only it receives signals).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            previous[signum] = signal.signal(signum, _raise_stop)
+    try:
+        yield
     finally:
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise StopNow(signum)
+
+
+# --------------------------------------------------------------------------------------------
+# Where outputs may go: checked before any work
+# --------------------------------------------------------------------------------------------
+def _check_writable(folder: Path, shown: Path, flag: str) -> None:
+    """Fail unless ``folder`` (or, absent, the folder that would hold it) allows writing."""
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {shown}: not writable ({probe} does not allow writing)")
+
+
+def check_out_dir(out: Path, flag: str = "--out") -> None:
+    """Fail before any work unless the folder ``out`` can be written whole (made or replaced)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out}: is a file, expected a folder")
+    with contextlib.suppress(OSError):  # no current folder (deleted): none to strand
+        if Path.cwd().resolve().is_relative_to(out.resolve()):
+            # Replacing the folder we stand in would strand the shell in a deleted folder.
+            raise UserError(f"{flag} {out}: holds the current folder; name another folder")
+    _check_writable(out.parent, out, flag)
+
+
+def check_replaceable(
+    out: Path, own: Callable[[str], bool], what: str, earlier: str, flag: str = "--out"
+) -> None:
+    """An existing ``out`` is replaced whole: refuse one holding a file ``own`` does not claim.
+
+    A hidden ``.NAME.*`` (the temporary of a killed write) counts as NAME's.
+    """
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if not _claimed(p.name, own))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise UserError(
+            f"{flag} {out}: holds other files than {what} ({shown}); expected a new folder "
+            f"or {earlier} to replace"
+        )
+
+
+def _claimed(name: str, own: Callable[[str], bool]) -> bool:
+    parts = name[1:].split(".") if name.startswith(".") else []
+    return own(name) or any(own(".".join(parts[:end])) for end in range(1, len(parts)))
+
+
+def check_not_input(
+    out: Path, named: dict[str, str | None], images: Iterable[tuple[str, str]] = ()
+) -> None:
+    """Refuse an output that is an input, or a folder that holds one, also through links:
+    writing it would overwrite or delete the input.
+
+    ``named``: what each file read is -> its path (None: not given); ``images``: (path as
+    listed, resolved path) of the images read.
+    """
+    target = out.resolve()
+    inputs = [(what, Path(path).resolve()) for what, path in named.items() if path]
+    inputs += [(f"the input image {given}", Path(real)) for given, real in images]
+    for what, real in inputs:
+        if real == target:
+            raise UserError(
+                f"--out {out}: is {what} (it would be overwritten); choose another file name"
+            )
+        if target in real.parents:
+            raise UserError(
+                f"--out {out}: holds {what} (it would be deleted); choose another folder"
+            )
+
+
+def check_output_file(path: str | os.PathLike[str], flag: str) -> None:
+    """Fail before any work unless the file ``path`` can be written in its existing folder."""
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"{flag} {out}: is a folder, expected a file name")
+    if not out.parent.is_dir():
+        raise UserError(f"{flag} {out}: folder {out.parent} does not exist")
+    _check_writable(out.parent, out.parent, flag)

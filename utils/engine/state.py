@@ -6,7 +6,7 @@ training loop registers (the search adds its alphas' optimizer). An entry is
 
 * an object with ``state_dict()`` / ``load_state_dict()`` (optimizers, schedules, scalers,
   :class:`LossMeter`, :class:`GeneratorState`, :class:`ProcessRandomState`);
-* an ``nn.Module``, loaded through :func:`model.checkpoint.load_state` so that a mismatch names
+* an ``nn.Module``, loaded through :func:`model.weights.load_state` so that a mismatch names
   the parts that do not fit;
 * a dict of entries (saved as a nested dict);
 * a plain value (a list, a string, None), saved to describe the run and never loaded back.
@@ -30,7 +30,8 @@ from torch import nn
 
 from data.registry import get_dataset
 from model.arch import Arch
-from model.checkpoint import is_resumable, load_state, plain, read_checkpoint
+from model.checkpoint import is_resumable, plain, read_checkpoint
+from model.weights import load_state
 from utils.base.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -31,6 +31,7 @@ from data.dataset import NO_EXCLUSION
 from utils.base.errors import UserError
 from utils.evaluation.metrics import average_queries
 from utils.evaluation.ranking import QueryResults, rank_queries
+from utils.evaluation.rerank import RerankSettings, rerank_features
 
 log = logging.getLogger(__name__)
 # Distances per block: 2**25 float32 values are 128 MiB.
@@ -160,6 +161,34 @@ def rank_features(
     """Exact top-``k`` (and metrics with ``labels``) of L2-normalised query and gallery rows."""
     shape = (len(query), len(gallery))
     return rank_blocks(feature_blocks(query, gallery, pairs), shape, k, labels)
+
+
+def rank_features_or_rerank(
+    query: torch.Tensor,
+    gallery: torch.Tensor,
+    k: int,
+    rerank: RerankSettings | None,
+    labels: tuple[np.ndarray, np.ndarray] | None = None,
+    inplace: bool = False,
+) -> Ranking:
+    """The ranking of ``utils.match`` and ``utils.gallery search``: exact top-``k`` of the
+    features (``inplace``: the gallery's normalised where it is), or of the re-ranked distances
+    after checking that they fit in memory; scored with ``labels``. Errors are one line."""
+    if rerank is not None:
+        if rerank.k1 > len(gallery):
+            raise UserError(
+                f"--k1 {rerank.k1}: larger than the gallery ({len(gallery)} images); expected "
+                f"at most {len(gallery)}"
+            )
+        what = f"re-ranking {len(query):,} x {len(gallery):,} images"
+        check_memory(rerank_bytes(len(query), len(gallery)), what, "--rerank")
+        dist = rerank_features(query, gallery, rerank).astype(np.float32)
+    try:
+        if rerank is None:
+            return rank_features(unit_rows(query), unit_rows(gallery, inplace), k, labels)
+        return rank_blocks(matrix_blocks(dist), dist.shape, k, labels)
+    except ValueError as err:
+        raise UserError(f"--labels_from_folders: cannot score the ranking ({err})") from None
 
 
 def rerank_bytes(num_query: int, num_gallery: int) -> int:

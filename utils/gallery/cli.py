@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from utils.base.errors import UserError
+from utils.base.io import check_out_dir
 from utils.base.lock import RunLock
 from utils.base.logger import setup_logging
 from utils.engine.options import HelpFormatter
@@ -25,7 +26,6 @@ from utils.extract import (
     MODALITIES,
     Extraction,
     FeatureExtractor,
-    check_out_dir,
     extractor_parser,
     image_files,
     report_skipped,
@@ -39,17 +39,18 @@ from utils.gallery.settings import (
 )
 from utils.gallery.store import HEADER, GalleryIndex, Record, stat_record
 from utils.match import (
-    Results,
     Side,
     add_result_options,
     check_args,
     check_labels,
+    check_results_folder,
     extract_side,
     identities_of,
     match_rows,
     rank,
+    report,
     score,
-    write_out,
+    write_results,
 )
 
 log = logging.getLogger("gallery")
@@ -242,11 +243,11 @@ def search(args: argparse.Namespace) -> int:
     """Rank the index's images for every query image and write what ``utils.match`` writes."""
     check_search_args(args)
     out = Path(args.out)
-    check_out_dir(out)
     index = GalleryIndex.open(args.index)
-    if out.resolve().is_relative_to(index.folder.resolve()):
-        raise UserError(f"--out {out}: inside --index {index.folder}; expected a folder outside it")
     files = image_files(args.images, "--images")
+    searched = {"--images": args.images, "--index": [args.index]}
+    weights = args.weights or index.header["checkpoint"]["path"]
+    check_results_folder(out, searched, {"the index's checkpoint": weights}, files)
     where = f"--index {index.folder}"
     extractor = index_extractor(index.header, where, args.weights, args.batch_size, args.device)
     if args.approximate:
@@ -284,8 +285,10 @@ def search(args: argparse.Namespace) -> int:
     ema = " (EMA)" if settings["weights"] == "ema" else ""
     title = f"{extractor.weights}{ema}: {len(entries)} {args.modality} queries against "
     title += f"{len(records)} {gallery.modality} images of {index.folder}"
-    results = Results(entries, settings, score(ranking), title)
-    write_out(out, extractor, (query, gallery), results, args.pictures, args.per_page)
+    metrics = score(ranking)
+    pages = (title, args.pictures, args.per_page)
+    write_results(out, extractor, (query, gallery), entries, settings, metrics, pages)
+    report(out, metrics, title)
     return 0
 
 
