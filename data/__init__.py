@@ -7,12 +7,11 @@ from data.dataset import (
     DataSet,
     ExclusionRule,
     ImageList,
-    ListedImage,
     Protocol,
     ProtocolSettings,
     TrainFiles,
 )
-from data.images import load_images
+from data.images import ListedImage, load_images
 from data.llcm import llcm_gallery, llcm_query
 from data.regdb import regdb_test
 from data.registry import (

@@ -16,13 +16,13 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-from data.dataset import ImageList, ListedImage
-from data.images import file_problem
+from data.dataset import ImageList
+from data.images import ListedImage, file_problem
 from utils.base.errors import UserError
 from utils.base.modality import Modality
 
@@ -168,14 +168,7 @@ class CameraFolders:
 
     def images(self, root: str | os.PathLike, ids: Iterable[int]) -> ImageList:
         """Every image of identities ``ids`` (in that order), with identity and camera."""
-        paths, pids, cams = [], [], []
-        for pid in ids:
-            for cam in self.cams:
-                files = self.files(root, pid, cam)
-                paths += files
-                pids += [pid] * len(files)
-                cams += [cam] * len(files)
-        return _image_list(paths, pids, cams, self.modality)
+        return self._collect(root, ids, lambda files, pid, cam: files)
 
     def draw(
         self, root: str | os.PathLike, ids: Iterable[int], seed: int, shot: int = 1
@@ -190,27 +183,36 @@ class CameraFolders:
         if int(shot) < 1:
             raise UserError(f"--shot {shot}: expected a positive integer")
         rng = random.Random(seed)
+
+        def pick(files: list[str], pid: int, cam: int) -> list[str]:
+            if files and len(files) < shot:
+                logger.warning(
+                    "%s gallery: %s has %d images, fewer than shot=%d; taking all",
+                    self.title,
+                    self.pattern.format(pid=pid, cam=cam),
+                    len(files),
+                    shot,
+                )
+            return rng.sample(files, shot) if len(files) >= shot else files
+
+        return self._collect(root, ids, pick)
+
+    def _collect(
+        self,
+        root: str | os.PathLike,
+        ids: Iterable[int],
+        pick: Callable[[list[str], int, int], list[str]],
+    ) -> ImageList:
+        """The images ``pick(files, pid, cam)`` keeps of each folder, identity by identity."""
         paths, pids, cams = [], [], []
         for pid in ids:
             for cam in self.cams:
-                files = self.files(root, pid, cam)
-                if not files:
-                    continue
-                if len(files) < shot:
-                    logger.warning(
-                        "%s gallery: %s has %d images, fewer than shot=%d; taking all",
-                        self.title,
-                        self.pattern.format(pid=pid, cam=cam),
-                        len(files),
-                        shot,
-                    )
-                    chosen = files
-                else:
-                    chosen = rng.sample(files, shot)
+                chosen = pick(self.files(root, pid, cam), pid, cam)
                 paths += chosen
                 pids += [pid] * len(chosen)
                 cams += [cam] * len(chosen)
-        return _image_list(paths, pids, cams, self.modality)
+        pid_array, cam_array = (np.asarray(v, dtype=np.int64) for v in (pids, cams))
+        return ImageList(paths, pid_array, cam_array, self.modality)
 
     def listed(self, root: str | os.PathLike, ids: Iterable[int]) -> list[ListedImage]:
         """Every image of identities ``ids``, for the up-front image check."""
@@ -219,11 +221,3 @@ class CameraFolders:
     def empty_ids(self, root: str | os.PathLike, ids: Iterable[int]) -> list[int]:
         """The identities of ``ids`` without an image in any of these folders."""
         return [pid for pid in ids if not any(self.files(root, pid, cam) for cam in self.cams)]
-
-
-def _image_list(
-    paths: list[str], pids: Sequence[int], cams: Sequence[int], modality: Modality
-) -> ImageList:
-    return ImageList(
-        paths, np.asarray(pids, dtype=np.int64), np.asarray(cams, dtype=np.int64), modality
-    )

@@ -2,9 +2,10 @@
 
 Adding a data set
 -----------------
-Write a subclass of :class:`DataSet` (in a module of ``data/`` or in your own code) and register
-it with ``data.register_dataset``; ``--dataset <name>`` then trains, searches and tests on it,
-and nothing else needs to know its name. The building blocks in :mod:`data.blocks` (image
+Write a subclass of :class:`DataSet` (in a module of ``data/``, named in ``DATASET_MODULES`` of
+``data/registry.py``, or in your own code) and register it with ``data.register_dataset``;
+``--dataset <name>`` then trains, searches and tests on it, and nothing else needs to know its
+name. The building blocks in :mod:`data.blocks` (image
 listing, id lists, index files, camera folders with the gallery draw) do the file work.
 
 Class attributes: ``name`` (the ``--dataset`` value), ``title`` ("SYSU-MM01", in messages and
@@ -106,7 +107,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from data.images import check_images_decode
+from data.images import ListedImage, check_images_decode
 from utils.base.errors import UserError
 from utils.base.modality import Modality
 
@@ -160,15 +161,15 @@ class ExclusionRule:
         """Whether the rule reads camera numbers at all."""
         return bool(self.ignored_camera_pairs) or self.same_identity_same_camera
 
-    def ignored(self, q_pid: int, q_cam: int, g_pids: np.ndarray, g_cams: np.ndarray) -> np.ndarray:
-        """Boolean mask of the gallery images one query ignores."""
-        g_pids, g_cams = np.asarray(g_pids), np.asarray(g_cams)
-        mask = np.zeros(g_cams.shape, dtype=bool)
+    def ignored(self, q_pids: Any, q_cams: Any, g_pids: Any, g_cams: Any) -> np.ndarray:
+        """Boolean mask of the gallery images a query ignores; query and gallery values broadcast
+        (one query against a gallery, or a column of queries against a gallery row)."""
+        q_pids, q_cams, g_pids, g_cams = (np.asarray(a) for a in (q_pids, q_cams, g_pids, g_cams))
+        mask = np.zeros(np.broadcast_shapes(q_cams.shape, g_cams.shape), dtype=bool)
         for query_cam, gallery_cam in self.ignored_camera_pairs:
-            if int(q_cam) == query_cam:
-                mask |= g_cams == gallery_cam
+            mask |= (q_cams == query_cam) & (g_cams == gallery_cam)
         if self.same_identity_same_camera:
-            mask |= (g_pids == q_pid) & (g_cams == q_cam)
+            mask |= (g_pids == q_pids) & (g_cams == q_cams)
         return mask
 
     def describe(self) -> str:
@@ -236,13 +237,6 @@ def _alternatives(values: Sequence[object]) -> str:
     """``a, b or c``."""
     text = [str(v) for v in values]
     return text[0] if len(text) == 1 else f"{', '.join(text[:-1])} or {text[-1]}"
-
-
-class ListedImage(NamedTuple):
-    """A test image and where it is listed ("" when found by walking folders)."""
-
-    path: str
-    listed_in: str = ""
 
 
 class DataSet:

@@ -29,7 +29,8 @@ from utils.base.errors import UserError
 from utils.base.modality import Modality
 
 if TYPE_CHECKING:
-    from data.dataset import ImageList, ListedImage, ProtocolSettings
+    from data.dataset import ImageList, ProtocolSettings
+    from data.images import ListedImage
 
 VISIBLE_CAMS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 # The infrared test images have no camera 3.

@@ -13,7 +13,8 @@ from types import MappingProxyType
 import numpy as np
 
 from data.blocks import IndexList, read_index
-from data.dataset import DataSet, ImageList, ListedImage, Protocol, ProtocolSettings, TrainFiles
+from data.dataset import DataSet, ImageList, Protocol, ProtocolSettings, TrainFiles
+from data.images import ListedImage
 from utils.base.errors import UserError
 from utils.base.modality import Modality
 
@@ -40,11 +41,6 @@ def index_name(trial: int, split: str, modality: Modality | str) -> str:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     return f"idx/{split}_{_FILE_MODALITY[modality]}_{RegDB().check_split(trial)}.txt"
-
-
-def index_file(root: str | os.PathLike, trial: int, split: str, modality: Modality | str) -> str:
-    """Return the path of the index file for (trial, split, modality)."""
-    return os.path.join(os.fspath(root), index_name(trial, split, modality))
 
 
 def read_split(

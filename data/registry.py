@@ -1,13 +1,16 @@
-"""The data sets ``--dataset`` can name: the shipped ones, and any that user code registers.
+"""The data sets ``--dataset`` can name: the shipped ones, and any that other modules register.
 
 A data set defined outside this package is registered with :func:`register_dataset` (as a
 class decorator or with an instance); ``train.main(argv)``, ``test.main(argv)`` and
 ``search.main(argv)`` called afterwards in the same process accept its name, because their
-parsers read the registry when they are built.
+parsers read the registry when they are built. A module placed in ``data/`` that registers its
+data sets so joins the shipped ones by being named in :data:`DATASET_MODULES`.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Sequence
 from typing import TypeVar
 
 from data.dataset import DataSet
@@ -20,12 +23,22 @@ Registrable = TypeVar("Registrable", DataSet, type[DataSet])
 
 
 class DataSetRegistry:
-    """Data sets by ``--dataset`` name, in registration order."""
+    """Data sets by ``--dataset`` name, in registration order.
 
-    def __init__(self, datasets: tuple[DataSet, ...] = ()) -> None:
+    ``modules`` are imported at the first lookup (each registers its data sets when imported):
+    by then the ``data`` package is complete, so such a module imports from it freely.
+    """
+
+    def __init__(self, datasets: Sequence[DataSet] = (), modules: Sequence[str] = ()) -> None:
         self._by_name: dict[str, DataSet] = {}
+        self._modules = list(modules)
         for dataset in datasets:
             self.register(dataset)
+
+    def _import_modules(self) -> None:
+        """Import the data-set modules not imported yet."""
+        while self._modules:
+            importlib.import_module(self._modules.pop(0))
 
     def register(self, dataset: DataSet) -> None:
         """Add ``dataset``; its name must be new (the same class again is a no-op)."""
@@ -46,22 +59,27 @@ class DataSetRegistry:
 
     def names(self) -> tuple[str, ...]:
         """The registered names, in registration order."""
-        return tuple(self._by_name)
+        return tuple(dataset.name for dataset in self.datasets())
 
     def datasets(self) -> tuple[DataSet, ...]:
         """The registered data sets, in registration order."""
+        self._import_modules()
         return tuple(self._by_name.values())
 
     def get(self, name: str) -> DataSet:
         """The data set registered as ``name`` (case and surrounding spaces ignored)."""
+        self._import_modules()
         key = str(name).strip().lower()
         if key not in self._by_name:
             raise UserError(f"--dataset {name!r}: expected one of {', '.join(self._by_name)}")
         return self._by_name[key]
 
 
+# Modules of this package that register data sets with ``@register_dataset``, in the order
+# ``--help`` lists their data sets after the shipped ones, e.g. ``("data.nightvi",)``.
+DATASET_MODULES: tuple[str, ...] = ()
 # The one registry of the process: the shipped data sets first.
-DATASETS = DataSetRegistry((SYSU(), RegDB(), LLCM()))
+DATASETS = DataSetRegistry((SYSU(), RegDB(), LLCM()), DATASET_MODULES)
 
 
 def register_dataset(dataset: Registrable) -> Registrable:

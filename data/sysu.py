@@ -21,7 +21,8 @@ from utils.base.errors import UserError
 from utils.base.modality import Modality
 
 if TYPE_CHECKING:
-    from data.dataset import ImageList, ListedImage, ProtocolSettings
+    from data.dataset import ImageList, ProtocolSettings
+    from data.images import ListedImage
 
 logger = logging.getLogger(__name__)
 

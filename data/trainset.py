@@ -11,23 +11,13 @@ from typing import NamedTuple
 
 import numpy as np
 
+from data.cache import CACHE_VERSION, cached_training_images, default_cache_dir, image_signature
 from data.dataset import TrainFiles
-from data.images import (
-    CACHE_VERSION,
-    check_img_size,
-    default_cache_dir,
-    image_bytes,
-    image_signature,
-    read_cache,
-    save_images,
-    write_cache,
-)
+from data.images import check_img_size
 from data.registry import get_dataset
 from utils.base.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-_ARRAYS = ("visible_images", "infrared_images")
 
 
 @dataclass
@@ -156,7 +146,9 @@ def load_train_set(
         meta["trial"] = split
     cache_path = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
     cache_path = cache_path / f"{plugin.cache_name(split)}_{height}x{width}"
-    arrays = _cached_images(cache_path, meta, files, plugin.title, progress, mmap)
+    visible, infrared = cached_training_images(
+        cache_path, meta, files.visible_paths, files.infrared_paths, plugin.title, progress, mmap
+    )
     logger.info(
         "%s training set: %d identities, %d visible and %d infrared images",
         plugin.title,
@@ -165,53 +157,11 @@ def load_train_set(
         len(files.infrared_paths),
     )
     return TrainSet(
-        visible_images=arrays["visible_images"],
+        visible_images=visible,
         visible_labels=files.visible_labels,
-        infrared_images=arrays["infrared_images"],
+        infrared_images=infrared,
         infrared_labels=files.infrared_labels,
         pids=files.pids,
         visible_paths=files.visible_paths,
         infrared_paths=files.infrared_paths,
-    )
-
-
-def _cached_images(
-    cache_path: Path, meta: dict, files: _PairedFiles, title: str, progress: bool, mmap: bool
-) -> dict[str, np.ndarray]:
-    """The decoded images of ``files`` from the cache at ``cache_path``, built if need be."""
-    arrays = read_cache(cache_path, meta, _ARRAYS, mmap=mmap)
-    if arrays is not None and _shapes_ok(arrays, meta):
-        logger.info("using %s training cache %s", title, cache_path)
-        return arrays
-    size = tuple(meta["img_size"])
-    logger.info(
-        "building %s training cache %s (%d visible + %d infrared images, %dx%d)",
-        title,
-        cache_path,
-        len(files.visible_paths),
-        len(files.infrared_paths),
-        *size,
-    )
-
-    def build(folder: Path) -> None:
-        save_images(folder, "visible_images", files.visible_paths, size, progress)
-        save_images(folder, "infrared_images", files.infrared_paths, size, progress)
-
-    need = image_bytes(len(files.visible_paths) + len(files.infrared_paths), size)
-    write_cache(cache_path, meta, build, need_bytes=need)
-    arrays = read_cache(cache_path, meta, _ARRAYS, mmap=mmap)
-    if arrays is None:
-        raise UserError(f"--cache_dir {cache_path.parent}: cache {cache_path} unreadable")
-    return arrays
-
-
-def _shapes_ok(arrays: dict[str, np.ndarray], meta: dict) -> bool:
-    """Guard against a cache whose arrays do not match its meta (e.g. edited by hand)."""
-    height, width = meta["img_size"]
-    expected = {
-        "visible_images": (meta["num_visible"], height, width, 3),
-        "infrared_images": (meta["num_infrared"], height, width, 3),
-    }
-    return all(
-        arrays[k].shape == shape and arrays[k].dtype == np.uint8 for k, shape in expected.items()
     )

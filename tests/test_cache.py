@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data.images
+import data.cache
 from data import load_images, load_train_set
 from utils import pre_process_sysu
 from utils.base.errors import UserError
@@ -152,7 +152,7 @@ def test_too_little_free_space_is_one_line_before_any_decoding(
     root = _sysu(tmp_path / "sysu", 0)
     cache = tmp_path / "c"
     decoded = []
-    monkeypatch.setattr(data.images, "load_images", lambda *a, **k: decoded.append(a))
+    monkeypatch.setattr(data.cache, "load_images", lambda *a, **k: decoded.append(a))
     monkeypatch.setattr(shutil, "disk_usage", lambda path: _Usage(10**9, 10**9 - 4096, 4096))
     # The tool logs to this test's stderr, not through handlers earlier tests left behind.
     monkeypatch.setattr(logging.getLogger(), "handlers", [])
@@ -186,14 +186,14 @@ def test_a_disk_filling_up_mid_build_leaves_nothing_behind(
 
         monkeypatch.setattr(os, "posix_fallocate", fallocate)
     else:
-        real_load = data.images.load_images
+        real_load = data.cache.load_images
 
         def load(paths, *args, **kwargs):
             if kwargs.get("desc") == "infrared_images":
                 raise full
             return real_load(paths, *args, **kwargs)
 
-        monkeypatch.setattr(data.images, "load_images", load)
+        monkeypatch.setattr(data.cache, "load_images", load)
     with pytest.raises(DiskFull, match=f"^no space left on {cache}, need about 16 MB"):
         _load(root, cache)
     assert os.listdir(cache) == []
@@ -229,7 +229,7 @@ def test_a_cache_folder_deleted_during_the_build_is_one_line(
 ) -> None:
     root = _sysu(tmp_path / "sysu", 0)
     cache = tmp_path / "c"
-    real = data.images.load_images
+    real = data.cache.load_images
 
     def load(paths, *args, **kwargs):
         out = real(paths, *args, **kwargs)
@@ -241,7 +241,7 @@ def test_a_cache_folder_deleted_during_the_build_is_one_line(
                 shutil.rmtree(staging)
         return out
 
-    monkeypatch.setattr(data.images, "load_images", load)
+    monkeypatch.setattr(data.cache, "load_images", load)
     message = (
         f"--cache_dir {cache}: the cache folder disappeared while {CACHE} was being built "
         "(deleted by another process?); run again"

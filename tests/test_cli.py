@@ -98,12 +98,12 @@ def test_pre_process_sysu_ctrl_c_during_the_cache_build(toy_sysu: Path, tmp_path
     # arrives during the build whatever the machine's speed.
     program = (
         "import os, runpy, signal, sys\n"
-        "import data.images as images\n"
-        "decode = images.load_images\n"
+        "import data.cache as cache\n"
+        "decode = cache.load_images\n"
         "def interrupted(*args, **kwargs):\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
         "    return decode(*args, **kwargs)\n"
-        "images.load_images = interrupted\n"
+        "cache.load_images = interrupted\n"
         "sys.argv = ['pre_process_sysu', *sys.argv[1:]]\n"
         "runpy.run_module('utils.pre_process_sysu', run_name='__main__', alter_sys=True)\n"
     )

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data.images
+import data.cache
 from data import (
     DataSet,
     ImageList,
@@ -232,13 +232,13 @@ def test_cache_is_reused_then_rebuilt_on_size_or_file_change(
     npy = cache / "sysu_8x4" / "visible_images.npy"
     stamp = npy.stat().st_mtime_ns
     calls = []
-    real = data.images.load_images
+    real = data.cache.load_images
 
     def counting(*args, **kwargs):
         calls.append(len(args[0]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(data.images, "load_images", counting)
+    monkeypatch.setattr(data.cache, "load_images", counting)
     again = load_train_set("sysu", sysu, img_size=IMG, cache_dir=cache, progress=False, mmap=True)
     assert calls == [] and npy.stat().st_mtime_ns == stamp
     assert isinstance(again.visible_images, np.memmap)
@@ -261,14 +261,14 @@ def test_interrupted_build_leaves_no_cache(
     sysu: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cache = tmp_path / "c"
-    real = data.images.load_images
+    real = data.cache.load_images
 
     def interrupted(paths, *args, **kwargs):
         if "infrared" in kwargs.get("desc", ""):
             raise KeyboardInterrupt
         return real(paths, *args, **kwargs)
 
-    monkeypatch.setattr(data.images, "load_images", interrupted)
+    monkeypatch.setattr(data.cache, "load_images", interrupted)
     with pytest.raises(KeyboardInterrupt):
         load_train_set("sysu", sysu, img_size=IMG, cache_dir=cache, progress=False)
     assert os.listdir(cache) == []
@@ -277,10 +277,10 @@ def test_interrupted_build_leaves_no_cache(
 def test_default_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "data"
     root.mkdir()
-    assert data.images.default_cache_dir(root) == root / "cache"
+    assert data.cache.default_cache_dir(root) == root / "cache"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)
-    assert data.images.default_cache_dir(root).resolve() == (tmp_path / "cache").resolve()
+    assert data.cache.default_cache_dir(root).resolve() == (tmp_path / "cache").resolve()
 
 
 def test_corrupt_image_names_the_file(sysu: Path, tmp_path: Path) -> None:
@@ -378,7 +378,7 @@ def test_regdb_train_set_relabels_and_caches_per_trial(
     assert ts.visible_labels.tolist() == [1, 1, 0, 0, 2, 2]
     assert ts.infrared_images.shape == (6, *IMG, 3)
     assert (root / "cache" / "regdb_trial3_8x4" / "meta.json").is_file()
-    monkeypatch.setattr(data.images, "load_images", None)  # a rebuild would crash
+    monkeypatch.setattr(data.cache, "load_images", None)  # a rebuild would crash
     again = load_train_set("regdb", root, img_size=IMG, trial=3, progress=False)
     np.testing.assert_array_equal(again.infrared_images, ts.infrared_images)
     with pytest.raises(UserError, match="--trial 0"):

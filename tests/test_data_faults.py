@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data.images
+import data.cache
 import test as test_script
 import train
 from data import get_dataset, image_files, load_images, read_ids, read_index
-from data.images import write_cache
+from data.cache import write_cache
 from data.llcm import llcm_query
 from data.regdb import regdb_test
 from data.sysu import sysu_query, sysu_train_files
@@ -122,14 +122,14 @@ def test_sigterm_during_cache_build_removes_the_partial_cache(tmp_path: Path) ->
 def test_sigterm_during_the_cache_build_of_train_py_is_one_line_and_exit_143(
     toy_sysu: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch, train_argv
 ) -> None:
-    real = data.images.load_images
+    real = data.cache.load_images
 
     def terminated(paths, *args, **kwargs):
         if "infrared" in kwargs.get("desc", ""):
             os.kill(os.getpid(), signal.SIGTERM)
         return real(paths, *args, **kwargs)
 
-    monkeypatch.setattr(data.images, "load_images", terminated)
+    monkeypatch.setattr(data.cache, "load_images", terminated)
     cache = tmp_path / "c"
     argv = train_argv(toy_sysu, tmp_path / "runs", "x", "--cache_dir", str(cache))
     assert run_cli(train.main, argv) == 128 + signal.SIGTERM

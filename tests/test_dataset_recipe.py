@@ -5,7 +5,11 @@ are refused."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -129,6 +133,44 @@ def test_readme_sketch_trains_tests_and_searches(
     ]  # fmt: skip
     assert run_cli(search.main, search_argv) == 0
     assert (runs / "night_search" / "arch.json").is_file()
+
+
+def test_readme_sketch_placed_in_data_trains_and_tests_from_the_shell(tmp_path: Path) -> None:
+    """The manual's in-library route, as written: the sketch saved as data/nightvi.py in a copy of
+    the project and named in data/registry.py; then train.py and test.py as commands."""
+    copy = tmp_path / "project"
+    for package in ("data", "model", "utils"):
+        shutil.copytree(
+            REPO / package, copy / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    for script in ("train.py", "test.py"):
+        shutil.copy2(REPO / script, copy / script)
+    (copy / "data" / "nightvi.py").write_text(readme_sketch() + "\n")
+    named = re.search(r"`(DATASET_MODULES = \(.*?\))`", (REPO / RECIPE).read_text())
+    assert named, f"{RECIPE} does not say how data/registry.py names the module"
+    registry = copy / "data" / "registry.py"
+    text = registry.read_text()
+    assert "DATASET_MODULES: tuple[str, ...] = ()" in text
+    registry.write_text(text.replace("DATASET_MODULES: tuple[str, ...] = ()", named.group(1)))
+
+    root = make_nightvi(tmp_path / "NightVI")
+    runs = tmp_path / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(script: str, *argv: str) -> None:
+        done = subprocess.run(
+            [sys.executable, script, *argv], cwd=copy, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+
+    run("train.py", *tiny_train_argv(root, runs, "night", "--dataset", "nightvi"))
+    trained = json.loads((runs / "night" / "results.json").read_text())
+    assert any(key.startswith("nightvi_i2v") for key in trained)
+    out = tmp_path / "r.json"
+    weights = runs / "night" / "checkpoint_latest.pth"
+    argv = ["--dataset", "nightvi", "--data_root", str(root), "--weights", str(weights)]
+    run("test.py", *argv, "--trial", "0", "--save_json", str(out))
+    assert list(json.loads(out.read_text())["results"]) == ["nightvi i2v"]
 
 
 def test_register_dataset_from_user_code(own_registry: DataSetRegistry) -> None:

@@ -101,6 +101,51 @@ def test_no_import_points_up() -> None:
     assert upward_imports() == []
 
 
+def import_circles() -> list[list[str]]:
+    """Every loop of imports between project modules, as the modules around it (a package is its
+    ``__init__``; importing ``a.b`` is not counted as importing ``a``)."""
+    paths = {module_name(path): path for path in project_files()}
+    graph = {
+        name: sorted({target for _, target in imported_modules(path) if target in paths} - {name})
+        for name, path in paths.items()
+    }
+    circles, done = [], set()
+
+    def visit(module: str, trail: list[str]) -> None:
+        if module in trail:
+            circles.append(trail[trail.index(module) :])
+            return
+        if module in done:
+            return
+        for target in graph[module]:
+            visit(target, [*trail, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+    return circles
+
+
+def test_no_import_circle() -> None:
+    assert import_circles() == []
+
+
+def test_the_circle_finder_sees_a_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check itself: an import of data.dataset planted in data/images.py closes a loop."""
+    planted = ROOT / "data" / "images.py"
+    text = planted.read_text()
+    monkeypatch.setattr(
+        Path,
+        "read_text",
+        lambda self, *a, **k: (
+            text + "\nfrom data.dataset import DataSet\n"
+            if self == planted
+            else Path.read_bytes(self).decode()
+        ),
+    )
+    assert ["data.dataset", "data.images"] in import_circles()
+
+
 def test_the_walker_sees_imports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The check itself: an upward import planted in a copy of a base module is reported."""
     planted = ROOT / "utils" / "base" / "errors.py"

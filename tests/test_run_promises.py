@@ -244,6 +244,68 @@ def test_a_full_disk_hidden_in_torchs_writer_error_is_the_one_line_message(
     assert not list(run.glob(".*.tmp"))
 
 
+def test_a_resume_counts_the_checkpoint_its_next_save_replaces(
+    toy_sysu: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    free_space: dict[str, int | None],
+    capsys: pytest.CaptureFixture[str],
+    train_argv: Callable[..., list[str]],
+    expect_error: Callable[..., str],
+) -> None:
+    trained = Trainer.training_step
+    _stop_at_step(monkeypatch, 1)
+    argv = train_argv(toy_sysu, tmp_path, "stopped", "--epochs", "2", "--test_freq", "0")
+    assert run_cli(train.main, argv) == 128 + signal.SIGTERM
+    monkeypatch.setattr(Trainer, "training_step", trained)
+    run = tmp_path / "stopped"
+    held = (run / LATEST).stat().st_size / 2**20
+    capsys.readouterr()
+
+    def need(args: list[str], folder: Path) -> int:
+        code = run_cli(train.main, args)
+        line = expect_error(code, capsys.readouterr().err, f"no space left on {folder}")
+        found = re.search(r"need about (\d+) MB", line)
+        assert found, line
+        return int(found.group(1))
+
+    free_space["bytes"] = 100_000
+    fresh = need(train_argv(toy_sysu, tmp_path, "fresh", "--epochs", "2"), tmp_path / "fresh")
+    resumed = need(["--resume", str(run / LATEST)], run)
+    # A new run needs its first checkpoint and the next one's temporary file; the resumed run
+    # already holds the first, which its next save replaces.
+    assert fresh - resumed == pytest.approx(held, abs=1.5)
+    # A disk with room for one more checkpoint, not for two: the stopped run goes on.
+    free_space["bytes"] = (fresh + resumed) // 2 * 2**20
+    assert run_cli(train.main, ["--resume", str(run / LATEST)]) == 0
+    assert [r["epoch"] for r in _records(run)] == [1, 2]
+
+
+def test_resume_alone_needs_no_stored_config_file_from_another_folder(
+    toy_sysu: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    train_argv: Callable[..., list[str]],
+) -> None:
+    # The run names its architecture by a path relative to the folder it was started from.
+    monkeypatch.chdir(REPO)
+    argv = train_argv(toy_sysu, tmp_path, "relative", "--epochs", "2", "--test_freq", "0")
+    config = argv.index("--config_path") + 1
+    argv[config] = str(Path(argv[config]).relative_to(REPO))
+    _stop_at_step(monkeypatch, 1)
+    assert run_cli(train.main, argv) == 128 + signal.SIGTERM
+    run = tmp_path / "relative"
+    assert _load(run / LATEST)["args"]["config_path"] == argv[config]
+    monkeypatch.undo()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # The checkpoint carries the architecture: the stored relative path is not read again.
+    assert run_cli(train.main, ["--resume", str(run / LATEST)]) == 0
+    assert [r["epoch"] for r in _records(run)] == [1, 2]
+    assert _load(run / LATEST)["arch"]["slots"] == load_arch(REPO / argv[config]).slots
+
+
 # ----- item 11 and the logged learning rate ---------------------------------------------------
 def test_the_log_records_the_rate_each_epoch_trained_with(
     toy_sysu: Path,

@@ -26,7 +26,6 @@ from model.checkpoint import non_finite_tensors
 from utils.base.cli import run_cli
 from utils.engine import evaluation
 from utils.engine.ema import ModelEMA
-from utils.engine.evaluation import ProtocolEvaluation
 from utils.engine.options import training_settings
 from utils.engine.settings import TrainSettings
 from utils.engine.trainer import LATEST, Trainer
@@ -138,10 +137,12 @@ def test_overwrite_epoch_evaluates_live_then_saves_then_overwrites(
 def test_fused_flag_chooses_the_optimizer_kernels() -> None:
     from utils.engine.build import build_optimizer
 
-    param = torch.nn.Parameter(torch.ones(3))
+    model = torch.nn.Module()
+    model.backbone = torch.nn.Module()
+    model.backbone.register_parameter("w", torch.nn.Parameter(torch.ones(3)))
     cpu = torch.device("cpu")
     for flags, fused in (([], False), (["--fused"], True), (["--no-fused"], False)):
-        optimizer = build_optimizer([("backbone.w", param)], _parse(*flags).optimizer, cpu)
+        optimizer = build_optimizer(model, _parse(*flags).optimizer, cpu)
         assert bool(optimizer.defaults.get("fused")) is fused, flags
 
 
@@ -284,16 +285,16 @@ def test_a_kill_during_an_evaluation_loses_no_epoch_record(
 ) -> None:
     extra = ("--deterministic", "--epochs", "2", "--test_freq", "1", "--ema_overwrite_every", "1")
     assert run_cli(train.main, train_argv(toy_sysu, tmp_path, "whole", *extra)) == 0
-    evaluate = ProtocolEvaluation.evaluate
+    evaluate = Trainer.evaluate
 
-    def killed(self: ProtocolEvaluation, final: bool, at: int) -> dict[str, Any]:
+    def killed(self: Trainer, final: bool, at: int) -> dict[str, Any]:
         if at + 1 == epoch:
             # A second SIGTERM stops at once, in the middle of the evaluation.
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
         return evaluate(self, final, at)
 
-    monkeypatch.setattr(ProtocolEvaluation, "evaluate", killed)
+    monkeypatch.setattr(Trainer, "evaluate", killed)
     assert run_cli(train.main, train_argv(toy_sysu, tmp_path, "cut", *extra)) == 128 + 15
     monkeypatch.undo()
     run = tmp_path / "cut"
@@ -396,14 +397,14 @@ def test_a_stop_during_an_evaluation_says_what_happens(
     message: str,
     code: int,
 ) -> None:
-    evaluate = ProtocolEvaluation.evaluate
+    evaluate = Trainer.evaluate
 
-    def signalled(self: ProtocolEvaluation, is_final: bool, epoch: int) -> dict[str, Any]:
+    def signalled(self: Trainer, is_final: bool, epoch: int) -> dict[str, Any]:
         if is_final == final:
             os.kill(os.getpid(), signal.SIGTERM)
         return evaluate(self, is_final, epoch)
 
-    monkeypatch.setattr(ProtocolEvaluation, "evaluate", signalled)
+    monkeypatch.setattr(Trainer, "evaluate", signalled)
     argv = train_argv(toy_sysu, tmp_path, "eval", "--epochs", "2", "--test_freq", "1")
     assert run_cli(train.main, argv) == code
     err = capsys.readouterr().err

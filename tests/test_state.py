@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from utils.base.errors import UserError
+from utils.engine.checkpointer import freed_bytes
 from utils.engine.rundir import RUN_FILES, clear_run_dir, trim_epoch_log
 from utils.engine.search import ARCH_FILE, SearchTrainer
 from utils.engine.state import (
@@ -144,3 +146,13 @@ def test_run_folder_clear_and_trim(tmp_path: Path) -> None:
     log.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epo\n{"epoch": 3}\n')
     trim_epoch_log(log, 2)
     assert log.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+
+
+def test_replacing_checkpoints_frees_only_files_without_another_link(tmp_path: Path) -> None:
+    latest, copy, other = tmp_path / "latest.pth", tmp_path / "copy.pth", tmp_path / "other.pth"
+    latest.write_bytes(b"x" * 100)
+    os.link(latest, copy)  # a periodic copy shares the latest checkpoint's data
+    other.write_bytes(b"y" * 50)
+    assert freed_bytes([latest]) == 0  # the copy keeps the data
+    assert freed_bytes([latest, copy]) == 100
+    assert freed_bytes([latest, copy, other, tmp_path / "absent.pth"]) == 150

@@ -7,6 +7,7 @@ only when the whole data set is written, so an interrupted run leaves nothing be
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -19,6 +20,8 @@ from PIL import Image
 
 from utils.base.errors import UserError
 from utils.base.io import replace_dir
+
+logger = logging.getLogger(__name__)
 
 JPEG_QUALITY = 90
 MIN_HEIGHT, MIN_WIDTH = 32, 16
@@ -89,16 +92,38 @@ def staged(out: str | os.PathLike[str], overwrite: bool) -> Iterator[Path]:
         raise
 
 
-def summary(dataset: str, ids: dict[str, int], visible: int, infrared: int, start: float) -> dict:
-    """What a layout returns: identities per split, images per modality and the seconds taken."""
-    return {
+def summary(
+    dataset: str,
+    out: str | os.PathLike[str],
+    seed: int,
+    size: tuple[int, int],
+    ids: dict[str, int],
+    images: tuple[int, int],
+    start: float,
+) -> dict:
+    """Log what a layout wrote and return it: identities per split, images per modality (visible,
+    infrared) and the seconds taken; ``size`` is (height, width)."""
+    result = {
         "dataset": dataset,
         "identities": sum(ids.values()),
         **ids,
-        "visible_images": visible,
-        "infrared_images": infrared,
+        "visible_images": images[0],
+        "infrared_images": images[1],
         "seconds": time.perf_counter() - start,
     }
+    splits = ", ".join(f"{count} {name.removesuffix('_ids')}" for name, count in ids.items())
+    logger.info(
+        "%s: %d identities (%s), %d visible + %d infrared images of %dx%d, seed %d -> %s in %.1f s",
+        dataset,
+        result["identities"],
+        splits,
+        *images,
+        *size,
+        seed,
+        out,
+        result["seconds"],
+    )
+    return result
 
 
 def save(image: np.ndarray, path: Path) -> None:

@@ -21,7 +21,6 @@ contiguous labels. The identity itself is the ``<pid>`` folder of each path.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import time
 from pathlib import Path
@@ -43,8 +42,6 @@ from data.toy.common import (
 )
 from data.toy.describe import Camera, draw_camera, draw_person, draw_pose
 from data.toy.render import render
-
-logger = logging.getLogger(__name__)
 
 LLCM_VISIBLE_CAMERAS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 LLCM_INFRARED_CAMERAS = (1, 2, 4, 5, 6, 7, 8, 9)
@@ -163,11 +160,4 @@ def make_llcm(
         for suffix, infrared in _MODALITIES:
             (stage / "idx" / f"train_{suffix}.txt").write_text("\n".join(index[infrared]) + "\n")
         (stage / "idx" / "test_id.txt").write_text(",".join(str(i) for i in test) + "\n")
-    result = summary("llcm", ids, counts[False], counts[True], start)
-    logger.info(
-        "llcm: %d identities (%d train, %d test), %d visible + %d infrared images of %dx%d, "
-        "seed %d -> %s in %.1f s",
-        total, train_ids, test_ids, counts[False], counts[True], height, width, seed, out,
-        result["seconds"],
-    )  # fmt: skip
-    return result
+    return summary("llcm", out, seed, (height, width), ids, (counts[False], counts[True]), start)

@@ -6,7 +6,6 @@ each of the ten trials splits the identities in half, training and test.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 
@@ -25,8 +24,6 @@ from data.toy.common import (
 from data.toy.describe import draw_camera, draw_person, draw_pose
 from data.toy.render import render
 from utils.base.errors import UserError
-
-logger = logging.getLogger(__name__)
 
 REGDB_TRIALS = 10
 # RegDB's two sensors, as camera numbers of the random streams.
@@ -86,11 +83,6 @@ def make_regdb(
                     ]
                     name = f"{split}_{folder.lower()}_{trial}.txt"
                     (stage / "idx" / name).write_text("\n".join(lines) + "\n")
-    result = summary("regdb", halves, ids * images_per_id, ids * images_per_id, start)
-    logger.info(
-        "regdb: %d identities, %d visible + %d thermal images of %dx%d, %d trials, "
-        "seed %d -> %s in %.1f s",
-        ids, ids * images_per_id, ids * images_per_id, height, width, REGDB_TRIALS, seed, out,
-        result["seconds"],
-    )  # fmt: skip
+    images = (ids * images_per_id, ids * images_per_id)
+    result = summary("regdb", out, seed, (height, width), halves, images, start)
     return result | {"trials": REGDB_TRIALS}

@@ -6,7 +6,6 @@ missing from some cameras, as in the real set, but every test identity can answe
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Sequence
@@ -26,8 +25,6 @@ from data.toy.common import (
 )
 from data.toy.describe import draw_camera, draw_person, draw_pose
 from data.toy.render import render
-
-logger = logging.getLogger(__name__)
 
 SYSU_VISIBLE_CAMERAS = (1, 2, 4, 5)
 SYSU_INFRARED_CAMERAS = (3, 6)
@@ -106,11 +103,6 @@ def make_sysu(
         (stage / "exp").mkdir()
         for name, members in splits.items():
             (stage / "exp" / f"{name}_id.txt").write_text(",".join(str(i) for i in members) + "\n")
-    result = summary("sysu", ids, counts["visible"], counts["infrared"], start)
-    logger.info(
-        "sysu: %d identities (%d train, %d val, %d test), %d visible + %d infrared images "
-        "of %dx%d, seed %d -> %s in %.1f s",
-        total, train_ids, val_ids, test_ids, counts["visible"], counts["infrared"],
-        height, width, seed, out, result["seconds"],
-    )  # fmt: skip
-    return result
+    return summary(
+        "sysu", out, seed, (height, width), ids, (counts["visible"], counts["infrared"]), start
+    )

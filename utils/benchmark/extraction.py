@@ -15,7 +15,8 @@ from utils.evaluation.evaluate import extract_features
 def run_features(bench: Bench) -> dict[str, Any]:
     """Time :func:`extract_features` on random uint8 images, after a warm-up batch."""
     args, trainer = bench.args, bench.trainer()
-    model, batch, amp = trainer.eval_model(), args.test_batch, trainer.amp
+    model = trainer.ema.module if trainer.ema is not None else trainer.model_without_ddp
+    batch, amp = args.test_batch, trainer.amp
     shape = (args.feature_images, args.img_h, args.img_w, 3)
     images = np.random.default_rng(args.seed + 1).integers(0, 256, size=shape, dtype=np.uint8)
     extract_features(model, images[:batch], Modality.INFRARED, trainer.device, batch, amp)

@@ -19,12 +19,6 @@ from utils.evaluation.rerank import check_distances, euclidean_distances, half_w
 Protocol = tuple[int, tuple[int, ...], tuple[int, ...]]
 
 
-def _reject_undefined(dist: np.ndarray) -> None:
-    """Raise on NaN or -inf distances, which have no place in a ranking (+inf means "never")."""
-    if np.isnan(dist).any() or np.isneginf(dist).any():
-        raise ValueError("distmat holds NaN or -inf distances")
-
-
 def _ap_inp(matches: np.ndarray) -> tuple[float, float]:
     """Average precision and inverse negative penalty of one ranked boolean match list."""
     hits = np.cumsum(matches)
@@ -46,7 +40,6 @@ def eval_ranking_loop(
 ) -> tuple[np.ndarray, float, float]:
     """(cmc, mAP, mINP) computed one query at a time; the reference for eval_ranking."""
     dist, q_pids, g_pids = check_ranking_inputs(distmat, q_pids, g_pids)
-    _reject_undefined(dist)
     q_cams, g_cams = check_cameras(exclusion, q_camids, g_camids, q_pids.size, g_pids.size)
     ranks, aps, inps = [], [], []
     for i in range(dist.shape[0]):

@@ -31,13 +31,23 @@ def _index_tensor(index: np.ndarray, device: torch.device) -> torch.Tensor:
 
 @dataclass
 class ResidentImages:
-    """A training set's uint8 images and labels by modality, on the GPU when there is one."""
+    """A training set's uint8 images and labels by modality, on the GPU when there is one, and
+    how its batches are made: on ``device``, augmented with ``generator``, maybe channels-last."""
 
     images: dict[str, torch.Tensor]
     labels: dict[str, torch.Tensor]
+    device: torch.device
+    generator: torch.Generator
+    channels_last: bool
 
     @classmethod
-    def upload(cls, train_set: TrainSet, device: torch.device) -> ResidentImages:
+    def upload(
+        cls,
+        train_set: TrainSet,
+        device: torch.device,
+        generator: torch.Generator,
+        channels_last: bool,
+    ) -> ResidentImages:
         """Move ``train_set`` where the steps read it (the device itself when it is a GPU)."""
         images = {
             "visible": torch.from_numpy(np.ascontiguousarray(train_set.visible_images)),
@@ -50,17 +60,11 @@ class ResidentImages:
         if device.type == "cuda":
             images = {k: v.to(device) for k, v in images.items()}
             labels = {k: v.to(device) for k, v in labels.items()}
-        return cls(images, labels)
+        return cls(images, labels, device, generator, channels_last)
 
-    def batch(
-        self,
-        visible_idx: np.ndarray,
-        infrared_idx: np.ndarray,
-        device: torch.device,
-        generator: torch.Generator,
-        channels_last: bool,
-    ) -> Batch:
-        """Gather, augment (with ``generator``) and stack one step's images, visible half first."""
+    def batch(self, visible_idx: np.ndarray, infrared_idx: np.ndarray) -> Batch:
+        """Gather, augment and stack one step's images, visible half first."""
+        device = self.device
         store = self.images["visible"].device
         v_idx = _index_tensor(visible_idx, store)
         i_idx = _index_tensor(infrared_idx, store)
@@ -71,8 +75,8 @@ class ResidentImages:
             ]
         )
         raw = raw.to(device, non_blocking=True)
-        x = augment_batch(raw, generator)
-        if channels_last:
+        x = augment_batch(raw, self.generator)
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.cat(
             [

@@ -7,7 +7,7 @@ import logging
 import os
 import random
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -16,9 +16,10 @@ from torch import nn
 
 from data import CrossModalitySampler, TrainSet, load_train_set
 from data.registry import get_dataset
+from model.search import arch_parameter_names
 from utils.base.distributed import DistInfo, barrier, init_distributed
 from utils.base.errors import UserError
-from utils.engine.settings import DataSettings, OptimSettings
+from utils.engine.settings import DataSettings, OptimSettings, TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +76,18 @@ def check_data_root(
         dataset.check_test_images(root, split)
 
 
-def start_process(
-    device_name: str | None, seed: int, deterministic: bool
-) -> tuple[torch.device, DistInfo]:
-    """This process's device and place among the run's processes; seeds it (``seed`` + rank)."""
-    device = select_device(device_name)
+def start_process(settings: TrainSettings) -> tuple[torch.device, DistInfo, str, bool]:
+    """This process's device and place among the run's processes (seeded: ``--seed`` + rank),
+    its autocast precision and whether it trains channels-last."""
+    device = select_device(settings.evaluation.device)
     dist = init_distributed(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
-    seed_everything(seed + dist.rank, deterministic)
-    return device, dist
+    seed_everything(settings.seed + dist.rank, settings.deterministic)
+    amp = settings.evaluation.amp if device.type == "cuda" else "none"
+    # Channels-last pays on GPUs; on a CPU it made the steps slower.
+    wanted, cuda = settings.channels_last, device.type == "cuda"
+    return device, dist, amp, cuda if wanted is None else wanted
 
 
 def share_weights(model: nn.Module, dist: DistInfo) -> None:
@@ -107,17 +110,23 @@ def lr_factor(epoch: int, warmup: int, milestones: list[int]) -> float:
 
 
 def build_schedule(
-    optimizer: torch.optim.Optimizer, warmup: int, milestones: Sequence[int]
+    optimizer: torch.optim.Optimizer, optim: OptimSettings
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The learning-rate schedule of :func:`lr_factor`, stepped once per epoch."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda e: lr_factor(e, warmup, list(milestones))
-    )
+    warmup, milestones = optim.warmup_epochs, list(optim.milestones)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, warmup, milestones))
+
+
+def listed_identities(data: DataSettings) -> int:
+    """Check ``--data_root``; the identities its training lists name, no image read (at least
+    as many as the training set has classes)."""
+    check_data_root(data.dataset, data.data_root, data.trial)
+    files = get_dataset(data.dataset).train_files(data.data_root, data.split)
+    return len(set(files.visible_pids) | set(files.infrared_pids))
 
 
 def load_training_data(data: DataSettings, dist: DistInfo) -> TrainSet:
-    """Check ``--data_root`` and load (and cache) the training images."""
-    check_data_root(data.dataset, data.data_root, data.trial)
+    """Load (and cache) the training images of ``--data_root`` (checked: listed_identities)."""
     # Rank 0 builds the cache first so that the other ranks only read it.
     if not dist.is_main:
         barrier(dist)
@@ -135,35 +144,26 @@ def load_training_data(data: DataSettings, dist: DistInfo) -> TrainSet:
 
 
 def build_sampler(
-    train_set: TrainSet, batch_size: int, num_pos: int, seed: int, dist: DistInfo
+    train_set: TrainSet, settings: TrainSettings, seed: int, dist: DistInfo
 ) -> CrossModalitySampler:
-    """The batches of ``train_set`` this process trains on (``batch_size`` images per modality,
-    ``num_pos`` per identity)."""
-    return CrossModalitySampler(
-        train_set.visible_labels,
-        train_set.infrared_labels,
-        batch_size,
-        num_pos,
-        seed,
-        dist.rank,
-        dist.world_size,
-    )
+    """The batches of ``train_set`` this process trains on (``--batch_size`` images per
+    modality, ``--num_pos`` per identity), drawn from ``seed``."""
+    labels = (train_set.visible_labels, train_set.infrared_labels)
+    batch = (settings.batch_size, settings.num_pos)
+    return CrossModalitySampler(*labels, *batch, seed, dist.rank, dist.world_size)
 
 
 def build_optimizer(
-    named_parameters: Iterable[tuple[str, nn.Parameter]],
-    optim: OptimSettings,
-    device: torch.device,
-    is_weight: Callable[[str], bool] = lambda name: True,
+    model: nn.Module, optim: OptimSettings, device: torch.device
 ) -> torch.optim.Optimizer:
-    """Adam (or SGD) over the weights: backbone at lr/10, BNNeck and classifier at lr.
+    """Adam (or SGD) over the weights of ``model``: backbone at lr/10, BNNeck and classifier at lr.
 
-    Parameters that do not require grad, or for which ``is_weight`` is false (the search's
-    alphas), are left out.
+    Parameters that do not require grad are left out, and so are a supernet's alphas (they
+    train with an optimizer of their own).
     """
-    head, backbone = [], []
-    for name, param in named_parameters:
-        if param.requires_grad and is_weight(name):
+    alphas, head, backbone = arch_parameter_names(model), [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad and name not in alphas:
             (backbone if name.startswith("backbone.") else head).append(param)
     groups = [{"params": backbone, "lr": 0.1 * optim.lr}, {"params": head, "lr": optim.lr}]
     use_fused = device.type == "cuda" if optim.fused is None else optim.fused
@@ -203,6 +203,12 @@ def rescale_schedule(
 def wrap_model(model: nn.Module, dist: DistInfo, compile_model: bool) -> nn.Module:
     """DDP (in a multi-process run) and/or torch.compile around the model the steps run."""
     if dist.enabled:
+        # A supernet's alphas are averaged by hand in the architecture step; DDP would expect a
+        # gradient for them in every weights step, where they get none.
+        alphas = sorted(arch_parameter_names(model))
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, alphas
+        )
         model = nn.parallel.DistributedDataParallel(model, device_ids=None)
     if compile_model:
         model = torch.compile(model)  # type: ignore[assignment]

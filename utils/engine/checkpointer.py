@@ -1,24 +1,28 @@
 """The checkpoint side of a training run, beside the loop: the run folder and its checkpoints.
 
-:class:`Checkpointer` opens the run folder (its lock held for the run's life), turns the run's
-state (:class:`utils.engine.state.RunState`) into a checkpoint, refuses one that holds a NaN or
-infinity (the run stops, naming the last good checkpoint), writes it atomically as the folder's
-latest checkpoint with a copy every ``save_freq`` epochs, and restores a resumed run from one.
-Every checkpoint of a run is written here.
+:meth:`Checkpointer.claim` judges the run folder once, before the costly set-up and without
+writing anything: usable, holding no other run, locked by no run going on, on a disk with room
+for every checkpoint the run will hold. :meth:`Checkpointer.open` creates it as the run begins,
+under its lock (held for the run's life). Every checkpoint of a run is assembled here from the
+run's state (:class:`utils.engine.state.RunState`), refused if it holds a NaN or infinity (the
+run stops, naming the last good checkpoint), written atomically as the folder's latest with a
+copy every ``--save_freq`` epochs, and restored on a resume.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import os
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-import torch
 from torch import nn
 
-from model.checkpoint import non_finite_tensors, write_checkpoint
+from model import Arch
+from model.checkpoint import checkpoint_header, non_finite_tensors, write_checkpoint
 from utils.base.distributed import DistInfo, barrier
 from utils.base.errors import UserError
 from utils.base.io import MB, check_free_space, copy_atomic, remove_temp_files
@@ -26,129 +30,142 @@ from utils.base.lock import LOCK_FILE, RunLock
 from utils.engine.rundir import (
     LATEST,
     check_run_dir,
+    claim_run_dir,
     clear_run_dir,
+    is_own_folder,
     prepare_run_dir,
     trim_epoch_log,
 )
+from utils.engine.settings import TrainSettings
 from utils.engine.state import LossMeter, RunState
 
-__all__ = ["OVERWRITE_PENDING", "Checkpointer", "NonFiniteLoss", "ResumePoint", "checkpoint_size"]
+__all__ = ["OVERWRITE_PENDING", "Checkpointer", "NonFiniteLoss", "RunPoint", "checkpoint_size"]
 
 log = logging.getLogger(__name__)
 
 # The checkpoint entry saying that the EMA overwrite follows the save (see Trainer.train).
 OVERWRITE_PENDING = "ema_overwrite_pending"
+# The checkpoint entry of a mid-epoch save holding the seconds the epoch had run.
+EPOCH_TIME = "epoch_time_s"
 
 
 class NonFiniteLoss(UserError):
     """The loss became NaN or infinite; the run stops and names its last good checkpoint."""
 
 
-def checkpoint_size(model: nn.Module, has_ema: bool, optimizer: torch.optim.Optimizer) -> int:
-    """About the bytes of one checkpoint: weights, EMA and the optimizer's state.
+def checkpoint_size(network: nn.Module, has_ema: bool, adam: bool) -> int:
+    """About the bytes of one checkpoint of ``network``: weights, EMA and the optimizer's state.
 
-    The optimizer's state appears at its first step; Adam keeps two tensors per weight,
-    SGD with momentum one.
+    ``network`` may live on the meta device (sized, never allocated). The optimizer keeps two
+    tensors per trained weight (Adam) or one (SGD with momentum).
     """
-    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    size = sum(t.numel() * t.element_size() for t in network.state_dict().values())
     if has_ema:
         size *= 2
-    per_weight = 2 if isinstance(optimizer, torch.optim.Adam) else 1
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    size += per_weight * sum(p.numel() * p.element_size() for p in params)
+    trained = [p for p in network.parameters() if p.requires_grad]
+    size += (2 if adam else 1) * sum(p.numel() * p.element_size() for p in trained)
     return size + MB
 
 
-# The checkpoint entry of a mid-epoch save holding the seconds the epoch had run.
-EPOCH_TIME = "epoch_time_s"
-
-
-def checkpoints_held(first_epoch: int, epochs: int, save_freq: int) -> int:
-    """How many checkpoints' worth of disk a run from ``first_epoch`` to ``epochs`` needs at most.
-
-    The latest checkpoint and, while the next one is written, its temporary file (the rename
-    keeps the old file until the new one is complete), plus every periodic copy still to be made
-    (a hard link at first, it keeps its own data once the latest moves on).
-    """
-    every = save_freq
-    return 2 + sum(1 for e in range(first_epoch + 1, epochs + 1) if every and e % every == 0)
+def freed_bytes(paths: Sequence[Path]) -> int:
+    """The bytes that replacing or removing the files ``paths`` frees: a file with another
+    hard link left (a periodic copy of the latest checkpoint) frees nothing."""
+    files: dict[int, os.stat_result] = {}
+    names: Counter[int] = Counter()
+    for path in paths:
+        if path.is_file():
+            stat = path.stat()
+            files[stat.st_ino] = stat
+            names[stat.st_ino] += 1
+    return sum(stat.st_size for ino, stat in files.items() if names[ino] >= stat.st_nlink)
 
 
 @dataclass(frozen=True)
-class ResumePoint:
-    """Where a restored checkpoint left its run."""
+class RunPoint:
+    """Where a run stands: ``epoch`` epochs done and ``step_in_epoch`` steps of the next."""
 
     epoch: int
     step_in_epoch: int
     global_step: int
-    # The EMA overwrite that followed the checkpoint's save is still owed.
-    overwrite_pending: bool
+    # The EMA overwrite of the epoch just done is still owed (it follows the save).
+    overwrite_pending: bool = False
+    # Seconds the epoch had run, at a mid-epoch point (for its record after a resume).
+    seconds: float = 0.0
 
 
 class Checkpointer:
-    """Assembles, checks and writes the checkpoints of the run in folder ``out``.
+    """The run folder of ``settings`` and the checkpoints written there.
 
-    ``header`` gives the checkpoint's self-description (architecture, classes, options) at the
-    moment of the save; ``state`` the objects it saves and a resume restores.
+    ``script`` is the tool whose command line continues the run (named in refusals);
+    ``run_files`` is what ``--overwrite`` removes of an earlier run.
     """
 
     def __init__(
-        self,
-        out: Path,
-        state: RunState,
-        header: Callable[[], dict[str, Any]],
-        save_freq: int,
-        dist: DistInfo,
+        self, settings: TrainSettings, dist: DistInfo, script: str, run_files: Sequence[str]
     ) -> None:
-        self.out = out
-        self.state = state
-        self.header = header
-        self.save_freq = save_freq
-        self.dist = dist
-        self.lock = RunLock(out)
+        self.out = settings.folder
+        self.resume, self.overwrite = settings.resume, settings.overwrite
+        self.save_freq, self.last_stride = settings.save_freq, settings.last_stride
+        self.flags = settings.flags()
+        self.dist, self.script, self.run_files = dist, script, run_files
+        self.lock = RunLock(self.out)
         # The last checkpoint known to hold finite weights (named when the run diverges).
         self.last_good: Path | None = None
 
-    @staticmethod
-    def check_folder(
-        out: Path, resume: str, overwrite: bool, dist: DistInfo, script: str = "train.py"
-    ) -> None:
-        """Refuse a run folder that holds another run (see :func:`check_run_dir`) or one that a
-        run still going holds, before the costly set-up; its lock is taken from the start.
-        ``script`` is the tool whose command line continues a run (named in the refusal)."""
-        check_run_dir(out, resume or None, overwrite, script)
-        if dist.is_main and (out / LOCK_FILE).exists():
-            RunLock(out).acquire().release()
-
-    def check_space(
-        self, model: nn.Module, has_ema: bool, optimizer: torch.optim.Optimizer, held: int = 1
-    ) -> None:
-        """Refuse a run whose folder's disk cannot hold ``held`` more checkpoints (rank 0)."""
-        if self.dist.is_main:
-            check_free_space(self.out, held * checkpoint_size(model, has_ema, optimizer))
-
-    def open_folder(
-        self,
-        check: Callable[[], str | None],
+    @classmethod
+    def claim(
+        cls,
+        settings: TrainSettings,
+        dist: DistInfo,
+        script: str,
         run_files: Sequence[str],
-        resumed_at: int | None = None,
-    ) -> None:
-        """Lock and create the run folder and tidy it.
+        network: nn.Module,
+        resumed: dict[str, Any] | None,
+    ) -> Checkpointer:
+        """The checkpoint side of the run of ``settings`` (resuming ``resumed``), its folder
+        judged before the costly set-up, writing nothing: refused if it cannot be created or
+        holds another run (:func:`check_run_dir`), if a run going on holds it, or if its disk
+        lacks room for the checkpoints of ``network`` the run holds at most (checked on rank 0).
+
+        Those are the latest checkpoint and, while the next one is written, its temporary file,
+        plus every periodic copy still to be made (a hard link at first, it keeps its own data
+        once the latest moves on). The checkpoints already in the folder that the run replaces
+        (or that ``--overwrite`` removes) count as room.
+        """
+        claimed = cls(settings, dist, script, run_files)
+        check_run_dir(claimed.out, claimed.resume or None, claimed.overwrite, script)
+        if not dist.is_main:
+            return claimed
+        if (claimed.out / LOCK_FILE).exists():
+            RunLock(claimed.out).acquire().release()
+        first, every = int(resumed["epoch"]) if resumed else 0, claimed.save_freq
+        saved = [e for e in range(first + 1, settings.epochs + 1) if every and e % every == 0]
+        copies = [claimed.out / periodic_name(epoch) for epoch in saved]
+        if claimed.overwrite and not is_own_folder(claimed.out, claimed.resume):
+            replaced = list(claimed.out.glob("checkpoint_*.pth"))
+        else:
+            replaced = [claimed.out / LATEST, *copies]
+        one = checkpoint_size(network, settings.ema > 0, settings.optimizer.optim == "adam")
+        check_free_space(claimed.out, (2 + len(copies)) * one - freed_bytes(replaced))
+        return claimed
+
+    def open(self, resumed_at: int) -> None:
+        """Lock, create and tidy the run folder as the run begins.
 
         Rank 0 holds the folder's lock for the run's life (the kernel drops it when the process
-        ends), taken before anything is written there. Under the lock ``check()`` refuses the
-        folder (raising) or says why an old run's ``run_files`` go (None: they stay); then
-        temporary files that killed writes left are removed. A run resumed after
+        ends), taken before anything is written there. Under the lock the folder is judged
+        again (:func:`claim_run_dir`: another run may have used it meanwhile) and an old run's
+        files go where ``--overwrite`` (or a run stopped before its first checkpoint) says so;
+        then temporary files that killed writes left are removed. A run resumed after
         ``resumed_at`` epochs drops the later epochs' records from its log.jsonl.
         """
         if self.dist.is_main:
             self.lock.acquire()
-            why = check()
+            why = claim_run_dir(self.out, self.resume, self.overwrite, self.script)
             prepare_run_dir(self.out)
-            if why:
-                removed = clear_run_dir(self.out, run_files)
-                if removed:
-                    log.warning("%s: removed %s from %s", why, ", ".join(removed), self.out)
+            removed = clear_run_dir(self.out, self.run_files) if why else []
+            if removed:
+                log.warning("%s: removed %s from %s", why, ", ".join(removed), self.out)
             stale = remove_temp_files(self.out)
             if stale:
                 log.warning(
@@ -157,24 +174,26 @@ class Checkpointer:
                     self.out,
                     ", ".join(stale),
                 )
-            if resumed_at is not None:
+            if self.resume:
                 trim_epoch_log(self.out / "log.jsonl", resumed_at)
         barrier(self.dist)
 
-    def restore(self, checkpoint: dict[str, Any], path: str, losses: LossMeter) -> ResumePoint:
-        """Load the run state and the epoch's loss sums that ``checkpoint`` (read from ``path``)
-        holds; returns where it left the run."""
-        source = f"--resume {path}"
-        self.state.load_state_dict(
-            checkpoint, source, rank=self.dist.rank, world_size=self.dist.world_size
+    def restore(self, state: RunState, checkpoint: dict[str, Any], losses: LossMeter) -> RunPoint:
+        """Load ``state`` and the epoch's loss sums from the ``--resume`` ``checkpoint``;
+        returns where it left the run."""
+        path = self.resume
+        state.load_state_dict(
+            checkpoint, f"--resume {path}", rank=self.dist.rank, world_size=self.dist.world_size
         )
         losses.load_state_dict(checkpoint.get("epoch_losses") or {})
         self.last_good = Path(path)
-        point = ResumePoint(
+        step = int(checkpoint.get("step_in_epoch", 0))
+        point = RunPoint(
             int(checkpoint["epoch"]),
-            int(checkpoint.get("step_in_epoch", 0)),
+            step,
             int(checkpoint.get("global_step", 0)),
             bool(checkpoint.get(OVERWRITE_PENDING)),
+            float(checkpoint.get(EPOCH_TIME, 0.0)) if step else 0.0,
         )
         log.info(
             "resumed from %s at epoch %d step %d (global step %d); run folder %s",
@@ -187,54 +206,49 @@ class Checkpointer:
         return point
 
     def assemble(
-        self,
-        epoch: int,
-        step_in_epoch: int,
-        global_step: int,
-        losses: LossMeter,
-        overwrite_pending: bool = False,
+        self, arch: Arch, classes: int, state: RunState, losses: LossMeter, point: RunPoint
     ) -> dict[str, Any]:
-        """The checkpoint of the run after ``epoch`` epochs and ``step_in_epoch`` steps.
+        """The checkpoint of the run at ``point``: its header (the network of ``arch`` with
+        ``classes`` identities), then ``state``'s entries and the point.
 
         Every floating-point tensor in it (weights, BN statistics, EMA, optimizer state) is
-        checked: a non-finite one stops the run before anything is written.
-        ``overwrite_pending`` records that the EMA overwrite follows this save, so that a
-        resume applies it.
+        checked: a non-finite one stops the run before anything is written. A mid-epoch
+        checkpoint holds the epoch's loss sums and time so far, so that its log record covers
+        every step; ``point.overwrite_pending`` records that the EMA overwrite follows this
+        save, so that a resume applies it.
         """
-        checkpoint = self.header()
-        checkpoint.update(epoch=epoch, step_in_epoch=step_in_epoch)
-        checkpoint.update(global_step=global_step, **self.state.state_dict())
-        if step_in_epoch:
-            # The epoch's loss sums so far, so that its log record covers every step.
+        checkpoint = checkpoint_header(arch, classes, self.last_stride, self.flags)
+        checkpoint.update(epoch=point.epoch, step_in_epoch=point.step_in_epoch)
+        checkpoint.update(global_step=point.global_step, **state.state_dict())
+        if point.step_in_epoch:
             checkpoint["epoch_losses"] = losses.state_dict()
-        if overwrite_pending:
+        if point.overwrite_pending:
             checkpoint[OVERWRITE_PENDING] = True
-        self._check_finite(checkpoint, epoch, step_in_epoch)
-        return checkpoint
-
-    def save(self, checkpoint: dict[str, Any], epoch: int, step_in_epoch: int) -> Path:
-        """Write ``checkpoint`` (after ``epoch`` epochs and ``step_in_epoch`` steps of the next)
-        as the latest checkpoint, and a copy every ``save_freq`` epochs."""
-        path = self.out / LATEST
-        if self.dist.is_main:
-            write_checkpoint(checkpoint, path)
-            if step_in_epoch == 0 and self.save_freq and epoch % self.save_freq == 0:
-                copy_atomic(path, self.out / f"checkpoint_ep{epoch:03d}.pth")
-        barrier(self.dist)
-        self.last_good = path
-        return path
-
-    def _check_finite(self, checkpoint: dict[str, Any], epoch: int, step_in_epoch: int) -> None:
-        """Refuse to save a checkpoint holding a NaN or infinity over the last good one."""
         bad = non_finite_tensors(checkpoint)
         if bad:
             where = (
-                f"epoch {epoch + 1} step {step_in_epoch}"
-                if step_in_epoch
-                else f"the end of epoch {epoch}"
+                f"epoch {point.epoch + 1} step {point.step_in_epoch}"
+                if point.step_in_epoch
+                else f"the end of epoch {point.epoch}"
             )
             shown = ", ".join(bad[:4]) + (f", ... ({len(bad) - 4} more)" if len(bad) > 4 else "")
             self.non_finite(f"{len(bad)} saved tensor(s) became non-finite at {where}: {shown}")
+        if point.step_in_epoch:
+            checkpoint[EPOCH_TIME] = round(point.seconds, 3)
+        return checkpoint
+
+    def save(self, checkpoint: dict[str, Any]) -> Path:
+        """Write ``checkpoint`` as the latest checkpoint, and a copy every ``save_freq`` epochs."""
+        path = self.out / LATEST
+        epoch = checkpoint["epoch"]
+        if self.dist.is_main:
+            write_checkpoint(checkpoint, path)
+            every = self.save_freq
+            if checkpoint["step_in_epoch"] == 0 and every and epoch % every == 0:
+                copy_atomic(path, self.out / periodic_name(epoch))
+        barrier(self.dist)
+        self.last_good = path
+        return path
 
     def non_finite(self, what: str) -> NoReturn:
         """Stop the run: the weights may be ruined, so nothing is saved over the last good file."""
@@ -246,3 +260,8 @@ class Checkpointer:
                 "takes, or check the data)"
             )
         raise NonFiniteLoss(f"{what}; stopped without saving. Last good checkpoint: {advice}")
+
+
+def periodic_name(epoch: int) -> str:
+    """The file name of the periodic copy saved after ``epoch`` epochs."""
+    return f"checkpoint_ep{epoch:03d}.pth"

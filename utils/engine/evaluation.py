@@ -4,16 +4,16 @@
 checkpoint, marked pending when an evaluation follows, and completed with the evaluation's flat
 Rank-1/mAP numbers, so that a resume can run an evaluation a kill cut short. It logs each
 evaluation's table and writes the final one to ``results.json``/``results.md``. What it scores
-is its subclass's: :class:`ProtocolEvaluation` scores the data set's test protocol with the live
-weights and, beside them, the EMA (keys ending in ``_ema``). No model selection is made with
-these numbers: they monitor the run.
+is the run's to say (its ``score``): a training run scores the data set's test protocol with the
+live weights and, beside them, the EMA (:func:`protocol_scores`, keys ending in ``_ema``). No
+model selection is made with these numbers: they monitor the run.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,8 @@ from utils.evaluation.evaluate import evaluate_protocols, format_table
 __all__ = [
     "WEIGHTS_NOTE",
     "Evaluation",
-    "ProtocolEvaluation",
     "evaluate_training_run",
-    "evaluated_weights",
+    "protocol_scores",
 ]
 
 log = logging.getLogger(__name__)
@@ -101,27 +100,23 @@ def baseline_note(arch: Arch, config_path: str | None) -> str:
     return BASELINE_NOTE
 
 
-def evaluated_weights(model: nn.Module, ema: nn.Module | None) -> list[tuple[str, nn.Module]]:
-    """What a training-time evaluation scores, by label: the live model, then the EMA.
+class Evaluation:
+    """A training-time evaluation, run on rank 0, and the epoch records of the run in ``out``.
 
-    The live weights are the checkpoint's ``model`` (``test.py``), the ones the authors'
-    loop evaluated; the EMA, its ``ema`` (``test.py --ema``), is reported beside them.
+    ``score(final, epoch)`` gives the results by key after ``epoch`` (0-based) epochs, each with
+    pool and BNNeck metrics; ``note`` is said first in the results' title (e.g. that the network
+    is the all-shared baseline).
     """
-    weights = [("live", model)]
-    if ema is not None:
-        weights.append(("ema", ema))
-    return weights
 
-
-class Evaluation(ABC):
-    """A training-time evaluation, run on rank 0, and the epoch records of the run in ``out``."""
-
-    # Said first in the results' title (e.g. that the network is the all-shared baseline).
-    note = ""
-
-    def __init__(self, out: Path, dist: DistInfo) -> None:
-        self.out = out
-        self.dist = dist
+    def __init__(
+        self,
+        out: Path,
+        dist: DistInfo,
+        score: Callable[[bool, int], dict[str, Any]],
+        note: str = "",
+    ) -> None:
+        self.out, self.dist = out, dist
+        self.score, self.note = score, note
         self.log_file = out / "log.jsonl"
 
     def write_record(self, record: dict[str, Any], evaluated: bool) -> None:
@@ -147,17 +142,13 @@ class Evaluation(ABC):
             stop.phase = "step"
         return flat
 
-    @abstractmethod
-    def evaluate(self, final: bool, epoch: int) -> dict[str, Any]:
-        """Results by key after ``epoch`` (0-based) epochs, each with pool and BNNeck metrics."""
-
     def record(self, final: bool, epoch: int) -> dict[str, Any]:
         """Evaluate and log a summary; the final results also go to results.json/md.
 
         Returns the flat Rank-1/mAP numbers for the epoch's log.jsonl record.
         """
         flat: dict[str, Any] = {}
-        results = self.evaluate(final, epoch)
+        results = self.score(final, epoch)
         rows = []
         for protocol, result in results.items():
             weights = f" ({result['weights']})" if "weights" in result else ""
@@ -176,46 +167,39 @@ class Evaluation(ABC):
         return flat
 
 
-class ProtocolEvaluation(Evaluation):
-    """The data set's test protocol, scored with each of ``weights`` (label, network)."""
+def protocol_scores(
+    model: nn.Module,
+    ema: nn.Module | None,
+    data: DataSettings,
+    evaluation: EvalSettings,
+    device: torch.device,
+    final: bool,
+    epoch: int,
+) -> dict[str, Any]:
+    """The test protocol after ``epoch`` (0-based) epochs, for monitoring (no model selection is
+    made with it), scored with the live ``model`` and, beside it, the ``ema``.
 
-    def __init__(
-        self,
-        out: Path,
-        dist: DistInfo,
-        weights: list[tuple[str, nn.Module]],
-        data: DataSettings,
-        evaluation: EvalSettings,
-        device: torch.device,
-    ) -> None:
-        super().__init__(out, dist)
-        self.weights = weights
-        self.data = data
-        self.evaluation = evaluation
-        self.device = device
-
-    def evaluate(self, final: bool, epoch: int) -> dict[str, Any]:
-        """Monitoring evaluation on the test protocol (no model selection is made with it).
-
-        Results are keyed by protocol, ``_ema`` appended for the EMA's; each says which
-        weights it scored (``"weights": "live"`` or ``"ema"``).
-        """
-        results: dict[str, Any] = {}
-        for label, model in self.weights:
-            suffix = "" if label == "live" else f"_{label}"
-            try:
-                scored = evaluate_training_run(
-                    model, self.data, self.evaluation, final, self.device
-                )
-            except ValueError as err:
-                if "NaN" not in str(err):
-                    raise
-                # Finite weights so large that the features overflow: the run diverged.
-                raise NonFiniteLoss(
-                    f"the {label} weights give non-finite features in the evaluation after "
-                    f"epoch {epoch + 1}: the run diverged (its checkpoints of the last "
-                    "epochs are finite but useless; train again with a lower --lr)"
-                ) from None
-            for key, result in scored.items():
-                results[key + suffix] = {"weights": label, **result}
-        return results
+    The live weights are the checkpoint's ``model`` (``test.py``), the ones the authors' loop
+    evaluated; the EMA is its ``ema`` (``test.py --ema``). Results are keyed by protocol,
+    ``_ema`` appended for the EMA's; each says which weights it scored (``"weights": "live"``
+    or ``"ema"``).
+    """
+    results: dict[str, Any] = {}
+    for label, weights in (("live", model), ("ema", ema)):
+        if weights is None:
+            continue
+        suffix = "" if label == "live" else f"_{label}"
+        try:
+            scored = evaluate_training_run(weights, data, evaluation, final, device)
+        except ValueError as err:
+            if "NaN" not in str(err):
+                raise
+            # Finite weights so large that the features overflow: the run diverged.
+            raise NonFiniteLoss(
+                f"the {label} weights give non-finite features in the evaluation after "
+                f"epoch {epoch + 1}: the run diverged (its checkpoints of the last "
+                "epochs are finite but useless; train again with a lower --lr)"
+            ) from None
+        for key, result in scored.items():
+            results[key + suffix] = {"weights": label, **result}
+    return results

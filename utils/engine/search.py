@@ -1,15 +1,15 @@
-"""The architecture search as a variant of the training loop: one extra step, alphas on the side.
+"""The architecture search as a variant of the training loop: the supernet as its model, an
+extra step on the side, the alphas' optimizer in its state.
 
-Every slot of a supernet mixes its shared and split BNs with ``softmax(alpha / tau)``. The
-training identities are split into a weights set and an architecture set; each step trains the
-network weights on a weights-set batch with the full training loss and, after ``--arch_warmup``
-epochs and every ``--arch_freq`` steps, the alphas on an architecture-set batch with the
-identity-agnostic cross-modality loss (the terms the loss table marks for the search). The
-temperature follows the epoch.
-The run writes ``arch.json`` (argmax per slot, with the final probabilities and provenance),
-``log.jsonl`` with the split probabilities of every epoch, and ``search_heatmap.png``. The test
-protocol is never run: the derived architecture is scored on the architecture set (infrared
-queries against the visible gallery).
+Every slot of the supernet mixes its shared and split BNs with ``softmax(alpha / tau)``, the
+temperature following the epoch. The training identities are split into a weights set and an
+architecture set; each step trains the network weights on a weights-set batch with the full
+training loss and, after ``--arch_warmup`` epochs and every ``--arch_freq`` steps, the alphas on
+an architecture-set batch with the identity-agnostic cross-modality loss (the terms the loss
+table marks for the search). The run writes ``arch.json`` (argmax per slot, with the final
+probabilities and provenance), ``log.jsonl`` with the split probabilities of every epoch, and
+``search_heatmap.png``. The test protocol is never run: the derived architecture is scored on
+the architecture set (infrared queries against the visible gallery).
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import argparse
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -29,31 +28,19 @@ from torch import nn
 
 from data import TrainSet
 from data.registry import get_dataset
+from model import search as supernet
 from model.arch import DEPTHS, Arch, save_arch
 from model.checkpoint import SEARCH_KEY
 from model.losses import search_terms
-from model.search import (
-    RELAXATIONS,
-    arch_parameter_names,
-    arch_parameters,
-    build_supernet,
-    derive_arch,
-    frozen_bn_statistics,
-    hard_mode,
-    requires_grad,
-    set_temperature,
-    split_probabilities,
-)
-from utils.base.distributed import DistInfo
+from model.search import RELAXATIONS
 from utils.base.errors import UserError
 from utils.base.modality import Modality
 from utils.engine.batch import ResidentImages
-from utils.engine.build import build_optimizer, build_sampler
-from utils.engine.evaluation import Evaluation
+from utils.engine.build import build_sampler
 from utils.engine.rundir import RUN_FILES
 from utils.engine.settings import SearchSettings
 from utils.engine.state import GeneratorState, LossMeter
-from utils.engine.trainer import Trainer, TrainingData
+from utils.engine.trainer import Trainer
 from utils.evaluation.evaluate import Features, autocast, extract_features, score
 from utils.evaluation.heatmap import HEATMAP_NAME, heatmap_from_jsonl
 
@@ -144,155 +131,98 @@ def split_identities(
     return weights, arch
 
 
-@dataclass(frozen=True)
-class SearchData(TrainingData):
-    """The search's images: ``train`` (the weights set) trains the network weights,
-    ``architecture`` (the other identities) the alphas."""
-
-    architecture: TrainSet
-
-
-class ArchSetEvaluation(Evaluation):
-    """The search's only evaluation: the derived architecture on the architecture set."""
-
-    def __init__(self, out: Path, dist: DistInfo, trainer: SearchTrainer) -> None:
-        super().__init__(out, dist)
-        self.trainer = trainer
-
-    def evaluate(self, final: bool, epoch: int) -> dict[str, Any]:
-        """``arch_set``: the derived architecture's numbers (nothing without ``--eval_arch``)."""
-        if not self.trainer.search.eval_arch:
-            return {}
-        return {"arch_set": self.trainer.evaluate_arch()}
-
-
 class SearchTrainer(Trainer):
-    """The training loop with one step replaced: weights step, then (sometimes) an alpha step."""
+    """The training loop with the supernet as its model, the alphas' optimizer in its state and
+    one step extended: the weights step, then (sometimes) an architecture step."""
 
-    kind = "search"
     script = "search.py"
     run_files = (*RUN_FILES, ARCH_FILE, HEATMAP_NAME)
-    data: SearchData
 
     def __init__(self, search: SearchSettings, train_set: TrainSet | None = None) -> None:
-        """Build the training loop, then the architecture step beside it (see :class:`Trainer`)."""
+        """Build the search of ``search`` (see :class:`Trainer`)."""
         self.search = search
+        # (global step, result) of the last architecture-set evaluation.
+        self._arch_eval: tuple[int, dict[str, Any]] | None = None
         super().__init__(search.train, train_set)
-        self.alphas = arch_parameters(self.model_without_ddp)
-        arch_names = arch_parameter_names(self.model_without_ddp)
-        self.weights = [
-            p
-            for name, p in self.model_without_ddp.named_parameters()
-            if name not in arch_names and p.requires_grad
-        ]
+
+    # ----- what the search supplies ---------------------------------------------------------
+    def load_architecture(self, resumed: dict[str, Any] | None) -> None:
+        """None: the architecture is derived from the supernet (see :meth:`architecture`); a
+        resumed checkpoint must be a search of this depth."""
+        if resumed is None:
+            return
+        source = f"--resume {self.settings.resume}"
+        if not isinstance(resumed.get(SEARCH_KEY), dict):
+            raise UserError(f"{source}: not a search checkpoint (resume it with train.py)")
+        depth = resumed.get("arch", {}).get("depth")
+        if depth != self.search.depth:
+            raise UserError(f"{source}: the checkpoint is a ResNet-{depth} search")
+
+    def training_set(self, train_set: TrainSet) -> TrainSet:
+        """The weights set; the other identities, the architecture set, train the alphas (a
+        resumed checkpoint must have split them alike)."""
+        train = self.settings
+        min_ids = train.batch_size // train.num_pos
+        weight_ids, arch_ids = split_identities(
+            train_set.pids, self.search.arch_fraction, train.seed, min_ids
+        )
+        resumed = self.resume_checkpoint
+        if resumed is not None and list(resumed[SEARCH_KEY].get("arch_ids", [])) != arch_ids:
+            raise UserError(
+                f"--resume {train.resume}: the checkpoint split the identities differently "
+                "(another --seed or --arch_fraction?)"
+            )
+        # The full set is dropped on return: only the two subsets stay in memory.
+        weights, self.arch_set = train_set.subset(weight_ids), train_set.subset(arch_ids)
+        for name, part in (("weights", weights), ("architecture", self.arch_set)):
+            counts = (part.num_classes, len(part.visible_labels), len(part.infrared_labels))
+            log.info("%s set: %d identities, %d visible + %d infrared images", name, *counts)
+        return weights
+
+    def build_model(self, classes: int, pretrained: str | None) -> nn.Module:
+        """The supernet, with ``classes`` identities (the weights set's)."""
+        search, stride = self.search, self.settings.last_stride
+        tau = self.temperature(0)
+        return supernet.build_supernet(
+            search.depth, classes, stride, pretrained, search.relaxation, tau
+        )
+
+    def extra_state(self) -> dict[str, Any]:
+        """The architecture step's parts, and the checkpoint entry that saves them."""
+        search, train, model = self.search, self.settings, self.model_without_ddp
+        self.alphas = supernet.arch_parameters(model)
+        what = "supernet: ResNet-%d, %d searchable BN slots, %s relaxation"
+        log.info(what, search.depth, len(self.alphas), search.relaxation)
+        # The network weights: what the weights' optimizer trains (all but the alphas).
+        self.weights = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.arch_optimizer = torch.optim.Adam(
             self.alphas, lr=search.arch_lr, betas=ARCH_BETAS, weight_decay=search.arch_weight_decay
         )
         self.arch_scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
-        self.arch_loss = replace(self.loss, terms=search_terms(), pairings=ARCH_PAIRINGS)
-        arch_set = self.data.architecture
-        self.arch_images = ResidentImages.upload(arch_set, self.device)
-        train = search.train
+        self.arch_loss = replace(train.loss, terms=search_terms(), pairings=ARCH_PAIRINGS)
         stream = train.seed + _ARCH_STREAM
-        self.arch_sampler = build_sampler(
-            arch_set, train.batch_size, train.num_pos, stream, self.dist
+        self.arch_sampler = build_sampler(self.arch_set, train, stream, self.dist)
+        generator = torch.Generator().manual_seed(stream * 1000 + self.dist.rank)
+        self.arch_images = ResidentImages.upload(
+            self.arch_set, self.device, generator, self.channels_last
         )
-        self.arch_generator = torch.Generator().manual_seed(stream * 1000 + self.dist.rank)
         # Architecture-loss sums of the epoch being trained.
         self.arch_losses = LossMeter(self.device)
-        self.state.register(
-            SEARCH_KEY,
-            {
-                "arch_optimizer": self.arch_optimizer,
-                "arch_scaler": self.arch_scaler,
-                "arch_rng": GeneratorState(self.arch_generator),
-                "arch_losses": self.arch_losses,
-                # The identity split, recorded (a resume checks it, see check_data_fits).
-                "arch_ids": list(arch_set.pids),
-                "weight_ids": list(self.data.train.pids),
-            },
-        )
-        # (global step, result) of the last architecture-set evaluation.
-        self._arch_eval: tuple[int, dict[str, Any]] | None = None
+        saved = {
+            "arch_optimizer": self.arch_optimizer,
+            "arch_scaler": self.arch_scaler,
+            "arch_rng": GeneratorState(generator),
+            "arch_losses": self.arch_losses,
+            # The identity split, recorded (a resume checks it, see training_set).
+            "arch_ids": list(self.arch_set.pids),
+            "weight_ids": list(self.train_set.pids),
+        }
+        return {SEARCH_KEY: saved}
 
-    # ----- set-up --------------------------------------------------------------------------
-    def load_architecture(self) -> None:
-        """None: the architecture is derived from the supernet (see :meth:`architecture`)."""
-        return None
-
-    def build_data(self, train_set: TrainSet | None) -> SearchData:
-        """Load the training set and split its identities into weights and architecture sets."""
-        train = self.settings
-        full = super().build_data(train_set).train
-        weight_ids, arch_ids = split_identities(
-            full.pids, self.search.arch_fraction, train.seed, train.batch_size // train.num_pos
-        )
-        # The full set is dropped on return: only the two subsets stay in memory.
-        data = SearchData(full.subset(weight_ids), full.subset(arch_ids))
-        for name, part in (("weights", data.train), ("architecture", data.architecture)):
-            log.info(
-                "%s set: %d identities, %d visible + %d infrared images",
-                name,
-                part.num_classes,
-                len(part.visible_labels),
-                len(part.infrared_labels),
-            )
-        return data
-
-    def build_model(self, train_set: TrainSet) -> nn.Module:
-        """The supernet, with one class per weights-set identity."""
-        search = self.search
-        model = build_supernet(
-            search.depth,
-            train_set.num_classes,
-            search.train.last_stride,
-            search.train.pretrained,
-            search.relaxation,
-            self.temperature(0),
-        )
-        arch_names = arch_parameter_names(model)
-        if self.dist.enabled:
-            # The alphas are averaged by hand in the architecture step; DDP would expect a
-            # gradient for them in every weights step, where they get none.
-            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                model, sorted(arch_names)
-            )
-        log.info(
-            "supernet: ResNet-%d, %d searchable BN slots, %s relaxation",
-            search.depth,
-            len(arch_names),
-            search.relaxation,
-        )
-        return model
-
-    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        """The weights' optimizer; the alphas are left out (they get their own Adam)."""
-        arch_names = arch_parameter_names(model)
-        params = model.named_parameters()
-        optim = self.settings.optimizer
-        return build_optimizer(params, optim, self.device, lambda n: n not in arch_names)
-
-    def build_evaluation(self) -> Evaluation:
-        """The derived architecture scored on the architecture set (the test set is never used)."""
-        return ArchSetEvaluation(self.out, self.dist, self)
-
-    def check_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
-        """Refuse a checkpoint that is not a search of this depth."""
-        search = checkpoint.get(SEARCH_KEY)
-        if not isinstance(search, dict):
-            raise UserError(f"{source}: not a search checkpoint (resume it with train.py)")
-        depth = checkpoint.get("arch", {}).get("depth")
-        if depth != self.search.depth:
-            raise UserError(f"{source}: the checkpoint is a ResNet-{depth} search")
-
-    def check_data_fits(self, checkpoint: dict[str, Any], source: str) -> None:
-        """Refuse a checkpoint that split the identities otherwise."""
-        search = checkpoint[SEARCH_KEY]
-        if list(search.get("arch_ids", [])) != list(self.data.architecture.pids):
-            raise UserError(
-                f"{source}: the checkpoint split the identities differently "
-                "(another --seed or --arch_fraction?)"
-            )
+    def evaluate(self, final: bool, epoch: int) -> dict[str, Any]:
+        """``arch_set``: the derived architecture scored on the architecture set (the test set is
+        never used; nothing without ``--eval_arch``)."""
+        return {"arch_set": self.evaluate_arch()} if self.search.eval_arch else {}
 
     def temperature(self, epoch: int) -> float:
         """``--tau`` (softmax), or the Gumbel temperature of ``epoch``.
@@ -309,8 +239,8 @@ class SearchTrainer(Trainer):
 
     def architecture(self, provenance: dict[str, Any] | None = None) -> Arch:
         """The derived architecture (argmax per slot) at this epoch's temperature."""
-        set_temperature(self.model_without_ddp, self.temperature(self.epoch))
-        return derive_arch(self.model_without_ddp, provenance or self.provenance())
+        supernet.set_temperature(self.model_without_ddp, self.temperature(self.epoch))
+        return supernet.derive_arch(self.model_without_ddp, provenance or self.provenance())
 
     def provenance(self) -> dict[str, Any]:
         """Where the derived architecture comes from (stored with it)."""
@@ -329,7 +259,7 @@ class SearchTrainer(Trainer):
             "arch_warmup": search.arch_warmup,
             "arch_freq": search.arch_freq,
             "arch_lr": search.arch_lr,
-            "arch_ids": list(self.data.architecture.pids),
+            "arch_ids": list(self.arch_set.pids),
             "commit": self.env.get("commit", "unknown"),
         }
         if search.relaxation == "gumbel":
@@ -341,8 +271,8 @@ class SearchTrainer(Trainer):
         self, visible_idx: np.ndarray, infrared_idx: np.ndarray
     ) -> dict[str, torch.Tensor]:
         """A weights step on the weights set, then, when due, an architecture step."""
-        set_temperature(self.model_without_ddp, self.temperature(self.epoch))
-        with requires_grad(self.alphas, False):
+        supernet.set_temperature(self.model_without_ddp, self.temperature(self.epoch))
+        with supernet.requires_grad(self.alphas, False):
             terms = super().training_step(visible_idx, infrared_idx)
         search = self.search
         if self.epoch >= search.arch_warmup and (self.global_step + 1) % search.arch_freq == 0:
@@ -351,13 +281,11 @@ class SearchTrainer(Trainer):
 
     def architecture_step(self, epoch: int, step: int) -> dict[str, torch.Tensor]:
         """One Adam step of the alphas on an architecture-set batch (network left unchanged)."""
-        v_idx, i_idx = self.arch_sampler.batch(epoch, step)
-        batch = self.arch_images.batch(
-            v_idx, i_idx, self.device, self.arch_generator, self.channels_last
-        )
+        batch = self.arch_images.batch(*self.arch_sampler.batch(epoch, step))
         # Under DDP the plain module runs: its gradient hooks would wait for weight gradients.
         model = self.model_without_ddp if self.dist.enabled else self.model
-        with requires_grad(self.weights, False), frozen_bn_statistics(self.model_without_ddp):
+        frozen = supernet.frozen_bn_statistics(self.model_without_ddp)
+        with supernet.requires_grad(self.weights, False), frozen:
             with autocast(self.device, self.amp):
                 pool, feat = model(batch.images, batch.routing)[:2]
             terms = self.arch_loss(pool, feat, None, batch.labels, batch.n_visible)
@@ -370,19 +298,20 @@ class SearchTrainer(Trainer):
         return {k: v.detach() for k, v in terms.items()}
 
     # ----- per-epoch record and the end of the run -----------------------------------------
-    def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
-        """Log the split probabilities, the architecture loss and the arch-set score.
+    def epoch_record(self, epoch: int) -> dict[str, Any]:
+        """The split probabilities, the architecture loss and the arch-set score of ``epoch``.
 
         With the temperature (also logged) the probabilities determine the alphas up to the
         shift that softmax ignores, so they are all a run needs to be plotted.
         """
         arch = self.architecture()
-        probabilities = split_probabilities(self.model_without_ddp)
-        record["split_probability"] = {k: round(v, 5) for k, v in probabilities.items()}
-        record["tau"] = self.temperature(epoch)
+        probabilities = supernet.split_probabilities(self.model_without_ddp)
+        record: dict[str, Any] = {
+            "split_probability": {k: round(v, 5) for k, v in probabilities.items()},
+            "tau": self.temperature(epoch),
+        }
         if self.arch_losses.count:
-            for key, value in self.arch_losses.means().items():
-                record[f"arch_{key}"] = value
+            record |= {f"arch_{key}": value for key, value in self.arch_losses.means().items()}
             if not math.isfinite(loss := record["arch_loss"]):
                 self.checkpointer.non_finite(f"architecture loss is {loss} in epoch {epoch + 1}")
         record["arch_steps"] = self.arch_losses.count
@@ -390,35 +319,28 @@ class SearchTrainer(Trainer):
         record["num_split"] = len(arch.split_slots())
         if self.search.eval_arch and self.dist.is_main:
             result = self.evaluate_arch()
-            record["arch_rank1"] = round(result["bnneck"]["rank1"], 2)
-            record["arch_mAP"] = round(result["bnneck"]["mAP"], 2)
-            record["arch_pool_rank1"] = round(result["pool"]["rank1"], 2)
-            record["arch_pool_mAP"] = round(result["pool"]["mAP"], 2)
+            for kind, prefix in (("bnneck", "arch_"), ("pool", "arch_pool_")):
+                record[f"{prefix}rank1"] = round(result[kind]["rank1"], 2)
+                record[f"{prefix}mAP"] = round(result[kind]["mAP"], 2)
+        return record
 
     def evaluate_arch(self) -> dict[str, dict[str, float]]:
         """The derived architecture's Rank-k/mAP on the architecture set (IR query, visible
         gallery), computed by the supernet in hard mode."""
         if self._arch_eval is not None and self._arch_eval[0] == self.global_step:
             return self._arch_eval[1]
-        evaluation = self.settings.evaluation
-        model = self.eval_model()
+        batch, flip = self.settings.evaluation.test_batch, self.settings.evaluation.flip
+        model = self.ema.module if self.ema is not None else self.model_without_ddp
+        sets = {}
         # The live alphas decide (an EMA copy would lag); the weights are those evaluated.
-        with hard_mode(model, derive_arch(self.model_without_ddp)):
-            sets = {}
+        with supernet.hard_mode(model, supernet.derive_arch(self.model_without_ddp)):
             for modality in (Modality.INFRARED, Modality.VISIBLE):
                 name = modality.name.lower()
-                pool, feat = extract_features(
-                    model,
-                    getattr(self.data.architecture, f"{name}_images"),
-                    modality,
-                    self.device,
-                    evaluation.test_batch,
-                    self.amp,
-                    f"arch-set {name}",
-                    flip=evaluation.flip,
-                )
-                labels = getattr(self.data.architecture, f"{name}_labels")
-                sets[modality] = Features(pool, feat, np.asarray(labels))
+                images = getattr(self.arch_set, f"{name}_images")
+                labels = np.asarray(getattr(self.arch_set, f"{name}_labels"))
+                what = (modality, self.device, batch, self.amp, f"arch-set {name}")
+                features = extract_features(model, images, *what, flip=flip)
+                sets[modality] = Features(*features, labels)
         self.model.train()
         # Standard CMC, nothing ignored: the architecture set has no camera protocol.
         result = score(sets[Modality.INFRARED], sets[Modality.VISIBLE])
@@ -440,14 +362,9 @@ class SearchTrainer(Trainer):
             f"  {name:<24} {choice:<6} p(split)={probabilities[name]:.3f}"
             for name, choice in arch.slots.items()
         )
-        log.info(
-            "search result %s: split slots: %s\n%s\narchitecture: %s\nheat map: %s",
-            arch.summary(),
-            ", ".join(arch.split_slots()) or "none",
-            rows,
-            self.out / ARCH_FILE,
-            self.out / HEATMAP_NAME,
-        )
+        split, files = ", ".join(arch.split_slots()) or "none", (ARCH_FILE, HEATMAP_NAME)
+        what = "search result %s: split slots: %s\n%s\narchitecture: %s\nheat map: %s"
+        log.info(what, arch.summary(), split, rows, *(self.out / name for name in files))
 
 
 def _average_gradients(params: list[nn.Parameter], world_size: int) -> None:

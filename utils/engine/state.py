@@ -11,9 +11,9 @@ training loop registers (the search adds its alphas' optimizer). An entry is
 * a dict of entries (saved as a nested dict);
 * a plain value (a list, a string, None), saved to describe the run and never loaded back.
 
-Random states are per process. The checkpoint holds rank 0's under their entry names and, when
-the run state is given a ``gather`` (a multi-process run), every rank's under
-:data:`RANDOM_BY_RANK`; a resume with the same number of processes gives each rank its own.
+Random states are per process. The checkpoint holds rank 0's under their entry names and, in a
+multi-process run, every rank's under :data:`RANDOM_BY_RANK`; a resume with the same number of
+processes gives each rank its own.
 """
 
 from __future__ import annotations
@@ -21,18 +21,19 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from data.registry import get_dataset
-from model.arch import Arch
+from model.arch import Arch, arch_from_dict, load_arch
 from model.checkpoint import is_resumable, plain, read_checkpoint
 from model.weights import load_state
 from utils.base.errors import UserError
+from utils.engine.settings import TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -49,68 +50,40 @@ RESUME_FREE = frozenset(
 )  # fmt: skip
 
 
-class Checkpointable(Protocol):
-    """Anything that saves and restores its state as weights-only-loadable values."""
-
-    def state_dict(self) -> Any:
-        """The state to save."""
-
-    def load_state_dict(self, state: Any) -> None:
-        """Restore a saved state."""
-
-
 def gather_objects(value: Any) -> list[Any]:
-    """``value`` of every rank, in rank order, on every rank (a run state's ``gather``)."""
+    """``value`` of every rank, in rank order, on every rank (a multi-process run's state)."""
     gathered: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, value)
     return gathered
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch (CPU and CUDA) random states as weights-only-loadable values."""
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": list(random.getstate()[1]) + [random.getstate()[2]],
-        "python_version": random.getstate()[0],
-        "numpy": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-        "numpy_pos": int(np_state[2]),
-        "numpy_gauss": [int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`capture_rng_state` captured."""
-    python = state["python"]
-    random.setstate((state["python_version"], tuple(python[:-1]), python[-1]))
-    gauss = state["numpy_gauss"]
-    np.random.set_state(
-        (
-            "MT19937",
-            state["numpy"].numpy().astype(np.uint32),
-            state["numpy_pos"],
-            gauss[0],
-            gauss[1],
-        )
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class ProcessRandomState:
     """The process-wide random states (Python, NumPy, torch) as a checkpoint entry."""
 
     def state_dict(self) -> dict[str, Any]:
-        """See :func:`capture_rng_state`."""
-        return capture_rng_state()
+        """Python, NumPy and torch (CPU and CUDA) states as weights-only-loadable values."""
+        np_state = np.random.get_state()
+        state: dict[str, Any] = {
+            "python": list(random.getstate()[1]) + [random.getstate()[2]],
+            "python_version": random.getstate()[0],
+            "numpy": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "numpy_pos": int(np_state[2]),
+            "numpy_gauss": [int(np_state[3]), float(np_state[4])],
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """See :func:`restore_rng_state`."""
-        restore_rng_state(state)
+        """Restore what :meth:`state_dict` saved."""
+        python, gauss = state["python"], state["numpy_gauss"]
+        random.setstate((state["python_version"], tuple(python[:-1]), python[-1]))
+        numpy = state["numpy"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", numpy, state["numpy_pos"], gauss[0], gauss[1]))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class GeneratorState:
@@ -182,13 +155,12 @@ RANDOM_BY_RANK = "random_by_rank"
 class RunState:
     """The checkpoint entries of a run by name (see the module docstring for what an entry is).
 
-    ``gather`` (multi-process runs) collects one value from every rank, in rank order, on
-    every rank (e.g. ``torch.distributed.all_gather_object``).
+    In a ``distributed`` run the random states of every rank are gathered on saving.
     """
 
-    def __init__(self, gather: Callable[[Any], list[Any]] | None = None, **entries: Any) -> None:
+    def __init__(self, distributed: bool = False, **entries: Any) -> None:
         self.entries: dict[str, Any] = dict(entries)
-        self.gather = gather
+        self.gather = gather_objects if distributed else None
 
     def register(self, name: str, entry: Any) -> None:
         """Add an entry that checkpoints save and a resume restores (e.g. a variant's optimizer)."""
@@ -197,10 +169,8 @@ class RunState:
         self.entries[name] = entry
 
     def state_dict(self) -> dict[str, Any]:
-        """Every entry's saved form, by name (and every rank's random states, with ``gather``).
-
-        With ``gather`` every rank must call this (it is a collective).
-        """
+        """Every entry's saved form, by name (and, distributed, every rank's random states: then
+        every rank must call this, a collective)."""
         state = {name: _save(entry) for name, entry in self.entries.items()}
         if self.gather is not None:
             state[RANDOM_BY_RANK] = self.gather(_random_part(self.entries, state))
@@ -325,11 +295,12 @@ def check_resume_options(
         log.warning("%s with changed options: %s", source, ", ".join(changed))
 
 
-def read_resume_checkpoint(
-    path: str, options: Mapping[str, Any], epochs: int, ema_decay: float
-) -> dict[str, Any]:
-    """Read the ``--resume`` checkpoint ``path`` and check that a run of ``options`` (by flag
-    name) may continue it: format, options, ``epochs``, ``ema_decay``."""
+def read_resume_checkpoint(settings: TrainSettings) -> dict[str, Any] | None:
+    """The ``--resume`` checkpoint, read and checked against the run of ``settings``: format,
+    options, ``--epochs``, ``--ema_decay``; None without ``--resume``."""
+    path, epochs, ema_decay = settings.resume, settings.epochs, settings.ema
+    if not path:
+        return None
     source = f"--resume {path}"
     checkpoint = read_checkpoint(path)
     if not is_resumable(checkpoint):
@@ -337,7 +308,7 @@ def read_resume_checkpoint(
             f"{source}: not a resumable checkpoint of this project (test.py reads the "
             "authors' checkpoints; they cannot be resumed)"
         )
-    check_resume_options(checkpoint.get("args"), options, source)
+    check_resume_options(checkpoint.get("args"), settings.flags(), source)
     epoch = int(checkpoint["epoch"])
     if epoch > epochs:
         raise UserError(f"{source}: the checkpoint is at epoch {epoch}, beyond --epochs {epochs}")
@@ -351,18 +322,25 @@ def read_resume_checkpoint(
     return checkpoint
 
 
-def check_same_arch(checkpoint: Mapping[str, Any], arch: Arch, source: str, given: str) -> None:
-    """Refuse a checkpoint whose architecture is not ``arch`` (read from ``given``)."""
-    saved = checkpoint.get("arch", {}).get("slots", {})
+def run_architecture(
+    config_path: str | None, resumed: Mapping[str, Any] | None, source: str
+) -> Arch:
+    """The architecture a run trains: ``config_path``'s; on a resume (``resumed``, read from
+    ``source``) the checkpoint's own when the path is the one its run was started with (a resume
+    never needs that file again), else the file's, refused if it is not the checkpoint's."""
+    if resumed is not None and config_path == (resumed.get("args") or {}).get("config_path"):
+        return arch_from_dict(resumed["arch"], source)
+    arch = load_arch(config_path)
+    saved = (resumed or {}).get("arch", {}).get("slots", {})
     slots = arch.slots
-    if saved == slots:
-        return
+    if resumed is None or saved == slots:
+        return arch
     differ = [name for name in slots if saved.get(name) != slots[name]]
     differ += [name for name in saved if name not in slots]
     shown = ", ".join(
         f"{n} ({saved.get(n, 'absent')} vs {slots.get(n, 'absent')})" for n in differ[:4]
     )
     raise UserError(
-        f"{source}: the checkpoint's architecture differs from {given} in {len(differ)} "
-        f"slot(s): {shown}{', ...' if len(differ) > 4 else ''} (checkpoint vs config)"
+        f"{source}: the checkpoint's architecture differs from --config_path {config_path} in "
+        f"{len(differ)} slot(s): {shown}{', ...' if len(differ) > 4 else ''} (checkpoint vs config)"
     )

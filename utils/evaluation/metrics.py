@@ -13,6 +13,23 @@ average precision over every kept gallery image, mINP the mean of (number of pos
 ``eval_regdb`` and ``eval_llcm`` fix the rule of their data set. A per-query reference of the same
 definitions, which the tests compare against and the benchmark times, lives in
 ``utils.benchmark.references``; it shares the input checks and the averaging below.
+
+How the vectorised ranking works: a query's numbers need only the positions of its positives (the
+kept gallery images of its identity), and a positive's position is one plus the number of kept
+images ranked ahead of it: those with a smaller distance, or an equal one at a lower gallery index.
+Each chunk of query rows is sorted by value once, with ignored images moved to +inf, and a batched
+binary search counts the distances below every positive; the rare positives that tie with another
+distance count their tied predecessors directly. The deduplicated rank is the number of distinct
+identities among the kept images ahead of the first positive.
+
+Why this form: it is the simplest exact one found that is at least 5x the per-query loop, the
+target for a step that takes a fraction of a second in a whole evaluation. ``python -m
+utils.benchmark`` (section ``metrics``: 3,803 x 3,010 float32, best of 3) on the 2-core
+development CPU (Intel Xeon with AVX-512, NumPy 2.4, shared with other work) measured it at
+0.32-0.33 s against 3.8-4.0 s for the loop (11.6-12.0x, ``--threads 1`` and ``2`` alike), and the
+counting (bucket) ranking it replaced, four times its code, at 0.40 s (9.7x) in the same minutes.
+Sorting each row's values is cheap there; a stable argsort of every row alone took half the
+loop's time (0.51 s of 1.04 s, machine idle).
 """
 
 from __future__ import annotations
@@ -25,7 +42,9 @@ import torch
 from data.dataset import NO_EXCLUSION, ExclusionRule
 from data.llcm import SAME_IDENTITY_AND_CAMERA
 from data.sysu import SAME_LOCATION
-from utils.evaluation.ranking import rank_queries
+
+# Distances (query rows x gallery) ranked per chunk: small chunks keep the work in the CPU cache.
+_CHUNK_ELEMENTS = 1 << 18
 
 
 def _as_numpy(array: Any) -> np.ndarray:
@@ -51,6 +70,10 @@ def check_ranking_inputs(
         dist = dist.astype(np.float64)
     if dist.shape[1] == 0:
         raise ValueError("the gallery is empty; nothing to evaluate")
+    # NaN and -inf have no place in a ranking (+inf means "never"). One pass: NaN propagates
+    # through the minimum, and -inf would be the minimum.
+    if dist.size and not dist.min() > -np.inf:
+        raise ValueError("distmat holds NaN or -inf distances")
     return dist, q, g
 
 
@@ -81,6 +104,90 @@ def average_queries(
     return cmc.astype(np.float64), float(np.mean(aps)), float(np.mean(inps))
 
 
+def _count_below(ranked: np.ndarray, row: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """How many entries of each sorted row ``ranked[row]`` are below ``value``: one binary
+    search for all (row, value) pairs at once, a bit of the answer per round."""
+    width = ranked.shape[1]
+    count = np.zeros(row.size, dtype=np.intp)
+    step = 1 << (width.bit_length() - 1)
+    while step:
+        wider = count + step
+        below = ranked[row, np.minimum(wider, width) - 1] < value
+        count = np.where(below & (wider <= width), wider, count)
+        step //= 2
+    return count
+
+
+def _positions(
+    dist: np.ndarray, ignored: np.ndarray, row: np.ndarray, col: np.ndarray
+) -> np.ndarray:
+    """1-based position of each positive (``row``, ``col``) among the kept images of its row.
+
+    Ignored images hold +inf in ``dist``, so no kept distance is ever above one of them.
+    """
+    value = dist[row, col]
+    ranked = np.sort(dist, axis=1)
+    below = _count_below(ranked, row, value)
+    # Equal distances rank by gallery index: a positive whose value comes twice in its sorted row
+    # counts its kept tied predecessors.
+    after = np.minimum(below + 1, dist.shape[1] - 1)
+    tied = np.flatnonzero((below + 1 < dist.shape[1]) & (ranked[row, after] == value))
+    columns = np.arange(dist.shape[1])
+    step = max(1, _CHUNK_ELEMENTS // dist.shape[1])
+    for start in range(0, tied.size, step):
+        t = tied[start : start + step]
+        same = (dist[row[t]] == value[t, None]) & ~ignored[row[t]] & (columns < col[t, None])
+        below[t] += same.sum(axis=1)
+    return below + 1
+
+
+def _distinct_ahead(
+    dist: np.ndarray, ignored: np.ndarray, first: np.ndarray, g_identity: np.ndarray
+) -> np.ndarray:
+    """Distinct identities among each row's kept images ranked before its column ``first``."""
+    limit = dist[np.arange(len(dist)), first][:, None]
+    columns = np.arange(dist.shape[1])
+    ahead = (dist < limit) | ((dist == limit) & (columns < first[:, None]))
+    hit_row, hit_col = np.divmod(np.flatnonzero(ahead & ~ignored), dist.shape[1])
+    seen = np.zeros((len(dist), int(g_identity.max(initial=0)) + 1), dtype=bool)
+    seen[hit_row, g_identity[hit_col]] = True
+    return seen.sum(axis=1)
+
+
+def _rank_rows(
+    dist: np.ndarray,
+    q_pids: np.ndarray,
+    q_cams: np.ndarray,
+    gallery: tuple[np.ndarray, np.ndarray, np.ndarray],
+    exclusion: ExclusionRule,
+    dedup_cmc: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(CMC rank, AP, INP) of the queries of a chunk whose identity has a kept gallery image.
+
+    ``gallery`` holds the gallery identities, cameras and identity indices (0..n-1).
+    """
+    g_pids, g_cams, g_identity = gallery
+    ignored = exclusion.ignored(q_pids[:, None], q_cams[:, None], g_pids, g_cams)
+    dist = np.where(ignored, np.inf, dist)
+    # np.nonzero of a 2-D mask is several times slower than this.
+    row, col = np.divmod(np.flatnonzero((g_pids == q_pids[:, None]) & ~ignored), g_pids.size)
+    count = np.bincount(row, minlength=len(dist))
+    position = _positions(dist, ignored, row, col)
+    order = np.lexsort((position, row))  # each row's positives in ranked order
+    row, col, position = row[order], col[order], position[order]
+    start = np.cumsum(count) - count
+    # A positive's index within its row is its hit count at its position.
+    hits = np.arange(row.size) - start[row] + 1
+    ap = np.bincount(row, weights=hits / position, minlength=len(dist)) / np.maximum(count, 1)
+    valid = count > 0
+    first, last = start[valid], start[valid] + count[valid] - 1
+    if dedup_cmc:
+        ranks = _distinct_ahead(dist[valid], ignored[valid], col[first], g_identity)
+    else:
+        ranks = position[first] - 1
+    return ranks, ap[valid], count[valid] / position[last]
+
+
 def eval_ranking(
     distmat: Any,
     q_pids: Any,
@@ -98,10 +205,16 @@ def eval_ranking(
     """
     dist, q_pids, g_pids = check_ranking_inputs(distmat, q_pids, g_pids)
     q_cams, g_cams = check_cameras(exclusion, q_camids, g_camids, q_pids.size, g_pids.size)
-    result = rank_queries(dist, q_pids, g_pids, q_cams, g_cams, exclusion, dedup_cmc)
-    valid = result.valid
-    ranks = result.dedup_rank if dedup_cmc else result.first_rank
-    return average_queries(ranks[valid], result.ap[valid], result.inp[valid], max_rank)
+    gallery = (g_pids, g_cams, np.unique(g_pids, return_inverse=True)[1].reshape(-1))
+    step = max(1, _CHUNK_ELEMENTS // g_pids.size)
+    chunks = []
+    for start in range(0, max(len(dist), 1), step):
+        rows = slice(start, start + step)
+        chunks.append(
+            _rank_rows(dist[rows], q_pids[rows], q_cams[rows], gallery, exclusion, dedup_cmc)
+        )
+    ranks, aps, inps = (np.concatenate(parts) for parts in zip(*chunks, strict=True))
+    return average_queries(ranks, aps, inps, max_rank)
 
 
 def eval_sysu(

@@ -68,11 +68,7 @@ def check_distances(
             f"g_g_dist has shape {g_g.shape}, expected ({num_gallery}, {num_gallery}) "
             f"(gallery x gallery, from q_g_dist's {num_gallery} gallery images)"
         )
-    for name, value in (("k1", k1), ("k2", k2)):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if not 0.0 <= float(lambda_value) <= 1.0:
-        raise ValueError(f"lambda_value must lie in [0, 1], got {lambda_value!r}")
+    _check_parameters(k1, k2, lambda_value)
     # Squaring happens in the blocks' common precision, as when they are concatenated.
     dtype = np.result_type(q_g.dtype, q_q.dtype, g_g.dtype, np.float32)
     q_g, q_q, g_g = (block.astype(dtype, copy=False) for block in (q_g, q_q, g_g))
@@ -81,6 +77,15 @@ def check_distances(
         if not np.isfinite(block.sum(dtype=np.float64)):
             raise ValueError(f"{name} holds NaN or infinite distances")
     return q_g, q_q, g_g
+
+
+def _check_parameters(k1: int, k2: int, lambda_value: float) -> None:
+    """Raise ValueError unless k1 and k2 are integers >= 1 and lambda_value lies in [0, 1]."""
+    for name, value in (("k1", k1), ("k2", k2)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not 0.0 <= float(lambda_value) <= 1.0:
+        raise ValueError(f"lambda_value must lie in [0, 1], got {lambda_value!r}")
 
 
 def half_width(k1: int) -> int:
@@ -395,12 +400,7 @@ class RerankSettings:
     lambda_value: float = 0.3
 
     def __post_init__(self) -> None:
-        for name in ("k1", "k2"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not 0.0 <= float(self.lambda_value) <= 1.0:
-            raise ValueError(f"lambda_value must lie in [0, 1], got {self.lambda_value!r}")
+        _check_parameters(self.k1, self.k2, self.lambda_value)
 
     def as_dict(self) -> dict[str, float]:
         """The parameters by name, as results record them."""
