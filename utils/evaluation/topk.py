@@ -29,8 +29,7 @@ import torch
 
 from data.dataset import NO_EXCLUSION
 from utils.base.errors import UserError
-from utils.evaluation.metrics import average_queries
-from utils.evaluation.ranking import QueryResults, rank_queries
+from utils.evaluation.metrics import _rank_rows, average_queries
 from utils.evaluation.rerank import RerankSettings, rerank_features
 
 log = logging.getLogger(__name__)
@@ -38,6 +37,8 @@ log = logging.getLogger(__name__)
 PAIRS = 2**25
 # Ranks the metrics report (Rank-1 ... Rank-20), as eval_ranking's default.
 MAX_RANK = 20
+# Distances scored per chunk of rows, as eval_ranking chunks them (its work stays in cache).
+SCORE_ELEMENTS = 1 << 18
 # Re-ranking's memory, measured on this project's rerank with float32 features: about 12 bytes
 # per entry of the three matrices (including their float32 copies and the result), plus chunk
 # temporaries of a few hundred MiB.
@@ -126,29 +127,42 @@ def rank_blocks(
     width = min(k, shape[1])
     indices = np.empty((shape[0], width), dtype=np.int64)
     distances = np.empty((shape[0], width), dtype=np.float32)
-    parts: list[QueryResults] = []
+    scored: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for start, block in blocks:
         stop = start + len(block)
         indices[start:stop] = smallest(block, width)
         distances[start:stop] = np.take_along_axis(block, indices[start:stop], axis=1)
         if labels is not None:
-            parts.append(score_block(block, labels[0][start:stop], labels[1]))
+            scored += score_block(block, labels[0][start:stop], labels[1])
     metrics = None
     if labels is not None:
-        valid = np.concatenate([part.valid for part in parts])
-        per_query = (np.concatenate([getattr(p, name) for p in parts]) for name in RESULTS)
-        metrics = average_queries(*(values[valid] for values in per_query), MAX_RANK)
+        per_query = (np.concatenate(parts) for parts in zip(*scored, strict=True))
+        metrics = average_queries(*per_query, MAX_RANK)
     return Ranking(indices, distances, metrics)
 
 
-# The per-query results that average into (cmc, mAP, mINP), in average_queries' order.
-RESULTS = ("first_rank", "ap", "inp")
-
-
-def score_block(block: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray) -> QueryResults:
-    """``eval_ranking``'s per-query results (no exclusion rule, standard CMC) of one block."""
-    zeros_q, zeros_g = np.zeros(len(q_pids), np.int64), np.zeros(len(g_pids), np.int64)
-    return rank_queries(block, q_pids, g_pids, zeros_q, zeros_g, NO_EXCLUSION, False)
+def score_block(
+    block: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``eval_ranking``'s per-query (CMC rank, AP, INP) of a block's queries whose identity is
+    in the gallery (no exclusion rule, standard CMC), computed by its own per-chunk function in
+    chunks of rows as it computes them, to be averaged once over all blocks as it does."""
+    if block.size and not block.min() > -np.inf:
+        raise ValueError("distmat holds NaN or -inf distances")
+    zeros = np.zeros(len(q_pids), dtype=np.int64)
+    gallery = (g_pids, np.zeros(len(g_pids), np.int64), np.unique(g_pids, return_inverse=True)[1])
+    step = max(1, SCORE_ELEMENTS // block.shape[1])
+    return [
+        _rank_rows(
+            block[s : s + step],
+            q_pids[s : s + step],
+            zeros[s : s + step],
+            gallery,
+            NO_EXCLUSION,
+            False,
+        )
+        for s in range(0, len(block), step)
+    ]
 
 
 def rank_features(
