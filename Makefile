@@ -7,8 +7,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo
 RUFF := $(PY) -m ruff
-# Test tools; onnx and onnxruntime are optional extras of `utils.export --onnx` that the tests use.
-TEST_TOOLS := pytest "ruff==0.17.6" "onnx>=1.16" "onnxruntime>=1.18"
+# Test tools; onnx and onnxruntime are optional extras of `utils.export --onnx`, faiss-cpu of
+# `utils.gallery search --approximate`, that the tests use.
+TEST_TOOLS := pytest "ruff==0.17.6" "onnx>=1.16" "onnxruntime>=1.18" "faiss-cpu>=1.8"
 RUFF_ARGS := --line-length 100
 LINT_RULES := E,F,W,I,B,UP,N,SIM --ignore N818 --config "lint.isort.known-first-party = ['data', 'model', 'utils']"
 

@@ -29,6 +29,8 @@ TINY = [
     "--metrics_gallery", "150", "--llcm_query", "120", "--llcm_gallery", "90",
     "--search_steps", "4", "--search_rounds", "1", "--extractor_images", "6",
     "--extractor_batch", "4", "--extractor_rounds", "1",
+    "--gallery_size", "600", "--gallery_queries", "12", "--gallery_dim", "32",
+    "--gallery_dense_pairs", "3600",
 ]  # fmt: skip
 
 

@@ -11,7 +11,8 @@ results table (``results.md``), the pictures (search heat map, training curves, 
 ``README.md`` that shows them beside the table. It ends as a user with their own crops would:
 ``python -m utils.match --labels_from_folders`` on a few dozen infrared and visible crops copied
 from the synthetic test set into ``<identity>/<image>`` folders (``crops/``), which writes
-``matches/index.html``.
+``matches/index.html``; then the same crops go through a gallery index (``utils.gallery add``
+and ``search``), which writes ``gallery_matches/index.html``.
 """
 
 from __future__ import annotations
@@ -295,7 +296,7 @@ def readme(text: str, pictures: Sequence[tuple[str, Path]], out: Path, intro: st
                 lines += [caption, ""]
         link = Path(os.path.relpath(path, out)).as_posix()
         lines += [f"![{title}]({link})", ""]
-    return "\n".join(lines + matches_section(out))
+    return "\n".join(lines + matches_section(out) + gallery_section(out))
 
 
 def matches_section(out: Path) -> list[str]:
@@ -315,6 +316,37 @@ def matches_section(out: Path) -> list[str]:
         "small gallery, so not comparable with the protocol numbers above). "
         "[matches/index.html](matches/index.html) shows every query's ranked crops, framed green "
         "(same identity) or red; `matches/matches.csv` lists them with their distances.",
+        "",
+    ]
+
+
+def search_gallery(crops: Path, weights: Path, out: Path) -> None:
+    """Index the visible crops with ``utils.gallery add`` (anew: the model is new) and search
+    the index with the infrared crops, as a user keeping a gallery would."""
+    index, gallery = out / "gallery_index", [sys.executable, "-m", "utils.gallery"]
+    shutil.rmtree(index, ignore_errors=True)
+    add = ["add", "--index", str(index), "--images", str(crops / "visible"), "--ema"]
+    run_step("gallery add", [*gallery, *add, "--modality", "visible", "--weights", str(weights)])
+    search = ["search", "--index", str(index), "--images", str(crops / "infrared")]
+    search += ["--modality", "infrared", "--labels_from_folders"]
+    search += ["--out", str(out / "gallery_matches")]
+    run_step("gallery search", [*gallery, *search], stdout=out / "gallery_matches.md")
+
+
+def gallery_section(out: Path) -> list[str]:
+    """The README's part on the gallery step, when it ran."""
+    metrics_file = out / "gallery_matches" / "metrics.json"
+    if not metrics_file.is_file():
+        return []
+    metrics = json.loads(metrics_file.read_text())
+    return [
+        "## The same crops through a gallery index",
+        "",
+        "`python -m utils.gallery add` extracted the visible crops once into `gallery_index/` (a "
+        "later `add` extracts only new or changed images); `python -m utils.gallery search` "
+        "ranked them for each infrared crop, with the rankings and distances of `utils.match`: "
+        f"Rank-1 {metrics['rank1']:.2f}, mAP {metrics['mAP']:.2f}. "
+        "[gallery_matches/index.html](gallery_matches/index.html) shows the ranked crops.",
         "",
     ]
 
@@ -403,7 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 entry["mAP"].append(metrics["bnneck"]["mAP"])
     first_data = out / f"data_seed{args.seeds[0]}"
     weights = out / "runs" / notes[0] / "checkpoint_latest.pth"
-    match_crops(make_crops(first_data, out), weights, out / "matches")
+    crops = make_crops(first_data, out)
+    match_crops(crops, weights, out / "matches")
+    search_gallery(crops, weights, out)
     text = table(rows) + (over_seeds(summary) if len(args.seeds) > 1 else "")
     text += (
         f"\n\nChance level (all-search single-shot Rank-1): {chance_level(first_data):.2f}%. "

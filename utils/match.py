@@ -61,8 +61,9 @@ from utils.base.io import (
 from utils.base.logger import setup_logging
 from utils.engine.eval_settings import rerank_of_flags
 from utils.engine.options import HelpFormatter
-from utils.evaluation.metrics import eval_ranking, pairwise_distance, summarize
-from utils.evaluation.rerank import RerankSettings, rerank_features
+from utils.evaluation.metrics import summarize
+from utils.evaluation.rerank import RerankSettings
+from utils.evaluation.topk import Ranking, rank_features_or_rerank
 from utils.evaluation.visualize import (
     MATCH_COLOUR,
     MISMATCH_COLOUR,
@@ -104,6 +105,8 @@ class Side:
     modality: str
     extraction: Extraction
     identities: list[str] | None = None
+    # Whether features.npz holds this side's features (an indexed gallery keeps its own).
+    saved: bool = True
 
     @cached_property
     def paths(self) -> list[str]:
@@ -114,6 +117,11 @@ class Side:
     def resolved(self) -> list[str]:
         """The kept images' absolute paths."""
         return [self.files[i][1] for i in self.extraction.kept]
+
+    @cached_property
+    def resolved_of(self) -> dict[str, str]:
+        """Each kept image's absolute path by its path as listed."""
+        return dict(zip(self.paths, self.resolved, strict=True))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -132,6 +140,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         parser.add_argument(
             f"--{role}_modality", choices=MODALITIES, required=True, help=f"of every {role} image"
         )
+    add_result_options(parser)
+    return parser
+
+
+def add_result_options(parser: argparse.ArgumentParser) -> None:
+    """The options of what is ranked and written (``utils.gallery search`` has them too)."""
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the results")
     parser.add_argument("--topk", type=int, default=10, help="gallery images listed per query")
     parser.add_argument(
@@ -151,7 +165,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     ):
         default = getattr(RerankSettings(), flag)
         group.add_argument(f"--{flag}", type=kind, help=f"{text} (default: {default})")
-    return parser
 
 
 def check_args(values: Mapping[str, Any]) -> RerankSettings | None:
@@ -167,22 +180,34 @@ def check_args(values: Mapping[str, Any]) -> RerankSettings | None:
 
 def check_out(values: Mapping[str, Any], files: tuple[list[tuple[str, str]], ...]) -> None:
     """Fail before any work unless ``--out`` can be replaced whole without touching an input."""
-    out = Path(values["out"])
+    checkpoint = {
+        "the --weights checkpoint": values["weights"],
+        "the --config_path file": values["config_path"],
+    }
+    images = [image for side in files for image in side]
+    searched = {"--query": values["query"], "--gallery": values["gallery"]}
+    check_results_folder(Path(values["out"]), searched, checkpoint, images)
+
+
+def check_results_folder(
+    out: Path,
+    searched: dict[str, Sequence[str]],
+    named: dict[str, str | None],
+    images: list[tuple[str, str]],
+) -> None:
+    """``out`` outside every ``searched`` folder, no input (``named`` files, ``images``), and
+    holding nothing but earlier results (``utils.gallery search`` checks its ``--out`` so too)."""
     check_out_dir(out)
     target = out.resolve()
-    for flag in ("--query", "--gallery"):
-        for given in values[flag[2:]]:
+    for flag, paths in searched.items():
+        for given in paths:
             folder = Path(given).resolve()
             if folder.is_dir() and folder in (target, *target.parents):
                 raise UserError(
                     f"--out {out}: inside the {flag} folder {given} (a later run would search "
                     "its pictures); expected a folder outside it"
                 )
-    checkpoint = {
-        "the --weights checkpoint": values["weights"],
-        "the --config_path file": values["config_path"],
-    }
-    check_not_input(out, checkpoint, [image for side in files for image in side])
+    check_not_input(out, named, images)
     check_replaceable(out, OUT_FILES.fullmatch, "utils.match's results", "earlier results")
 
 
@@ -223,41 +248,46 @@ def extract_side(
     return Side(files, modality, extraction)
 
 
-def distances(query: Side, gallery: Side, rerank: RerankSettings | None) -> np.ndarray:
-    """Query x gallery distances: Euclidean of the normalised features, or re-ranked."""
-    q, g = query.extraction.features, gallery.extraction.features
-    if rerank is not None:
-        return rerank_features(q, g, rerank).astype(np.float32)
-    # pairwise_distance is minus the dot product; for unit vectors |q - g|^2 = 2 - 2 q.g.
-    return np.sqrt(np.clip(2.0 + 2.0 * pairwise_distance(q, g), 0.0, None))
-
-
-def score(dist: np.ndarray, query: Side, gallery: Side) -> dict[str, float]:
-    """Rank-1/5/10/20, mAP and mINP (percent) of ``dist`` with folder-name identities."""
-    assert query.identities is not None and gallery.identities is not None
+def identity_labels(query: Side, gallery: Side) -> tuple[np.ndarray, np.ndarray] | None:
+    """Both sides' folder-name identities as numbers, or None without identities."""
+    if query.identities is None or gallery.identities is None:
+        return None
     numbers = {name: i for i, name in enumerate(sorted({*query.identities, *gallery.identities}))}
-    q_pids = np.asarray([numbers[name] for name in query.identities])
-    g_pids = np.asarray([numbers[name] for name in gallery.identities])
-    try:
-        cmc, m_ap, m_inp = eval_ranking(dist, q_pids, g_pids)
-    except ValueError as err:
-        raise UserError(f"--labels_from_folders: cannot score the ranking ({err})") from None
-    return summarize(cmc, m_ap, m_inp)
+    return (
+        np.asarray([numbers[name] for name in query.identities]),
+        np.asarray([numbers[name] for name in gallery.identities]),
+    )
 
 
-def match_rows(dist: np.ndarray, query: Side, gallery: Side, topk: int) -> list[dict[str, Any]]:
+def rank(
+    query: Side, gallery: Side, topk: int, rerank: RerankSettings | None, inplace: bool = False
+) -> Ranking:
+    """Each query's top-k gallery images, and Rank-k, mAP and mINP when both sides are labelled
+    (see :func:`rank_features_or_rerank`; ``inplace``: normalise the gallery's own features)."""
+    q, g = query.extraction.features, gallery.extraction.features
+    labels = identity_labels(query, gallery)
+    return rank_features_or_rerank(q, g, topk, rerank, labels, inplace)
+
+
+def score(ranking: Ranking) -> dict[str, float] | None:
+    """Rank-1/5/10/20, mAP and mINP (percent) of a scored ranking; None when it was not."""
+    return None if ranking.metrics is None else summarize(*ranking.metrics)
+
+
+def match_rows(ranking: Ranking, query: Side, gallery: Side) -> list[dict[str, Any]]:
     """One entry per query: its path and its top-k gallery paths with their distances."""
-    order = np.argsort(dist, axis=1, kind="stable")[:, :topk]
     entries = []
     for row, path in enumerate(query.paths):
+        nearest = ranking.indices[row].tolist()
+        found = zip(nearest, ranking.distances[row].tolist(), strict=True)
         ranked = [
-            {"rank": rank, "gallery": gallery.paths[g], "distance": float(dist[row, g])}
-            for rank, g in enumerate(order[row].tolist(), start=1)
+            {"rank": rank, "gallery": gallery.paths[g], "distance": distance}
+            for rank, (g, distance) in enumerate(found, start=1)
         ]
         entry: dict[str, Any] = {"query": path, "matches": ranked}
         if query.identities is not None and gallery.identities is not None:
             entry["identity"] = query.identities[row]
-            for match, g in zip(ranked, order[row].tolist(), strict=True):
+            for match, g in zip(ranked, nearest, strict=True):
                 match["identity"] = gallery.identities[g]
         entries.append(entry)
     return entries
@@ -285,7 +315,7 @@ def picture_cells(entry: dict[str, Any], query: Side, gallery: Side, row: int) -
     labelled = "identity" in entry
     first = f"id {entry['identity']}" if labelled else short_name(entry["query"])
     cells = [Cell(query.resolved[row], QUERY_COLOUR, ("query", query.modality, first))]
-    resolved = dict(zip(gallery.paths, gallery.resolved, strict=True))
+    resolved = gallery.resolved_of
     for match in entry["matches"]:
         colour = UNLABELLED_COLOUR
         if labelled:
@@ -398,7 +428,9 @@ def write_results(
         side.files[i][0]: why for side in sides for i, why in side.extraction.skipped.items()
     }
     payload = {**settings, "metrics": metrics, "queries": entries}
-    arrays = side_arrays(extractor, query, "query") | side_arrays(extractor, gallery, "gallery")
+    arrays = side_arrays(extractor, query, "query")
+    if gallery.saved:
+        arrays |= side_arrays(extractor, gallery, "gallery")
     try:
         with folder_aside(out) as folder:
             write_text_atomic(folder / "matches.csv", csv_text(entries))
@@ -432,14 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.labels_from_folders:
         query.identities = identities_of([query.files[i] for i in query.extraction.kept])
         gallery.identities = identities_of([gallery.files[i] for i in gallery.extraction.kept])
-    if rerank is not None and rerank.k1 > len(gallery.paths):
-        raise UserError(
-            f"--k1 {rerank.k1}: larger than the gallery ({len(gallery.paths)} images); expected "
-            f"at most {len(gallery.paths)}"
-        )
-    dist = distances(query, gallery, rerank)
-    entries = match_rows(dist, query, gallery, args.topk)
-    metrics = score(dist, query, gallery) if args.labels_from_folders else None
+    ranking = rank(query, gallery, args.topk, rerank)
+    entries = match_rows(ranking, query, gallery)
+    metrics = score(ranking)
     what = "re-ranked distance" if rerank else "Euclidean distance of L2-normalised features"
     settings = {**extractor.describe(), "distance": what, "topk": args.topk}
     settings["rerank"] = rerank.as_dict() if rerank else False
@@ -447,12 +474,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     title += f" queries against {len(gallery.paths)} {args.gallery_modality} images"
     pages = (title, args.pictures, args.per_page)
     write_results(out, extractor, (query, gallery), entries, settings, metrics, pages)
+    report(out, metrics, title)
+    return 0
+
+
+def report(out: Path, metrics: dict[str, float] | None, title: str) -> None:
+    """Print the metrics table (when labelled) and say where the results are."""
     if metrics is not None:
         table = metrics_table(metrics, title)
         log.info("results:\n%s", table)
         sys.stdout.write(table + "\n")
     log.info("wrote %s (open %s)", out, out / "index.html")
-    return 0
 
 
 if __name__ == "__main__":

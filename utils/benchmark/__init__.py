@@ -15,6 +15,8 @@ Sections of the JSON document (printed to stdout, written to ``--out``):
 - ``rerank``: ``rerank`` (on the run's torch threads) against ``rerank_reference`` (one core).
 - ``llcm``: ``eval_llcm`` and ``rerank`` at the size of LLCM's infrared-to-visible test.
 - ``search``: a search step against a training step.
+- ``gallery``: a gallery index of synthetic features: add, exact and approximate search
+  (``utils.benchmark.gallery``).
 
 Images/s count both modalities, ``2 * batch_size * steps / seconds``, for the fastest of
 ``--rounds`` windows after ``--warmup`` untimed steps (the best window filters out other programs'

@@ -73,6 +73,14 @@ class BenchSettings:
     extractor_images: int = size(128, "image files per size of the extractor section")
     extractor_batch: int = size(64, "the extractor section's batch")
     extractor_rounds: int = size(2, "passes of the extractor section (the fastest counts)")
+    gallery_size: int = size(100_000, "synthetic feature vectors in the gallery section's index")
+    gallery_queries: int = size(1000, "queries of the gallery section")
+    gallery_dim: int = size(512, "feature size (512: ResNet-18's, the demo's; 2048: ResNet-50's)")
+    gallery_probes: int = size(32, "inverted lists searched per query by approximate search")
+    gallery_dense_pairs: int = size(
+        10**8,
+        "largest query x gallery matrix ranked whole, as utils.match did before blockwise search",
+    )
     arch: str = setting("split", "shared, split or an architecture file")
     amp: str = setting("bf16", "fast path, CUDA", choices=("bf16", "fp16", "none"))
     compile: bool = setting(False, "torch.compile the fast path")
