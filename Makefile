@@ -11,6 +11,8 @@ RUFF := $(PY) -m ruff
 # `utils.gallery search --approximate`, that the tests use.
 TEST_TOOLS := pytest "ruff==0.17.6" "onnx>=1.16" "onnxruntime>=1.18" "faiss-cpu>=1.8"
 RUFF_ARGS := --line-length 100
+# The suite writes many checkpoints: keep the folders of failed tests only.
+PYTEST_ARGS := -o tmp_path_retention_policy=failed
 LINT_RULES := E,F,W,I,B,UP,N,SIM --ignore N818 --config "lint.isort.known-first-party = ['data', 'model', 'utils']"
 
 .PHONY: all setup demo test lint format clean
@@ -35,7 +37,7 @@ format: setup
 	$(RUFF) format $(RUFF_ARGS) .
 
 test: setup lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 demo: setup
 	$(PY) -m utils.demo --out $(DEMO_DIR)
