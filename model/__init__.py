@@ -1,15 +1,7 @@
 """Networks of the codebase: modality BN slots, ResNet backbones, architectures, checkpoints.
 
-Public API::
-
-    from model import load_arch, build_model, load_checkpoint
-    arch = load_arch("configs/two_stream.json")      # or an authors' config.cfg
-    model = build_model(arch, num_classes=395, last_stride=1, pretrained="imagenet")
-    load_checkpoint(model, "runs/sysu/checkpoint_latest.pth", ema=True)
-    pool, feat = model.eval()(images, "infrared")
-
-    from model import model_from_checkpoint         # the network a checkpoint describes
-    model = model_from_checkpoint("runs/sysu/checkpoint_latest.pth", ema=True).model
+``build_model(load_arch(path), num_classes)`` builds a network, ``load_checkpoint`` fills it and
+``model_from_checkpoint`` rebuilds the one a checkpoint describes (examples: docs/api.md).
 """
 
 from model.arch import DEPTHS, SHARED, SPLIT, Arch, load_arch, save_arch, slot_names

@@ -1,16 +1,9 @@
 """Architecture configs: which BatchNorm slots of the backbone are shared or split.
 
-Two formats are read:
-
-* this project's JSON, keyed by slot name::
-
-    {"format": "cmnas-arch", "version": 1, "depth": 50,
-     "slots": {"bn1": "split", "layer1.0.downsample.bn": "shared", ...},
-     "provenance": {...}}
-
-* the authors' ``config.cfg``: one line of integers, ``0`` = split, ``1`` = shared, in the
-  order of :func:`slot_names` (stem BN; then per stage the downsample BN first, then each block's
-  BNs in order).
+Two formats are read: this project's JSON, keyed by slot name (``{"format": "cmnas-arch",
+"version": 1, "depth": 50, "slots": {"bn1": "split", ...}, "provenance": {...}}``), and the
+authors' ``config.cfg``: one line of integers, ``0`` = split, ``1`` = shared, in the order of
+:func:`slot_names` (stem BN; then per stage the downsample BN, then each block's BNs).
 """
 
 from __future__ import annotations
@@ -85,7 +78,6 @@ class Arch:
 
     def __post_init__(self) -> None:
         validate_slots(self.depth, self.slots, source="architecture")
-        # Keep the canonical order whatever order the caller used.
         self.slots = {name: self.slots[name] for name in slot_names(self.depth)}
 
     @classmethod
@@ -131,10 +123,9 @@ def validate_slots(depth: int, slots: Mapping[str, Any], source: str) -> None:
             f"{source}: {len(missing)} slot(s) missing for ResNet-{depth} "
             f"(expected {len(expected)}): {', '.join(missing[:5])}"
         )
-    bad = {name: value for name, value in slots.items() if value not in CHOICES}
-    if bad:
-        name, value = next(iter(bad.items()))
-        raise UserError(f"{source}: slot {name} is {value!r}: expected 'shared' or 'split'")
+    for name, value in slots.items():
+        if value not in CHOICES:
+            raise UserError(f"{source}: slot {name} is {value!r}: expected 'shared' or 'split'")
 
 
 def parse_cfg(text: str, source: str = "config.cfg", depth: int | None = None) -> Arch:
@@ -191,10 +182,8 @@ def arch_from_dict(data: Any, source: str = "architecture") -> Arch:
 
 
 def load_arch(path: str | os.PathLike[str], depth: int | None = None) -> Arch:
-    """Read an architecture from this project's JSON or the authors' ``config.cfg``.
-
-    Both are read as UTF-8; a byte-order mark (as some Windows editors write) is skipped.
-    """
+    """Read an architecture from this project's JSON or the authors' ``config.cfg`` (UTF-8, a
+    byte-order mark skipped)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")

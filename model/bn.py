@@ -1,10 +1,8 @@
 """Modality-aware BatchNorm slots and the routing that tells them which sample is which.
 
-A *slot* replaces one ``BatchNorm2d`` of the backbone. A shared slot is a single BN; a split slot
-holds one BN per modality and normalises each sample with its own modality's BN. Samples are
-routed by a per-sample modality, so a batch may mix modalities in any order or hold only one; a
-BN whose modality is absent from the batch is not called, so its running statistics stay
-untouched.
+A *slot* replaces one ``BatchNorm2d`` of the backbone: a shared slot is a single BN, a split slot
+normalises each sample with its own modality's BN. A batch may mix modalities in any order; a BN
+whose modality is absent is not called, so its running statistics stay untouched.
 """
 
 from __future__ import annotations
@@ -21,16 +19,11 @@ from utils.base.modality import Modality
 
 @dataclass(frozen=True)
 class Routing:
-    """Which samples of a batch are visible and which infrared.
-
-    ``single`` is set when the whole batch has one modality (no indexing needed). Otherwise
-    ``visible_index`` / ``infrared_index`` hold the sample positions of each modality. When the
-    batch is the first ``n_visible`` samples visible and the rest infrared (the training layout),
-    ``halves`` is set and slots use cheap views instead of gathers.
-    """
+    """Which samples of a batch are visible and which infrared: ``halves`` when the first
+    ``halves`` samples are visible and the rest infrared (slots then use views, not gathers),
+    else ``visible_index`` / ``infrared_index``, each modality's sample positions."""
 
     batch_size: int
-    single: Modality | None = None
     visible_index: torch.Tensor | None = None
     infrared_index: torch.Tensor | None = None
     halves: int | None = None
@@ -50,7 +43,8 @@ class Routing:
                 )
             return modality
         if isinstance(modality, str | Modality):
-            return cls(batch_size, single=Modality.parse(modality))
+            visible = Modality.parse(modality) is Modality.VISIBLE
+            return cls(batch_size, halves=batch_size if visible else 0)
         if not isinstance(modality, torch.Tensor):
             raise TypeError(f"modality must be a name or a tensor, got {type(modality).__name__}")
         if modality.shape != (batch_size,):
@@ -63,9 +57,8 @@ class Routing:
             raise ValueError("per-sample modality values must be 0 (visible) or 1 (infrared)")
         is_visible = codes == Modality.VISIBLE
         n_visible = int(is_visible.sum())
-        # All visible, all infrared, or visible first: the cheap layouts of from_halves.
-        if bool(is_visible[:n_visible].all()):
-            return cls.from_halves(n_visible, batch_size - n_visible)
+        if bool(is_visible[:n_visible].all()):  # visible first (or one modality throughout)
+            return cls(batch_size, halves=n_visible)
         target = device if device is not None else modality.device
         return cls(
             batch_size,
@@ -76,12 +69,7 @@ class Routing:
     @classmethod
     def from_halves(cls, n_visible: int, n_infrared: int) -> Routing:
         """Routing for a batch whose first ``n_visible`` samples are visible, the rest infrared."""
-        total = n_visible + n_infrared
-        if n_infrared == 0:
-            return cls(total, single=Modality.VISIBLE)
-        if n_visible == 0:
-            return cls(total, single=Modality.INFRARED)
-        return cls(total, halves=n_visible)
+        return cls(n_visible + n_infrared, halves=n_visible)
 
 
 def route_split(
@@ -91,12 +79,12 @@ def route_split(
     infrared: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """Apply ``visible`` to the visible samples of ``x`` and ``infrared`` to the others."""
-    if routing.single is Modality.VISIBLE:
+    n = routing.halves
+    if n == routing.batch_size:
         return visible(x)
-    if routing.single is Modality.INFRARED:
+    if n == 0:
         return infrared(x)
-    if routing.halves is not None:
-        n = routing.halves
+    if n is not None:
         return torch.cat([visible(x[:n]), infrared(x[n:])], dim=0)
     assert routing.visible_index is not None and routing.infrared_index is not None
     out_visible = visible(x.index_select(0, routing.visible_index))
@@ -124,7 +112,7 @@ class ModalityBN(nn.Module):
 
     def branches(self) -> dict[str, nn.BatchNorm2d]:
         """The BNs this slot holds, by branch name (``shared`` or ``visible``/``infrared``)."""
-        return {name: module for name, module in self.named_children()}
+        return dict(self.named_children())
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Normalise ``x``, each sample with its modality's BN when split."""
@@ -141,19 +129,12 @@ NormFactory = Callable[[str, int], nn.Module]
 
 
 def find_slots(model: nn.Module) -> dict[str, nn.Module]:
-    """The norm slots of ``model``'s backbone by slot name (e.g. ``layer1.0.bn1``).
-
-    A slot is any module with ``branches()`` (:class:`ModalityBN`, the search's
-    ``SearchableBN``). A ResNet's slots come in the canonical order of
-    :func:`~model.arch.slot_names` (module registration puts a block's shortcut after its BNs);
-    other modules' in registration order.
-    """
-    backbone = model.backbone if hasattr(model, "backbone") else model
-    found = {
-        name: module
-        for name, module in backbone.named_modules()
-        if name and hasattr(module, "branches")
-    }
+    """The norm slots (modules with ``branches()``) of ``model``'s backbone by slot name (e.g.
+    ``layer1.0.bn1``): a ResNet's in the order of :func:`~model.arch.slot_names` (registration
+    puts a block's shortcut after its BNs), other modules' in registration order."""
+    backbone = getattr(model, "backbone", model)
+    modules = backbone.named_modules()
+    found = {name: module for name, module in modules if name and hasattr(module, "branches")}
     if not hasattr(backbone, "depth"):
         return found
     return {name: found[name] for name in slot_names(backbone.depth) if name in found}

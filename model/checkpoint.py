@@ -1,30 +1,21 @@
 """Checkpoint files: reading any PyTorch file safely, and this project's checkpoint format.
 
-Every file is read with ``torch.load(..., weights_only=True)``: a file that carries arbitrary
-pickled Python objects is refused, never executed. A checkpoint of this project therefore holds
-only tensors, numbers, strings and plain containers (:func:`plain` makes sure of it). It is one
-dict:
+Every file is read with ``torch.load(..., weights_only=True)``: pickled Python objects other than
+tensors and plain values are refused, never executed. A checkpoint of this project is one dict:
 
-* the header, written by :func:`checkpoint_header`, which lets ``test.py`` rebuild the network
-  from the file alone: ``format`` (``"cmnas-checkpoint"``), ``version``, ``arch`` (the
-  architecture JSON), ``num_classes``, ``last_stride`` and ``args`` (the run's options);
-* the weights: ``model`` (the live weights, as trained; on an epoch that copies the EMA into
-  them, the weights from before the copy) and ``ema`` (the EMA weights, or None without an
-  EMA), both state dicts;
-* what a resumed run needs besides (written by the training engine's run state): ``epoch``
-  (epochs completed), ``step_in_epoch`` (steps of the next epoch already trained),
-  ``global_step``, ``optimizer``, ``scheduler``, ``scaler``, ``rng`` (Python, NumPy and torch
-  random states), ``aug_rng`` (the augmentation generator), ``environment`` (versions, device,
-  commit), ``epoch_losses`` (loss sums of a partly trained epoch, only when ``step_in_epoch``
-  is not 0), ``search`` (only in a search's checkpoints: see :data:`SEARCH_KEY`),
-  ``ema_overwrite_pending`` (True when the EMA overwrite of the run's schedule follows this
-  save: a resume applies it), ``random_by_rank`` (each process's random states in a
-  multi-process run) and ``checksum`` (a CRC-32 of every tensor, checked on reading).
+* the header (:func:`checkpoint_header`), from which ``test.py`` rebuilds the network: ``format``
+  (``"cmnas-checkpoint"``), ``version``, ``arch``, ``num_classes``, ``last_stride``, ``args``;
+* ``model`` (the live weights; on an epoch that copies the EMA into them, those from before the
+  copy) and ``ema`` (the EMA weights, or None), both state dicts;
+* what a resume needs (written by the engine's run state): ``epoch``, ``step_in_epoch``,
+  ``global_step``, ``optimizer``, ``scheduler``, ``scaler``, ``rng``, ``aug_rng``,
+  ``environment``, ``epoch_losses`` (only when ``step_in_epoch`` is not 0), ``search`` (only a
+  search's: see :data:`SEARCH_KEY`), ``ema_overwrite_pending`` (a resume applies the EMA
+  overwrite this save preceded), ``random_by_rank`` (each process's random states);
+* ``checksum``: a CRC-32 of every tensor, checked on reading.
 
-Reading also compares every record of the file (the pickled entries as well as the tensor data)
-with the CRC-32 its zip archive stores, so that a changed byte anywhere fails; a file of
-PyTorch's legacy format stores none and loads unverified, with a note in the log. The authors'
-checkpoints (no ``format`` entry) are read by the same functions.
+Reading also checks every record of the zip archive against its CRC-32 (a legacy-format file has
+none and loads unverified). The authors' checkpoints (no ``format`` entry) read the same way.
 """
 
 from __future__ import annotations
@@ -47,12 +38,11 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "cmnas-checkpoint"
 CHECKPOINT_VERSION = 1
-# The entry holding a CRC-32 of the checkpoint's tensors (see write_checkpoint).
 CHECKSUM_KEY = "checksum"
 # The entry a search adds to its checkpoints (the alphas' optimizer, the identity split, ...);
 # such a checkpoint holds a supernet, which test.py cannot score.
 SEARCH_KEY = "search"
-# How a damaged pickled record is named in messages: it holds every entry but the tensor data.
+# How a damaged pickled record is named in messages.
 PICKLED_RECORD = "data.pkl (every entry but the tensor data)"
 # The newest checkpoint of a run folder (what --weights RUN_DIR most likely meant).
 RUN_LATEST = "checkpoint_latest.pth"
@@ -95,41 +85,31 @@ def first_line(err: BaseException) -> str:
 
 
 def damaged_records(path: str | os.PathLike[str], tensor_data: bool = True) -> list[str] | None:
-    """The records of a zip-format PyTorch file whose bytes differ from their stored CRC-32.
-
-    ``torch.save`` stores a CRC-32 with every record (``data.pkl`` and each tensor's data) but
-    ``torch.load`` never compares them (reading every record once costs about 1 s per GB).
-    ``tensor_data=False`` skips the tensor data (when the tensors have checksums of their own).
-    None when the file stores no checksums.
-    """
+    """The records of a zip-format PyTorch file whose bytes differ from their stored CRC-32
+    (which ``torch.load`` never compares), None when it stores none; ``tensor_data=False`` skips
+    the tensor data (when the tensors have checksums of their own)."""
     with open(path, "rb") as handle:
         if handle.read(4) != b"PK\x03\x04":
             return None
+    damaged = []
     try:
         with zipfile.ZipFile(path) as archive:
             records = [info for info in archive.infolist() if not info.is_dir()]
             if all(info.CRC == 0 for info in records if info.file_size):
                 return None
-            checked = [
-                info
-                for info in records
-                if tensor_data or not info.filename.partition("/")[2].startswith("data/")
-            ]
-            damaged = [info for info in checked if not _intact(archive, info)]
-            return [info.filename.partition("/")[2] for info in damaged]
+            for info in records:
+                name = info.filename.partition("/")[2]
+                if not tensor_data and name.startswith("data/"):
+                    continue
+                try:  # reading a record to its end compares it with its CRC-32
+                    with archive.open(info) as record:
+                        while record.read(RECORD_CHUNK):
+                            pass
+                except zipfile.BadZipFile:
+                    damaged.append(name)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as err:
         return [f"the archive's directory ({first_line(err)})"]
-
-
-def _intact(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bool:
-    """Whether one record reads back with the CRC-32 stored for it."""
-    try:
-        with archive.open(info) as record:
-            while record.read(RECORD_CHUNK):
-                pass
-    except zipfile.BadZipFile:
-        return False
-    return True
+    return damaged
 
 
 def summarize_keys(keys: list[str], limit: int = 3) -> str:
@@ -139,10 +119,8 @@ def summarize_keys(keys: list[str], limit: int = 3) -> str:
 
 
 def named_tensors(value: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor in a nested checkpoint value, named by its path (``model.bnneck.weight``).
-
-    Dicts are walked in sorted key order, so the order is fixed for a given checkpoint.
-    """
+    """Every tensor in a nested checkpoint value, named by its path (``model.bnneck.weight``),
+    dicts in sorted key order."""
     if isinstance(value, torch.Tensor):
         yield prefix, value
     elif isinstance(value, Mapping):
@@ -159,39 +137,29 @@ def _float_tensors(value: Any) -> list[tuple[str, torch.Tensor]]:
 
 
 def non_finite_tensors(checkpoint: Mapping[str, Any]) -> list[str]:
-    """The names of the floating-point tensors in ``checkpoint`` holding a NaN or infinity.
-
-    Weights, BN statistics, EMA and optimizer state alike: one such value makes the whole
-    checkpoint unusable. The test runs on each tensor's own device, with one read-back.
-    """
+    """The names of the floating-point tensors in ``checkpoint`` holding a NaN or infinity
+    (tested on each tensor's device, with one read-back per device)."""
     named = _float_tensors(checkpoint)
-    by_device: dict[torch.device, list[int]] = {}
-    for index, (_, tensor) in enumerate(named):
-        by_device.setdefault(tensor.device, []).append(index)
-    bad: list[int] = []
-    for indices in by_device.values():
-        flags = torch.stack([named[i][1].detach().isfinite().all() for i in indices]).cpu()
-        bad += [i for i, finite in zip(indices, flags.tolist(), strict=True) if not finite]
-    return [named[i][0] for i in sorted(bad)]
+    finite = [True] * len(named)
+    for device in {tensor.device for _, tensor in named}:
+        indices = [i for i, (_, tensor) in enumerate(named) if tensor.device == device]
+        flags = torch.stack([named[i][1].detach().isfinite().all() for i in indices]).tolist()
+        for index, flag in zip(indices, flags, strict=True):
+            finite[index] = flag
+    return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
 
 
 def largest_tensors(state: Mapping[str, Any], count: int = 3) -> list[str]:
-    """The ``count`` floating-point tensors of ``state`` with the largest magnitude, described.
-
-    Each as ``name (max |value| 1.2e+10)``, largest first: where to look when finite weights
-    make the features overflow.
-    """
+    """The ``count`` floating-point tensors of ``state`` with the largest magnitude, largest
+    first, each as ``name (max |value| 1.2e+10)``: where to look when features overflow."""
     peaks = [(float(t.detach().abs().max()), name) for name, t in _float_tensors(state)]
     peaks.sort(key=lambda peak: -peak[0])
     return [f"{name} (max |value| {peak:.1e})" for peak, name in peaks[:count]]
 
 
 def plain(value: Any) -> Any:
-    """``value`` with str/int/float subclasses (e.g. ``torch.__version__``) made plain.
-
-    ``torch.load(..., weights_only=True)`` refuses such subclasses, so everything stored in a
-    checkpoint besides tensors goes through this.
-    """
+    """``value`` with str/int/float subclasses (e.g. ``torch.__version__``), which weights-only
+    loading refuses, made plain."""
     if isinstance(value, bool) or value is None:
         return value
     for kind in (str, int, float):
@@ -206,11 +174,9 @@ def plain(value: Any) -> Any:
 
 def _is_plain(value: Any) -> bool:
     """Whether ``value`` is a plain JSON-like value that weights-only loading accepts."""
-    if value is None or isinstance(value, bool | int | float | str):
-        return True
     if isinstance(value, list | tuple):
         return all(_is_plain(item) for item in value)
-    return False
+    return value is None or isinstance(value, bool | int | float | str)
 
 
 def checkpoint_header(
@@ -237,11 +203,6 @@ def is_resumable(checkpoint: Mapping[str, Any]) -> bool:
     return checkpoint.get("format") == CHECKPOINT_FORMAT and "optimizer" in checkpoint
 
 
-def is_search_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
-    """Whether ``checkpoint`` was written by a search (its ``model`` is a supernet)."""
-    return isinstance(checkpoint.get(SEARCH_KEY), dict)
-
-
 def stored_integer(
     value: Any,
     name: str,
@@ -249,12 +210,8 @@ def stored_integer(
     minimum: int | None = None,
     maximum: int | None = None,
 ) -> int:
-    """A number stored in checkpoint ``source`` (``name`` for messages) as an int, else one line.
-
-    Integral floats and digit strings are taken as they always were; anything else, or a value
-    outside ``minimum``..``maximum`` (an edited checkpoint), is refused naming the file, the
-    entry and the value.
-    """
+    """A number stored in checkpoint ``source`` (``name`` for messages) as an int: integral
+    floats and digit strings are taken; anything else, or out of ``minimum``..``maximum``, fails."""
     number: int | None = None
     integral_float = isinstance(value, float) and value.is_integer()
     if integral_float or (isinstance(value, str) and value.strip().isdigit()):
@@ -262,8 +219,7 @@ def stored_integer(
     elif isinstance(value, int) and not isinstance(value, bool):
         number = value
     low = minimum is not None and number is not None and number < minimum
-    high = maximum is not None and number is not None and number > maximum
-    if number is None or low or high:
+    if number is None or low or (maximum is not None and number > maximum):
         expected = "an integer"
         if minimum is not None:
             expected += f" in {minimum}..{maximum}" if maximum is not None else f" >= {minimum}"
@@ -275,11 +231,8 @@ def stored_integer(
 
 
 def tensor_checksums(checkpoint: Mapping[str, Any]) -> dict[str, list[Any]]:
-    """``[CRC-32 of the bytes, dtype, shape]`` of every tensor in ``checkpoint``, by name.
-
-    The bytes are read on the CPU, so the values do not depend on the device the tensors were
-    saved from (about 1 s per GB).
-    """
+    """``[CRC-32 of the bytes, dtype, shape]`` of every tensor in ``checkpoint``, by name (read
+    on the CPU, so the device the tensors were saved from does not matter)."""
     sums = {}
     for name, tensor in named_tensors(checkpoint):
         if name.split(".")[0] == CHECKSUM_KEY:
@@ -298,11 +251,8 @@ def _stored_checksums(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def damaged_tensors(checkpoint: Mapping[str, Any]) -> list[str]:
-    """The tensors of ``checkpoint`` whose bytes differ from the checksums stored at saving.
-
-    A tensor removed since, or with another dtype or shape (an edit, not damage), is not
-    compared.
-    """
+    """The tensors of ``checkpoint`` whose bytes differ from the checksums stored at saving
+    (one removed since, or with another dtype or shape, is an edit and not compared)."""
     saved = _stored_checksums(checkpoint)
     if saved is None:
         return []
@@ -314,11 +264,8 @@ def damaged_tensors(checkpoint: Mapping[str, Any]) -> list[str]:
 
 
 def write_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
-    """``torch.save`` ``checkpoint`` to ``path`` atomically (a kill leaves the old or the new).
-
-    A checkpoint of this project gets a checksum of each tensor, which
-    :func:`read_checkpoint` verifies.
-    """
+    """``torch.save`` ``checkpoint`` to ``path`` atomically; one of this project's gets a
+    checksum of each tensor, which :func:`read_checkpoint` verifies."""
     if checkpoint.get("format") == CHECKPOINT_FORMAT:
         checksum = {"algorithm": "crc32", "tensors": tensor_checksums(checkpoint)}
         checkpoint = {**checkpoint, CHECKSUM_KEY: checksum}
@@ -326,11 +273,8 @@ def write_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike[str]
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Safely read a checkpoint file of this project or the authors' and check it is one.
-
-    The tensors of a checkpoint with stored checksums are verified, then every record of the
-    file against its archive's CRC-32s; files from before checksums load as they are.
-    """
+    """Safely read a checkpoint file of this project or the authors', verifying its tensors'
+    checksums and its records' CRC-32s where it stores them."""
     data = safe_load(path)
     if not isinstance(data, dict) or "model" not in data or not isinstance(data["model"], dict):
         raise UserError(

@@ -1,10 +1,8 @@
 """One modality's network with every backbone BN folded into the convolution before it.
 
-In eval mode a BN is a per-channel affine map, so ``bn(conv(x))`` equals one convolution with a
-rescaled weight and a bias. Each BN slot resolves to one BN per modality (a split slot to that
-modality's, a shared slot to the shared one), so a network folded for a modality is a plain
-convolutional network: the same features for that modality, fewer operations, and nothing left
-that depends on the modality. The BNNeck stays (it follows pooling).
+In eval mode a BN is a per-channel affine map, so ``bn(conv(x))`` is one convolution with a
+rescaled weight and a bias; with each slot resolved to the modality's BN, the folded network is
+a plain convolutional network giving the same features. The BNNeck stays (it follows pooling).
 """
 
 from __future__ import annotations

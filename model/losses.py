@@ -1,14 +1,9 @@
 """Losses of CM-NAS training and search: identity CE, batch-hard triplet, SP and CMMD.
 
-Each loss is a plain differentiable function of features and labels. :data:`LOSS_TERMS` is the one
-table of terms: name, function, which features and labels it takes, weight and its command-line
-flag, and whether the search's architecture step uses it. The flags, their checks, the logged
-names and the plotted curves all come from it; :class:`LossRecipe` weighs and sums the terms (the
-paper's recipe: CE + triplet + 5.0 * SP + 0.05 * CMMD). Anything that pairs samples of the same
-identity does so by comparing labels, never by assuming batch positions, except ``sp_loss``,
-whose definition is positional (row k of both halves is the same identity).
-
-A new loss is its function plus one :class:`LossTerm` entry in the table (from other code:
+:data:`LOSS_TERMS` is the one table of terms, from which the flags, logged names and plotted curves
+come; :class:`LossRecipe` weighs and sums them (the paper's: CE + triplet + 5.0 * SP + 0.05 *
+CMMD). Samples of one identity are paired by label, never by batch position, except in the
+positional ``sp_loss``. A new loss is its function plus one :class:`LossTerm` (from other code:
 :func:`register_loss`).
 """
 
@@ -49,9 +44,8 @@ def batch_hard_triplet(
 ) -> torch.Tensor:
     """Batch-hard triplet loss: mean(relu(hardest positive - hardest negative + margin)).
 
-    For each anchor the hardest positive is the farthest candidate with its label and the hardest
-    negative the nearest candidate with another label. Anchors lacking either are left out of the
-    mean; if none remain the loss is a zero that still belongs to the graph.
+    Per anchor: the farthest candidate with its label and the nearest with another. Anchors
+    lacking either are left out; if none remain the loss is a graph-connected zero.
     """
     dist = euclidean_dist(anchors, candidates)
     same = anchor_labels.view(-1, 1) == candidate_labels.view(1, -1)
@@ -71,31 +65,21 @@ def cross_modality_triplet(
     margin: float = 0.4,
     pairings: Sequence[str] = PAIRINGS,
 ) -> torch.Tensor:
-    """Mean of batch_hard_triplet over anchor -> candidate pairings ("vv", "ii", "vi", "iv").
-
-    The full set is the training loss; ``pairings=("vi", "iv")`` is the cross-modality-only
-    variant used by the architecture search.
-    """
+    """Mean of batch_hard_triplet over anchor -> candidate pairings ("vv", "ii", "vi", "iv";
+    the architecture search uses ``("vi", "iv")``)."""
     if not pairings:
         raise ValueError("pairings must name at least one of 'vv', 'ii', 'vi', 'iv'")
-    sets = {"v": (visible_feats, visible_labels), "i": (infrared_feats, infrared_labels)}
-    losses = []
     for pairing in pairings:
         if pairing not in PAIRINGS:
             raise ValueError(f"unknown pairing {pairing!r}: expected one of {PAIRINGS}")
-        anchors, anchor_labels = sets[pairing[0]]
-        candidates, candidate_labels = sets[pairing[1]]
-        losses.append(
-            batch_hard_triplet(anchors, anchor_labels, candidates, candidate_labels, margin)
-        )
+    sets = {"v": (visible_feats, visible_labels), "i": (infrared_feats, infrared_labels)}
+    losses = [batch_hard_triplet(*sets[p[0]], *sets[p[1]], margin) for p in pairings]
     return torch.stack(losses).mean()
 
 
 def sp_loss(visible_feats: torch.Tensor, infrared_feats: torch.Tensor) -> torch.Tensor:
-    """Correlation consistency: MSE between the row-normalised Gram matrices of the two halves.
-
-    Row k of both halves must be the same identity (the sampler's alignment).
-    """
+    """Correlation consistency: MSE between the row-normalised Gram matrices of the two halves
+    (row k of both halves is the same identity, as the sampler aligns them)."""
     if visible_feats.shape != infrared_feats.shape:
         raise ValueError(
             f"sp_loss needs aligned halves, got {tuple(visible_feats.shape)} and "
@@ -125,8 +109,8 @@ def cmmd_loss(
 ) -> torch.Tensor:
     """Class-specific MMD^2 with kernel (a.b)^2 on L2-normalised features, averaged over identities.
 
-    Per identity present in both modalities: mean k(V,V) + mean k(I,I) - 2 mean k(V,I) over all
-    pairs, diagonal included. With no shared identity the loss is a graph-connected zero.
+    Per identity in both modalities: mean k(V,V) + mean k(I,I) - 2 mean k(V,I) over all pairs,
+    diagonal included; with no shared identity, a graph-connected zero.
     """
     visible = F.normalize(visible_feats, dim=1)
     infrared = F.normalize(infrared_feats, dim=1)
@@ -155,13 +139,10 @@ def cmmd_loss(
 class LossTerm:
     """One term of the training loss.
 
-    ``function`` takes the visible and infrared halves of the ``features`` ("pool" or "bnneck")
-    as ``(visible, visible_labels, infrared, infrared_labels)``, or ``(visible, infrared)``
-    without ``labels``; with "logits" it takes the whole batch's classifier logits and labels. Its
-    weight is ``weight`` unless the recipe sets another; ``flag`` names the command-line option
-    that does (``None``: the weight is fixed). ``search``: the search's architecture step, whose
-    batches have no classifier, uses the term too. ``settings`` turns the recipe's other values
-    into the function's keyword arguments.
+    ``function`` takes ``(visible, visible_labels, infrared, infrared_labels)`` of the
+    ``features`` ("pool" or "bnneck"), ``(visible, infrared)`` without ``labels``, or the batch's
+    logits and labels. ``flag`` sets the weight from the command line (None: fixed); ``search``:
+    the architecture step uses it too; ``settings`` makes keyword arguments from the recipe.
     """
 
     name: str
@@ -254,12 +235,8 @@ def _default_weights() -> Mapping[str, float]:
 
 @dataclass(frozen=True)
 class LossRecipe:
-    """The loss terms a step uses and their weights; the defaults are the paper's recipe.
-
-    Calling the recipe on a batch whose first ``n_visible`` samples are visible returns the
-    weighted terms by name and their sum under ``"loss"``. A term whose weight is 0 is left out.
-    ``weights`` holds a weight per term name (the table's for those it does not name).
-    """
+    """The loss terms a step uses and their weights by name (the table's for those not named);
+    the defaults are the paper's recipe."""
 
     weights: Mapping[str, float] = field(default_factory=_default_weights)
     label_smooth: float = 0.0
@@ -285,10 +262,8 @@ class LossRecipe:
         labels: torch.Tensor,
         n_visible: int,
     ) -> dict[str, torch.Tensor]:
-        """The weighted terms named in ``terms`` and their sum under ``"loss"``.
-
-        CE needs ``logits``, which the search's architecture step does not have.
-        """
+        """The weighted terms named in ``terms`` (those of weight 0 left out) and their sum under
+        ``"loss"``, on a batch whose first ``n_visible`` samples are visible."""
         unknown = [name for name in self.terms if name not in LOSS_TERMS]
         if unknown:
             raise ValueError(f"unknown loss term(s) {unknown}: expected some of {list(LOSS_TERMS)}")

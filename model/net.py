@@ -1,24 +1,135 @@
-"""The CM-NAS network: a modality-aware ResNet backbone with a BNNeck head."""
+"""The CM-NAS network: a ResNet-18/34/50 backbone whose every norm layer comes from a factory.
+
+Each slot asks ``norm(slot_name, channels)`` for a module taking ``(x, routing)``, so one code
+builds the all-shared baseline, any split scheme and the search supernet. Module names follow
+torchvision's (``layerN.M.convK``, ``layerN.M.bnK``) but for the shortcut, ``downsample.conv`` /
+``downsample.bn`` as in the authors' checkpoints.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from model.arch import Arch
-from model.bn import ModalityBN, NormFactory, Routing, find_slots
-from model.resnet import ResNet
+from model.arch import RESNET_LAYOUT, Arch, has_downsample
+from model.bn import ModalityBN, NormFactory, Routing
 from model.weights import load_imagenet
 from utils.base.modality import Modality
+
+
+class Downsample(nn.Module):
+    """Projection shortcut: 1x1 convolution and its norm slot."""
+
+    def __init__(
+        self, in_planes: int, out_planes: int, stride: int, norm: NormFactory, prefix: str
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+        self.bn = norm(f"{prefix}.downsample.bn", out_planes)
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Project ``x`` to the block's output shape."""
+        return self.bn(self.conv(x), routing)
+
+
+class Block(nn.Module):
+    """A residual block: two 3x3 convolutions (``basic``, ResNet-18/34), or 1x1-3x3-1x1 with
+    the stride on the 3x3 and four times the width out (``bottleneck``, ResNet-50)."""
+
+    def __init__(
+        self,
+        kind: str,
+        in_planes: int,
+        planes: int,
+        stride: int,
+        downsample: Downsample | None,
+        norm: NormFactory,
+        prefix: str,
+    ) -> None:
+        super().__init__()
+        # (in, out, kernel size, stride) of each convolution, followed by its norm slot.
+        if kind == "bottleneck":
+            convs = [(in_planes, planes, 1, 1), (planes, planes, 3, stride)]
+            convs.append((planes, planes * 4, 1, 1))
+        else:
+            convs = [(in_planes, planes, 3, stride), (planes, planes, 3, 1)]
+        for k, (cin, cout, size, step) in enumerate(convs, start=1):
+            conv = nn.Conv2d(cin, cout, size, stride=step, padding=size // 2, bias=False)
+            setattr(self, f"conv{k}", conv)
+            setattr(self, f"bn{k}", norm(f"{prefix}.bn{k}", cout))
+        self.num_convs = len(convs)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Residual block forward pass."""
+        identity = x if self.downsample is None else self.downsample(x, routing)
+        out = x
+        for k in range(1, self.num_convs + 1):
+            out = getattr(self, f"bn{k}")(getattr(self, f"conv{k}")(out), routing)
+            if k < self.num_convs:
+                out = self.relu(out)
+        return self.relu(out + identity)
+
+
+class Stage(nn.ModuleList):
+    """A ResNet stage (``layerN``): blocks applied in order, each given the routing."""
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Run every block of the stage."""
+        for block in self:
+            x = block(x, routing)
+        return x
+
+
+class ResNet(nn.Module):
+    """ResNet feature extractor (no pooling, no classifier) with factory-built norm slots."""
+
+    def __init__(self, depth: int, norm: NormFactory, last_stride: int = 1) -> None:
+        super().__init__()
+        if last_stride not in (1, 2):
+            raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
+        kind, blocks = RESNET_LAYOUT[depth]
+        expansion = 4 if kind == "bottleneck" else 1
+        self.depth = depth
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm("bn1", 64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        in_planes = 64
+        strides = (1, 2, 2, last_stride)
+        for stage, (count, stride) in enumerate(zip(blocks, strides, strict=True), start=1):
+            planes = 64 * 2 ** (stage - 1)
+            layer = Stage()
+            for index in range(count):
+                prefix = f"layer{stage}.{index}"
+                block_stride = stride if index == 0 else 1
+                downsample = None
+                if index == 0 and has_downsample(depth, stage):
+                    downsample = Downsample(
+                        in_planes, planes * expansion, block_stride, norm, prefix
+                    )
+                layer.append(Block(kind, in_planes, planes, block_stride, downsample, norm, prefix))
+                in_planes = planes * expansion
+            setattr(self, f"layer{stage}", layer)
+        self.out_channels = in_planes
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Return the final feature map (``out_channels`` x H/16 x W/16 at last stride 1)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x), routing)))
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x, routing)
+        return x
 
 
 class CMNASNet(nn.Module):
     """Backbone -> global average pool -> BNNeck -> bias-free classifier.
 
-    ``model(images, modality)`` returns ``(pool_feature, bnneck_feature)`` in eval mode and
-    ``(pool_feature, bnneck_feature, logits)`` in training mode. ``modality`` is
-    ``"visible"``/``"infrared"`` for the whole batch, a per-sample tensor of
-    :class:`~utils.base.modality.Modality` values, or a prepared :class:`~model.bn.Routing`.
+    ``model(images, modality)`` returns the pooled and BNNeck features (and in training mode the
+    logits); ``modality`` names the batch's, or is a per-sample tensor or a :class:`Routing`.
     """
 
     def __init__(
@@ -38,10 +149,6 @@ class CMNASNet(nn.Module):
         self.bnneck.bias.requires_grad_(False)
         self.classifier = nn.Linear(feat_dim, num_classes, bias=False)
         nn.init.normal_(self.classifier.weight, 0.0, 0.001)
-
-    def slots(self) -> dict[str, nn.Module]:
-        """The backbone's norm slots by slot name (e.g. ``layer1.0.bn1``), in canonical order."""
-        return find_slots(self)
 
     def forward(
         self, images: torch.Tensor, modality: str | Modality | torch.Tensor | Routing
@@ -63,6 +170,5 @@ def build_model(
     model = CMNASNet(
         arch.depth, num_classes, lambda name, n: ModalityBN(n, arch.slots[name]), last_stride
     )
-    if pretrained is not None and str(pretrained).lower() != "none":
-        load_imagenet(model, str(pretrained))
+    load_imagenet(model, pretrained)
     return model

@@ -1,9 +1,7 @@
 """Rebuild the network a checkpoint was trained with (this project's or the authors') and load it.
 
-This project's checkpoints carry their architecture, class count and last stride; the authors'
-carry none of these, so their ``config.cfg`` must be given, the class count comes from the
-classifier matrix and the last stride from the caller (default 1, as the authors trained).
-Messages name the ``--weights`` and ``--config_path`` flags of the commands that call this.
+The authors' checkpoints carry no architecture, class count or last stride: their ``config.cfg``
+is needed, the classifier gives the class count and the caller the last stride (default 1).
 """
 
 from __future__ import annotations
@@ -17,12 +15,7 @@ from typing import Any
 import torch
 
 from model.arch import Arch, arch_from_dict, load_arch
-from model.checkpoint import (
-    is_authors_checkpoint,
-    is_search_checkpoint,
-    read_checkpoint,
-    stored_integer,
-)
+from model.checkpoint import SEARCH_KEY, is_authors_checkpoint, read_checkpoint, stored_integer
 from model.net import CMNASNet, build_model
 from model.weights import load_checkpoint
 from utils.base.errors import UserError
@@ -45,19 +38,6 @@ class Restored:
     img_size: tuple[int, int] = DEFAULT_IMG_SIZE
 
 
-def stored_img_size(
-    weights: str | os.PathLike[str], checkpoint: Mapping[str, Any]
-) -> tuple[int, int]:
-    """The (height, width) ``checkpoint`` was trained at: its stored size, else 256x128."""
-    trained = checkpoint.get("args") if not is_authors_checkpoint(checkpoint) else None
-    trained = trained if isinstance(trained, Mapping) else {}
-    height, width = (
-        stored_integer(trained.get(flag) or fallback, flag, weights, 1)
-        for flag, fallback in zip(("img_h", "img_w"), DEFAULT_IMG_SIZE, strict=True)
-    )
-    return height, width
-
-
 def slot_difference(given: Arch, stored: Arch) -> str:
     """The slots where two architectures differ, for error messages."""
     if given.depth != stored.depth:
@@ -76,9 +56,8 @@ def model_from_checkpoint(
 ) -> Restored:
     """Rebuild and load the network of checkpoint file ``weights`` (already read: ``checkpoint``).
 
-    ``config_path`` is required for the authors' checkpoints and, for this project's, must match
-    the stored architecture when given; ``last_stride`` overrides the stored one (authors': 1);
-    ``ema`` loads the EMA weights.
+    ``config_path``, needed for the authors' checkpoints, must match this project's stored
+    architecture; ``last_stride`` overrides the stored one; ``ema`` loads the EMA weights.
     """
     if checkpoint is None:
         checkpoint = read_checkpoint(weights)
@@ -96,7 +75,7 @@ def model_from_checkpoint(
             raise UserError(f"--weights {weights}: no module.classifier.weight matrix")
         num_classes, stride = int(classifier.shape[0]), last_stride or 1
     else:
-        if is_search_checkpoint(checkpoint):
+        if isinstance(checkpoint.get(SEARCH_KEY), dict):
             raise UserError(
                 f"--weights {weights}: a search checkpoint (a supernet); train its "
                 "arch.json with train.py and use that checkpoint"
@@ -119,5 +98,11 @@ def model_from_checkpoint(
     model = build_model(arch, num_classes, stride)
     load_checkpoint(model, checkpoint, ema=ema, source=str(weights))
     log.info("model: %s, %d classes, last stride %d", arch.summary(), num_classes, stride)
-    img_size = stored_img_size(weights, checkpoint)
-    return Restored(model, arch, num_classes, stride, authors, checkpoint, img_size)
+    # The (height, width) it was trained at: the stored size, else the paper's.
+    trained = checkpoint.get("args") if not authors else None
+    trained = trained if isinstance(trained, Mapping) else {}
+    height, width = (
+        stored_integer(trained.get(flag) or fallback, flag, weights, 1)
+        for flag, fallback in zip(("img_h", "img_w"), DEFAULT_IMG_SIZE, strict=True)
+    )
+    return Restored(model, arch, num_classes, stride, authors, checkpoint, (height, width))

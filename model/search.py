@@ -1,18 +1,14 @@
-"""The search supernet: every BN slot holds both choices, mixed by an architecture parameter.
+"""The search supernet: a :class:`~model.net.CMNASNet` whose every BN slot holds both choices.
 
-A :class:`SearchableBN` slot computes ``w_split * split(x) + w_shared * shared(x)`` with
-``w = softmax(alpha / tau)`` (or a Gumbel-softmax sample at temperature ``tau`` while training
-with the ``"gumbel"`` relaxation). Its BNs are named ``shared``, ``visible`` and ``infrared`` like
-:class:`~model.bn.ModalityBN`'s, so ImageNet initialisation fills all three.
-
-The supernet is a :class:`~model.net.CMNASNet` whose every slot is a :class:`SearchableBN`;
-:func:`derive_arch` turns it into an :class:`~model.arch.Arch` (argmax per slot).
+A :class:`SearchableBN` computes ``w_split * split(x) + w_shared * shared(x)``, ``w = softmax(alpha
+/ tau)`` (or Gumbel-softmax, training with ``"gumbel"``); :func:`derive_arch` takes the argmaxes.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -43,8 +39,7 @@ class SearchableBN(nn.Module):
         self.num_features = num_features
         self.relaxation = relaxation
         self.tau = float(tau)
-        # The choice a hard (derived-architecture) forward computes; None: the soft mixture.
-        self.hard_choice: str | None = None
+        self.hard_choice: str | None = None  # what a hard forward computes; None: the mixture
         self.shared = nn.BatchNorm2d(num_features)
         self.visible = nn.BatchNorm2d(num_features)
         self.infrared = nn.BatchNorm2d(num_features)
@@ -53,7 +48,7 @@ class SearchableBN(nn.Module):
 
     def branches(self) -> dict[str, nn.BatchNorm2d]:
         """All three BNs by branch name (``shared``, ``visible``, ``infrared``)."""
-        return {name: module for name, module in self.named_children()}
+        return dict(self.named_children())
 
     def mixing_weights(self) -> torch.Tensor:
         """``[w_shared, w_split]``: a Gumbel-softmax sample in training, else the softmax."""
@@ -111,8 +106,7 @@ def build_supernet(
 ) -> CMNASNet:
     """The search supernet; ``pretrained`` is None, ``"none"``, ``"imagenet"`` or a file path."""
     model = CMNASNet(depth, num_classes, lambda _, n: SearchableBN(n, relaxation, tau), last_stride)
-    if pretrained is not None and pretrained.lower() != "none":
-        load_imagenet(model, pretrained)
+    load_imagenet(model, pretrained)
     return model
 
 
@@ -145,18 +139,14 @@ def derive_arch(model: nn.Module, provenance: dict[str, Any] | None = None) -> A
     if not slots:
         raise ValueError("the model has no searchable slots (not a supernet)")
     record = dict(provenance or {})
-    record["split_probability"] = {
-        name: round(slot.split_probability(), 6) for name, slot in slots.items()
-    }
+    record["split_probability"] = {n: round(p, 6) for n, p in split_probabilities(model).items()}
     return Arch(model.backbone.depth, {name: slot.choice() for name, slot in slots.items()}, record)
 
 
 @contextlib.contextmanager
 def hard_mode(model: nn.Module, arch: Arch | None = None) -> Iterator[Arch]:
-    """Run the supernet as ``arch`` (default: its derived architecture) inside the block.
-
-    The choices are read once on entry, so a forward never synchronises with the device.
-    """
+    """Run the supernet as ``arch`` (default: its derived architecture) inside the block (the
+    choices are read once on entry, so a forward never synchronises with the device)."""
     arch = arch if arch is not None else derive_arch(model)
     slots = searchable_slots(model)
     for name, slot in slots.items():
@@ -169,38 +159,26 @@ def hard_mode(model: nn.Module, arch: Arch | None = None) -> Iterator[Arch]:
 
 
 @contextlib.contextmanager
-def requires_grad(params: Iterable[nn.Parameter], flag: bool) -> Iterator[None]:
-    """Set ``requires_grad`` of ``params`` inside the block, restoring each one's flag after.
-
-    A parameter that does not require grad gets no gradient at all, so a step cannot move it,
-    and autograd skips computing it (the weight gradients of the architecture step).
-    """
-    params = list(params)
-    before = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(flag)
+def _set_inside(items: list[Any], attribute: str, value: bool) -> Iterator[None]:
+    """Set ``attribute`` of every item to ``value`` inside the block, restoring each one's after."""
+    before = [getattr(item, attribute) for item in items]
+    for item in items:
+        setattr(item, attribute, value)
     try:
         yield
     finally:
-        for p, value in zip(params, before, strict=True):
-            p.requires_grad_(value)
+        for item, old in zip(items, before, strict=True):
+            setattr(item, attribute, old)
 
 
-@contextlib.contextmanager
-def frozen_bn_statistics(model: nn.Module) -> Iterator[None]:
-    """Normalise with batch statistics inside the block but leave the running ones untouched.
+def requires_grad(params: Iterable[nn.Parameter], flag: bool) -> AbstractContextManager[None]:
+    """Set ``requires_grad`` of ``params`` inside the block, restoring each one's flag after
+    (with it off, a step cannot move them and autograd skips their gradients)."""
+    return _set_inside(list(params), "requires_grad", flag)
 
-    The architecture step must not change the network: its batches come from other identities.
-    """
-    bns = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) and m.track_running_stats
-    ]
-    for bn in bns:
-        bn.track_running_stats = False
-    try:
-        yield
-    finally:
-        for bn in bns:
-            bn.track_running_stats = True
+
+def frozen_bn_statistics(model: nn.Module) -> AbstractContextManager[None]:
+    """Normalise with batch statistics inside the block but leave the running ones untouched
+    (the architecture step's batches come from other identities)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)]
+    return _set_inside(bns, "track_running_stats", False)

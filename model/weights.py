@@ -1,9 +1,5 @@
-"""Loading weights into a network: this project's checkpoints, the authors' and ImageNet files.
-
-Every load ends in :func:`assign`: anything missing, extra or mis-shaped, or any weight that is
-NaN or infinite, fails with the slots or tensors named before any tensor is copied, and the load
-is reported. The authors' checkpoints (``module.`` prefix, three BNs per slot whatever the
-architecture) and torchvision's ImageNet files are first renamed to this project's keys.
+"""Loading weights into a network: this project's checkpoints, the authors' (``module.`` prefix,
+three BNs per slot) and torchvision's ImageNet files, the last two renamed to this project's keys.
 """
 
 from __future__ import annotations
@@ -69,11 +65,9 @@ def assign(
     dropped: list[str],
     backbone_only: bool = False,
 ) -> LoadReport:
-    """Copy ``state`` (already in this project's key names) into ``model``, checking it fits.
-
-    ``backbone_only``: ``state`` holds ImageNet weights, which cannot hold the head or the
-    search supernet's alphas; those keep the model's own values.
-    """
+    """Copy ``state`` (in this project's key names) into ``model``; anything missing, extra or
+    mis-shaped, or NaN or infinite, fails naming the parts before any tensor is copied.
+    ``backbone_only``: ImageNet weights, so the head and the alphas keep their own values."""
     own = model.state_dict()
     missing = [key for key in own if key not in state]
     if backbone_only:
@@ -143,11 +137,8 @@ def load_checkpoint(
     ema: bool = False,
     source: str | None = None,
 ) -> LoadReport:
-    """Load this project's or the authors' checkpoint into ``model`` (live or ``ema`` weights).
-
-    ``path`` is a file or an already-read checkpoint dict (then ``source`` names it in
-    messages). Unused BN branches of the authors' files are dropped and reported.
-    """
+    """Load this project's or the authors' checkpoint into ``model`` (live or ``ema`` weights);
+    ``path`` is a file or an already-read checkpoint dict (``source`` names it in messages)."""
     if isinstance(path, Mapping):
         checkpoint, source = path, source or "checkpoint"
     else:
@@ -166,11 +157,8 @@ def load_checkpoint(
 def convert_authors_state(
     state: Mapping[str, torch.Tensor], model: nn.Module
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Rename the authors' keys to ours and drop the BN branches ``model`` does not use.
-
-    Any other key the model lacks is kept in the result, so that loading reports it as a
-    mismatch instead of silently ignoring it.
-    """
+    """Rename the authors' keys to ours and drop the BN branches ``model`` does not use (any
+    other key it lacks stays, for :func:`assign` to report)."""
     own = model.state_dict()
     slots = find_slots(model)
     converted: dict[str, torch.Tensor] = {}
@@ -194,11 +182,8 @@ def convert_authors_state(
 
 
 def _imagenet_state(depth: int, pretrained: str) -> tuple[dict[str, torch.Tensor], str]:
-    """Fetch (or read) torchvision-layout ImageNet weights; return them and their source.
-
-    ``"imagenet"`` downloads torchvision's file into torch's hub cache (``<hub>/checkpoints``)
-    once; an offline machine places the file there or passes its path.
-    """
+    """Torchvision-layout ImageNet weights and their source: a file, or for ``"imagenet"``
+    torchvision's, downloaded once into torch's hub cache (``<hub>/checkpoints``)."""
     if pretrained.lower() != "imagenet":
         state = safe_load(pretrained)
         if isinstance(state, dict) and "state_dict" in state:
@@ -223,12 +208,11 @@ def _imagenet_state(depth: int, pretrained: str) -> tuple[dict[str, torch.Tensor
     return safe_load(cached), str(cached)
 
 
-def load_imagenet(model: nn.Module, pretrained: str) -> LoadReport:
-    """Initialise ``model`` from torchvision-layout ResNet weights (``"imagenet"`` or a path).
-
-    Each BN's ImageNet parameters and statistics initialise every branch of its slot; the
-    ImageNet classifier ``fc`` is dropped; the head keeps its own initialisation.
-    """
+def load_imagenet(model: nn.Module, pretrained: str | None) -> LoadReport | None:
+    """Initialise ``model`` from torchvision-layout ResNet weights: ``"imagenet"`` or a path
+    (None or ``"none"``: nothing to load). Each BN initialises every branch of its slot."""
+    if pretrained is None or str(pretrained).lower() == "none":
+        return None
     state, source = _imagenet_state(model.backbone.depth, str(pretrained))
     state = {key.removeprefix("module."): value for key, value in state.items()}
     slots = find_slots(model)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_export import random_network
 
-from model import ModalityBN
+from model import ModalityBN, find_slots
 from model.fold import FoldedBN, conv_of_slot, folded_network
 
 
@@ -18,7 +18,7 @@ def test_folded_network_matches_each_modality(one_thread, depth: int) -> None:
         for modality in ("visible", "infrared"):
             folded = folded_network(model, modality)
             assert not any(isinstance(m, ModalityBN) for m in folded.modules())
-            assert sum(isinstance(m, FoldedBN) for m in folded.modules()) == len(model.slots())
+            assert sum(isinstance(m, FoldedBN) for m in folded.modules()) == len(find_slots(model))
             expected = model(images, modality)
             scale = max(1.0, float(expected[0].abs().max()))
             for got, want in zip(folded(images, modality), expected, strict=True):

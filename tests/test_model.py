@@ -412,9 +412,9 @@ def test_bn_module_counts(shared50: CMNASNet, split50: CMNASNet) -> None:
     """Shared slots build one BatchNorm2d, split slots exactly two (53 vs 106 for ResNet-50)."""
     assert count_bn2d(shared50) == 53
     assert count_bn2d(split50) == 106
-    for slot in shared50.slots().values():
+    for slot in find_slots(shared50).values():
         assert list(slot.branches()) == ["shared"]
-    for slot in split50.slots().values():
+    for slot in find_slots(split50).values():
         assert sorted(slot.branches()) == ["infrared", "visible"]
 
 
@@ -424,7 +424,7 @@ def test_mixed_architecture_builds_what_it_says() -> None:
 
     arch = load_arch(ROOT / "configs" / "resnet18_two_stream.json")
     model = build_model(arch, 3)
-    slots = model.slots()
+    slots = find_slots(model)
     assert set(slots) == set(arch.slots)
     for name, choice in arch.slots.items():
         expected = ["infrared", "visible"] if choice == SPLIT else ["shared"]
@@ -441,7 +441,7 @@ def test_slot_names_match_built_model(
     assert len(names) == count
     models = [shared50, split50] if depth == 50 else [build_model(Arch.uniform(depth, SPLIT), 2)]
     for model in models:
-        assert sorted(model.slots()) == sorted(names)
-        assert len(model.slots()) == count
+        assert sorted(find_slots(model)) == sorted(names)
+        assert len(find_slots(model)) == count
         # One finder for every caller, in the canonical (.cfg) order, from model or backbone.
         assert list(find_slots(model)) == names == list(find_slots(model.backbone))

@@ -21,6 +21,7 @@ from model import (
     Arch,
     Routing,
     build_model,
+    find_slots,
     load_arch,
     slot_names,
 )
@@ -171,7 +172,7 @@ def test_gumbel_samples_in_training_and_uses_the_softmax_in_eval() -> None:
 
 def test_supernet_parameters_and_imagenet_initialisation(tmp_path: Path) -> None:
     net = build_supernet(18, 5)
-    slots = net.slots()
+    slots = find_slots(net)
     assert list(slots) == slot_names(18)
     assert list(split_probabilities(net)) == slot_names(18)
     assert all(isinstance(s, SearchableBN) for s in slots.values())
@@ -190,7 +191,7 @@ def test_supernet_parameters_and_imagenet_initialisation(tmp_path: Path) -> None
     state["fc.weight"] = torch.zeros(1000, 512)
     torch.save(state, tmp_path / "resnet18.pth")
     net = build_supernet(18, 5, pretrained=str(tmp_path / "resnet18.pth"))
-    slot = net.slots()["layer2.0.downsample.bn"]
+    slot = find_slots(net)["layer2.0.downsample.bn"]
     for bn in slot.branches().values():
         torch.testing.assert_close(bn.weight, state["layer2.0.downsample.1.weight"])
     assert all(not a.detach().any() and a.requires_grad for a in arch_parameters(net))
@@ -427,7 +428,7 @@ def test_derive_arch_and_hard_mode_match_the_alphas() -> None:
     with hard_mode(net) as used:
         assert used.slots == arch.slots
         torch.testing.assert_close(net(x, "infrared")[1], derived(x, "infrared")[1])
-    assert all(s.hard_choice is None for s in net.slots().values())
+    assert all(s.hard_choice is None for s in find_slots(net).values())
 
 
 # ----- command line ---------------------------------------------------------------------------

@@ -1,9 +1,6 @@
-"""Atomic files and folders: write aside, then rename, so no reader sees half a file or a folder
-mixing two runs.
-
-A kill at any moment leaves either the previous file (folder) or the new one; a failure removes
-the temporary; what a kill -9 leaves is removed by the next write of the same folder; a full disk
-is reported in one line naming the folder and the size needed.
+"""Atomic files and folders: write aside, then rename, so that a kill at any moment leaves the
+previous file (folder) or the new one; a failure removes the temporary (a kill -9's, the next
+write), and a full disk is one line naming the folder and the size needed.
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from utils.base.errors import StopNow, UserError
 
@@ -59,24 +56,14 @@ def check_free_space(folder: str | os.PathLike[str], need_bytes: int) -> None:
         raise disk_full(folder, need_bytes)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def fsync_dir(folder: str | os.PathLike[str]) -> None:
     """Make a rename in ``folder`` durable (not possible on every platform; best effort)."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def temp_name(path: Path) -> str:
@@ -100,22 +87,24 @@ def write_atomic(
             finally:
                 written = os.fstat(handle.fileno()).st_size
         # mkstemp creates the file readable by its owner only; give it the usual permissions.
-        os.chmod(tmp, 0o666 & ~_umask())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     except BaseException as err:
-        full = _is_disk_full(err) or _no_space_left(path.parent)
-        Path(tmp).unlink(missing_ok=True)
-        _reraise(err, full, path.parent, written + MB)
+        _fail(err, path.parent, written + MB, lambda: Path(tmp).unlink(missing_ok=True))
     fsync_dir(path.parent)
 
 
-def _reraise(err: BaseException, full: bool, folder: Path, need_bytes: int) -> None:
-    """Raise what a failed write means to the user: its stop signal, a full disk, or ``err``.
-
-    A signal handler that raises inside a library's writer (torch's zip writer calls back into
-    Python for every record) makes the writer fail with its own error ("unexpected pos"); the
-    stop (a KeyboardInterrupt in ``err``'s context), not that error, is what the user must see.
-    """
+def _fail(
+    err: BaseException, folder: Path, need_bytes: int, remove: Callable[[], object]
+) -> NoReturn:
+    """Call ``remove`` (delete the partial output), then raise what the failure means: a stop
+    signal in ``err``'s context (a library's writer that a signal handler interrupted fails with
+    its own error, as torch's "unexpected pos"), else a full disk, else ``err`` itself."""
+    # Judged before the partial output goes: a writer may hide ENOSPC in its own error.
+    full = _out_of_space(err, folder)
+    remove()
     seen: BaseException | None = err
     while seen is not None:
         if isinstance(seen, KeyboardInterrupt):
@@ -126,24 +115,19 @@ def _reraise(err: BaseException, full: bool, folder: Path, need_bytes: int) -> N
     raise err
 
 
-def _no_space_left(folder: Path) -> bool:
-    """Whether the file system of ``folder`` is (nearly) full: under 1 MB free.
-
-    A writer that hides the ENOSPC under its own message (torch's "unexpected pos") is
-    recognised by the disk it leaves full.
-    """
+def _out_of_space(err: BaseException, folder: Path) -> bool:
+    """Whether ``err`` means a full disk: ENOSPC, also wrapped in a library's own error, or
+    (when the library hid it, as torch's "unexpected pos") under 1 MB left free on ``folder``."""
+    if isinstance(err, UserError):
+        return False
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left on device" in str(err) or "file write failed" in str(err):
+        return True
     try:
         return shutil.disk_usage(folder).free < MB
     except OSError:
         return False
-
-
-def _is_disk_full(err: BaseException) -> bool:
-    """ENOSPC, also when a library wrapped it in its own error (torch's writer does)."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(err)
-    return "No space left on device" in text or "file write failed" in text
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
@@ -152,11 +136,8 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 
 
 def copy_atomic(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-    """Make ``dst`` a copy of the finished file ``src``, atomically.
-
-    A hard link when the file system allows it (no second write of a large file; a later atomic
-    write over ``src`` replaces ``src``'s name, not the linked data), else a copy.
-    """
+    """Make ``dst`` a copy of the finished file ``src``, atomically: a hard link when the file
+    system allows it (a later atomic write over ``src`` replaces its name, not the data)."""
     src, dst = Path(src), Path(dst)
     tmp = dst.with_name(f"{temp_name(dst)}{os.getpid()}.link{TEMP_SUFFIX}")
     try:
@@ -169,9 +150,7 @@ def copy_atomic(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Non
                 os.fsync(handle.fileno())
         os.replace(tmp, dst)
     except BaseException as err:
-        full = _is_disk_full(err) or _no_space_left(dst.parent)
-        tmp.unlink(missing_ok=True)
-        _reraise(err, full, dst.parent, src.stat().st_size)
+        _fail(err, dst.parent, src.stat().st_size, lambda: tmp.unlink(missing_ok=True))
     fsync_dir(dst.parent)
 
 
@@ -186,14 +165,9 @@ def remove_temp_files(folder: str | os.PathLike[str]) -> list[str]:
 
 
 def replace_dir(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-    """Move the finished folder ``src`` onto ``dst``, replacing an older ``dst``.
-
-    Where the system can swap two names in one step (Linux), ``dst`` is never absent: the swap
-    puts the old folder under ``src``'s name, deleted next. Elsewhere the old ``dst`` is first
-    renamed to a hidden sibling (``.NAME.old-HOST-PID-TAG``), which :func:`remove_leftovers`
-    puts back should the process die before the new folder took its place. A reader sees the
-    old folder or the new one, never a mix.
-    """
+    """Move the finished folder ``src`` onto ``dst``, replacing an older ``dst``: swapped in one
+    step where the system can (Linux), else the old ``dst`` first set aside as
+    ``.NAME.old-HOST-PID-TAG``, which :func:`remove_leftovers` puts back if the process dies."""
     src, dst = Path(src), Path(dst)
     if _exchange(src, dst):
         shutil.rmtree(src, ignore_errors=True)
@@ -213,8 +187,8 @@ def replace_dir(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Non
 
 
 def _exchange(src: Path, dst: Path) -> bool:
-    """Swap the folders ``src`` and ``dst`` atomically; False where either is absent or the
-    system cannot (only Linux's ``renameat2`` can, and not on every file system)."""
+    """Swap the folders ``src`` and ``dst`` atomically (Linux's ``renameat2``); False where
+    ``dst`` is absent or the system or file system cannot."""
     if not dst.is_dir():
         return False
     try:
@@ -242,26 +216,18 @@ def _stale(entry: Path, dst: Path) -> str | None:
     host, _, pid = rest.rpartition("-")[0].rpartition("-")
     if kind not in ("tmp", "old") or not pid.isdigit() or host not in ("", socket.gethostname()):
         return None
-    return kind if entry.is_dir() and not _alive(int(pid)) else None
-
-
-def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
-        return False
+        return kind if entry.is_dir() else None
     except PermissionError:
         pass  # it exists, as another user's
-    return True
+    return None
 
 
 def remove_leftovers(dst: str | os.PathLike[str]) -> list[str]:
-    """Tidy what killed writes of the folder ``dst`` left beside it; return the names handled.
-
-    A folder set aside by a swap that never finished is put back when ``dst`` is missing (so
-    ``dst`` is never lost), else deleted; half-written folders are deleted. Only the leftovers
-    of dead processes on this host are touched.
-    """
+    """Tidy what killed writes of the folder ``dst`` by dead processes of this host left beside
+    it (an old ``dst`` set aside is put back if ``dst`` is missing); return the names handled."""
     dst = Path(dst)
     handled = []
     for entry in sorted(dst.parent.glob(f"{glob.escape(temp_name(dst))}*-*")):
@@ -280,13 +246,9 @@ def remove_leftovers(dst: str | os.PathLike[str]) -> list[str]:
 
 @contextmanager
 def folder_aside(dst: str | os.PathLike[str], need_bytes: int = 0) -> Iterator[Path]:
-    """Yield an empty hidden sibling of ``dst`` to fill; swap it in for ``dst`` whole at the end.
-
-    Leftovers of killed runs are tidied first (:func:`remove_leftovers`), then ``need_bytes``
-    (what the folder will take) is checked against the free space. An exception, Ctrl-C,
-    SIGTERM or SIGHUP in the block deletes the half-written folder and leaves ``dst`` as it
-    was (a full disk is one :class:`DiskFull` line); after a kill -9 the next call deletes it.
-    """
+    """Yield an empty hidden sibling of ``dst`` to fill (after tidying leftovers and checking
+    ``need_bytes`` of free space); swap it in for ``dst`` at the end. An exception, Ctrl-C,
+    SIGTERM or SIGHUP in the block deletes it and leaves ``dst`` as it was."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(dst)
@@ -298,19 +260,13 @@ def folder_aside(dst: str | os.PathLike[str], need_bytes: int = 0) -> Iterator[P
             yield staging
             replace_dir(staging, dst)
     except BaseException as err:
-        # Judged before the half-written folder goes: a writer may hide ENOSPC in its own error.
-        full = not isinstance(err, UserError) and (_is_disk_full(err) or _no_space_left(dst.parent))
-        shutil.rmtree(staging, ignore_errors=True)
-        _reraise(err, full, dst.parent, need_bytes)
+        _fail(err, dst.parent, need_bytes, lambda: shutil.rmtree(staging, ignore_errors=True))
 
 
 @contextmanager
 def stop_signals_raise() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGHUP raise StopNow where they would kill the process.
-
-    So the clean-up written for Ctrl-C runs for them too. A signal that someone else already
-    handles is left alone, and so is every thread but the main one (only it receives signals).
-    """
+    """Within the block, SIGTERM and SIGHUP raise StopNow (so Ctrl-C's clean-up runs for them),
+    unless someone else handles them or this is not the main thread (only it gets signals)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -329,9 +285,7 @@ def _raise_stop(signum: int, frame: object) -> None:
     raise StopNow(signum)
 
 
-# --------------------------------------------------------------------------------------------
-# Where outputs may go: checked before any work
-# --------------------------------------------------------------------------------------------
+# Where outputs may go: checked before any work.
 def _check_writable(folder: Path, shown: Path, flag: str) -> None:
     """Fail unless ``folder`` (or, absent, the folder that would hold it) allows writing."""
     probe = folder
@@ -355,10 +309,8 @@ def check_out_dir(out: Path, flag: str = "--out") -> None:
 def check_replaceable(
     out: Path, own: Callable[[str], bool], what: str, earlier: str, flag: str = "--out"
 ) -> None:
-    """An existing ``out`` is replaced whole: refuse one holding a file ``own`` does not claim.
-
-    A hidden ``.NAME.*`` (the temporary of a killed write) counts as NAME's.
-    """
+    """An existing ``out`` is replaced whole: refuse one holding a file ``own`` does not claim
+    (a hidden ``.NAME.*``, the temporary of a killed write, counts as NAME's)."""
     if not out.is_dir():
         return
     foreign = sorted(p.name for p in out.iterdir() if not _claimed(p.name, own))
@@ -379,11 +331,8 @@ def check_not_input(
     out: Path, named: dict[str, str | None], images: Iterable[tuple[str, str]] = ()
 ) -> None:
     """Refuse an output that is an input, or a folder that holds one, also through links:
-    writing it would overwrite or delete the input.
-
-    ``named``: what each file read is -> its path (None: not given); ``images``: (path as
-    listed, resolved path) of the images read.
-    """
+    ``named`` maps what each file read is to its path (or None), ``images`` holds (path as
+    listed, resolved path) of the images read."""
     target = out.resolve()
     inputs = [(what, Path(path).resolve()) for what, path in named.items() if path]
     inputs += [(f"the input image {given}", Path(real)) for given, real in images]

@@ -1,10 +1,7 @@
 """An exclusive lock on a run folder, so that two processes never write one run at once.
 
-The lock is ``flock`` on a file inside the folder: the kernel drops it when the holder's last
-descriptor closes, so a run killed by any signal (even SIGKILL) never leaves a stale lock. The
-file also records who holds it (pid, host, start time, command line), which a second process
-names in its error. The file itself stays in the folder after release: deleting it would let a
-process that opened the old file and one that creates a new one both believe they hold the lock.
+It is ``flock`` on a file in the folder, dropped by the kernel with the holder's last descriptor
+(even on SIGKILL); the file names the holder and stays (deleting it could let two runs lock it).
 """
 
 from __future__ import annotations
@@ -19,7 +16,6 @@ import socket
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 
 from utils.base.errors import UserError
 
@@ -31,12 +27,8 @@ _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
 class RunLock:
-    """Hold an exclusive lock on ``folder`` (created if missing) until release or process exit.
-
-    ``with RunLock(folder):`` or ``lock = RunLock(folder).acquire()`` ... ``lock.release()``.
-    A second holder, in this process or another, gets a UserError naming the folder and the
-    current holder.
-    """
+    """Hold an exclusive lock on ``folder`` (created if missing) until release or process exit;
+    a second holder, in this process or another, gets a UserError naming the current holder."""
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
@@ -60,7 +52,7 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _describe(_read(fd))
+            holder = _holder_of(fd)
             os.close(fd)
             raise UserError(
                 f"{self.folder}: already in use by another run ({holder}); wait for it to end "
@@ -95,12 +87,7 @@ class RunLock:
     def __enter__(self) -> RunLock:
         return self.acquire()
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.release()
 
 
@@ -115,16 +102,12 @@ def _holder() -> dict[str, object]:
     }
 
 
-def _read(fd: int) -> str:
-    """The lock file's text (the holder writes it right after locking; it may be empty)."""
+def _holder_of(fd: int) -> str:
+    """One line naming the holder from the lock file (written right after locking: may be empty)."""
     try:
-        return os.pread(fd, 4096, 0).decode("utf-8", errors="replace")
+        text = os.pread(fd, 4096, 0).decode("utf-8", errors="replace")
     except OSError:
-        return ""
-
-
-def _describe(text: str) -> str:
-    """One line naming the holder from the lock file's text."""
+        text = ""
     try:
         info = json.loads(text)
         description = (

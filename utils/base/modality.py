@@ -18,14 +18,9 @@ class Modality(enum.IntEnum):
             return value
         if isinstance(value, str):
             key = value.strip().lower()
-            aliases = {
-                "visible": cls.VISIBLE,
-                "rgb": cls.VISIBLE,
-                "infrared": cls.INFRARED,
-                "ir": cls.INFRARED,
-                "thermal": cls.INFRARED,
-            }
-            if key in aliases:
-                return aliases[key]
+            if key in ("visible", "rgb"):
+                return cls.VISIBLE
+            if key in ("infrared", "ir", "thermal"):
+                return cls.INFRARED
             raise ValueError(f"unknown modality {value!r}: expected 'visible' or 'infrared'")
         return cls(int(value))
