@@ -66,10 +66,8 @@ def check_ids_have_images(root: str | os.PathLike, name: str, ids: Sequence[int]
 
 
 def read_checked_ids(root: str | os.PathLike, name: str, what: str = "") -> list[int]:
-    """Read the id file ``name`` (relative to ``root``); every id must have images.
-
-    With ``what`` ("test ids"), a file listing no id is an error.
-    """
+    """Read the id file ``name`` (relative to ``root``; with ``what``, an empty one is an error);
+    every id must have images."""
     ids = read_ids(os.path.join(os.fspath(root), name), what)
     check_ids_have_images(root, name, ids)
     return ids
@@ -86,29 +84,21 @@ def _test_ids(root: str | os.PathLike) -> list[int]:
     return sorted(set(read_checked_ids(root, TEST_ID_FILE, "test ids")))
 
 
-def _train_ids(root: str | os.PathLike) -> list[int]:
-    """The train + val ids, ascending."""
-    ids = set(read_checked_ids(root, ID_FILES[0]))
-    return sorted(ids | set(read_checked_ids(root, ID_FILES[1])))
-
-
-def sysu_train_files(root: str | os.PathLike) -> tuple[list[str], list[int], list[str], list[int]]:
-    """Return (visible paths, their ids, infrared paths, their ids) of the train + val ids.
-
-    Ids ascending, then cameras in order, then file names: the authors' order.
-    """
+def sysu_train_files(root: str | os.PathLike) -> TrainFiles:
+    """The images of the train + val ids, ids ascending, then cameras, then file names (the
+    authors' order)."""
     SYSU().check_layout(root)
-    ids = _train_ids(root)
+    ids = sorted(
+        set(read_checked_ids(root, ID_FILES[0])) | set(read_checked_ids(root, ID_FILES[1]))
+    )
     visible = VISIBLE_FOLDERS.images(root, ids)
     infrared = INFRARED_FOLDERS.images(root, ids)
-    return visible.paths, visible.pids.tolist(), infrared.paths, infrared.pids.tolist()
+    return TrainFiles(visible.paths, visible.pids.tolist(), infrared.paths, infrared.pids.tolist())
 
 
 def sysu_query(root: str | os.PathLike, mode: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Return (paths, pids, camids) of every infrared image (cams 3, 6) of the test ids.
-
-    The query is the same for both modes; ``mode`` is only checked.
-    """
+    """Return (paths, pids, camids) of every infrared image (cams 3, 6) of the test ids (the same
+    for both modes; ``mode`` is only checked)."""
     query = _query_list(root, 1, mode)
     return query.paths, query.pids, query.cams
 
@@ -116,14 +106,8 @@ def sysu_query(root: str | os.PathLike, mode: str) -> tuple[list[str], np.ndarra
 def sysu_gallery(
     root: str | os.PathLike, mode: str, shot: int = 1, trial: int = 0
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Return (paths, pids, camids) of the visible gallery of ``trial``, drawn as the authors did.
-
-    ``random.Random(trial)``; ids ascending; cameras 1, 2, 4, 5 (all) or 1, 2 (indoor); for each
-    (id, camera) folder with images, ``rng.sample(sorted full paths, shot)``. For ``shot=1`` this
-    consumes the generator exactly as the authors' ``random.choice`` did, so trial t reproduces
-    their gallery t. A folder with fewer than ``shot`` images (the authors' code would crash)
-    gives all its images, in sorted order, with a warning, and consumes no random draw.
-    """
+    """Return (paths, pids, camids) of the visible gallery of ``trial``, drawn as the authors did
+    (:meth:`CameraFolders.draw` seeded with ``trial``: trial t reproduces their gallery t)."""
     gallery = _gallery_list(root, 1, trial, mode, shot)
     return gallery.paths, gallery.pids, gallery.cams
 
@@ -181,7 +165,7 @@ class SYSU(DataSet):
 
     def train_files(self, root: str, split: int) -> TrainFiles:
         """The train + val ids' images (``split`` is ignored: SYSU-MM01 has one split)."""
-        return TrainFiles(*sysu_train_files(root))
+        return sysu_train_files(root)
 
     def make_protocols(self, settings: ProtocolSettings) -> tuple[Protocol, ...]:
         """The one protocol of ``settings.mode`` and ``settings.shot``."""
