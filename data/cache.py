@@ -62,41 +62,37 @@ def cache_mismatch(stored: dict, wanted: dict) -> str | None:
     """Say in a few words why a cache whose meta is ``stored`` cannot serve ``wanted``, or None."""
     stored, wanted = _jsonable(stored), _jsonable(wanted)
     try:
-        return _mismatch(stored, wanted)
+        if stored.get("version") != wanted.get("version"):
+            return f"written in cache format {stored.get('version')}, not {wanted.get('version')}"
+        if stored.get("img_size") != wanted.get("img_size"):
+            old_size, new_size = (
+                "x".join(str(v) for v in meta.get("img_size") or ["?"]) for meta in (stored, wanted)
+            )
+            return f"image size changed ({old_size} -> {new_size})"
+        old, new = stored.get("images") or {}, wanted.get("images") or {}
+        if old.get("root") != new.get("root"):
+            return f"built for another data root {old.get('root')}"
+        old_files, new_files = old.get("files") or {}, new.get("files") or {}
+        changed = []
+        for group in sorted(set(old_files) | set(new_files)):
+            before, after = old_files.get(group, []), new_files.get(group, [])
+            old_names = [_file_name(line) for line in before]
+            names = [_file_name(line) for line in after]
+            if old_names != names:
+                known = set(old_names)
+                added = [name for name in names if name not in known]
+                first = f"; first new: {added[0]}" if added else ""
+                counts = f"{len(before)} -> {len(after)}{first}"
+                return f"the list of {group} image files changed ({counts})"
+            changed += [_file_name(y) for x, y in zip(before, after, strict=True) if x != y]
+        if changed:
+            return f"{len(changed)} image files changed since it was built (first: {changed[0]})"
+        different = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+        if different:
+            return f"built with other settings ({', '.join(different)})"
+        return None
     except (AttributeError, KeyError, TypeError, ValueError):
         return "its meta.json is malformed"
-
-
-def _mismatch(stored: dict, wanted: dict) -> str | None:
-    """The reason of :func:`cache_mismatch`; malformed metas raise."""
-    if stored.get("version") != wanted.get("version"):
-        return f"written in cache format {stored.get('version')}, not {wanted.get('version')}"
-    if stored.get("img_size") != wanted.get("img_size"):
-        old_size, new_size = (
-            "x".join(str(v) for v in meta.get("img_size") or ["?"]) for meta in (stored, wanted)
-        )
-        return f"image size changed ({old_size} -> {new_size})"
-    old, new = stored.get("images") or {}, wanted.get("images") or {}
-    if old.get("root") != new.get("root"):
-        return f"built for another data root {old.get('root')}"
-    old_files, new_files = old.get("files") or {}, new.get("files") or {}
-    changed = []
-    for group in sorted(set(old_files) | set(new_files)):
-        before, after = old_files.get(group, []), new_files.get(group, [])
-        old_names = [_file_name(line) for line in before]
-        names = [_file_name(line) for line in after]
-        if old_names != names:
-            known = set(old_names)
-            added = [name for name in names if name not in known]
-            first = f"; first new: {added[0]}" if added else ""
-            return f"the list of {group} image files changed ({len(before)} -> {len(after)}{first})"
-        changed += [_file_name(y) for x, y in zip(before, after, strict=True) if x != y]
-    if changed:
-        return f"{len(changed)} image files changed since it was built (first: {changed[0]})"
-    different = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
-    if different:
-        return f"built with other settings ({', '.join(different)})"
-    return None
 
 
 def _file_name(line: str) -> str:

@@ -189,14 +189,12 @@ class ProtocolSettings:
 
 
 # What each test option chooses, for the message refusing it on a data set without the choice.
-_OPTION_CHOICE = MappingProxyType(
-    {
-        "mode": "search modes",
-        "shot": "choice of gallery images per folder",
-        "direction": "choice of direction",
-        "v2i_roles": "swapped-roles protocol",
-    }
-)
+_OPTION_CHOICE = {
+    "mode": "search modes",
+    "shot": "choice of gallery images per folder",
+    "direction": "choice of direction",
+    "v2i_roles": "swapped-roles protocol",
+}
 _SETTING_DEFAULTS = MappingProxyType({f.name: f.default for f in fields(ProtocolSettings)})
 
 
@@ -403,7 +401,4 @@ def _subfolder_holding(root: str, expected: Sequence[str]) -> str:
         folders = sorted(entry.path for entry in os.scandir(root) if entry.is_dir())
     except OSError:
         return ""
-    for folder in folders[:_MAX_SUBFOLDERS]:
-        if not _missing_entries(folder, expected):
-            return folder
-    return ""
+    return next((f for f in folders[:_MAX_SUBFOLDERS] if not _missing_entries(f, expected)), "")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Sequence
-from functools import partial
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -25,7 +24,7 @@ from utils.base.errors import UserError
 from utils.base.modality import Modality
 
 if TYPE_CHECKING:
-    from data.dataset import ImageList, ProtocolSettings
+    from data.dataset import ProtocolSettings
     from data.images import ListedImage
 
 VISIBLE_CAMS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
@@ -37,17 +36,12 @@ TEST_ID_FILE = "idx/test_id.txt"
 TEST_FOLDERS = {Modality.VISIBLE: "test_vis", Modality.INFRARED: "test_nir"}
 TEST_CAMS = {Modality.VISIBLE: VISIBLE_CAMS, Modality.INFRARED: INFRARED_CAMS}
 # The test images of each modality, identity by identity, then camera by camera.
-FOLDERS = MappingProxyType(
-    {
-        modality: CameraFolders(
-            f"{TEST_FOLDERS[modality]}/cam{{cam}}/{{pid:04d}}",
-            TEST_CAMS[modality],
-            modality,
-            "LLCM",
-        )
-        for modality in (Modality.VISIBLE, Modality.INFRARED)
-    }
-)
+FOLDERS = {
+    modality: CameraFolders(
+        f"{folder}/cam{{cam}}/{{pid:04d}}", TEST_CAMS[modality], modality, "LLCM"
+    )
+    for modality, folder in TEST_FOLDERS.items()
+}
 # Ids are written as 4-digit folder names; in this range ascending numbers sort like the names.
 MAX_ID = 9999
 # Camera numbers are shared across modalities: a query ignores its own identity seen by its own
@@ -102,7 +96,7 @@ def llcm_query(
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Return (paths, pids, cams) of every test image of ``modality``: ids ascending, then
     cameras, then file names."""
-    query = _query_list(root, 1, parse_modality(modality))
+    query = FOLDERS[parse_modality(modality)].images(root, llcm_test_ids(root))
     return query.paths, query.pids, query.cams
 
 
@@ -111,29 +105,19 @@ def llcm_gallery(
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Return (paths, pids, cams): one image of ``modality`` per (id, camera) folder, drawn as
     the authors did for ``trial`` (:meth:`CameraFolders.draw`)."""
-    modality = parse_modality(modality)
-    gallery = _gallery_list(root, 1, LLCM().check_draw(trial), modality)
+    modality, draw = parse_modality(modality), LLCM().check_draw(trial)
+    gallery = FOLDERS[modality].draw(root, llcm_test_ids(root), draw)
     return gallery.paths, gallery.pids, gallery.cams
 
 
-def _query_list(root: str | os.PathLike, split: int, modality: Modality) -> ImageList:
-    """Every test image of ``modality`` (LLCM has one split)."""
-    return FOLDERS[modality].images(root, llcm_test_ids(root))
-
-
-def _gallery_list(root: str | os.PathLike, split: int, draw: int, modality: Modality) -> ImageList:
-    """One test image of ``modality`` per (identity, camera) folder, drawn as draw ``draw``."""
-    return FOLDERS[modality].draw(root, llcm_test_ids(root), draw)
-
-
 def _direction(name: str, suffix: str = "", swap_roles: bool = False) -> Protocol:
-    """The protocol of direction ``name`` ("v2i" or "i2v")."""
-    query, gallery = DIRECTIONS[name]
+    """The protocol of direction ``name`` ("v2i" or "i2v"); LLCM has one split."""
+    query, gallery = (FOLDERS[modality] for modality in DIRECTIONS[name])
     return Protocol(
         name=name + (f" {suffix}" if suffix else ""),
         key=name + (f"_{suffix.replace('-', '_')}" if suffix else ""),
-        query=partial(_query_list, modality=query),
-        gallery=partial(_gallery_list, modality=gallery),
+        query=lambda root, split: query.images(root, llcm_test_ids(root)),
+        gallery=lambda root, split, draw: gallery.draw(root, llcm_test_ids(root), draw),
         exclusion=SAME_IDENTITY_AND_CAMERA,
         dedup_cmc=True,
         swap_roles=swap_roles,

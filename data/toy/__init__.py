@@ -13,14 +13,8 @@ import logging
 from collections.abc import Callable, Sequence
 
 from data.toy.layouts import (
-    JPEG_QUALITY,
     LLCM_INFRARED_CAMERAS,
-    LLCM_VISIBLE_CAMERAS,
-    MIN_HEIGHT,
-    MIN_WIDTH,
-    REGDB_TRIALS,
     SYSU_INFRARED_CAMERAS,
-    SYSU_OUTDOOR_CAMERAS,
     SYSU_VISIBLE_CAMERAS,
     make_llcm,
     make_regdb,
@@ -29,14 +23,8 @@ from data.toy.layouts import (
 from utils.base.cli import run_cli
 
 __all__ = [
-    "JPEG_QUALITY",
     "LLCM_INFRARED_CAMERAS",
-    "LLCM_VISIBLE_CAMERAS",
-    "MIN_HEIGHT",
-    "MIN_WIDTH",
-    "REGDB_TRIALS",
     "SYSU_INFRARED_CAMERAS",
-    "SYSU_OUTDOOR_CAMERAS",
     "SYSU_VISIBLE_CAMERAS",
     "main",
     "make_llcm",

@@ -208,7 +208,7 @@ def make_sysu(
         )
         for cam in range(1, 7)
     }
-    counts = {"visible": 0, "infrared": 0}
+    counts = [0, 0]  # visible, infrared
     with staged(out, overwrite) as stage:
         for cam in range(1, 7):
             (stage / f"cam{cam}").mkdir()
@@ -224,13 +224,11 @@ def make_sysu(
                     rng = stream(seed, "sysu", TAG_IMAGE, pid, cam, index)
                     image = render(person, camera, draw_pose(rng), rng, height, width)
                     save(image, folder / f"{index:04d}.jpg")
-                counts["infrared" if camera.infrared else "visible"] += n_images
+                counts[camera.infrared] += n_images
         (stage / "exp").mkdir()
         for name, members in splits.items():
             (stage / "exp" / f"{name}_id.txt").write_text(",".join(str(i) for i in members) + "\n")
-    return summary(
-        "sysu", out, seed, (height, width), ids, (counts["visible"], counts["infrared"]), start
-    )
+    return summary("sysu", out, seed, (height, width), ids, tuple(counts), start)
 
 
 def make_regdb(
@@ -328,38 +326,6 @@ def _file_names(rng: np.random.Generator, pid: int, cam: int, suffix: str, n: in
     return [f"{pid:04d}_c{cam:02d}_s{clock}_f{frame}_{suffix}.jpg" for frame in frames]
 
 
-def _write_llcm_identity(
-    stage: Path,
-    seed: int,
-    pid: int,
-    train: bool,
-    cameras: dict[tuple[int, bool], Camera],
-    images_per_camera: int,
-    size: tuple[int, int],
-) -> dict[bool, list[Path]]:
-    """Write every image of one identity; return their paths below ``stage`` per modality."""
-    person = draw_person(stream(seed, "llcm", TAG_IDENTITY, pid))
-    folders = _llcm_folders(seed, pid, test=not train)
-    written: dict[bool, list[Path]] = {False: [], True: []}
-    for modality, (suffix, infrared) in enumerate(_MODALITIES):
-        for cam in folders[infrared]:
-            count_rng = stream(seed, "llcm", TAG_PRESENCE, pid, cam, modality)
-            n_images = image_count(count_rng, images_per_camera, infrared)
-            if train:
-                folder = Path(suffix) / f"{pid:04d}"
-            else:
-                folder = Path(f"test_{suffix}") / f"cam{cam}" / f"{pid:04d}"
-            (stage / folder).mkdir(parents=True, exist_ok=True)
-            for number, name in enumerate(
-                _file_names(count_rng, pid, cam, suffix, n_images), start=1
-            ):
-                rng = stream(seed, "llcm", TAG_IMAGE, pid, cam, modality, number)
-                image = render(person, cameras[cam, infrared], draw_pose(rng), rng, *size)
-                save(image, stage / folder / name)
-                written[infrared].append(folder / name)
-    return written
-
-
 def make_llcm(
     out: str | os.PathLike[str],
     seed: int = 0,
@@ -392,7 +358,7 @@ def make_llcm(
         for cam in (LLCM_INFRARED_CAMERAS if infrared else LLCM_VISIBLE_CAMERAS)
     }
     index: dict[bool, list[str]] = {False: [], True: []}
-    counts = {False: 0, True: 0}
+    counts = [0, 0]  # visible, infrared
     with staged(out, overwrite) as stage:
         for suffix, infrared in _MODALITIES:
             (stage / suffix).mkdir()
@@ -400,15 +366,28 @@ def make_llcm(
                 (stage / f"test_{suffix}" / f"cam{cam}").mkdir(parents=True)
         labels = {pid: label for label, pid in enumerate(train)}
         for pid in range(1, total + 1):
-            written = _write_llcm_identity(
-                stage, seed, pid, pid in labels, cameras, images_per_camera, (height, width)
-            )
-            for infrared, paths in written.items():
-                counts[infrared] += len(paths)
-                if pid in labels:
-                    index[infrared] += [f"{path.as_posix()} {labels[pid]}" for path in paths]
+            person = draw_person(stream(seed, "llcm", TAG_IDENTITY, pid))
+            folders = _llcm_folders(seed, pid, test=pid not in labels)
+            for modality, (suffix, infrared) in enumerate(_MODALITIES):
+                for cam in folders[infrared]:
+                    count_rng = stream(seed, "llcm", TAG_PRESENCE, pid, cam, modality)
+                    n_images = image_count(count_rng, images_per_camera, infrared)
+                    if pid in labels:
+                        folder = Path(suffix) / f"{pid:04d}"
+                    else:
+                        folder = Path(f"test_{suffix}") / f"cam{cam}" / f"{pid:04d}"
+                    (stage / folder).mkdir(parents=True, exist_ok=True)
+                    names = _file_names(count_rng, pid, cam, suffix, n_images)
+                    for number, name in enumerate(names, start=1):
+                        rng = stream(seed, "llcm", TAG_IMAGE, pid, cam, modality, number)
+                        pose = draw_pose(rng)
+                        image = render(person, cameras[cam, infrared], pose, rng, height, width)
+                        save(image, stage / folder / name)
+                    counts[infrared] += n_images
+                    if pid in labels:
+                        index[infrared] += [f"{folder.as_posix()}/{n} {labels[pid]}" for n in names]
         (stage / "idx").mkdir()
         for suffix, infrared in _MODALITIES:
             (stage / "idx" / f"train_{suffix}.txt").write_text("\n".join(index[infrared]) + "\n")
         (stage / "idx" / "test_id.txt").write_text(",".join(str(i) for i in test) + "\n")
-    return summary("llcm", out, seed, (height, width), ids, (counts[False], counts[True]), start)
+    return summary("llcm", out, seed, (height, width), ids, tuple(counts), start)
