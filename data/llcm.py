@@ -143,16 +143,9 @@ class LLCM(DataSet):
     def expected_files(self, split: int, parts: Sequence[str]) -> list[str]:
         """The three index files, both test folders and each of their camera folders (whatever
         the parts, as the readers): a missing camera would silently change the protocol."""
-        return [
-            *TRAIN_FILES.values(),
-            TEST_ID_FILE,
-            *(f"{folder}/" for folder in TEST_FOLDERS.values()),
-            *(
-                f"{TEST_FOLDERS[modality]}/cam{cam}/"
-                for modality, cams in TEST_CAMS.items()
-                for cam in cams
-            ),
-        ]
+        folders = [f"{folder}/" for folder in TEST_FOLDERS.values()]
+        cameras = [f"{TEST_FOLDERS[m]}/cam{cam}/" for m, cams in TEST_CAMS.items() for cam in cams]
+        return [*TRAIN_FILES.values(), TEST_ID_FILE, *folders, *cameras]
 
     def check_lists(self, root: str, split: int, parts: Sequence[str]) -> None:
         """Parse the index files of ``parts`` (each training image must exist) and the test ids."""

@@ -101,13 +101,9 @@ def load_train_set(
     progress: bool = True,
     mmap: bool = False,
 ) -> TrainSet:
-    """Load the training set of ``dataset`` (``trial``: its split, where it has splits).
-
-    Images are resized to (height, width). Decoded images are cached under ``cache_dir``
-    (default ``<root>/cache``, or ``./cache`` if ``root`` is read-only), built on first use,
-    reused while the size and file list match. With ``mmap`` the image arrays are read-only
-    memory maps of the cache.
-    """
+    """Load the training set of ``dataset`` (``trial``: its split, where it has splits), resized
+    to ``img_size`` and cached under ``cache_dir`` (default :func:`default_cache_dir`); with
+    ``mmap`` the image arrays are read-only memory maps of the cache."""
     height, width = check_img_size(img_size)
     plugin = get_dataset(dataset)
     root = os.fspath(root)

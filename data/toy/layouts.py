@@ -339,11 +339,8 @@ def make_llcm(
 ) -> dict:
     """Write a synthetic LLCM (idx/, vis/, nir/, test_vis/, test_nir/); return counts.
 
-    ``idx/train_{vis,nir}.txt`` hold ``<vis|nir>/<pid>/<name> <label>`` lines, labels 0..n-1 over
-    the training identities in ascending order (the authors' code needs contiguous labels);
-    ``idx/test_id.txt`` the test identities; test images lie in ``test_vis/cam1..cam9/<pid>/`` and
-    ``test_nir/cam{1,2,4..9}/<pid>/``. Files are named ``<pid>_c<cam>_s<hhmmss>_f<frame>_<vis|nir>
-    .jpg``. A camera number films in colour by day and in near infrared by night, so an identity
+    Training labels are 0..n-1 in ascending identity order (the authors' code needs contiguous
+    labels). A camera number films in colour by day and in near infrared by night, so an identity
     can have both modalities under one camera number (what the same-camera exclusion is about).
     Visible images are dim and noisy, as in the low-light scenes of the real set.
     """
