@@ -1,15 +1,5 @@
-"""Building blocks of a data-set module, written once for every data set.
-
-- :data:`IMAGE_SUFFIXES` and :func:`image_files`: what counts as an image (a regular file with
-  an image suffix) and the sorted images of one folder.
-- :func:`read_ids`: an id list (comma-separated integers, SYSU-MM01's ``exp/*_id.txt``).
-- :func:`read_index`: an index file of ``relative/path label`` lines (RegDB, LLCM), with errors
-  naming file and line.
-- :class:`CameraFolders`: a tree of ``<identity, camera>`` folders of one modality; every image
-  of some identities (queries, training lists) or a gallery drawn per folder with a seed.
-
-Text files may start with a UTF-8 byte-order mark (as editors on some systems write them).
-"""
+"""Building blocks of a data-set module: image listing, id lists, index files and trees of
+``<identity, camera>`` folders. Text files may start with a UTF-8 byte-order mark."""
 
 from __future__ import annotations
 
@@ -32,11 +22,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 def image_files(folder: str | os.PathLike) -> list[str]:
-    """The sorted full paths (``folder + "/" + name``) of the images in ``folder`` ([] if none).
-
-    Sorting full paths is what the SYSU-MM01 and LLCM authors did; within one folder it equals
-    sorting file names. A stray ``Thumbs.db`` or a FIFO cannot end up in a list.
-    """
+    """The sorted full paths (``folder + "/" + name``) of the regular image files in ``folder``
+    ([] if none): a stray ``Thumbs.db`` or a FIFO cannot end up in a list."""
     folder = os.fspath(folder)
     try:
         entries = list(os.scandir(folder))
@@ -51,10 +38,7 @@ def image_files(folder: str | os.PathLike) -> list[str]:
 
 
 def read_text_lines(path: str | os.PathLike, what: str) -> list[str]:
-    """The lines of the UTF-8 text file ``path`` (a leading byte-order mark dropped).
-
-    ``what`` names the file in the error ("id file", "index file").
-    """
+    """The lines of the UTF-8 text file ``path``; ``what`` ("id file") names it in errors."""
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8-sig") as handle:
@@ -66,10 +50,8 @@ def read_text_lines(path: str | os.PathLike, what: str) -> list[str]:
 
 
 def read_ids(path: str | os.PathLike, what: str = "") -> list[int]:
-    """Read an id list (comma-separated integers, any number of lines) in file order.
-
-    With ``what`` ("test ids"), a list without ids is an error saying it lists no ``what``.
-    """
+    """Read an id list (comma-separated integers, any number of lines) in file order; with
+    ``what`` ("test ids"), a list without ids is an error."""
     path = os.fspath(path)
     ids = []
     for line_no, line in enumerate(read_text_lines(path, "id file"), start=1):
@@ -107,13 +89,9 @@ def read_index(
     example: str = "relative/path.jpg label",
     check_images: bool = False,
 ) -> IndexList:
-    """Parse the index file ``root/name`` of ``relative/path label`` lines.
-
-    Paths are relative to ``root`` (they are returned joined with it); blank lines are skipped;
-    a path may hold spaces (the label is the last token). A malformed line, or with
-    ``check_images`` a line naming no image file, raises UserError naming file and line;
-    ``example`` shows the expected line. An index without images is an error too.
-    """
+    """Parse the index file ``root/name`` of ``relative/path label`` lines (paths returned joined
+    with ``root``; a path may hold spaces). A malformed line (``example`` shows the expected one),
+    with ``check_images`` a line naming no image file, or an empty index raises UserError."""
     root = os.fspath(root)
     path = os.path.join(root, name)
     paths, labels, lines = [], [], []
@@ -146,25 +124,18 @@ def read_index(
 
 @dataclass(frozen=True)
 class CameraFolders:
-    """The ``<identity, camera>`` folders of one modality, e.g. ``test_nir/cam{cam}/{pid:04d}``.
-
-    ``pattern`` (relative to the data root) is formatted with ``pid`` and ``cam``; ``cams`` are
-    the cameras in the order lists walk them. Lists go identity by identity in the order given,
-    then camera by camera, then file name by file name.
-    """
+    """The ``<identity, camera>`` folders of one modality, e.g. ``test_nir/cam{cam}/{pid:04d}``
+    (relative to the data root); lists go identity by identity in the order given, then camera by
+    camera in ``cams`` order, then file name by file name."""
 
     pattern: str
     cams: tuple[int, ...]
     modality: Modality
     title: str = ""  # the data set, in warnings
 
-    def folder(self, root: str | os.PathLike, pid: int, cam: int) -> str:
-        """The folder of identity ``pid`` under camera ``cam``."""
-        return os.path.join(os.fspath(root), self.pattern.format(pid=pid, cam=cam))
-
     def files(self, root: str | os.PathLike, pid: int, cam: int) -> list[str]:
         """The sorted images of one folder ([] if it has none)."""
-        return image_files(self.folder(root, pid, cam))
+        return image_files(os.path.join(os.fspath(root), self.pattern.format(pid=pid, cam=cam)))
 
     def images(self, root: str | os.PathLike, ids: Iterable[int]) -> ImageList:
         """Every image of identities ``ids`` (in that order), with identity and camera."""
@@ -173,12 +144,9 @@ class CameraFolders:
     def draw(
         self, root: str | os.PathLike, ids: Iterable[int], seed: int, shot: int = 1
     ) -> ImageList:
-        """A gallery: ``shot`` images drawn from each folder of identities ``ids`` with images.
-
-        ``random.Random(seed)``, then ``sample(sorted full paths, shot)`` per folder in list
-        order (for ``shot`` 1 this consumes the generator as ``choice`` does, which is how the
-        SYSU-MM01 and LLCM authors drew). A folder with fewer than ``shot`` images gives all of
-        them, sorted, with a warning, and consumes no draw. Empty folders are skipped.
+        """A gallery: ``random.Random(seed)``, then ``sample(sorted full paths, shot)`` per folder
+        of ``ids`` in list order (for ``shot`` 1 the authors' ``choice``). A folder with fewer
+        than ``shot`` images gives all of them with a warning and no draw; empty ones are skipped.
         """
         if int(shot) < 1:
             raise UserError(f"--shot {shot}: expected a positive integer")

@@ -1,11 +1,7 @@
-"""The on-disk uint8 cache of the training images.
-
-A cache is one folder holding ``<name>.npy`` arrays and a ``meta.json``. It is built in a
-hidden sibling folder that then replaces the cache whole, so a reader sees either a complete cache
-or none: an interrupted build (Ctrl-C, crash, full disk) leaves no cache behind.
-The meta records what the images are (data root, and each file's name, size and modification
-time), so a replaced image or another data root with the same file names rebuilds the cache,
-and the log says why.
+"""The on-disk uint8 cache of the training images: one folder of ``<name>.npy`` arrays and a
+``meta.json``, built in a hidden sibling folder that then replaces it whole (an interrupted build
+leaves no cache). The meta records the data root and each file's name, size and modification time,
+so a replaced image or another root rebuilds the cache, and the log says why.
 """
 
 from __future__ import annotations
@@ -47,12 +43,8 @@ def default_cache_dir(root: str | os.PathLike) -> Path:
 
 
 def image_signature(root: str | os.PathLike, groups: Mapping[str, Sequence[str]]) -> dict:
-    """Describe what the images are: the resolved ``root`` and each file's size and mtime.
-
-    ``groups`` maps a name (e.g. "visible") to image paths under ``root``. Each file becomes one
-    ``"<size> <mtime_ns> <path relative to root>"`` line, so a file replaced or rewritten under the
-    same name changes the signature, and so does another data root with the same file names.
-    """
+    """Describe what the images of ``groups`` (name -> paths under ``root``) are: the resolved
+    ``root`` and a ``"<size> <mtime_ns> <relative path>"`` line per file."""
     files = {}
     for group, paths in groups.items():
         lines = []
@@ -70,40 +62,37 @@ def cache_mismatch(stored: dict, wanted: dict) -> str | None:
     """Say in a few words why a cache whose meta is ``stored`` cannot serve ``wanted``, or None."""
     stored, wanted = _jsonable(stored), _jsonable(wanted)
     try:
-        return _mismatch(stored, wanted)
+        if stored.get("version") != wanted.get("version"):
+            return f"written in cache format {stored.get('version')}, not {wanted.get('version')}"
+        if stored.get("img_size") != wanted.get("img_size"):
+            old_size, new_size = (
+                "x".join(str(v) for v in meta.get("img_size") or ["?"]) for meta in (stored, wanted)
+            )
+            return f"image size changed ({old_size} -> {new_size})"
+        old, new = stored.get("images") or {}, wanted.get("images") or {}
+        if old.get("root") != new.get("root"):
+            return f"built for another data root {old.get('root')}"
+        old_files, new_files = old.get("files") or {}, new.get("files") or {}
+        changed = []
+        for group in sorted(set(old_files) | set(new_files)):
+            before, after = old_files.get(group, []), new_files.get(group, [])
+            old_names = [_file_name(line) for line in before]
+            names = [_file_name(line) for line in after]
+            if old_names != names:
+                known = set(old_names)
+                added = [name for name in names if name not in known]
+                first = f"; first new: {added[0]}" if added else ""
+                counts = f"{len(before)} -> {len(after)}{first}"
+                return f"the list of {group} image files changed ({counts})"
+            changed += [_file_name(y) for x, y in zip(before, after, strict=True) if x != y]
+        if changed:
+            return f"{len(changed)} image files changed since it was built (first: {changed[0]})"
+        different = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+        if different:
+            return f"built with other settings ({', '.join(different)})"
+        return None
     except (AttributeError, KeyError, TypeError, ValueError):
         return "its meta.json is malformed"
-
-
-def _mismatch(stored: dict, wanted: dict) -> str | None:
-    if stored.get("version") != wanted.get("version"):
-        return f"written in cache format {stored.get('version')}, not {wanted.get('version')}"
-    if stored.get("img_size") != wanted.get("img_size"):
-        old_size, new_size = (
-            "x".join(str(v) for v in meta.get("img_size") or ["?"]) for meta in (stored, wanted)
-        )
-        return f"image size changed ({old_size} -> {new_size})"
-    old, new = stored.get("images") or {}, wanted.get("images") or {}
-    if old.get("root") != new.get("root"):
-        return f"built for another data root {old.get('root')}"
-    old_files, new_files = old.get("files") or {}, new.get("files") or {}
-    changed = []
-    for group in sorted(set(old_files) | set(new_files)):
-        before, after = old_files.get(group, []), new_files.get(group, [])
-        old_names = [_file_name(line) for line in before]
-        names = [_file_name(line) for line in after]
-        if old_names != names:
-            known = set(old_names)
-            added = [name for name in names if name not in known]
-            first = f"; first new: {added[0]}" if added else ""
-            return f"the list of {group} image files changed ({len(before)} -> {len(after)}{first})"
-        changed += [_file_name(y) for x, y in zip(before, after, strict=True) if x != y]
-    if changed:
-        return f"{len(changed)} image files changed since it was built (first: {changed[0]})"
-    different = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
-    if different:
-        return f"built with other settings ({', '.join(different)})"
-    return None
 
 
 def _file_name(line: str) -> str:
@@ -120,12 +109,8 @@ def cached_training_images(
     progress: bool,
     mmap: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The decoded ``visible`` and ``infrared`` images from the cache at ``path``, built first
-    when it is missing or was made from other images than ``meta`` describes.
-
-    ``meta["img_size"]`` is the (height, width) of the images. With ``mmap`` the arrays are
-    read-only memory maps of the cache; otherwise they are loaded into memory.
-    """
+    """The decoded images from the cache at ``path`` (read-only memory maps with ``mmap``),
+    built first when missing or made from other images than ``meta`` describes."""
     files = {"visible_images": visible, "infrared_images": infrared}
     size = check_img_size(meta["img_size"])
     arrays = _read_cache(path, meta, files, size, mmap)
@@ -187,12 +172,8 @@ def write_cache(
     path: str | os.PathLike, meta: dict, build: Callable[[Path], None], need_bytes: int = 0
 ) -> None:
     """Build a cache at ``path``: ``build(folder)`` writes the arrays in a folder set aside, which
-    then replaces ``path`` whole.
-
-    ``need_bytes`` (what the arrays will take) is checked against the free space first. Any
-    failure or stop signal removes the half-built folder; a full disk, an unwritable folder or a
-    cache folder deleted meanwhile is a one-line UserError.
-    """
+    then replaces ``path`` whole. The free space must hold ``need_bytes``; any failure removes the
+    half-built folder, and a full disk or an unwritable or vanished folder is a UserError."""
     path = Path(path)
     need = need_bytes + need_bytes // 100 + _SPACE_MARGIN
     try:

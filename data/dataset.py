@@ -1,48 +1,17 @@
 """The data-set interface: what training, evaluation and the command-line tools ask of a data set.
 
-Adding a data set
------------------
-Write a subclass of :class:`DataSet` (in a module of ``data/``, named in ``DATASET_MODULES`` of
-``data/registry.py``, or in your own code) and register it with ``data.register_dataset``;
-``--dataset <name>`` then trains, searches and tests on it, and nothing else needs to know its
-name. The building blocks in :mod:`data.blocks` (image
-listing, id lists, index files, camera folders with the gallery draw) do the file work.
+A data set is a subclass of :class:`DataSet` registered with ``data.register_dataset`` (from a
+module of ``data/`` named in ``DATASET_MODULES`` of ``data/registry.py``, or from your own code);
+``--dataset <name>`` then trains, searches and tests on it. The building blocks in
+:mod:`data.blocks` do the file work.
 
-Class attributes: ``name`` (the ``--dataset`` value), ``title`` ("SYSU-MM01", in messages and
-logs), ``short_title`` (in short messages), ``ema_decay`` (the default ``--ema_decay``),
-``ema_overwrite_every`` (epochs between copies of the EMA weights into the live model),
-``num_splits`` and ``gallery_draws`` (below), and ``test_options``: the test options the data
-set honours, each with the values it offers (``{"direction": ("v2i", "i2v", "both")}``); any
-other option (``--mode``, ``--shot``, ``--direction``, ``--v2i_roles``) given a value other
-than its default is refused in one line naming the data set and what it offers. Methods to
-implement:
-
-``expected_files(split, parts)``
-    Entries (relative to the root; folders end in ``/``) that must exist for ``parts`` ("train",
-    "test") of ``split``. The root check names every missing one in a single error line.
-``check_lists(root, split, parts)``
-    Parse the small list files of ``parts`` (id lists, index files) and raise :class:`UserError`
-    naming file and line on a malformed one, so that bad input stops a run before any work.
-``train_files(root, split)``
-    The training images as :class:`TrainFiles`: visible and infrared paths with their original
-    identity numbers (any integers; labels 0..n-1 are assigned in ascending identity order).
-``make_protocols(settings)``
-    The test protocols that :class:`ProtocolSettings` select (already checked against
-    ``test_options``), as :class:`Protocol` values: a name, a short key, ``query(root, split)``
-    and ``gallery(root, split, draw)`` returning :class:`ImageList` (paths, int64 identities and
-    cameras, one modality), the :class:`ExclusionRule`, the kind of CMC and whether the roles
-    are swapped in scoring (each drawn gallery image ranking the queries). Lists must be
-    deterministic: the same (split, draw) always gives the same images in the same order.
-``test_images(root, split)``
-    Every image any protocol of ``split`` may read, as :class:`ListedImage` values (with the index
-    file line that names it, where there is one); they are decoded before training starts.
-
-Two numbers say what ``--trial`` means. ``num_splits`` > 1: the data set comes in train/test
-splits 1..num_splits (RegDB) and ``--trial`` picks one in training and in testing.
-``gallery_draws`` > 1: each protocol's gallery is drawn at random ``gallery_draws`` times and the
-results are averaged (SYSU-MM01); test.py's ``--trial`` then picks a single draw 0..n-1.
-``cache_name``, ``result_name``, ``record_key`` and ``rank_list_folder`` name outputs and have
-defaults that rarely need overriding.
+Class attributes: ``name`` (the ``--dataset`` value), ``title`` and ``short_title`` (in messages),
+``ema_decay`` and ``ema_overwrite_every`` (the EMA defaults), ``num_splits`` > 1 (train/test
+splits 1..n that ``--trial`` picks, RegDB), ``gallery_draws`` > 1 (random galleries averaged over
+n draws, test.py's ``--trial`` picking one draw 0..n-1, SYSU-MM01) and ``test_options``: the
+:class:`ProtocolSettings` fields honoured, with their values; any other option given a value
+other than its default is refused in one line naming what the data set offers. The five methods
+without a body are the ones to implement; every list they return must be deterministic.
 
 A minimal module, the one docs/extending.md's "Adding a data set" runs (a test executes that copy)::
 
@@ -145,13 +114,9 @@ class TrainFiles(NamedTuple):
 
 @dataclass(frozen=True)
 class ExclusionRule:
-    """Which gallery images a query does not rank against (they are removed from its list).
-
-    ``ignored_camera_pairs`` holds (query camera, gallery camera) pairs: a query from the first
-    camera ignores every gallery image from the second (SYSU-MM01: (3, 2), two cameras at one
-    place). ``same_identity_same_camera``: a query ignores gallery images of its own identity
-    taken by its own camera number (LLCM, whose camera numbers are shared across modalities).
-    """
+    """Which gallery images a query does not rank against: every image of the second camera of
+    an ``ignored_camera_pairs`` pair for a query of the first (SYSU-MM01: (3, 2)), and with
+    ``same_identity_same_camera`` its own identity under its own camera number (LLCM)."""
 
     ignored_camera_pairs: tuple[tuple[int, int], ...] = ()
     same_identity_same_camera: bool = False
@@ -188,11 +153,8 @@ NO_EXCLUSION = ExclusionRule()
 
 @dataclass(frozen=True)
 class Protocol:
-    """One test protocol: where its queries and galleries come from and how a ranking is scored.
-
-    ``query(root, split)`` lists the queries; ``gallery(root, split, draw)`` the gallery of one
-    random draw (a data set without random galleries ignores ``draw``).
-    """
+    """One test protocol: ``query(root, split)`` lists the queries, ``gallery(root, split, draw)``
+    the gallery of one random draw; the rest says how a ranking is scored."""
 
     name: str  # in tables and test.py's results, e.g. "all single-shot", "v2i"
     key: str  # in training-time record keys (``<data set>_<key>_bnneck_rank1``), e.g. "all"
@@ -227,14 +189,12 @@ class ProtocolSettings:
 
 
 # What each test option chooses, for the message refusing it on a data set without the choice.
-_OPTION_CHOICE = MappingProxyType(
-    {
-        "mode": "search modes",
-        "shot": "choice of gallery images per folder",
-        "direction": "choice of direction",
-        "v2i_roles": "swapped-roles protocol",
-    }
-)
+_OPTION_CHOICE = {
+    "mode": "search modes",
+    "shot": "choice of gallery images per folder",
+    "direction": "choice of direction",
+    "v2i_roles": "swapped-roles protocol",
+}
 _SETTING_DEFAULTS = MappingProxyType({f.name: f.default for f in fields(ProtocolSettings)})
 
 
@@ -245,7 +205,7 @@ def _alternatives(values: Sequence[object]) -> str:
 
 
 class DataSet:
-    """Base class of the data sets; see the module docstring for the contract of each method."""
+    """Base class of the data sets; see the module docstring for the contract."""
 
     name: ClassVar[str]  # the --dataset value
     title: ClassVar[str]  # "SYSU-MM01"
@@ -257,9 +217,9 @@ class DataSet:
     # The ProtocolSettings fields this data set honours, each with the values it offers.
     test_options: ClassVar[Mapping[str, tuple[Any, ...]]] = MappingProxyType({})
 
-    # ----- implemented by each data set ------------------------------------------------------
     def expected_files(self, split: int, parts: Sequence[str]) -> list[str]:
-        """Entries (relative to the root; folders end in "/") that ``parts`` of ``split`` need."""
+        """Entries (relative to the root; folders end in "/") that ``parts`` ("train", "test") of
+        ``split`` need; the root check names every missing one in one line."""
         raise NotImplementedError
 
     def check_lists(self, root: str, split: int, parts: Sequence[str]) -> None:
@@ -267,7 +227,8 @@ class DataSet:
         raise NotImplementedError
 
     def train_files(self, root: str, split: int) -> TrainFiles:
-        """The training images of ``split`` and their original identity numbers."""
+        """The training images of ``split`` and their original identity numbers (any integers:
+        labels 0..n-1 are assigned in ascending identity order)."""
         raise NotImplementedError
 
     def make_protocols(self, settings: ProtocolSettings) -> tuple[Protocol, ...]:
@@ -275,10 +236,10 @@ class DataSet:
         raise NotImplementedError
 
     def test_images(self, root: str, split: int) -> list[ListedImage]:
-        """Every image a test protocol of ``split`` may read."""
+        """Every image a test protocol of ``split`` may read (with the index line naming it,
+        where there is one); each is decoded before training starts."""
         raise NotImplementedError
 
-    # ----- shared by every data set ---------------------------------------------------------
     def protocols(self, settings: ProtocolSettings) -> tuple[Protocol, ...]:
         """The test protocols ``settings`` select; an option this data set lacks is an error."""
         self.check_settings(settings)
@@ -382,11 +343,8 @@ class DataSet:
     def check_layout(
         self, root: str | os.PathLike, split: int = 1, parts: Sequence[str] = ("train", "test")
     ) -> None:
-        """Fail with one line naming every entry of ``expected_files`` that ``root`` lacks.
-
-        When a subfolder of ``root`` holds them all (a root one level too high), the line names
-        it.
-        """
+        """Fail with one line naming every entry of ``expected_files`` that ``root`` lacks (and a
+        subfolder holding them all, for a root one level too high)."""
         root = os.fspath(root)
         expected = self.expected_files(split, parts)
         if not os.path.isdir(root):
@@ -407,20 +365,14 @@ class DataSet:
     def check_root(
         self, root: str | os.PathLike, split: int = 1, parts: Sequence[str] = ("train", "test")
     ) -> None:
-        """Fail with one line naming what is absent or malformed unless ``root`` has this data
-        set's layout (:meth:`check_layout`) and readable list files (``check_lists``)."""
+        """Fail with one line unless ``root`` has this layout and readable list files."""
         self.check_layout(root, split, parts)
         self.check_lists(os.fspath(root), split, parts)
 
     def check_test_images(self, root: str | os.PathLike, split: int = 1) -> int:
-        """Check that every test image exists and decodes; return the count.
-
-        Images are decoded whole (JPEGs at reduced scale), so a truncated file is found here
-        rather than at the final evaluation; the first bad image, in list order, is named with
-        the index line that lists it.
-        """
-        images = self.test_images(os.fspath(root), split)
-        return check_images_decode(images)
+        """Check that every test image exists and decodes (a truncated file is found here, not
+        at the final evaluation); return the count."""
+        return check_images_decode(self.test_images(os.fspath(root), split))
 
 
 def _whole_number(value: object) -> int | None:
@@ -449,7 +401,4 @@ def _subfolder_holding(root: str, expected: Sequence[str]) -> str:
         folders = sorted(entry.path for entry in os.scandir(root) if entry.is_dir())
     except OSError:
         return ""
-    for folder in folders[:_MAX_SUBFOLDERS]:
-        if not _missing_entries(folder, expected):
-            return folder
-    return ""
+    return next((f for f in folders[:_MAX_SUBFOLDERS] if not _missing_entries(f, expected)), "")

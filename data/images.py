@@ -15,9 +15,8 @@ from tqdm import tqdm
 
 from utils.base.errors import UserError
 
-_MAX_WORKERS = 8
-# The test-image check: decoding releases the GIL and reads are I/O bound (network file systems).
-_CHECK_WORKERS = 8
+# Decoding threads: PIL releases the GIL, and reads are I/O bound (network file systems).
+_WORKERS = 8
 # PIL modes of greyscale images with more than 8 bits per pixel (16-bit PNG and TIFF open as
 # "I;16*", or as 32-bit "I" holding 16-bit values), and the divisor taking 65535 to 255.
 _WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -42,23 +41,15 @@ def check_img_size(img_size: Sequence[int]) -> tuple[int, int]:
     return height, width
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """``image`` as 8-bit RGB; 16-bit greyscale (what infrared sensors often write) is scaled
-    from 0..65535 to 0..255 instead of being clipped to white."""
+def prepare_image(image: Image.Image, size_wh: tuple[int, int]) -> np.ndarray:
+    """A decoded image as uint8 (H, W, 3) RGB resized to ``size_wh`` (width, height) with LANCZOS
+    (the authors' ANTIALIAS); 16-bit greyscale (what infrared sensors often write) is scaled from
+    0..65535 to 0..255 instead of being clipped to white."""
     if image.mode in _WIDE_GREY_MODES:
         wide = np.asarray(image, dtype=np.float64)
         grey = np.clip(np.rint(wide / _WIDE_TO_8_BIT), 0, 255).astype(np.uint8)
         image = Image.fromarray(grey, mode="L")
-    return image.convert("RGB")
-
-
-def prepare_image(image: Image.Image, size_wh: tuple[int, int]) -> np.ndarray:
-    """A decoded image as uint8 (H, W, 3), resized to ``size_wh`` (width, height).
-
-    Converted to RGB (:func:`to_rgb`), then resized with LANCZOS (the authors' ANTIALIAS): what
-    every training and test image goes through.
-    """
-    resized = to_rgb(image).resize(size_wh, Image.Resampling.LANCZOS)
+    resized = image.convert("RGB").resize(size_wh, Image.Resampling.LANCZOS)
     return np.asarray(resized, dtype=np.uint8)
 
 
@@ -82,11 +73,8 @@ def load_images(
     out: np.ndarray | None = None,
     workers: int | None = None,
 ) -> np.ndarray:
-    """Decode ``paths`` as RGB, resize to (height, width) with LANCZOS, return uint8 (N,H,W,3).
-
-    ``out`` (e.g. a memory-mapped ``.npy``) receives the pixels instead of a new array. An
-    unreadable image raises UserError naming the file.
-    """
+    """Decode ``paths`` with :func:`prepare_image` into uint8 (N, H, W, 3), or into ``out`` (e.g.
+    a memory-mapped ``.npy``); an unreadable image raises UserError naming the file."""
     height, width = check_img_size(img_size)
     shape = (len(paths), height, width, 3)
     if out is None:
@@ -95,8 +83,7 @@ def load_images(
         raise ValueError(f"out has shape {out.shape} {out.dtype}, expected {shape} uint8")
     if not paths:
         return out
-    # PIL releases the GIL while decoding and resizing, so threads give a real speed-up.
-    workers = workers or min(_MAX_WORKERS, os.cpu_count() or 1)
+    workers = workers or min(_WORKERS, os.cpu_count() or 1)
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
     with bar, ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(read_image, paths, [(width, height)] * len(paths))
@@ -112,11 +99,8 @@ def load_images(
 
 
 def file_problem(path: str | os.PathLike) -> str:
-    """Why ``path`` cannot be read as an image file ("" when it is a regular file).
-
-    Only regular files (or links to one) count: a FIFO or a device named like an image would
-    block whoever opens it.
-    """
+    """Why ``path`` cannot be read as an image file ("" when it is a regular file or a link to
+    one): a FIFO or a device named like an image would block whoever opens it."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
@@ -146,7 +130,7 @@ def check_images_decode(images: Sequence[ListedImage]) -> int:
     """Raise UserError naming the first image that is missing or does not decode; return the
     count."""
     paths = [image.path for image in images]
-    with ThreadPoolExecutor(max_workers=_CHECK_WORKERS) as pool:
+    with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
         problems = list(pool.map(_image_problem, paths, chunksize=64))
     for image, problem in zip(images, problems, strict=True):
         if problem:

@@ -1,15 +1,11 @@
 """LLCM: training index files and the authors' per-trial query/gallery protocol.
 
-Layout: ``idx/train_vis.txt`` and ``idx/train_nir.txt`` (lines ``relative/path label``, paths
-relative to the root), ``idx/test_id.txt`` (comma-separated ids), ``test_vis/cam1..cam9/<pid:04d>/``
-and ``test_nir/{cam1,cam2,cam4..cam9}/<pid:04d>/``. Camera and identity are always taken from
-these folder names, never found by searching a path for "cam", so a root whose own path contains
-"cam" reads correctly.
-
-Test protocol, per direction and for each of 10 gallery draws: every test image of the query
-modality is a query; the gallery is one image drawn per (identity, camera) folder of the other
-modality. Camera numbers are shared across the modalities, so a query ignores the gallery images
-of its own identity taken by its own camera number; the CMC counts distinct identities.
+Layout: ``idx/train_{vis,nir}.txt`` (lines ``relative/path label``), ``idx/test_id.txt``
+(comma-separated ids), ``test_vis/cam1..cam9/<pid:04d>/`` and ``test_nir/{cam1,cam2,cam4..cam9}/
+<pid:04d>/``; camera and identity come from these folder names, never from searching a path for
+"cam". Per direction and gallery draw, every test image of one modality is a query and the gallery
+is one image per (identity, camera) folder of the other; a query ignores its own identity under its
+own camera number (shared across modalities), and the CMC counts distinct identities.
 """
 
 from __future__ import annotations
@@ -17,7 +13,6 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Sequence
-from functools import partial
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -29,7 +24,7 @@ from utils.base.errors import UserError
 from utils.base.modality import Modality
 
 if TYPE_CHECKING:
-    from data.dataset import ImageList, ProtocolSettings
+    from data.dataset import ProtocolSettings
     from data.images import ListedImage
 
 VISIBLE_CAMS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
@@ -41,17 +36,12 @@ TEST_ID_FILE = "idx/test_id.txt"
 TEST_FOLDERS = {Modality.VISIBLE: "test_vis", Modality.INFRARED: "test_nir"}
 TEST_CAMS = {Modality.VISIBLE: VISIBLE_CAMS, Modality.INFRARED: INFRARED_CAMS}
 # The test images of each modality, identity by identity, then camera by camera.
-FOLDERS = MappingProxyType(
-    {
-        modality: CameraFolders(
-            f"{TEST_FOLDERS[modality]}/cam{{cam}}/{{pid:04d}}",
-            TEST_CAMS[modality],
-            modality,
-            "LLCM",
-        )
-        for modality in (Modality.VISIBLE, Modality.INFRARED)
-    }
-)
+FOLDERS = {
+    modality: CameraFolders(
+        f"{folder}/cam{{cam}}/{{pid:04d}}", TEST_CAMS[modality], modality, "LLCM"
+    )
+    for modality, folder in TEST_FOLDERS.items()
+}
 # Ids are written as 4-digit folder names; in this range ascending numbers sort like the names.
 MAX_ID = 9999
 # Camera numbers are shared across modalities: a query ignores its own identity seen by its own
@@ -68,18 +58,14 @@ def parse_modality(modality: Modality | str) -> Modality:
         raise UserError(f"modality {modality!r}: expected 'visible' or 'infrared'") from None
 
 
-def llcm_train_files(root: str | os.PathLike) -> tuple[list[str], list[int], list[str], list[int]]:
-    """Return (visible paths, their labels, infrared paths, their labels) from the index files.
-
-    Paths are joined with ``root``; labels and order are those of the files; every listed image
-    must exist.
-    """
+def llcm_train_files(root: str | os.PathLike) -> TrainFiles:
+    """The images (joined with ``root``, each must exist) and labels of the training index files."""
     LLCM().check_layout(root)
     visible, infrared = (
         read_index(root, TRAIN_FILES[modality], _EXAMPLE, check_images=True)
         for modality in (Modality.VISIBLE, Modality.INFRARED)
     )
-    return visible.paths, visible.labels, infrared.paths, infrared.labels
+    return TrainFiles(visible.paths, visible.labels, infrared.paths, infrared.labels)
 
 
 def llcm_test_ids(root: str | os.PathLike) -> list[int]:
@@ -108,47 +94,30 @@ def llcm_test_ids(root: str | os.PathLike) -> list[int]:
 def llcm_query(
     root: str | os.PathLike, modality: Modality | str
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Return (paths, pids, cams) of every test image of ``modality``.
-
-    Ids ascending, then cameras in order, then file names.
-    """
-    query = _query_list(root, 1, parse_modality(modality))
+    """Return (paths, pids, cams) of every test image of ``modality``: ids ascending, then
+    cameras, then file names."""
+    query = FOLDERS[parse_modality(modality)].images(root, llcm_test_ids(root))
     return query.paths, query.pids, query.cams
 
 
 def llcm_gallery(
     root: str | os.PathLike, modality: Modality | str, trial: int
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Return (paths, pids, cams): one image of ``modality`` per (id, camera) folder for ``trial``.
-
-    The authors' draw: a generator seeded with ``trial`` (``random.Random(trial)`` yields what
-    ``random.seed(trial)`` gives the global one), ids ascending, cameras in order, and one
-    image drawn from the sorted full paths of each folder with images; other folders are
-    skipped without a draw.
-    """
-    modality = parse_modality(modality)
-    gallery = _gallery_list(root, 1, LLCM().check_draw(trial), modality)
+    """Return (paths, pids, cams): one image of ``modality`` per (id, camera) folder, drawn as
+    the authors did for ``trial`` (:meth:`CameraFolders.draw`)."""
+    modality, draw = parse_modality(modality), LLCM().check_draw(trial)
+    gallery = FOLDERS[modality].draw(root, llcm_test_ids(root), draw)
     return gallery.paths, gallery.pids, gallery.cams
 
 
-def _query_list(root: str | os.PathLike, split: int, modality: Modality) -> ImageList:
-    """Every test image of ``modality`` (LLCM has one split)."""
-    return FOLDERS[modality].images(root, llcm_test_ids(root))
-
-
-def _gallery_list(root: str | os.PathLike, split: int, draw: int, modality: Modality) -> ImageList:
-    """One test image of ``modality`` per (identity, camera) folder, drawn as draw ``draw``."""
-    return FOLDERS[modality].draw(root, llcm_test_ids(root), draw)
-
-
 def _direction(name: str, suffix: str = "", swap_roles: bool = False) -> Protocol:
-    """The protocol of direction ``name`` ("v2i" or "i2v")."""
-    query, gallery = DIRECTIONS[name]
+    """The protocol of direction ``name`` ("v2i" or "i2v"); LLCM has one split."""
+    query, gallery = (FOLDERS[modality] for modality in DIRECTIONS[name])
     return Protocol(
         name=name + (f" {suffix}" if suffix else ""),
         key=name + (f"_{suffix.replace('-', '_')}" if suffix else ""),
-        query=partial(_query_list, modality=query),
-        gallery=partial(_gallery_list, modality=gallery),
+        query=lambda root, split: query.images(root, llcm_test_ids(root)),
+        gallery=lambda root, split, draw: gallery.draw(root, llcm_test_ids(root), draw),
         exclusion=SAME_IDENTITY_AND_CAMERA,
         dedup_cmc=True,
         swap_roles=swap_roles,
@@ -158,14 +127,9 @@ def _direction(name: str, suffix: str = "", swap_roles: bool = False) -> Protoco
 class LLCM(DataSet):
     """LLCM (Zhang and Wang, CVPR 2023): both directions, galleries drawn 10 times.
 
-    The authors train at 384x144 (``--img_h 384 --img_w 144``). They published no EMA recipe:
-    the EMA decay (0.997) and the copy into the live model every 2 epochs follow SYSU-MM01's,
-    the other data set of many identities and cameras.
-
-    ``--v2i_roles swapped`` adds the visible-to-infrared variant of a widely copied test script,
-    which builds the v2i lists (visible queries, drawn infrared gallery) but scores gallery x
-    query: each drawn infrared image then ranks the full visible set. It is reported as its own
-    protocol ("v2i roles-swapped") so that its numbers are never taken for v2i's.
+    The authors train at 384x144 and published no EMA recipe: the EMA settings follow SYSU-MM01's.
+    ``--v2i_roles swapped`` adds a widely copied test script's v2i variant, which scores gallery x
+    query (each drawn infrared image ranks the visible set), reported as its own protocol.
     """
 
     name = "llcm"
@@ -179,16 +143,9 @@ class LLCM(DataSet):
     def expected_files(self, split: int, parts: Sequence[str]) -> list[str]:
         """The three index files, both test folders and each of their camera folders (whatever
         the parts, as the readers): a missing camera would silently change the protocol."""
-        return [
-            *TRAIN_FILES.values(),
-            TEST_ID_FILE,
-            *(f"{folder}/" for folder in TEST_FOLDERS.values()),
-            *(
-                f"{TEST_FOLDERS[modality]}/cam{cam}/"
-                for modality, cams in TEST_CAMS.items()
-                for cam in cams
-            ),
-        ]
+        folders = [f"{folder}/" for folder in TEST_FOLDERS.values()]
+        cameras = [f"{TEST_FOLDERS[m]}/cam{cam}/" for m, cams in TEST_CAMS.items() for cam in cams]
+        return [*TRAIN_FILES.values(), TEST_ID_FILE, *folders, *cameras]
 
     def check_lists(self, root: str, split: int, parts: Sequence[str]) -> None:
         """Parse the index files of ``parts`` (each training image must exist) and the test ids."""
@@ -199,7 +156,7 @@ class LLCM(DataSet):
 
     def train_files(self, root: str, split: int) -> TrainFiles:
         """The images and labels of the two training index files."""
-        return TrainFiles(*llcm_train_files(root))
+        return llcm_train_files(root)
 
     def make_protocols(self, settings: ProtocolSettings) -> tuple[Protocol, ...]:
         """Visible-to-infrared and/or infrared-to-visible, and the swapped-roles variant."""

@@ -1,11 +1,6 @@
-"""The data sets ``--dataset`` can name: the shipped ones, and any that other modules register.
-
-A data set defined outside this package is registered with :func:`register_dataset` (as a
-class decorator or with an instance); ``train.main(argv)``, ``test.main(argv)`` and
-``search.main(argv)`` called afterwards in the same process accept its name, because their
-parsers read the registry when they are built. A module placed in ``data/`` that registers its
-data sets so joins the shipped ones by being named in :data:`DATASET_MODULES`.
-"""
+"""The data sets ``--dataset`` can name: the shipped ones, those of the modules named in
+:data:`DATASET_MODULES`, and any that other code registers with :func:`register_dataset` (the
+parsers read the registry when they are built)."""
 
 from __future__ import annotations
 
@@ -23,11 +18,8 @@ Registrable = TypeVar("Registrable", DataSet, type[DataSet])
 
 
 class DataSetRegistry:
-    """Data sets by ``--dataset`` name, in registration order.
-
-    ``modules`` are imported at the first lookup (each registers its data sets when imported):
-    by then the ``data`` package is complete, so such a module imports from it freely.
-    """
+    """Data sets by ``--dataset`` name, in registration order; ``modules`` are imported at the
+    first lookup, when the ``data`` package is complete, so they import from it freely."""
 
     def __init__(self, datasets: Sequence[DataSet] = (), modules: Sequence[str] = ()) -> None:
         self._by_name: dict[str, DataSet] = {}

@@ -13,14 +13,11 @@ logger = logging.getLogger(__name__)
 class CrossModalitySampler:
     """Yield aligned (visible, infrared) index batches of P identities x K images per modality.
 
-    Every batch holds ``P = batch_size // num_pos`` identities present in both modalities, drawn
-    without replacement, and ``num_pos`` images per identity and modality drawn with replacement;
-    position k of the visible and infrared halves is the same identity (identity-major order).
-    The batch for (epoch, step) comes from a fresh NumPy generator seeded with
-    ``(seed, epoch, step)``, so any epoch (or step) regenerates exactly, e.g. for resuming.
-    With ``world_size`` W, every rank computes the same global draw of P*W identities and keeps
-    slice ``rank``: ranks see different identities and the same number of steps.
-    As with torch's DistributedSampler, call ``set_epoch`` before each epoch.
+    ``P = batch_size // num_pos`` identities present in both modalities, without replacement, and
+    ``num_pos`` images each per modality, with replacement; position k of both halves is the same
+    identity. Batch (epoch, step) comes from a generator seeded with ``(seed, epoch, step)``, so
+    any step regenerates exactly (resuming). Every rank draws the same P*W identities and keeps
+    slice ``rank``. As with torch's DistributedSampler, call ``set_epoch`` before each epoch.
     """
 
     def __init__(
@@ -120,11 +117,8 @@ class CrossModalitySampler:
 
     @staticmethod
     def _spread(rng: np.random.Generator, n: int, p: int, w: int) -> np.ndarray:
-        """Deal P distinct identities to each of W ranks from successive permutations.
-
-        Ranks take identities in turn from a queue of shuffled identities, each skipping any it
-        already holds, so identities are spread as evenly over the ranks as P*W > n allows.
-        """
+        """Deal P distinct identities to each of W ranks from a queue of successive permutations,
+        each rank skipping those it holds: as even a spread as P*W > n allows."""
         queue: list[int] = rng.permutation(n).tolist()
         rows = []
         for _ in range(w):

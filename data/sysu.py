@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from functools import partial
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -21,7 +20,7 @@ from utils.base.errors import UserError
 from utils.base.modality import Modality
 
 if TYPE_CHECKING:
-    from data.dataset import ImageList, ProtocolSettings
+    from data.dataset import ProtocolSettings
     from data.images import ListedImage
 
 logger = logging.getLogger(__name__)
@@ -42,20 +41,15 @@ _FOLDER = "cam{cam}/{pid:04d}"
 VISIBLE_FOLDERS = CameraFolders(_FOLDER, VISIBLE_CAMS, Modality.VISIBLE, "SYSU-MM01")
 INFRARED_FOLDERS = CameraFolders(_FOLDER, INFRARED_CAMS, Modality.INFRARED, "SYSU-MM01")
 ALL_FOLDERS = CameraFolders(_FOLDER, CAMERAS, Modality.VISIBLE, "SYSU-MM01")
-GALLERY_FOLDERS = MappingProxyType(
-    {
-        mode: CameraFolders(_FOLDER, cams, Modality.VISIBLE, "SYSU-MM01")
-        for mode, cams in GALLERY_CAMS.items()
-    }
-)
+GALLERY_FOLDERS = {
+    mode: CameraFolders(_FOLDER, cams, Modality.VISIBLE, "SYSU-MM01")
+    for mode, cams in GALLERY_CAMS.items()
+}
 
 
 def check_ids_have_images(root: str | os.PathLike, name: str, ids: Sequence[int]) -> None:
-    """Raise UserError naming the ids of id file ``name`` that have no image in any camera.
-
-    Such an id would silently drop out of training or of the test protocol (a partly extracted
-    data set); an id with images in one modality only is reported later, by the training set.
-    """
+    """Raise UserError naming the ids of id file ``name`` without an image in any camera, which
+    would silently drop out (a partly extracted data set)."""
     absent = sorted(set(ALL_FOLDERS.empty_ids(root, set(ids))))
     if absent:
         shown = ", ".join(str(pid) for pid in absent[:10]) + (", ..." if len(absent) > 10 else "")
@@ -66,10 +60,8 @@ def check_ids_have_images(root: str | os.PathLike, name: str, ids: Sequence[int]
 
 
 def read_checked_ids(root: str | os.PathLike, name: str, what: str = "") -> list[int]:
-    """Read the id file ``name`` (relative to ``root``); every id must have images.
-
-    With ``what`` ("test ids"), a file listing no id is an error.
-    """
+    """Read the id file ``name`` (relative to ``root``; with ``what``, an empty one is an error);
+    every id must have images."""
     ids = read_ids(os.path.join(os.fspath(root), name), what)
     check_ids_have_images(root, name, ids)
     return ids
@@ -86,60 +78,33 @@ def _test_ids(root: str | os.PathLike) -> list[int]:
     return sorted(set(read_checked_ids(root, TEST_ID_FILE, "test ids")))
 
 
-def _train_ids(root: str | os.PathLike) -> list[int]:
-    """The train + val ids, ascending."""
-    ids = set(read_checked_ids(root, ID_FILES[0]))
-    return sorted(ids | set(read_checked_ids(root, ID_FILES[1])))
-
-
-def sysu_train_files(root: str | os.PathLike) -> tuple[list[str], list[int], list[str], list[int]]:
-    """Return (visible paths, their ids, infrared paths, their ids) of the train + val ids.
-
-    Ids ascending, then cameras in order, then file names: the authors' order.
-    """
+def sysu_train_files(root: str | os.PathLike) -> TrainFiles:
+    """The images of the train + val ids, ids ascending, then cameras, then file names (the
+    authors' order)."""
     SYSU().check_layout(root)
-    ids = _train_ids(root)
+    ids = sorted(
+        set(read_checked_ids(root, ID_FILES[0])) | set(read_checked_ids(root, ID_FILES[1]))
+    )
     visible = VISIBLE_FOLDERS.images(root, ids)
     infrared = INFRARED_FOLDERS.images(root, ids)
-    return visible.paths, visible.pids.tolist(), infrared.paths, infrared.pids.tolist()
+    return TrainFiles(visible.paths, visible.pids.tolist(), infrared.paths, infrared.pids.tolist())
 
 
 def sysu_query(root: str | os.PathLike, mode: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Return (paths, pids, camids) of every infrared image (cams 3, 6) of the test ids.
-
-    The query is the same for both modes; ``mode`` is only checked.
-    """
-    query = _query_list(root, 1, mode)
+    """Return (paths, pids, camids) of every infrared image (cams 3, 6) of the test ids (the same
+    for both modes; ``mode`` is only checked)."""
+    _check_mode(mode)
+    query = INFRARED_FOLDERS.images(root, _test_ids(root))
     return query.paths, query.pids, query.cams
 
 
 def sysu_gallery(
     root: str | os.PathLike, mode: str, shot: int = 1, trial: int = 0
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Return (paths, pids, camids) of the visible gallery of ``trial``, drawn as the authors did.
-
-    ``random.Random(trial)``; ids ascending; cameras 1, 2, 4, 5 (all) or 1, 2 (indoor); for each
-    (id, camera) folder with images, ``rng.sample(sorted full paths, shot)``. For ``shot=1`` this
-    consumes the generator exactly as the authors' ``random.choice`` did, so trial t reproduces
-    their gallery t. A folder with fewer than ``shot`` images (the authors' code would crash)
-    gives all its images, in sorted order, with a warning, and consumes no random draw.
-    """
-    gallery = _gallery_list(root, 1, trial, mode, shot)
+    """Return (paths, pids, camids) of the visible gallery of ``trial``, drawn as the authors did
+    (:meth:`CameraFolders.draw` seeded with ``trial``: trial t reproduces their gallery t)."""
+    gallery = GALLERY_FOLDERS[_check_mode(mode)].draw(root, _test_ids(root), trial, int(shot))
     return gallery.paths, gallery.pids, gallery.cams
-
-
-def _query_list(root: str | os.PathLike, split: int, mode: str) -> ImageList:
-    """Every infrared image of the test ids (SYSU-MM01 has one split)."""
-    _check_mode(mode)
-    return INFRARED_FOLDERS.images(root, _test_ids(root))
-
-
-def _gallery_list(
-    root: str | os.PathLike, split: int, draw: int, mode: str, shot: int
-) -> ImageList:
-    """The visible gallery of draw ``draw`` for ``mode`` and ``shot``."""
-    _check_mode(mode)
-    return GALLERY_FOLDERS[mode].draw(root, _test_ids(root), draw, int(shot))
 
 
 class SYSU(DataSet):
@@ -181,18 +146,21 @@ class SYSU(DataSet):
 
     def train_files(self, root: str, split: int) -> TrainFiles:
         """The train + val ids' images (``split`` is ignored: SYSU-MM01 has one split)."""
-        return TrainFiles(*sysu_train_files(root))
+        return sysu_train_files(root)
 
     def make_protocols(self, settings: ProtocolSettings) -> tuple[Protocol, ...]:
-        """The one protocol of ``settings.mode`` and ``settings.shot``."""
+        """The one protocol of ``settings.mode`` and ``settings.shot`` (one split: ``split`` is
+        ignored)."""
         mode, shot = _check_mode(settings.mode), int(settings.shot)
         kind = "single" if shot == 1 else "multi"
         return (
             Protocol(
                 name=f"{mode} {kind}-shot",
                 key=mode,
-                query=partial(_query_list, mode=mode),
-                gallery=partial(_gallery_list, mode=mode, shot=shot),
+                query=lambda root, split: INFRARED_FOLDERS.images(root, _test_ids(root)),
+                gallery=lambda root, split, draw: GALLERY_FOLDERS[mode].draw(
+                    root, _test_ids(root), draw, shot
+                ),
                 exclusion=SAME_LOCATION,
                 dedup_cmc=True,
             ),

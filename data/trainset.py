@@ -7,7 +7,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
@@ -69,46 +68,28 @@ class TrainSet:
         return TrainSet(pids=keep, **parts)
 
 
-def _paired_identities(
-    visible_pids: Sequence[int], infrared_pids: Sequence[int], dataset: str
-) -> list[int]:
-    """Return the identities present in both modalities; warn about each one that is not."""
+def _paired_files(files: TrainFiles, root: str, title: str) -> dict:
+    """Keep the identities with images of both modalities (warning about the others), labelled
+    0..n-1 in ascending order: the paths, labels and ``pids`` fields of a TrainSet."""
+    visible_paths, visible_pids, infrared_paths, infrared_pids = files
     visible, infrared = set(visible_pids), set(infrared_pids)
     for pid in sorted(visible ^ infrared):
         missing = "infrared" if pid in visible else "visible"
-        logger.warning("%s: identity %d has no %s training images; skipped", dataset, pid, missing)
-    return sorted(visible & infrared)
-
-
-class _PairedFiles(NamedTuple):
-    """Training files of the identities that have images in both modalities, with labels."""
-
-    visible_paths: list[str]
-    visible_labels: np.ndarray
-    infrared_paths: list[str]
-    infrared_labels: np.ndarray
-    pids: list[int]
-
-
-def _paired_files(files: TrainFiles, root: str, title: str) -> _PairedFiles:
-    """Keep the identities with images of both modalities; label them 0..n-1 ascending."""
-    visible_paths, visible_pids, infrared_paths, infrared_pids = files
-    pids = _paired_identities(visible_pids, infrared_pids, title)
+        logger.warning("%s: identity %d has no %s training images; skipped", title, pid, missing)
+    pids = sorted(visible & infrared)
     if not pids:
         raise UserError(f"--data_root {root}: no {title} identity has images of both modalities")
-    kept = set(pids)
-    vis_rows = [i for i, p in enumerate(visible_pids) if p in kept]
-    ir_rows = [i for i, p in enumerate(infrared_pids) if p in kept]
-    pid_array = np.asarray(pids, dtype=np.int64)
-    visible_labels = np.searchsorted(pid_array, np.asarray(visible_pids, np.int64)[vis_rows])
-    infrared_labels = np.searchsorted(pid_array, np.asarray(infrared_pids, np.int64)[ir_rows])
-    return _PairedFiles(
-        [visible_paths[i] for i in vis_rows],
-        visible_labels.astype(np.int64),
-        [infrared_paths[i] for i in ir_rows],
-        infrared_labels.astype(np.int64),
-        pids,
-    )
+    kept, pid_array = set(pids), np.asarray(pids, dtype=np.int64)
+    fields: dict = {"pids": pids}
+    for name, paths, ids in (
+        ("visible", visible_paths, visible_pids),
+        ("infrared", infrared_paths, infrared_pids),
+    ):
+        rows = [i for i, p in enumerate(ids) if p in kept]
+        labels = np.searchsorted(pid_array, np.asarray(ids, np.int64)[rows])
+        fields[f"{name}_paths"] = [paths[i] for i in rows]
+        fields[f"{name}_labels"] = labels.astype(np.int64)
+    return fields
 
 
 def load_train_set(
@@ -120,48 +101,35 @@ def load_train_set(
     progress: bool = True,
     mmap: bool = False,
 ) -> TrainSet:
-    """Load the training set of ``dataset`` (``trial``: its split, where it has splits).
-
-    Images are resized to (height, width). Decoded images are cached under ``cache_dir``
-    (default ``<root>/cache``, or ``./cache`` if ``root`` is read-only), built on first use,
-    reused while the size and file list match. With ``mmap`` the image arrays are read-only
-    memory maps of the cache.
-    """
+    """Load the training set of ``dataset`` (``trial``: its split, where it has splits), resized
+    to ``img_size`` and cached under ``cache_dir`` (default :func:`default_cache_dir`); with
+    ``mmap`` the image arrays are read-only memory maps of the cache."""
     height, width = check_img_size(img_size)
     plugin = get_dataset(dataset)
     root = os.fspath(root)
     split = plugin.split_of(trial)
     files = _paired_files(plugin.train_files(root, split), root, plugin.title)
+    visible_paths, infrared_paths = files["visible_paths"], files["infrared_paths"]
     meta = {
         "version": CACHE_VERSION,
         "dataset": plugin.name,
         "img_size": [height, width],
-        "num_visible": len(files.visible_paths),
-        "num_infrared": len(files.infrared_paths),
-        "images": image_signature(
-            root, {"visible": files.visible_paths, "infrared": files.infrared_paths}
-        ),
+        "num_visible": len(visible_paths),
+        "num_infrared": len(infrared_paths),
+        "images": image_signature(root, {"visible": visible_paths, "infrared": infrared_paths}),
     }
     if plugin.num_splits > 1:
         meta["trial"] = split
     cache_path = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
     cache_path = cache_path / f"{plugin.cache_name(split)}_{height}x{width}"
     visible, infrared = cached_training_images(
-        cache_path, meta, files.visible_paths, files.infrared_paths, plugin.title, progress, mmap
+        cache_path, meta, visible_paths, infrared_paths, plugin.title, progress, mmap
     )
     logger.info(
         "%s training set: %d identities, %d visible and %d infrared images",
         plugin.title,
-        len(files.pids),
-        len(files.visible_paths),
-        len(files.infrared_paths),
+        len(files["pids"]),
+        len(visible_paths),
+        len(infrared_paths),
     )
-    return TrainSet(
-        visible_images=visible,
-        visible_labels=files.visible_labels,
-        infrared_images=infrared,
-        infrared_labels=files.infrared_labels,
-        pids=files.pids,
-        visible_paths=files.visible_paths,
-        infrared_paths=files.infrared_paths,
-    )
+    return TrainSet(visible_images=visible, infrared_images=infrared, **files)

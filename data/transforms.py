@@ -1,13 +1,9 @@
 """The paper's training augmentation, batched on any device.
 
-Pipeline (torchvision order of the authors' code): zero-pad the uint8 image by ``pad``, random
-crop back to HxW, horizontal flip, to [0, 1], ImageNet normalisation, random erasing whose
-rectangle (area 0.02-0.4 of the image, height/width ratio 0.3-1/0.3) is filled with
-0.485/0.456/0.406 written into the *normalised* tensor.
-
-``augment_batch`` draws every random number on the CPU from the given generator as a few small
-tensors, moves them to the images' device with ``non_blocking=True`` and then works with
-gathers and ``torch.where`` only, so a CUDA batch is augmented without a host synchronisation.
+In the authors' order: zero-pad by ``pad``, random crop back to HxW, horizontal flip, ImageNet
+normalisation, random erasing filled with 0.485/0.456/0.406 in the *normalised* tensor. Random
+numbers are drawn on the CPU and moved without blocking; the rest is gathers and ``torch.where``,
+so a CUDA batch is augmented without a host synchronisation.
 """
 
 from __future__ import annotations
@@ -78,35 +74,6 @@ def _erase_params(
     return fits.any(dim=1), h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
 
 
-def _draw_params(
-    n: int,
-    height: int,
-    width: int,
-    generator: torch.Generator | None,
-    pad: int,
-    flip_p: float,
-    erase_p: float,
-    erase_area: tuple[float, float],
-    erase_ratio: tuple[float, float],
-) -> torch.Tensor:
-    """Draw the (N, 8) int64 parameter table on the CPU."""
-
-    def uniform(*shape: int) -> torch.Tensor:
-        return torch.rand(shape, generator=generator, dtype=torch.float64)
-
-    crop = torch.floor(uniform(n, 2) * (2 * pad + 1)).long().clamp_(max=2 * pad)
-    flip = uniform(n) < flip_p
-    erase = uniform(n) < erase_p
-    area = erase_area[0] + (erase_area[1] - erase_area[0]) * uniform(n, ERASE_ATTEMPTS)
-    ratio = erase_ratio[0] + (erase_ratio[1] - erase_ratio[0]) * uniform(n, ERASE_ATTEMPTS)
-    fits, eh, ew = _erase_params(area, ratio, height, width)
-    corner = uniform(n, 2)
-    top = torch.floor(corner[:, 0] * (height - eh + 1)).long()
-    left = torch.floor(corner[:, 1] * (width - ew + 1)).long()
-    columns = [crop[:, 0], crop[:, 1], flip.long(), (erase & fits).long(), top, left, eh, ew]
-    return torch.stack(columns, dim=1)
-
-
 def _apply(images: torch.Tensor, params: torch.Tensor, pad: int) -> torch.Tensor:
     """Apply a parameter table (already on the images' device) to a uint8 NHWC batch."""
     n, height, width, _ = images.shape
@@ -148,11 +115,24 @@ def augment_batch(
 ) -> torch.Tensor:
     """Augment uint8 (N,H,W,3) images on their device; return normalised float (N,3,H,W).
 
-    Random numbers come from the CPU ``generator`` (torch's default one when None).
+    Random numbers come from the CPU ``generator`` (torch's default one when None), drawn as one
+    (N, 8) int64 parameter table.
     """
     _check_batch(images)
     n, height, width, _ = images.shape
-    params = _draw_params(
-        n, height, width, generator, pad, flip_p, erase_p, erase_area, erase_ratio
-    )
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=generator, dtype=torch.float64)
+
+    crop = torch.floor(uniform(n, 2) * (2 * pad + 1)).long().clamp_(max=2 * pad)
+    flip = uniform(n) < flip_p
+    erase = uniform(n) < erase_p
+    area = erase_area[0] + (erase_area[1] - erase_area[0]) * uniform(n, ERASE_ATTEMPTS)
+    ratio = erase_ratio[0] + (erase_ratio[1] - erase_ratio[0]) * uniform(n, ERASE_ATTEMPTS)
+    fits, eh, ew = _erase_params(area, ratio, height, width)
+    corner = uniform(n, 2)
+    top = torch.floor(corner[:, 0] * (height - eh + 1)).long()
+    left = torch.floor(corner[:, 1] * (width - ew + 1)).long()
+    columns = [crop[:, 0], crop[:, 1], flip.long(), (erase & fits).long(), top, left, eh, ew]
+    params = torch.stack(columns, dim=1)
     return _apply(images, _to_device(params, images.device), pad)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from data import toy
-from data.toy import regdb as toy_regdb
+from data.toy import layouts as toy_layouts
 from utils.base.errors import UserError
 
 SYSU_SMALL = {"train_ids": 3, "val_ids": 2, "test_ids": 4, "height": 64, "width": 32}
@@ -299,7 +299,7 @@ def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monk
             raise KeyboardInterrupt
         Image.fromarray(image).save(path)
 
-    monkeypatch.setattr(toy_regdb, "save", failing_save)
+    monkeypatch.setattr(toy_layouts, "save", failing_save)
     with pytest.raises(KeyboardInterrupt):
         toy.make_regdb(tmp_path / "regdb", ids=4, images_per_id=2, height=32, width=16)
     assert list(tmp_path.iterdir()) == []

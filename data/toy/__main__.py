@@ -1,5 +1,5 @@
-"""``python -m data.toy``: write a synthetic data set (see ``data.toy.cli``)."""
+"""``python -m data.toy``: write a synthetic data set."""
 
-from data.toy.cli import main
+from data.toy import main
 
 raise SystemExit(main())

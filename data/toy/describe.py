@@ -1,15 +1,9 @@
 """The random descriptions of the synthetic data: identities, cameras and per-image poses.
 
-Every identity is a procedurally drawn, stylised pedestrian. Cues that survive the change of
-modality are the body shape and proportions, clothing cut (sleeves, shorts, skirt), hair length,
-bags, the clothing pattern and the clothes' luminance layout. Colour exists only in visible images;
-every surface also has an infrared level (skin bright, fabrics a noisy function of their visible
-luminance, bags dark). Cameras differ in framing, shear, mirroring, scale, illumination and
-background; every image has its own pose.
-
-``draw_person``, ``draw_camera`` and ``draw_pose`` turn a random generator into a description;
-``data.toy.render`` paints one image from three descriptions. The order of the draws is part of
-the output: every image of every seed depends on it.
+Every identity is a stylised pedestrian whose shape, clothing cut, hair, bag, pattern and
+luminance layout survive the change of modality; colour exists only in visible images, and every
+surface also has an infrared level. Cameras differ in framing, illumination and background. The
+order of the draws is part of the output: every image of every seed depends on it.
 """
 
 from __future__ import annotations

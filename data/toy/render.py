@@ -1,9 +1,6 @@
-"""Painting of the synthetic pedestrians: one image of a person seen by a camera in a pose.
-
-``render`` lays out the body in the image, paints its parts back to front (one function each)
-over the camera's background and runs the sensor. Infrared images are painted in grey from each
-surface's infrared level, in inverted (black-hot) polarity, with their own gain, gamma, blur and
-sensor noise, so low-level statistics differ strongly between the modalities, which is the gap
+"""Painting of the synthetic pedestrians: one image of a person seen by a camera in a pose, its
+parts painted back to front over the camera's background, then the sensor. Infrared images are
+grey, black-hot, with their own gain, gamma, blur and noise: the low-level gap between modalities
 that modality-specific BatchNorm is meant to absorb.
 """
 
@@ -75,11 +72,8 @@ def _pattern(garment: Garment, u: np.ndarray, v: np.ndarray, px: float) -> np.nd
 
 @dataclass
 class _Scene:
-    """One image being painted: body coordinates of every pixel, the canvas and its shading.
-
-    ``u`` runs across the body and ``v`` down it, both in units of the body height (``px`` is one
-    pixel in those units); ``shoulder_v`` and ``hip_v`` are where the torso starts and ends.
-    """
+    """One image being painted: body coordinates of every pixel (``u`` across, ``v`` down, in
+    body heights; ``px`` is one pixel), the canvas, its shading and where the torso lies."""
 
     person: Person
     pose: Pose
