@@ -1,4 +1,4 @@
-"""Run the benchmark's sections and print the JSON document."""
+"""Run the benchmark's sections, print the JSON document and its Markdown table."""
 
 from __future__ import annotations
 
@@ -18,9 +18,7 @@ from utils.base.logger import setup_logging
 from utils.benchmark.measure import machine
 from utils.benchmark.options import BenchSettings, read_options, resolve_options
 from utils.benchmark.registry import SECTIONS
-from utils.benchmark.report import markdown_table
-from utils.benchmark.section import Bench
-from utils.benchmark.setup import TRAIN_IDS, synthetic_train_set, training_settings
+from utils.benchmark.section import TRAIN_IDS, Bench, synthetic_train_set, training_settings
 from utils.benchmark.training import speedup
 from utils.engine.build import select_device
 
@@ -34,6 +32,31 @@ def benchmark_arch(name: str, depth: int) -> Arch:
     if (arch := load_arch(name)).depth != depth:
         raise UserError(f"--arch {name} is a ResNet-{arch.depth}; --depth is {depth}")
     return arch
+
+
+def _cell(value: Any, unit: str = "") -> str:
+    """A figure as table text: "-" for a skipped one, two decimals below 100."""
+    if value is None or value == "":
+        return "-" if value is None else ""
+    return f"{value:,.2f}{unit}" if unit or value < 100 else f"{value:,.0f}"
+
+
+def markdown_table(doc: dict[str, Any]) -> str:
+    """The figures as a Markdown table, under a line naming the machine they came from."""
+    info, settings = doc["machine"], doc["settings"]
+    rows = [row for section in SECTIONS for row in section.rows(doc)]
+    return "\n".join(
+        [
+            f"Measured on {info['device']} ({info['cpu_count']} CPUs, {settings['threads']} torch "
+            f"threads), torch {info['torch']}, commit {info['commit']}, {info['date']}: ResNet-"
+            f"{settings['depth']} ({settings['arch']}), {settings['img_h']}x{settings['img_w']}, "
+            f"{settings['images_per_step']} images per step.",
+            "",
+            "| measure | fast | plain | ratio |",
+            "|---|---|---|---|",
+            *(f"| {what} | {_cell(a)} | {_cell(b)} | {_cell(r, 'x')} |" for what, a, b, r in rows),
+        ]
+    )
 
 
 def run_benchmark(options: BenchSettings) -> dict[str, Any]:

@@ -10,8 +10,7 @@ from typing import Any
 import numpy as np
 
 from utils.benchmark.measure import throughput
-from utils.benchmark.section import Bench, Row, Section, figure
-from utils.benchmark.setup import in_memory
+from utils.benchmark.section import Bench, Row, Section, figure, in_memory
 from utils.engine.search import SearchTrainer
 from utils.engine.settings import SearchSettings
 from utils.engine.trainer import Trainer

@@ -1,4 +1,5 @@
-"""Sections ``fast`` and ``plain``: the engine's training step against an authors'-style step."""
+"""Sections ``fast``, ``features`` and ``plain``: the engine's training step and feature
+extraction, against an authors'-style training step."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 import resource
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -13,8 +15,10 @@ from data.sampler import CrossModalitySampler
 from data.trainset import TrainSet
 from data.transforms import augment_batch
 from model import Routing, build_model
-from utils.benchmark.measure import peak_memory, reset_peak_memory, throughput
+from utils.base.modality import Modality
+from utils.benchmark.measure import peak_memory, reset_peak_memory, throughput, timed
 from utils.benchmark.section import Bench, Row, Section, figure
+from utils.evaluation.evaluate import extract_features
 
 log = logging.getLogger("benchmark")
 
@@ -68,6 +72,32 @@ def run_fast(bench: Bench) -> dict[str, Any]:
         ema="ModelEMA (foreach)",
     )
     return figures
+
+
+def run_features(bench: Bench) -> dict[str, Any]:
+    """Time :func:`extract_features` on random uint8 images, after a warm-up batch."""
+    args, trainer = bench.args, bench.trainer()
+    model = trainer.ema.module if trainer.ema is not None else trainer.model_without_ddp
+    batch, amp = args.test_batch, trainer.amp
+    shape = (args.feature_images, args.img_h, args.img_w, 3)
+    images = np.random.default_rng(args.seed + 1).integers(0, 256, size=shape, dtype=np.uint8)
+    extract_features(model, images[:batch], Modality.INFRARED, trainer.device, batch, amp)
+    (pool, _), seconds = timed(
+        lambda: extract_features(model, images, Modality.INFRARED, trainer.device, batch, amp)
+    )
+    return dict(
+        images_per_s=round(len(images) / seconds, 2),
+        images=len(images),
+        batch_size=batch,
+        amp=amp,
+        feature_dim=int(pool.shape[1]),
+        timed_s=round(seconds, 3),
+    )
+
+
+def feature_rows(doc: dict[str, Any]) -> list[Row]:
+    """Feature-extraction images/s."""
+    return [("feature extraction images/s", figure(doc, "features", "images_per_s"), "", "")]
 
 
 def run_plain(bench: Bench) -> dict[str, Any]:
@@ -145,5 +175,6 @@ def training_rows(doc: dict[str, Any]) -> list[Row]:
     ]
 
 
+FEATURES = Section("features", run_features, feature_rows, uses_trainer=True)
 FAST = Section("fast", run_fast, training_rows, uses_trainer=True)
 PLAIN = Section("plain", run_plain)
