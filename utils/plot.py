@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageColor, ImageDraw
 
 from model.losses import LOSS_TERMS
 from utils.base.cli import add_plugin_flag, load_plugins, run_cli
@@ -39,17 +39,9 @@ INK = (30, 30, 30)
 GRID = (228, 228, 228)
 MUTED = (120, 120, 120)
 # Tableau 10: distinct on white and widely used, so curves read the same as in other tools.
-PALETTE = (
-    (31, 119, 180),
-    (255, 127, 14),
-    (44, 160, 44),
-    (214, 39, 40),
-    (148, 103, 189),
-    (140, 86, 75),
-    (227, 119, 194),
-    (127, 127, 127),
-    (188, 189, 34),
-    (23, 190, 207),
+PALETTE = tuple(
+    ImageColor.getrgb(f"#{code}")
+    for code in "1f77b4 ff7f0e 2ca02c d62728 9467bd 8c564b e377c2 7f7f7f bcbd22 17becf".split()
 )
 _PAD = 10
 _INSET = 8  # keeps the first and last points off the axis frame
@@ -67,16 +59,12 @@ def scale(value: float, lo: float, hi: float, start: float, end: float) -> float
     return start + (value - lo) / (hi - lo) * (end - start)
 
 
-def nice_step(span: float, count: int = 5) -> float:
-    """A 1, 2 or 5 times a power of ten step giving about ``count`` intervals over ``span``."""
-    raw = span / max(count, 1)
-    power = 10 ** math.floor(math.log10(raw))
-    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw * 0.999)
-
-
 def nice_ticks(lo: float, hi: float, count: int = 5, integer: bool = False) -> list[float]:
-    """Round tick values covering [lo, hi] (first tick <= lo, last >= hi)."""
-    step = nice_step(hi - lo, count)
+    """Round tick values covering [lo, hi] (first tick <= lo, last >= hi), about ``count``
+    intervals of 1, 2 or 5 times a power of ten."""
+    raw = (hi - lo) / max(count, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw * 0.999)
     if integer:
         step = max(step, 1.0)
     first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)

@@ -202,37 +202,20 @@ def mean_std(runs: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str,
     return out
 
 
-class _ImageUnion:
-    """The distinct images of one modality that an evaluation needs, each listed once.
+Labels = dict[Modality, dict[str, tuple[int, int]]]
 
-    Queries keep their list order; gallery images come after them, sorted by path, so that a
-    gallery drawn ten times is extracted in one deterministic pass.
-    """
 
-    def __init__(self, modality: Modality) -> None:
-        self.modality = modality
-        self.position: dict[str, int] = {}
-        self.labels: list[tuple[int, int]] = []
-
-    def add(self, lists: Sequence[ImageList], sort: bool) -> None:
-        """Add the images of ``lists`` not yet listed (all of them sorted by path if ``sort``)."""
-        new: dict[str, tuple[int, int]] = {}
-        for images in lists:
-            for path, pid, cam in zip(images.paths, images.pids, images.cams, strict=True):
-                if path not in self.position and path not in new:
-                    new[path] = (int(pid), int(cam))
-        for path in sorted(new) if sort else new:
-            self.position[path] = len(self.labels)
-            self.labels.append(new[path])
-
-    def index(self, images: ImageList) -> np.ndarray:
-        """Rows of ``images`` in the union, in list order."""
-        return np.asarray([self.position[path] for path in images.paths], dtype=np.int64)
-
-    def as_list(self) -> ImageList:
-        """The union as one image list."""
-        labels = np.asarray(self.labels, dtype=np.int64).reshape(-1, 2)
-        return ImageList(list(self.position), labels[:, 0], labels[:, 1], self.modality)
+def _add_images(labels: Labels, lists: Sequence[ImageList], sort: bool) -> None:
+    """Add the (identity, camera) of each image of ``lists`` not yet in ``labels`` under its
+    modality and path, the new ones sorted by path if ``sort``."""
+    new: Labels = {}
+    for images in lists:
+        known, added = labels.setdefault(images.modality, {}), new.setdefault(images.modality, {})
+        for path, pid, cam in zip(images.paths, images.pids, images.cams, strict=True):
+            if path not in known:
+                added.setdefault(path, (int(pid), int(cam)))
+    for modality, added in new.items():
+        labels[modality].update(sorted(added.items()) if sort else added)
 
 
 def evaluate_protocols(
@@ -265,25 +248,26 @@ def evaluate_protocols(
     for protocol in protocols:
         query = protocol.query(root, split)
         lists.append((protocol, query, [protocol.gallery(root, split, draw) for draw in draws]))
-    unions: dict[Modality, _ImageUnion] = {}
-    for _, query, _ in lists:
-        unions.setdefault(query.modality, _ImageUnion(query.modality)).add([query], sort=False)
-    by_modality: dict[Modality, list[ImageList]] = {}
-    for _, _, galleries in lists:
-        for gallery in galleries:
-            by_modality.setdefault(gallery.modality, []).append(gallery)
-    for modality, galleries in by_modality.items():
-        unions.setdefault(modality, _ImageUnion(modality)).add(galleries, sort=True)
-    extracted = {
-        modality: features_of(model, union.as_list(), device, img_size, batch_size, amp, flip)
-        for modality, union in unions.items()
-    }
+    # Each modality's distinct images, extracted once: queries in list order, then the gallery
+    # images sorted by path, so that a gallery drawn ten times is one deterministic pass.
+    labels: Labels = {}
+    _add_images(labels, [query for _, query, _ in lists], sort=False)
+    _add_images(labels, [gallery for *_, galleries in lists for gallery in galleries], sort=True)
+    extracted: dict[Modality, Features] = {}
+    row_of: dict[Modality, dict[str, int]] = {}
+    for modality, images in labels.items():
+        pids, cams = np.asarray(list(images.values()), dtype=np.int64).reshape(-1, 2).T
+        union = ImageList(list(images), pids, cams, modality)
+        extracted[modality] = features_of(model, union, device, img_size, batch_size, amp, flip)
+        row_of[modality] = {path: row for row, path in enumerate(images)}
+
+    def union_rows_of(images: ImageList) -> np.ndarray:
+        return np.asarray([row_of[images.modality][path] for path in images.paths], np.int64)
 
     results = []
     for protocol, query_list, galleries in lists:
-        query = extracted[query_list.modality].take(unions[query_list.modality].index(query_list))
-        gallery_union = unions[galleries[0].modality]
-        rows = [gallery_union.index(gallery) for gallery in galleries]
+        query = extracted[query_list.modality].take(union_rows_of(query_list))
+        rows = [union_rows_of(gallery) for gallery in galleries]
         # The protocol's own gallery union, in extraction order.
         union_rows = np.unique(np.concatenate(rows))
         gallery = extracted[galleries[0].modality].take(union_rows)

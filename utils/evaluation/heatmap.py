@@ -47,31 +47,16 @@ def colour(value: float) -> tuple[int, int, int]:
     return tuple(round(a + (b - a) * t) for a, b in zip(low, high, strict=True))  # type: ignore[return-value]
 
 
-def _group(label: str) -> str:
-    """The stage a slot belongs to (``layer2`` of ``layer2.0.bn1``), for separator lines."""
-    return label.split(".", 1)[0]
-
-
 @dataclass(frozen=True)
 class _Grid:
-    """Where the cells lie: the top-left corner, the size of a cell, rows and columns."""
+    """Where the cells lie: the top-left corner, the size of a cell and of all of them."""
 
     x: int
     y: int
     cell_w: int
     cell_h: int
-    rows: int
-    cols: int
-
-    @property
-    def width(self) -> int:
-        """Width of all columns."""
-        return self.cols * self.cell_w
-
-    @property
-    def height(self) -> int:
-        """Height of all rows."""
-        return self.rows * self.cell_h
+    width: int
+    height: int
 
 
 def _draw_rows(
@@ -87,7 +72,7 @@ def _draw_rows(
         draw.text(
             (grid.x - 8 - text_w, y + (grid.cell_h - text_h) // 2 - 1), label, fill=_INK, font=face
         )
-        for c in range(grid.cols):
+        for c in range(matrix.shape[1]):
             x = grid.x + c * grid.cell_w
             draw.rectangle(
                 (x, y, x + grid.cell_w - 1, y + grid.cell_h - 1),
@@ -103,7 +88,8 @@ def _draw_rows(
             _, text_h = text_size(draw, text, small)
             xy = (grid.x + grid.width + 6, y + (grid.cell_h - text_h) // 2 - 2)
             draw.text(xy, text, fill=_INK, font=small)
-        if r and _group(label) != _group(row_labels[r - 1]):
+        # A line between stages (``layer2`` of ``layer2.0.bn1``).
+        if r and label.split(".", 1)[0] != row_labels[r - 1].split(".", 1)[0]:
             draw.line((grid.x - 4, y, grid.x + grid.width, y), fill=_STAGE_LINE, width=1)
 
 
@@ -112,7 +98,7 @@ def _draw_epochs(
 ) -> None:
     """Epoch numbers every ``step`` columns (never overlapping), plus the first; the caption."""
     face, small = font(12), font(11)
-    shown = {0} | {c for c in range(grid.cols) if (c + 1) % step == 0}
+    shown = {0} | {c for c in range(len(col_labels)) if (c + 1) % step == 0}
     if 0 < step - 1 < needed:
         shown.discard(step - 1)
     axis_y = grid.y + grid.height + 4
@@ -169,7 +155,7 @@ def save_heatmap(
     title_h = text_size(probe, title or "Ag", bold)[1] + 14 if title else 4
     # Wide enough for the numbers when there are few epochs, narrower (down to 6 px) when many.
     cell_w = int(min(24, max(6, 900 // cols)))
-    grid = _Grid(_MARGIN + label_w + 8, _MARGIN + title_h, cell_w, 14, rows, cols)
+    grid = _Grid(_MARGIN + label_w + 8, _MARGIN + title_h, cell_w, 14, cols * cell_w, rows * 14)
     number_w = max(text_size(probe, c, small)[0] for c in col_labels)
     needed = math.ceil((number_w + 6) / cell_w)
     step = next(s for s in (1, 2, 5, 10, 20, 25, 50, 100, 200, 500, 10**9) if s >= needed)

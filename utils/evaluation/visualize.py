@@ -212,22 +212,16 @@ def save_rank_lists(
     written = []
     for row, index in enumerate(indices):
         camid = None if query.camids is None else int(query.camids[index])
-        order = rank_gallery(
-            distmat[row],
-            camid,
-            gallery.camids,
-            exclusion,
-            int(query.pids[index]),
-            gallery.pids,
-        )
+        pid = int(query.pids[index])
+        order = rank_gallery(distmat[row], camid, gallery.camids, exclusion, pid, gallery.pids)
         title = (
-            f"query {index} ({query_label}, id {int(query.pids[index])}) against the "
+            f"query {index} ({query_label}, id {pid}) against the "
             f"{gallery_label} gallery: {kind} features{rule}"
         )
         image = rank_list_image(
             query, gallery, index, order[:top].tolist(), query_label, gallery_label, title
         )
-        path = out_dir / f"query{index:05d}_id{int(query.pids[index])}.png"
+        path = out_dir / f"query{index:05d}_id{pid}.png"
         try:
             image.save(path, format="PNG")
         except OSError as err:
