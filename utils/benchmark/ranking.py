@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,36 +29,43 @@ LLCM: Protocol = (351, (1, 2, 4, 5, 6, 7, 8, 9), tuple(range(1, 10)))
 FEATURE_DIM = 2048  # a ResNet-50's pool features, the usual input of re-ranking
 
 
+def _against(fast: Callable[[], Any], slow: Callable[[], Any], slow_name: str) -> dict[str, Any]:
+    """``fast`` (best of 3 after a warm-up) against one run of ``slow``: their seconds, the
+    speed-up and the largest difference of their results."""
+    fast()  # warm-up
+    fast_result, fast_s = best_of(3, fast)
+    slow_result, slow_s = timed(slow)
+    pairs = zip(fast_result, slow_result, strict=True)
+    diff = max(float(np.abs(np.subtract(a, b)).max()) for a, b in pairs)
+    speedup = round(slow_s / fast_s, 2)
+    return {
+        "vectorised_s": fast_s,
+        f"{slow_name}_s": slow_s,
+        "speedup": speedup,
+        "max_abs_diff": diff,
+    }
+
+
 def run_metrics(bench: Bench) -> dict[str, Any]:
-    """``eval_sysu`` (best of 3 after a warm-up) against one run of ``eval_sysu_loop`` on one
-    random SYSU multi-shot-sized problem."""
+    """``eval_sysu`` against ``eval_sysu_loop`` on a random SYSU multi-shot-sized problem."""
     args = bench.args
     log.info("metrics")
     sizes = dict(num_query=args.metrics_query, num_gallery=args.metrics_gallery)
     problem = ranking_problem(SYSU, *sizes.values(), args.seed)
-    eval_sysu(*problem)  # warm-up
-    fast, vectorised_s = best_of(3, lambda: eval_sysu(*problem))
-    slow, loop_s = timed(lambda: eval_sysu_loop(*problem))
-    diff = max(float(np.abs(a - b).max()) for a, b in zip(fast, slow, strict=True))
-    speedup = round(loop_s / vectorised_s, 2)
-    return dict(
-        vectorised_s=vectorised_s, loop_s=loop_s, speedup=speedup, max_abs_diff=diff, **sizes
-    )
+    return _against(lambda: eval_sysu(*problem), lambda: eval_sysu_loop(*problem), "loop") | sizes
 
 
 def run_rerank(bench: Bench) -> dict[str, Any]:
-    """``rerank`` (best of 3 after a warm-up, on the run's torch threads) against one run of
-    ``rerank_reference`` (NumPy, one core whatever the threads) on random features."""
+    """``rerank`` (on the run's torch threads) against ``rerank_reference`` (NumPy, one core
+    whatever the threads) on random features."""
     args = bench.args
     log.info("rerank")
     sizes = dict(num_query=args.metrics_query, num_gallery=args.metrics_gallery)
     distances = feature_distances(*sizes.values(), FEATURE_DIM, args.seed)
-    rerank(*distances)  # warm-up
-    fast, vectorised_s = best_of(3, lambda: rerank(*distances))
-    slow, reference_s = timed(lambda: rerank_reference(*distances))
-    speedup, diff = round(reference_s / vectorised_s, 2), float(np.abs(fast - slow).max())
-    times = dict(vectorised_s=vectorised_s, reference_s=reference_s, speedup=speedup)
-    return times | dict(max_abs_diff=diff, threads=torch.get_num_threads(), **sizes)
+    figures = _against(
+        lambda: rerank(*distances), lambda: rerank_reference(*distances), "reference"
+    )
+    return figures | dict(threads=torch.get_num_threads(), **sizes)
 
 
 def run_llcm(bench: Bench) -> dict[str, Any]:

@@ -85,22 +85,14 @@ class Bench:
         self.shared_trainer = None
 
 
-def no_rows(doc: dict[str, Any]) -> list[Row]:
-    """A section without a line in the Markdown table."""
-    return []
-
-
 @dataclass(frozen=True)
 class Section:
-    """One part of the JSON document: its name, how to measure it, its Markdown rows.
-
-    ``uses_trainer``: the section runs on :meth:`Bench.trainer`, which lives until the last such
-    section has run.
-    """
+    """One part of the JSON document: its name, how to measure it, its Markdown rows (none by
+    default); ``uses_trainer``: it runs on :meth:`Bench.trainer`, kept until the last such one."""
 
     name: str
     run: Callable[[Bench], dict[str, Any]]
-    rows: Callable[[dict[str, Any]], list[Row]] = no_rows
+    rows: Callable[[dict[str, Any]], list[Row]] = lambda doc: []
     uses_trainer: bool = False
 
 

@@ -27,11 +27,9 @@ class PairedImages(Dataset):
     """Item ``(v, i)``: visible image v and infrared image i, each augmented alone, and labels."""
 
     def __init__(self, train_set: TrainSet) -> None:
-        """Keep the arrays (worker processes share them copy-on-write)."""
-        self.data = train_set
+        self.data = train_set  # worker processes share the arrays copy-on-write
 
     def __len__(self) -> int:
-        """Visible images (items are index pairs)."""
         return len(self.data.visible_labels)
 
     def __getitem__(self, pair: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
