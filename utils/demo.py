@@ -76,13 +76,7 @@ def command(*words: object, **flags: object) -> list[str]:
 
 def common_flags(demo: DemoSettings, data: Path) -> dict[str, object]:
     """Flags shared by search, training and test: data, image size, CPU-sized batches."""
-    return {
-        "dataset": DATASET,
-        "data_root": data,
-        "img_h": demo.img_h,
-        "img_w": demo.img_w,
-        "test_batch": 128,
-    }
+    return dict(dataset=DATASET, data_root=data, img_h=demo.img_h, img_w=demo.img_w, test_batch=128)
 
 
 def training_flags(demo: DemoSettings, seed: int) -> dict[str, object]:
@@ -117,12 +111,8 @@ def train_and_test(
     py = sys.executable
     runs = Path(demo.out) / "runs"
     flags = common_flags(demo, data) | training_flags(demo, seed)
-    run_step(
-        f"train {note}",
-        command(
-            py, "train.py", **flags, config_path=config, epochs=demo.epochs, save=runs, note=note
-        ),
-    )
+    run = {"config_path": config, "epochs": demo.epochs, "save": runs, "note": note}
+    run_step(f"train {note}", command(py, "train.py", **flags, **run))
     run_step(f"curves {note}", command(py, "-m", "utils.plot", runs / note))
     weights = runs / note / "checkpoint_latest.pth"
     results = {}
@@ -159,15 +149,10 @@ def search(demo: DemoSettings, data: Path, seed: int) -> Path:
     runs = Path(demo.out) / "runs"
     note = f"search_seed{seed}"
     flags = common_flags(demo, data) | training_flags(demo, seed)
-    schedule = {"epochs": demo.search_epochs, "arch_warmup": demo.arch_warmup}
-    arch = {"arch_fraction": 0.3, "arch_freq": 2, "arch_lr": 0.05}
-    run_step(
-        "search",
-        command(
-            sys.executable, "search.py", **flags, depth=18, **schedule, **arch, save=runs, note=note
-        ),
-    )
-    run_step("curves search", [sys.executable, "-m", "utils.plot", str(runs / note)])
+    schedule = {"depth": 18, "epochs": demo.search_epochs, "arch_warmup": demo.arch_warmup}
+    arch = {"arch_fraction": 0.3, "arch_freq": 2, "arch_lr": 0.05, "save": runs, "note": note}
+    run_step("search", command(sys.executable, "search.py", **flags, **schedule, **arch))
+    run_step("curves search", command(sys.executable, "-m", "utils.plot", runs / note))
     return runs / note / "arch.json"
 
 
@@ -360,13 +345,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def over_seeds(summary: dict[str, list[dict[str, float]]]) -> str:
     """The table of each architecture's mean ± std over the seeds."""
-    lines = [
-        "",
-        "Over seeds:",
-        "",
-        "| architecture | protocol | Rank-1 mean ± std | mAP mean ± std |",
-        "|---|---|---|---|",
-    ]
+    header = "| architecture | protocol | Rank-1 mean ± std | mAP mean ± std |"
+    lines = ["", "Over seeds:", "", header, "|---|---|---|---|"]
     for key, runs in summary.items():
         rank1, m_ap = (_mean_std([metrics[name] for metrics in runs]) for name in ("rank1", "mAP"))
         lines.append(f"| {key} | {rank1} | {m_ap} |")
