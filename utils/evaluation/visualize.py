@@ -167,14 +167,9 @@ def rank_list_image(
 
 def _check_features(features: Features, role: str) -> None:
     count = len(features.pids)
-    if len(features.paths) != count:
-        raise UserError(
-            f"{role} features carry {len(features.paths)} image paths for {count} images"
-        )
-    if features.camids is not None and len(features.camids) != count:
-        raise UserError(
-            f"{role} features carry {len(features.camids)} camera ids for {count} images"
-        )
+    for what, values in (("image paths", features.paths), ("camera ids", features.camids)):
+        if values is not None and len(values) != count:
+            raise UserError(f"{role} features carry {len(values)} {what} for {count} images")
 
 
 def save_rank_lists(
