@@ -20,15 +20,6 @@ from utils.evaluation.rerank import check_distances, euclidean_distances, half_w
 Protocol = tuple[int, tuple[int, ...], tuple[int, ...]]
 
 
-def _ap_inp(matches: np.ndarray) -> tuple[float, float]:
-    """Average precision and inverse negative penalty of one ranked boolean match list."""
-    hits = np.cumsum(matches)
-    positions = np.flatnonzero(matches) + 1
-    ap = float(np.mean(hits[positions - 1] / positions))
-    inp = float(hits[-1] / positions[-1])
-    return ap, inp
-
-
 def eval_ranking_loop(
     distmat: Any,
     q_pids: Any,
@@ -58,9 +49,10 @@ def eval_ranking_loop(
             ranks.append(int(np.flatnonzero(distinct_pids == q_pids[i])[0]))
         else:
             ranks.append(int(np.flatnonzero(matches)[0]))
-        ap, inp = _ap_inp(matches)
-        aps.append(ap)
-        inps.append(inp)
+        # Average precision and inverse negative penalty of the ranked match list.
+        hits, positions = np.cumsum(matches), np.flatnonzero(matches) + 1
+        aps.append(float(np.mean(hits[positions - 1] / positions)))
+        inps.append(float(hits[-1] / positions[-1]))
     return average_queries(
         np.asarray(ranks, dtype=np.int64), np.asarray(aps), np.asarray(inps), max_rank
     )

@@ -1,11 +1,9 @@
 """Feature extraction and the one evaluation routine, shared by training, test.py and the search.
 
-:func:`evaluate_protocols` runs any data set's protocols from their description
-(``data.Protocol``): every image is extracted once per call (a query set shared by several
-protocols, and the union of all draws' galleries, once), on the GPU in half precision when there
-is one, optionally averaged with its mirror image, L2-normalised and ranked with one matrix
-product per protocol and draw, or, when asked, by k-reciprocal re-ranking of the queries and that
-draw's gallery.
+:func:`evaluate_protocols` runs any data set's protocols (``data.Protocol``): every image is
+extracted once per call (in half precision on a GPU), optionally averaged with its mirror image,
+L2-normalised and ranked per protocol and draw by one matrix product or by k-reciprocal
+re-ranking of the queries and that draw's gallery.
 """
 
 from __future__ import annotations
@@ -150,12 +148,9 @@ def features_of(
     """Load the images of ``images``, extract their features and bundle them with their labels."""
     desc = f"{images.modality.name.lower()} images"
     pixels = load_images(images.paths, img_size, progress=_interactive(), desc=f"loading {desc}")
-    pool, feat = extract_features(
-        model, pixels, images.modality, device, batch_size, amp, desc, flip
-    )
-    return Features(
-        pool, feat, np.asarray(images.pids), np.asarray(images.cams), images.paths, images.modality
-    )
+    features = extract_features(model, pixels, images.modality, device, batch_size, amp, desc, flip)
+    labels = np.asarray(images.pids), np.asarray(images.cams)
+    return Features(*features, *labels, images.paths, images.modality)
 
 
 def score(
@@ -190,15 +185,19 @@ def score(
     return results
 
 
-def mean_std(runs: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """Average per-trial results; adds ``<metric>_std`` (population std over trials)."""
+def mean_std(
+    runs: Sequence[dict[str, dict[str, float]]], sample: bool = False
+) -> dict[str, dict[str, float]]:
+    """Average results; adds ``<metric>_std`` (0 for one run): the population std over trials,
+    or with ``sample`` the sample std over runs (n - 1 in the denominator)."""
     out: dict[str, dict[str, float]] = {}
     for kind in runs[0]:
         out[kind] = {}
         for key in METRIC_KEYS:
-            values = [run[kind][key] for run in runs]
-            out[kind][key] = float(np.mean(values))
-            out[kind][f"{key}_std"] = float(statistics.pstdev(values)) if len(values) > 1 else 0.0
+            values = [float(run[kind][key]) for run in runs]
+            out[kind][key] = statistics.fmean(values) if sample else float(np.mean(values))
+            spread = statistics.stdev if sample else statistics.pstdev
+            out[kind][f"{key}_std"] = float(spread(values)) if len(values) > 1 else 0.0
     return out
 
 

@@ -69,16 +69,12 @@ def _draw_rows(
     for r, label in enumerate(row_labels):
         y = grid.y + r * grid.cell_h
         text_w, text_h = text_size(draw, label, face)
-        draw.text(
-            (grid.x - 8 - text_w, y + (grid.cell_h - text_h) // 2 - 1), label, fill=_INK, font=face
-        )
+        xy = (grid.x - 8 - text_w, y + (grid.cell_h - text_h) // 2 - 1)
+        draw.text(xy, label, fill=_INK, font=face)
         for c in range(matrix.shape[1]):
             x = grid.x + c * grid.cell_w
-            draw.rectangle(
-                (x, y, x + grid.cell_w - 1, y + grid.cell_h - 1),
-                fill=colour(matrix[r, c]),
-                outline=outline,
-            )
+            cell = (x, y, x + grid.cell_w - 1, y + grid.cell_h - 1)
+            draw.rectangle(cell, fill=colour(matrix[r, c]), outline=outline)
         bottom = y + grid.cell_h - 1
         if outline is None:
             draw.line((grid.x, bottom, grid.x + grid.width - 1, bottom), fill=_GRID)
@@ -120,9 +116,8 @@ def _draw_legend(draw: ImageDraw.ImageDraw, bar_x: int, grid: _Grid) -> None:
     bar_top, bar_h = grid.y + 26, max(80, min(grid.height - 26, 220))
     draw.text((bar_x, grid.y), "P(split)", fill=_INK, font=face)
     for i in range(bar_h):
-        draw.line(
-            (bar_x, bar_top + i, bar_x + bar_w, bar_top + i), fill=colour(1 - i / (bar_h - 1))
-        )
+        y = bar_top + i
+        draw.line((bar_x, y, bar_x + bar_w, y), fill=colour(1 - i / (bar_h - 1)))
     draw.rectangle((bar_x, bar_top, bar_x + bar_w, bar_top + bar_h - 1), outline=_INK)
     for value, name in ((1.0, "split"), (0.5, ""), (0.0, "shared")):
         y = bar_top + round((1 - value) * (bar_h - 1))
