@@ -130,15 +130,12 @@ def ranking_problem(
 
 def feature_distances(
     num_query: int, num_gallery: int, dim: int, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, ...]:
     """(q_g, q_q, g_g) Euclidean distances of random L2-normalised features (ties unlikely)."""
     rng = np.random.default_rng(seed)
     query = rng.standard_normal((num_query, dim), dtype=np.float32)
     gallery = rng.standard_normal((num_gallery, dim), dtype=np.float32)
     query /= np.linalg.norm(query, axis=1, keepdims=True)
     gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
-    return (
-        euclidean_distances(query, gallery),
-        euclidean_distances(query, query),
-        euclidean_distances(gallery, gallery),
-    )
+    pairs = ((query, gallery), (query, query), (gallery, gallery))
+    return tuple(euclidean_distances(a, b) for a, b in pairs)

@@ -1,10 +1,12 @@
-"""Sections ``fast``, ``features`` and ``plain``: the engine's training step and feature
-extraction, against an authors'-style training step."""
+"""Sections ``fast``, ``features``, ``plain`` and ``search``: the engine's training step and
+feature extraction, an authors'-style training step, and a search step."""
 
 from __future__ import annotations
 
 import logging
 import resource
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -17,7 +19,10 @@ from data.transforms import augment_batch
 from model import Routing, build_model
 from utils.base.modality import Modality
 from utils.benchmark.measure import peak_memory, reset_peak_memory, throughput, timed
-from utils.benchmark.section import Bench, Row, Section, figure
+from utils.benchmark.section import Bench, Row, Section, figure, in_memory
+from utils.engine.search import SearchTrainer
+from utils.engine.settings import SearchSettings
+from utils.engine.trainer import Trainer
 from utils.evaluation.evaluate import extract_features
 
 log = logging.getLogger("benchmark")
@@ -158,6 +163,49 @@ def run_plain(bench: Bench) -> dict[str, Any]:
     return figures
 
 
+def run_search(bench: Bench) -> dict[str, Any]:
+    """A search step against a training step: ``weights_step + arch_step / arch_freq``."""
+    args, settings, data = bench.args, bench.settings, bench.data
+    log.info("search step against training step")
+    trainer = in_memory(settings, "train", data)
+    # Weights steps timed alone (no architecture step is ever due); architecture steps directly.
+    train = replace(settings, folder=settings.folder.parent / "search")
+    search = SearchSettings(
+        train, depth=args.depth, arch_warmup=0, arch_freq=10**9, eval_arch=False
+    )
+    searcher = SearchTrainer(search, data)
+
+    def batch(owner: Trainer, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return owner.sampler.batch(*divmod(k, len(owner.sampler)))
+
+    steps: dict[str, Callable[[int], Any]] = {
+        "train": lambda k: trainer.training_step(*batch(trainer, k)),
+        "weights": lambda k: searcher.training_step(*batch(searcher, k)),
+        "arch": lambda k: searcher.architecture_step(*divmod(k, len(searcher.arch_sampler))),
+    }
+    rounds = (args.search_steps, args.search_rounds)
+    seconds = {name: throughput(step, args, *rounds)["step_s"] for name, step in steps.items()}
+    trainer.close_log()
+    searcher.close_log()
+    freq = SearchSettings(train).arch_freq
+    search_step = seconds["weights"] + seconds["arch"] / freq
+    return dict(
+        status="measured",
+        train_step_s=seconds["train"],
+        search_step_s=round(search_step, 5),
+        ratio=round(search_step / seconds["train"], 3),
+        weights_step_s=seconds["weights"],
+        arch_step_s=seconds["arch"],
+        arch_freq=freq,
+    )
+
+
+def search_rows(doc: dict[str, Any]) -> list[Row]:
+    """Seconds per search step and per training step."""
+    times = (figure(doc, "search", k) for k in ("search_step_s", "train_step_s", "ratio"))
+    return [("step (s): search / training", *times)]
+
+
 def speedup(doc: dict[str, Any]) -> float | None:
     """Fast images/s over plain images/s; None unless both paths ran."""
     rates = figure(doc, "fast", "images_per_s"), figure(doc, "plain", "images_per_s")
@@ -176,3 +224,4 @@ def training_rows(doc: dict[str, Any]) -> list[Row]:
 FEATURES = Section("features", run_features, feature_rows, uses_trainer=True)
 FAST = Section("fast", run_fast, training_rows, uses_trainer=True)
 PLAIN = Section("plain", run_plain)
+SEARCH = Section("search", run_search, search_rows)

@@ -404,15 +404,8 @@ def rerank_features(
         x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
         for x in (query, gallery)
     )
-    return rerank(
-        euclidean_distances(q, g),
-        euclidean_distances(q, q),
-        euclidean_distances(g, g),
-        settings.k1,
-        settings.k2,
-        settings.lambda_value,
-        device=device,
-    )
+    blocks = (euclidean_distances(a, b) for a, b in ((q, g), (q, q), (g, g)))
+    return rerank(*blocks, settings.k1, settings.k2, settings.lambda_value, device=device)
 
 
 def euclidean_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
