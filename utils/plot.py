@@ -2,10 +2,9 @@
 
     python -m utils.plot RUN_DIR [--out PATH]
 
-reads ``RUN_DIR/log.jsonl`` (one JSON record per epoch, written by the engine) and writes
-``RUN_DIR/curves.png``. Each record names its loss terms (``loss_terms``), so the terms of a
-plugin's loss are drawn without the plugin; logs written before records named them fall back on
-the loss table. ``draw_line_chart`` is a small line-chart helper that other figures reuse.
+reads ``RUN_DIR/log.jsonl`` (one JSON record per epoch) and writes ``RUN_DIR/curves.png``. Each
+record names its loss terms (``loss_terms``), so a plugin's terms are drawn without the plugin;
+older logs fall back on the loss table.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageColor, ImageDraw
+from PIL import Image, ImageDraw
 
 from model.losses import LOSS_TERMS
 from utils.base.cli import add_plugin_flag, load_plugins, run_cli
@@ -39,9 +38,17 @@ INK = (30, 30, 30)
 GRID = (228, 228, 228)
 MUTED = (120, 120, 120)
 # Tableau 10: distinct on white and widely used, so curves read the same as in other tools.
-PALETTE = tuple(
-    ImageColor.getrgb(f"#{code}")
-    for code in "1f77b4 ff7f0e 2ca02c d62728 9467bd 8c564b e377c2 7f7f7f bcbd22 17becf".split()
+PALETTE = (
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
 )
 _PAD = 10
 _INSET = 8  # keeps the first and last points off the axis frame

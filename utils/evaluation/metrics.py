@@ -1,19 +1,16 @@
 """Re-identification metrics: CMC, mAP and mINP under a protocol's exclusion rule.
 
-Each query ranks the gallery by ascending distance, ties by gallery index (a stable sort), after
-removing the images its exclusion rule (``data.ExclusionRule``) ignores; queries whose identity
-has no kept gallery image are skipped. SYSU-MM01 and LLCM count the identity-deduplicated CMC,
-RegDB the position of the first correct match; mINP is the mean of (positives) / (position of
-the last positive). The per-query reference of the same definitions, which the tests compare
-against and the benchmark times, is ``utils.benchmark.references``.
+Each query ranks the gallery by ascending distance, ties by gallery index, without the images its
+exclusion rule (``data.ExclusionRule``) ignores; queries whose identity has no kept gallery image
+are skipped. SYSU-MM01 and LLCM count the identity-deduplicated CMC, RegDB the position of the
+first correct match; mINP is the mean of (positives) / (position of the last positive). The
+per-query reference the tests compare against is ``utils.benchmark.references``.
 
-How ``eval_ranking`` works: a positive's position is one plus the number of kept images ranked
-ahead of it. Each chunk of query rows is sorted by value once (ignored images at +inf), a batched
-binary search counts the distances below every positive, and the rare tied positives count their
-tied predecessors directly. Why this form: it is the simplest exact one found that is at least 5x
-the per-query loop; ``python -m utils.benchmark`` (section ``metrics``, 3,803 x 3,010, 2-core
-CPU) measured 0.32 s against 3.8 s for the loop (about 12x), and the counting ranking it
-replaced, four times its code, at 0.40 s.
+``eval_ranking`` finds a positive's position as one plus the kept images ahead of it: each chunk
+of rows is sorted once (ignored images at +inf) and a batched binary search counts the distances
+below every positive. Why this form: it is the simplest exact one found that is at least 5x the
+per-query loop (``python -m utils.benchmark``, section ``metrics``, 3,803 x 3,010 on a 2-core
+CPU: 0.32 s against 3.8 s, and 0.40 s for the counting ranking it replaced, four times its code).
 """
 
 from __future__ import annotations
