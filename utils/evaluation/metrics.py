@@ -4,7 +4,7 @@ Each query ranks the gallery by ascending distance, ties by gallery index, witho
 exclusion rule (``data.ExclusionRule``) ignores; queries whose identity has no kept gallery image
 are skipped. SYSU-MM01 and LLCM count the identity-deduplicated CMC, RegDB the position of the
 first correct match; mINP is the mean of (positives) / (position of the last positive). The
-per-query reference the tests compare against is ``utils.benchmark.references``.
+per-query reference the tests compare against is ``utils.benchmark.ranking``.
 
 ``eval_ranking`` finds a positive's position as one plus the kept images ahead of it: each chunk
 of rows is sorted once (ignored images at +inf) and a batched binary search counts the distances

@@ -19,7 +19,7 @@ carry and whose numbers the field publishes:
 
 ``rerank`` ranks row blocks with a partial sort, keeps V as sorted sparse coordinates and does
 the expansion and overlaps as gathers and scatter-adds; the per-image loop the tests compare
-against is ``utils.benchmark.references.rerank_reference``.
+against is ``utils.benchmark.ranking.rerank_reference``.
 """
 
 from __future__ import annotations
