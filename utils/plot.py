@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from model.losses import LOSS_TERMS
 from utils.base.cli import add_plugin_flag, load_plugins, run_cli
 from utils.base.errors import UserError
-from utils.evaluation.draw import font, text_size
+from utils.evaluation.draw import BACKGROUND, INK, Box, font, text_size
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,6 @@ CURVES_NAME = "curves.png"
 FIGURE_SIZE = (1400, 900)
 METRIC_SUFFIXES = ("_rank1", "_mAP")
 
-BACKGROUND = (255, 255, 255)
-INK = (30, 30, 30)
 GRID = (228, 228, 228)
 MUTED = (120, 120, 120)
 # Tableau 10: distinct on white and widely used, so curves read the same as in other tools.
@@ -55,7 +53,6 @@ _INSET = 8  # keeps the first and last points off the axis frame
 _MAX_DOTS = 60  # above this many points a series is a line only; dots would merge into a blur
 _SWATCH = 18  # legend colour sample, pixels
 
-Box = tuple[int, int, int, int]
 Series = dict[str, list[tuple[float, float]]]
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from utils.base.errors import UserError
-from utils.evaluation.draw import font, text_size
+from utils.evaluation.draw import BACKGROUND, INK, font, text_size
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ _BLUE = (33, 102, 172)
 _WHITE = (247, 247, 247)
 _RED = (178, 24, 43)
 _MISSING = (200, 200, 200)
-_INK = (30, 30, 30)
 _GRID = (255, 255, 255)
 _STAGE_LINE = (90, 90, 90)
 _MARGIN = 12
@@ -70,7 +69,7 @@ def _draw_rows(
         y = grid.y + r * grid.cell_h
         text_w, text_h = text_size(draw, label, face)
         xy = (grid.x - 8 - text_w, y + (grid.cell_h - text_h) // 2 - 1)
-        draw.text(xy, label, fill=_INK, font=face)
+        draw.text(xy, label, fill=INK, font=face)
         for c in range(matrix.shape[1]):
             x = grid.x + c * grid.cell_w
             cell = (x, y, x + grid.cell_w - 1, y + grid.cell_h - 1)
@@ -83,7 +82,7 @@ def _draw_rows(
             text = f"{final:.2f} {'split' if final > 0.5 else 'shared'}"
             _, text_h = text_size(draw, text, small)
             xy = (grid.x + grid.width + 6, y + (grid.cell_h - text_h) // 2 - 2)
-            draw.text(xy, text, fill=_INK, font=small)
+            draw.text(xy, text, fill=INK, font=small)
         # A line between stages (``layer2`` of ``layer2.0.bn1``).
         if r and label.split(".", 1)[0] != row_labels[r - 1].split(".", 1)[0]:
             draw.line((grid.x - 4, y, grid.x + grid.width, y), fill=_STAGE_LINE, width=1)
@@ -102,11 +101,11 @@ def _draw_epochs(
         text = col_labels[c]
         text_w, _ = text_size(draw, text, small)
         x = grid.x + c * grid.cell_w + grid.cell_w // 2
-        draw.line((x, axis_y - 3, x, axis_y), fill=_INK)
-        draw.text((x - text_w // 2, axis_y + 1), text, fill=_INK, font=small)
+        draw.line((x, axis_y - 3, x, axis_y), fill=INK)
+        draw.text((x - text_w // 2, axis_y + 1), text, fill=INK, font=small)
     caption_w, _ = text_size(draw, "epoch", face)
     xy = (grid.x + (grid.width - caption_w) // 2, axis_y + 18)
-    draw.text(xy, "epoch", fill=_INK, font=face)
+    draw.text(xy, "epoch", fill=INK, font=face)
 
 
 def _draw_legend(draw: ImageDraw.ImageDraw, bar_x: int, grid: _Grid) -> None:
@@ -114,17 +113,17 @@ def _draw_legend(draw: ImageDraw.ImageDraw, bar_x: int, grid: _Grid) -> None:
     face, small = font(12), font(11)
     bar_w = 16
     bar_top, bar_h = grid.y + 26, max(80, min(grid.height - 26, 220))
-    draw.text((bar_x, grid.y), "P(split)", fill=_INK, font=face)
+    draw.text((bar_x, grid.y), "P(split)", fill=INK, font=face)
     for i in range(bar_h):
         y = bar_top + i
         draw.line((bar_x, y, bar_x + bar_w, y), fill=colour(1 - i / (bar_h - 1)))
-    draw.rectangle((bar_x, bar_top, bar_x + bar_w, bar_top + bar_h - 1), outline=_INK)
+    draw.rectangle((bar_x, bar_top, bar_x + bar_w, bar_top + bar_h - 1), outline=INK)
     for value, name in ((1.0, "split"), (0.5, ""), (0.0, "shared")):
         y = bar_top + round((1 - value) * (bar_h - 1))
-        draw.line((bar_x + bar_w, y, bar_x + bar_w + 4, y), fill=_INK)
+        draw.line((bar_x + bar_w, y, bar_x + bar_w + 4, y), fill=INK)
         text = f"{value:.1f} {name}".rstrip()
         _, text_h = text_size(draw, text, small)
-        draw.text((bar_x + bar_w + 7, y - text_h // 2 - 2), text, fill=_INK, font=small)
+        draw.text((bar_x + bar_w + 7, y - text_h // 2 - 2), text, fill=INK, font=small)
 
 
 def save_heatmap(
@@ -161,10 +160,10 @@ def save_heatmap(
     height = max(grid.y + grid.height + 48, grid.y + 26 + 80 + 16)
     width = max(width, _MARGIN * 2 + text_size(probe, title, bold)[0]) if title else width
 
-    image = Image.new("RGB", (width, height), "white")
+    image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
     if title:
-        draw.text((_MARGIN, _MARGIN), title, fill=_INK, font=bold)
+        draw.text((_MARGIN, _MARGIN), title, fill=INK, font=bold)
     _draw_rows(draw, matrix, row_labels, grid)
     _draw_epochs(draw, col_labels, grid, step, needed)
     _draw_legend(draw, legend_x, grid)

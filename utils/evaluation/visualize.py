@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from data.dataset import ExclusionRule
 from utils.base.errors import UserError
-from utils.evaluation.draw import font, text_size
+from utils.evaluation.draw import BACKGROUND, INK, Box, font, text_size
 from utils.evaluation.evaluate import FEATURES, Features
 from utils.evaluation.metrics import pairwise_distance
 
@@ -31,11 +31,7 @@ MATCH_COLOUR = (44, 160, 44)
 MISMATCH_COLOUR = (214, 39, 40)
 QUERY_COLOUR = (70, 70, 70)
 UNLABELLED_COLOUR = (160, 160, 160)  # a result whose identity is unknown
-BACKGROUND = (255, 255, 255)
 PAD_COLOUR = (235, 235, 235)  # fills the sides of a thumbnail whose aspect differs
-INK = (30, 30, 30)
-
-Box = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
