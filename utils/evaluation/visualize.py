@@ -99,13 +99,6 @@ def _thumbnail(path: str, size: tuple[int, int]) -> Image.Image:
         raise UserError(f"{path}: cannot read the image ({err})") from None
 
 
-def _caption(features: Features, index: int, modality: str, first: str) -> list[str]:
-    camera = ""
-    if features.camids is not None:
-        camera = f"  cam {int(features.camids[index])}"
-    return [first, modality, f"id {int(features.pids[index])}{camera}"]
-
-
 @dataclass(frozen=True)
 class Cell:
     """One framed image of a rank list: the file, its frame colour and its caption lines."""
@@ -113,6 +106,12 @@ class Cell:
     path: str
     colour: tuple[int, int, int]
     lines: tuple[str, ...]
+
+
+def _cell(features: Features, index: int, colour: tuple[int, int, int], *lines: str) -> Cell:
+    """Image ``index`` of ``features`` captioned with ``lines``, its identity and camera."""
+    camera = "" if features.camids is None else f"  cam {int(features.camids[index])}"
+    return Cell(features.paths[index], colour, (*lines, f"id {int(features.pids[index])}{camera}"))
 
 
 def draw_rank_list(
@@ -152,12 +151,10 @@ def rank_list_image(
 ) -> Image.Image:
     """The picture of query ``index`` followed by the gallery images ``ranked`` (best first)."""
     query_pid = int(query.pids[index])
-    lines = _caption(query, index, query_label, "query")
-    cells = [Cell(query.paths[index], QUERY_COLOUR, tuple(lines))]
+    cells = [_cell(query, index, QUERY_COLOUR, "query", query_label)]
     for rank, g in enumerate(ranked, start=1):
         colour = MATCH_COLOUR if int(gallery.pids[g]) == query_pid else MISMATCH_COLOUR
-        lines = _caption(gallery, int(g), gallery_label, f"rank {rank}")
-        cells.append(Cell(gallery.paths[int(g)], colour, tuple(lines)))
+        cells.append(_cell(gallery, int(g), colour, f"rank {rank}", gallery_label))
     return draw_rank_list(cells, title or f"query {index}", layout)
 
 
