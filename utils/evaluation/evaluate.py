@@ -160,12 +160,8 @@ def score(
     dedup_cmc: bool = False,
     rerank: RerankSettings | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Rank-k / mAP / mINP (percent) of ``query`` against ``gallery`` for pool and BNNeck.
-
-    Defaults: nothing ignored and the standard CMC (position of the first correct match).
-    With ``rerank`` the ranking is by k-reciprocal re-ranked distances of these queries and
-    this gallery (computed on the features' device).
-    """
+    """Rank-k / mAP / mINP (percent) of ``query`` against ``gallery`` for pool and BNNeck,
+    ranked by k-reciprocal re-ranked distances (on the features' device) with ``rerank``."""
     if rerank is not None and rerank.k1 > len(gallery.pids):
         raise UserError(
             f"--k1 {rerank.k1}: larger than the gallery ({len(gallery.pids)} images); expected "
@@ -234,13 +230,10 @@ def evaluate_protocols(
 ) -> list[tuple[Protocol, dict[str, Any]]]:
     """Score ``model`` on ``protocols`` of ``split``, each gallery drawn as ``draws`` say.
 
-    Returns (protocol, result) pairs. Where the data set draws its galleries at random, a result
-    is the mean and std over the draws with ``trials`` (the draws) and ``per_trial``; otherwise
-    the one gallery's numbers. Every result says whether flip averaging was used (``flip``) and
-    whether and how it was re-ranked (``rerank``: the parameters, or False); ``rerank`` re-ranks
-    each draw on its own queries and gallery. A protocol with swapped roles is scored with each
-    drawn gallery image as a query against the query list. ``keep``, when given, receives each
-    protocol's features (queries and the union of its galleries).
+    Returns (protocol, result) pairs: over random draws the mean and std with ``trials`` and
+    ``per_trial``, else the one gallery's numbers; each says ``flip`` and ``rerank`` (its
+    parameters or False). Swapped roles score each gallery image as a query against the query
+    list. ``keep``, when given, receives each protocol's features.
     """
     draws = list(draws)
     lists = []

@@ -215,9 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         allow_abbrev=False, description="Draw a search run's split-probability map."
     )
     parser.add_argument("run_dir", help="search run folder holding log.jsonl")
-    parser.add_argument(
-        "--out", default=None, help=f"PNG to write (default RUN_DIR/{HEATMAP_NAME})"
-    )
+    parser.add_argument("--out", help=f"PNG to write (default RUN_DIR/{HEATMAP_NAME})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     heatmap_from_jsonl(args.run_dir, args.out)
