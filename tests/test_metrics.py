@@ -10,7 +10,7 @@ import torch
 
 from data import ExclusionRule
 from data.llcm import SAME_IDENTITY_AND_CAMERA
-from utils.benchmark.references import eval_ranking_loop, eval_sysu_loop
+from utils.benchmark.ranking import eval_ranking_loop, eval_sysu_loop
 from utils.evaluation.metrics import (
     eval_llcm,
     eval_ranking,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.benchmark.references import feature_distances, rerank_reference
+from utils.benchmark.ranking import feature_distances, rerank_reference
 from utils.evaluation.rerank import euclidean_distances, rerank
 from utils.metrics import rerank as public_rerank
 

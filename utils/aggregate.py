@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import re
-import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
 from utils.base.io import write_text_atomic
-from utils.evaluation.evaluate import FEATURES, METRIC_KEYS, format_table
+from utils.evaluation.evaluate import FEATURES, format_table, mean_std
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +84,6 @@ def load_results(paths: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
     return groups
 
 
-def sample_mean_std(runs: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """Mean and sample standard deviation (``<metric>_std``; 0 for one run) of each metric."""
-    out: dict[str, dict[str, float]] = {}
-    for kind in FEATURES:
-        out[kind] = {}
-        for key in METRIC_KEYS:
-            values = [float(run[kind][key]) for run in runs]
-            out[kind][key] = statistics.fmean(values)
-            out[kind][f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Print a Markdown table of mean +- sample std over the given result files."""
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
@@ -107,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     groups = load_results(args.files)
     summary, rows = {}, []
     for name, runs in groups.items():
-        summary[name] = sample_mean_std(runs) | {"runs": len(runs), "std": "sample"}
+        summary[name] = mean_std(runs, sample=True) | {"runs": len(runs), "std": "sample"}
         rows += [(f"{name} {kind} (n={len(runs)})", summary[name][kind]) for kind in FEATURES]
     sys.stdout.write(format_table(rows, title=TITLE) + "\n")
     if args.save_json:

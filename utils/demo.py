@@ -4,15 +4,12 @@
     python -m utils.demo --out demo --compare --seeds 0 1 2
         # also trains all-shared and all-split and compares mAP over seeds
 
-Each step runs the real command-line tool (``search.py``, ``train.py``, ``test.py``,
-``utils.plot``) in a subprocess, exactly as a user would, with settings scaled down for a CPU:
-ResNet-18, small images, no ImageNet download, few epochs. The demo leaves, under ``--out``, the
-results table (``results.md``), the pictures (search heat map, training curves, rank lists) and a
-``README.md`` that shows them beside the table. It ends as a user with their own crops would:
-``python -m utils.match --labels_from_folders`` on a few dozen infrared and visible crops copied
-from the synthetic test set into ``<identity>/<image>`` folders (``crops/``), which writes
-``matches/index.html``; then the same crops go through a gallery index (``utils.gallery add``
-and ``search``), which writes ``gallery_matches/index.html``.
+Each step runs the real command-line tool in a subprocess, as a user would, scaled down for a
+CPU (ResNet-18, small images, no ImageNet download, few epochs). Under ``--out`` it leaves
+``results.md``, the pictures and a ``README.md`` showing them beside the table. It ends as a user
+with their own crops would: ``utils.match --labels_from_folders`` and a gallery index
+(``utils.gallery add`` and ``search``) on crops copied from the synthetic test set into
+``crops/<modality>/<identity>/<image>``.
 """
 
 from __future__ import annotations
@@ -51,11 +48,8 @@ INFRARED_CAMS, VISIBLE_CAMS = ("cam3", "cam6"), ("cam1", "cam2", "cam4", "cam5")
 
 
 def run_step(name: str, command: list[str], stdout: Path | None = None) -> float:
-    """Run one pipeline step as a subprocess; fail with its name if it fails.
-
-    With ``stdout``, the step's standard output goes to that file instead of the terminal (a
-    results table that the step also logs would otherwise be shown twice).
-    """
+    """Run one pipeline step as a subprocess (its standard output into ``stdout`` when given);
+    fail with its name if it fails."""
     log.info("[%s] %s", name, " ".join(command))
     started = time.time()
     if stdout is None:
@@ -82,13 +76,7 @@ def command(*words: object, **flags: object) -> list[str]:
 
 def common_flags(demo: DemoSettings, data: Path) -> dict[str, object]:
     """Flags shared by search, training and test: data, image size, CPU-sized batches."""
-    return {
-        "dataset": DATASET,
-        "data_root": data,
-        "img_h": demo.img_h,
-        "img_w": demo.img_w,
-        "test_batch": 128,
-    }
+    return dict(dataset=DATASET, data_root=data, img_h=demo.img_h, img_w=demo.img_w, test_batch=128)
 
 
 def training_flags(demo: DemoSettings, seed: int) -> dict[str, object]:
@@ -118,41 +106,23 @@ def train_and_test(
     protocols: Sequence[tuple[str, int]],
     rank_lists: int = 0,
 ) -> dict[str, Any]:
-    """Train one architecture, draw its curves and score it; returns {protocol: bnneck metrics}.
-
-    The first protocol also draws ``rank_lists`` rank lists (``rank_lists/`` in the run folder).
-    """
+    """Train one architecture, draw its curves and score it; returns {protocol: metrics}. The
+    first protocol also draws ``rank_lists`` rank lists (``rank_lists/`` in the run folder)."""
     py = sys.executable
     runs = Path(demo.out) / "runs"
     flags = common_flags(demo, data) | training_flags(demo, seed)
-    run_step(
-        f"train {note}",
-        command(
-            py, "train.py", **flags, config_path=config, epochs=demo.epochs, save=runs, note=note
-        ),
-    )
-    run_step(f"curves {note}", [py, "-m", "utils.plot", str(runs / note)])
+    run = {"config_path": config, "epochs": demo.epochs, "save": runs, "note": note}
+    run_step(f"train {note}", command(py, "train.py", **flags, **run))
+    run_step(f"curves {note}", command(py, "-m", "utils.plot", runs / note))
     weights = runs / note / "checkpoint_latest.pth"
     results = {}
     for number, (mode, shot) in enumerate(protocols):
         out = runs / note / f"test_{mode}_shot{shot}.json"
         pictures = {"visualize": rank_lists} if number == 0 and rank_lists else {}
-        run_step(
-            f"test {note} {mode} shot {shot}",
-            command(
-                py,
-                "test.py",
-                **common_flags(demo, data),
-                weights=weights,
-                ema=True,
-                mode=mode,
-                shot=shot,
-                save_json=out,
-                **pictures,
-            ),
-            # test.py logs its table and also prints it; the log shows it, the file keeps it.
-            stdout=out.with_suffix(".md"),
-        )
+        flags = {"weights": weights, "ema": True, "mode": mode, "shot": shot, "save_json": out}
+        test = command(py, "test.py", **common_flags(demo, data), **flags, **pictures)
+        # test.py logs its table and also prints it; the log shows it, the file keeps it.
+        run_step(f"test {note} {mode} shot {shot}", test, stdout=out.with_suffix(".md"))
         payload = json.loads(out.read_text())["results"]
         results[f"{mode} {'single' if shot == 1 else 'multi'}-shot"] = next(iter(payload.values()))
     return results
@@ -179,24 +149,16 @@ def search(demo: DemoSettings, data: Path, seed: int) -> Path:
     runs = Path(demo.out) / "runs"
     note = f"search_seed{seed}"
     flags = common_flags(demo, data) | training_flags(demo, seed)
-    schedule = {"epochs": demo.search_epochs, "arch_warmup": demo.arch_warmup}
-    arch = {"arch_fraction": 0.3, "arch_freq": 2, "arch_lr": 0.05}
-    run_step(
-        "search",
-        command(
-            sys.executable, "search.py", **flags, depth=18, **schedule, **arch, save=runs, note=note
-        ),
-    )
-    run_step("curves search", [sys.executable, "-m", "utils.plot", str(runs / note)])
+    schedule = {"depth": 18, "epochs": demo.search_epochs, "arch_warmup": demo.arch_warmup}
+    arch = {"arch_fraction": 0.3, "arch_freq": 2, "arch_lr": 0.05, "save": runs, "note": note}
+    run_step("search", command(sys.executable, "search.py", **flags, **schedule, **arch))
+    run_step("curves search", command(sys.executable, "-m", "utils.plot", runs / note))
     return runs / note / "arch.json"
 
 
 def make_crops(data: Path, out: Path, ids: int = CROP_IDS) -> Path:
-    """Copy test crops as a user's labelled folders: ``crops/{infrared,visible}/<id>/<image>``.
-
-    Each of the first ``ids`` test identities gives one infrared image and ``CROPS_PER_ID``
-    visible ones (the first in sorted order). Rebuilt on every run.
-    """
+    """Copy test crops as a user's labelled folders, ``crops/{infrared,visible}/<id>/<image>``
+    (anew): one infrared and ``CROPS_PER_ID`` visible images of each of ``ids`` identities."""
     crops = out / "crops"
     shutil.rmtree(crops, ignore_errors=True)
     for pid in test_ids_of(data)[:ids]:
@@ -257,29 +219,25 @@ def pictures_of(out: Path, seeds: Sequence[int], notes: Sequence[str]) -> list[t
 
 
 # What each kind of picture shows, keyed by the start of its heading.
-_CAPTIONS = (
-    (
-        "Search heat map",
+_CAPTIONS = {
+    "Search heat map": (
         "Each BN slot's probability of being split per modality (rows, input to output) after "
         "each search epoch (columns): blue shared, white undecided, red split. The derived "
-        "architecture splits the slots that end above one half.",
+        "architecture splits the slots that end above one half."
     ),
-    (
-        "Search curves",
+    "Search curves": (
         "The search run per epoch: training losses, learning rate, and Rank-1 / mAP of the "
-        "supernet on the identities held out for the architecture step (arch_*).",
+        "supernet on the identities held out for the architecture step (arch_*)."
     ),
-    (
-        "Training curves",
+    "Training curves": (
         "Training of the derived architecture per epoch: each loss term and their total, and "
-        "the learning rate (warm-up, then steps). The demo evaluates once, after the last epoch.",
+        "the learning rate (warm-up, then steps). The demo evaluates once, after the last epoch."
     ),
-    (
-        "Rank list",
+    "Rank list": (
         "An infrared query (left) and its ten nearest visible gallery images in the first gallery "
-        "draw of all-search single-shot: green frame the query's identity, red another one.",
+        "draw of all-search single-shot: green frame the query's identity, red another one."
     ),
-)
+}
 
 
 def readme(text: str, pictures: Sequence[tuple[str, Path]], out: Path, intro: str) -> str:
@@ -289,7 +247,7 @@ def readme(text: str, pictures: Sequence[tuple[str, Path]], out: Path, intro: st
     explained: set[str] = set()
     for title, path in pictures:
         lines += [f"### {title}", ""]
-        for kind, caption in _CAPTIONS:
+        for kind, caption in _CAPTIONS.items():
             # Explain a kind of picture once, at its first appearance.
             if title.startswith(kind) and kind not in explained:
                 explained.add(kind)
@@ -323,14 +281,13 @@ def matches_section(out: Path) -> list[str]:
 def search_gallery(crops: Path, weights: Path, out: Path) -> None:
     """Index the visible crops with ``utils.gallery add`` (anew: the model is new) and search
     the index with the infrared crops, as a user keeping a gallery would."""
-    index, gallery = out / "gallery_index", [sys.executable, "-m", "utils.gallery"]
+    index, gallery = out / "gallery_index", (sys.executable, "-m", "utils.gallery")
     shutil.rmtree(index, ignore_errors=True)
-    add = ["add", "--index", str(index), "--images", str(crops / "visible"), "--ema"]
-    run_step("gallery add", [*gallery, *add, "--modality", "visible", "--weights", str(weights)])
-    search = ["search", "--index", str(index), "--images", str(crops / "infrared")]
-    search += ["--modality", "infrared", "--labels_from_folders"]
-    search += ["--out", str(out / "gallery_matches")]
-    run_step("gallery search", [*gallery, *search], stdout=out / "gallery_matches.md")
+    visible = {"images": crops / "visible", "ema": True, "modality": "visible", "weights": weights}
+    run_step("gallery add", command(*gallery, "add", index=index, **visible))
+    infrared = {"images": crops / "infrared", "modality": "infrared", "labels_from_folders": True}
+    search = command(*gallery, "search", index=index, **infrared, out=out / "gallery_matches")
+    run_step("gallery search", search, stdout=out / "gallery_matches.md")
 
 
 def gallery_section(out: Path) -> list[str]:
@@ -386,20 +343,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def over_seeds(summary: dict[str, dict[str, list[float]]]) -> str:
+def over_seeds(summary: dict[str, list[dict[str, float]]]) -> str:
     """The table of each architecture's mean ± std over the seeds."""
-    lines = [
-        "",
-        "Over seeds:",
-        "",
-        "| architecture | protocol | Rank-1 mean ± std | mAP mean ± std |",
-        "|---|---|---|---|",
-    ]
-    for key, values in summary.items():
-        arch, protocol = key.split(" | ")
-        lines.append(
-            f"| {arch} | {protocol} | {_mean_std(values['rank1'])} | {_mean_std(values['mAP'])} |"
-        )
+    header = "| architecture | protocol | Rank-1 mean ± std | mAP mean ± std |"
+    lines = ["", "Over seeds:", "", header, "|---|---|---|---|"]
+    for key, runs in summary.items():
+        rank1, m_ap = (_mean_std([metrics[name] for metrics in runs]) for name in ("rank1", "mAP"))
+        lines.append(f"| {key} | {rank1} | {m_ap} |")
     return "\n".join(lines)
 
 
@@ -411,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     started = time.time()
     rows: list[tuple[str, str, dict[str, float]]] = []
-    summary: dict[str, dict[str, list[float]]] = {}
+    summary: dict[str, list[dict[str, float]]] = {}
     notes: list[str] = []
     protocols = PROTOCOLS if not args.compare else (("all", 1),)
     out = Path(args.out)
@@ -430,9 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = train_and_test(args, data, config, note, seed, protocols, pictures)
             for protocol, metrics in results.items():
                 rows.append((f"{name} (seed {seed})", protocol, metrics["bnneck"]))
-                entry = summary.setdefault(f"{name} | {protocol}", {"rank1": [], "mAP": []})
-                entry["rank1"].append(metrics["bnneck"]["rank1"])
-                entry["mAP"].append(metrics["bnneck"]["mAP"])
+                summary.setdefault(f"{name} | {protocol}", []).append(metrics["bnneck"])
     first_data = out / f"data_seed{args.seeds[0]}"
     weights = out / "runs" / notes[0] / "checkpoint_latest.pth"
     crops = make_crops(first_data, out)

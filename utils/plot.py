@@ -2,10 +2,9 @@
 
     python -m utils.plot RUN_DIR [--out PATH]
 
-reads ``RUN_DIR/log.jsonl`` (one JSON record per epoch, written by the engine) and writes
-``RUN_DIR/curves.png``. Each record names its loss terms (``loss_terms``), so the terms of a
-plugin's loss are drawn without the plugin; logs written before records named them fall back on
-the loss table. ``draw_line_chart`` is a small line-chart helper that other figures reuse.
+reads ``RUN_DIR/log.jsonl`` (one JSON record per epoch) and writes ``RUN_DIR/curves.png``. Each
+record names its loss terms (``loss_terms``), so a plugin's terms are drawn without the plugin;
+older logs fall back on the loss table.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from PIL import Image, ImageDraw
 from model.losses import LOSS_TERMS
 from utils.base.cli import add_plugin_flag, load_plugins, run_cli
 from utils.base.errors import UserError
-from utils.evaluation.draw import font, text_size
+from utils.evaluation.draw import BACKGROUND, INK, Box, font, text_size
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +33,6 @@ CURVES_NAME = "curves.png"
 FIGURE_SIZE = (1400, 900)
 METRIC_SUFFIXES = ("_rank1", "_mAP")
 
-BACKGROUND = (255, 255, 255)
-INK = (30, 30, 30)
 GRID = (228, 228, 228)
 MUTED = (120, 120, 120)
 # Tableau 10: distinct on white and widely used, so curves read the same as in other tools.
@@ -56,7 +53,6 @@ _INSET = 8  # keeps the first and last points off the axis frame
 _MAX_DOTS = 60  # above this many points a series is a line only; dots would merge into a blur
 _SWATCH = 18  # legend colour sample, pixels
 
-Box = tuple[int, int, int, int]
 Series = dict[str, list[tuple[float, float]]]
 
 
@@ -67,16 +63,12 @@ def scale(value: float, lo: float, hi: float, start: float, end: float) -> float
     return start + (value - lo) / (hi - lo) * (end - start)
 
 
-def nice_step(span: float, count: int = 5) -> float:
-    """A 1, 2 or 5 times a power of ten step giving about ``count`` intervals over ``span``."""
-    raw = span / max(count, 1)
-    power = 10 ** math.floor(math.log10(raw))
-    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw * 0.999)
-
-
 def nice_ticks(lo: float, hi: float, count: int = 5, integer: bool = False) -> list[float]:
-    """Round tick values covering [lo, hi] (first tick <= lo, last >= hi)."""
-    step = nice_step(hi - lo, count)
+    """Round tick values covering [lo, hi] (first tick <= lo, last >= hi), about ``count``
+    intervals of 1, 2 or 5 times a power of ten."""
+    raw = (hi - lo) / max(count, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw * 0.999)
     if integer:
         step = max(step, 1.0)
     first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
@@ -142,66 +134,26 @@ def _finite_series(series: Series) -> Series:
     return {name: points for name, points in clean.items() if points}
 
 
-@dataclass(frozen=True)
-class _Axes:
-    """Tick values and labels of a chart's two axes, and the data ranges they span."""
-
-    x_range: tuple[float, float]
-    y_range: tuple[float, float]
-    x_ticks: list[float]
-    y_ticks: list[float]
-    x_texts: list[str]
-    y_texts: list[str]
-
-    @classmethod
-    def of(cls, clean: Series, x_range: tuple[float, float] | None) -> _Axes:
-        """Axes covering ``clean``; ``x_range`` fixes the x axis."""
-        xs = [x for points in clean.values() for x, _ in points]
-        ys = [y for points in clean.values() for _, y in points]
-        integer_x = all(x.is_integer() for x in xs)
-        # The x axis spans the data exactly (epochs start at 1, not at a round 0), so ticks
-        # outside it are dropped; the y axis is widened to round ticks instead.
-        x_range = _padded(*(x_range or (min(xs), max(xs))))
-        x_ticks = nice_ticks(*x_range, count=6, integer=integer_x)
-        x_ticks = [t for t in x_ticks if x_range[0] - 1e-9 <= t <= x_range[1] + 1e-9]
-        y_ticks = nice_ticks(*_padded(min(ys), max(ys)), count=5)
-        x_step = x_ticks[1] - x_ticks[0] if len(x_ticks) > 1 else 1.0
-        y_step = y_ticks[1] - y_ticks[0]
-        x_texts = [format_tick(t, x_step) for t in x_ticks]
-        y_texts = [format_tick(t, y_step) for t in y_ticks]
-        return cls(x_range, (y_ticks[0], y_ticks[-1]), x_ticks, y_ticks, x_texts, y_texts)
+Ticks = list[tuple[float, str]]
 
 
-def _draw_axes(
-    draw: ImageDraw.ImageDraw, frame: ChartFrame, axes: _Axes, labels: tuple[str, str]
-) -> None:
-    """Grid lines, ticks, tick labels and axis labels around ``frame``'s plot area."""
-    label_font, tick_font = font(13), font(12)
-    x_label, y_label = labels
-    p_left, p_top, p_right, p_bottom = frame.plot_box
-    y_text_w = max(text_size(draw, text, tick_font)[0] for text in axes.y_texts)
-    tick_h = text_size(draw, "0", tick_font)[1]
-    label_h = text_size(draw, y_label or "Ag", label_font)[1]
-    draw.text((p_left - y_text_w - 8, p_top - label_h - 8), y_label, fill=INK, font=label_font)
-    for tick, text in zip(axes.y_ticks, axes.y_texts, strict=True):
-        y = round(frame.to_pixel(axes.x_range[0], tick)[1])
-        draw.line((p_left, y, p_right, y), fill=GRID)
-        draw.line((p_left - 4, y, p_left, y), fill=INK)
-        width, height = text_size(draw, text, tick_font)
-        draw.text((p_left - 7 - width, y - height // 2 - 2), text, fill=INK, font=tick_font)
-    for tick, text in zip(axes.x_ticks, axes.x_texts, strict=True):
-        x = round(frame.to_pixel(tick, axes.y_range[0])[0])
-        draw.line((x, p_bottom, x, p_bottom + 4), fill=INK)
-        width, _ = text_size(draw, text, tick_font)
-        draw.text((x - width // 2, p_bottom + 6), text, fill=INK, font=tick_font)
-    width, _ = text_size(draw, x_label, label_font)
-    draw.text(
-        ((p_left + p_right - width) // 2, p_bottom + tick_h + 14),
-        x_label,
-        fill=INK,
-        font=label_font,
-    )
-    draw.rectangle(frame.plot_box, outline=INK)
+def _axes(
+    clean: Series, x_range: tuple[float, float] | None
+) -> tuple[tuple[float, float], Ticks, Ticks]:
+    """The x range and the labelled x and y ticks covering ``clean``; ``x_range`` fixes x."""
+    xs = [x for points in clean.values() for x, _ in points]
+    ys = [y for points in clean.values() for _, y in points]
+    # The x axis spans the data exactly (epochs start at 1, not at a round 0), so ticks outside
+    # it are dropped; the y axis is widened to round ticks instead.
+    x_range = _padded(*(x_range or (min(xs), max(xs))))
+    x_ticks = nice_ticks(*x_range, count=6, integer=all(x.is_integer() for x in xs))
+    x_ticks = [t for t in x_ticks if x_range[0] - 1e-9 <= t <= x_range[1] + 1e-9]
+    y_ticks = nice_ticks(*_padded(min(ys), max(ys)), count=5)
+    labelled = []
+    for ticks in (x_ticks, y_ticks):
+        step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
+        labelled.append([(tick, format_tick(tick, step)) for tick in ticks])
+    return x_range, *labelled
 
 
 def _draw_series(
@@ -254,11 +206,11 @@ def draw_line_chart(
         draw.text(centre, note, fill=MUTED, font=label_font)
         return None
 
-    axes = _Axes.of(clean, x_range)
+    x_range, x_ticks, y_ticks = _axes(clean, x_range)
     # Legend column on the right, as wide as the longest name (capped so the plot keeps room).
     legend_w = max(text_size(draw, name, label_font)[0] for name in clean) + _SWATCH + 6
     legend_w = min(legend_w, (right - left) // 3)
-    y_text_w = max(text_size(draw, text, tick_font)[0] for text in axes.y_texts)
+    y_text_w = max(text_size(draw, text, tick_font)[0] for _, text in y_ticks)
     tick_h = text_size(draw, "0", tick_font)[1]
     label_h = text_size(draw, y_label or "Ag", label_font)[1]
     plot_box = (
@@ -267,8 +219,24 @@ def draw_line_chart(
         right - _PAD - legend_w - 14,
         bottom - _PAD - tick_h - 10 - label_h - 8,
     )
-    frame = ChartFrame(plot_box, axes.x_range, axes.y_range)
-    _draw_axes(draw, frame, axes, (x_label, y_label))
+    frame = ChartFrame(plot_box, x_range, (y_ticks[0][0], y_ticks[-1][0]))
+    p_left, p_top, p_right, p_bottom = plot_box
+    draw.text((p_left - y_text_w - 8, p_top - label_h - 8), y_label, fill=INK, font=label_font)
+    for tick, text in y_ticks:
+        y = round(frame.to_pixel(x_range[0], tick)[1])
+        draw.line((p_left, y, p_right, y), fill=GRID)
+        draw.line((p_left - 4, y, p_left, y), fill=INK)
+        width, height = text_size(draw, text, tick_font)
+        draw.text((p_left - 7 - width, y - height // 2 - 2), text, fill=INK, font=tick_font)
+    for tick, text in x_ticks:
+        x = round(frame.to_pixel(tick, y_ticks[0][0])[0])
+        draw.line((x, p_bottom, x, p_bottom + 4), fill=INK)
+        width, _ = text_size(draw, text, tick_font)
+        draw.text((x - width // 2, p_bottom + 6), text, fill=INK, font=tick_font)
+    width, _ = text_size(draw, x_label, label_font)
+    xy = ((p_left + p_right - width) // 2, p_bottom + tick_h + 14)
+    draw.text(xy, x_label, fill=INK, font=label_font)
+    draw.rectangle(plot_box, outline=INK)
     _draw_series(draw, frame, clean, legend_w, label_h)
     return frame
 
@@ -307,11 +275,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _is_loss_key(key: str, terms: Sequence[str]) -> bool:
-    """The total, a term the record names (else the loss table's), or a key named as a loss."""
-    return key == "loss" or key in terms or key.startswith("loss_") or key.endswith("_loss")
-
-
 def collect_series(records: Sequence[dict[str, Any]]) -> dict[str, Series]:
     """Split log records into the panels' series: loss, lr, rank1 and mAP (name -> points)."""
     panels: dict[str, Series] = {"loss": {}, "lr": {}, "rank1": {}, "mAP": {}}
@@ -326,7 +289,8 @@ def collect_series(records: Sequence[dict[str, Any]]) -> dict[str, Series]:
                 continue
             if key == "lr":
                 panel, name = "lr", "lr"
-            elif _is_loss_key(key, terms):
+            # The total, a term the record names (else the loss table's), or a key named as one.
+            elif key == "loss" or key in terms or key.startswith("loss_") or key.endswith("_loss"):
                 panel, name = "loss", "total" if key == "loss" else key
                 if key != "loss" and key not in terms and key not in extra_losses:
                     extra_losses.append(key)

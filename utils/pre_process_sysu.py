@@ -18,8 +18,8 @@ from utils.base.cli import run_cli
 logger = logging.getLogger("pre_process_sysu")
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    """Return the command-line parser."""
+def _main(argv: Sequence[str] | None) -> int:
+    """Build (or verify) the cache; UserError and Ctrl-C propagate to run_cli."""
     parser = argparse.ArgumentParser(
         allow_abbrev=False,
         description="Decode and resize the SYSU-MM01 training images into a reusable cache.",
@@ -31,14 +31,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--cache_dir", default=None, help="cache folder (default <data_root>/cache, or ./cache)"
     )
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
-    return parser
-
-
-def _main(argv: Sequence[str] | None) -> int:
-    """Build (or verify) the cache; UserError and Ctrl-C propagate to run_cli."""
-    args = get_args_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     start = time.perf_counter()
     train_set = load_train_set(
         "sysu",

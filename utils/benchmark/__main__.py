@@ -3,6 +3,6 @@
 import sys
 
 from utils.base.cli import run_cli
-from utils.benchmark.run import main
+from utils.benchmark import main
 
 sys.exit(run_cli(main))

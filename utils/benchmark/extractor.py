@@ -1,20 +1,15 @@
 """Section ``extractor``: images/s of ``utils.extract.FeatureExtractor`` on image files.
 
-At the demo's (64x32) and the paper's (256x128) image sizes, on JPEG crops written to a temporary
-folder at 1.5 times that size: decoding and resizing (``FeatureExtractor.decode``) apart from the
-network, and the network three ways, batch ``--extractor_batch`` (64), one modality: as the
-checkpoint holds it (``fold_bn=False``), with BN folded for that modality (``model.fold``, the
-extractor's default), and folded, exported to ONNX and run in onnxruntime (when installed) on
-input normalised as ``export.json`` says. Each path's features are compared with the unfolded
-network's (largest absolute difference of the L2-normalised features). Best of
-``--extractor_rounds`` passes.
+At the demo's (64x32) and the paper's (256x128) sizes, on JPEG crops at 1.5 times that size:
+decoding and resizing apart from the network, and the network as stored (``fold_bn=False``), with
+BN folded for one modality (the extractor's default) and folded in onnxruntime (when installed).
+Each path's features are compared with the unfolded network's. Best of ``--extractor_rounds``.
 """
 
 from __future__ import annotations
 
 import importlib
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +21,7 @@ from data.transforms import normalize
 from model import build_model
 from model.checkpoint import checkpoint_header
 from utils.base.modality import Modality
-from utils.benchmark.measure import timed
+from utils.benchmark.measure import best_of
 from utils.benchmark.section import Bench, Row, Section, figure
 from utils.export import ModalityNetwork, write_onnx
 from utils.extract import FeatureExtractor
@@ -47,15 +42,6 @@ def write_crops(folder: Path, count: int, height: int, width: int, seed: int) ->
         Image.fromarray(pixels).save(path, quality=90)
         paths.append(str(path))
     return paths
-
-
-def best_of(rounds: int, run: Callable[[], Any]) -> tuple[Any, float]:
-    """``run()``'s result and its fastest time over ``rounds`` calls."""
-    best, result = float("inf"), None
-    for _ in range(rounds):
-        result, seconds = timed(run)
-        best = min(best, seconds)
-    return result, best
 
 
 def onnx_features(session: Any, pixels: np.ndarray, batch: int) -> torch.Tensor:
@@ -123,19 +109,12 @@ def extractor_rows(doc: dict[str, Any]) -> list[Row]:
     rows: list[Row] = []
     for name, height, width in SIZES:
         part = figure(doc, "extractor", name) or {}
-        size = f"{height}x{width}"
+        what = f"extractor {height}x{width} images/s"
         network, folded = part.get("network_images_per_s"), part.get("folded_images_per_s")
         ratio = folded / network if network and folded else None
-        rows.append((f"extractor {size} images/s: network / BN folded", network, folded, ratio))
-        onnx = part.get("onnx_images_per_s")
-        rows.append(
-            (
-                f"extractor {size} images/s: decoding / ONNX",
-                part.get("decode_images_per_s"),
-                onnx,
-                "",
-            )
-        )
+        rows.append((f"{what}: network / BN folded", network, folded, ratio))
+        decode, onnx = part.get("decode_images_per_s"), part.get("onnx_images_per_s")
+        rows.append((f"{what}: decoding / ONNX", decode, onnx, ""))
     return rows
 
 

@@ -68,6 +68,11 @@ def timed(function: Callable[[], Any]) -> tuple[Any, float]:
     return function(), time.perf_counter() - started
 
 
+def best_of(rounds: int, function: Callable[[], Any]) -> tuple[Any, float]:
+    """``function()``'s result and its fastest time over ``rounds`` calls."""
+    return min((timed(function) for _ in range(rounds)), key=lambda run: run[1])
+
+
 def machine(device: torch.device) -> dict[str, Any]:
     """What the figures were measured on."""
     info = environment(device)

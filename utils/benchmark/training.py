@@ -1,11 +1,15 @@
-"""Sections ``fast`` and ``plain``: the engine's training step against an authors'-style step."""
+"""Sections ``fast``, ``features``, ``plain`` and ``search``: the engine's training step and
+feature extraction, an authors'-style training step, and a search step."""
 
 from __future__ import annotations
 
 import logging
 import resource
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -13,8 +17,13 @@ from data.sampler import CrossModalitySampler
 from data.trainset import TrainSet
 from data.transforms import augment_batch
 from model import Routing, build_model
-from utils.benchmark.measure import peak_memory, reset_peak_memory, throughput
-from utils.benchmark.section import Bench, Row, Section, figure
+from utils.base.modality import Modality
+from utils.benchmark.measure import peak_memory, reset_peak_memory, throughput, timed
+from utils.benchmark.section import Bench, Row, Section, figure, in_memory
+from utils.engine.search import SearchTrainer
+from utils.engine.settings import SearchSettings
+from utils.engine.trainer import Trainer
+from utils.evaluation.evaluate import extract_features
 
 log = logging.getLogger("benchmark")
 
@@ -23,11 +32,9 @@ class PairedImages(Dataset):
     """Item ``(v, i)``: visible image v and infrared image i, each augmented alone, and labels."""
 
     def __init__(self, train_set: TrainSet) -> None:
-        """Keep the arrays (worker processes share them copy-on-write)."""
-        self.data = train_set
+        self.data = train_set  # worker processes share the arrays copy-on-write
 
     def __len__(self) -> int:
-        """Visible images (items are index pairs)."""
         return len(self.data.visible_labels)
 
     def __getitem__(self, pair: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -68,6 +75,32 @@ def run_fast(bench: Bench) -> dict[str, Any]:
         ema="ModelEMA (foreach)",
     )
     return figures
+
+
+def run_features(bench: Bench) -> dict[str, Any]:
+    """Time :func:`extract_features` on random uint8 images, after a warm-up batch."""
+    args, trainer = bench.args, bench.trainer()
+    model = trainer.ema.module if trainer.ema is not None else trainer.model_without_ddp
+    batch, amp = args.test_batch, trainer.amp
+    shape = (args.feature_images, args.img_h, args.img_w, 3)
+    images = np.random.default_rng(args.seed + 1).integers(0, 256, size=shape, dtype=np.uint8)
+    extract_features(model, images[:batch], Modality.INFRARED, trainer.device, batch, amp)
+    (pool, _), seconds = timed(
+        lambda: extract_features(model, images, Modality.INFRARED, trainer.device, batch, amp)
+    )
+    return dict(
+        images_per_s=round(len(images) / seconds, 2),
+        images=len(images),
+        batch_size=batch,
+        amp=amp,
+        feature_dim=int(pool.shape[1]),
+        timed_s=round(seconds, 3),
+    )
+
+
+def feature_rows(doc: dict[str, Any]) -> list[Row]:
+    """Feature-extraction images/s."""
+    return [("feature extraction images/s", figure(doc, "features", "images_per_s"), "", "")]
 
 
 def run_plain(bench: Bench) -> dict[str, Any]:
@@ -130,6 +163,49 @@ def run_plain(bench: Bench) -> dict[str, Any]:
     return figures
 
 
+def run_search(bench: Bench) -> dict[str, Any]:
+    """A search step against a training step: ``weights_step + arch_step / arch_freq``."""
+    args, settings, data = bench.args, bench.settings, bench.data
+    log.info("search step against training step")
+    trainer = in_memory(settings, "train", data)
+    # Weights steps timed alone (no architecture step is ever due); architecture steps directly.
+    train = replace(settings, folder=settings.folder.parent / "search")
+    search = SearchSettings(
+        train, depth=args.depth, arch_warmup=0, arch_freq=10**9, eval_arch=False
+    )
+    searcher = SearchTrainer(search, data)
+
+    def batch(owner: Trainer, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return owner.sampler.batch(*divmod(k, len(owner.sampler)))
+
+    steps: dict[str, Callable[[int], Any]] = {
+        "train": lambda k: trainer.training_step(*batch(trainer, k)),
+        "weights": lambda k: searcher.training_step(*batch(searcher, k)),
+        "arch": lambda k: searcher.architecture_step(*divmod(k, len(searcher.arch_sampler))),
+    }
+    rounds = (args.search_steps, args.search_rounds)
+    seconds = {name: throughput(step, args, *rounds)["step_s"] for name, step in steps.items()}
+    trainer.close_log()
+    searcher.close_log()
+    freq = SearchSettings(train).arch_freq
+    search_step = seconds["weights"] + seconds["arch"] / freq
+    return dict(
+        status="measured",
+        train_step_s=seconds["train"],
+        search_step_s=round(search_step, 5),
+        ratio=round(search_step / seconds["train"], 3),
+        weights_step_s=seconds["weights"],
+        arch_step_s=seconds["arch"],
+        arch_freq=freq,
+    )
+
+
+def search_rows(doc: dict[str, Any]) -> list[Row]:
+    """Seconds per search step and per training step."""
+    times = (figure(doc, "search", k) for k in ("search_step_s", "train_step_s", "ratio"))
+    return [("step (s): search / training", *times)]
+
+
 def speedup(doc: dict[str, Any]) -> float | None:
     """Fast images/s over plain images/s; None unless both paths ran."""
     rates = figure(doc, "fast", "images_per_s"), figure(doc, "plain", "images_per_s")
@@ -145,5 +221,7 @@ def training_rows(doc: dict[str, Any]) -> list[Row]:
     ]
 
 
+FEATURES = Section("features", run_features, feature_rows, uses_trainer=True)
 FAST = Section("fast", run_fast, training_rows, uses_trainer=True)
 PLAIN = Section("plain", run_plain)
+SEARCH = Section("search", run_search, search_rows)

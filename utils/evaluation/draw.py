@@ -1,4 +1,4 @@
-"""Text primitives shared by every picture (curves, heat map, rank lists), drawn with Pillow."""
+"""Ink, paper and text shared by every picture (curves, heat map, rank lists), drawn with Pillow."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ import functools
 from typing import Any
 
 from PIL import ImageDraw, ImageFont
+
+BACKGROUND = (255, 255, 255)
+INK = (30, 30, 30)
+Box = tuple[int, int, int, int]  # left, top, right, bottom
 
 
 @functools.cache

@@ -1,11 +1,9 @@
 """Feature extraction and the one evaluation routine, shared by training, test.py and the search.
 
-:func:`evaluate_protocols` runs any data set's protocols from their description
-(``data.Protocol``): every image is extracted once per call (a query set shared by several
-protocols, and the union of all draws' galleries, once), on the GPU in half precision when there
-is one, optionally averaged with its mirror image, L2-normalised and ranked with one matrix
-product per protocol and draw, or, when asked, by k-reciprocal re-ranking of the queries and that
-draw's gallery.
+:func:`evaluate_protocols` runs any data set's protocols (``data.Protocol``): every image is
+extracted once per call (in half precision on a GPU), optionally averaged with its mirror image,
+L2-normalised and ranked per protocol and draw by one matrix product or by k-reciprocal
+re-ranking of the queries and that draw's gallery.
 """
 
 from __future__ import annotations
@@ -150,12 +148,9 @@ def features_of(
     """Load the images of ``images``, extract their features and bundle them with their labels."""
     desc = f"{images.modality.name.lower()} images"
     pixels = load_images(images.paths, img_size, progress=_interactive(), desc=f"loading {desc}")
-    pool, feat = extract_features(
-        model, pixels, images.modality, device, batch_size, amp, desc, flip
-    )
-    return Features(
-        pool, feat, np.asarray(images.pids), np.asarray(images.cams), images.paths, images.modality
-    )
+    features = extract_features(model, pixels, images.modality, device, batch_size, amp, desc, flip)
+    labels = np.asarray(images.pids), np.asarray(images.cams)
+    return Features(*features, *labels, images.paths, images.modality)
 
 
 def score(
@@ -165,12 +160,8 @@ def score(
     dedup_cmc: bool = False,
     rerank: RerankSettings | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Rank-k / mAP / mINP (percent) of ``query`` against ``gallery`` for pool and BNNeck.
-
-    Defaults: nothing ignored and the standard CMC (position of the first correct match).
-    With ``rerank`` the ranking is by k-reciprocal re-ranked distances of these queries and
-    this gallery (computed on the features' device).
-    """
+    """Rank-k / mAP / mINP (percent) of ``query`` against ``gallery`` for pool and BNNeck,
+    ranked by k-reciprocal re-ranked distances (on the features' device) with ``rerank``."""
     if rerank is not None and rerank.k1 > len(gallery.pids):
         raise UserError(
             f"--k1 {rerank.k1}: larger than the gallery ({len(gallery.pids)} images); expected "
@@ -190,49 +181,36 @@ def score(
     return results
 
 
-def mean_std(runs: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """Average per-trial results; adds ``<metric>_std`` (population std over trials)."""
+def mean_std(
+    runs: Sequence[dict[str, dict[str, float]]], sample: bool = False
+) -> dict[str, dict[str, float]]:
+    """Average results; adds ``<metric>_std`` (0 for one run): the population std over trials,
+    or with ``sample`` the sample std over runs (n - 1 in the denominator)."""
     out: dict[str, dict[str, float]] = {}
     for kind in runs[0]:
         out[kind] = {}
         for key in METRIC_KEYS:
-            values = [run[kind][key] for run in runs]
-            out[kind][key] = float(np.mean(values))
-            out[kind][f"{key}_std"] = float(statistics.pstdev(values)) if len(values) > 1 else 0.0
+            values = [float(run[kind][key]) for run in runs]
+            out[kind][key] = statistics.fmean(values) if sample else float(np.mean(values))
+            spread = statistics.stdev if sample else statistics.pstdev
+            out[kind][f"{key}_std"] = float(spread(values)) if len(values) > 1 else 0.0
     return out
 
 
-class _ImageUnion:
-    """The distinct images of one modality that an evaluation needs, each listed once.
+Labels = dict[Modality, dict[str, tuple[int, int]]]
 
-    Queries keep their list order; gallery images come after them, sorted by path, so that a
-    gallery drawn ten times is extracted in one deterministic pass.
-    """
 
-    def __init__(self, modality: Modality) -> None:
-        self.modality = modality
-        self.position: dict[str, int] = {}
-        self.labels: list[tuple[int, int]] = []
-
-    def add(self, lists: Sequence[ImageList], sort: bool) -> None:
-        """Add the images of ``lists`` not yet listed (all of them sorted by path if ``sort``)."""
-        new: dict[str, tuple[int, int]] = {}
-        for images in lists:
-            for path, pid, cam in zip(images.paths, images.pids, images.cams, strict=True):
-                if path not in self.position and path not in new:
-                    new[path] = (int(pid), int(cam))
-        for path in sorted(new) if sort else new:
-            self.position[path] = len(self.labels)
-            self.labels.append(new[path])
-
-    def index(self, images: ImageList) -> np.ndarray:
-        """Rows of ``images`` in the union, in list order."""
-        return np.asarray([self.position[path] for path in images.paths], dtype=np.int64)
-
-    def as_list(self) -> ImageList:
-        """The union as one image list."""
-        labels = np.asarray(self.labels, dtype=np.int64).reshape(-1, 2)
-        return ImageList(list(self.position), labels[:, 0], labels[:, 1], self.modality)
+def _add_images(labels: Labels, lists: Sequence[ImageList], sort: bool) -> None:
+    """Add the (identity, camera) of each image of ``lists`` not yet in ``labels`` under its
+    modality and path, the new ones sorted by path if ``sort``."""
+    new: Labels = {}
+    for images in lists:
+        known, added = labels.setdefault(images.modality, {}), new.setdefault(images.modality, {})
+        for path, pid, cam in zip(images.paths, images.pids, images.cams, strict=True):
+            if path not in known:
+                added.setdefault(path, (int(pid), int(cam)))
+    for modality, added in new.items():
+        labels[modality].update(sorted(added.items()) if sort else added)
 
 
 def evaluate_protocols(
@@ -252,38 +230,36 @@ def evaluate_protocols(
 ) -> list[tuple[Protocol, dict[str, Any]]]:
     """Score ``model`` on ``protocols`` of ``split``, each gallery drawn as ``draws`` say.
 
-    Returns (protocol, result) pairs. Where the data set draws its galleries at random, a result
-    is the mean and std over the draws with ``trials`` (the draws) and ``per_trial``; otherwise
-    the one gallery's numbers. Every result says whether flip averaging was used (``flip``) and
-    whether and how it was re-ranked (``rerank``: the parameters, or False); ``rerank`` re-ranks
-    each draw on its own queries and gallery. A protocol with swapped roles is scored with each
-    drawn gallery image as a query against the query list. ``keep``, when given, receives each
-    protocol's features (queries and the union of its galleries).
+    Returns (protocol, result) pairs: over random draws the mean and std with ``trials`` and
+    ``per_trial``, else the one gallery's numbers; each says ``flip`` and ``rerank`` (its
+    parameters or False). Swapped roles score each gallery image as a query against the query
+    list. ``keep``, when given, receives each protocol's features.
     """
     draws = list(draws)
     lists = []
     for protocol in protocols:
         query = protocol.query(root, split)
         lists.append((protocol, query, [protocol.gallery(root, split, draw) for draw in draws]))
-    unions: dict[Modality, _ImageUnion] = {}
-    for _, query, _ in lists:
-        unions.setdefault(query.modality, _ImageUnion(query.modality)).add([query], sort=False)
-    by_modality: dict[Modality, list[ImageList]] = {}
-    for _, _, galleries in lists:
-        for gallery in galleries:
-            by_modality.setdefault(gallery.modality, []).append(gallery)
-    for modality, galleries in by_modality.items():
-        unions.setdefault(modality, _ImageUnion(modality)).add(galleries, sort=True)
-    extracted = {
-        modality: features_of(model, union.as_list(), device, img_size, batch_size, amp, flip)
-        for modality, union in unions.items()
-    }
+    # Each modality's distinct images, extracted once: queries in list order, then the gallery
+    # images sorted by path, so that a gallery drawn ten times is one deterministic pass.
+    labels: Labels = {}
+    _add_images(labels, [query for _, query, _ in lists], sort=False)
+    _add_images(labels, [gallery for *_, galleries in lists for gallery in galleries], sort=True)
+    extracted: dict[Modality, Features] = {}
+    row_of: dict[Modality, dict[str, int]] = {}
+    for modality, images in labels.items():
+        pids, cams = np.asarray(list(images.values()), dtype=np.int64).reshape(-1, 2).T
+        union = ImageList(list(images), pids, cams, modality)
+        extracted[modality] = features_of(model, union, device, img_size, batch_size, amp, flip)
+        row_of[modality] = {path: row for row, path in enumerate(images)}
+
+    def union_rows_of(images: ImageList) -> np.ndarray:
+        return np.asarray([row_of[images.modality][path] for path in images.paths], np.int64)
 
     results = []
     for protocol, query_list, galleries in lists:
-        query = extracted[query_list.modality].take(unions[query_list.modality].index(query_list))
-        gallery_union = unions[galleries[0].modality]
-        rows = [gallery_union.index(gallery) for gallery in galleries]
+        query = extracted[query_list.modality].take(union_rows_of(query_list))
+        rows = [union_rows_of(gallery) for gallery in galleries]
         # The protocol's own gallery union, in extraction order.
         union_rows = np.unique(np.concatenate(rows))
         gallery = extracted[galleries[0].modality].take(union_rows)

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from utils.base.errors import UserError
-from utils.evaluation.draw import font, text_size
+from utils.evaluation.draw import BACKGROUND, INK, font, text_size
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ _BLUE = (33, 102, 172)
 _WHITE = (247, 247, 247)
 _RED = (178, 24, 43)
 _MISSING = (200, 200, 200)
-_INK = (30, 30, 30)
 _GRID = (255, 255, 255)
 _STAGE_LINE = (90, 90, 90)
 _MARGIN = 12
@@ -47,31 +46,16 @@ def colour(value: float) -> tuple[int, int, int]:
     return tuple(round(a + (b - a) * t) for a, b in zip(low, high, strict=True))  # type: ignore[return-value]
 
 
-def _group(label: str) -> str:
-    """The stage a slot belongs to (``layer2`` of ``layer2.0.bn1``), for separator lines."""
-    return label.split(".", 1)[0]
-
-
 @dataclass(frozen=True)
 class _Grid:
-    """Where the cells lie: the top-left corner, the size of a cell, rows and columns."""
+    """Where the cells lie: the top-left corner, the size of a cell and of all of them."""
 
     x: int
     y: int
     cell_w: int
     cell_h: int
-    rows: int
-    cols: int
-
-    @property
-    def width(self) -> int:
-        """Width of all columns."""
-        return self.cols * self.cell_w
-
-    @property
-    def height(self) -> int:
-        """Height of all rows."""
-        return self.rows * self.cell_h
+    width: int
+    height: int
 
 
 def _draw_rows(
@@ -84,16 +68,12 @@ def _draw_rows(
     for r, label in enumerate(row_labels):
         y = grid.y + r * grid.cell_h
         text_w, text_h = text_size(draw, label, face)
-        draw.text(
-            (grid.x - 8 - text_w, y + (grid.cell_h - text_h) // 2 - 1), label, fill=_INK, font=face
-        )
-        for c in range(grid.cols):
+        xy = (grid.x - 8 - text_w, y + (grid.cell_h - text_h) // 2 - 1)
+        draw.text(xy, label, fill=INK, font=face)
+        for c in range(matrix.shape[1]):
             x = grid.x + c * grid.cell_w
-            draw.rectangle(
-                (x, y, x + grid.cell_w - 1, y + grid.cell_h - 1),
-                fill=colour(matrix[r, c]),
-                outline=outline,
-            )
+            cell = (x, y, x + grid.cell_w - 1, y + grid.cell_h - 1)
+            draw.rectangle(cell, fill=colour(matrix[r, c]), outline=outline)
         bottom = y + grid.cell_h - 1
         if outline is None:
             draw.line((grid.x, bottom, grid.x + grid.width - 1, bottom), fill=_GRID)
@@ -102,8 +82,9 @@ def _draw_rows(
             text = f"{final:.2f} {'split' if final > 0.5 else 'shared'}"
             _, text_h = text_size(draw, text, small)
             xy = (grid.x + grid.width + 6, y + (grid.cell_h - text_h) // 2 - 2)
-            draw.text(xy, text, fill=_INK, font=small)
-        if r and _group(label) != _group(row_labels[r - 1]):
+            draw.text(xy, text, fill=INK, font=small)
+        # A line between stages (``layer2`` of ``layer2.0.bn1``).
+        if r and label.split(".", 1)[0] != row_labels[r - 1].split(".", 1)[0]:
             draw.line((grid.x - 4, y, grid.x + grid.width, y), fill=_STAGE_LINE, width=1)
 
 
@@ -112,7 +93,7 @@ def _draw_epochs(
 ) -> None:
     """Epoch numbers every ``step`` columns (never overlapping), plus the first; the caption."""
     face, small = font(12), font(11)
-    shown = {0} | {c for c in range(grid.cols) if (c + 1) % step == 0}
+    shown = {0} | {c for c in range(len(col_labels)) if (c + 1) % step == 0}
     if 0 < step - 1 < needed:
         shown.discard(step - 1)
     axis_y = grid.y + grid.height + 4
@@ -120,11 +101,11 @@ def _draw_epochs(
         text = col_labels[c]
         text_w, _ = text_size(draw, text, small)
         x = grid.x + c * grid.cell_w + grid.cell_w // 2
-        draw.line((x, axis_y - 3, x, axis_y), fill=_INK)
-        draw.text((x - text_w // 2, axis_y + 1), text, fill=_INK, font=small)
+        draw.line((x, axis_y - 3, x, axis_y), fill=INK)
+        draw.text((x - text_w // 2, axis_y + 1), text, fill=INK, font=small)
     caption_w, _ = text_size(draw, "epoch", face)
     xy = (grid.x + (grid.width - caption_w) // 2, axis_y + 18)
-    draw.text(xy, "epoch", fill=_INK, font=face)
+    draw.text(xy, "epoch", fill=INK, font=face)
 
 
 def _draw_legend(draw: ImageDraw.ImageDraw, bar_x: int, grid: _Grid) -> None:
@@ -132,18 +113,17 @@ def _draw_legend(draw: ImageDraw.ImageDraw, bar_x: int, grid: _Grid) -> None:
     face, small = font(12), font(11)
     bar_w = 16
     bar_top, bar_h = grid.y + 26, max(80, min(grid.height - 26, 220))
-    draw.text((bar_x, grid.y), "P(split)", fill=_INK, font=face)
+    draw.text((bar_x, grid.y), "P(split)", fill=INK, font=face)
     for i in range(bar_h):
-        draw.line(
-            (bar_x, bar_top + i, bar_x + bar_w, bar_top + i), fill=colour(1 - i / (bar_h - 1))
-        )
-    draw.rectangle((bar_x, bar_top, bar_x + bar_w, bar_top + bar_h - 1), outline=_INK)
+        y = bar_top + i
+        draw.line((bar_x, y, bar_x + bar_w, y), fill=colour(1 - i / (bar_h - 1)))
+    draw.rectangle((bar_x, bar_top, bar_x + bar_w, bar_top + bar_h - 1), outline=INK)
     for value, name in ((1.0, "split"), (0.5, ""), (0.0, "shared")):
         y = bar_top + round((1 - value) * (bar_h - 1))
-        draw.line((bar_x + bar_w, y, bar_x + bar_w + 4, y), fill=_INK)
+        draw.line((bar_x + bar_w, y, bar_x + bar_w + 4, y), fill=INK)
         text = f"{value:.1f} {name}".rstrip()
         _, text_h = text_size(draw, text, small)
-        draw.text((bar_x + bar_w + 7, y - text_h // 2 - 2), text, fill=_INK, font=small)
+        draw.text((bar_x + bar_w + 7, y - text_h // 2 - 2), text, fill=INK, font=small)
 
 
 def save_heatmap(
@@ -169,7 +149,7 @@ def save_heatmap(
     title_h = text_size(probe, title or "Ag", bold)[1] + 14 if title else 4
     # Wide enough for the numbers when there are few epochs, narrower (down to 6 px) when many.
     cell_w = int(min(24, max(6, 900 // cols)))
-    grid = _Grid(_MARGIN + label_w + 8, _MARGIN + title_h, cell_w, 14, rows, cols)
+    grid = _Grid(_MARGIN + label_w + 8, _MARGIN + title_h, cell_w, 14, cols * cell_w, rows * 14)
     number_w = max(text_size(probe, c, small)[0] for c in col_labels)
     needed = math.ceil((number_w + 6) / cell_w)
     step = next(s for s in (1, 2, 5, 10, 20, 25, 50, 100, 200, 500, 10**9) if s >= needed)
@@ -180,10 +160,10 @@ def save_heatmap(
     height = max(grid.y + grid.height + 48, grid.y + 26 + 80 + 16)
     width = max(width, _MARGIN * 2 + text_size(probe, title, bold)[0]) if title else width
 
-    image = Image.new("RGB", (width, height), "white")
+    image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
     if title:
-        draw.text((_MARGIN, _MARGIN), title, fill=_INK, font=bold)
+        draw.text((_MARGIN, _MARGIN), title, fill=INK, font=bold)
     _draw_rows(draw, matrix, row_labels, grid)
     _draw_epochs(draw, col_labels, grid, step, needed)
     _draw_legend(draw, legend_x, grid)
@@ -235,9 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         allow_abbrev=False, description="Draw a search run's split-probability map."
     )
     parser.add_argument("run_dir", help="search run folder holding log.jsonl")
-    parser.add_argument(
-        "--out", default=None, help=f"PNG to write (default RUN_DIR/{HEATMAP_NAME})"
-    )
+    parser.add_argument("--out", help=f"PNG to write (default RUN_DIR/{HEATMAP_NAME})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     heatmap_from_jsonl(args.run_dir, args.out)

@@ -1,35 +1,16 @@
 """Re-identification metrics: CMC, mAP and mINP under a protocol's exclusion rule.
 
-Every protocol ranks the gallery by ascending distance with ties broken by gallery index (a
-stable sort), after removing the gallery images its exclusion rule (``data.ExclusionRule``) makes
-a query ignore: SYSU-MM01 removes camera-2 images from camera-3 queries (same location), LLCM the
-images of the query's identity taken by the query's camera. SYSU-MM01 and LLCM use the
-identity-deduplicated CMC (only the first image of each identity in the ranked gallery counts),
-RegDB the standard CMC (position of the first correct match). In all, mAP is the usual mean
-average precision over every kept gallery image, mINP the mean of (number of positives) /
-(position of the last positive), and queries whose identity has no kept gallery image are skipped.
+Each query ranks the gallery by ascending distance, ties by gallery index, without the images its
+exclusion rule (``data.ExclusionRule``) ignores; queries whose identity has no kept gallery image
+are skipped. SYSU-MM01 and LLCM count the identity-deduplicated CMC, RegDB the position of the
+first correct match; mINP is the mean of (positives) / (position of the last positive). The
+per-query reference the tests compare against is ``utils.benchmark.ranking``.
 
-``eval_ranking`` is vectorised over queries and takes the rule as data; ``eval_sysu``,
-``eval_regdb`` and ``eval_llcm`` fix the rule of their data set. A per-query reference of the same
-definitions, which the tests compare against and the benchmark times, lives in
-``utils.benchmark.references``; it shares the input checks and the averaging below.
-
-How the vectorised ranking works: a query's numbers need only the positions of its positives (the
-kept gallery images of its identity), and a positive's position is one plus the number of kept
-images ranked ahead of it: those with a smaller distance, or an equal one at a lower gallery index.
-Each chunk of query rows is sorted by value once, with ignored images moved to +inf, and a batched
-binary search counts the distances below every positive; the rare positives that tie with another
-distance count their tied predecessors directly. The deduplicated rank is the number of distinct
-identities among the kept images ahead of the first positive.
-
-Why this form: it is the simplest exact one found that is at least 5x the per-query loop, the
-target for a step that takes a fraction of a second in a whole evaluation. ``python -m
-utils.benchmark`` (section ``metrics``: 3,803 x 3,010 float32, best of 3) on the 2-core
-development CPU (Intel Xeon with AVX-512, NumPy 2.4, shared with other work) measured it at
-0.32-0.33 s against 3.8-4.0 s for the loop (11.6-12.0x, ``--threads 1`` and ``2`` alike), and the
-counting (bucket) ranking it replaced, four times its code, at 0.40 s (9.7x) in the same minutes.
-Sorting each row's values is cheap there; a stable argsort of every row alone took half the
-loop's time (0.51 s of 1.04 s, machine idle).
+``eval_ranking`` finds a positive's position as one plus the kept images ahead of it: each chunk
+of rows is sorted once (ignored images at +inf) and a batched binary search counts the distances
+below every positive. Why this form: it is the simplest exact one found that is at least 5x the
+per-query loop (``python -m utils.benchmark``, section ``metrics``, 3,803 x 3,010 on a 2-core
+CPU: 0.32 s against 3.8 s, and 0.40 s for the counting ranking it replaced, four times its code).
 """
 
 from __future__ import annotations

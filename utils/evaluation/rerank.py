@@ -17,13 +17,9 @@ carry and whose numbers the field publishes:
 5. ``jaccard[i, j] = 1 - m / (2 - m)`` with ``m = sum_k min(V[i, k], V[j, k])``, and the result is
    ``(1 - lambda) * jaccard + lambda * original``, returned for query rows and gallery columns.
 
-``rerank`` computes this with batched tensor work: row blocks of the distances are ranked with a
-partial sort, only the picked values squared and normalised (a full stable sort only for rows
-whose leading normalised values tie), the reciprocal
-sets come from a mutual-neighbour mask, V is a sparse matrix (sorted coordinate lists), and the
-query expansion and the Jaccard overlaps are gathers and scatter-adds over its non-zeros.
-A plain per-image loop over the same definition, which the tests compare against and the
-benchmark times, lives in ``utils.benchmark.references``.
+``rerank`` ranks row blocks with a partial sort, keeps V as sorted sparse coordinates and does
+the expansion and overlaps as gathers and scatter-adds; the per-image loop the tests compare
+against is ``utils.benchmark.ranking.rerank_reference``.
 """
 
 from __future__ import annotations
@@ -91,11 +87,6 @@ def _check_parameters(k1: int, k2: int, lambda_value: float) -> None:
 def half_width(k1: int) -> int:
     """Neighbourhood size of the expansion candidates: round(k1 / 2) + 1, halves to even."""
     return int(np.around(k1 / 2.0)) + 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Vectorised implementation.
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -236,14 +227,6 @@ def _weights(
     return torch.cat(out_rows), torch.cat(out_cols), torch.cat(out_vals)
 
 
-def _segments(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For segments of the given lengths: each element's segment and its offset within it."""
-    starts = torch.cumsum(counts, 0) - counts
-    segment = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
-    offset = torch.arange(segment.numel(), device=counts.device) - starts[segment]
-    return segment, offset
-
-
 def _query_expansion(
     rows: torch.Tensor,
     cols: torch.Tensor,
@@ -262,7 +245,11 @@ def _query_expansion(
     out_rows, out_cols, out_vals = [], [], []
     for start, stop in _budget_ranges(gathered, element_budget):
         src = sources[start:stop].reshape(-1)
-        segment, offset = _segments(row_len[src])
+        # Each gathered entry's source row (segment) and its offset within that row.
+        counts = row_len[src]
+        segment = torch.repeat_interleave(torch.arange(counts.numel(), device=rows.device), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        offset = torch.arange(segment.numel(), device=rows.device) - starts[segment]
         position = row_start[src][segment] + offset
         target = torch.arange(start, stop, device=rows.device).repeat_interleave(take)[segment]
         keys = target * count + cols[position]
@@ -358,14 +345,8 @@ def rerank(
     gallery-gallery distances (NumPy arrays or tensors); k1=20, k2=6, lambda_value=0.3 are the
     paper's parameters; lambda_value=1 returns the (normalised, squared) original distances.
     Distances must be non-negative with smaller meaning closer (e.g. Euclidean), since they
-    are squared. ``device`` runs the work there (default: the CPU).
-
-    Memory, with n = num_query + num_gallery: the three blocks (shared with the caller's arrays
-    on the CPU), the result (num_query x num_gallery float32), the first max(k1 + 1, k2)
-    neighbours of every image (8 bytes each), V's non-zeros (16 bytes each; tens to a few
-    hundred per image) and one chunk's temporaries of about ``chunk_elements`` elements each
-    (default 2**25; a few hundred MiB at peak). No (n x n) matrix is formed: about 0.75 GiB in
-    all (measured) for a 13,909 x 1,608 problem (LLCM-sized) besides the caller's blocks.
+    are squared. ``device`` runs the work there (default: the CPU). No (n x n) matrix is formed:
+    besides the caller's blocks, about 0.75 GiB was measured for a 13,909 x 1,608 problem.
     """
     q_g, q_q, g_g = check_distances(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value)
     if chunk_elements < 1:
@@ -423,15 +404,8 @@ def rerank_features(
         x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
         for x in (query, gallery)
     )
-    return rerank(
-        euclidean_distances(q, g),
-        euclidean_distances(q, q),
-        euclidean_distances(g, g),
-        settings.k1,
-        settings.k2,
-        settings.lambda_value,
-        device=device,
-    )
+    blocks = (euclidean_distances(a, b) for a, b in ((q, g), (q, q), (g, g)))
+    return rerank(*blocks, settings.k1, settings.k2, settings.lambda_value, device=device)
 
 
 def euclidean_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from data.dataset import ExclusionRule
 from utils.base.errors import UserError
-from utils.evaluation.draw import font, text_size
+from utils.evaluation.draw import BACKGROUND, INK, Box, font, text_size
 from utils.evaluation.evaluate import FEATURES, Features
 from utils.evaluation.metrics import pairwise_distance
 
@@ -31,11 +31,7 @@ MATCH_COLOUR = (44, 160, 44)
 MISMATCH_COLOUR = (214, 39, 40)
 QUERY_COLOUR = (70, 70, 70)
 UNLABELLED_COLOUR = (160, 160, 160)  # a result whose identity is unknown
-BACKGROUND = (255, 255, 255)
 PAD_COLOUR = (235, 235, 235)  # fills the sides of a thumbnail whose aspect differs
-INK = (30, 30, 30)
-
-Box = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -103,13 +99,6 @@ def _thumbnail(path: str, size: tuple[int, int]) -> Image.Image:
         raise UserError(f"{path}: cannot read the image ({err})") from None
 
 
-def _caption(features: Features, index: int, modality: str, first: str) -> list[str]:
-    camera = ""
-    if features.camids is not None:
-        camera = f"  cam {int(features.camids[index])}"
-    return [first, modality, f"id {int(features.pids[index])}{camera}"]
-
-
 @dataclass(frozen=True)
 class Cell:
     """One framed image of a rank list: the file, its frame colour and its caption lines."""
@@ -117,6 +106,12 @@ class Cell:
     path: str
     colour: tuple[int, int, int]
     lines: tuple[str, ...]
+
+
+def _cell(features: Features, index: int, colour: tuple[int, int, int], *lines: str) -> Cell:
+    """Image ``index`` of ``features`` captioned with ``lines``, its identity and camera."""
+    camera = "" if features.camids is None else f"  cam {int(features.camids[index])}"
+    return Cell(features.paths[index], colour, (*lines, f"id {int(features.pids[index])}{camera}"))
 
 
 def draw_rank_list(
@@ -156,25 +151,18 @@ def rank_list_image(
 ) -> Image.Image:
     """The picture of query ``index`` followed by the gallery images ``ranked`` (best first)."""
     query_pid = int(query.pids[index])
-    lines = _caption(query, index, query_label, "query")
-    cells = [Cell(query.paths[index], QUERY_COLOUR, tuple(lines))]
+    cells = [_cell(query, index, QUERY_COLOUR, "query", query_label)]
     for rank, g in enumerate(ranked, start=1):
         colour = MATCH_COLOUR if int(gallery.pids[g]) == query_pid else MISMATCH_COLOUR
-        lines = _caption(gallery, int(g), gallery_label, f"rank {rank}")
-        cells.append(Cell(gallery.paths[int(g)], colour, tuple(lines)))
+        cells.append(_cell(gallery, int(g), colour, f"rank {rank}", gallery_label))
     return draw_rank_list(cells, title or f"query {index}", layout)
 
 
 def _check_features(features: Features, role: str) -> None:
     count = len(features.pids)
-    if len(features.paths) != count:
-        raise UserError(
-            f"{role} features carry {len(features.paths)} image paths for {count} images"
-        )
-    if features.camids is not None and len(features.camids) != count:
-        raise UserError(
-            f"{role} features carry {len(features.camids)} camera ids for {count} images"
-        )
+    for what, values in (("image paths", features.paths), ("camera ids", features.camids)):
+        if values is not None and len(values) != count:
+            raise UserError(f"{role} features carry {len(values)} {what} for {count} images")
 
 
 def save_rank_lists(
@@ -212,22 +200,16 @@ def save_rank_lists(
     written = []
     for row, index in enumerate(indices):
         camid = None if query.camids is None else int(query.camids[index])
-        order = rank_gallery(
-            distmat[row],
-            camid,
-            gallery.camids,
-            exclusion,
-            int(query.pids[index]),
-            gallery.pids,
-        )
+        pid = int(query.pids[index])
+        order = rank_gallery(distmat[row], camid, gallery.camids, exclusion, pid, gallery.pids)
         title = (
-            f"query {index} ({query_label}, id {int(query.pids[index])}) against the "
+            f"query {index} ({query_label}, id {pid}) against the "
             f"{gallery_label} gallery: {kind} features{rule}"
         )
         image = rank_list_image(
             query, gallery, index, order[:top].tolist(), query_label, gallery_label, title
         )
-        path = out_dir / f"query{index:05d}_id{int(query.pids[index])}.png"
+        path = out_dir / f"query{index:05d}_id{pid}.png"
         try:
             image.save(path, format="PNG")
         except OSError as err:
