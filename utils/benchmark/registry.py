@@ -3,6 +3,7 @@
 from utils.benchmark.extraction import FEATURES
 from utils.benchmark.extractor import EXTRACTOR
 from utils.benchmark.gallery import GALLERY
+from utils.benchmark.precision import PRECISION
 from utils.benchmark.ranking import LLCM_SECTION, METRICS, RERANK
 from utils.benchmark.search import SEARCH
 from utils.benchmark.training import FAST, PLAIN
@@ -10,3 +11,4 @@ from utils.benchmark.training import FAST, PLAIN
 # The sections on the fast path's Trainer run first, so it is freed before the plain path's
 # memory is measured.
 SECTIONS = (FAST, FEATURES, PLAIN, METRICS, RERANK, LLCM_SECTION, SEARCH, EXTRACTOR, GALLERY)
+SECTIONS += (PRECISION,)
