@@ -128,10 +128,10 @@ def add(index: str, images: Sequence[str], modality: str, **extractor_flags: Any
     folder = Path(index)
     check_index_folder(folder)
     files = image_files(images, "--images")
-    if extractor_flags["precision"] == "int8" and not extractor_flags["calibration"]:
+    int8 = extractor_flags["precision"] == "int8" and not extractor_flags["calibration"]
+    if int8 and (folder / HEADER).exists():
         # An int8 index keeps its calibration images: more images are quantized alike.
-        if (folder / HEADER).exists():
-            extractor_flags["calibration"] = GalleryIndex.open(folder).header.get("calibration")
+        extractor_flags["calibration"] = GalleryIndex.open(folder).header.get("calibration")
     extractor = FeatureExtractor(**{flag: extractor_flags[flag] for flag in EXTRACTOR_FLAGS})
     with RunLock(folder):
         index = open_for_adding(folder, extractor, modality)
