@@ -4,6 +4,7 @@ mix precisions, and the benchmark section at a tiny size."""
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from model.checkpoint import checkpoint_header
 from utils import benchmark
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
+from utils.benchmark.registry import SECTIONS
 from utils.export import main as export_main
 from utils.extract import FeatureExtractor
 from utils.extract import main as extract_main
@@ -27,6 +29,7 @@ from utils.precision import ModalityNetwork, calibration_pixels, check_quantized
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 H, W = 64, 32
+REPO = Path(__file__).resolve().parent.parent
 SKIPPED_SECTIONS = ("fast", "features", "plain", "metrics", "rerank", "llcm", "search")
 
 
@@ -278,6 +281,18 @@ def test_benchmark_section_at_a_tiny_size(capsys, tmp_path) -> None:
     for name in ("bf16", "int8"):
         assert 0 <= accuracy[name]["mAP"] <= 100 and accuracy[name]["mean_cosine"] > 0.95
     assert "| resnet18 64x32 images/s: onnxruntime_fp32 / int8 |" in (tmp_path / "b.md").read_text()
+
+
+def test_the_documented_benchmark_command_measures_precision_alone() -> None:
+    """docs/precision.md's command is one the benchmark takes, running only this section."""
+    text = (REPO / "docs" / "precision.md").read_text()
+    block = text.split("<!-- run by tests/test_precision.py -->\n```bash\n")[1].split("```")[0]
+    words = shlex.split(block.replace("\\\n", " "))
+    assert words[:3] == ["python", "-m", "utils.benchmark"]
+    options = benchmark.read_options(words[3:])
+    assert set(options.skip) == {section.name for section in SECTIONS} - {"precision"}
+    assert (options.depth, options.img_h, options.img_w) == (50, 256, 128)
+    assert options.extractor_batch == 64
 
 
 def test_bad_precision_flags_are_refused(files, capsys) -> None:

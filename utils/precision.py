@@ -24,7 +24,7 @@ the fp32 network on its calibration images (mean cosine of the features, agreeme
 10 nearest others) and refused below ``MIN_COSINE``.
 
 Every output of features at bf16 or int8 records ``precision`` (and, for int8, ``calibration``:
-how many images and a SHA-256 of their paths and sizes); an output without ``precision`` holds
+how many images and a SHA-256 of their contents); an output without ``precision`` holds
 fp32 features, as every file written before reduced precision existed does.
 """
 
@@ -39,6 +39,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -176,19 +177,24 @@ class Calibration:
     paths: Mapping[str, tuple[str, ...]]
     source: str
 
+    @cached_property
     def fingerprint(self) -> str:
-        """SHA-256 of every image's path and size, per modality (what quantization saw)."""
+        """SHA-256 of the images' contents, per modality (what quantization saw, wherever the
+        files are now; a missing file counts as empty)."""
         digest = hashlib.sha256()
         for modality in MODALITIES:
             for path in self.paths[modality]:
-                size = os.path.getsize(path) if os.path.isfile(path) else -1
-                digest.update(f"{modality}\t{path}\t{size}\n".encode())
+                try:
+                    content = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+                except OSError:
+                    content = "missing"
+                digest.update(f"{modality}\t{content}\n".encode())
         return digest.hexdigest()
 
     def describe(self) -> str:
         """How many images and their fingerprint (what outputs record and indexes compare)."""
         counts = " + ".join(f"{len(self.paths[m])} {m}" for m in MODALITIES)
-        return f"{counts} images, sha256 {self.fingerprint()[:16]}"
+        return f"{counts} images, sha256 {self.fingerprint[:16]}"
 
     def record(self) -> dict[str, Any]:
         """The images by modality and their source, as plain values (read by ``stored``)."""
