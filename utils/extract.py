@@ -55,7 +55,7 @@ from utils.base.modality import Modality
 from utils.engine.eval_settings import CHECKPOINT_FLAGS
 from utils.engine.options import HelpFormatter, checkpoint_parser, select_device
 from utils.evaluation.evaluate import FEATURES, extract_features
-from utils.precision import CALIBRATION_HELP, PRECISION_HELP, PRECISIONS, extractor_precision
+from utils.precision import PRECISION_FLAGS, add_precision_flags, extractor_precision
 
 log = logging.getLogger("extract")
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
@@ -66,8 +66,7 @@ MAX_DECODERS = 8
 # More images than this many batches get a progress bar (on a terminal).
 QUIET_BATCHES = 4
 # The command-line options that are FeatureExtractor's arguments, by the same names.
-EXTRACTOR_FLAGS = (*CHECKPOINT_FLAGS, "device", "batch_size", "feature", "flip", "precision")
-EXTRACTOR_FLAGS += ("calibration",)
+EXTRACTOR_FLAGS = (*CHECKPOINT_FLAGS, "device", "batch_size", "feature", "flip", *PRECISION_FLAGS)
 
 
 def input_contract(img_size: tuple[int, int]) -> dict[str, Any]:
@@ -159,9 +158,8 @@ class FeatureExtractor:
     ``FeatureExtractor(weights, config_path=None, ema=False, device=None, batch_size=64,
     feature="bnneck", flip=False, precision="fp32", calibration=None)``; ``extractor(images,
     modality="infrared")`` returns an (N, D) float32 tensor of L2-normalised features on the CPU.
-    Each modality runs through its own copy of the network with the BNs folded into the
-    convolutions (``fold_bn=False``: the checkpoint's network as it is), at ``precision`` (bf16,
-    or int8 calibrated on ``calibration``'s images: see :mod:`utils.precision`).
+    Each modality runs through its own network with the BNs folded into the convolutions
+    (``fold_bn=False``: as it is), at ``precision`` (int8: see :mod:`utils.precision`).
     """
 
     def __init__(
@@ -237,10 +235,9 @@ class FeatureExtractor:
                 decoded[position] = _decode(images[position], (width, height))
         kept = [i for i, pixels in enumerate(decoded) if isinstance(pixels, np.ndarray)]
         skipped = {i: str(err) for i, err in enumerate(decoded) if isinstance(err, UserError)}
-        pixels = np.empty((len(kept), height, width, 3), dtype=np.uint8)
-        for row, position in enumerate(kept):
-            pixels[row] = decoded[position]
-        return pixels, kept, skipped
+        if not kept:
+            return np.empty((0, height, width, 3), dtype=np.uint8), kept, skipped
+        return np.stack([decoded[position] for position in kept]), kept, skipped
 
     def features_of_pixels(self, pixels: np.ndarray, modality: str | Modality) -> torch.Tensor:
         """Features (CPU float32, L2-normalised) of decoded uint8 (N, H, W, 3) images."""
@@ -452,8 +449,7 @@ def extractor_parser(use: str) -> argparse.ArgumentParser:
     group.add_argument("--flip", action="store_true", help="sum with the mirror image's features")
     group.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
     group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA if any)")
-    group.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
-    group.add_argument("--calibration", nargs="+", metavar="PATH", help=CALIBRATION_HELP)
+    add_precision_flags(group)
     return parser
 
 

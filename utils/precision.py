@@ -67,6 +67,8 @@ MIN_COSINE = 0.98
 # Neighbours compared by the ranking agreement.
 AGREEMENT_K = 10
 CALIBRATION_BATCH = 32
+# The flags of the commands that extract features, by FeatureExtractor's argument names.
+PRECISION_FLAGS = ("precision", "calibration")
 PRECISION_HELP = "fp32; bf16 (autocast); int8 (onnxruntime, calibrated): see docs/precision.md"
 CALIBRATION_HELP = (
     "int8: a few hundred crops (files, folders, .txt lists) to calibrate on (default: the "
@@ -79,6 +81,12 @@ def check_precision(precision: str, allowed: Sequence[str] = PRECISIONS) -> str:
     if precision not in allowed:
         raise UserError(f"--precision {precision!r}: expected one of {', '.join(allowed)}")
     return precision
+
+
+def add_precision_flags(group: Any) -> None:
+    """Add ``--precision`` and ``--calibration`` to a parser or argument group."""
+    group.add_argument("--precision", choices=PRECISIONS, default=FP32, help=PRECISION_HELP)
+    group.add_argument("--calibration", nargs="+", metavar="PATH", help=CALIBRATION_HELP)
 
 
 def precision_of(described: Mapping[str, Any]) -> str:
