@@ -302,3 +302,40 @@ def test_bad_precision_flags_are_refused(files, capsys) -> None:
     with pytest.raises(SystemExit):
         extract_main(argv)
     assert "invalid choice: 'fp16' (choose from 'fp32', 'bf16', 'int8')" in capsys.readouterr().err
+
+
+def test_an_fp32_index_refuses_other_precisions(tmp_path, files, capsys, expect_error) -> None:
+    """An index of fp32 features (recording no precision, as before) refuses bf16 additions and
+    searches at another precision; empty calibration folders are refused before any work."""
+    folder, index = files["folder"], tmp_path / "index"
+    add = [
+        "add",
+        "--index",
+        str(index),
+        "--modality",
+        "visible",
+        "--weights",
+        str(files["weights"]),
+    ]
+    add += ["--images", str(folder / "gallery" / "a")]
+    assert run_cli(gallery_main, add) == 0, capsys.readouterr().err
+    assert "precision" not in json.loads((index / "index.json").read_text())["settings"]
+    capsys.readouterr()
+    expect_error(
+        run_cli(gallery_main, [*add, "--precision", "bf16"]),
+        capsys.readouterr().err,
+        f"--index {index} holds features made with precision 'fp32', this run makes precision "
+        "'bf16': use the index's settings, or another --index",
+    )
+    search = ["search", "--index", str(index), "--images", str(folder / "query"), "--modality"]
+    search += ["infrared", "--out", str(tmp_path / "out"), "--precision", "int8"]
+    expect_error(
+        run_cli(gallery_main, search),
+        capsys.readouterr().err,
+        f"--index {index} holds fp32 features, --precision is int8: search with the index's "
+        "precision (leave --precision out), or build another index",
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match=r"^--calibration \S+empty: no image files"):
+        FeatureExtractor(files["weights"], precision="int8", calibration=[empty])
