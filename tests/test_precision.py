@@ -240,7 +240,7 @@ def test_without_onnxruntime_int8_says_what_to_install(files, capsys, monkeypatc
         code,
         capsys.readouterr().err,
         "error: --precision int8 needs the package(s) onnxruntime: pip install onnx onnxruntime "
-        "(fp32 and bf16 works without them)",
+        "(fp32 and bf16 work without them)",
     )
 
 

@@ -76,10 +76,10 @@ CALIBRATION_HELP = (
 )
 
 
-def check_precision(precision: str, allowed: Sequence[str] = PRECISIONS) -> str:
-    """``precision`` if it is one of ``allowed``; a one-line UserError otherwise."""
-    if precision not in allowed:
-        raise UserError(f"--precision {precision!r}: expected one of {', '.join(allowed)}")
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of ``PRECISIONS``; a one-line UserError otherwise."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     return precision
 
 
@@ -94,7 +94,7 @@ def precision_of(described: Mapping[str, Any]) -> str:
     return str(described.get("precision", FP32))
 
 
-def onnx_runtime(flag: str = "--onnx", works_without: str = "the .pth export") -> Any:
+def onnx_runtime(flag: str = "--onnx", without: str = "the .pth export works without them") -> Any:
     """The ``onnxruntime`` module (``onnx`` checked too); one line naming any that is missing."""
     missing = []
     for package in ("onnx", "onnxruntime"):
@@ -105,7 +105,7 @@ def onnx_runtime(flag: str = "--onnx", works_without: str = "the .pth export") -
     if missing:
         raise UserError(
             f"{flag} needs the package(s) {' and '.join(missing)}: pip install onnx onnxruntime "
-            f"({works_without} works without them)"
+            f"({without})"
         )
     return importlib.import_module("onnxruntime")
 
@@ -188,7 +188,7 @@ class Calibration:
     @cached_property
     def fingerprint(self) -> str:
         """SHA-256 of the images' contents, per modality (what quantization saw, wherever the
-        files are now; a missing file counts as empty)."""
+        files are now; a missing file is marked as such)."""
         digest = hashlib.sha256()
         for modality in MODALITIES:
             for path in self.paths[modality]:
@@ -205,7 +205,8 @@ class Calibration:
         return f"{counts} images, sha256 {self.fingerprint[:16]}"
 
     def record(self) -> dict[str, Any]:
-        """The images by modality and their source, as plain values (read by ``stored``)."""
+        """The images by modality and their source, as plain values (:func:`stored_calibration`
+        reads them back)."""
         return {"source": self.source, **{m: list(self.paths[m]) for m in MODALITIES}}
 
 
@@ -390,7 +391,11 @@ class Precision:
         self.name = check_precision(name)
         self.calibration = calibration
         self.img_size = img_size
-        self.runtime = onnx_runtime("--precision int8", "fp32 and bf16") if name == "int8" else None
+        self.runtime = (
+            onnx_runtime("--precision int8", "fp32 and bf16 work without them")
+            if name == "int8"
+            else None
+        )
         self.prepared: dict[int, nn.Module] = {}
         self.checks: dict[str, dict[str, Any]] = {}
         self.quantized: dict[str, bytes] = {}  # the int8 ONNX models, by modality
@@ -468,5 +473,5 @@ def extractor_precision(
     """A feature extractor's precision (int8: calibrated as :func:`choose_calibration` says)."""
     if check_precision(name) != "int8":
         return Precision(name, None, img_size)
-    onnx_runtime("--precision int8", "fp32 and bf16")
+    onnx_runtime("--precision int8", "fp32 and bf16 work without them")
     return Precision(name, choose_calibration(calibration, checkpoint, weights, expand), img_size)

@@ -2,8 +2,10 @@
 
 1. ``peak``: this machine's own arithmetic limit: the best GFLOP/s of a large (2048^3) matrix
    product in fp32 and bf16 (PyTorch) and int8 (PyTorch's ``_int_mm`` and onnxruntime's
-   ``MatMulInteger``, uint8 x int8 as quantized convolutions run; the faster counts), on the
-   benchmark's threads, before and after the paths (the better of the two counts).
+   ``MatMulInteger``, uint8 x int8 as quantized convolutions run), and of a large 3x3 convolution
+   in fp32 and bf16 (oneDNN's convolutions can outrun its matrix products); per precision the
+   fastest counts, on the benchmark's threads, measured before and after the paths (the better
+   of the two: other programs' load lowers a peak).
 2. ``speed``: images/s of each extraction path of :class:`FeatureExtractor` on random images,
    batch ``--extractor_batch``, best of ``--extractor_rounds`` passes over ``--extractor_images``
    images (the paths take turns within each round), at ``--img_h`` x ``--img_w``, for ResNet-18
@@ -49,6 +51,9 @@ from utils.precision import ModalityNetwork, compare_features, session, spread, 
 
 log = logging.getLogger("benchmark")
 PEAK_SIZE = 2048
+# The peak's convolution: batch, channels, height, width of a ResNet layer3 3x3 convolution at
+# 256x128 (last stride 1), batch 16.
+PEAK_CONV = (16, 256, 16, 8)
 MODALITY = Modality.INFRARED
 PATHS = ("pytorch_fp32", "folded_fp32", "bf16", "onnxruntime_fp32", "int8")
 # Training images per modality that set a random network's BN statistics.
@@ -82,14 +87,24 @@ def onnx_int8_matmul(runtime: Any, size: int) -> Any:
 
 
 def measure_peak(rounds: int) -> dict[str, Any]:
-    """The best GFLOP/s of a large matrix product in fp32, bf16 and int8."""
+    """The best GFLOP/s of a large matrix product in fp32, bf16 and int8, and of a large 3x3
+    convolution in fp32 and bf16; per precision, the faster of its measures."""
     rng = torch.Generator().manual_seed(0)
     a, b = (torch.randn(PEAK_SIZE, PEAK_SIZE, generator=rng) for _ in range(2))
-    peak = {"size": PEAK_SIZE, "threads": torch.get_num_threads()}
-    for name, (x, y) in {"fp32": (a, b), "bf16": (a.bfloat16(), b.bfloat16())}.items():
-        peak[name] = gflops_of(best_of(rounds + 1, lambda x=x, y=y: x @ y)[1])
-    low, high = torch.full((PEAK_SIZE, PEAK_SIZE), -128), torch.full((PEAK_SIZE, PEAK_SIZE), 128)
-    ints = [torch.randint_like(low, -128, 127).to(torch.int8) for _ in (low, high)]
+    maps = torch.randn(*PEAK_CONV, generator=rng)
+    kernels = torch.randn(PEAK_CONV[1], PEAK_CONV[1], 3, 3, generator=rng)
+    conv_flops = 2 * maps.numel() * kernels[0].numel()
+    peak: dict[str, Any] = {"size": PEAK_SIZE, "conv": list(PEAK_CONV)}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        x, y = a.to(dtype), b.to(dtype)
+        peak[f"{name}_matmul"] = gflops_of(best_of(rounds + 1, lambda x=x, y=y: x @ y)[1])
+        # Channels-last for bf16, as its extraction path runs.
+        layout = torch.channels_last if dtype == torch.bfloat16 else torch.contiguous_format
+        x, y = maps.to(dtype).to(memory_format=layout), kernels.to(dtype)
+        seconds = best_of(rounds + 1, lambda x=x, y=y: torch.nn.functional.conv2d(x, y, padding=1))
+        peak[f"{name}_conv"] = round(conv_flops / seconds[1] / 1e9, 1)
+        peak[name] = max(peak[f"{name}_matmul"], peak[f"{name}_conv"])
+    ints = [torch.randint(-128, 128, (PEAK_SIZE,) * 2, generator=rng).to(torch.int8) for _ in "ab"]
     try:
         peak["int8_torch"] = gflops_of(best_of(rounds + 1, lambda: torch._int_mm(*ints))[1])
     except RuntimeError as err:
