@@ -339,3 +339,5 @@ def test_an_fp32_index_refuses_other_precisions(tmp_path, files, capsys, expect_
     empty.mkdir()
     with pytest.raises(UserError, match=r"^--calibration \S+empty: no image files"):
         FeatureExtractor(files["weights"], precision="int8", calibration=[empty])
+    with pytest.raises(UserError, match=r"^--calibration: only --precision int8 is calibrated "):
+        FeatureExtractor(files["weights"], precision="bf16", calibration=[files["calibration"]])

@@ -477,6 +477,8 @@ def extractor_precision(
 ) -> Precision:
     """A feature extractor's precision (int8: calibrated as :func:`choose_calibration` says)."""
     if check_precision(name) != "int8":
+        if calibration:
+            raise UserError(f"--calibration: only --precision int8 is calibrated (not {name})")
         return Precision(name, None, img_size)
     onnx_runtime("--precision int8", "fp32 and bf16 work without them")
     return Precision(name, choose_calibration(calibration, checkpoint, weights, expand), img_size)
