@@ -36,6 +36,7 @@ fp32 features, as every file written before reduced precision existed does.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib
 import logging
@@ -438,7 +439,9 @@ class Precision:
         assert self.calibration is not None
         name = modality.name.lower()
         pixels = calibration_pixels(self.calibration.paths[name], self.img_size)
-        wrapped = ModalityNetwork(fp32, name)
+        # Quantized and checked on the CPU, where onnxruntime runs it, whatever the device.
+        on_cpu = fp32 if next(fp32.parameters()).is_cpu else copy.deepcopy(fp32).cpu()
+        wrapped = ModalityNetwork(on_cpu, name)
         log.info("quantizing the %s network to int8 on %d calibration images", name, len(pixels))
         self.quantized[name] = quantize(self.runtime, wrapped, self.img_size, pixels)
         quantized = session(self.runtime, self.quantized[name])
