@@ -10,17 +10,18 @@ BNNeck after global average pooling: ``DIR/visible.pth`` and ``DIR/infrared.pth`
 dicts with torchvision's names (``conv1``, ``bn1``, ``layerN.M.convK``/``bnK``,
 ``layerN.0.downsample.0``/``.1``; no ``fc``) plus ``bnneck.*``. ``--fold_bn`` folds every backbone
 BN into the convolution before it (the convolutions gain a ``.bias``; the BNNeck stays, it
-follows pooling). ``DIR/export.json`` records what was written.
+follows pooling). ``DIR/export.json`` records what was written. ``--onnx --precision int8``
+writes the ONNX files quantized (see :mod:`utils.precision`), each checked in onnxruntime against
+the fp32 network on its calibration images before it is kept (``export.json`` reports the mean
+cosine of the features and the agreement of each image's 10 nearest others).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +39,25 @@ from utils.base.io import MB, check_out_dir, check_replaceable, folder_aside
 from utils.base.logger import setup_logging
 from utils.base.modality import Modality
 from utils.engine.options import HelpFormatter, checkpoint_parser
-from utils.extract import check_finite, input_contract
+from utils.extract import check_finite, image_files, input_contract
+from utils.precision import (
+    CALIBRATION_HELP,
+    ONNX_OUTPUTS,
+    Calibration,
+    ModalityNetwork,
+    calibration_pixels,
+    check_quantized,
+    choose_calibration,
+    onnx_runtime,
+    quantize,
+    session,
+    write_onnx,
+)
 
 log = logging.getLogger("export")
 MODALITIES = ("visible", "infrared")
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 EXPORT_FILES = {"export.json", *(f"{m}.{kind}" for m in MODALITIES for kind in ("pth", "onnx"))}
-ONNX_OUTPUTS = ("pool", "bnneck")
 # onnxruntime against PyTorch, relative to the features' largest value: beyond round-off.
 ONNX_TOLERANCE = 1e-4
 
@@ -58,6 +71,8 @@ class ExportSettings:
     onnx: bool
     img_size: tuple[int, int]
     source: str
+    # int8: the images each modality's ONNX file is quantized on; None: fp32.
+    calibration: Calibration | None = None
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -80,6 +95,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write visible.onnx and infrared.onnx (needs onnx and onnxruntime)",
     )
+    parser.add_argument(
+        "--precision", choices=("fp32", "int8"), default="fp32", help="of the ONNX files"
+    )
+    parser.add_argument("--calibration", nargs="+", metavar="PATH", help=CALIBRATION_HELP)
     return parser
 
 
@@ -115,54 +134,6 @@ def plain_state(model: CMNASNet, modality: str, fold_bn: bool = False) -> dict[s
     return dict(sorted(state.items()))
 
 
-def onnx_runtime() -> Any:
-    """The ``onnxruntime`` module (``onnx`` checked too); one line naming any that is missing."""
-    missing = []
-    for package in ("onnx", "onnxruntime"):
-        try:
-            importlib.import_module(package)
-        except ImportError:
-            missing.append(package)
-    if missing:
-        raise UserError(
-            f"--onnx needs the package(s) {' and '.join(missing)}: pip install onnx onnxruntime "
-            "(the .pth export works without them)"
-        )
-    return importlib.import_module("onnxruntime")
-
-
-class ModalityNetwork(nn.Module):
-    """One modality's network as a module of images alone: ``(pool, bnneck)`` features."""
-
-    def __init__(self, model: CMNASNet, modality: str) -> None:
-        super().__init__()
-        self.model = model
-        self.modality = Modality.parse(modality).name.lower()
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pooled and BNNeck features (not normalised) of normalised NCHW images."""
-        pool, bnneck = self.model(images, self.modality)[:2]
-        return pool, bnneck
-
-
-def write_onnx(network: nn.Module, path: Path, img_size: tuple[int, int]) -> None:
-    """Export ``network`` (images -> pool, bnneck) to ONNX with a dynamic batch size."""
-    # A module left in training mode exports a file that runs and gives wrong features.
-    network = network.eval()
-    example = torch.zeros(2, 3, *img_size)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            network,
-            (example,),
-            str(path),
-            input_names=["images"],
-            output_names=list(ONNX_OUTPUTS),
-            dynamic_axes={name: {0: "batch"} for name in ("images", *ONNX_OUTPUTS)},
-            dynamo=False,
-        )
-
-
 def check_onnx(
     runtime: Any, path: Path, network: nn.Module, img_size: tuple[int, int], source: str
 ) -> float:
@@ -175,8 +146,7 @@ def check_onnx(
     with torch.no_grad():
         expected = network.eval()(images)
     check_finite(torch.cat(expected, dim=1), source)
-    session = runtime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(list(ONNX_OUTPUTS), {"images": images.numpy()})
+    got = session(runtime, path).run(list(ONNX_OUTPUTS), {"images": images.numpy()})
     scale = max(1.0, *(float(t.abs().max()) for t in expected))
     pairs = zip(got, expected, strict=True)
     worst = max(float((torch.from_numpy(g) - e).abs().max()) for g, e in pairs)
@@ -186,9 +156,10 @@ def check_onnx(
 
 
 def export_files(
-    folder: Path, model: CMNASNet, settings: ExportSettings, runtime: Any
+    folder: Path, model: CMNASNet, settings: ExportSettings, runtime: Any, checks: dict[str, Any]
 ) -> dict[str, str]:
-    """Write the networks of both modalities into ``folder``; returns the files by kind."""
+    """Write the networks of both modalities into ``folder``; returns the files by kind (int8:
+    each quantized file's check against fp32 goes into ``checks``)."""
     files = {}
     for modality in MODALITIES:
         state = plain_state(model, modality, settings.fold_bn)
@@ -202,7 +173,22 @@ def export_files(
             worst = check_onnx(runtime, path, wrapped, settings.img_size, settings.source)
             log.info("%s.onnx: onnxruntime within %.1e of PyTorch", modality, worst)
             files[f"{modality}_onnx"] = f"{modality}.onnx"
+            if settings.calibration is not None:
+                checks[modality] = write_int8(runtime, path, wrapped, settings)
     return files
+
+
+def write_int8(runtime: Any, path: Path, network: nn.Module, settings: ExportSettings) -> dict:
+    """Replace the fp32 ONNX file ``path`` by its int8 quantization, once checked against
+    ``network`` (fp32) on the modality's calibration images; returns the check's figures."""
+    assert settings.calibration is not None
+    modality = path.stem
+    pixels = calibration_pixels(settings.calibration.paths[modality], settings.img_size)
+    quantized = quantize(runtime, network, settings.img_size, pixels)
+    figures = check_quantized(path.name, session(runtime, quantized), network, pixels)
+    path.write_bytes(quantized)
+    log.info("%s: int8, against fp32 on %d calibration images: %s", path.name, len(pixels), figures)
+    return figures
 
 
 def space_needed(model: CMNASNet, onnx: bool) -> int:
@@ -218,9 +204,12 @@ def write_export(out: Path, model: CMNASNet, settings: ExportSettings, descripti
     is tidied by the next export to ``out``.
     """
     runtime = onnx_runtime() if settings.onnx else None
+    checks: dict[str, Any] = {}
     try:
         with folder_aside(out, space_needed(model, settings.onnx)) as staging:
-            description["files"] = export_files(staging, model, settings, runtime)
+            description["files"] = export_files(staging, model, settings, runtime, checks)
+            if checks:
+                description["onnx"]["int8_check"] = checks
             (staging / "export.json").write_text(json.dumps(description, indent=2) + "\n")
     except UserError:
         raise  # a full disk, said in one line
@@ -239,13 +228,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_replaceable(out, EXPORT_FILES.__contains__, "an export", "an earlier export")
     if args.onnx:
         onnx_runtime()
+    if args.precision == "int8" and not args.onnx:
+        raise UserError("--precision int8: needs --onnx (the .pth state dicts stay fp32)")
     checkpoint = read_checkpoint(args.weights)
     restored = model_from_checkpoint(
         args.weights, checkpoint, args.config_path, args.last_stride, args.ema
     )
     model = restored.model.eval()
     source = f"{args.weights}{' (EMA)' if args.ema else ''}"
-    settings = ExportSettings(args.fold_bn, args.onnx, restored.img_size, source)
+    calibration = None
+    if args.precision == "int8":
+        calibration = choose_calibration(args.calibration, checkpoint, args.weights, image_files)
+    settings = ExportSettings(args.fold_bn, args.onnx, restored.img_size, source, calibration)
     description = {
         "source": str(args.weights),
         "source_layout": "authors" if restored.authors else "cmnas",
@@ -266,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "batch": "dynamic",
             "fold_bn": args.fold_bn,
         }
+        if calibration is not None:
+            description["onnx"] |= {"precision": "int8", "calibration": calibration.describe()}
+            description["onnx"]["calibration_source"] = calibration.source
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -19,8 +19,9 @@ use the paper's 256x128).
 L2-normalised), ``paths`` (as listed), ``resolved_paths`` (absolute), ``modality`` (per image),
 ``feature``, ``flip``, ``checkpoint``, ``config_path``, ``ema``, ``weights`` (``live`` or
 ``ema``) and the preprocessing: ``img_size`` (height, width), ``resize``, ``channel_order``,
-``value_range``, ``mean``, ``std``. Unreadable images are skipped, named in the log and in
-``FILE.skipped.txt`` (``features.skipped.txt`` beside ``features.npz``; removed when none was).
+``value_range``, ``mean``, ``std`` (at bf16 or int8 also those of :mod:`utils.precision`).
+Unreadable images are skipped, named in the log and in ``FILE.skipped.txt``
+(``features.skipped.txt`` beside ``features.npz``; removed when none was).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from utils.base.modality import Modality
 from utils.engine.eval_settings import CHECKPOINT_FLAGS
 from utils.engine.options import HelpFormatter, checkpoint_parser, select_device
 from utils.evaluation.evaluate import FEATURES, extract_features
+from utils.precision import PRECISION_FLAGS, add_precision_flags, extractor_precision
 
 log = logging.getLogger("extract")
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
@@ -64,7 +66,7 @@ MAX_DECODERS = 8
 # More images than this many batches get a progress bar (on a terminal).
 QUIET_BATCHES = 4
 # The command-line options that are FeatureExtractor's arguments, by the same names.
-EXTRACTOR_FLAGS = (*CHECKPOINT_FLAGS, "device", "batch_size", "feature", "flip")
+EXTRACTOR_FLAGS = (*CHECKPOINT_FLAGS, "device", "batch_size", "feature", "flip", *PRECISION_FLAGS)
 
 
 def input_contract(img_size: tuple[int, int]) -> dict[str, Any]:
@@ -144,25 +146,20 @@ def _modalities(modality: str | Modality | Sequence[str | Modality], count: int)
     names = [modality] * count if one else list(modality)
     if len(names) != count:
         raise UserError(f"modality: {len(names)} values for {count} images")
-    parsed = []
     for name in names:
-        if isinstance(name, Modality):
-            parsed.append(name)
-        elif isinstance(name, str) and name in MODALITIES:
-            parsed.append(Modality.parse(name))
-        else:
+        if not (isinstance(name, Modality) or (isinstance(name, str) and name in MODALITIES)):
             raise UserError(f"modality {name!r}: expected 'visible' or 'infrared'")
-    return parsed
+    return [Modality.parse(name) for name in names]
 
 
 class FeatureExtractor:
     """A checkpoint's network with the test-time preprocessing: images in, features out.
 
     ``FeatureExtractor(weights, config_path=None, ema=False, device=None, batch_size=64,
-    feature="bnneck", flip=False)``; ``extractor(images, modality="infrared")`` returns an
-    (N, D) float32 tensor of L2-normalised features on the CPU. Each modality runs through its
-    own copy of the network with the BNs folded into the convolutions (``fold_bn=False``: the
-    checkpoint's network as it is).
+    feature="bnneck", flip=False, precision="fp32", calibration=None)``; ``extractor(images,
+    modality="infrared")`` returns an (N, D) float32 tensor of L2-normalised features on the CPU.
+    Each modality runs through its own network with the BNs folded into the convolutions
+    (``fold_bn=False``: as it is), at ``precision`` (int8: see :mod:`utils.precision`).
     """
 
     def __init__(
@@ -176,6 +173,8 @@ class FeatureExtractor:
         flip: bool = False,
         last_stride: int | None = None,
         fold_bn: bool = True,
+        precision: str = "fp32",
+        calibration: Sequence[str | os.PathLike[str]] | dict[str, Sequence[str]] | None = None,
     ) -> None:
         if not isinstance(weights, str | os.PathLike):
             raise UserError(f"weights {weights!r}: expected the path of a checkpoint file")
@@ -199,6 +198,9 @@ class FeatureExtractor:
         self.batch_size, self.feature, self.flip = batch_size, feature, flip
         self.img_size = self.restored.img_size
         self.dim = int(self.model.feat_dim)
+        self.precision = extractor_precision(
+            precision, calibration, checkpoint, self.weights, self.img_size, image_files
+        )
 
     def describe(self) -> dict[str, Any]:
         """Where the features come from and how the images were prepared, as plain values."""
@@ -209,6 +211,7 @@ class FeatureExtractor:
             "weights": "ema" if self.ema else "live",
             "feature": self.feature,
             "flip": self.flip,
+            **self.precision.describe(),
             **input_contract(self.img_size),
         }
 
@@ -232,26 +235,21 @@ class FeatureExtractor:
                 decoded[position] = _decode(images[position], (width, height))
         kept = [i for i, pixels in enumerate(decoded) if isinstance(pixels, np.ndarray)]
         skipped = {i: str(err) for i, err in enumerate(decoded) if isinstance(err, UserError)}
-        pixels = np.empty((len(kept), height, width, 3), dtype=np.uint8)
-        for row, position in enumerate(kept):
-            pixels[row] = decoded[position]
-        return pixels, kept, skipped
+        if not kept:
+            return np.empty((0, height, width, 3), dtype=np.uint8), kept, skipped
+        return np.stack([decoded[position] for position in kept]), kept, skipped
 
     def features_of_pixels(self, pixels: np.ndarray, modality: str | Modality) -> torch.Tensor:
         """Features (CPU float32, L2-normalised) of decoded uint8 (N, H, W, 3) images."""
         if not len(pixels):
             return torch.empty((0, self.dim))
-        # Float32 on every device: the features do not depend on the hardware's half precision.
+        # Float32 on every device unless asked: the features do not depend on the hardware.
         modality = Modality.parse(modality)
-        pool, bnneck = extract_features(
-            self.networks[modality],
-            pixels,
-            modality,
-            self.device,
-            self.batch_size,
-            "none",
-            flip=self.flip,
-        )
+        network = self.precision.network(self.networks[modality], modality)
+        with self.precision.context(self.device):
+            pool, bnneck = extract_features(
+                network, pixels, modality, self.device, self.batch_size, "none", flip=self.flip
+            )
         features = (bnneck if self.feature == "bnneck" else pool).cpu()
         check_finite(features, f"{self.weights}{' (EMA)' if self.ema else ''}")
         return features
@@ -377,6 +375,11 @@ def image_files(paths: Iterable[str], flag: str) -> list[tuple[str, str]]:
     return [(str(p), str(p.resolve())) for p in found]
 
 
+def checkpoint_inputs(weights: str, config_path: str | None) -> dict[str, str | None]:
+    """The checkpoint's files among a command's inputs, as refusals name them."""
+    return {"the --weights checkpoint": weights, "the --config_path file": config_path}
+
+
 def none_read(flag: str, skipped: dict[int, str]) -> UserError:
     """The error for a side of which no image could be read, naming the first three and why."""
     reasons = list(skipped.values())
@@ -446,6 +449,7 @@ def extractor_parser(use: str) -> argparse.ArgumentParser:
     group.add_argument("--flip", action="store_true", help="sum with the mirror image's features")
     group.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
     group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA if any)")
+    add_precision_flags(group)
     return parser
 
 
@@ -474,11 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size}: expected at least 1")
     files = image_files(args.images, "--images")
-    checkpoint = {
-        "the --weights checkpoint": args.weights,
-        "the --config_path file": args.config_path,
-    }
-    check_not_input(Path(args.out), checkpoint, files)
+    check_not_input(Path(args.out), checkpoint_inputs(args.weights, args.config_path), files)
     extractor = FeatureExtractor(**{flag: getattr(args, flag) for flag in EXTRACTOR_FLAGS})
     extraction = extractor([real for _, real in files], args.modality, on_error="skip")
     skipped = {files[i][0]: reason for i, reason in extraction.skipped.items()}

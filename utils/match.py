@@ -78,6 +78,7 @@ from utils.extract import (
     MODALITIES,
     Extraction,
     FeatureExtractor,
+    checkpoint_inputs,
     extractor_parser,
     feature_arrays,
     image_files,
@@ -167,26 +168,28 @@ def add_result_options(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{flag}", type=kind, help=f"{text} (default: {default})")
 
 
-def check_args(values: Mapping[str, Any]) -> RerankSettings | None:
-    """One-line errors for option values (by flag name) that cannot work; returns the
-    re-ranking they ask for."""
-    for flag in ("topk", "per_page", "batch_size"):
-        if values[flag] < 1:
-            raise UserError(f"--{flag} {values[flag]}: expected at least 1")
-    if values["pictures"] < 0:
-        raise UserError(f"--pictures {values['pictures']}: expected a number >= 0")
-    return rerank_of_flags(values)
+@dataclass(frozen=True)
+class Results:
+    """What is ranked and written: the options of :func:`add_result_options`, checked
+    (:meth:`of_flags`: one-line errors for values that cannot work)."""
 
+    out: Path
+    topk: int
+    labels_from_folders: bool
+    pictures: int
+    per_page: int
+    rerank: RerankSettings | None
 
-def check_out(values: Mapping[str, Any], files: tuple[list[tuple[str, str]], ...]) -> None:
-    """Fail before any work unless ``--out`` can be replaced whole without touching an input."""
-    checkpoint = {
-        "the --weights checkpoint": values["weights"],
-        "the --config_path file": values["config_path"],
-    }
-    images = [image for side in files for image in side]
-    searched = {"--query": values["query"], "--gallery": values["gallery"]}
-    check_results_folder(Path(values["out"]), searched, checkpoint, images)
+    @classmethod
+    def of_flags(cls, values: Mapping[str, Any]) -> Results:
+        """The options among parsed flag ``values`` (``--batch_size`` checked too)."""
+        for flag in ("topk", "per_page", "batch_size"):
+            if values[flag] < 1:
+                raise UserError(f"--{flag} {values[flag]}: expected at least 1")
+        if values["pictures"] < 0:
+            raise UserError(f"--pictures {values['pictures']}: expected a number >= 0")
+        flags = ("topk", "labels_from_folders", "pictures", "per_page")
+        return cls(Path(values["out"]), *(values[flag] for flag in flags), rerank_of_flags(values))
 
 
 def check_results_folder(
@@ -239,39 +242,34 @@ def check_labels(query: list[tuple[str, str]], gallery: list[tuple[str, str]]) -
 
 
 def extract_side(
-    extractor: FeatureExtractor, files: list[tuple[str, str]], modality: str, role: str
+    extractor: FeatureExtractor,
+    files: list[tuple[str, str]],
+    modality: str,
+    role: str,
+    labelled: bool = False,
 ) -> Side:
-    """Features of one side; fails when none of its images could be read."""
+    """Features of one side (``labelled``: with its folder-name identities); fails when none of
+    its images could be read."""
     extraction = extractor([real for _, real in files], modality, on_error="skip")
     if not extraction.kept:
         raise none_read(f"--{role}", extraction.skipped)
-    return Side(files, modality, extraction)
+    side = Side(files, modality, extraction)
+    if labelled:
+        side.identities = identities_of([files[i] for i in extraction.kept])
+    return side
 
 
-def identity_labels(query: Side, gallery: Side) -> tuple[np.ndarray, np.ndarray] | None:
-    """Both sides' folder-name identities as numbers, or None without identities."""
-    if query.identities is None or gallery.identities is None:
-        return None
-    numbers = {name: i for i, name in enumerate(sorted({*query.identities, *gallery.identities}))}
-    return (
-        np.asarray([numbers[name] for name in query.identities]),
-        np.asarray([numbers[name] for name in gallery.identities]),
-    )
-
-
-def rank(
-    query: Side, gallery: Side, topk: int, rerank: RerankSettings | None, inplace: bool = False
-) -> Ranking:
+def rank(query: Side, gallery: Side, results: Results, inplace: bool = False) -> Ranking:
     """Each query's top-k gallery images, and Rank-k, mAP and mINP when both sides are labelled
-    (see :func:`rank_features_or_rerank`; ``inplace``: normalise the gallery's own features)."""
+    with identities (numbered here; see :func:`rank_features_or_rerank`; ``inplace``: normalise
+    the gallery's own features)."""
+    labels = None
+    if query.identities is not None and gallery.identities is not None:
+        names = sorted({*query.identities, *gallery.identities})
+        numbers = {name: i for i, name in enumerate(names)}
+        labels = tuple(np.asarray([numbers[n] for n in s.identities]) for s in (query, gallery))
     q, g = query.extraction.features, gallery.extraction.features
-    labels = identity_labels(query, gallery)
-    return rank_features_or_rerank(q, g, topk, rerank, labels, inplace)
-
-
-def score(ranking: Ranking) -> dict[str, float] | None:
-    """Rank-1/5/10/20, mAP and mINP (percent) of a scored ranking; None when it was not."""
-    return None if ranking.metrics is None else summarize(*ranking.metrics)
+    return rank_features_or_rerank(q, g, results.topk, results.rerank, labels, inplace)
 
 
 def match_rows(ranking: Ranking, query: Side, gallery: Side) -> list[dict[str, Any]]:
@@ -384,13 +382,6 @@ def write_pages(
         write_text_atomic(out / page_name(page), page_html(heading[0], body))
 
 
-def metrics_table(metrics: dict[str, float], title: str) -> str:
-    """The printed Markdown table of ``--labels_from_folders``."""
-    header = "| Rank-1 | Rank-5 | Rank-10 | mAP | mINP |"
-    cells = " | ".join(f"{metrics[key]:.2f}" for key in METRICS if key in metrics)
-    return "\n".join([title, header, "|---|---|---|---|---|", f"| {cells} |"])
-
-
 def side_arrays(extractor: FeatureExtractor, side: Side, role: str) -> dict[str, np.ndarray]:
     """One side's ``features.npz`` arrays, prefixed with ``role``; the description unprefixed."""
     arrays = feature_arrays(extractor, side.files, side.extraction, side.modality)
@@ -403,21 +394,20 @@ def side_arrays(extractor: FeatureExtractor, side: Side, role: str) -> dict[str,
 
 
 def write_results(
-    out: Path,
+    results: Results,
     extractor: FeatureExtractor,
     sides: tuple[Side, Side],
     entries: list[dict[str, Any]],
     settings: dict[str, Any],
     metrics: dict[str, float] | None,
-    pages: tuple[str, int, int],
+    title: str,
 ) -> None:
-    """Write every file of ``--out`` (``pages``: title, pictured queries, queries per page).
+    """Write every file of ``--out``.
 
     The folder is written aside and swapped in whole for an earlier one (a failure or a stop
     leaves that one as it was).
     """
-    query, gallery = sides
-    title, pictures, per_page = pages
+    query, gallery, out = *sides, results.out
     heading = [
         title,
         f"{settings['distance']}; top {settings['topk']}; every query is in matches.csv",
@@ -438,8 +428,8 @@ def write_results(
             write_npz(folder / "features.npz", arrays, "--out")
             if metrics is not None:
                 write_text_atomic(folder / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-            shown = draw_pictures(folder, entries, query, gallery, pictures)
-            write_pages(folder, entries, shown, per_page, heading)
+            shown = draw_pictures(folder, entries, query, gallery, results.pictures)
+            write_pages(folder, entries, shown, results.per_page, heading)
             report_skipped(
                 skipped, folder / "skipped.txt", "query and gallery", out / "skipped.txt"
             )
@@ -447,44 +437,54 @@ def write_results(
         raise UserError(f"--out {out}: cannot write ({err.strerror or err})") from None
 
 
+def publish(
+    results: Results,
+    extractor: FeatureExtractor,
+    sides: tuple[Side, Side],
+    ranking: Ranking,
+    where: tuple[str, dict[str, Any]] = ("", {}),
+) -> None:
+    """Write ``results.out`` from ``ranking``, print the metrics (when labelled) and say where
+    the results are (``where``: the gallery's place in the title, and settings to add)."""
+    query, gallery = sides
+    entries = match_rows(ranking, query, gallery)
+    metrics = None if ranking.metrics is None else summarize(*ranking.metrics)
+    rerank = results.rerank
+    what = "re-ranked distance" if rerank else "Euclidean distance of L2-normalised features"
+    settings = {**extractor.describe(), "distance": what, "topk": results.topk}
+    settings |= {"rerank": rerank.as_dict() if rerank else False, **where[1]}
+    title = f"{extractor.weights}{' (EMA)' if extractor.ema else ''}: {len(entries)} "
+    title += f"{query.modality} queries against {len(gallery.paths)} {gallery.modality} images"
+    title += where[0]
+    write_results(results, extractor, sides, entries, settings, metrics, title)
+    if metrics is not None:  # the Markdown table of --labels_from_folders
+        cells = " | ".join(f"{metrics[key]:.2f}" for key in METRICS if key in metrics)
+        header = "| Rank-1 | Rank-5 | Rank-10 | mAP | mINP |\n|---|---|---|---|---|"
+        table = f"{title}\n{header}\n| {cells} |"
+        log.info("results:\n%s", table)
+        sys.stdout.write(table + "\n")
+    log.info("wrote %s (open %s)", results.out, results.out / "index.html")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Extract both sides' features, rank the gallery for every query and write the results."""
     args = get_args_parser().parse_args(argv)
     setup_logging()
-    rerank = check_args(vars(args))
-    out = Path(args.out)
+    results = Results.of_flags(vars(args))
     files = image_files(args.query, "--query"), image_files(args.gallery, "--gallery")
-    check_out(vars(args), files)
+    # Fail before any work unless --out can be replaced whole without touching an input.
+    searched = {"--query": args.query, "--gallery": args.gallery}
+    checkpoint = checkpoint_inputs(args.weights, args.config_path)
+    check_results_folder(results.out, searched, checkpoint, [*files[0], *files[1]])
     warn_shared(files)
     if args.labels_from_folders:
         check_labels(*files)
     extractor = FeatureExtractor(**{flag: getattr(args, flag) for flag in EXTRACTOR_FLAGS})
-    query = extract_side(extractor, files[0], args.query_modality, "query")
-    gallery = extract_side(extractor, files[1], args.gallery_modality, "gallery")
-    if args.labels_from_folders:
-        query.identities = identities_of([query.files[i] for i in query.extraction.kept])
-        gallery.identities = identities_of([gallery.files[i] for i in gallery.extraction.kept])
-    ranking = rank(query, gallery, args.topk, rerank)
-    entries = match_rows(ranking, query, gallery)
-    metrics = score(ranking)
-    what = "re-ranked distance" if rerank else "Euclidean distance of L2-normalised features"
-    settings = {**extractor.describe(), "distance": what, "topk": args.topk}
-    settings["rerank"] = rerank.as_dict() if rerank else False
-    title = f"{args.weights}{' (EMA)' if args.ema else ''}: {len(entries)} {args.query_modality}"
-    title += f" queries against {len(gallery.paths)} {args.gallery_modality} images"
-    pages = (title, args.pictures, args.per_page)
-    write_results(out, extractor, (query, gallery), entries, settings, metrics, pages)
-    report(out, metrics, title)
+    labelled = args.labels_from_folders
+    query = extract_side(extractor, files[0], args.query_modality, "query", labelled)
+    gallery = extract_side(extractor, files[1], args.gallery_modality, "gallery", labelled)
+    publish(results, extractor, (query, gallery), rank(query, gallery, results))
     return 0
-
-
-def report(out: Path, metrics: dict[str, float] | None, title: str) -> None:
-    """Print the metrics table (when labelled) and say where the results are."""
-    if metrics is not None:
-        table = metrics_table(metrics, title)
-        log.info("results:\n%s", table)
-        sys.stdout.write(table + "\n")
-    log.info("wrote %s (open %s)", out, out / "index.html")
 
 
 if __name__ == "__main__":

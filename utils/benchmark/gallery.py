@@ -138,11 +138,16 @@ def run_approximate(
         other, step = measured(lambda more=more: approximate.search(found, unit, K, more))
         others[more] = {"recall_at_10": recall(other.indices, truth), "search_s": step["s"]}
     return {
-        "status": "measured", "lists": found.lists, "probes": min(probes, found.lists),
-        "build": build, "search": search, "queries_per_s": round(len(query) / search["s"], 1),
-        "recall_at_10": recall(ranking.indices, truth), "disk_mb": round(faiss_bytes / MB, 1),
+        "status": "measured",
+        "lists": found.lists,
+        "probes": min(probes, found.lists),
+        "build": build,
+        "search": search,
+        "queries_per_s": round(len(query) / search["s"], 1),
+        "recall_at_10": recall(ranking.indices, truth),
+        "disk_mb": round(faiss_bytes / MB, 1),
         "other_probes": others,
-    }  # fmt: skip
+    }
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -161,10 +166,12 @@ def run_match_today(args: Any, centres: np.ndarray, query: torch.Tensor) -> dict
     resident = step["peak_mb"] - step["added_mb"] - gallery.numel() * 4 / MB
     full = resident + (len(query) * per_pair + args.gallery_dim * 4) * args.gallery_size / MB
     return {
-        "gallery": size, **step, "bytes_per_pair": round(per_pair, 2),
+        "gallery": size,
+        **step,
+        "bytes_per_pair": round(per_pair, 2),
         "full_size_peak_mb": round(full, 1),
         "full_size": "measured" if size == args.gallery_size else "extrapolated",
-    }  # fmt: skip
+    }
 
 
 def run_gallery(bench: Bench) -> dict[str, Any]:
@@ -187,11 +194,18 @@ def run_gallery(bench: Bench) -> dict[str, Any]:
         truth, exact = run_exact(index, query)
         approx = run_approximate(index, query, args.gallery_probes, truth)
     return {
-        "size": size, "dim": dim, "queries": len(query), "k": K,
-        "disk_mb": round(disk / MB, 1), "bytes_per_image": round(disk / size, 1),
-        "add": add, "add_images_per_s": round(size / add["s"], 1), "exact": exact,
-        "approximate": approx, "match_today": run_match_today(args, centres, query),
-    }  # fmt: skip
+        "size": size,
+        "dim": dim,
+        "queries": len(query),
+        "k": K,
+        "disk_mb": round(disk / MB, 1),
+        "bytes_per_image": round(disk / size, 1),
+        "add": add,
+        "add_images_per_s": round(size / add["s"], 1),
+        "exact": exact,
+        "approximate": approx,
+        "match_today": run_match_today(args, centres, query),
+    }
 
 
 def gallery_rows(doc: dict[str, Any]) -> list[Row]:
@@ -206,13 +220,17 @@ def gallery_rows(doc: dict[str, Any]) -> list[Row]:
         (f"gallery {size}: add images/s (no network)", section["add_images_per_s"], "", ""),
         (
             f"gallery {size}: search queries/s: exact / approximate (recall@10 {recall})",
-            exact["queries_per_s"], approx.get("queries_per_s"), "",
+            exact["queries_per_s"],
+            approx.get("queries_per_s"),
+            "",
         ),
         (
             f"gallery {size}: peak MiB: exact search / utils.match before",
-            exact["search"]["peak_mb"], section["match_today"]["full_size_peak_mb"], "",
+            exact["search"]["peak_mb"],
+            section["match_today"]["full_size_peak_mb"],
+            "",
         ),
-    ]  # fmt: skip
+    ]
 
 
 GALLERY = Section("gallery", run_gallery, gallery_rows)

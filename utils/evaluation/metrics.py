@@ -129,7 +129,7 @@ def _distinct_ahead(
     return seen.sum(axis=1)
 
 
-def _rank_rows(
+def rank_rows(
     dist: np.ndarray,
     q_pids: np.ndarray,
     q_cams: np.ndarray,
@@ -187,7 +187,7 @@ def eval_ranking(
     for start in range(0, max(len(dist), 1), step):
         rows = slice(start, start + step)
         chunks.append(
-            _rank_rows(dist[rows], q_pids[rows], q_cams[rows], gallery, exclusion, dedup_cmc)
+            rank_rows(dist[rows], q_pids[rows], q_cams[rows], gallery, exclusion, dedup_cmc)
         )
     ranks, aps, inps = (np.concatenate(parts) for parts in zip(*chunks, strict=True))
     return average_queries(ranks, aps, inps, max_rank)

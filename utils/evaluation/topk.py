@@ -29,7 +29,7 @@ import torch
 
 from data.dataset import NO_EXCLUSION
 from utils.base.errors import UserError
-from utils.evaluation.metrics import _rank_rows, average_queries
+from utils.evaluation.metrics import average_queries, rank_rows
 from utils.evaluation.rerank import RerankSettings, rerank_features
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def score_block(
     gallery = (g_pids, np.zeros(len(g_pids), np.int64), np.unique(g_pids, return_inverse=True)[1])
     step = max(1, SCORE_ELEMENTS // block.shape[1])
     return [
-        _rank_rows(
+        rank_rows(
             block[s : s + step],
             q_pids[s : s + step],
             zeros[s : s + step],

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,7 @@ from utils.base.io import check_out_dir
 from utils.base.lock import RunLock
 from utils.base.logger import setup_logging
 from utils.engine.options import HelpFormatter
-from utils.evaluation.rerank import RerankSettings
-from utils.evaluation.topk import unit_rows
+from utils.evaluation.topk import Ranking, unit_rows
 from utils.extract import (
     EXTRACTOR_FLAGS,
     MODALITIES,
@@ -32,6 +32,7 @@ from utils.extract import (
 )
 from utils.gallery import approximate
 from utils.gallery.settings import (
+    calibration_record,
     check_settings,
     checkpoint_source,
     feature_settings,
@@ -39,19 +40,17 @@ from utils.gallery.settings import (
 )
 from utils.gallery.store import HEADER, GalleryIndex, Record, stat_record
 from utils.match import (
+    Results,
     Side,
     add_result_options,
-    check_args,
     check_labels,
     check_results_folder,
     extract_side,
     identities_of,
-    match_rows,
+    publish,
     rank,
-    report,
-    score,
-    write_results,
 )
+from utils.precision import PRECISIONS
 
 log = logging.getLogger("gallery")
 SKIPPED = "skipped.txt"
@@ -65,7 +64,8 @@ def open_for_adding(folder: Path, extractor: FeatureExtractor, modality: str) ->
     settings = feature_settings(extractor)
     if not (folder / HEADER).exists():
         header = {"modality": modality, "dim": extractor.dim, "settings": settings}
-        return GalleryIndex.create(folder, header | {"checkpoint": checkpoint_source(extractor)})
+        header |= {"checkpoint": checkpoint_source(extractor), **calibration_record(extractor)}
+        return GalleryIndex.create(folder, header)
     index = GalleryIndex.open(folder)
     stored = index.header["modality"]
     if stored != modality:
@@ -120,24 +120,29 @@ def extract_batches(
     return skipped
 
 
-def add(args: argparse.Namespace) -> int:
-    """Extract the images not yet indexed (or changed) into the index."""
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size {args.batch_size}: expected at least 1")
-    folder = Path(args.index)
+def add(index: str, images: Sequence[str], modality: str, **extractor_flags: Any) -> int:
+    """Extract the images not yet indexed (or changed) into the index (``extractor_flags``:
+    ``FeatureExtractor``'s arguments, by their flag names)."""
+    if extractor_flags["batch_size"] < 1:
+        raise UserError(f"--batch_size {extractor_flags['batch_size']}: expected at least 1")
+    folder = Path(index)
     check_index_folder(folder)
-    files = image_files(args.images, "--images")
-    extractor = FeatureExtractor(**{flag: getattr(args, flag) for flag in EXTRACTOR_FLAGS})
+    files = image_files(images, "--images")
+    int8 = extractor_flags["precision"] == "int8" and not extractor_flags["calibration"]
+    if int8 and (folder / HEADER).exists():
+        # An int8 index keeps its calibration images: more images are quantized alike.
+        extractor_flags["calibration"] = GalleryIndex.open(folder).header.get("calibration")
+    extractor = FeatureExtractor(**{flag: extractor_flags[flag] for flag in EXTRACTOR_FLAGS})
     with RunLock(folder):
-        index = open_for_adding(folder, extractor, args.modality)
+        index = open_for_adding(folder, extractor, modality)
         index.tidy()
         todo = pending(files, {record.resolved: record for record in index.records()})
         log.info("%d of %d images to extract into %s", len(todo), len(files), folder)
-        skipped = extract_batches(index, extractor, todo, args.modality)
+        skipped = extract_batches(index, extractor, todo, modality)
         index.tidy()  # drops the out-of-date records of changed images
         (folder / SKIPPED).unlink(missing_ok=True)
         if todo:
-            report_skipped(skipped, folder / SKIPPED, args.modality)
+            report_skipped(skipped, folder / SKIPPED, modality)
         total = len(index.records())
     done = (len(todo) - len(skipped), len(files) - len(todo), folder, total)
     log.info("added %d images (%d already indexed); %s holds %d", *done)
@@ -147,23 +152,28 @@ def add(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # info and remove
 # --------------------------------------------------------------------------------------------
-def info(args: argparse.Namespace) -> int:
+def info(index: str) -> int:
     """Print what the index holds and how it was made."""
-    index = GalleryIndex.open(args.index)
-    records = index.records()
-    settings, source = index.header["settings"], index.header["checkpoint"]
-    size = index.disk_bytes()
+    gallery = GalleryIndex.open(index)
+    records = gallery.records()
+    settings, source = gallery.header["settings"], gallery.header["checkpoint"]
+    size = gallery.disk_bytes()
     per_image = f", {size / len(records):,.0f} bytes per image" if records else ""
     height, width = settings["img_size"]
     lines = [
-        f"index: {index.folder}",
-        f"images: {len(records)} {index.header['modality']}",
-        f"features: {index.dim}-d float32, {settings['feature']}, flip {settings['flip']}, "
+        f"index: {gallery.folder}",
+        f"images: {len(records)} {gallery.header['modality']}",
+        f"features: {gallery.dim}-d float32, {settings['feature']}, flip {settings['flip']}, "
         f"images resized to {height}x{width}",
         f"checkpoint: {source['path']} ({settings['weights']} weights, sha256 "
         f"{settings['weights_sha256'][:12]})",
-        f"disk: {size / 2**20:,.1f} MiB in {len(index.shards())} shard(s){per_image}",
+        f"disk: {size / 2**20:,.1f} MiB in {len(gallery.shards())} shard(s){per_image}",
     ]
+    if "precision" in settings:
+        calibrated = (
+            f" (calibration: {settings['calibration']})" if "calibration" in settings else ""
+        )
+        lines.insert(3, f"precision: {settings['precision']}{calibrated}")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
@@ -186,26 +196,26 @@ def removal_targets(paths: Sequence[str]) -> list[str]:
     return targets
 
 
-def remove(args: argparse.Namespace) -> int:
+def remove(index: str, images: Sequence[str]) -> int:
     """Drop the images named (or under the folders named) from the index."""
-    index = GalleryIndex.open(args.index)
-    targets = removal_targets(args.images)
+    gallery = GalleryIndex.open(index)
+    targets = removal_targets(images)
     folders = tuple(target.rstrip(os.sep) + os.sep for target in targets)
-    with RunLock(index.folder):
-        index.tidy()
+    with RunLock(gallery.folder):
+        gallery.tidy()
         chosen = set(targets)
         drop = {
             r.resolved
-            for r in index.records()
+            for r in gallery.records()
             if r.resolved in chosen or r.resolved.startswith(folders)
         }
         if not drop:
             raise UserError(
-                f"--images: none of the {len(targets)} paths is in --index {index.folder}"
+                f"--images: none of the {len(targets)} paths is in --index {gallery.folder}"
             )
-        removed = index.remove(drop)
-        total = len(index.records())
-    log.info("removed %d images; %s holds %d", removed, index.folder, total)
+        removed = gallery.remove(drop)
+        total = len(gallery.records())
+    log.info("removed %d images; %s holds %d", removed, gallery.folder, total)
     return 0
 
 
@@ -227,69 +237,96 @@ def normalise_in_place(features: np.ndarray) -> np.ndarray:
     return unit_rows(torch.from_numpy(features), inplace=True).numpy()
 
 
-def check_search_args(args: argparse.Namespace) -> RerankSettings | None:
-    """``utils.match``'s checks, and what approximate search cannot do; returns the re-ranking
-    the flags ask for."""
-    rerank = check_args(vars(args))
-    if args.probes < 1:
-        raise UserError(f"--probes {args.probes}: expected at least 1")
-    if args.approximate and (args.rerank or args.labels_from_folders):
-        flag = "--rerank" if args.rerank else "--labels_from_folders"
-        raise UserError(f"--approximate: {flag} needs every query's full ranking; drop one")
-    if args.approximate:
-        approximate.faiss_module()
-    return rerank
+@dataclass(frozen=True)
+class Search:
+    """What ``search`` is asked: the queries, the index, how to extract and how to search."""
+
+    index: str
+    images: tuple[str, ...]
+    modality: str
+    results: Results
+    weights: str | None
+    batch_size: int
+    device: str | None
+    precision: str | None
+    calibration: tuple[str, ...] | None
+    approximate: bool
+    probes: int
+
+    def __post_init__(self) -> None:
+        if self.probes < 1:
+            raise UserError(f"--probes {self.probes}: expected at least 1")
+        if self.approximate and (self.results.rerank or self.results.labels_from_folders):
+            flag = "--rerank" if self.results.rerank else "--labels_from_folders"
+            raise UserError(f"--approximate: {flag} needs every query's full ranking; drop one")
+        if self.approximate:
+            approximate.faiss_module()
+
+    @classmethod
+    def of_flags(cls, values: dict[str, Any]) -> Search:
+        """The search of parsed flag ``values``, checked (``utils.match``'s checks first)."""
+        results = Results.of_flags(values)
+        flags = ("weights", "batch_size", "device", "precision", "calibration", "approximate")
+        given = {flag: values[flag] for flag in flags} | {"probes": values["probes"]}
+        listed = {name: tuple(values[name] or ()) or None for name in ("images", "calibration")}
+        given |= listed | {"index": values["index"], "modality": values["modality"]}
+        return cls(results=results, **given)
 
 
-def search(args: argparse.Namespace) -> int:
+def search_extractor(request: Search, index: GalleryIndex) -> FeatureExtractor:
+    """The index's extractor: its weights, settings and precision (int8: its calibration)."""
+    calibration = list(request.calibration) if request.calibration else None
+    return index_extractor(
+        index.header,
+        f"--index {index.folder}",
+        request.weights,
+        request.batch_size,
+        request.device,
+        request.precision,
+        calibration,
+    )
+
+
+def rank_queries(
+    request: Search, index: GalleryIndex, query: Side, gallery: Side, found: Any
+) -> tuple[Ranking, str]:
+    """Exact (or approximate) ranking of the index for ``query``, and how it was searched."""
+    results = request.results
+    if not request.approximate:
+        # The gallery's loaded features are this run's own: normalised where they are.
+        return rank(query, gallery, results, inplace=True), "exact"
+    unit = unit_rows(query.extraction.features).numpy()
+    probed = min(request.probes, found.lists)
+    how = f"approximate (faiss IVF-Flat, {found.lists} lists, {probed} probed)"
+    return approximate.search(found, unit, results.topk, request.probes), how
+
+
+def search(request: Search) -> int:
     """Rank the index's images for every query image and write what ``utils.match`` writes."""
-    rerank = check_search_args(args)
-    out = Path(args.out)
-    index = GalleryIndex.open(args.index)
-    files = image_files(args.images, "--images")
-    searched = {"--images": args.images, "--index": [args.index]}
-    weights = args.weights or index.header["checkpoint"]["path"]
-    check_results_folder(out, searched, {"the index's checkpoint": weights}, files)
-    where = f"--index {index.folder}"
-    extractor = index_extractor(index.header, where, args.weights, args.batch_size, args.device)
-    if args.approximate:
+    results = request.results
+    index = GalleryIndex.open(request.index)
+    files = image_files(request.images, "--images")
+    searched = {"--images": request.images, "--index": [request.index]}
+    weights = request.weights or index.header["checkpoint"]["path"]
+    check_results_folder(results.out, searched, {"the index's checkpoint": weights}, files)
+    extractor = search_extractor(request, index)
+    found = None
+    if request.approximate:
         found = approximate.load_or_build(index, normalise_in_place)
         records, features = found.records, torch.empty((len(found.records), 0))
     else:
         records, loaded = index.load()
         features = torch.from_numpy(loaded)
     if not records:
-        raise UserError(f"{where} holds no images; add some first")
-    gallery = gallery_side(records, features, index.header["modality"], args.labels_from_folders)
-    if args.labels_from_folders:
+        raise UserError(f"--index {index.folder} holds no images; add some first")
+    labelled = results.labels_from_folders
+    gallery = gallery_side(records, features, index.header["modality"], labelled)
+    if labelled:
         check_labels(files, gallery.files)
-    query = extract_side(extractor, files, args.modality, "images")
-    if args.labels_from_folders:
-        query.identities = identities_of([query.files[i] for i in query.extraction.kept])
-    if args.approximate:
-        unit = unit_rows(query.extraction.features).numpy()
-        ranking = approximate.search(found, unit, args.topk, args.probes)
-        probed = min(args.probes, found.lists)
-        how = f"approximate (faiss IVF-Flat, {found.lists} lists, {probed} probed)"
-    else:
-        # The gallery's loaded features are this run's own: normalised where they are.
-        ranking = rank(query, gallery, args.topk, rerank, inplace=True)
-        how = "exact"
-    entries = match_rows(ranking, query, gallery)
-    what = "re-ranked distance" if rerank else "Euclidean distance of L2-normalised features"
-    settings = {**extractor.describe(), "distance": what, "topk": args.topk}
-    settings |= {
-        "rerank": rerank.as_dict() if rerank else False,
-        "index": str(index.folder),
-        "search": how,
-    }
-    ema = " (EMA)" if settings["weights"] == "ema" else ""
-    title = f"{extractor.weights}{ema}: {len(entries)} {args.modality} queries against "
-    title += f"{len(records)} {gallery.modality} images of {index.folder}"
-    metrics = score(ranking)
-    pages = (title, args.pictures, args.per_page)
-    write_results(out, extractor, (query, gallery), entries, settings, metrics, pages)
-    report(out, metrics, title)
+    query = extract_side(extractor, files, request.modality, "images", labelled)
+    ranking, how = rank_queries(request, index, query, gallery, found)
+    where = (f" of {index.folder}", {"index": str(index.folder), "search": how})
+    publish(results, extractor, (query, gallery), ranking, where)
     return 0
 
 
@@ -307,10 +344,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, text: str, parents: list[argparse.ArgumentParser]) -> Any:
-        sub = commands.add_parser(
-            name, help=text, description=text, parents=parents, formatter_class=HelpFormatter,
-            allow_abbrev=False,
-        )  # fmt: skip
+        shown = {"help": text, "description": text, "formatter_class": HelpFormatter}
+        sub = commands.add_parser(name, parents=parents, allow_abbrev=False, **shown)
         sub.add_argument("--index", required=True, metavar="DIR", help="the gallery index folder")
         return sub
 
@@ -321,10 +356,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     adding.add_argument("--modality", choices=MODALITIES, required=True, help="of every image")
     command("info", "print what the index holds", [])
     dropping = command("remove", "drop images from the index", [])
-    dropping.add_argument(
-        "--images", nargs="+", required=True, metavar="PATH",
-        help="files, folders (everything under them) and .txt lists of paths",
-    )  # fmt: skip
+    listed = "files, folders (everything under them) and .txt lists of paths"
+    dropping.add_argument("--images", nargs="+", required=True, metavar="PATH", help=listed)
     searching = command("search", "rank the index's images for query images", [])
     searching.add_argument(
         "--images", nargs="+", required=True, metavar="PATH", help="query files, folders, lists"
@@ -341,6 +374,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
     group.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA if any)")
+    group.add_argument("--precision", choices=PRECISIONS, help="default: the index's")
+    group.add_argument(
+        "--calibration", nargs="+", metavar="PATH", help="int8 (default: the index's images)"
+    )
     group = searching.add_argument_group("approximate search")
     group.add_argument(
         "--approximate", action="store_true", help="faiss inverted lists (pip install faiss-cpu)"
@@ -349,11 +386,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"add": add, "info": info, "remove": remove, "search": search}
+# The commands whose flags are their arguments, by the same names.
+COMMANDS: dict[str, Any] = {"add": add, "info": info, "remove": remove}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one gallery command."""
-    args = get_args_parser().parse_args(argv)
+    values = vars(get_args_parser().parse_args(argv))
     setup_logging()
-    return COMMANDS[args.command](args)
+    command = values.pop("command")
+    if command == "search":
+        return search(Search.of_flags(values))
+    return COMMANDS[command](**values)

@@ -5,7 +5,9 @@ the rebuilt network's state, live or EMA as chosen, with the architecture and la
 not by the file's path or bytes: a checkpoint copied or moved elsewhere, or saved again without
 its optimizer state, gives the same features and is accepted; the same path holding a later
 epoch, the other weights (live/EMA) or another architecture file gives other features and is
-refused.
+refused. Features at bf16 or int8 record their ``precision`` (and int8 its ``calibration``
+images' fingerprint), compared like the rest: an index never mixes precisions; an index without
+``precision`` holds fp32 features.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import torch
 
 from utils.base.errors import UserError
 from utils.extract import FeatureExtractor
+from utils.precision import FP32, precision_of
 
 # The feature settings an index records and compares, by FeatureExtractor.describe()'s names;
-# a new setting of the extractor that changes the features is one more name here.
-COMPARED = (
-    "weights", "feature", "flip", "img_size", "resize", "channel_order", "value_range", "mean",
-    "std",
-)  # fmt: skip
+# a new setting of the extractor that changes the features is one more name here. The names of
+# ``OPTIONAL`` are recorded only where the extractor describes them (fp32 describes none).
+COMPARED = ("weights", "feature", "flip", "img_size", "resize", "channel_order")
+COMPARED += ("value_range", "mean", "std", "precision", "calibration")
+OPTIONAL = {"precision": FP32, "calibration": None}
 
 
 def weights_sha256(extractor: FeatureExtractor) -> str:
@@ -42,7 +45,8 @@ def weights_sha256(extractor: FeatureExtractor) -> str:
 def feature_settings(extractor: FeatureExtractor) -> dict[str, Any]:
     """The settings an index's features were made with: the weights' hash and ``COMPARED``."""
     described = extractor.describe()
-    return {"weights_sha256": weights_sha256(extractor)} | {k: described[k] for k in COMPARED}
+    compared = {k: described[k] for k in COMPARED if k in described or k not in OPTIONAL}
+    return {"weights_sha256": weights_sha256(extractor)} | compared
 
 
 def checkpoint_source(extractor: FeatureExtractor) -> dict[str, Any]:
@@ -54,10 +58,20 @@ def checkpoint_source(extractor: FeatureExtractor) -> dict[str, Any]:
     }
 
 
+def calibration_record(extractor: FeatureExtractor) -> dict[str, Any]:
+    """An int8 index's header entry naming its calibration images, so that searches quantize
+    the query network on the same ones (their fingerprint is compared); nothing otherwise."""
+    calibration = extractor.precision.calibration
+    return {"calibration": calibration.record()} if calibration is not None else {}
+
+
 def check_settings(stored: dict[str, Any], made: dict[str, Any], where: str, source: str) -> None:
     """Refuse, in one line, features made otherwise than the index's (``source``: the weights)."""
-    for key in sorted(stored.keys() | made.keys(), key=lambda k: (k == "weights_sha256", k)):
-        if stored.get(key) != made.get(key):
+    for key in sorted(
+        stored.keys() | made.keys(), key=lambda k: (k != "precision", k == "weights_sha256", k)
+    ):
+        had, has = (values.get(key, OPTIONAL.get(key)) for values in (stored, made))
+        if had != has:
             if key == "weights_sha256":
                 raise UserError(
                     f"{where} holds features of other weights (sha256 "
@@ -65,16 +79,29 @@ def check_settings(stored: dict[str, Any], made: dict[str, Any], where: str, sou
                     "use the checkpoint the index was built with, or another --index"
                 )
             raise UserError(
-                f"{where} holds features made with {key} {stored.get(key)!r}, this run makes "
-                f"{key} {made.get(key)!r}: use the index's settings, or another --index"
+                f"{where} holds features made with {key} {had!r}, this run makes {key} {has!r}: "
+                "use the index's settings, or another --index"
             )
 
 
 def index_extractor(
-    header: dict[str, Any], where: str, weights: str | None, batch_size: int, device: str | None
+    header: dict[str, Any],
+    where: str,
+    weights: str | None,
+    batch_size: int,
+    device: str | None,
+    precision: str | None = None,
+    calibration: list[str] | None = None,
 ) -> FeatureExtractor:
-    """The extractor of an index's settings (``weights``: the checkpoint, moved), checked."""
+    """The extractor of an index's settings (``weights``: the checkpoint, moved; ``precision``
+    and ``calibration``: None for the index's own), checked."""
     source, settings = header["checkpoint"], header["settings"]
+    stored = precision_of(settings)
+    if precision is not None and precision != stored:
+        raise UserError(
+            f"{where} holds {stored} features, --precision is {precision}: search with the "
+            "index's precision (leave --precision out), or build another index"
+        )
     path = weights or source["path"]
     if not os.path.isfile(path):
         raise UserError(
@@ -90,6 +117,8 @@ def index_extractor(
         feature=settings["feature"],
         flip=settings["flip"],
         last_stride=source["last_stride"],
+        precision=stored,
+        calibration=calibration or header.get("calibration"),
     )
     check_settings(settings, feature_settings(extractor), where, f"--weights {path}")
     return extractor
