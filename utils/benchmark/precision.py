@@ -38,7 +38,7 @@ import torch
 
 from data.images import read_image
 from data.sysu import sysu_gallery, sysu_query, sysu_train_files
-from data.toy.sysu import make_sysu
+from data.toy import make_sysu
 from data.transforms import normalize
 from model import Arch, build_model
 from model.checkpoint import checkpoint_header

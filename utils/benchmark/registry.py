@@ -8,5 +8,15 @@ from utils.benchmark.training import FAST, FEATURES, PLAIN, SEARCH
 
 # The sections on the fast path's Trainer run first, so it is freed before the plain path's
 # memory is measured.
-SECTIONS = (FAST, FEATURES, PLAIN, METRICS, RERANK, LLCM_SECTION, SEARCH, EXTRACTOR, GALLERY)
-SECTIONS += (PRECISION,)
+SECTIONS = (
+    FAST,
+    FEATURES,
+    PLAIN,
+    METRICS,
+    RERANK,
+    LLCM_SECTION,
+    SEARCH,
+    EXTRACTOR,
+    GALLERY,
+    PRECISION,
+)
