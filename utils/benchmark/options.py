@@ -81,6 +81,11 @@ class BenchSettings:
         10**8,
         "largest query x gallery matrix ranked whole, as utils.match did before blockwise search",
     )
+    precision_weights: str | None = setting(
+        None,
+        "a SYSU-MM01 checkpoint (e.g. the demo's) whose fp32, bf16 and int8 features the "
+        "precision section also scores on the data set it was trained on",
+    )
     arch: str = setting("split", "shared, split or an architecture file")
     amp: str = setting("bf16", "fast path, CUDA", choices=("bf16", "fp16", "none"))
     compile: bool = setting(False, "torch.compile the fast path")

@@ -40,8 +40,9 @@ from data.images import read_image
 from data.sysu import sysu_gallery, sysu_query, sysu_train_files
 from data.toy import make_sysu
 from data.transforms import normalize
-from model import Arch, build_model
+from model import Arch, build_model, read_checkpoint
 from model.checkpoint import checkpoint_header
+from utils.base.errors import UserError
 from utils.base.modality import Modality
 from utils.benchmark.extractor import best_of, onnx_features
 from utils.benchmark.section import Bench, Row, Section
@@ -289,6 +290,25 @@ def measure_accuracy(made: dict[str, FeatureExtractor], root: Path) -> dict[str,
     return scores
 
 
+def trained_accuracy(weights: str, batch: int) -> dict[str, Any]:
+    """Rank-1 and mAP of each precision of a trained SYSU-MM01 checkpoint (its EMA weights when
+    it holds them) on the data set its ``args`` record."""
+    checkpoint = read_checkpoint(weights)
+    recorded = checkpoint.get("args") or {}
+    if recorded.get("dataset") != "sysu" or not recorded.get("data_root"):
+        raise UserError(
+            f"--precision_weights {weights}: expected a checkpoint trained on SYSU-MM01 "
+            "(its args record dataset 'sysu' and its data_root)"
+        )
+    ema = checkpoint.get("ema") is not None
+    made = {
+        name: FeatureExtractor(weights, ema=ema, device="cpu", batch_size=batch, precision=kind)
+        for name, kind in (("folded_fp32", "fp32"), ("bf16", "bf16"), ("int8", "int8"))
+    }
+    scores = measure_accuracy(made, Path(recorded["data_root"]))
+    return {"weights": weights, "ema": ema, "accuracy": scores}
+
+
 def run_precision(bench: Bench) -> dict[str, Any]:
     """Peak, then speed and accuracy of each depth (ResNet-18 and ``--depth``)."""
     args = bench.args
@@ -303,6 +323,8 @@ def run_precision(bench: Bench) -> dict[str, Any]:
             made = extractors(weights, args.extractor_batch)
             speed = measure_speed(made, Path(tmp), args)
             doc[f"resnet{depth}"] = {"speed": speed, "accuracy": measure_accuracy(made, root)}
+    if args.precision_weights:
+        doc["trained"] = trained_accuracy(args.precision_weights, args.extractor_batch)
     # Measured before and after, the better of each: other programs' load lowers a peak.
     last = measure_peak(args.extractor_rounds)
     peak = {k: v if not isinstance(v, float) else max(v, last[k]) for k, v in first.items()}
@@ -327,6 +349,12 @@ def precision_rows(doc: dict[str, Any]) -> list[Row]:
         fp32 = scores["folded_fp32"]["mAP"]
         for name in ("bf16", "int8"):
             rows.append((f"{key} synthetic SYSU mAP: fp32 / {name}", fp32, scores[name]["mAP"], ""))
+    if "trained" in section:
+        scores = section["trained"]["accuracy"]
+        fp32 = scores["folded_fp32"]["mAP"]
+        for name in ("bf16", "int8"):
+            what = f"trained checkpoint SYSU mAP: fp32 / {name}"
+            rows.append((what, fp32, scores[name]["mAP"], ""))
     return rows
 
 
