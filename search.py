@@ -18,10 +18,9 @@ from collections.abc import Sequence
 
 from data.registry import get_dataset
 from utils.base.cli import default_of, run_cli
-from utils.engine.options import search_settings, train_parser
+from utils.engine.options import parse_flags, search_settings, train_parser
 from utils.engine.search import ARCH_FILE, SearchTrainer
 from utils.engine.settings import DataSettings
-from utils.engine.stored_options import parse_flags
 from utils.engine.trainer import run_trainer
 
 

@@ -7,11 +7,10 @@ import contextlib
 import logging
 import signal
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from utils.base.errors import StopNow
-from utils.engine.rundir import resume_command
+from utils.engine.checkpointer import resume_command
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +69,8 @@ class StopRequest:
         if self.requested:
             raise StopNow(signum)  # a second signal stops at once
         self.request(signum)
-        log.warning(
-            "%s: %s (again: stop now)",
-            signal.Signals(signum).name,
-            _AFTER.get(self.phase, _AFTER["step"]),
-        )
+        after = _AFTER.get(self.phase, _AFTER["step"])
+        log.warning("%s: %s (again: stop now)", signal.Signals(signum).name, after)
 
     def __enter__(self) -> StopRequest:
         for signum in STOP_SIGNALS:
@@ -83,12 +79,7 @@ class StopRequest:
                 self._previous[signum] = signal.signal(signum, self._on_signal)
         return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
