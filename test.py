@@ -51,15 +51,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def tested_dataset(given: str | None, trained: dict[str, Any]) -> str:
-    """``--dataset``, else the checkpoint's training data set, else the default one."""
-    if given is not None:
-        return given
-    name = trained.get("dataset")
-    # Said by the results' names (the table's rows start with the data set).
-    return name if name in dataset_names() else default_of(DataSettings, "dataset")
-
-
 def check_outputs(settings: TestSettings) -> None:
     """Fail before any work unless every output can be written and none is the checkpoint."""
     weights = Path(settings.checkpoint.weights).resolve()
@@ -248,21 +239,13 @@ def write_output(flag: str, path: str, write: Callable[[str], None]) -> None:
         raise UserError(f"{flag} {path}: cannot write ({err.strerror})") from None
 
 
-def overflow_error(weights: str, ema: bool, model: CMNASNet) -> UserError:
-    """The one line for finite weights so large that the features overflow (NaN distances)."""
-    largest = ", ".join(largest_tensors(model.state_dict(), 2))
-    return UserError(
-        f"{weights}: the {'EMA' if ema else 'live'} weights are finite but give "
-        f"non-finite features (they overflow; largest: {largest}): the checkpoint cannot be "
-        "scored"
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, rebuild the model from its checkpoint, evaluate and report."""
     values, trained = parse_flags(get_args_parser, argv, "--weights")
     setup_logging()
-    values["dataset"] = tested_dataset(values["dataset"], trained)
+    if values["dataset"] is None:  # the checkpoint's training data set, else the default one
+        name = trained.get("dataset")
+        values["dataset"] = name if name in dataset_names() else default_of(DataSettings, "dataset")
     settings = build(TestSettings, values)
     evaluation, source = settings.evaluation, settings.checkpoint
     device = select_device(evaluation.device)
@@ -282,7 +265,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         if "NaN" not in str(err):
             raise
-        raise overflow_error(source.weights, source.ema, model) from None
+        largest = ", ".join(largest_tensors(model.state_dict(), 2))
+        raise UserError(
+            f"{source.weights}: the {'EMA' if source.ema else 'live'} weights are finite but give "
+            f"non-finite features (they overflow; largest: {largest}): the checkpoint cannot be "
+            "scored"
+        ) from None
     from utils.evaluation.evaluate import format_table
 
     # The table goes to stdout only (the log on stderr would show it a second time).

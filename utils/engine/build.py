@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
 
 from data import CrossModalitySampler, TrainSet, augment_batch, load_train_set
 from data.registry import get_dataset
@@ -105,12 +107,10 @@ def lr_factor(epoch: int, warmup: int, milestones: list[int]) -> float:
     return 0.1 ** sum(epoch >= m for m in milestones)
 
 
-def build_schedule(
-    optimizer: torch.optim.Optimizer, optim: OptimSettings
-) -> torch.optim.lr_scheduler.LambdaLR:
+def build_schedule(optimizer: Optimizer, optim: OptimSettings) -> LambdaLR:
     """The learning-rate schedule of :func:`lr_factor`, stepped once per epoch."""
     warmup, milestones = optim.warmup_epochs, list(optim.milestones)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, warmup, milestones))
+    return LambdaLR(optimizer, lambda e: lr_factor(e, warmup, milestones))
 
 
 def listed_identities(data: DataSettings) -> int:
@@ -126,13 +126,9 @@ def load_training_data(data: DataSettings, dist: DistInfo) -> TrainSet:
     # Rank 0 builds the cache first so that the other ranks only read it.
     if not dist.is_main:
         barrier(dist)
+    progress = dist.is_main and sys.stderr.isatty()
     train_set = load_train_set(
-        data.dataset,
-        data.data_root,
-        data.img_size,
-        data.trial,
-        data.cache_dir,
-        progress=dist.is_main and sys.stderr.isatty(),
+        data.dataset, data.data_root, data.img_size, data.trial, data.cache_dir, progress=progress
     )
     if dist.is_main:
         barrier(dist)
@@ -149,9 +145,7 @@ def build_sampler(
     return CrossModalitySampler(*labels, *batch, seed, dist.rank, dist.world_size)
 
 
-def build_optimizer(
-    model: nn.Module, optim: OptimSettings, device: torch.device
-) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, optim: OptimSettings, device: torch.device) -> Optimizer:
     """Adam (or SGD) over the trained weights of ``model`` (a supernet's alphas have their own):
     backbone at lr/10, BNNeck and classifier at lr."""
     alphas, head, backbone = arch_parameter_names(model), [], []
@@ -170,10 +164,7 @@ def build_optimizer(
 
 
 def rescale_schedule(
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
-    checkpoint: dict[str, Any],
-    lr: float,
+    optimizer: Optimizer, scheduler: LambdaLR, checkpoint: dict[str, Any], lr: float
 ) -> None:
     """Continue a schedule restored from ``checkpoint`` at the base rate ``lr`` when its run had
     another ``--lr``: warm-up and milestones are kept, every group's rates scaled (and said)."""
@@ -272,12 +263,9 @@ class ResidentImages:
 
 
 class ModelEMA:
-    """An EMA copy of a model, updated with fused ``foreach`` operations every step.
-
-    Floating-point parameters and buffers (BN running statistics included) are averaged;
-    integer buffers (``num_batches_tracked``) are copied. The pairs of tensors are collected
-    once: build the EMA after the model has its final device and memory format.
-    """
+    """An EMA copy of a model, updated with fused ``foreach`` operations every step: floating-point
+    parameters and buffers are averaged, integer buffers (``num_batches_tracked``) copied. Build it
+    after the model has its final device and memory format (the tensors are collected once)."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         if not 0 <= decay < 1:
@@ -288,27 +276,18 @@ class ModelEMA:
         for param in self.module.parameters():
             param.requires_grad_(False)
         live = model.state_dict(keep_vars=True)
-        pairs = [
-            (ema.data, live[key].data)
-            for key, ema in self.module.state_dict(keep_vars=True).items()
-        ]
-        floats = [pair for pair in pairs if pair[0].dtype.is_floating_point]
-        integers = [pair for pair in pairs if not pair[0].dtype.is_floating_point]
-        # (EMA, live) tensors: floating-point ones averaged, integer ones copied.
-        self._pairs = (
-            [ema for ema, _ in floats],
-            [live for _, live in floats],
-            [ema for ema, _ in integers],
-            [live for _, live in integers],
-        )
+        ema = {key: value.data for key, value in self.module.state_dict(keep_vars=True).items()}
+        floats = {key for key, value in ema.items() if value.dtype.is_floating_point}
+        self._float_ema = [ema[key] for key in ema if key in floats]
+        self._float_live = [live[key].data for key in ema if key in floats]
+        self._int_pairs = [(ema[key], live[key].data) for key in ema if key not in floats]
 
     @torch.no_grad()
     def update(self) -> None:
         """Move the average towards the live model: ema = decay * ema + (1 - decay) * live."""
-        float_ema, float_live, int_ema, int_live = self._pairs
-        torch._foreach_lerp_(float_ema, float_live, 1.0 - self.decay)
-        for ema_value, live in zip(int_ema, int_live, strict=True):
-            ema_value.copy_(live)
+        torch._foreach_lerp_(self._float_ema, self._float_live, 1.0 - self.decay)
+        for ema, live in self._int_pairs:
+            ema.copy_(live)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -316,10 +295,9 @@ class ModelEMA:
         if model is not self._live:
             model.load_state_dict(self.module.state_dict())
             return
-        float_ema, float_live, int_ema, int_live = self._pairs
-        torch._foreach_copy_(float_live, float_ema)
-        for ema_value, live in zip(int_ema, int_live, strict=True):
-            live.copy_(ema_value)
+        torch._foreach_copy_(self._float_live, self._float_ema)
+        for ema, live in self._int_pairs:
+            live.copy_(ema)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The averaged weights, in the model's own key names."""

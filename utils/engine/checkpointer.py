@@ -1,6 +1,6 @@
 """The checkpoint side of a training run, beside the loop: the run folder and its checkpoints.
 
-The folder is judged once before the costly set-up (:meth:`Checkpointer.claim`) and created
+The folder is judged once before the costly set-up (making the :class:`Checkpointer`) and created
 under its lock as the run begins (:meth:`Checkpointer.open`); so a rejected run leaves nothing
 behind, and until then the log records wait in memory (:class:`EarlyLog`). A checkpoint holding
 a NaN or infinity is refused, naming the last good one.
@@ -85,55 +85,44 @@ class RunPoint:
 
 
 class Checkpointer:
-    """The run folder of ``settings`` and the checkpoints written there.
-
-    ``script`` is the tool whose command line continues the run (named in refusals);
-    ``run_files`` is what ``--overwrite`` removes of an earlier run.
-    """
+    """The run folder of ``settings`` and the checkpoints written there (``script``: the tool
+    that continues the run; ``run_files``: what ``--overwrite`` removes of an earlier run)."""
 
     def __init__(
-        self, settings: TrainSettings, dist: DistInfo, script: str, run_files: Sequence[str]
-    ) -> None:
-        self.out = settings.folder
-        self.resume, self.overwrite = settings.resume, settings.overwrite
-        self.save_freq, self.last_stride = settings.save_freq, settings.last_stride
-        self.flags = settings.flags()
-        self.dist, self.script, self.run_files = dist, script, run_files
-        self.lock = RunLock(self.out)
-        # The last checkpoint known to hold finite weights (named when the run diverges).
-        self.last_good: Path | None = None
-
-    @classmethod
-    def claim(
-        cls,
+        self,
         settings: TrainSettings,
         dist: DistInfo,
         script: str,
         run_files: Sequence[str],
         network: nn.Module,
         resumed: dict[str, Any] | None,
-    ) -> Checkpointer:
-        """The checkpoint side of the run of ``settings`` (resuming ``resumed``), its folder judged
-        before the costly set-up, writing nothing: refused if it cannot be created, holds another
-        run, is locked by a run going on, or its disk lacks room for the checkpoints of
-        ``network`` (the latest, its next temporary file, the periodic copies still to come)."""
-        claimed = cls(settings, dist, script, run_files)
-        claimed._check_folder()
+    ) -> None:
+        """Judge the run folder before the costly set-up, writing nothing: refused if it cannot
+        be created, holds another run, is locked by a run going on, or its disk lacks room for the
+        checkpoints of ``network`` (the latest, its next temporary file, the periodic copies
+        still to come after ``resumed``)."""
+        out = self.out = settings.folder
+        self.resume, self.overwrite = settings.resume, settings.overwrite
+        self.save_freq, self.last_stride = settings.save_freq, settings.last_stride
+        self.flags = settings.flags()
+        self.dist, self.script, self.run_files = dist, script, run_files
+        self.lock = RunLock(out)
+        # The last checkpoint known to hold finite weights (named when the run diverges).
+        self.last_good: Path | None = None
+        self._check_folder()
         if not dist.is_main:
-            return claimed
-        out = claimed.out
+            return
         if (out / LOCK_FILE).exists():
             RunLock(out).acquire().release()
-        first, every = int(resumed["epoch"]) if resumed else 0, claimed.save_freq
+        first, every = int(resumed["epoch"]) if resumed else 0, self.save_freq
         saved = [e for e in range(first + 1, settings.epochs + 1) if every and e % every == 0]
         copies = [out / periodic_name(epoch) for epoch in saved]
-        if claimed.overwrite and not claimed._own_folder():
+        if self.overwrite and not self._own_folder():
             replaced = list(out.glob("checkpoint_*.pth"))
         else:
             replaced = [out / LATEST, *copies]
         one = checkpoint_size(network, settings.ema > 0, settings.optimizer.optim == "adam")
         check_free_space(out, (2 + len(copies)) * one - freed_bytes(replaced))
-        return claimed
 
     def _own_folder(self) -> bool:
         """Whether the run folder is the folder of the checkpoint being resumed."""
@@ -241,11 +230,9 @@ class Checkpointer:
             checkpoint[OVERWRITE_PENDING] = True
         bad = non_finite_tensors(checkpoint)
         if bad:
-            where = (
-                f"epoch {point.epoch + 1} step {point.step_in_epoch}"
-                if point.step_in_epoch
-                else f"the end of epoch {point.epoch}"
-            )
+            where = f"the end of epoch {point.epoch}"
+            if point.step_in_epoch:
+                where = f"epoch {point.epoch + 1} step {point.step_in_epoch}"
             shown = ", ".join(bad[:4]) + (f", ... ({len(bad) - 4} more)" if len(bad) > 4 else "")
             self.non_finite(f"{len(bad)} saved tensor(s) became non-finite at {where}: {shown}")
         if point.step_in_epoch:

@@ -97,14 +97,11 @@ def _rerank_flags() -> list[Option]:
     """``--rerank`` and its parameters, None unless given (they take effect only with it)."""
     paper = RerankSettings()
     integer = {"check": lambda v: v >= 1, "expected": "an integer >= 1"}
+    unit = {"check": lambda v: 0 <= v <= 1, "expected": "a value in [0, 1]"}
     texts = (
         ("k1", "k of the k-reciprocal neighbour sets", integer),
         ("k2", "neighbours of the local query expansion, at most --k1", integer),
-        (
-            "lambda_value",
-            "weight of the original distance against the Jaccard distance",
-            {"check": lambda v: 0 <= v <= 1, "expected": "a value in [0, 1]"},
-        ),
+        ("lambda_value", "weight of the original distance against the Jaccard distance", unit),
     )
     switch = Flag(
         "k-reciprocal re-ranking (Zhong et al., CVPR 2017) of each gallery draw, from the "

@@ -85,6 +85,8 @@ def evaluate_training_run(
     return {dataset.record_key(protocol) + suffix: result for protocol, result in results}
 
 
+# What an Evaluation scores: (final, epoch) -> the results by key.
+Scorer = Callable[[bool, int], dict[str, Any]]
 # The results' title when every slot is shared (train.py's default architecture).
 BASELINE_NOTE = "all-shared baseline (every BN slot shared)"
 
@@ -102,19 +104,10 @@ def baseline_note(arch: Arch, config_path: str | None) -> str:
 
 
 class Evaluation:
-    """A training-time evaluation, run on rank 0, and the epoch records of the run in ``out``.
+    """A training-time evaluation on rank 0 (``score(final, epoch)``: the results by key after
+    ``epoch`` epochs, 0-based; ``note`` heads their title) and the epoch records in ``out``."""
 
-    ``score(final, epoch)`` gives the results by key after ``epoch`` (0-based) epochs; ``note``
-    is said first in the results' title.
-    """
-
-    def __init__(
-        self,
-        out: Path,
-        dist: DistInfo,
-        score: Callable[[bool, int], dict[str, Any]],
-        note: str = "",
-    ) -> None:
+    def __init__(self, out: Path, dist: DistInfo, score: Scorer, note: str = "") -> None:
         self.out, self.dist = out, dist
         self.score, self.note = score, note
         self.log_file = out / "log.jsonl"
@@ -164,16 +157,16 @@ class Evaluation:
         stop.phase = "final evaluation" if final else "evaluation"
         try:
             if self.dist.is_main:
-                flat = self.record(final, epoch)
+                flat = self._record(final, epoch)
                 self._complete(epochs_done, flat)
             barrier(self.dist)
         finally:
             stop.phase = "step"
         return flat
 
-    def record(self, final: bool, epoch: int) -> dict[str, Any]:
-        """Evaluate and log a summary (the final results also go to results.json/md); returns the
-        flat Rank-1/mAP numbers for the epoch's record."""
+    def _record(self, final: bool, epoch: int) -> dict[str, Any]:
+        """Evaluate and log a summary (the final one also to results.json/md); returns the flat
+        Rank-1/mAP numbers for the epoch's record."""
         flat: dict[str, Any] = {}
         results = self.score(final, epoch)
         rows = []
@@ -183,10 +176,8 @@ class Evaluation:
                 flat[f"{protocol}_{kind}_rank1"] = round(result[kind]["rank1"], 2)
                 flat[f"{protocol}_{kind}_mAP"] = round(result[kind]["mAP"], 2)
                 rows.append((f"{protocol} {kind}{weights}", result[kind]))
-        title = WEIGHTS_NOTE if any("weights" in r for r in results.values()) else ""
-        if self.note:
-            title = f"{self.note}; {title}" if title else self.note
-        table = format_table(rows, title)
+        weights_note = WEIGHTS_NOTE if any("weights" in r for r in results.values()) else ""
+        table = format_table(rows, "; ".join(note for note in (self.note, weights_note) if note))
         log.info("evaluation%s:\n%s", " (final)" if final else "", table)
         if final:
             write_text_atomic(self.out / "results.json", json.dumps(results, indent=2) + "\n")

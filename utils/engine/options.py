@@ -1,12 +1,7 @@
 """The parsers of train.py, search.py, test.py and the checkpoint tools, generated from the
-declared settings, and the step from a command line to settings.
-
-Every flag is declared once in the settings; what is left here are the checks that look outside
-the values (files, the device, the data set's folder), the run folder's name, and the options a
-checkpoint recorded, which are the defaults on ``--resume``:
-
-    python train.py --resume runs/x/checkpoint_latest.pth --epochs 200  # one option changed
-"""
+declared settings, and the step from a command line to settings: the checks that look outside the
+values (files, the device, the data set's folder), the run folder's name, and the options a
+checkpoint recorded, which are the defaults on ``--resume``."""
 
 from __future__ import annotations
 
@@ -219,21 +214,17 @@ def parse_flags(
     if resuming and stored:
         given = {word.split("=", 1)[0] for word in words if word.startswith("--")}
         known = {action.dest: action for action in parser._actions}  # noqa: SLF001
+        dropped = {
+            dest
+            for dest, master in DEPENDS_ON.items()
+            if not stored.get(master) or given.intersection(MASTER_FLAGS[master])
+        }
         defaults = {
             dest: value
             for dest, value in stored.items()
-            if dest not in NOT_TAKEN_OVER and dest in known and _takes_effect(dest, stored, given)
+            if dest in known and dest not in NOT_TAKEN_OVER and dest not in dropped
         }
         parser.set_defaults(**defaults)
         for dest in defaults:
             known[dest].required = False
     return vars(parser.parse_args(words)), stored
-
-
-def _takes_effect(dest: str, stored: Mapping[str, Any], given: set[str]) -> bool:
-    """Whether the stored option ``dest`` still takes effect: the option it depends on was on
-    and is not given anew (``given``: the flags written on the command line)."""
-    master = DEPENDS_ON.get(dest)
-    if master is None:
-        return True
-    return bool(stored.get(master)) and not given.intersection(MASTER_FLAGS[master])

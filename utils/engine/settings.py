@@ -145,9 +145,7 @@ class ArchSearch:
         **POSITIVE_INTEGER,
     )
     eval_arch: bool = setting(
-        True,
-        "score the derived architecture on the architecture set after every epoch",
-        SEARCH,
+        True, "score the derived architecture on the architecture set after every epoch", SEARCH
     )
 
     def __post_init__(self) -> None:

@@ -37,12 +37,8 @@ class Interrupted(Exception):
 
 
 class StopRequest:
-    """Whether the run was asked to stop; inside ``with`` it listens to :data:`STOP_SIGNALS`.
-
-    The first signal asks the loop to stop after its current step (or evaluation: see
-    ``phase``); a second one stops at once (:class:`StopNow`, exit status 128 + signal). The
-    previous handlers come back on exit.
-    """
+    """Whether the run was asked to stop; inside ``with`` it listens to :data:`STOP_SIGNALS`: the
+    first asks the loop to stop after its current step (or evaluation), a second stops at once."""
 
     def __init__(self, script: str = "train.py") -> None:
         self.signum: int | None = None

@@ -44,10 +44,10 @@ class ProcessRandomState:
 
     def state_dict(self) -> dict[str, Any]:
         """Python, NumPy and torch (CPU and CUDA) states as weights-only-loadable values."""
-        np_state = np.random.get_state()
+        np_state, (version, internal, gauss) = np.random.get_state(), random.getstate()
         state: dict[str, Any] = {
-            "python": list(random.getstate()[1]) + [random.getstate()[2]],
-            "python_version": random.getstate()[0],
+            "python": list(internal) + [gauss],
+            "python_version": version,
             "numpy": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
             "numpy_pos": int(np_state[2]),
             "numpy_gauss": [int(np_state[3]), float(np_state[4])],
@@ -249,12 +249,11 @@ def check_resume_options(
     fixed = list(RESUME_FIXED) + (["trial"] if split else [])
     wrong = [key for key in fixed if key in saved and saved[key] != now.get(key)]
     if wrong:
+        used = ", ".join(f"--{k} {saved[k]}" for k in wrong)
+        has = ", ".join(f"--{k} {now.get(k)}" for k in wrong)
         raise UserError(
-            f"{source}: the checkpoint's run used "
-            + ", ".join(f"--{k} {saved[k]}" for k in wrong)
-            + "; this run has "
-            + ", ".join(f"--{k} {now.get(k)}" for k in wrong)
-            + " (a resumed run must keep them)"
+            f"{source}: the checkpoint's run used {used}; this run has {has} "
+            "(a resumed run must keep them)"
         )
     changed = [
         f"--{key} {saved[key]} -> {now[key]}"

@@ -76,7 +76,7 @@ class Trainer:
         classes = train_set.num_classes if train_set else build.listed_identities(settings.data)
         with torch.device("meta"):
             network = self.build_model(classes, None)
-        self.checkpointer = Checkpointer.claim(
+        self.checkpointer = Checkpointer(
             settings, self.dist, self.script, self.run_files, network, self.resume_checkpoint
         )
         train_set = train_set or build.load_training_data(settings.data, self.dist)
