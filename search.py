@@ -18,10 +18,9 @@ from collections.abc import Sequence
 
 from data.registry import get_dataset
 from utils.base.cli import default_of, run_cli
-from utils.engine.options import search_settings, train_parser
+from utils.engine.options import parse_flags, search_settings, train_parser
 from utils.engine.search import ARCH_FILE, SearchTrainer
 from utils.engine.settings import DataSettings
-from utils.engine.stored_options import parse_flags
 from utils.engine.trainer import run_trainer
 
 
@@ -48,14 +47,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def train_command(trainer: SearchTrainer) -> str:
     """The train.py command line for the architecture the search wrote (same data, images and
     plugins)."""
-    settings = trainer.settings
-    data = settings.data
+    data = trainer.settings.data
     words = ["python", "train.py", "--data_root", data.data_root, "--dataset", data.dataset]
     if get_dataset(data.dataset).num_splits > 1:
         words += ["--trial", str(data.trial)]
     if data.img_size != tuple(default_of(DataSettings, flag) for flag in ("img_h", "img_w")):
         words += ["--img_h", str(data.img_h), "--img_w", str(data.img_w)]
-    words += [word for plugin in settings.plugin for word in ("--plugin", plugin)]
+    words += [word for plugin in trainer.settings.plugin for word in ("--plugin", plugin)]
     return shlex.join([*words, "--config_path", str(trainer.out / ARCH_FILE)])
 
 

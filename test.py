@@ -5,19 +5,11 @@
         --config_path config.cfg --ema
     python test.py --dataset llcm --data_root DATA/LLCM --weights runs/y/checkpoint_latest.pth
 
-This project's checkpoints carry their architecture, class count, image size and RegDB trial, so
-``--weights`` alone rebuilds the network; the authors' need their ``config.cfg``.
-SYSU and LLCM: all 10 gallery draws in one run (query features extracted once), or
-``--trial k``; LLCM in both directions. RegDB: both directions of the split ``--trial`` (default:
-the checkpoint's). ``--rerank`` re-ranks each draw; its results and tables say so.
-
-``--save_features FILE`` writes one ``.npz`` (read with ``np.load(FILE, allow_pickle=False)``):
-``protocols`` (the protocol keys, e.g. ``all`` or ``v2i``/``i2v``), ``flip``, ``trials`` (the
-gallery draws), and for each protocol key P: ``P_swap_roles`` (True where each gallery image
-ranks the queries), ``P_query_*`` and ``P_gallery_*`` with ``pool`` and
-``bnneck`` (L2-normalised float32 features), ``pids``, ``cams``, ``modality`` and ``paths``
-(unicode strings). The gallery is the union of all draws' galleries; ``P_gallery_trials`` is the
-(draws, gallery images) boolean mask of the images each draw holds.
+This project's checkpoints carry their architecture, class count, image size and split, so
+``--weights`` alone rebuilds the network; the authors' need their ``config.cfg``. SYSU and LLCM
+run all 10 gallery draws (query features extracted once) unless ``--trial k``; RegDB both
+directions of the split ``--trial``. ``--save_features FILE`` writes the ``.npz`` that
+docs/evaluation.md describes.
 """
 
 from __future__ import annotations
@@ -27,7 +19,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -46,8 +38,7 @@ from utils.base.io import DiskFull, write_atomic, write_text_atomic
 from utils.base.logger import setup_logging
 from utils.engine.build import check_data_root, select_device
 from utils.engine.eval_settings import DataSettings, EvalSettings, TestSettings
-from utils.engine.options import check_data, test_parser
-from utils.engine.stored_options import parse_flags
+from utils.engine.options import check_data, parse_flags, test_parser
 
 log = logging.getLogger("test")
 
@@ -55,21 +46,9 @@ log = logging.getLogger("test")
 def get_args_parser() -> argparse.ArgumentParser:
     """The test.py parser (the authors' flag names plus a few of this project's)."""
     parser = test_parser("Evaluate a checkpoint with a data set's test protocols.")
-    # None: the checkpoint's (this project's), else the paper's 256x128. --trial names a split
-    # where the data set has splits (default: the checkpoint's, else 1), otherwise a gallery draw
-    # (default: all draws).
-    # --dataset None: the checkpoint's (this project's), else the default data set.
+    # None: the checkpoint's (this project's checkpoints), else the defaults.
     parser.set_defaults(img_h=None, img_w=None, dataset=None)
     return parser
-
-
-def tested_dataset(given: str | None, trained: dict[str, Any]) -> str:
-    """``--dataset``, else the checkpoint's training data set, else the default one."""
-    if given is not None:
-        return given
-    name = trained.get("dataset")
-    # Said by the results' names (the table's rows start with the data set).
-    return name if name in dataset_names() else default_of(DataSettings, "dataset")
 
 
 def check_outputs(settings: TestSettings) -> None:
@@ -88,47 +67,20 @@ def check_outputs(settings: TestSettings) -> None:
     json_file, features = settings.save_json, settings.save_features
     if json_file and features and Path(json_file).resolve() == Path(features).resolve():
         raise UserError(f"--save_features {features}: the same file as --save_json")
-    if settings.visualize:
-        check_output_folder(rank_list_root(settings.save_json) / "rank_lists", "--visualize")
-
-
-def check_output_folder(folder: Path, flag: str) -> None:
-    """Fail unless ``folder`` exists as a writable folder or can be created."""
-    folder = folder.absolute()
-    probe = folder
+    if not settings.visualize:
+        return
+    folder = probe = (rank_list_root(settings.save_json) / "rank_lists").absolute()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise UserError(f"{flag}: cannot write {folder}: {probe} is a file, not a folder")
+        raise UserError(f"--visualize: cannot write {folder}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{flag}: cannot write {folder}: {probe} is not writable")
+        raise UserError(f"--visualize: cannot write {folder}: {probe} is not writable")
 
 
 def rank_list_root(save_json: str | None) -> Path:
     """Where ``--visualize`` writes its rank_lists/ folder: beside ``--save_json``, else ./."""
     return Path(save_json).parent if save_json else Path(".")
-
-
-def size_note(weights: str, checkpoint: dict[str, Any], data: DataSettings) -> str:
-    """Warn when ``data``'s image size is not the one the checkpoint was trained at; returns the
-    table title's mark for it (empty at the trained size)."""
-    trained = checkpoint.get("args") if not is_authors_checkpoint(checkpoint) else None
-    trained = trained if isinstance(trained, dict) else {}
-    flags = ("img_h", "img_w")
-    size = tuple(
-        stored_integer(trained.get(flag) or fallback, flag, weights)
-        for flag, fallback in zip(flags, DEFAULT_IMG_SIZE, strict=True)
-    )
-    if data.img_size == size:
-        return ""
-    log.warning(
-        "--img_h/--img_w %dx%d: %s was trained at %dx%d; features of another size usually "
-        "score lower",
-        *data.img_size,
-        weights,
-        *size,
-    )
-    return f" (at {data.img_h}x{data.img_w}; trained at {size[0]}x{size[1]})"
 
 
 def check_output_file(path: str, flag: str) -> None:
@@ -163,16 +115,21 @@ def protocol_settings(settings: TestSettings) -> ProtocolSettings:
     return protocol
 
 
-def resolve_data(data: DataSettings, weights: str, checkpoint: dict[str, Any]) -> DataSettings:
+def resolve_data(
+    data: DataSettings, weights: str, checkpoint: dict[str, Any]
+) -> tuple[DataSettings, str]:
     """The data settings, image size and split (``--trial``) from the checkpoint's training
-    options where the flags leave them out."""
+    options where the flags leave them out, and the table title's mark of an image size other
+    than the trained one (also warned of)."""
     trained = checkpoint.get("args") if not is_authors_checkpoint(checkpoint) else None
     trained = trained if isinstance(trained, dict) else {}
+    flags = ("img_h", "img_w")
+    size = tuple(
+        stored_integer(trained.get(flag) or fallback, flag, weights)
+        for flag, fallback in zip(flags, DEFAULT_IMG_SIZE, strict=True)
+    )
     height, width = (
-        stored_integer(trained.get(flag) or fallback, flag, weights) if given is None else given
-        for flag, given, fallback in zip(
-            ("img_h", "img_w"), data.img_size, DEFAULT_IMG_SIZE, strict=True
-        )
+        s if given is None else given for s, given in zip(size, data.img_size, strict=True)
     )
     dataset = get_dataset(data.dataset)
     trial = data.trial
@@ -184,17 +141,21 @@ def resolve_data(data: DataSettings, weights: str, checkpoint: dict[str, Any]) -
         and trained_split is not None
         and stored_integer(trained_split, "trial", weights) != trial
     ):
-        log.warning(
-            "%s was trained on %s trial %s; the test identities of trial %d may include "
-            "its training identities",
-            weights,
-            dataset.title,
-            trained_split,
-            trial,
+        what = (
+            "%s was trained on %s trial %s; the test identities of trial %d may include its "
+            "training identities"
         )
+        log.warning(what, weights, dataset.title, trained_split, trial)
     data = replace(data, img_h=height, img_w=width, trial=trial)
     check_data(data)
-    return data
+    if data.img_size == size:
+        return data, ""
+    what = (
+        "--img_h/--img_w %dx%d: %s was trained at %dx%d; features of another size usually "
+        "score lower"
+    )
+    log.warning(what, *data.img_size, weights, *size)
+    return data, f" (at {data.img_h}x{data.img_w}; trained at {size[0]}x{size[1]})"
 
 
 def run_tests(
@@ -205,28 +166,14 @@ def run_tests(
     device: torch.device,
     keep: list[Any] | None = None,
 ) -> tuple[dict[str, Any], list[tuple[str, dict[str, float]]]]:
-    """Run the protocols ``protocols`` select; returns the results and the table rows.
-
-    ``keep``, when given, receives each protocol's features (``ProtocolFeatures``).
-    """
-    from utils.evaluation.evaluate import FEATURES, evaluate_protocols
+    """Run the protocols ``protocols`` select; returns the results and the table rows
+    (``keep``, when given, receives each protocol's features)."""
+    from utils.engine.evaluation import evaluate_data
+    from utils.evaluation.evaluate import FEATURES
 
     dataset = get_dataset(data.dataset)
-    evaluated = evaluate_protocols(
-        model,
-        dataset,
-        data.data_root,
-        dataset.protocols(protocols),
-        data.split,
-        dataset.draws_of(data.trial),
-        device,
-        data.img_size,
-        evaluation.test_batch,
-        evaluation.amp if device.type == "cuda" else "none",
-        evaluation.flip,
-        keep,
-        evaluation.rerank,
-    )
+    draws = dataset.draws_of(data.trial)
+    evaluated = evaluate_data(model, data, evaluation, protocols, draws, device, keep)
     results = {dataset.result_name(p, data.split): result for p, result in evaluated}
     rows = [
         (f"{name} {kind}", result[kind]) for name, result in results.items() for kind in FEATURES
@@ -282,42 +229,23 @@ def feature_arrays(kept: list[Any], flip: bool) -> dict[str, np.ndarray]:
     return arrays
 
 
-def save_features(path: str, kept: list[Any], flip: bool) -> None:
-    """Write ``--save_features`` atomically (never half a file)."""
-    arrays = feature_arrays(kept, flip)
+def write_output(flag: str, path: str, write: Callable[[str], None]) -> None:
+    """Write ``path`` with ``write`` (atomic: never half a file), a failure named in one line."""
     try:
-        write_atomic(path, lambda handle: np.savez(handle, **arrays))
+        write(path)
     except DiskFull as err:
-        raise UserError(f"--save_features {path}: {err}") from None
+        raise UserError(f"{flag} {path}: {err}") from None
     except OSError as err:
-        raise UserError(f"--save_features {path}: cannot write ({err.strerror})") from None
-
-
-def _write_json(path: str, payload: dict[str, Any]) -> None:
-    """Write ``payload`` through a temporary file and a rename (never half a file)."""
-    try:
-        write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
-    except DiskFull as err:
-        raise UserError(f"--save_json {path}: {err}") from None
-    except OSError as err:
-        raise UserError(f"--save_json {path}: cannot write ({err.strerror})") from None
-
-
-def overflow_error(weights: str, ema: bool, model: CMNASNet) -> UserError:
-    """The one line for finite weights so large that the features overflow (NaN distances)."""
-    largest = ", ".join(largest_tensors(model.state_dict(), 2))
-    return UserError(
-        f"{weights}: the {'EMA' if ema else 'live'} weights are finite but give "
-        f"non-finite features (they overflow; largest: {largest}): the checkpoint cannot be "
-        "scored"
-    )
+        raise UserError(f"{flag} {path}: cannot write ({err.strerror})") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse options, rebuild the model from its checkpoint, evaluate and report."""
     values, trained = parse_flags(get_args_parser, argv, "--weights")
     setup_logging()
-    values["dataset"] = tested_dataset(values["dataset"], trained)
+    if values["dataset"] is None:  # the checkpoint's training data set, else the default one
+        name = trained.get("dataset")
+        values["dataset"] = name if name in dataset_names() else default_of(DataSettings, "dataset")
     settings = build(TestSettings, values)
     evaluation, source = settings.evaluation, settings.checkpoint
     device = select_device(evaluation.device)
@@ -325,8 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     protocols = protocol_settings(settings)
     check_outputs(settings)
     checkpoint = read_checkpoint(source.weights)
-    data = resolve_data(settings.data, source.weights, checkpoint)
-    marks = size_note(source.weights, checkpoint, data)
+    data, marks = resolve_data(settings.data, source.weights, checkpoint)
     check_data_root(data.dataset, data.data_root, data.trial, parts=("test",))
     model = model_from_checkpoint(
         source.weights, checkpoint, source.config_path, source.last_stride, source.ema
@@ -338,42 +265,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         if "NaN" not in str(err):
             raise
-        raise overflow_error(source.weights, source.ema, model) from None
+        largest = ", ".join(largest_tensors(model.state_dict(), 2))
+        raise UserError(
+            f"{source.weights}: the {'EMA' if source.ema else 'live'} weights are finite but give "
+            f"non-finite features (they overflow; largest: {largest}): the checkpoint cannot be "
+            "scored"
+        ) from None
+    from utils.evaluation.evaluate import format_table
+
     # The table goes to stdout only (the log on stderr would show it a second time).
-    title = source.weights + marks
-    sys.stdout.write(format_results(rows, title, source.ema, evaluation) + "\n")
+    rerank = evaluation.rerank
+    marks += (" (EMA)" if source.ema else "") + (" (flip)" if evaluation.flip else "")
+    marks += f" ({rerank.describe()})" if rerank is not None else ""
+    sys.stdout.write(format_table(rows, title=f"{source.weights}{marks}") + "\n")
     if settings.save_json:
         payload = {
             "weights": source.weights,
             "ema": source.ema,
             "flip": evaluation.flip,
-            "rerank": evaluation.rerank.as_dict() if evaluation.rerank is not None else False,
+            "rerank": rerank.as_dict() if rerank is not None else False,
             "dataset": data.dataset,
             "img_size": list(data.img_size),
             "results": results,
         }
-        _write_json(settings.save_json, payload)
+        text = json.dumps(payload, indent=2) + "\n"
+        write_output("--save_json", settings.save_json, lambda path: write_text_atomic(path, text))
         log.info("wrote %s", settings.save_json)
     if settings.save_features:
-        save_features(settings.save_features, kept or [], evaluation.flip)
+        arrays = feature_arrays(kept or [], evaluation.flip)
+        write_output(
+            "--save_features",
+            settings.save_features,
+            lambda path: write_atomic(path, lambda handle: np.savez(handle, **arrays)),
+        )
         log.info("wrote %s", settings.save_features)
     if settings.visualize:
         root = rank_list_root(settings.save_json)
         write_rank_lists(data.dataset, root, settings.visualize, kept or [])
     return 0
-
-
-def format_results(
-    rows: list[tuple[str, dict[str, float]]], weights: str, ema: bool, evaluation: EvalSettings
-) -> str:
-    """The printed table, titled with the weights it scored (``weights``, with a note of another
-    image size) and how (EMA, flip, re-ranking)."""
-    from utils.evaluation.evaluate import format_table
-
-    rerank = evaluation.rerank
-    marks = (" (EMA)" if ema else "") + (" (flip)" if evaluation.flip else "")
-    marks += f" ({rerank.describe()})" if rerank is not None else ""
-    return format_table(rows, title=f"{weights}{marks}")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from utils.base.cli import run_cli
-from utils.engine.options import train_parser, training_settings
-from utils.engine.stored_options import parse_flags
+from utils.engine.options import parse_flags, train_parser, training_settings
 
 log = logging.getLogger("train")
 

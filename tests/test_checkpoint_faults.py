@@ -22,7 +22,7 @@ from model import Arch, build_model, load_checkpoint, save_arch
 from model.checkpoint import RUN_LATEST, damaged_tensors, read_checkpoint, stored_integer
 from utils.base.cli import run_cli
 from utils.base.errors import UserError
-from utils.engine.rundir import LATEST
+from utils.engine.checkpointer import LATEST
 
 from checkpoint_files import authors_checkpoint, save_authors  # isort: skip
 

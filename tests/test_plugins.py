@@ -114,7 +114,9 @@ def test_plot_draws_the_plugins_loss_without_it(plugin_run: Path, plugin_dir: Pa
     assert "spread" in collect_series(read_log(plugin_run))["loss"]
     shell(plugin_dir, "-m", "utils.plot", plugin_run)
     assert (plugin_run / "curves.png").is_file()
-    shell(plugin_dir, "-m", "utils.plot", plugin_run, "--plugin", "my_sets", "--out", "x.png")
+    out = plugin_run / "with_plugin.png"  # not in the repository, where the command runs
+    shell(plugin_dir, "-m", "utils.plot", plugin_run, "--plugin", "my_sets", "--out", out)
+    assert out.is_file()
 
 
 def test_the_search_hint_trains_from_the_shell(

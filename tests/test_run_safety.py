@@ -25,7 +25,7 @@ import train
 from model.checkpoint import non_finite_tensors
 from utils.base.cli import run_cli
 from utils.engine import evaluation
-from utils.engine.ema import ModelEMA
+from utils.engine.build import ModelEMA
 from utils.engine.options import training_settings
 from utils.engine.settings import TrainSettings
 from utils.engine.trainer import LATEST, Trainer

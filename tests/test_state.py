@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from utils.base.errors import UserError
-from utils.engine.checkpointer import freed_bytes
-from utils.engine.rundir import RUN_FILES, clear_run_dir, trim_epoch_log
+from utils.engine.checkpointer import RUN_FILES, clear_run_dir, freed_bytes, trim_epoch_log
 from utils.engine.search import ARCH_FILE, SearchTrainer
 from utils.engine.state import (
     GeneratorState,

@@ -1,13 +1,9 @@
 """Entry-point plumbing shared by the command-line tools: settings declared once, the parsers
 generated from them, plugins named on the command line, and :func:`run_cli`.
 
-A setting is a field of a frozen settings dataclass declared with :func:`setting`: its default,
-the help and ``--help`` group of its flag, and the check of its value. From the declarations,
-:func:`add_flags` adds a parser's flags, :func:`build` turns the parsed values into settings,
-:func:`check_fields` refuses a value its check rejects (each settings class calls it when it is
-built, from flags or from code), and :func:`flag_values` gives the values back by flag name (what
-a checkpoint records as ``args``). Nested settings contribute their flags in place; a setting
-made of several flags (the re-ranking parameters, the loss weights) is a :func:`composite`.
+A setting is a field of a frozen settings dataclass declared with :func:`setting` (its default,
+its flag's help and ``--help`` group, the check of its value) or, made of several flags, with
+:func:`composite`; nested settings contribute their flags in place.
 """
 
 from __future__ import annotations
@@ -124,10 +120,8 @@ def add_flags(
     groups: Sequence[str | None],
     **context: str,
 ) -> None:
-    """Add the flags of ``groups`` to ``parser``, in that order (None: its own options).
-
-    ``context`` fills the ``{name}`` fields of the help texts.
-    """
+    """Add the flags of ``groups`` to ``parser``, in that order (None: its own options);
+    ``context`` fills the ``{name}`` fields of the help texts."""
     sections: dict[str | None, Any] = {None: parser}
     for option in ordered(found, groups):
         group = option.flag.group
@@ -162,11 +156,8 @@ def _keywords(option: Option, context: Mapping[str, str]) -> dict[str, Any]:
 
 
 def build(cls: type[T], values: Mapping[str, Any], **given: Any) -> T:
-    """Settings ``cls`` of parsed flag ``values`` (nested settings built alike; ``given`` as is).
-
-    Flags a parser gives as lists become tuples; settings whose flags are not in ``values`` keep
-    their defaults.
-    """
+    """Settings ``cls`` of parsed flag ``values`` (nested settings built alike; ``given`` as is;
+    lists become tuples; settings whose flags are absent keep their defaults)."""
     hints = get_type_hints(cls)
     kwargs = dict(given)
     for item in fields(cls):
@@ -221,11 +212,9 @@ def default_of(cls: type, name: str) -> Any:
 
 
 # ----- plugins ------------------------------------------------------------------------------
-# A user's module that registers data sets or losses is named with --plugin MODULE (repeatable),
-# as pytest names its plugins with -p: a flag shows in the command that ran, is recorded in the
-# run's args like every other setting (so a resume and test.py import it again), and the hints
-# a command prints can carry it; an environment variable would be invisible in all three. The
-# module is found as ``import MODULE`` finds it: the scripts' folder, then PYTHONPATH.
+# A user's module that registers data sets or losses is named with --plugin MODULE, as pytest
+# names its plugins with -p: unlike an environment variable, a flag shows in the command that ran,
+# is recorded in the run's args (so a resume and test.py import it again) and in printed hints.
 PLUGIN = Flag(
     "import this module first: a user's data sets or losses (repeatable; recorded in the run, "
     "so --resume and test.py import it again)",
@@ -245,10 +234,8 @@ def add_plugin_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def load_plugins(names: Iterable[str], source: str = "") -> None:
-    """Import each plugin module (importing it registers its data sets or losses).
-
-    ``source`` says where the names come from when the command line did not give them.
-    """
+    """Import each plugin module (which registers its data sets or losses); ``source`` says
+    where the names come from when the command line did not give them."""
     where = f" (recorded in {source})" if source else ""
     for name in names:
         try:

@@ -1,10 +1,6 @@
-"""The settings of reading data and scoring features, each declared once: the data, the
-evaluation, a checkpoint to score, and test.py's protocols and outputs.
-
-A setting is a dataclass field declared with :func:`utils.base.cli.setting`: its default, the
-help and ``--help`` group of its flag, and the check of its value. The commands generate their
-parsers from these declarations (:mod:`utils.engine.options`) and turn the parsed flags into
-these frozen settings at the top; a value its check rejects is a one-line error naming the flag,
+"""The settings of reading data and scoring features (the data, the evaluation, a checkpoint to
+score, test.py's protocols and outputs), each declared once with :func:`utils.base.cli.setting`:
+its default, flag, help and check. A value its check rejects is a one-line error naming the flag,
 whether the settings come from a command line or from code.
 """
 
@@ -101,14 +97,11 @@ def _rerank_flags() -> list[Option]:
     """``--rerank`` and its parameters, None unless given (they take effect only with it)."""
     paper = RerankSettings()
     integer = {"check": lambda v: v >= 1, "expected": "an integer >= 1"}
+    unit = {"check": lambda v: 0 <= v <= 1, "expected": "a value in [0, 1]"}
     texts = (
         ("k1", "k of the k-reciprocal neighbour sets", integer),
         ("k2", "neighbours of the local query expansion, at most --k1", integer),
-        (
-            "lambda_value",
-            "weight of the original distance against the Jaccard distance",
-            {"check": lambda v: 0 <= v <= 1, "expected": "a value in [0, 1]"},
-        ),
+        ("lambda_value", "weight of the original distance against the Jaccard distance", unit),
     )
     switch = Flag(
         "k-reciprocal re-ranking (Zhong et al., CVPR 2017) of each gallery draw, from the "
@@ -143,7 +136,7 @@ def _rerank_of(values: Mapping[str, Any]) -> RerankSettings | None:
 
 
 def rerank_of_flags(values: Mapping[str, Any]) -> RerankSettings | None:
-    """The re-ranking the flag ``values`` ask for, every value checked (also for the tools)."""
+    """The re-ranking the flag ``values`` ask for, every value checked (for the tools)."""
     for part in _rerank_flags():
         check_value(part.name, values.get(part.name), part.flag)
     return _rerank_of(values)

@@ -1,12 +1,8 @@
 """The evaluation side of a training run, beside the loop: what is scored, and its record.
 
-:class:`Evaluation` keeps the run's ``log.jsonl``: an epoch's record is written before its
-checkpoint, marked pending when an evaluation follows, and completed with the evaluation's flat
-Rank-1/mAP numbers, so that a resume can run an evaluation a kill cut short. It logs each
-evaluation's table and writes the final one to ``results.json``/``results.md``. What it scores
-is the run's to say (its ``score``): a training run scores the data set's test protocol with the
-live weights and, beside them, the EMA (:func:`protocol_scores`, keys ending in ``_ema``). No
-model selection is made with these numbers: they monitor the run.
+An epoch's record in ``log.jsonl`` is written before its checkpoint, marked pending when an
+evaluation follows, and completed with the evaluation's numbers, so that a resume can run an
+evaluation a kill cut short. No model selection is made with these numbers: they monitor the run.
 """
 
 from __future__ import annotations
@@ -22,28 +18,54 @@ from torch import nn
 
 from data import ProtocolSettings, get_dataset
 from model import Arch
+from utils.base.cli import default_of
 from utils.base.distributed import DistInfo, barrier
 from utils.base.io import write_text_atomic
 from utils.base.logger import append_json_line
 from utils.engine.checkpointer import NonFiniteLoss
-from utils.engine.rundir import PENDING, complete_epoch_record, pending_evaluation
-from utils.engine.settings import DataSettings, EvalSettings
+from utils.engine.settings import DataSettings, EvalSettings, TrainSettings
 from utils.engine.signals import StopRequest
 from utils.evaluation.evaluate import evaluate_protocols, format_table
 
-__all__ = [
-    "WEIGHTS_NOTE",
-    "Evaluation",
-    "evaluate_training_run",
-    "protocol_scores",
-]
-
 log = logging.getLogger(__name__)
+
+# The key an epoch record carries while its evaluation has not finished.
+PENDING = "evaluation"
 
 WEIGHTS_NOTE = (
     "live: the live model (the checkpoint's `model`, scored by test.py); "
     "ema: the EMA weights (its `ema`, test.py --ema)"
 )
+
+
+def evaluate_data(
+    model: nn.Module,
+    data: DataSettings,
+    evaluation: EvalSettings,
+    protocols: ProtocolSettings,
+    draws: list[int],
+    device: torch.device,
+    keep: list[Any] | None = None,
+) -> list[tuple[Any, dict[str, Any]]]:
+    """The test protocols ``protocols`` select on the gallery ``draws``, scored as ``evaluation``
+    says: (protocol, result) pairs (``keep`` receives each protocol's features)."""
+    dataset = get_dataset(data.dataset)
+    amp = evaluation.amp if device.type == "cuda" else "none"
+    return evaluate_protocols(
+        model,
+        dataset,
+        data.data_root,
+        dataset.protocols(protocols),
+        data.split,
+        draws,
+        device,
+        data.img_size,
+        evaluation.test_batch,
+        amp,
+        evaluation.flip,
+        keep,
+        evaluation.rerank,
+    )
 
 
 def evaluate_training_run(
@@ -53,68 +75,39 @@ def evaluate_training_run(
     final: bool,
     device: torch.device,
 ) -> dict[str, Any]:
-    """The training-time evaluation: every draw at the end, the first one for monitoring.
-
-    Results are keyed ``<data set>_<protocol key>`` (with ``_flip`` under ``--flip`` and then
-    ``_rerank`` under ``--rerank``), the names of the epoch records and of results.json.
-    """
+    """The training-time evaluation (every draw at the end, the first one for monitoring), keyed
+    ``<data set>_<protocol key>`` with ``_flip`` and ``_rerank`` where they apply."""
     dataset = get_dataset(data.dataset)
-    protocols = dataset.protocols(ProtocolSettings(mode=evaluation.mode, shot=1, direction="both"))
+    protocols = ProtocolSettings(mode=evaluation.mode, shot=1, direction="both")
     draws = dataset.draws_of(None) if final else dataset.draws_of(None)[:1]
-    amp = evaluation.amp if device.type == "cuda" else "none"
-    results = evaluate_protocols(
-        model,
-        dataset,
-        data.data_root,
-        protocols,
-        data.split,
-        draws,
-        device,
-        data.img_size,
-        evaluation.test_batch,
-        amp,
-        evaluation.flip,
-        rerank=evaluation.rerank,
-    )
+    results = evaluate_data(model, data, evaluation, protocols, draws, device)
     suffix = ("_flip" if evaluation.flip else "") + ("_rerank" if evaluation.rerank else "")
     return {dataset.record_key(protocol) + suffix: result for protocol, result in results}
 
 
+# What an Evaluation scores: (final, epoch) -> the results by key.
+Scorer = Callable[[bool, int], dict[str, Any]]
 # The results' title when every slot is shared (train.py's default architecture).
 BASELINE_NOTE = "all-shared baseline (every BN slot shared)"
-# train.py's architecture when --config_path is not given.
-DEFAULT_CONFIG = "configs/all_shared.json"
 
 
 def baseline_note(arch: Arch, config_path: str | None) -> str:
     """:data:`BASELINE_NOTE` when ``arch`` has no split slot (also said in a warning), else ""."""
     if arch.split_slots():
         return ""
+    default = config_path == default_of(TrainSettings, "config_path")
+    hint = " (no --config_path given; pass a searched arch.json to train it)" if default else ""
     log.warning(
-        "%s: every BN slot is shared: this trains the all-shared baseline%s",
-        config_path,
-        " (no --config_path given; pass a searched arch.json to train it)"
-        if config_path == DEFAULT_CONFIG
-        else "",
+        "%s: every BN slot is shared: this trains the all-shared baseline%s", config_path, hint
     )
     return BASELINE_NOTE
 
 
 class Evaluation:
-    """A training-time evaluation, run on rank 0, and the epoch records of the run in ``out``.
+    """A training-time evaluation on rank 0 (``score(final, epoch)``: the results by key after
+    ``epoch`` epochs, 0-based; ``note`` heads their title) and the epoch records in ``out``."""
 
-    ``score(final, epoch)`` gives the results by key after ``epoch`` (0-based) epochs, each with
-    pool and BNNeck metrics; ``note`` is said first in the results' title (e.g. that the network
-    is the all-shared baseline).
-    """
-
-    def __init__(
-        self,
-        out: Path,
-        dist: DistInfo,
-        score: Callable[[bool, int], dict[str, Any]],
-        note: str = "",
-    ) -> None:
+    def __init__(self, out: Path, dist: DistInfo, score: Scorer, note: str = "") -> None:
         self.out, self.dist = out, dist
         self.score, self.note = score, note
         self.log_file = out / "log.jsonl"
@@ -126,7 +119,36 @@ class Evaluation:
 
     def pending(self, epochs_done: int) -> bool:
         """Whether the record of ``epochs_done`` epochs still waits for its evaluation (rank 0)."""
-        return self.dist.is_main and pending_evaluation(self.log_file, epochs_done)
+        return self.dist.is_main and any(
+            r.get("epoch") == epochs_done and r.get(PENDING) == "pending" for r in self._records()
+        )
+
+    def _records(self) -> list[dict[str, Any]]:
+        """The records of ``log.jsonl`` (none when absent; a line torn by a crash is skipped)."""
+        if not self.log_file.is_file():
+            return []
+        records = []
+        for line in self.log_file.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
+    def _complete(self, epoch: int, numbers: dict[str, Any]) -> None:
+        """Merge an evaluation's ``numbers`` into ``epoch``'s record, atomically (no record of
+        it, e.g. in a run resumed into a new folder: nothing)."""
+        records = self._records()
+        found = False
+        for record in records:
+            if record.get("epoch") == epoch:
+                record.pop(PENDING, None)
+                record.update(numbers)
+                found = True
+        if found:
+            write_text_atomic(self.log_file, "".join(json.dumps(r) + "\n" for r in records))
 
     def run(self, final: bool, epoch: int, epochs_done: int, stop: StopRequest) -> dict[str, Any]:
         """Evaluate on rank 0 (``epoch``: the epoch being trained, 0-based), log it and complete
@@ -135,18 +157,16 @@ class Evaluation:
         stop.phase = "final evaluation" if final else "evaluation"
         try:
             if self.dist.is_main:
-                flat = self.record(final, epoch)
-                complete_epoch_record(self.log_file, epochs_done, flat)
+                flat = self._record(final, epoch)
+                self._complete(epochs_done, flat)
             barrier(self.dist)
         finally:
             stop.phase = "step"
         return flat
 
-    def record(self, final: bool, epoch: int) -> dict[str, Any]:
-        """Evaluate and log a summary; the final results also go to results.json/md.
-
-        Returns the flat Rank-1/mAP numbers for the epoch's log.jsonl record.
-        """
+    def _record(self, final: bool, epoch: int) -> dict[str, Any]:
+        """Evaluate and log a summary (the final one also to results.json/md); returns the flat
+        Rank-1/mAP numbers for the epoch's record."""
         flat: dict[str, Any] = {}
         results = self.score(final, epoch)
         rows = []
@@ -156,10 +176,8 @@ class Evaluation:
                 flat[f"{protocol}_{kind}_rank1"] = round(result[kind]["rank1"], 2)
                 flat[f"{protocol}_{kind}_mAP"] = round(result[kind]["mAP"], 2)
                 rows.append((f"{protocol} {kind}{weights}", result[kind]))
-        title = WEIGHTS_NOTE if any("weights" in r for r in results.values()) else ""
-        if self.note:
-            title = f"{self.note}; {title}" if title else self.note
-        table = format_table(rows, title)
+        weights_note = WEIGHTS_NOTE if any("weights" in r for r in results.values()) else ""
+        table = format_table(rows, "; ".join(note for note in (self.note, weights_note) if note))
         log.info("evaluation%s:\n%s", " (final)" if final else "", table)
         if final:
             write_text_atomic(self.out / "results.json", json.dumps(results, indent=2) + "\n")
@@ -176,14 +194,8 @@ def protocol_scores(
     final: bool,
     epoch: int,
 ) -> dict[str, Any]:
-    """The test protocol after ``epoch`` (0-based) epochs, for monitoring (no model selection is
-    made with it), scored with the live ``model`` and, beside it, the ``ema``.
-
-    The live weights are the checkpoint's ``model`` (``test.py``), the ones the authors' loop
-    evaluated; the EMA is its ``ema`` (``test.py --ema``). Results are keyed by protocol,
-    ``_ema`` appended for the EMA's; each says which weights it scored (``"weights": "live"``
-    or ``"ema"``).
-    """
+    """The test protocol after ``epoch`` (0-based) epochs scored with the live ``model`` (the
+    authors' choice) and the ``ema``, whose keys end in ``_ema``; each result names its weights."""
     results: dict[str, Any] = {}
     for label, weights in (("live", model), ("ema", ema)):
         if weights is None:

@@ -1,15 +1,10 @@
 """The architecture search as a variant of the training loop: the supernet as its model, an
-extra step on the side, the alphas' optimizer in its state.
+architecture step beside the weights step, the alphas' optimizer in its state.
 
-Every slot of the supernet mixes its shared and split BNs with ``softmax(alpha / tau)``, the
-temperature following the epoch. The training identities are split into a weights set and an
-architecture set; each step trains the network weights on a weights-set batch with the full
-training loss and, after ``--arch_warmup`` epochs and every ``--arch_freq`` steps, the alphas on
-an architecture-set batch with the identity-agnostic cross-modality loss (the terms the loss
-table marks for the search). The run writes ``arch.json`` (argmax per slot, with the final
-probabilities and provenance), ``log.jsonl`` with the split probabilities of every epoch, and
-``search_heatmap.png``. The test protocol is never run: the derived architecture is scored on
-the architecture set (infrared queries against the visible gallery).
+The training identities are split into a weights set and an architecture set. After
+``--arch_warmup`` epochs, every ``--arch_freq`` steps the alphas train on an architecture-set
+batch with the identity-agnostic cross-modality loss. The test protocol is never run: the derived
+architecture is scored on the architecture set (infrared queries against the visible gallery).
 """
 
 from __future__ import annotations
@@ -33,9 +28,8 @@ from model.checkpoint import SEARCH_KEY
 from model.losses import search_terms
 from utils.base.errors import UserError
 from utils.base.modality import Modality
-from utils.engine.batch import ResidentImages
-from utils.engine.build import build_sampler
-from utils.engine.rundir import RUN_FILES
+from utils.engine.build import ResidentImages, build_sampler
+from utils.engine.checkpointer import RUN_FILES
 from utils.engine.settings import SearchSettings
 from utils.engine.state import GeneratorState, LossMeter
 from utils.engine.trainer import Trainer
@@ -59,11 +53,8 @@ _ARCH_STREAM = 7919
 def split_identities(
     pids: Sequence[int], fraction: float, seed: int, min_ids: int
 ) -> tuple[list[int], list[int]]:
-    """Split identities at random (by ``seed``) into disjoint (weights, architecture) sets.
-
-    ``fraction`` of them (rounded, at least one) train the architecture; each set needs at least
-    ``min_ids`` identities (one batch's worth), or the split is a UserError.
-    """
+    """Split identities at random (by ``seed``) into disjoint (weights, architecture) sets,
+    ``fraction`` of them (rounded, at least one) for the architecture, ``min_ids`` at least each."""
     pids = sorted(int(p) for p in pids)
     count = len(pids)
     n_arch = min(max(round(fraction * count), 1), max(count - 1, 0))
@@ -89,13 +80,11 @@ class SearchTrainer(Trainer):
     run_files = (*RUN_FILES, ARCH_FILE, HEATMAP_NAME)
 
     def __init__(self, search: SearchSettings, train_set: TrainSet | None = None) -> None:
-        """Build the search of ``search`` (see :class:`Trainer`)."""
         self.search = search
         # (global step, result) of the last architecture-set evaluation.
         self._arch_eval: tuple[int, dict[str, Any]] | None = None
         super().__init__(search.train, train_set)
 
-    # ----- what the search supplies ---------------------------------------------------------
     def load_architecture(self, resumed: dict[str, Any] | None) -> None:
         """None: the architecture is derived from the supernet (see :meth:`architecture`); a
         resumed checkpoint must be a search of this depth."""
@@ -175,11 +164,8 @@ class SearchTrainer(Trainer):
         return {"arch_set": self.evaluate_arch()} if self.search.eval_arch else {}
 
     def temperature(self, epoch: int) -> float:
-        """``--tau`` (softmax), or the Gumbel temperature of ``epoch``.
-
-        Gumbel: ``--tau_max`` until the architecture starts training, then linear down to
-        ``--tau_min`` at the last epoch.
-        """
+        """``--tau`` (softmax), or the Gumbel temperature of ``epoch``: ``--tau_max`` until the
+        architecture trains, then linear down to ``--tau_min`` at the last epoch."""
         search = self.search
         if search.relaxation == "softmax":
             return search.tau
@@ -216,7 +202,6 @@ class SearchTrainer(Trainer):
             record["tau_max"], record["tau_min"] = search.tau_max, search.tau_min
         return record
 
-    # ----- the step ------------------------------------------------------------------------
     def training_step(
         self, visible_idx: np.ndarray, infrared_idx: np.ndarray
     ) -> dict[str, torch.Tensor]:
@@ -247,13 +232,9 @@ class SearchTrainer(Trainer):
         self.arch_scaler.update()
         return {k: v.detach() for k, v in terms.items()}
 
-    # ----- per-epoch record and the end of the run -----------------------------------------
     def epoch_record(self, epoch: int) -> dict[str, Any]:
-        """The split probabilities, the architecture loss and the arch-set score of ``epoch``.
-
-        With the temperature (also logged) the probabilities determine the alphas up to the
-        shift that softmax ignores, so they are all a run needs to be plotted.
-        """
+        """The split probabilities and temperature (which fix the alphas up to softmax's shift),
+        the architecture loss and the arch-set score of ``epoch``."""
         arch = self.architecture()
         probabilities = supernet.split_probabilities(self.model_without_ddp)
         record: dict[str, Any] = {

@@ -1,9 +1,6 @@
 """Typed settings of a training run and a search, each declared once (see
-:mod:`utils.engine.eval_settings`); the defaults are the paper's training recipe, the flag names
-the authors' (``--data_root``, ``--config_path``, ``--num_pos``, ...). Settings built in code (the
-benchmark's) are checked alike, and the EMA decay and overwrite schedule left out are the data
-set's, resolved here. A run's settings by flag name (:meth:`TrainSettings.flags`) are what its
-checkpoints record as ``args``.
+:mod:`utils.engine.eval_settings`): the defaults are the paper's recipe, the flag names the
+authors'. A run's settings by flag name (:meth:`TrainSettings.flags`) are its checkpoints' ``args``.
 """
 
 from __future__ import annotations
@@ -43,22 +40,9 @@ from utils.engine.eval_settings import (
     SEARCH,
     STRIDES,
     TRAIN_GROUPS,
-    CheckpointSettings,
     DataSettings,
     EvalSettings,
-    TestSettings,
 )
-
-__all__ = [
-    "ArchSearch",
-    "CheckpointSettings",
-    "DataSettings",
-    "EvalSettings",
-    "OptimSettings",
-    "SearchSettings",
-    "TestSettings",
-    "TrainSettings",
-]
 
 
 @dataclass(frozen=True)
@@ -161,9 +145,7 @@ class ArchSearch:
         **POSITIVE_INTEGER,
     )
     eval_arch: bool = setting(
-        True,
-        "score the derived architecture on the architecture set after every epoch",
-        SEARCH,
+        True, "score the derived architecture on the architecture set after every epoch", SEARCH
     )
 
     def __post_init__(self) -> None:
@@ -174,11 +156,8 @@ class ArchSearch:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """A training run: data, recipe, run folder and bookkeeping (the paper's recipe by default).
-
-    The fields after ``folder`` are in the order train.py's ``--help`` lists their flags;
-    ``ema_decay`` and ``ema_overwrite_every`` left as None take the data set's values.
-    """
+    """A training run: data, recipe, run folder and bookkeeping, the fields after ``folder`` in
+    the order of train.py's ``--help``; the EMA settings left as None take the data set's."""
 
     data: DataSettings
     folder: Path

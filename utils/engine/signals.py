@@ -7,11 +7,10 @@ import contextlib
 import logging
 import signal
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from utils.base.errors import StopNow
-from utils.engine.rundir import resume_command
+from utils.engine.checkpointer import resume_command
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +37,8 @@ class Interrupted(Exception):
 
 
 class StopRequest:
-    """Whether the run was asked to stop; inside ``with`` it listens to :data:`STOP_SIGNALS`.
-
-    The first signal asks the loop to stop after its current step (or evaluation: see
-    ``phase``); a second one stops at once (:class:`StopNow`, exit status 128 + signal). The
-    previous handlers come back on exit.
-    """
+    """Whether the run was asked to stop; inside ``with`` it listens to :data:`STOP_SIGNALS`: the
+    first asks the loop to stop after its current step (or evaluation), a second stops at once."""
 
     def __init__(self, script: str = "train.py") -> None:
         self.signum: int | None = None
@@ -70,11 +65,8 @@ class StopRequest:
         if self.requested:
             raise StopNow(signum)  # a second signal stops at once
         self.request(signum)
-        log.warning(
-            "%s: %s (again: stop now)",
-            signal.Signals(signum).name,
-            _AFTER.get(self.phase, _AFTER["step"]),
-        )
+        after = _AFTER.get(self.phase, _AFTER["step"])
+        log.warning("%s: %s (again: stop now)", signal.Signals(signum).name, after)
 
     def __enter__(self) -> StopRequest:
         for signum in STOP_SIGNALS:
@@ -83,12 +75,7 @@ class StopRequest:
                 self._previous[signum] = signal.signal(signum, self._on_signal)
         return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()

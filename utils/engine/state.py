@@ -1,19 +1,10 @@
 """The run state: what a checkpoint holds besides its header, and the rules for resuming it.
 
-:class:`RunState` maps checkpoint entry names to the objects they save and restore: the network,
-its EMA, optimizer, schedule, gradient scaler, random states, and whatever a variant of the
-training loop registers (the search adds its alphas' optimizer). An entry is
-
-* an object with ``state_dict()`` / ``load_state_dict()`` (optimizers, schedules, scalers,
-  :class:`LossMeter`, :class:`GeneratorState`, :class:`ProcessRandomState`);
-* an ``nn.Module``, loaded through :func:`model.weights.load_state` so that a mismatch names
-  the parts that do not fit;
-* a dict of entries (saved as a nested dict);
-* a plain value (a list, a string, None), saved to describe the run and never loaded back.
-
-Random states are per process. The checkpoint holds rank 0's under their entry names and, in a
-multi-process run, every rank's under :data:`RANDOM_BY_RANK`; a resume with the same number of
-processes gives each rank its own.
+An entry of :class:`RunState` is an object with ``state_dict()``/``load_state_dict()``, an
+``nn.Module`` (loaded so that a mismatch names the parts that do not fit), a dict of entries, or
+a plain value saved to describe the run and never loaded back. Random states are per process:
+rank 0's under their entry names and, in a multi-process run, every rank's under
+:data:`RANDOM_BY_RANK`.
 """
 
 from __future__ import annotations
@@ -42,19 +33,10 @@ log = logging.getLogger(__name__)
 RESUME_FIXED = ("dataset", "img_h", "img_w", "batch_size", "num_pos", "last_stride", "seed")
 # Options that may change on a resume without comment (paths, bookkeeping, evaluation).
 RESUME_FREE = frozenset(
-    {
-        "data_root", "cache_dir", "save", "note", "resume", "device", "test_batch", "log_freq",
-        "save_freq", "test_freq", "epochs", "compile", "channels_last", "mode", "eval_arch",
-        "overwrite", "flip", "rerank", "k1", "k2", "lambda_value",
-    }
-)  # fmt: skip
-
-
-def gather_objects(value: Any) -> list[Any]:
-    """``value`` of every rank, in rank order, on every rank (a multi-process run's state)."""
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
+    ("data_root", "cache_dir", "save", "note", "resume", "overwrite", "device", "test_batch")
+    + ("log_freq", "save_freq", "test_freq", "epochs", "compile", "channels_last", "eval_arch")
+    + ("mode", "flip", "rerank", "k1", "k2", "lambda_value")
+)
 
 
 class ProcessRandomState:
@@ -62,10 +44,10 @@ class ProcessRandomState:
 
     def state_dict(self) -> dict[str, Any]:
         """Python, NumPy and torch (CPU and CUDA) states as weights-only-loadable values."""
-        np_state = np.random.get_state()
+        np_state, (version, internal, gauss) = np.random.get_state(), random.getstate()
         state: dict[str, Any] = {
-            "python": list(random.getstate()[1]) + [random.getstate()[2]],
-            "python_version": random.getstate()[0],
+            "python": list(internal) + [gauss],
+            "python_version": version,
             "numpy": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
             "numpy_pos": int(np_state[2]),
             "numpy_gauss": [int(np_state[3]), float(np_state[4])],
@@ -105,12 +87,8 @@ _RANDOM = (ProcessRandomState, GeneratorState)
 
 
 class LossMeter:
-    """Per-term loss sums over the steps of an epoch, kept on the device.
-
-    Reading a sum back would synchronise with the device, so the loop reads them only at its
-    log points and the end of the epoch. A checkpoint taken mid-epoch saves the sums, so the
-    resumed epoch's record covers every step.
-    """
+    """Per-term loss sums over the steps of an epoch, kept on the device (reading one back
+    synchronises, so the loop does it only at its log points and the epoch's end)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -153,14 +131,12 @@ RANDOM_BY_RANK = "random_by_rank"
 
 
 class RunState:
-    """The checkpoint entries of a run by name (see the module docstring for what an entry is).
-
-    In a ``distributed`` run the random states of every rank are gathered on saving.
-    """
+    """The checkpoint entries of a run by name; in a ``distributed`` run the random states of
+    every rank are gathered on saving."""
 
     def __init__(self, distributed: bool = False, **entries: Any) -> None:
         self.entries: dict[str, Any] = dict(entries)
-        self.gather = gather_objects if distributed else None
+        self.distributed = distributed
 
     def register(self, name: str, entry: Any) -> None:
         """Add an entry that checkpoints save and a resume restores (e.g. a variant's optimizer)."""
@@ -172,8 +148,10 @@ class RunState:
         """Every entry's saved form, by name (and, distributed, every rank's random states: then
         every rank must call this, a collective)."""
         state = {name: _save(entry) for name, entry in self.entries.items()}
-        if self.gather is not None:
-            state[RANDOM_BY_RANK] = self.gather(_random_part(self.entries, state))
+        if self.distributed:
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, _random_part(self.entries, state))
+            state[RANDOM_BY_RANK] = gathered
         return state
 
     def load_state_dict(
@@ -184,25 +162,19 @@ class RunState:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        """Restore every entry from ``checkpoint``; ``source`` names the file in errors.
-
-        Random states are skipped unless ``restore_random``. In a multi-process run
-        (``world_size`` > 1) rank ``rank`` gets its own saved random states, when the
-        checkpoint holds them for as many processes. Plain values are not loaded.
-        """
+        """Restore every entry from ``checkpoint`` (``source`` names it in errors); random states
+        unless not ``restore_random``, each rank its own when saved for as many processes."""
         if restore_random and world_size > 1:
             by_rank = checkpoint.get(RANDOM_BY_RANK)
             if isinstance(by_rank, list) and len(by_rank) == world_size:
                 checkpoint = _merge(checkpoint, by_rank[rank])
             else:
                 saved = f"{len(by_rank)} process(es)" if isinstance(by_rank, list) else "rank 0"
-                log.warning(
+                what = (
                     "%s holds the random states of %s, not of these %d: random states are "
-                    "reseeded, not restored",
-                    source,
-                    saved,
-                    world_size,
+                    "reseeded, not restored"
                 )
+                log.warning(what, source, saved, world_size)
                 restore_random = False
         elif not restore_random:
             log.warning("random states are reseeded, not restored")
@@ -269,22 +241,19 @@ def _load(name: str, entry: Any, saved: Any, source: str, restore_random: bool) 
 def check_resume_options(
     saved: Mapping[str, Any] | None, options: Mapping[str, Any], source: str
 ) -> None:
-    """Refuse a resume that changes the data or batches; warn of every other changed option.
-
-    ``saved`` and ``options`` are the checkpoint's and this run's options by flag name.
-    """
+    """Refuse a resume that changes the data or batches; warn of every other changed option
+    (``saved`` and ``options``: the checkpoint's and this run's, by flag name)."""
     saved = saved or {}
     now = {key: plain(value) for key, value in options.items()}
     split = get_dataset(options["dataset"]).num_splits > 1
     fixed = list(RESUME_FIXED) + (["trial"] if split else [])
     wrong = [key for key in fixed if key in saved and saved[key] != now.get(key)]
     if wrong:
+        used = ", ".join(f"--{k} {saved[k]}" for k in wrong)
+        has = ", ".join(f"--{k} {now.get(k)}" for k in wrong)
         raise UserError(
-            f"{source}: the checkpoint's run used "
-            + ", ".join(f"--{k} {saved[k]}" for k in wrong)
-            + "; this run has "
-            + ", ".join(f"--{k} {now.get(k)}" for k in wrong)
-            + " (a resumed run must keep them)"
+            f"{source}: the checkpoint's run used {used}; this run has {has} "
+            "(a resumed run must keep them)"
         )
     changed = [
         f"--{key} {saved[key]} -> {now[key]}"

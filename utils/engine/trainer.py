@@ -4,10 +4,8 @@
     trainer.resume()              # continues from --resume, if given
     trainer.train()               # creates the run folder, trains, evaluates; returns the results
 
-The set-up runs in one fixed order and the loop is fixed (epochs -> steps -> checkpoint ->
-evaluation); beside them the Checkpointer keeps the run folder and its checkpoints, the
-Evaluation the scores and ``log.jsonl``. A variant (the search) supplies what differs (the
-methods under "what a variant supplies": its model, step and extra state first), never the order.
+The set-up order and the loop are fixed; a variant (the search) supplies what differs: its
+model, step and extra state (the methods after ``__init__``).
 """
 
 from __future__ import annotations
@@ -33,11 +31,15 @@ from model.checkpoint import plain
 from utils.base.distributed import broadcast_flag, cleanup
 from utils.base.logger import log_run_header, setup_logging
 from utils.engine import build
-from utils.engine.batch import ResidentImages
-from utils.engine.checkpointer import Checkpointer, NonFiniteLoss, RunPoint
-from utils.engine.ema import ModelEMA
+from utils.engine.checkpointer import (
+    LATEST,
+    RUN_FILES,
+    Checkpointer,
+    EarlyLog,
+    NonFiniteLoss,
+    RunPoint,
+)
 from utils.engine.evaluation import Evaluation, baseline_note, protocol_scores
-from utils.engine.rundir import LATEST, RUN_FILES, EarlyLog
 from utils.engine.settings import TrainSettings
 from utils.engine.signals import Interrupted, StopRequest
 from utils.engine.state import (
@@ -74,7 +76,7 @@ class Trainer:
         classes = train_set.num_classes if train_set else build.listed_identities(settings.data)
         with torch.device("meta"):
             network = self.build_model(classes, None)
-        self.checkpointer = Checkpointer.claim(
+        self.checkpointer = Checkpointer(
             settings, self.dist, self.script, self.run_files, network, self.resume_checkpoint
         )
         train_set = train_set or build.load_training_data(settings.data, self.dist)
@@ -83,13 +85,13 @@ class Trainer:
         model = self.model_without_ddp = self.build_model(classes, settings.pretrained)
         model.to(self.device, memory_format=torch.channels_last if self.channels_last else None)
         build.share_weights(model, self.dist)
-        self.ema = ModelEMA(model, settings.ema) if settings.ema > 0 else None
+        self.ema = build.ModelEMA(model, settings.ema) if settings.ema > 0 else None
         self.optimizer = build.build_optimizer(model, settings.optimizer, self.device)
         self.scheduler = build.build_schedule(self.optimizer, settings.optimizer)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         self.sampler = build.build_sampler(self.train_set, settings, settings.seed, self.dist)
         generator = torch.Generator().manual_seed(settings.seed * 1000 + self.dist.rank)
-        self.images = ResidentImages.upload(
+        self.images = build.ResidentImages.upload(
             self.train_set, self.device, generator, self.channels_last
         )
         # The module the steps run (DDP, torch.compile); model_without_ddp is the one saved.
@@ -110,14 +112,12 @@ class Trainer:
         self.evaluation = Evaluation(self.out, self.dist, self.evaluate, note)
         # Loss sums of the epoch being trained (restored by a resume, saved by an interruption).
         self.losses = LossMeter(self.device)
-        # Where the run starts (a resume moves it), the epoch and step being trained (0-based),
-        # the steps so far, and when the epoch began (counting the part before a resume).
+        # Where the run starts (a resume moves it); the epoch and step being trained; its clock.
         self.start = RunPoint(0, 0, 0)
         self.epoch = self.step = self.global_step = 0
         self.epoch_started = time.time()
         self.stop = StopRequest(self.script)
 
-    # ----- what a variant supplies: each returns what it is asked for -----------------------
     def load_architecture(self, resumed: dict[str, Any] | None) -> Arch | None:
         """The architecture trained, checked against the checkpoint ``resumed`` (see
         :func:`run_architecture`); None: a variant derives its own."""
@@ -175,15 +175,15 @@ class Trainer:
         """Called once after the final evaluation (the search writes its architecture)."""
 
     def resume(self) -> None:
-        """Continue from ``--resume`` (if given): weights, EMA, optimizer, schedule, counters,
-        random states."""
+        """Continue from ``--resume`` (if given): weights, EMA, optimizer, schedule, counters."""
         checkpoint, self.resume_checkpoint = self.resume_checkpoint, None
         if checkpoint is None:
             return
         self.start = self.checkpointer.restore(self.state, checkpoint, self.losses)
         self.epoch, self.global_step = self.start.epoch, self.start.global_step
-        lr = self.settings.optimizer.lr
-        build.rescale_schedule(self.optimizer, self.scheduler, checkpoint, lr)
+        build.rescale_schedule(
+            self.optimizer, self.scheduler, checkpoint, self.settings.optimizer.lr
+        )
 
     def train(self) -> dict[str, Any]:
         """Train from the start (or the resume point) to the last epoch; returns the results."""
@@ -245,11 +245,9 @@ class Trainer:
             last = done == settings.epochs
             evaluated = last or bool(settings.test_freq) and done % settings.test_freq == 0
             overwrite = bool(every) and done % every == 0
-            # The authors' order on an overwrite epoch: evaluate the live model, save (`model`
-            # live, `ema` averaged), then overwrite. The save comes first here, so that a
-            # failing evaluation cannot cost the epoch; it changes no number, as the
-            # evaluation leaves the weights alone. The record is written before the save, so a
-            # kill at any later moment leaves it in the log for the resumed run to complete.
+            # The authors' order on an overwrite epoch is evaluate, save, overwrite. Saving first
+            # (the evaluation leaves the weights alone) means a failing evaluation cannot cost the
+            # epoch; the record, written before the save, survives a kill for the resume.
             checkpoint = self.checkpoint(done, 0, overwrite)
             self.evaluation.write_record(record, evaluated)
             saved = self.checkpointer.save(checkpoint)
