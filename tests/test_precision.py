@@ -364,3 +364,20 @@ def test_benchmark_scores_a_trained_checkpoint_on_its_data_set(tmp_path, toy_sys
         UserError, match=r"^--precision_weights .*regdb\.pth: expected a checkpoint"
     ):
         trained_accuracy(str(regdb), 8)
+
+
+def test_the_stand_in_networks_have_small_residual_branches() -> None:
+    """The benchmark's random networks scale each residual block's last BN weight alone."""
+    from model import Arch, build_model
+    from utils.benchmark.precision import RESIDUAL_SCALE, small_residual_branches
+
+    torch.manual_seed(0)
+    model = build_model(Arch.uniform(50, "split"), num_classes=8)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    small_residual_branches(model)
+    after = model.state_dict()
+    scaled = {name for name in before if not torch.equal(before[name], after[name])}
+    assert scaled and all(".bn3." in name and name.endswith(".weight") for name in scaled)
+    assert len(scaled) == 16 * 2  # 16 bottleneck blocks, a visible and an infrared BN each
+    for name in scaled:
+        assert torch.allclose(after[name], before[name] * RESIDUAL_SCALE)
