@@ -47,9 +47,11 @@ def _positive(value: object) -> bool:
 
 
 def test_benchmark_writes_every_section(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A tiny run prints one JSON document with every section, positive figures, and --out."""
+    """A tiny run prints one JSON document with every section, positive figures, and --out
+    (the gallery and precision sections have tests of their own, at their own sizes)."""
     out, table = tmp_path / "bench.json", tmp_path / "bench.md"
-    assert benchmark.main([*TINY, "--out", str(out), "--markdown", str(table)]) == 0
+    own_tests = ["--skip", "gallery", "precision"]
+    assert benchmark.main([*TINY, "--out", str(out), "--markdown", str(table), *own_tests]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert json.loads(out.read_text()) == doc
     sections = ("machine", "settings", "fast", "plain", "speedup", "features", "metrics")
@@ -96,7 +98,8 @@ def test_benchmark_writes_every_section(tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_skipped_sections_are_marked(capsys: pytest.CaptureFixture[str]) -> None:
     """``--skip`` leaves sections out explicitly; no speed-up without both training paths."""
-    skipped = ("fast", "plain", "features", "search", "rerank", "llcm", "extractor")
+    skipped = ("fast", "plain", "features", "search", "rerank", "llcm", "extractor", "gallery")
+    skipped += ("precision",)
     assert benchmark.main([*TINY, "--skip", *skipped]) == 0
     doc = json.loads(capsys.readouterr().out)
     for section in skipped:

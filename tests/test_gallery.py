@@ -316,6 +316,7 @@ def test_search_errors(crops, built, tmp_path, capsys, monkeypatch, expect_error
 
 def test_benchmark_section_at_a_small_size(capsys) -> None:
     others = ("fast", "plain", "features", "metrics", "rerank", "llcm", "search", "extractor")
+    others += ("precision",)  # measured by its own test
     sizes = ("--gallery_size", "1500", "--gallery_queries", "30", "--gallery_dim", "64")
     argv = ["--device", "cpu", "--threads", "1", *sizes, "--gallery_dense_pairs", "15000"]
     assert benchmark.main([*argv, "--skip", *others]) == 0
