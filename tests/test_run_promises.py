@@ -306,6 +306,39 @@ def test_resume_alone_needs_no_stored_config_file_from_another_folder(
     assert _load(run / LATEST)["arch"]["slots"] == load_arch(REPO / argv[config]).slots
 
 
+def test_a_stored_relative_data_root_not_found_on_resume_is_one_line(
+    toy_sysu: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    train_argv: Callable[..., list[str]],
+    expect_error: Callable[..., str],
+) -> None:
+    # The run names its data by a path relative to the folder it was started from.
+    monkeypatch.chdir(toy_sysu.parent)
+    argv = train_argv(toy_sysu, tmp_path, "relative_root", "--epochs", "2", "--test_freq", "0")
+    argv[argv.index("--data_root") + 1] = toy_sysu.name
+    _stop_at_step(monkeypatch, 1)
+    assert run_cli(train.main, argv) == 128 + signal.SIGTERM
+    run = tmp_path / "relative_root"
+    assert _load(run / LATEST)["args"]["data_root"] == toy_sysu.name
+    monkeypatch.undo()
+    elsewhere = tmp_path / "elsewhere_root"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    code = run_cli(train.main, ["--resume", str(run / LATEST)])
+    expect_error(
+        code,
+        capsys.readouterr().err,
+        f"--data_root {toy_sysu.name}: the checkpoint recorded it relative to the folder the run "
+        "started in, and it is not found from here; pass --data_root with the resume",
+    )
+    # Named again, the run goes on where it stopped.
+    assert run_cli(train.main, ["--resume", str(run / LATEST), "--data_root", str(toy_sysu)]) == 0
+    assert [r["epoch"] for r in _records(run)] == [1, 2]
+
+
 # ----- item 11 and the logged learning rate ---------------------------------------------------
 def test_the_log_records_the_rate_each_epoch_trained_with(
     toy_sysu: Path,

@@ -227,4 +227,16 @@ def parse_flags(
         parser.set_defaults(**defaults)
         for dest in defaults:
             known[dest].required = False
+        if "--data_root" not in given:
+            check_stored_root(stored.get("data_root"))
     return vars(parser.parse_args(words)), stored
+
+
+def check_stored_root(root: object) -> None:
+    """A resumed run's recorded ``--data_root``, when relative, names a folder relative to where
+    the run started: refuse it in one line when it is not found from here."""
+    if isinstance(root, str) and root and not os.path.isabs(root) and not os.path.isdir(root):
+        raise UserError(
+            f"--data_root {root}: the checkpoint recorded it relative to the folder the run "
+            "started in, and it is not found from here; pass --data_root with the resume"
+        )
