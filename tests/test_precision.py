@@ -145,19 +145,16 @@ def test_commands_record_the_precision(tmp_path, files, capsys) -> None:
         assert str(saved["precision"]) == "bf16"
 
 
+def add_argv(index: Path, weights: Path) -> list[str]:
+    """``utils.gallery add`` of visible images into ``index`` with ``weights``, images to come."""
+    return ["add", "--index", str(index), "--modality", "visible", "--weights", str(weights)]
+
+
 def test_a_gallery_never_mixes_precisions(tmp_path, files, capsys, expect_error) -> None:
     """An int8 index keeps its calibration, refuses fp32 features and another --precision, and
     searches its queries at int8 on the same calibration."""
     folder, index = files["folder"], tmp_path / "index"
-    add = [
-        "add",
-        "--index",
-        str(index),
-        "--modality",
-        "visible",
-        "--weights",
-        str(files["weights"]),
-    ]
+    add = add_argv(index, files["weights"])
     images = ["--images", str(folder / "gallery" / "a")]
     calibrated = ["--precision", "int8", "--calibration", str(files["calibration"])]
     assert run_cli(gallery_main, [*add, *images, *calibrated]) == 0, capsys.readouterr().err
@@ -308,15 +305,7 @@ def test_an_fp32_index_refuses_other_precisions(tmp_path, files, capsys, expect_
     """An index of fp32 features (recording no precision, as before) refuses bf16 additions and
     searches at another precision; empty calibration folders are refused before any work."""
     folder, index = files["folder"], tmp_path / "index"
-    add = [
-        "add",
-        "--index",
-        str(index),
-        "--modality",
-        "visible",
-        "--weights",
-        str(files["weights"]),
-    ]
+    add = add_argv(index, files["weights"])
     add += ["--images", str(folder / "gallery" / "a")]
     assert run_cli(gallery_main, add) == 0, capsys.readouterr().err
     assert "precision" not in json.loads((index / "index.json").read_text())["settings"]

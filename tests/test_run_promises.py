@@ -281,6 +281,19 @@ def test_a_resume_counts_the_checkpoint_its_next_save_replaces(
     assert [r["epoch"] for r in _records(run)] == [1, 2]
 
 
+def _stop_then_move(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], start: Path, elsewhere: Path
+) -> None:
+    """Train ``argv`` from the folder ``start`` until a SIGTERM at step 1, then work from the new
+    folder ``elsewhere``."""
+    monkeypatch.chdir(start)
+    _stop_at_step(monkeypatch, 1)
+    assert run_cli(train.main, argv) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+
 def test_resume_alone_needs_no_stored_config_file_from_another_folder(
     toy_sysu: Path,
     tmp_path: Path,
@@ -288,18 +301,12 @@ def test_resume_alone_needs_no_stored_config_file_from_another_folder(
     train_argv: Callable[..., list[str]],
 ) -> None:
     # The run names its architecture by a path relative to the folder it was started from.
-    monkeypatch.chdir(REPO)
     argv = train_argv(toy_sysu, tmp_path, "relative", "--epochs", "2", "--test_freq", "0")
     config = argv.index("--config_path") + 1
     argv[config] = str(Path(argv[config]).relative_to(REPO))
-    _stop_at_step(monkeypatch, 1)
-    assert run_cli(train.main, argv) == 128 + signal.SIGTERM
+    _stop_then_move(monkeypatch, argv, REPO, tmp_path / "elsewhere")
     run = tmp_path / "relative"
     assert _load(run / LATEST)["args"]["config_path"] == argv[config]
-    monkeypatch.undo()
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)
     # The checkpoint carries the architecture: the stored relative path is not read again.
     assert run_cli(train.main, ["--resume", str(run / LATEST)]) == 0
     assert [r["epoch"] for r in _records(run)] == [1, 2]
@@ -315,17 +322,11 @@ def test_a_stored_relative_data_root_not_found_on_resume_is_one_line(
     expect_error: Callable[..., str],
 ) -> None:
     # The run names its data by a path relative to the folder it was started from.
-    monkeypatch.chdir(toy_sysu.parent)
     argv = train_argv(toy_sysu, tmp_path, "relative_root", "--epochs", "2", "--test_freq", "0")
     argv[argv.index("--data_root") + 1] = toy_sysu.name
-    _stop_at_step(monkeypatch, 1)
-    assert run_cli(train.main, argv) == 128 + signal.SIGTERM
+    _stop_then_move(monkeypatch, argv, toy_sysu.parent, tmp_path / "elsewhere_root")
     run = tmp_path / "relative_root"
     assert _load(run / LATEST)["args"]["data_root"] == toy_sysu.name
-    monkeypatch.undo()
-    elsewhere = tmp_path / "elsewhere_root"
-    elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)
     capsys.readouterr()
     code = run_cli(train.main, ["--resume", str(run / LATEST)])
     expect_error(

@@ -62,6 +62,14 @@ PATHS = ("pytorch_fp32", "folded_fp32", "bf16", "onnxruntime_fp32", "int8")
 BN_IMAGES = 64
 # The random networks' residual branches, scaled as a trained ResNet's (small_residual_branches).
 RESIDUAL_SCALE = 0.1
+# Each PyTorch path's (precision, BNs folded); the paths whose features are scored.
+EXTRACTORS = {
+    "pytorch_fp32": ("fp32", False),
+    "folded_fp32": ("fp32", True),
+    "bf16": ("bf16", True),
+    "int8": ("int8", True),
+}
+SCORED = ("folded_fp32", "bf16", "int8")
 # The arithmetic each path runs on (its peak), and the path its speed-up is measured against.
 ARITHMETIC = {"pytorch_fp32": "fp32", "folded_fp32": "fp32", "bf16": "bf16"}
 ARITHMETIC |= {"onnxruntime_fp32": "fp32", "int8": "int8"}
@@ -189,13 +197,9 @@ def small_residual_branches(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for block in model.modules():
             if isinstance(block, Block):
-                getattr(block, f"bn{block.num_convs}").apply(scale_bn_weight)
-
-
-def scale_bn_weight(module: torch.nn.Module) -> None:
-    """Multiply a BatchNorm's weight by ``RESIDUAL_SCALE``."""
-    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-        module.weight.mul_(RESIDUAL_SCALE)
+                for norm in getattr(block, f"bn{block.num_convs}").modules():
+                    if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
+                        norm.weight.mul_(RESIDUAL_SCALE)
 
 
 def random_checkpoint(folder: Path, depth: int, root: Path, args: Any) -> Path:
@@ -226,15 +230,15 @@ def random_checkpoint(folder: Path, depth: int, root: Path, args: Any) -> Path:
     return weights
 
 
-def extractors(weights: Path, batch: int) -> dict[str, FeatureExtractor]:
-    """The extractor of each PyTorch path and precision (onnxruntime fp32 is measured apart)."""
-    made = {
-        "pytorch_fp32": FeatureExtractor(weights, device="cpu", batch_size=batch, fold_bn=False)
-    }
-    made["folded_fp32"] = FeatureExtractor(weights, device="cpu", batch_size=batch)
-    for precision in ("bf16", "int8"):
-        made[precision] = FeatureExtractor(
-            weights, device="cpu", batch_size=batch, precision=precision
+def extractors(
+    weights: str | Path, batch: int, names: tuple[str, ...] = tuple(EXTRACTORS), ema: bool = False
+) -> dict[str, FeatureExtractor]:
+    """The extractor of each PyTorch path ``names`` (onnxruntime fp32 is measured apart)."""
+    made = {}
+    for name in names:
+        precision, fold_bn = EXTRACTORS[name]
+        made[name] = FeatureExtractor(
+            weights, ema=ema, device="cpu", batch_size=batch, fold_bn=fold_bn, precision=precision
         )
     return made
 
@@ -301,7 +305,7 @@ def measure_accuracy(made: dict[str, FeatureExtractor], root: Path) -> dict[str,
     q_paths, q_pids, q_cams = sysu_query(root, "all")
     g_paths, g_pids, g_cams = sysu_gallery(root, "all", 1, 0)
     features = {}
-    for name in ("folded_fp32", "bf16", "int8"):
+    for name in SCORED:
         extractor = made[name]
         features[name] = (extractor(q_paths, "infrared"), extractor(g_paths, "visible"))
     scores: dict[str, Any] = {"queries": len(q_paths), "gallery": len(g_paths)}
@@ -328,10 +332,7 @@ def trained_accuracy(weights: str, batch: int) -> dict[str, Any]:
             "(its args record dataset 'sysu' and its data_root)"
         )
     ema = checkpoint.get("ema") is not None
-    made = {
-        name: FeatureExtractor(weights, ema=ema, device="cpu", batch_size=batch, precision=kind)
-        for name, kind in (("folded_fp32", "fp32"), ("bf16", "bf16"), ("int8", "int8"))
-    }
+    made = extractors(weights, batch, SCORED, ema)
     scores = measure_accuracy(made, Path(recorded["data_root"]))
     return {"weights": weights, "ema": ema, "accuracy": scores}
 
